@@ -1,0 +1,212 @@
+"""The gateway's HTTP API: `POST /v1/moderate`, `GET /healthz`, `GET /readyz`.
+
+Request path: read the body under a size limit → validate → resolve the prompt label from the
+in-memory cache → render in the sandbox → call the model with a constrained output shape and a
+deadline → validate the verdict (fail closed) → answer with the prompt version that served it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from pydantic import ValidationError
+from starlette.responses import Response
+
+from gateway.api_models import ErrorBody, ModerationRequest, ModerationResponse
+from gateway.config import GatewaySettings
+from gateway.errors import ApiError, error_response, map_exception
+from gateway.prompt_cache import PromptCache
+from gateway.verdict import parse_verdict
+from prompt_registry import PromptReader, PromptVersion, RegistryError, render_messages
+from serving import BackendError, ChatRequest, InferenceBackend
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("modgate.gateway")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_JSON_TYPES = ("application/json",)
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json",
+                    headers=headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "body_too_large", f"request body is {declared} bytes; the limit is {limit}")
+    size = 0
+    chunks = []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _validation_fields(exc: ValidationError) -> list[dict[str, str]]:
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(body)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        out.append({"field": loc, "problem": msg})
+    return out
+
+
+def create_app(settings: GatewaySettings, reader: PromptReader, backend: InferenceBackend) -> FastAPI:
+    """Build the gateway app. The caller owns `reader`; the app closes `backend` on shutdown."""
+    cache = PromptCache(reader, ttl_s=settings.prompt_cache_ttl_s)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await backend.aclose()
+
+    app = FastAPI(
+        title="modgate",
+        summary="Content-moderation gateway: versioned prompts served on vLLM via Ray Serve",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.prompt_cache = cache
+    app.state.backend = backend
+
+    @app.exception_handler(Exception)
+    async def _unhandled(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(ApiError(500, "internal_error", "internal error; see gateway logs"),
+                              request.headers.get("x-request-id"))
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        """Process is alive (no dependency checks)."""
+        return _json({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        """Ready when the default prompt resolves and its model answers a 1-token probe."""
+        checks: dict[str, Any] = {}
+        ok = True
+        version: PromptVersion | None = None
+        try:
+            version = await cache.resolve(settings.default_prompt, settings.default_label)
+            checks["registry"] = {"ok": True, "prompt": version.name, "version": version.version}
+        except RegistryError as exc:
+            ok = False
+            checks["registry"] = {"ok": False, "error": str(exc)}
+        try:
+            health = await asyncio.wait_for(backend.check_health(), settings.readiness_probe_timeout_s)
+            checks["backend"] = {"ok": True, **health}
+        except (BackendError, TimeoutError) as exc:
+            ok = False
+            checks["backend"] = {"ok": False, "error": str(exc) or type(exc).__name__}
+        else:
+            if version is not None:
+                model = version.spec.model
+                probe = ChatRequest(model=model, messages=[{"role": "user", "content": "ping"}],
+                                    max_tokens=1, request_id=f"readyz-{uuid.uuid4().hex}")
+                try:
+                    await backend.chat(probe, timeout_s=settings.readiness_probe_timeout_s)
+                    checks["model"] = {"ok": True, "name": model}
+                except BackendError as exc:
+                    ok = False
+                    checks["model"] = {"ok": False, "name": model, "error": str(exc)}
+        return _json({"status": "ready" if ok else "not_ready", "checks": checks}, 200 if ok else 503)
+
+    @app.post(
+        "/v1/moderate",
+        response_model=ModerationResponse,
+        responses={code: {"model": ErrorBody} for code in (400, 404, 413, 415, 422, 429, 502, 503, 504)},
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": ModerationRequest.model_json_schema()}}}},
+    )
+    async def moderate(request: Request) -> Response:
+        """Moderate one listing with the prompt's `production` version."""
+        start = time.perf_counter()
+        rid = request.headers.get("x-request-id")
+        if not rid or not _REQUEST_ID.match(rid):
+            rid = uuid.uuid4().hex
+        try:
+            body = await _moderate(request, rid, start)
+        except Exception as exc:  # noqa: BLE001 - mapped below, or re-raised as internal
+            err = map_exception(exc)
+            if err is None:
+                raise
+            if err.status >= 500:
+                log.warning("moderation %s failed: %s: %s", rid, err.type, err.message)
+            return error_response(err, rid)
+        return _json(body, headers={"x-request-id": rid})
+
+    async def _moderate(request: Request, rid: str, start: float) -> dict[str, Any]:
+        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if ctype and ctype not in _JSON_TYPES and not ctype.endswith("+json"):
+            raise ApiError(415, "unsupported_media_type", f"expected application/json, got {ctype}")
+        raw = await _read_body(request, settings.max_body_bytes)
+        try:
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(400, "malformed_json", f"request body is not valid JSON: {exc}") from None
+        if not isinstance(payload, dict):
+            raise ApiError(400, "malformed_json", "request body must be a JSON object")
+        try:
+            req = ModerationRequest.model_validate(payload)
+        except ValidationError as exc:
+            raise ApiError(422, "invalid_request", "request body failed validation",
+                           fields=_validation_fields(exc)) from None
+        too_long = [
+            {"field": f, "problem": f"longer than {limit} characters"}
+            for f, value, limit in (("title", req.title, settings.max_title_chars),
+                                    ("description", req.description, settings.max_description_chars))
+            if len(value) > limit
+        ]
+        if too_long:
+            raise ApiError(422, "content_too_long", "listing content exceeds the size limit",
+                           fields=too_long)
+
+        name = req.prompt or settings.default_prompt
+        label = settings.default_label
+        version = await cache.resolve(name, label)
+        spec = version.spec
+        messages = render_messages(spec.messages, spec.variables, req.model_dump())
+        chat = ChatRequest(
+            model=spec.model, messages=messages, max_tokens=spec.sampling.max_tokens,
+            temperature=spec.sampling.temperature, top_p=spec.sampling.top_p,
+            seed=spec.sampling.seed, regex=spec.verdict.regex(), request_id=rid,
+        )
+        remaining = settings.request_timeout_s - (time.perf_counter() - start)
+        result = await backend.chat(chat, timeout_s=max(0.001, remaining))
+        verdict = parse_verdict(result.text, result.finish_reason, spec.verdict)
+        if verdict.fail_reason:
+            log.warning("moderation %s: model output rejected (%s); answering %s", rid,
+                        verdict.fail_reason, verdict.decision)
+        return {
+            "request_id": rid,
+            "item_id": req.item_id,
+            "decision": verdict.decision,
+            "category": verdict.category,
+            "confidence": verdict.confidence,
+            "fail_reason": verdict.fail_reason,
+            "prompt": {"name": version.name, "version": version.version, "label": label},
+            "arm": "stable",
+            "model": result.model,
+            "latency_ms": round((time.perf_counter() - start) * 1000.0, 3),
+            "usage": {"prompt_tokens": result.prompt_tokens,
+                      "completion_tokens": result.completion_tokens},
+        }
+
+    return app

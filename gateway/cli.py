@@ -1,0 +1,248 @@
+"""`modgate`: run the stack, the gateway or the serving layer, and build the tiny model.
+
+    modgate up                 everything on this machine (Ray Serve + vLLM + gateway)
+    modgate serving            only the Ray Serve app with the configured models
+    modgate gateway            only the gateway, against serving.base_url
+    modgate build-tiny-model   write the random tiny Llama used offline and in tests
+    modgate check-config       validate a configuration file and say what it will run
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from gateway.config import AppConfig, ConfigError, load_config
+
+app = typer.Typer(
+    name="modgate",
+    help=(
+        "modgate: a content-moderation gateway serving versioned prompts on vLLM via Ray Serve."
+        "\n\n\b\nStart here:\n"
+        "  modgate up                 everything on this machine (Ray Serve + vLLM + gateway)\n"
+        "  modgate serving            only the Ray Serve app with the configured models\n"
+        "  modgate gateway            only the gateway, against serving.base_url\n"
+        "  modgate build-tiny-model   write the random tiny Llama used offline and in tests\n"
+        "  modgate check-config       validate a configuration file and say what it will run\n"
+        "\nEvery command takes --config (or MODGATE_CONFIG); the default is configs/modgate.yaml."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", envvar="MODGATE_CONFIG",
+                 help="configuration file (default: configs/modgate.yaml)"),
+]
+HostOpt = Annotated[str | None, typer.Option("--host", help="gateway bind address (overrides config)")]
+PortOpt = Annotated[int | None, typer.Option("--port", help="gateway port (overrides config)")]
+ServingPortOpt = Annotated[
+    int | None, typer.Option("--serving-port", help="Ray Serve HTTP port (overrides config)")]
+
+
+def _err(message: str) -> None:
+    typer.echo(f"modgate: error: {message}", err=True)
+
+
+def _load(config: Path | None, host: str | None = None, port: int | None = None,
+          serving_port: int | None = None) -> AppConfig:
+    overrides: dict[str, Any] = {}
+    if host is not None:
+        overrides["gateway.host"] = host
+    if port is not None:
+        overrides["gateway.port"] = port
+    if serving_port is not None:
+        overrides["serving.ray.http_port"] = serving_port
+    try:
+        return load_config(config, overrides)
+    except ConfigError as exc:
+        _err(str(exc))
+        raise typer.Exit(2) from None
+
+
+def _open_store(cfg: AppConfig) -> Any:
+    from prompt_registry import PromptFileError
+    from prompt_registry.loader import seed_store
+    from prompt_registry.sqlite_store import SqlitePromptStore
+
+    store = SqlitePromptStore(cfg.registry_path())
+    seed = cfg.seed_path()
+    if seed is not None:
+        try:
+            names = seed_store(store, seed, label=cfg.gateway.default_label)
+        except PromptFileError as exc:
+            _err(str(exc))
+            raise typer.Exit(2) from None
+        typer.echo(f"registry: {cfg.registry_path()} (seeded {', '.join(names) or 'nothing'} from {seed})")
+    return store
+
+
+def _start_serving(cfg: AppConfig) -> float:
+    from serving.ray_app import start_serving, wait_until_serving
+
+    t0 = time.monotonic()
+    names = [m.name for m in cfg.serving.models]
+    typer.echo(f"serving: starting Ray Serve with vLLM for {', '.join(names)} "
+               "(about a minute on a 2-core CPU machine)...")
+    start_serving(cfg.serving, cfg.data_path())
+
+    def progress(waited: float, status: str) -> None:
+        typer.echo(f"serving: waiting for models ({waited:.0f}s): {status}")
+
+    wait_until_serving(cfg.serving.resolved_base_url(), names, cfg.serving.ray.start_timeout_s,
+                       progress=progress)
+    elapsed = time.monotonic() - t0
+    typer.echo(f"serving: ready at {cfg.serving.resolved_base_url()} after {elapsed:.1f}s")
+    return elapsed
+
+
+def _stop_serving() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def _curl_example(cfg: AppConfig) -> str:
+    host = "127.0.0.1" if cfg.gateway.host in ("0.0.0.0", "::") else cfg.gateway.host
+    body = {"item_id": "item-1001", "seller_id": "seller-42",
+            "title": "Designer sneakers AAA replica 1:1 mirror quality",
+            "description": "Same as the original, logo included. WhatsApp me to pay by bank transfer.",
+            "locale": "en-US"}
+    return (f"curl -s http://{host}:{cfg.gateway.port}/v1/moderate "
+            f"-H 'content-type: application/json' -d '{json.dumps(body)}'")
+
+
+def _run_gateway(cfg: AppConfig, store: Any, *, announce: bool) -> None:
+    import logging
+
+    import uvicorn
+
+    # Ray turns the root logger to INFO; one line per backend call is noise and costs latency.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+    from gateway.app import create_app
+    from serving.http_backend import OpenAIHttpBackend
+
+    api_key = os.environ.get(cfg.serving.api_key_env) if cfg.serving.api_key_env else None
+    backend = OpenAIHttpBackend(cfg.serving.resolved_base_url(), api_key=api_key)
+    fastapi_app = create_app(cfg.gateway, store, backend)
+    server = uvicorn.Server(uvicorn.Config(
+        fastapi_app, host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning",
+        access_log=False, loop="auto", http="auto", timeout_graceful_shutdown=10))
+
+    async def serve() -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if server.started and announce:
+            typer.echo(f"gateway: listening on http://{cfg.gateway.host}:{cfg.gateway.port} "
+                       "(Ctrl-C to stop). Try:\n")
+            typer.echo(_curl_example(cfg) + "\n", color=False)
+            sys.stdout.flush()
+        await task
+
+    asyncio.run(serve())
+    if not server.started:
+        _err(f"gateway could not listen on {cfg.gateway.host}:{cfg.gateway.port}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def up(config: ConfigOpt = None, host: HostOpt = None, port: PortOpt = None,
+       serving_port: ServingPortOpt = None) -> None:
+    """Run the whole stack here: registry, Ray Serve + vLLM with the configured models, gateway.
+
+    With the default config this builds a tiny random model on first start (no download),
+    starts Ray Serve with vLLM's CPU engine, seeds the SQLite registry from configs/prompts/,
+    and prints a curl command to try.
+    """
+    cfg = _load(config, host, port, serving_port)
+    store = _open_store(cfg)
+    started = cfg.serving.mode == "ray"
+    try:
+        if started:
+            _start_serving(cfg)
+        _run_gateway(cfg, store, announce=True)
+    finally:
+        store.close()
+        if started:
+            typer.echo("stopping Ray Serve...")
+            _stop_serving()
+
+
+@app.command()
+def serving(config: ConfigOpt = None, serving_port: ServingPortOpt = None) -> None:
+    """Run only the Ray Serve app (OpenAI-compatible, at serving.base_url) until Ctrl-C."""
+    cfg = _load(config, serving_port=serving_port)
+    try:
+        _start_serving(cfg)
+        typer.echo("serving: Ctrl-C to stop")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        _stop_serving()
+
+
+@app.command()
+def gateway(config: ConfigOpt = None, host: HostOpt = None, port: PortOpt = None) -> None:
+    """Run only the gateway, against an already running model server (serving.base_url)."""
+    cfg = _load(config, host, port)
+    store = _open_store(cfg)
+    try:
+        _run_gateway(cfg, store, announce=True)
+    finally:
+        store.close()
+
+
+@app.command("build-tiny-model")
+def build_tiny_model_cmd(
+    out: Annotated[Path, typer.Argument(help="directory to write the model into")],
+    seed: Annotated[int, typer.Option(help="weight initialisation seed")] = 0,
+) -> None:
+    """Write a tiny random-weight Llama (tokenizer trained locally, chat template) for offline use.
+
+    Its outputs are meaningless; it exists so the stack runs with no model download.
+    """
+    from serving.tiny_model import build_tiny_model
+
+    try:
+        path = build_tiny_model(out, seed=seed)
+    except (FileExistsError, ValueError) as exc:
+        _err(str(exc))
+        raise typer.Exit(2) from None
+    typer.echo(f"tiny model written to {path}")
+
+
+@app.command("check-config")
+def check_config(config: ConfigOpt = None) -> None:
+    """Validate a configuration file and print what it will run."""
+    cfg = _load(config)
+    typer.echo(f"ok: gateway on {cfg.gateway.host}:{cfg.gateway.port}, registry "
+               f"{cfg.registry.store} at {cfg.registry_path()}, serving mode {cfg.serving.mode} "
+               f"at {cfg.serving.resolved_base_url()}, models: "
+               + ", ".join(f"{m.name} ({m.source})" for m in cfg.serving.models))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

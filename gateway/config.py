@@ -1,0 +1,97 @@
+"""One configuration schema for gateway, registry and serving, loaded from YAML.
+
+Relative paths in a config file resolve against `data_dir` (for data) or the file's own
+directory (for `data_dir` and `registry.seed_dir`), never against the current directory, so a
+config means the same thing wherever `modgate` is started. Invalid configuration fails at
+start-up with a message naming the file, the field and the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from serving.config import ServingConfig
+
+__all__ = ["AppConfig", "ConfigError", "GatewaySettings", "RegistrySettings", "load_config"]
+
+DEFAULT_CONFIG = Path("configs/modgate.yaml")
+
+
+class ConfigError(Exception):
+    """Configuration could not be loaded; the message names file, field and reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewaySettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="request bodies above get 413")
+    max_title_chars: int = Field(500, ge=1)
+    max_description_chars: int = Field(20_000, ge=1)
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline for one moderation")
+    default_prompt: str = "listing-moderation"
+    default_label: str = "production"
+    prompt_cache_ttl_s: float = Field(1.0, ge=0, description="how long a resolved label is reused")
+    readiness_probe_timeout_s: float = Field(10.0, gt=0)
+
+
+class RegistrySettings(_Strict):
+    store: str = Field("sqlite", pattern=r"^sqlite$")
+    path: str = Field("registry.db", description="SQLite file, relative to data_dir")
+    seed_dir: str | None = Field("prompts", description="prompt YAML seeded on first start")
+
+
+class AppConfig(_Strict):
+    data_dir: Path = Path("../data")
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    serving: ServingConfig
+    # Directory of the config file; set by load_config, used to resolve relative paths.
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    def data_path(self) -> Path:
+        return self.data_dir if self.data_dir.is_absolute() else (self.base_dir / self.data_dir).resolve()
+
+    def registry_path(self) -> Path:
+        p = Path(self.registry.path)
+        return p if p.is_absolute() else self.data_path() / p
+
+    def seed_path(self) -> Path | None:
+        if self.registry.seed_dir is None:
+            return None
+        p = Path(self.registry.seed_dir)
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> AppConfig:
+    path = Path(path or DEFAULT_CONFIG)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found (pass --config or set MODGATE_CONFIG)") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: malformed YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    data["base_dir"] = path.resolve().parent
+    try:
+        return AppConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{path}: invalid configuration"]
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  - {loc}: {err['msg'].removeprefix('Value error, ')}")
+        raise ConfigError("\n".join(lines)) from None

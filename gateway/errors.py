@@ -1,0 +1,74 @@
+"""The one table that turns exceptions into HTTP answers.
+
+Every error body has the same shape: `{"error": {"type", "message", "retryable", "fields"?},
+"request_id"}`. Only exceptions we raise on purpose are mapped; anything else is a 500
+`internal_error` with no stack trace in the body (it is logged).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+from starlette.responses import Response
+
+from prompt_registry import PromptNotFound, RenderError, StoreUnavailable
+from serving import (
+    BackendBadRequest,
+    BackendOverloaded,
+    BackendProtocolError,
+    BackendTimeout,
+    BackendUnavailable,
+)
+
+__all__ = ["ApiError", "error_response", "map_exception"]
+
+
+@dataclass
+class ApiError(Exception):
+    """An error answered to the caller as-is."""
+
+    status: int
+    type: str
+    message: str
+    fields: list[dict[str, str]] | None = None
+    retryable: bool = False
+    retry_after_s: float | None = None
+
+
+# (exception class, status, type, retryable)
+_TABLE: list[tuple[type[Exception], int, str, bool]] = [
+    (PromptNotFound, 404, "unknown_prompt", False),
+    (RenderError, 422, "render_error", False),
+    (StoreUnavailable, 503, "registry_unavailable", True),
+    (BackendOverloaded, 429, "model_overloaded", True),
+    (BackendTimeout, 504, "model_timeout", True),
+    (BackendUnavailable, 503, "model_unavailable", True),
+    (BackendBadRequest, 502, "model_rejected_request", False),
+    (BackendProtocolError, 502, "model_protocol_error", True),
+]
+
+
+def map_exception(exc: Exception) -> ApiError | None:
+    if isinstance(exc, ApiError):
+        return exc
+    for cls, status, kind, retryable in _TABLE:
+        if isinstance(exc, cls):
+            retry_after = getattr(exc, "retry_after_s", None)
+            if status == 429 and retry_after is None:
+                retry_after = 1.0
+            return ApiError(status, kind, str(exc), retryable=retryable, retry_after_s=retry_after)
+    return None
+
+
+def error_response(err: ApiError, request_id: str | None) -> Response:
+    detail: dict[str, object] = {"type": err.type, "message": err.message, "retryable": err.retryable}
+    if err.fields is not None:
+        detail["fields"] = err.fields
+    headers = {}
+    if request_id:
+        headers["x-request-id"] = request_id
+    if err.retry_after_s is not None:
+        headers["retry-after"] = str(max(1, round(err.retry_after_s)))
+    body = orjson.dumps({"error": detail, "request_id": request_id})
+    return Response(body, status_code=err.status, media_type="application/json", headers=headers)

@@ -1,0 +1,32 @@
+"""Prompt registry: immutable prompt versions, labels, audit, and sandboxed rendering.
+
+Knows nothing of HTTP, Ray or vLLM.
+"""
+
+from prompt_registry.errors import (
+    LabelConflict,
+    PromptFileError,
+    PromptNotFound,
+    RegistryError,
+    RenderError,
+    StoreUnavailable,
+    TemplateRejected,
+)
+from prompt_registry.models import (
+    FAIL_CLOSED_DECISION,
+    Message,
+    PolicyMeta,
+    PromptSpec,
+    PromptVersion,
+    SamplingParams,
+    VerdictSchema,
+)
+from prompt_registry.render import render_messages
+from prompt_registry.store import AuditEntry, PromptReader, PromptStore, PublishResult
+
+__all__ = [
+    "FAIL_CLOSED_DECISION", "AuditEntry", "LabelConflict", "Message", "PolicyMeta",
+    "PromptFileError", "PromptNotFound", "PromptReader", "PromptSpec", "PromptStore",
+    "PromptVersion", "PublishResult", "RegistryError", "RenderError", "SamplingParams",
+    "StoreUnavailable", "TemplateRejected", "VerdictSchema", "render_messages",
+]

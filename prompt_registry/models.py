@@ -1,0 +1,153 @@
+"""Prompt version model: what a prompt-ops specialist publishes and the gateway serves.
+
+Internal models are strict (unknown keys are errors) and frozen (a published version never
+changes). A `PromptSpec` is what a file declares; a `PromptVersion` is a spec the store has
+numbered. The verdict schema turns into the exact output shape the model must produce, as a
+JSON schema (for OpenAI-style servers) and as a regular expression with no free whitespace
+(for constrained decoding that always yields a parseable verdict, even from a random model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "FAIL_CLOSED_DECISION",
+    "Message",
+    "PolicyMeta",
+    "PromptSpec",
+    "PromptVersion",
+    "SamplingParams",
+    "VerdictSchema",
+]
+
+FAIL_CLOSED_DECISION = "needs_review"
+_IDENT = r"^[a-z][a-z0-9_]{0,47}$"
+_NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Message(_Strict):
+    role: Literal["system", "user"]
+    content: str = Field(..., min_length=1)
+
+
+class SamplingParams(_Strict):
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(64, ge=8, le=1024)
+    seed: int | None = None
+
+
+class PolicyMeta(_Strict):
+    policy_id: str = Field(..., min_length=1)
+    owner: str = Field(..., min_length=1)
+    change_note: str = ""
+    author: str = ""
+
+
+class VerdictSchema(_Strict):
+    """The structured verdict a prompt asks the model for."""
+
+    decisions: list[str] = Field(..., min_length=2)
+    categories: list[str] = Field(..., min_length=1)
+    confidence: bool = True
+
+    @field_validator("decisions", "categories")
+    @classmethod
+    def _identifiers(cls, values: list[str]) -> list[str]:
+        for v in values:
+            if not re.match(_IDENT, v):
+                raise ValueError(f"{v!r} is not a lower_snake_case identifier")
+        if len(set(values)) != len(values):
+            raise ValueError("values must be unique")
+        return values
+
+    @field_validator("decisions")
+    @classmethod
+    def _fail_closed_target(cls, values: list[str]) -> list[str]:
+        if FAIL_CLOSED_DECISION not in values:
+            raise ValueError(f"decisions must include {FAIL_CLOSED_DECISION!r} (the fail-closed verdict)")
+        return values
+
+    def json_schema(self) -> dict[str, Any]:
+        props: dict[str, Any] = {
+            "decision": {"type": "string", "enum": list(self.decisions)},
+            "category": {"type": "string", "enum": list(self.categories)},
+        }
+        required = ["decision", "category"]
+        if self.confidence:
+            props["confidence"] = {"type": "number", "minimum": 0, "maximum": 1}
+            required.append("confidence")
+        return {"type": "object", "properties": props, "required": required,
+                "additionalProperties": False}
+
+    def regex(self) -> str:
+        """Exact verdict shape, key order fixed, no whitespace, bounded length."""
+        dec = "|".join(re.escape(d) for d in self.decisions)
+        cat = "|".join(re.escape(c) for c in self.categories)
+        out = r'\{"decision":"(' + dec + r')","category":"(' + cat + r')"'
+        if self.confidence:
+            out += r',"confidence":(0\.[0-9]{2}|1\.00)'
+        return out + r"\}"
+
+
+class PromptSpec(_Strict):
+    """A prompt as written in a file under version control."""
+
+    name: str = Field(..., pattern=_NAME)
+    description: str = ""
+    variables: list[str] = Field(default_factory=list)
+    messages: list[Message] = Field(..., min_length=1)
+    verdict: VerdictSchema
+    model: str = Field(..., min_length=1)
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    policy: PolicyMeta
+
+    @field_validator("variables")
+    @classmethod
+    def _variables(cls, values: list[str]) -> list[str]:
+        for v in values:
+            if not re.match(_IDENT, v):
+                raise ValueError(f"variable {v!r} is not a lower_snake_case identifier")
+        if len(set(values)) != len(values):
+            raise ValueError("variables must be unique")
+        return values
+
+    @model_validator(mode="after")
+    def _templates_are_safe(self) -> PromptSpec:
+        # Imported here: render imports this module for its types.
+        from prompt_registry.render import check_messages
+
+        check_messages(self.messages, self.variables)
+        return self
+
+    def content_hash(self) -> str:
+        """Hash of what changes behaviour; the change note and author do not count."""
+        data = self.model_dump(mode="json")
+        data["policy"].pop("change_note", None)
+        data["policy"].pop("author", None)
+        return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+class PromptVersion(_Strict):
+    """A numbered, immutable version of a prompt."""
+
+    spec: PromptSpec
+    version: int = Field(..., ge=1)
+    content_hash: str
+    created_at: datetime
+    created_by: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.spec.name

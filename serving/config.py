@@ -1,0 +1,79 @@
+"""Model and serving configuration (strict: unknown keys are errors).
+
+A model entry names a model the gateway can route to (`name`), where its weights come from
+(`source`: a Hugging Face id or a local directory), vLLM engine arguments and Ray Serve
+deployment options. The special source form `tiny:<dir>` means "the locally built random tiny
+Llama in <dir>, built on first start if missing" — the zero-download default.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["DeploymentOptions", "ModelConfig", "RayClusterConfig", "ServingConfig"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeploymentOptions(_Strict):
+    """Ray Serve deployment options for one model's replicas."""
+
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(64, ge=1)
+    # CPU bundle per replica: vLLM's CPU build runs the engine on the replica's own cores.
+    replica_cpus: float = Field(1.0, gt=0)
+    replica_gpus: float = Field(0.0, ge=0)
+
+
+class ModelConfig(_Strict):
+    """One model served by vLLM inside a Ray Serve deployment."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    source: str = Field(..., min_length=1, description="HF model id, local path, or tiny:<dir>")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.source.startswith("tiny:")
+
+    @property
+    def tiny_dir(self) -> str:
+        return self.source.removeprefix("tiny:")
+
+
+class RayClusterConfig(_Strict):
+    """How `modgate up` starts Ray locally. In a cluster (KubeRay) Ray is already running."""
+
+    address: str | None = Field(None, description="existing cluster address; None starts one")
+    # Logical CPUs Ray advertises. Ray Serve LLM schedules its ingress beside each engine's
+    # placement group, so a 2-core laptop must over-advertise (measured: 8 works).
+    num_cpus: int = Field(8, ge=2)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=1, le=65535)
+    app_name: str = "llm"
+    start_timeout_s: float = Field(600.0, gt=0)
+
+
+class ServingConfig(_Strict):
+    """Where the gateway finds models: a local Ray Serve app it starts, or an external server."""
+
+    mode: str = Field("ray", pattern=r"^(ray|http)$")
+    # OpenAI-compatible base URL. In `ray` mode it is derived from the Ray HTTP host/port.
+    base_url: str | None = None
+    api_key_env: str | None = Field(None, description="env var holding the backend API key")
+    ray: RayClusterConfig = Field(default_factory=RayClusterConfig)
+    models: list[ModelConfig] = Field(..., min_length=1)
+
+    def resolved_base_url(self) -> str:
+        if self.base_url:
+            return self.base_url.rstrip("/")
+        return f"http://{self.ray.http_host}:{self.ray.http_port}/v1"
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)

@@ -1,0 +1,145 @@
+"""Backend for any OpenAI-compatible chat server: Ray Serve LLM's app or a plain `vllm serve`.
+
+Uses one pooled `httpx.AsyncClient`. Output constraints travel as vLLM's `structured_outputs`
+extension (regex) or the standard `response_format` (JSON schema).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import orjson
+
+from serving.errors import (
+    BackendBadRequest,
+    BackendOverloaded,
+    BackendProtocolError,
+    BackendTimeout,
+    BackendUnavailable,
+)
+from serving.protocol import ChatRequest, ChatResult, Timings
+
+__all__ = ["OpenAIHttpBackend", "build_chat_body"]
+
+
+def build_chat_body(req: ChatRequest) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": req.model,
+        "messages": req.messages,
+        "max_tokens": req.max_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "stream": False,
+    }
+    if req.seed is not None:
+        body["seed"] = req.seed
+    if req.regex is not None:
+        body["structured_outputs"] = {"regex": req.regex}
+    elif req.json_schema is not None:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "verdict", "schema": req.json_schema, "strict": True},
+        }
+    if req.priority:
+        body["priority"] = req.priority
+    if req.request_id:
+        body["request_id"] = req.request_id
+    return body
+
+
+class OpenAIHttpBackend:
+    """`InferenceBackend` over HTTP. Pass `transport=` to test without a server."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        max_connections: int = 256,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        headers = {"content-type": "application/json"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        self.base_url = base_url.rstrip("/")
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=max_connections),
+            timeout=httpx.Timeout(30.0, connect=5.0),
+            transport=transport,
+        )
+
+    async def chat(self, request: ChatRequest, *, timeout_s: float) -> ChatResult:
+        body = orjson.dumps(build_chat_body(request))
+        start = time.perf_counter()
+        try:
+            resp = await self._client.post("/chat/completions", content=body,
+                                           timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)))
+        except httpx.TimeoutException as exc:
+            raise BackendTimeout(f"no answer from {self.base_url} within {timeout_s:.1f}s") from exc
+        except httpx.TransportError as exc:
+            raise BackendUnavailable(f"cannot reach {self.base_url}: {type(exc).__name__}") from exc
+        total_ms = (time.perf_counter() - start) * 1000.0
+        if resp.status_code != 200:
+            _raise_for_status(resp)
+        try:
+            data = orjson.loads(resp.content)
+            choice = data["choices"][0]
+            text = choice["message"]["content"] or ""
+            usage = data.get("usage") or {}
+            details = usage.get("prompt_tokens_details") or {}
+            return ChatResult(
+                text=text,
+                finish_reason=choice.get("finish_reason"),
+                prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                completion_tokens=int(usage.get("completion_tokens", 0)),
+                model=str(data.get("model", request.model)),
+                timings=Timings(total_ms=total_ms),
+                cached_prompt_tokens=details.get("cached_tokens"),
+            )
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as exc:
+            raise BackendProtocolError(
+                f"{self.base_url} answered 200 with a body that is not a chat completion"
+            ) from exc
+
+    async def check_health(self) -> dict[str, Any]:
+        try:
+            resp = await self._client.get("/models", timeout=httpx.Timeout(3.0))
+        except httpx.HTTPError as exc:
+            raise BackendUnavailable(f"cannot reach {self.base_url}: {type(exc).__name__}") from exc
+        if resp.status_code != 200:
+            raise BackendUnavailable(f"{self.base_url}/models answered HTTP {resp.status_code}")
+        try:
+            models = [m["id"] for m in orjson.loads(resp.content)["data"]]
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise BackendUnavailable(f"{self.base_url}/models answered an unexpected body") from exc
+        return {"models": models}
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _raise_for_status(resp: httpx.Response) -> None:
+    message = _error_message(resp)
+    code = resp.status_code
+    if code == 429:
+        retry_after = resp.headers.get("retry-after")
+        raise BackendOverloaded(f"model overloaded: {message}",
+                                float(retry_after) if retry_after and retry_after.isdigit() else None)
+    if code in (502, 503, 504) or code >= 500:
+        raise BackendUnavailable(f"server error HTTP {code}: {message}")
+    raise BackendBadRequest(f"server rejected the request with HTTP {code}: {message}")
+
+
+def _error_message(resp: httpx.Response) -> str:
+    try:
+        data = orjson.loads(resp.content)
+        err = data.get("error", data)
+        msg = err.get("message") if isinstance(err, dict) else str(err)
+        return str(msg)[:500]
+    except (orjson.JSONDecodeError, AttributeError):
+        return resp.text[:200]

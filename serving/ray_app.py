@@ -1,0 +1,142 @@
+"""The Ray Serve application that hosts models on vLLM (the only module importing ray.serve/vllm).
+
+Built on Ray Serve LLM (`ray.serve.llm.build_openai_app`): one `LLMServer` deployment per model,
+each owning a vLLM `AsyncLLM` engine, behind Ray's OpenAI-compatible ingress. The gateway talks
+to it over the OpenAI wire protocol, which is also what any external `vllm serve` speaks, so one
+backend implementation covers both. We use the library rather than a hand-written engine
+deployment because it already carries the router, autoscaling, engine health checks and
+metrics; it accepts vLLM's `structured_outputs` extension on chat requests unchanged.
+
+Everything heavy is imported inside functions so that importing `serving` stays cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from serving.config import ModelConfig, ServingConfig
+
+__all__ = ["build_llm_configs", "ensure_model_sources", "start_serving", "wait_until_serving"]
+
+log = logging.getLogger(__name__)
+
+# Engine arguments that make the CPU build of vLLM work; a GPU config overrides them.
+_CPU_ENGINE_DEFAULTS: dict[str, Any] = {
+    "enforce_eager": True,
+    "gpu_memory_utilization": 0.15,
+    "max_model_len": 4096,
+    "enable_prefix_caching": True,
+}
+
+
+def ensure_model_sources(config: ServingConfig, base_dir: Path) -> dict[str, str]:
+    """Resolve each model's source to what vLLM loads, building tiny models that are missing."""
+    from serving.tiny_model import build_tiny_model, is_tiny_model_dir
+
+    sources: dict[str, str] = {}
+    for model in config.models:
+        if model.is_tiny:
+            path = Path(model.tiny_dir)
+            if not path.is_absolute():
+                path = (base_dir / path).resolve()
+            if not is_tiny_model_dir(path):
+                log.info("building tiny model %s in %s", model.name, path)
+                build_tiny_model(path)
+            sources[model.name] = str(path)
+        else:
+            sources[model.name] = model.source
+    return sources
+
+
+def build_llm_configs(config: ServingConfig, sources: dict[str, str]) -> list[Any]:
+    """Turn our model configs into Ray Serve LLM `LLMConfig`s."""
+    from ray.serve.llm import LLMConfig
+
+    out = []
+    for model in config.models:
+        out.append(LLMConfig(**_llm_config_kwargs(model, sources[model.name])))
+    return out
+
+
+def _llm_config_kwargs(model: ModelConfig, source: str) -> dict[str, Any]:
+    dep = model.deployment
+    engine = dict(_CPU_ENGINE_DEFAULTS) if dep.replica_gpus == 0 else {}
+    engine.update(model.engine_kwargs)
+    bundle: dict[str, float] = {"CPU": dep.replica_cpus}
+    if dep.replica_gpus:
+        bundle["GPU"] = dep.replica_gpus
+    return {
+        "model_loading_config": {"model_id": model.name, "model_source": source},
+        "engine_kwargs": engine,
+        "placement_group_config": {"bundles": [bundle]},
+        "deployment_config": {
+            "autoscaling_config": {
+                "min_replicas": dep.min_replicas,
+                "max_replicas": dep.max_replicas,
+            },
+            "max_ongoing_requests": dep.max_ongoing_requests,
+        },
+        "log_engine_metrics": True,
+    }
+
+
+def start_serving(config: ServingConfig, base_dir: Path) -> None:
+    """Start (or join) Ray, start Serve's HTTP proxy, and deploy every configured model.
+
+    Returns once the application is deployed; call `wait_until_serving` to wait for models.
+    Must run under an `if __name__ == "__main__":` guard (vLLM spawns engine processes).
+    """
+    import ray
+    from ray import serve
+    from ray.serve.llm import build_openai_app
+
+    sources = ensure_model_sources(config, base_dir)
+    rc = config.ray
+    if not ray.is_initialized():
+        if rc.address:
+            ray.init(address=rc.address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=rc.num_cpus, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": rc.http_host, "port": rc.http_port})
+    app = build_openai_app({"llm_configs": build_llm_configs(config, sources)})
+    serve.run(app, name=rc.app_name, route_prefix="/", blocking=False)
+
+
+def wait_until_serving(
+    base_url: str,
+    model_names: list[str],
+    timeout_s: float,
+    *,
+    progress: Callable[[float, str], None] | None = None,
+    progress_every_s: float = 10.0,
+) -> float:
+    """Poll `/models` until every configured model is listed; return seconds waited."""
+    start = time.monotonic()
+    next_report = start + progress_every_s
+    deadline = start + timeout_s
+    last_error = "no answer yet"
+    with httpx.Client(timeout=5.0) as client:
+        while time.monotonic() < deadline:
+            try:
+                r = client.get(f"{base_url}/models")
+                if r.status_code == 200:
+                    listed = {m["id"] for m in r.json().get("data", [])}
+                    if set(model_names) <= listed:
+                        return time.monotonic() - start
+                    last_error = f"models listed: {sorted(listed)}"
+                else:
+                    last_error = f"HTTP {r.status_code}"
+            except httpx.HTTPError as exc:
+                last_error = repr(exc)
+            now = time.monotonic()
+            if progress is not None and now >= next_report:
+                progress(now - start, last_error)
+                next_report = now + progress_every_s
+            time.sleep(1.0)
+    raise TimeoutError(f"serving not ready after {timeout_s:.0f}s at {base_url}: {last_error}")

@@ -1,0 +1,30 @@
+"""Shared fixtures. The expensive stack (Ray Serve + vLLM + gateway) lives in
+tests/integration/conftest.py and starts once per session, only when integration tests run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from prompt_registry.loader import load_prompt_file
+from prompt_registry.models import PromptSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_PROMPT = ROOT / "configs" / "prompts" / "listing-moderation.yaml"
+
+
+@pytest.fixture(scope="session")
+def example_spec() -> PromptSpec:
+    return load_prompt_file(EXAMPLE_PROMPT)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Fast unit tests first, then the shared stack; tests that break the stack (kill the engine)
+    # run after everything else.
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("destructive") is not None:
+            return 2
+        return 1 if "integration" in item.nodeid.split("/") else 0
+
+    items.sort(key=rank)

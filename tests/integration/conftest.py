@@ -1,0 +1,106 @@
+"""The real stack — Ray Serve + vLLM CPU engine + gateway on real sockets — started once per
+test session as a `modgate up` subprocess with its own ports, data directory and registry."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = float(os.environ.get("MODGATE_TEST_START_TIMEOUT", "600"))
+
+
+@dataclass
+class Stack:
+    gateway_url: str
+    serving_url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def engine_processes(self) -> list[psutil.Process]:
+        procs = psutil.Process(self.process.pid).children(recursive=True)
+        out = []
+        for p in procs:
+            try:
+                if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name():
+                    out.append(p)
+            except psutil.Error:
+                continue
+        return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("stack")
+    gateway_port, serving_port = _free_port(), _free_port()
+    config = yaml.safe_load((ROOT / "configs" / "modgate.yaml").read_text())
+    config["data_dir"] = str(tmp / "data")
+    config["registry"]["seed_dir"] = str(ROOT / "configs" / "prompts")
+    config["gateway"]["port"] = gateway_port
+    config["serving"]["ray"]["http_port"] = serving_port
+    config_path = tmp / "modgate.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    log_path = tmp / "stack.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "up", "--config", str(config_path)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True,
+        )
+    stack = Stack(f"http://127.0.0.1:{gateway_port}", f"http://127.0.0.1:{serving_port}/v1", proc, log_path)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"stack exited with {proc.returncode} during start:\n{stack.log_tail()}")
+            try:
+                if httpx.get(f"{stack.gateway_url}/readyz", timeout=15).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"stack not ready after {START_TIMEOUT_S:.0f}s:\n{stack.log_tail()}")
+            time.sleep(1.0)
+        yield stack
+    finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    # Whatever Ray left behind (raylet, workers, engine) goes too.
+    for p in descendants:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass

@@ -1,0 +1,150 @@
+"""End to end through the real stack: HTTP → gateway → Ray Serve → vLLM (CPU) → verdict."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import Stack
+
+pytestmark = pytest.mark.stack
+
+LISTING = {
+    "item_id": "item-1001", "seller_id": "seller-42",
+    "title": "Designer sneakers AAA replica 1:1 mirror quality",
+    "description": "Same as the original, logo included. WhatsApp me to pay by bank transfer.",
+    "locale": "en-US",
+}
+DECISIONS = {"allow", "block", "needs_review"}
+CATEGORIES = {"none", "counterfeit", "prohibited_item", "misleading_claim", "off_platform_payment",
+              "adult", "hate_harassment"}
+
+
+def _assert_valid_verdict(body: dict) -> None:
+    # A random-weight model under constrained decoding must still produce a valid verdict.
+    assert body["fail_reason"] is None, body
+    assert body["decision"] in DECISIONS
+    assert body["category"] in CATEGORIES
+    assert 0.0 <= body["confidence"] <= 1.0
+    assert body["prompt"]["name"] == "listing-moderation" and body["prompt"]["version"] >= 1
+    assert body["model"] == "tiny-llama"
+    assert body["usage"]["prompt_tokens"] > 100 and body["usage"]["completion_tokens"] > 0
+
+
+def test_valid_listing_end_to_end(stack: Stack) -> None:
+    r = httpx.post(f"{stack.gateway_url}/v1/moderate", json=LISTING, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    _assert_valid_verdict(body)
+    assert body["item_id"] == "item-1001"
+    assert r.headers["x-request-id"] == body["request_id"]
+
+
+def test_zh_cn_listing(stack: Stack) -> None:
+    listing = {**LISTING, "item_id": "item-2002", "locale": "zh-CN",
+               "title": "名牌运动鞋 高仿 一比一 原版品质", "description": "加微信私聊，转账更优惠"}
+    r = httpx.post(f"{stack.gateway_url}/v1/moderate", json=listing, timeout=60)
+    assert r.status_code == 200, r.text
+    _assert_valid_verdict(r.json())
+
+
+def test_32_concurrent_requests(stack: Stack) -> None:
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=120) as client:
+            return await asyncio.gather(*[
+                client.post("/v1/moderate", json={**LISTING, "item_id": f"item-{i}",
+                                                   "seller_id": f"seller-{i % 7}",
+                                                   "title": f"{LISTING['title']} #{i}"})
+                for i in range(32)])
+
+    started = time.perf_counter()
+    responses = asyncio.run(run())
+    elapsed = time.perf_counter() - started
+    assert [r.status_code for r in responses] == [200] * 32, [r.text for r in responses if r.status_code != 200]
+    bodies = [r.json() for r in responses]
+    for body in bodies:
+        _assert_valid_verdict(body)
+    assert len({b["request_id"] for b in bodies}) == 32
+    assert sorted(b["item_id"] for b in bodies) == sorted(f"item-{i}" for i in range(32))
+    print(f"32 concurrent moderations in {elapsed:.2f}s")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "kind"),
+    [
+        ({"content": b'{"item_id": "x", ', "headers": {"content-type": "application/json"}}, 400, "malformed_json"),
+        ({"json": {"item_id": "x", "seller_id": "s"}}, 422, "invalid_request"),
+        ({"json": {**LISTING, "title": ["not", "a", "string"]}}, 422, "invalid_request"),
+        ({"json": {**LISTING, "prompt": "no-such-prompt"}}, 404, "unknown_prompt"),
+        ({"json": {**LISTING, "description": "x" * 70_000}}, 413, "body_too_large"),
+        ({"json": {**LISTING, "title": "x" * 600}}, 422, "content_too_long"),
+    ],
+)
+def test_bad_input_over_the_socket(stack: Stack, kwargs: dict, status: int, kind: str) -> None:
+    r = httpx.post(f"{stack.gateway_url}/v1/moderate", timeout=30, **kwargs)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json()["error"]["type"] == kind
+
+
+def test_serving_layer_speaks_openai_to_the_official_client(stack: Stack) -> None:
+    """The Ray Serve app is a plain OpenAI-compatible server: the official client works, and
+    vLLM's structured-output extension constrains a random model to the requested shape."""
+    client = openai.OpenAI(base_url=stack.serving_url, api_key="unused", timeout=60, max_retries=0)
+    regex = r'\{"decision":"(allow|block|needs_review)"\}'
+    out = client.chat.completions.create(
+        model="tiny-llama", max_tokens=32, temperature=0,
+        messages=[{"role": "user", "content": "Is this listing allowed? Title: kids bicycle"}],
+        extra_body={"structured_outputs": {"regex": regex}},
+    )
+    assert re.fullmatch(regex, out.choices[0].message.content or "")
+    assert out.usage is not None and out.usage.completion_tokens > 0
+
+
+@pytest.mark.destructive
+def test_engine_killed_mid_run_never_yields_allow(stack: Stack) -> None:
+    """Kill the vLLM engine process while traffic flows. Every answer must be a validated verdict
+    or an explicit retryable JSON error — never an `allow` produced by the failure — and the
+    gateway itself must stay up."""
+    engines = stack.engine_processes()
+    assert engines, f"no vLLM engine process found under the stack:\n{stack.log_tail()}"
+    results: list[tuple[float, int, dict]] = []
+    kill_at: list[float] = []
+
+    async def traffic(client: httpx.AsyncClient, worker: int, stop: float) -> None:
+        i = 0
+        while time.monotonic() < stop:
+            r = await client.post("/v1/moderate", json={**LISTING, "item_id": f"kill-{worker}-{i}"})
+            results.append((time.monotonic(), r.status_code, r.json()))
+            i += 1
+
+    async def killer() -> None:
+        await asyncio.sleep(1.5)
+        kill_at.append(time.monotonic())
+        for p in engines:
+            p.kill()
+
+    async def run() -> None:
+        stop = time.monotonic() + 12.0
+        async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as client:
+            await asyncio.gather(killer(), *[traffic(client, w, stop) for w in range(4)])
+
+    asyncio.run(run())
+    assert kill_at
+    after = [(code, body) for t, code, body in results if t > kill_at[0]]
+    assert after, "no request completed after the kill"
+    for code, body in [(c, b) for _, c, b in results]:
+        if code == 200:
+            _assert_valid_verdict(body)
+        else:
+            assert code in (502, 503, 504), (code, body)
+            assert body["error"]["type"].startswith("model_") and body["error"]["retryable"] is True
+    assert any(code != 200 for code, _ in after), "killing the engine changed nothing"
+    assert httpx.get(f"{stack.gateway_url}/healthz", timeout=5).status_code == 200
+    ready = httpx.get(f"{stack.gateway_url}/readyz", timeout=30)
+    assert ready.status_code == 503 and ready.json()["status"] == "not_ready"

@@ -1,0 +1,148 @@
+"""The gateway's HTTP contract, against a fake backend and a real SQLite store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from gateway.app import create_app
+from gateway.config import GatewaySettings
+from prompt_registry.loader import seed_store
+from prompt_registry.sqlite_store import SqlitePromptStore
+from serving import BackendOverloaded, BackendTimeout, BackendUnavailable
+from serving.fake_backend import FakeBackend
+
+ROOT = Path(__file__).resolve().parents[2]
+LISTING = {"item_id": "item-1", "seller_id": "seller-1", "title": "Wireless earbuds",
+           "description": "Sealed box, one year warranty.", "locale": "en-US"}
+
+
+@pytest.fixture
+def backend() -> FakeBackend:
+    return FakeBackend()
+
+
+@pytest.fixture
+def client(tmp_path: Path, backend: FakeBackend) -> Iterator[TestClient]:
+    store = SqlitePromptStore(tmp_path / "r.db")
+    seed_store(store, ROOT / "configs" / "prompts")
+    settings = GatewaySettings(max_body_bytes=4096, max_title_chars=100, max_description_chars=1000)
+    with TestClient(create_app(settings, store, backend), raise_server_exceptions=False) as c:
+        yield c
+    store.close()
+
+
+def test_valid_listing_gets_a_verdict_with_its_prompt_version(client: TestClient, backend: FakeBackend) -> None:
+    r = client.post("/v1/moderate", json=LISTING, headers={"x-request-id": "req-1"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["request_id"] == "req-1" == r.headers["x-request-id"]
+    assert body["prompt"] == {"name": "listing-moderation", "version": 1, "label": "production"}
+    assert body["decision"] in {"allow", "block", "needs_review"}
+    assert body["fail_reason"] is None
+    assert body["arm"] == "stable"
+    sent = backend.requests[-1]
+    assert sent.model == "tiny-llama" and sent.regex and sent.max_tokens == 96
+    assert sent.messages[0]["role"] == "system" and "{{" not in sent.messages[0]["content"]
+    assert "Wireless earbuds" in sent.messages[1]["content"]
+
+
+def _error(r: object) -> dict:
+    body = r.json()  # type: ignore[attr-defined]
+    assert set(body) == {"error", "request_id"}
+    return body["error"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "kind", "field"),
+    [
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "malformed_json", None),
+        ({"content": b"[1,2]", "headers": {"content-type": "application/json"}}, 400, "malformed_json", None),
+        ({"json": {k: v for k, v in LISTING.items() if k != "title"}}, 422, "invalid_request", "title"),
+        ({"json": {**LISTING, "title": 42}}, 422, "invalid_request", "title"),
+        ({"json": {**LISTING, "descripton": "typo"}}, 422, "invalid_request", "descripton"),
+        ({"json": {**LISTING, "item_id": ""}}, 422, "invalid_request", "item_id"),
+        ({"json": {**LISTING, "locale": "english"}}, 422, "invalid_request", "locale"),
+        ({"json": {**LISTING, "title": "x" * 101}}, 422, "content_too_long", "title"),
+        ({"json": {**LISTING, "description": "x" * 5000}}, 413, "body_too_large", None),
+        ({"json": {**LISTING, "prompt": "no-such-prompt"}}, 404, "unknown_prompt", None),
+        ({"content": b"title=x", "headers": {"content-type": "application/x-www-form-urlencoded"}}, 415,
+         "unsupported_media_type", None),
+    ],
+)
+def test_bad_input_gets_a_clear_4xx(client: TestClient, kwargs: dict, status: int, kind: str,
+                                    field: str | None) -> None:
+    r = client.post("/v1/moderate", **kwargs)
+    assert r.status_code == status, r.text
+    err = _error(r)
+    assert err["type"] == kind
+    assert err["message"]
+    if field:
+        assert field in [f["field"] for f in err["fields"]]
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "kind"),
+    [
+        (BackendUnavailable("engine dead"), 503, "model_unavailable"),
+        (BackendTimeout("slow"), 504, "model_timeout"),
+        (BackendOverloaded("full", retry_after_s=3), 429, "model_overloaded"),
+    ],
+)
+def test_backend_faults_are_explicit_errors_never_allow(client: TestClient, backend: FakeBackend,
+                                                        exc: Exception, status: int, kind: str) -> None:
+    backend.error = exc
+    r = client.post("/v1/moderate", json=LISTING)
+    assert r.status_code == status
+    err = _error(r)
+    assert err["type"] == kind and err["retryable"] is True
+    if status == 429:
+        assert r.headers["retry-after"] == "3"
+
+
+@pytest.mark.parametrize(
+    ("text", "finish", "reason"),
+    [
+        ('{"decision":"allow","category":"none","confid', "length", "truncated_output"),
+        ("allow", "stop", "unparseable_output"),
+        ('{"decision":"allow","category":"spam","confidence":0.5}', "stop", "invalid_verdict"),
+    ],
+)
+def test_unusable_model_output_becomes_needs_review(client: TestClient, backend: FakeBackend,
+                                                    text: str, finish: str, reason: str) -> None:
+    backend.responder = lambda _req: text
+    backend.finish_reason = finish
+    r = client.post("/v1/moderate", json=LISTING)
+    assert r.status_code == 200
+    body = r.json()
+    assert (body["decision"], body["category"], body["fail_reason"]) == ("needs_review", None, reason)
+
+
+def test_unexpected_exception_is_a_json_500_without_a_stack_trace(client: TestClient, backend: FakeBackend) -> None:
+    backend.error = RuntimeError("secret internal detail")
+    r = client.post("/v1/moderate", json=LISTING)
+    assert r.status_code == 500
+    assert _error(r)["type"] == "internal_error"
+    assert "secret" not in r.text and "Traceback" not in r.text
+
+
+def test_health_and_readiness(client: TestClient, backend: FakeBackend) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    r = client.get("/readyz")
+    assert r.status_code == 200 and r.json()["checks"]["model"]["ok"] is True
+    backend.healthy = False
+    r = client.get("/readyz")
+    assert r.status_code == 503 and r.json()["checks"]["backend"]["ok"] is False
+    backend.healthy = True
+    backend.error = BackendUnavailable("engine dead")
+    r = client.get("/readyz")
+    assert r.status_code == 503 and r.json()["checks"]["model"]["ok"] is False
+
+
+def test_openapi_documents_the_request_schema(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/v1/moderate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "title" in body["properties"] and "item_id" in body["required"]

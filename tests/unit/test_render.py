@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import pytest
+
+from prompt_registry import Message, RenderError, TemplateRejected
+from prompt_registry.render import check_messages, check_template, render_messages
+
+
+@pytest.mark.parametrize(
+    ("source", "reason"),
+    [
+        ("{{ title.__class__ }}", "attribute access"),
+        ("{{ title['x'] }}", "item access"),
+        ("{{ title.upper() }}", "call|attribute access"),
+        ("{{ lipsum() }}", "function or method call"),
+        ("{% import 'x' as y %}", "import"),
+        ("{% include 'x' %}", "include"),
+        ("{% set a = 1 %}{{ a }}", "set"),
+        ("{% for c in title %}{{ c }}{% endfor %}", "for loop"),
+        ("{{ title | attr('x') }}", "filter 'attr'"),
+        ("{{ cycler }}", "undeclared variable"),
+        ("{{ title ", "syntax error"),
+    ],
+)
+def test_unsafe_templates_are_rejected(source: str, reason: str) -> None:
+    with pytest.raises(TemplateRejected, match=reason):
+        check_template(source, ["title"])
+
+
+def test_allowed_constructs_pass() -> None:
+    used = check_template(
+        "{% if description %}{{ title | trim | upper }} {{ description | truncate(50) }}{% endif %}",
+        ["title", "description"],
+    )
+    assert used == {"title", "description"}
+
+
+def test_system_messages_may_not_use_variables() -> None:
+    msgs = [Message(role="system", content="Policy for {{ locale }}"),
+            Message(role="user", content="{{ title }}")]
+    with pytest.raises(TemplateRejected, match="system messages hold fixed policy text"):
+        check_messages(msgs, ["locale", "title"])
+
+
+def test_caller_content_is_data_not_template_code() -> None:
+    msgs = [Message(role="system", content="policy"), Message(role="user", content="T: {{ title }}")]
+    hostile = "{{ ''.__class__.__mro__ }} {% include '/etc/passwd' %} {{ 7*7 }}"
+    out = render_messages(msgs, ["title"], {"title": hostile})
+    assert out == [{"role": "system", "content": "policy"},
+                   {"role": "user", "content": f"T: {hostile}"}]
+
+
+def test_missing_variable_is_a_render_error() -> None:
+    msgs = [Message(role="user", content="{{ title }} {{ description }}")]
+    with pytest.raises(RenderError, match="description"):
+        render_messages(msgs, ["title", "description"], {"title": "x"})
+
+
+def test_only_declared_variables_reach_the_template() -> None:
+    msgs = [Message(role="user", content="{{ title }}")]
+    out = render_messages(msgs, ["title"], {"title": "a", "seller_id": "secret"})
+    assert out[0]["content"] == "a"
