@@ -29,6 +29,9 @@ class PromptRef(BaseModel):
     name: str
     version: int
     label: str
+    locale: str = Field(..., description="locale variant of the prompt that was used")
+    stale: bool = Field(False, description="true when the registry was unreachable and the "
+                        "last-known-good version served")
 
 
 class Usage(BaseModel):

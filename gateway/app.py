@@ -21,12 +21,14 @@ from fastapi import FastAPI, Request
 from pydantic import ValidationError
 from starlette.responses import Response
 
+from gateway.admin import build_admin_router
 from gateway.api_models import ErrorBody, ModerationRequest, ModerationResponse
+from gateway.auth import Authenticator
 from gateway.config import GatewaySettings
 from gateway.errors import ApiError, error_response, map_exception
 from gateway.prompt_cache import PromptCache
 from gateway.verdict import parse_verdict
-from prompt_registry import PromptReader, PromptVersion, RegistryError, render_messages
+from prompt_registry import PromptNotFound, PromptStore, RegistryError, render_messages
 from serving import BackendError, ChatRequest, InferenceBackend
 
 __all__ = ["create_app"]
@@ -66,15 +68,30 @@ def _validation_fields(exc: ValidationError) -> list[dict[str, str]]:
     return out
 
 
-def create_app(settings: GatewaySettings, reader: PromptReader, backend: InferenceBackend) -> FastAPI:
-    """Build the gateway app. The caller owns `reader`; the app closes `backend` on shutdown."""
-    cache = PromptCache(reader, ttl_s=settings.prompt_cache_ttl_s)
+def create_app(
+    settings: GatewaySettings,
+    store: PromptStore,
+    backend: InferenceBackend,
+    *,
+    cache: PromptCache | None = None,
+) -> FastAPI:
+    """Build the gateway app. The caller owns `store`; the app closes `backend` on shutdown."""
+    cache = cache or PromptCache(store, refresh_s=settings.prompt_refresh_s,
+                                 max_staleness_s=settings.prompt_max_staleness_s)
+    auth = Authenticator(store, required=settings.auth == "required", cache_s=settings.key_cache_s)
+    preload_keys = [(name, settings.default_label)
+                    for name in dict.fromkeys([settings.default_prompt, *settings.preload_prompts])]
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        cache.start()
+        failures = {k: e for k, e in (await cache.preload(preload_keys)).items() if e}
+        for (name, label), error in failures.items():
+            log.error("prompt %s:%s could not be preloaded: %s", name, label, error)
         try:
             yield
         finally:
+            await cache.aclose()
             await backend.aclose()
 
     app = FastAPI(
@@ -85,12 +102,24 @@ def create_app(settings: GatewaySettings, reader: PromptReader, backend: Inferen
     )
     app.state.prompt_cache = cache
     app.state.backend = backend
+    app.state.auth = auth
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> Response:
+        return error_response(exc, request.headers.get("x-request-id"))
+
+    @app.exception_handler(RegistryError)
+    async def _registry_error(request: Request, exc: RegistryError) -> Response:
+        err = map_exception(exc) or ApiError(500, "internal_error", "internal error")
+        return error_response(err, request.headers.get("x-request-id"))
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(ApiError(500, "internal_error", "internal error; see gateway logs"),
                               request.headers.get("x-request-id"))
+
+    app.include_router(build_admin_router(store, auth, protected_labels=settings.protected_labels))
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -102,13 +131,18 @@ def create_app(settings: GatewaySettings, reader: PromptReader, backend: Inferen
         """Ready when the default prompt resolves and its model answers a 1-token probe."""
         checks: dict[str, Any] = {}
         ok = True
-        version: PromptVersion | None = None
-        try:
-            version = await cache.resolve(settings.default_prompt, settings.default_label)
-            checks["registry"] = {"ok": True, "prompt": version.name, "version": version.version}
-        except RegistryError as exc:
-            ok = False
-            checks["registry"] = {"ok": False, "error": str(exc)}
+        version = None
+        prompts: dict[str, Any] = {}
+        for name, label in preload_keys:
+            try:
+                resolved = await cache.resolve(name, label)
+                prompts[f"{name}:{label}"] = {"ok": True, "version": resolved.version.version,
+                                              "stale": resolved.stale}
+                version = version or resolved.version
+            except RegistryError as exc:
+                ok = False
+                prompts[f"{name}:{label}"] = {"ok": False, "error": str(exc)}
+        checks["prompts"] = prompts
         try:
             health = await asyncio.wait_for(backend.check_health(), settings.readiness_probe_timeout_s)
             checks["backend"] = {"ok": True, **health}
@@ -131,17 +165,20 @@ def create_app(settings: GatewaySettings, reader: PromptReader, backend: Inferen
     @app.post(
         "/v1/moderate",
         response_model=ModerationResponse,
-        responses={code: {"model": ErrorBody} for code in (400, 404, 413, 415, 422, 429, 502, 503, 504)},
+        responses={code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 415, 422, 429, 502, 503, 504)},
         openapi_extra={"requestBody": {"required": True, "content": {
             "application/json": {"schema": ModerationRequest.model_json_schema()}}}},
     )
     async def moderate(request: Request) -> Response:
-        """Moderate one listing with the prompt's `production` version."""
+        """Moderate one listing with the prompt's `production` version. Needs the `moderate` scope."""
         start = time.perf_counter()
         rid = request.headers.get("x-request-id")
         if not rid or not _REQUEST_ID.match(rid):
             rid = uuid.uuid4().hex
         try:
+            principal = await auth.authenticate(request.headers.get("authorization"),
+                                                request.headers.get("x-api-key"))
+            auth.require(principal, "moderate")
             body = await _moderate(request, rid, start)
         except Exception as exc:  # noqa: BLE001 - mapped below, or re-raised as internal
             err = map_exception(exc)
@@ -180,9 +217,14 @@ def create_app(settings: GatewaySettings, reader: PromptReader, backend: Inferen
 
         name = req.prompt or settings.default_prompt
         label = settings.default_label
-        version = await cache.resolve(name, label)
+        try:
+            resolved = await cache.resolve(name, label)
+        except PromptNotFound as exc:
+            raise ApiError(404, "unknown_prompt", str(exc)) from None
+        version = resolved.version
         spec = version.spec
-        messages = render_messages(spec.messages, spec.variables, req.model_dump())
+        locale, templates = spec.select_locale(req.locale)
+        messages = render_messages(templates, spec.variables, req.model_dump())
         chat = ChatRequest(
             model=spec.model, messages=messages, max_tokens=spec.sampling.max_tokens,
             temperature=spec.sampling.temperature, top_p=spec.sampling.top_p,
@@ -201,7 +243,8 @@ def create_app(settings: GatewaySettings, reader: PromptReader, backend: Inferen
             "category": verdict.category,
             "confidence": verdict.confidence,
             "fail_reason": verdict.fail_reason,
-            "prompt": {"name": version.name, "version": version.version, "label": label},
+            "prompt": {"name": version.name, "version": version.version, "label": label,
+                       "locale": locale, "stale": resolved.stale},
             "arm": "stable",
             "model": result.model,
             "latency_ms": round((time.perf_counter() - start) * 1000.0, 3),

@@ -31,6 +31,8 @@ app = typer.Typer(
         "  modgate gateway            only the gateway, against serving.base_url\n"
         "  modgate build-tiny-model   write the random tiny Llama used offline and in tests\n"
         "  modgate check-config       validate a configuration file and say what it will run\n"
+        "  modgate prompts ...        publish, diff, label, roll back and audit prompt versions\n"
+        "  modgate keys ...           create, list and revoke API keys\n"
         "\nEvery command takes --config (or MODGATE_CONFIG); the default is configs/modgate.yaml."
     ),
     no_args_is_help=True,
@@ -71,11 +73,15 @@ def _load(config: Path | None, host: str | None = None, port: int | None = None,
 
 
 def _open_store(cfg: AppConfig) -> Any:
-    from prompt_registry import PromptFileError
+    from gateway.stores import open_store
+    from prompt_registry import PromptFileError, RegistryError
     from prompt_registry.loader import seed_store
-    from prompt_registry.sqlite_store import SqlitePromptStore
 
-    store = SqlitePromptStore(cfg.registry_path())
+    try:
+        store = open_store(cfg)
+    except ConfigError as exc:
+        _err(str(exc))
+        raise typer.Exit(2) from None
     seed = cfg.seed_path()
     if seed is not None:
         try:
@@ -83,8 +89,38 @@ def _open_store(cfg: AppConfig) -> Any:
         except PromptFileError as exc:
             _err(str(exc))
             raise typer.Exit(2) from None
-        typer.echo(f"registry: {cfg.registry_path()} (seeded {', '.join(names) or 'nothing'} from {seed})")
+        except RegistryError as exc:
+            _err(f"registry: {exc}")
+            raise typer.Exit(1) from None
+        where = cfg.registry_path() if cfg.registry.store == "sqlite" else "redis"
+        typer.echo(f"registry: {where} (seeded {', '.join(names) or 'nothing'} from {seed})")
     return store
+
+
+def _local_keys(cfg: AppConfig, store: Any) -> dict[str, str]:
+    """On a store with no API keys, create a caller and an admin key for local use and keep
+    them (mode 0600) in data_dir/local-keys.json, so the printed curl works out of the box."""
+    from prompt_registry.keys import generate_key
+
+    path = cfg.data_path() / "local-keys.json"
+    if path.exists():
+        try:
+            return dict(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            return {}
+    if cfg.gateway.auth != "required" or store.list_keys():
+        return {}
+    keys = {}
+    for name, scopes in (("local-caller", ["moderate"]), ("local-admin", ["admin"])):
+        key, record = generate_key(name, scopes, created_by="modgate up")
+        store.put_key(record)
+        keys[name] = key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(keys, fh, indent=2)
+    typer.echo(f"auth: created API keys local-caller (moderate) and local-admin (admin) in {path}")
+    return keys
 
 
 def _start_serving(cfg: AppConfig) -> float:
@@ -116,17 +152,19 @@ def _stop_serving() -> None:
         ray.shutdown()
 
 
-def _curl_example(cfg: AppConfig) -> str:
+def _curl_example(cfg: AppConfig, key: str | None) -> str:
     host = "127.0.0.1" if cfg.gateway.host in ("0.0.0.0", "::") else cfg.gateway.host
     body = {"item_id": "item-1001", "seller_id": "seller-42",
             "title": "Designer sneakers AAA replica 1:1 mirror quality",
             "description": "Same as the original, logo included. WhatsApp me to pay by bank transfer.",
             "locale": "en-US"}
-    return (f"curl -s http://{host}:{cfg.gateway.port}/v1/moderate "
-            f"-H 'content-type: application/json' -d '{json.dumps(body)}'")
+    auth = f"-H 'authorization: Bearer {key}' " if key else ""
+    return (f"curl -s http://{host}:{cfg.gateway.port}/v1/moderate {auth}"
+            f"-H 'content-type: application/json' -d '{json.dumps(body, ensure_ascii=False)}'")
 
 
 def _run_gateway(cfg: AppConfig, store: Any, *, announce: bool) -> None:
+    keys = _local_keys(cfg, store)
     import logging
 
     import uvicorn
@@ -152,7 +190,7 @@ def _run_gateway(cfg: AppConfig, store: Any, *, announce: bool) -> None:
         if server.started and announce:
             typer.echo(f"gateway: listening on http://{cfg.gateway.host}:{cfg.gateway.port} "
                        "(Ctrl-C to stop). Try:\n")
-            typer.echo(_curl_example(cfg) + "\n", color=False)
+            typer.echo(_curl_example(cfg, keys.get("local-caller")) + "\n", color=False)
             sys.stdout.flush()
         await task
 
@@ -238,6 +276,12 @@ def check_config(config: ConfigOpt = None) -> None:
                f"{cfg.registry.store} at {cfg.registry_path()}, serving mode {cfg.serving.mode} "
                f"at {cfg.serving.resolved_base_url()}, models: "
                + ", ".join(f"{m.name} ({m.source})" for m in cfg.serving.models))
+
+
+from gateway.registry_cli import keys_app, prompts_app  # noqa: E402
+
+app.add_typer(prompts_app, name="prompts")
+app.add_typer(keys_app, name="keys")
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ start-up with a message naming the file, the field and the reason.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -38,13 +38,28 @@ class GatewaySettings(_Strict):
     request_timeout_s: float = Field(30.0, gt=0, description="deadline for one moderation")
     default_prompt: str = "listing-moderation"
     default_label: str = "production"
-    prompt_cache_ttl_s: float = Field(1.0, ge=0, description="how long a resolved label is reused")
+    preload_prompts: list[str] = Field(default_factory=list,
+                                       description="prompts (besides the default) loaded at start; "
+                                       "readiness fails while any is missing")
+    prompt_refresh_s: float = Field(30.0, gt=0, description="re-read cached labels this often "
+                                    "even without a change event")
+    prompt_max_staleness_s: float = Field(600.0, gt=0, description="serve last-known-good "
+                                          "prompts at most this long while the store is down")
+    auth: Literal["required", "disabled"] = Field(
+        "required", description="API keys on every route; 'disabled' only for local experiments")
+    key_cache_s: float = Field(10.0, ge=0, description="key records are re-read this often "
+                               "(revocation delay)")
+    protected_labels: list[str] = Field(default_factory=lambda: ["production"],
+                                        description="moving these needs the labels:protected scope")
     readiness_probe_timeout_s: float = Field(10.0, gt=0)
 
 
 class RegistrySettings(_Strict):
-    store: str = Field("sqlite", pattern=r"^sqlite$")
+    store: Literal["sqlite", "redis"] = "sqlite"
     path: str = Field("registry.db", description="SQLite file, relative to data_dir")
+    redis_url: str | None = Field(None, description="redis://host:port/db; overrides redis_url_env")
+    redis_url_env: str = Field("MODGATE_REDIS_URL", description="env var holding the Redis URL")
+    redis_key_prefix: str = Field("modgate", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     seed_dir: str | None = Field("prompts", description="prompt YAML seeded on first start")
 
 

@@ -12,7 +12,15 @@ from dataclasses import dataclass
 import orjson
 from starlette.responses import Response
 
-from prompt_registry import PromptNotFound, RenderError, StoreUnavailable
+from prompt_registry import (
+    LabelConflict,
+    PromptFileError,
+    PromptNotFound,
+    RenderError,
+    StoreUnavailable,
+    TemplateRejected,
+)
+from prompt_registry.ops import NothingToRollBack
 from serving import (
     BackendBadRequest,
     BackendOverloaded,
@@ -38,7 +46,11 @@ class ApiError(Exception):
 
 # (exception class, status, type, retryable)
 _TABLE: list[tuple[type[Exception], int, str, bool]] = [
-    (PromptNotFound, 404, "unknown_prompt", False),
+    (PromptNotFound, 404, "not_found", False),
+    (LabelConflict, 409, "label_conflict", False),
+    (NothingToRollBack, 409, "nothing_to_roll_back", False),
+    (PromptFileError, 422, "invalid_prompt", False),
+    (TemplateRejected, 422, "template_rejected", False),
     (RenderError, 422, "render_error", False),
     (StoreUnavailable, 503, "registry_unavailable", True),
     (BackendOverloaded, 429, "model_overloaded", True),

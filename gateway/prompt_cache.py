@@ -1,67 +1,178 @@
-"""In-memory label resolution for the hot path.
+"""In-memory prompt label resolution for the hot path (no store round trip per request).
 
-A resolved (prompt, label) is reused for `ttl_s`; after that the next request refreshes it with
-one store read per key in flight (concurrent requests share it). If the store is unreachable
-the last-known-good version is served and `stale_served` counts it. The store is read in a
-worker thread because the embedded store is synchronous SQLite.
+- A resolved (prompt, label) is served from memory. Change events from the store (Redis
+  pub/sub, or SQLite's data_version) trigger an immediate background refresh of the affected
+  entries, so a label move is visible on every replica within milliseconds; `refresh_s`
+  re-reads entries anyway in case an event was lost (stale-while-revalidate: the request that
+  notices never waits for it).
+- One refresh per key is in flight at a time; concurrent cold requests share it.
+- When the store is unreachable the last-known-good version is served and flagged `stale`,
+  up to `max_staleness_s` after the last successful read; after that requests fail with
+  StoreUnavailable rather than serve an arbitrarily old prompt.
+- The store is synchronous (SQLite or redis-py); reads run in worker threads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from prompt_registry import PromptReader, PromptVersion, StoreUnavailable
+from prompt_registry import PromptNotFound, PromptReader, PromptVersion, StoreUnavailable
+from prompt_registry.store import Subscription
 
-__all__ = ["PromptCache"]
+__all__ = ["CacheStats", "PromptCache", "Resolved"]
+
+log = logging.getLogger("modgate.prompt_cache")
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    version: PromptVersion
+    stale: bool  # served from last-known-good because the store could not be read
 
 
 @dataclass(slots=True)
 class _Entry:
     version: PromptVersion
-    fetched_at: float
+    fetched_at: float  # last successful read
+    checked_at: float  # last read attempt
+    dirty: bool = False
+    failing: bool = False
+
+
+@dataclass(slots=True)
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    refreshes: int = 0
+    refresh_failures: int = 0
+    stale_served: int = 0
+    events: int = 0
 
 
 class PromptCache:
-    def __init__(self, reader: PromptReader, *, ttl_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        reader: PromptReader,
+        *,
+        refresh_s: float = 30.0,
+        retry_s: float = 1.0,
+        max_staleness_s: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._reader = reader
-        self._ttl = ttl_s
+        self._refresh_s = refresh_s
+        self._retry_s = retry_s
+        self._max_staleness_s = max_staleness_s
         self._clock = clock
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future[PromptVersion]] = {}
-        self.stale_served = 0
+        self._subscription: Subscription | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.stats = CacheStats()
 
-    async def resolve(self, name: str, label: str) -> PromptVersion:
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Subscribe to store change events (call from the running event loop)."""
+        self._loop = asyncio.get_running_loop()
+        self._subscription = self._reader.subscribe(self._on_change_threadsafe)
+
+    async def aclose(self) -> None:
+        if self._subscription is not None:
+            await asyncio.to_thread(self._subscription.close)
+            self._subscription = None
+        for fut in list(self._inflight.values()):
+            fut.cancel()
+
+    async def preload(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str | None]:
+        """Resolve every key now; return key -> error message (None when it resolved)."""
+        out: dict[tuple[str, str], str | None] = {}
+        for key in keys:
+            try:
+                await self.resolve(*key)
+                out[key] = None
+            except (PromptNotFound, StoreUnavailable) as exc:
+                out[key] = str(exc)
+        return out
+
+    # -- hot path -------------------------------------------------------------------------
+    async def resolve(self, name: str, label: str) -> Resolved:
         key = (name, label)
         entry = self._entries.get(key)
-        if entry is not None and self._clock() - entry.fetched_at < self._ttl:
-            return entry.version
+        if entry is None:
+            self.stats.misses += 1
+            version = await asyncio.shield(self._refresh(key))
+            return Resolved(version, stale=False)
+        self.stats.hits += 1
+        now = self._clock()
+        due = self._retry_s if entry.failing else self._refresh_s
+        if entry.dirty or now - entry.checked_at >= due:
+            self._refresh(key)
+        if entry.failing:
+            if now - entry.fetched_at > self._max_staleness_s:
+                raise StoreUnavailable(
+                    f"prompt store unreachable and the cached {name}:{label} is older than "
+                    f"{self._max_staleness_s:.0f}s")
+            self.stats.stale_served += 1
+            return Resolved(entry.version, stale=True)
+        return Resolved(entry.version, stale=False)
+
+    def _refresh(self, key: tuple[str, str]) -> asyncio.Future[PromptVersion]:
         fut = self._inflight.get(key)
         if fut is None:
             fut = asyncio.ensure_future(self._fetch(key))
             self._inflight[key] = fut
-            fut.add_done_callback(lambda _f, k=key: self._inflight.pop(k, None))
-        try:
-            return await asyncio.shield(fut)
-        except StoreUnavailable:
-            if entry is not None:
-                self.stale_served += 1
-                return entry.version
-            raise
+            fut.add_done_callback(lambda f, k=key: self._done(k, f))
+        return fut
+
+    def _done(self, key: tuple[str, str], fut: asyncio.Future[PromptVersion]) -> None:
+        self._inflight.pop(key, None)
+        if not fut.cancelled():
+            fut.exception()  # mark retrieved: background refresh failures are handled in _fetch
 
     async def _fetch(self, key: tuple[str, str]) -> PromptVersion:
+        self.stats.refreshes += 1
+        started = self._clock()
         try:
             version = await asyncio.to_thread(self._reader.resolve, *key)
         except StoreUnavailable:
+            self.stats.refresh_failures += 1
+            entry = self._entries.get(key)
+            if entry is not None:
+                if not entry.failing:
+                    log.warning("prompt store unreachable; serving last-known-good %s:%s v%d",
+                                key[0], key[1], entry.version.version)
+                entry.failing = True
+                entry.checked_at = started
             raise
-        except OSError as exc:  # sqlite3 errors are wrapped by the store; OS errors may not be
-            raise StoreUnavailable(str(exc)) from exc
-        self._entries[key] = _Entry(version, self._clock())
+        except PromptNotFound:
+            self._entries.pop(key, None)  # the label was removed: stop serving it
+            raise
+        entry = self._entries.get(key)
+        if entry is not None and entry.failing:
+            log.warning("prompt store reachable again; %s:%s refreshed", *key)
+        self._entries[key] = _Entry(version, fetched_at=started, checked_at=started)
         return version
 
-    def invalidate(self, name: str | None = None) -> None:
-        for key in [k for k in self._entries if name is None or k[0] == name]:
-            del self._entries[key]
+    # -- change events --------------------------------------------------------------------
+    def _on_change_threadsafe(self, name: str | None) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.on_change, name)
+
+    def on_change(self, name: str | None) -> None:
+        """Mark entries of *name* (or all, for None) dirty and refresh them in the background."""
+        self.stats.events += 1
+        for key, entry in list(self._entries.items()):
+            if name is None or key[0] == name:
+                entry.dirty = True
+                self._refresh(key)
+
+    def snapshot(self) -> list[dict[str, object]]:
+        now = self._clock()
+        return [{"prompt": k[0], "label": k[1], "version": e.version.version,
+                 "age_s": round(now - e.fetched_at, 3), "stale": e.failing}
+                for k, e in sorted(self._entries.items())]

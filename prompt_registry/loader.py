@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from prompt_registry.errors import PromptFileError
 from prompt_registry.models import PromptSpec
 from prompt_registry.store import PromptStore
 
-__all__ = ["format_validation_error", "load_prompt_file", "seed_store"]
+__all__ = ["format_validation_error", "load_prompt_file", "parse_prompt_text", "seed_store"]
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
@@ -24,23 +25,79 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+_HEADING = re.compile(r"^#{1,3}[ \t]*(system|user)(?:[ \t]*\[([A-Za-z]{2,3}(?:-[A-Za-z]{2,4})?)\])?[ \t]*$",
+                      re.MULTILINE)
+
+
 def load_prompt_file(path: Path) -> PromptSpec:
+    """Read a prompt from YAML, or from Markdown with YAML front matter.
+
+    Markdown form: front matter between `---` lines holds everything but the messages; each
+    message is a section under a `## system` or `## user` heading, and `## system [zh-CN]`
+    starts the zh-CN variant.
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PromptFileError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse_prompt_text(text, source=str(path), markdown=path.suffix.lower() in (".md", ".markdown"))
+
+
+def parse_prompt_text(text: str, *, source: str, markdown: bool = False) -> PromptSpec:
+    if markdown:
+        data = _parse_markdown(text, source)
+    else:
+        data = _load_yaml(text, source)
+    try:
+        return PromptSpec.model_validate(data)
+    except ValidationError as exc:
+        raise PromptFileError(format_validation_error(exc, source)) from None
+
+
+def _load_yaml(text: str, source: str, offset: int = 0) -> dict[str, Any]:
     try:
         data: Any = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise PromptFileError(f"{path}:{where} malformed YAML: {getattr(exc, 'problem', exc)}") from None
+        where = f" line {mark.line + 1 + offset}, column {mark.column + 1}" if mark else ""
+        raise PromptFileError(f"{source}:{where} malformed YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
-        raise PromptFileError(f"{path}: expected a mapping at the top level")
+        raise PromptFileError(f"{source}: expected a mapping at the top level")
+    return data
+
+
+def _parse_markdown(text: str, source: str) -> dict[str, Any]:
+    lines = text.splitlines(keepends=True)
+    if not lines or lines[0].strip() != "---":
+        raise PromptFileError(f"{source}: Markdown prompts start with YAML front matter between '---' lines")
     try:
-        return PromptSpec.model_validate(data)
-    except ValidationError as exc:
-        raise PromptFileError(format_validation_error(exc, str(path))) from None
+        end = next(i for i in range(1, len(lines)) if lines[i].strip() == "---")
+    except StopIteration:
+        raise PromptFileError(f"{source}: front matter is not closed by a '---' line") from None
+    data = _load_yaml("".join(lines[1:end]), source, offset=1)
+    if "messages" in data or "locales" in data:
+        raise PromptFileError(f"{source}: in Markdown prompts, messages are '## system' / '## user' sections, "
+                              "not front matter keys")
+    body = "".join(lines[end + 1:])
+    heads = list(_HEADING.finditer(body))
+    if not heads:
+        raise PromptFileError(f"{source}: no '## system' or '## user' section found")
+    if body[:heads[0].start()].strip():
+        raise PromptFileError(f"{source}: text before the first '## system' / '## user' heading")
+    default: list[dict[str, str]] = []
+    locales: dict[str, dict[str, list[dict[str, str]]]] = {}
+    for i, m in enumerate(heads):
+        end_pos = heads[i + 1].start() if i + 1 < len(heads) else len(body)
+        content = body[m.end():end_pos].strip("\n") + "\n"
+        msg = {"role": m.group(1), "content": content}
+        if m.group(2):
+            locales.setdefault(m.group(2), {"messages": []})["messages"].append(msg)
+        else:
+            default.append(msg)
+    data["messages"] = default
+    if locales:
+        data["locales"] = locales
+    return data
 
 
 def seed_store(store: PromptStore, prompt_dir: Path, *, label: str = "production") -> list[str]:
@@ -50,7 +107,8 @@ def seed_store(store: PromptStore, prompt_dir: Path, *, label: str = "production
     (a seed must not undo a rollback someone did through the registry).
     """
     seeded = []
-    for path in sorted(prompt_dir.glob("*.yaml")):
+    paths = sorted([*prompt_dir.glob("*.yaml"), *prompt_dir.glob("*.yml"), *prompt_dir.glob("*.md")])
+    for path in paths:
         spec = load_prompt_file(path)
         result = store.publish(spec, actor="seed", note=f"seeded from {path.name}")
         if label not in store.labels(spec.name):

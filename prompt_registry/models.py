@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = [
     "FAIL_CLOSED_DECISION",
+    "LocaleVariant",
     "Message",
     "PolicyMeta",
     "PromptSpec",
@@ -101,13 +102,28 @@ class VerdictSchema(_Strict):
         return out + r"\}"
 
 
+_LOCALE = r"^[a-z]{2,3}(-[A-Z][A-Za-z]{1,3})?$"
+
+
+class LocaleVariant(_Strict):
+    """The same policy written for another market/language; same variables and verdict."""
+
+    messages: list[Message] = Field(..., min_length=1)
+
+
 class PromptSpec(_Strict):
-    """A prompt as written in a file under version control."""
+    """A prompt as written in a file under version control.
+
+    `messages` are written for `default_locale`; `locales` holds variants for other locales.
+    One version covers every variant, so a label always points at a consistent set.
+    """
 
     name: str = Field(..., pattern=_NAME)
     description: str = ""
     variables: list[str] = Field(default_factory=list)
+    default_locale: str = Field("en-US", pattern=_LOCALE)
     messages: list[Message] = Field(..., min_length=1)
+    locales: dict[str, LocaleVariant] = Field(default_factory=dict)
     verdict: VerdictSchema
     model: str = Field(..., min_length=1)
     sampling: SamplingParams = Field(default_factory=SamplingParams)
@@ -129,7 +145,26 @@ class PromptSpec(_Strict):
         from prompt_registry.render import check_messages
 
         check_messages(self.messages, self.variables)
+        for loc, variant in self.locales.items():
+            if not re.match(_LOCALE, loc):
+                raise ValueError(f"locales: {loc!r} is not a locale like 'zh-CN'")
+            if loc == self.default_locale:
+                raise ValueError(f"locales: {loc!r} is the default locale; put it in 'messages'")
+            check_messages(variant.messages, self.variables, where=f"locales.{loc}.")
         return self
+
+    def select_locale(self, locale: str | None) -> tuple[str, list[Message]]:
+        """Messages for a caller's locale: the exact variant, else the default locale if it is
+        the same language, else another variant of the same language, else the default."""
+        if locale and locale != self.default_locale:
+            if locale in self.locales:
+                return locale, self.locales[locale].messages
+            lang = locale.split("-")[0]
+            if lang != self.default_locale.split("-")[0]:
+                for loc in sorted(self.locales):
+                    if loc.split("-")[0] == lang:
+                        return loc, self.locales[loc].messages
+        return self.default_locale, self.messages
 
     def content_hash(self) -> str:
         """Hash of what changes behaviour; the change note and author do not count."""

@@ -85,13 +85,13 @@ def check_template(source: str, declared: Sequence[str], *, where: str = "templa
     return used
 
 
-def check_messages(messages: Sequence[Message], declared: Sequence[str]) -> None:
+def check_messages(messages: Sequence[Message], declared: Sequence[str], *, where: str = "") -> None:
     """Check every message template; system messages may not use variables."""
     for i, msg in enumerate(messages):
-        used = check_template(msg.content, declared, where=f"messages[{i}] ({msg.role})")
+        used = check_template(msg.content, declared, where=f"{where}messages[{i}] ({msg.role})")
         if msg.role == "system" and used:
             raise TemplateRejected(
-                f"messages[{i}] (system): system messages hold fixed policy text and may not use "
+                f"{where}messages[{i}] (system): system messages hold fixed policy text and may not use "
                 f"variables ({sorted(used)}); put caller content in a user message"
             )
 

@@ -8,18 +8,34 @@ compare-and-set is atomic across processes sharing the file.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 
 from prompt_registry.errors import LabelConflict, PromptNotFound, StoreUnavailable
+from prompt_registry.keys import ApiKeyRecord
 from prompt_registry.models import PromptSpec, PromptVersion
-from prompt_registry.store import AuditEntry, PublishResult
+from prompt_registry.store import AuditEntry, PublishResult, Subscription
 
 __all__ = ["SqlitePromptStore"]
+
+
+def _wrap_errors(fn: Callable) -> Callable:  # type: ignore[type-arg]
+    """SQLite failures (locked past the timeout, disk gone) surface as StoreUnavailable."""
+
+    @functools.wraps(fn)
+    def wrapper(self: SqlitePromptStore, *args: object, **kwargs: object) -> object:
+        try:
+            return fn(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"prompt store {self._path}: {exc}") from exc
+
+    return wrapper
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -30,6 +46,9 @@ CREATE TABLE IF NOT EXISTS versions (
 CREATE TABLE IF NOT EXISTS labels (
     name TEXT NOT NULL, label TEXT NOT NULL, version INTEGER NOT NULL,
     PRIMARY KEY (name, label)
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY, record TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT NOT NULL, actor TEXT NOT NULL,
@@ -51,6 +70,7 @@ class SqlitePromptStore:
         if self._path != ":memory:":
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        self._subscribers: list[_SqliteSubscription] = []
         self._con().executescript(_SCHEMA)
 
     def _con(self) -> sqlite3.Connection:
@@ -90,6 +110,7 @@ class SqlitePromptStore:
         )
 
     # -- reader ---------------------------------------------------------------------------
+    @_wrap_errors
     def get_version(self, name: str, version: int) -> PromptVersion:
         row = self._con().execute(
             "SELECT name, version, content_hash, spec, created_at, created_by FROM versions "
@@ -100,6 +121,7 @@ class SqlitePromptStore:
             raise PromptNotFound(f"prompt {name!r} has no version {version}")
         return self._row_to_version(row)
 
+    @_wrap_errors
     def resolve(self, name: str, label: str) -> PromptVersion:
         row = self._con().execute(
             "SELECT v.name, v.version, v.content_hash, v.spec, v.created_at, v.created_by "
@@ -111,10 +133,12 @@ class SqlitePromptStore:
             raise PromptNotFound(f"prompt {name!r} has no label {label!r}")
         return self._row_to_version(row)
 
+    @_wrap_errors
     def list_prompts(self) -> list[str]:
         rows = self._con().execute("SELECT DISTINCT name FROM versions ORDER BY name").fetchall()
         return [r[0] for r in rows]
 
+    @_wrap_errors
     def labels(self, name: str) -> dict[str, int]:
         rows = self._con().execute(
             "SELECT label, version FROM labels WHERE name=? ORDER BY label", (name,)).fetchall()
@@ -125,6 +149,7 @@ class SqlitePromptStore:
             "SELECT 1 FROM versions WHERE name=? LIMIT 1", (name,)).fetchone() is not None
 
     # -- writer ---------------------------------------------------------------------------
+    @_wrap_errors
     def publish(self, spec: PromptSpec, *, actor: str, note: str = "") -> PublishResult:
         digest = spec.content_hash()
         with self._tx() as con:
@@ -148,18 +173,22 @@ class SqlitePromptStore:
                 "VALUES (?,?,?,?,?,?,?,?)",
                 (now.isoformat(), actor, "publish", spec.name, None, None, version.version,
                  note or spec.policy.change_note))
+        self._notify(spec.name)
         return PublishResult(version=version, created=True)
 
+    @_wrap_errors
     def set_label(self, name: str, label: str, version: int, *, expected: int | None = None,
                   actor: str, note: str = "") -> int | None:
         with self._tx() as con:
             if con.execute("SELECT 1 FROM versions WHERE name=? AND version=?",
                            (name, version)).fetchone() is None:
+                if not self._exists(name):
+                    raise PromptNotFound(f"unknown prompt {name!r}")
                 raise PromptNotFound(f"prompt {name!r} has no version {version}")
             row = con.execute("SELECT version FROM labels WHERE name=? AND label=?",
                               (name, label)).fetchone()
             previous = row[0] if row else None
-            if expected is not None and previous != expected:
+            if expected is not None and (previous or 0) != expected:
                 raise LabelConflict(
                     f"label {label!r} of {name!r} points at {previous}, not {expected}")
             con.execute("INSERT INTO labels VALUES (?,?,?) ON CONFLICT(name, label) "
@@ -168,8 +197,10 @@ class SqlitePromptStore:
                 "INSERT INTO audit (at, actor, action, name, label, from_version, to_version, note) "
                 "VALUES (?,?,?,?,?,?,?,?)",
                 (_now().isoformat(), actor, "label", name, label, previous, version, note))
+        self._notify(name)
         return previous
 
+    @_wrap_errors
     def audit(self, name: str) -> list[AuditEntry]:
         rows = self._con().execute(
             "SELECT at, actor, action, name, label, from_version, to_version, note FROM audit "
@@ -177,8 +208,90 @@ class SqlitePromptStore:
         return [AuditEntry(at=datetime.fromisoformat(r[0]), actor=r[1], action=r[2], prompt=r[3],
                            label=r[4], from_version=r[5], to_version=r[6], note=r[7]) for r in rows]
 
+    @_wrap_errors
+    def get_key(self, key_id: str) -> ApiKeyRecord | None:
+        row = self._con().execute("SELECT record FROM api_keys WHERE key_id=?", (key_id,)).fetchone()
+        return ApiKeyRecord.model_validate_json(row[0]) if row else None
+
+    @_wrap_errors
+    def put_key(self, record: ApiKeyRecord) -> None:
+        with self._tx() as con:
+            con.execute("INSERT INTO api_keys VALUES (?,?) ON CONFLICT(key_id) DO UPDATE SET "
+                        "record=excluded.record", (record.key_id, record.model_dump_json()))
+
+    @_wrap_errors
+    def list_keys(self) -> list[ApiKeyRecord]:
+        rows = self._con().execute("SELECT record FROM api_keys ORDER BY key_id").fetchall()
+        return [ApiKeyRecord.model_validate_json(r[0]) for r in rows]
+
+    @_wrap_errors
+    def versions(self, name: str) -> list[int]:
+        rows = self._con().execute(
+            "SELECT version FROM versions WHERE name=? ORDER BY version", (name,)).fetchall()
+        return [r[0] for r in rows]
+
+    def ping(self) -> None:
+        self.list_prompts()
+
+    def subscribe(self, callback: Callable[[str | None], None], *,
+                  poll_s: float = 0.1) -> Subscription:
+        """Changes made in this process are announced at once; changes by other processes
+        sharing the file are noticed by polling SQLite's `data_version` every `poll_s`."""
+        sub = _SqliteSubscription(self._path, callback, poll_s)
+        self._subscribers.append(sub)
+        return sub
+
+    def _notify(self, name: str) -> None:
+        for sub in list(self._subscribers):
+            sub.notify(name)
+
     def close(self) -> None:
+        for sub in self._subscribers:
+            sub.close()
+        self._subscribers.clear()
         con = getattr(self._local, "con", None)
         if con is not None:
             con.close()
             self._local.con = None
+
+
+class _SqliteSubscription:
+    def __init__(self, path: str, callback: Callable[[str | None], None], poll_s: float) -> None:
+        self._path = path
+        self._callback = callback
+        self._poll_s = poll_s
+        self._stop = threading.Event()
+        # Read the starting point before returning, so every commit after subscribe() is seen.
+        self._con: sqlite3.Connection | None = None
+        self._last: int | None = None
+        try:
+            self._con = sqlite3.connect(path, timeout=1.0, check_same_thread=False)
+            self._last = self._con.execute("PRAGMA data_version").fetchone()[0]
+        except sqlite3.Error:
+            self._con = None
+        self._thread = threading.Thread(target=self._run, name="modgate-registry-poll", daemon=True)
+        self._thread.start()
+
+    def notify(self, name: str) -> None:
+        self._callback(name)
+
+    def _run(self) -> None:
+        con, last = self._con, self._last
+        while not self._stop.wait(self._poll_s):
+            try:
+                if con is None:
+                    con = sqlite3.connect(self._path, timeout=1.0, check_same_thread=False)
+                (version,) = con.execute("PRAGMA data_version").fetchone()
+            except sqlite3.Error:
+                con = None
+                last = None  # after reconnecting, announce "anything may have changed" once
+                continue
+            if last is None or version != last:
+                self._callback(None)
+            last = version
+        if con is not None:
+            con.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -7,14 +7,16 @@ pointers moved by compare-and-set. Every write leaves an audit entry.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
+from prompt_registry.keys import ApiKeyRecord
 from prompt_registry.models import PromptSpec, PromptVersion
 
-__all__ = ["AuditEntry", "PromptReader", "PromptStore", "PublishResult"]
+__all__ = ["AuditEntry", "PromptReader", "PromptStore", "PublishResult", "Subscription"]
 
 
 class AuditEntry(BaseModel):
@@ -37,6 +39,10 @@ class PublishResult(BaseModel):
     created: bool
 
 
+class Subscription(Protocol):
+    def close(self) -> None: ...
+
+
 @runtime_checkable
 class PromptReader(Protocol):
     def resolve(self, name: str, label: str) -> PromptVersion:
@@ -49,6 +55,17 @@ class PromptReader(Protocol):
 
     def list_prompts(self) -> list[str]: ...
 
+    def labels(self, name: str) -> dict[str, int]: ...
+
+    def subscribe(self, callback: Callable[[str | None], None]) -> Subscription:
+        """Call `callback(prompt_name)` from a background thread when a prompt changes, or
+        `callback(None)` when anything may have changed (e.g. after a reconnect)."""
+        ...
+
+    def ping(self) -> None:
+        """Raise StoreUnavailable when the store cannot be reached."""
+        ...
+
 
 @runtime_checkable
 class PromptStore(PromptReader, Protocol):
@@ -59,11 +76,20 @@ class PromptStore(PromptReader, Protocol):
         actor: str, note: str = "",
     ) -> int | None:
         """Point *label* at *version*; returns the previous version. When *expected* is given
-        and the label currently points elsewhere, raise LabelConflict and change nothing."""
+        and the label currently points elsewhere (0 = "the label must not exist yet"), raise
+        LabelConflict and change nothing."""
         ...
 
-    def labels(self, name: str) -> dict[str, int]: ...
+    def versions(self, name: str) -> list[int]: ...
 
     def audit(self, name: str) -> list[AuditEntry]: ...
+
+    def get_key(self, key_id: str) -> ApiKeyRecord | None: ...
+
+    def put_key(self, record: ApiKeyRecord) -> None:
+        """Insert or replace a key record (revocation replaces it with revoked=True)."""
+        ...
+
+    def list_keys(self) -> list[ApiKeyRecord]: ...
 
     def close(self) -> None: ...

@@ -22,7 +22,10 @@ import httpx
 
 from serving.config import ModelConfig, ServingConfig
 
-__all__ = ["build_llm_configs", "ensure_model_sources", "start_serving", "wait_until_serving"]
+__all__ = [
+    "build_llm_configs", "ensure_model_sources", "llm_config_kwargs", "start_serving",
+    "wait_until_serving",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +63,16 @@ def build_llm_configs(config: ServingConfig, sources: dict[str, str]) -> list[An
 
     out = []
     for model in config.models:
-        out.append(LLMConfig(**_llm_config_kwargs(model, sources[model.name])))
+        out.append(LLMConfig(**llm_config_kwargs(model, sources[model.name])))
     return out
 
 
-def _llm_config_kwargs(model: ModelConfig, source: str) -> dict[str, Any]:
+def llm_config_kwargs(model: ModelConfig, source: str) -> dict[str, Any]:
+    """Keyword arguments of Ray Serve LLM's `LLMConfig` for one model (pure; no ray import).
+
+    Also the shape of one entry of `llm_configs` in a RayService `serveConfigV2` that uses
+    `import_path: ray.serve.llm:build_openai_app`.
+    """
     dep = model.deployment
     engine = dict(_CPU_ENGINE_DEFAULTS) if dep.replica_gpus == 0 else {}
     engine.update(model.engine_kwargs)

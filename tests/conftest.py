@@ -3,12 +3,15 @@ tests/integration/conftest.py and starts once per session, only when integration
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from prompt_registry.loader import load_prompt_file
 from prompt_registry.models import PromptSpec
+from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_PROMPT = ROOT / "configs" / "prompts" / "listing-moderation.yaml"
@@ -28,3 +31,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return 1 if "integration" in item.nodeid.split("/") else 0
 
     items.sort(key=rank)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """A fresh key prefix per test, so tests sharing the server never see each other's keys."""
+    return f"t{uuid.uuid4().hex[:12]}"

@@ -3,6 +3,7 @@ test session as a `modgate up` subprocess with its own ports, data directory and
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -28,6 +29,13 @@ class Stack:
     serving_url: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    data_dir: Path
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The caller key `modgate up` created on first start."""
+        keys = json.loads((self.data_dir / "local-keys.json").read_text())
+        return {"authorization": f"Bearer {keys['local-caller']}"}
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -67,7 +75,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             [sys.executable, "-m", "gateway.cli", "up", "--config", str(config_path)],
             stdout=log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True,
         )
-    stack = Stack(f"http://127.0.0.1:{gateway_port}", f"http://127.0.0.1:{serving_port}/v1", proc, log_path)
+    stack = Stack(f"http://127.0.0.1:{gateway_port}", f"http://127.0.0.1:{serving_port}/v1", proc, log_path,
+                  tmp / "data")
     deadline = time.monotonic() + START_TIMEOUT_S
     try:
         while True:

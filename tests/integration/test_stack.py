@@ -37,7 +37,7 @@ def _assert_valid_verdict(body: dict) -> None:
 
 
 def test_valid_listing_end_to_end(stack: Stack) -> None:
-    r = httpx.post(f"{stack.gateway_url}/v1/moderate", json=LISTING, timeout=60)
+    r = httpx.post(f"{stack.gateway_url}/v1/moderate", json=LISTING, timeout=60, headers=stack.headers)
     assert r.status_code == 200, r.text
     body = r.json()
     _assert_valid_verdict(body)
@@ -48,14 +48,21 @@ def test_valid_listing_end_to_end(stack: Stack) -> None:
 def test_zh_cn_listing(stack: Stack) -> None:
     listing = {**LISTING, "item_id": "item-2002", "locale": "zh-CN",
                "title": "名牌运动鞋 高仿 一比一 原版品质", "description": "加微信私聊，转账更优惠"}
-    r = httpx.post(f"{stack.gateway_url}/v1/moderate", json=listing, timeout=60)
+    r = httpx.post(f"{stack.gateway_url}/v1/moderate", json=listing, timeout=60, headers=stack.headers)
     assert r.status_code == 200, r.text
-    _assert_valid_verdict(r.json())
+    body = r.json()
+    _assert_valid_verdict(body)
+    assert body["prompt"]["locale"] == "zh-CN"
+
+
+def test_requests_without_a_key_are_denied(stack: Stack) -> None:
+    r = httpx.post(f"{stack.gateway_url}/v1/moderate", json=LISTING, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "unauthenticated"
 
 
 def test_32_concurrent_requests(stack: Stack) -> None:
     async def run() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=120) as client:
+        async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=120, headers=stack.headers) as client:
             return await asyncio.gather(*[
                 client.post("/v1/moderate", json={**LISTING, "item_id": f"item-{i}",
                                                    "seller_id": f"seller-{i % 7}",
@@ -86,6 +93,7 @@ def test_32_concurrent_requests(stack: Stack) -> None:
     ],
 )
 def test_bad_input_over_the_socket(stack: Stack, kwargs: dict, status: int, kind: str) -> None:
+    kwargs["headers"] = {**stack.headers, **kwargs.get("headers", {})}
     r = httpx.post(f"{stack.gateway_url}/v1/moderate", timeout=30, **kwargs)
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")
@@ -131,7 +139,7 @@ def test_engine_killed_mid_run_never_yields_allow(stack: Stack) -> None:
 
     async def run() -> None:
         stop = time.monotonic() + 12.0
-        async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as client:
+        async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30, headers=stack.headers) as client:
             await asyncio.gather(killer(), *[traffic(client, w, stop) for w in range(4)])
 
     asyncio.run(run())

@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from gateway.app import create_app
 from gateway.config import GatewaySettings
+from prompt_registry.keys import generate_key
 from prompt_registry.loader import seed_store
 from prompt_registry.sqlite_store import SqlitePromptStore
 from serving import BackendOverloaded, BackendTimeout, BackendUnavailable
@@ -26,13 +27,26 @@ def backend() -> FakeBackend:
 
 
 @pytest.fixture
-def client(tmp_path: Path, backend: FakeBackend) -> Iterator[TestClient]:
-    store = SqlitePromptStore(tmp_path / "r.db")
-    seed_store(store, ROOT / "configs" / "prompts")
+def store(tmp_path: Path) -> Iterator[SqlitePromptStore]:
+    s = SqlitePromptStore(tmp_path / "r.db")
+    seed_store(s, ROOT / "configs" / "prompts")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def caller_key(store: SqlitePromptStore) -> str:
+    key, record = generate_key("svc-listing", ["moderate"], created_by="test")
+    store.put_key(record)
+    return key
+
+
+@pytest.fixture
+def client(store: SqlitePromptStore, backend: FakeBackend, caller_key: str) -> Iterator[TestClient]:
     settings = GatewaySettings(max_body_bytes=4096, max_title_chars=100, max_description_chars=1000)
-    with TestClient(create_app(settings, store, backend), raise_server_exceptions=False) as c:
+    with TestClient(create_app(settings, store, backend), raise_server_exceptions=False,
+                    headers={"authorization": f"Bearer {caller_key}"}) as c:
         yield c
-    store.close()
 
 
 def test_valid_listing_gets_a_verdict_with_its_prompt_version(client: TestClient, backend: FakeBackend) -> None:
@@ -40,7 +54,8 @@ def test_valid_listing_gets_a_verdict_with_its_prompt_version(client: TestClient
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["request_id"] == "req-1" == r.headers["x-request-id"]
-    assert body["prompt"] == {"name": "listing-moderation", "version": 1, "label": "production"}
+    assert body["prompt"] == {"name": "listing-moderation", "version": 1, "label": "production",
+                              "locale": "en-US", "stale": False}
     assert body["decision"] in {"allow", "block", "needs_review"}
     assert body["fail_reason"] is None
     assert body["arm"] == "stable"
@@ -146,3 +161,45 @@ def test_openapi_documents_the_request_schema(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/v1/moderate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert "title" in body["properties"] and "item_id" in body["required"]
+
+
+def test_zh_cn_caller_gets_the_zh_cn_variant(client: TestClient, backend: FakeBackend) -> None:
+    r = client.post("/v1/moderate", json={**LISTING, "locale": "zh-CN", "title": "高仿 运动鞋"})
+    assert r.status_code == 200 and r.json()["prompt"]["locale"] == "zh-CN"
+    assert "你是一个线上交易平台的内容审核员" in backend.requests[-1].messages[0]["content"]
+    r = client.post("/v1/moderate", json={**LISTING, "locale": "zh-TW"})
+    assert r.json()["prompt"]["locale"] == "zh-CN"
+    r = client.post("/v1/moderate", json={**LISTING, "locale": "de-DE"})
+    assert r.json()["prompt"]["locale"] == "en-US"
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "message"),
+    [
+        ({}, 401, "missing API key"),
+        ({"authorization": "Bearer nope"}, 401, "malformed"),
+        ({"authorization": "Bearer mgk_000000000000_secret"}, 401, "invalid API key"),
+        ({"x-api-key": "mgk_000000000000_secret"}, 401, "invalid API key"),
+    ],
+)
+def test_requests_without_a_valid_key_are_denied(store: SqlitePromptStore, backend: FakeBackend,
+                                                 headers: dict, status: int, message: str) -> None:
+    with TestClient(create_app(GatewaySettings(), store, backend)) as c:
+        r = c.post("/v1/moderate", json=LISTING, headers=headers)
+    assert r.status_code == status and message in r.json()["error"]["message"]
+    assert backend.requests == []
+
+
+def test_wrong_scope_and_revoked_keys(store: SqlitePromptStore, backend: FakeBackend) -> None:
+    key, record = generate_key("reader", ["prompts:read"], created_by="t")
+    store.put_key(record)
+    with TestClient(create_app(GatewaySettings(key_cache_s=0), store, backend)) as c:
+        r = c.post("/v1/moderate", json=LISTING, headers={"x-api-key": key})
+        assert r.status_code == 403 and "'moderate'" in r.json()["error"]["message"]
+        store.put_key(record.model_copy(update={"revoked": True}))
+        r = c.get("/v1/prompts", headers={"x-api-key": key})
+        assert r.status_code == 401 and "revoked" in r.json()["error"]["message"]
+    # a wrong secret for a real key id is rejected too
+    forged = key[:-4] + "AAAA"
+    with TestClient(create_app(GatewaySettings(), store, backend)) as c:
+        assert c.get("/v1/prompts", headers={"x-api-key": forged}).status_code == 401

@@ -1,0 +1,158 @@
+"""Admin HTTP API for the prompt registry: the same operations as `modgate prompts`.
+
+Every route needs an API key with the right scope; moving a protected label (`production` by
+default) needs `labels:protected` besides `labels:write`. The key's name is the audit actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Header, Path, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.responses import Response
+
+from gateway.auth import Authenticator
+from gateway.errors import ApiError
+from prompt_registry import PromptSpec, PromptStore
+from prompt_registry.keys import ApiKeyRecord
+from prompt_registry.loader import format_validation_error, parse_prompt_text
+from prompt_registry.ops import diff_versions, rollback, summarize
+
+__all__ = ["build_admin_router"]
+
+_LABEL = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+AuthHeader = Annotated[str | None, Header()]
+
+
+class LabelMove(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(..., ge=1)
+    expected_version: int | None = Field(
+        None, ge=0, description="compare-and-set: fail with 409 unless the label points here "
+        "(0 = the label must not exist)")
+    note: str = Field("", max_length=2000)
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    note: str = Field("", max_length=2000)
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def _version_dict(v: Any) -> dict[str, Any]:
+    return {"name": v.name, "version": v.version, "content_hash": v.content_hash,
+            "created_at": v.created_at.isoformat(), "created_by": v.created_by,
+            "spec": v.spec.model_dump(mode="json")}
+
+
+def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_labels: list[str],
+                       max_body_bytes: int = 1 << 20) -> APIRouter:
+    router = APIRouter(prefix="/v1/prompts", tags=["prompt registry"])
+
+    async def principal(authorization: str | None, x_api_key: str | None, scope: str) -> ApiKeyRecord | Any:
+        p = await auth.authenticate(authorization, x_api_key)
+        auth.require(p, scope)
+        return p
+
+    async def label_principal(authorization: str | None, x_api_key: str | None, label: str) -> Any:
+        p = await principal(authorization, x_api_key, "labels:write")
+        if label in protected_labels:
+            auth.require(p, "labels:protected")
+        return p
+
+    @router.get("")
+    async def list_prompts(authorization: AuthHeader = None, x_api_key: AuthHeader = None) -> Response:
+        """Every prompt with its versions and labels."""
+        await principal(authorization, x_api_key, "prompts:read")
+
+        def work() -> list[dict[str, Any]]:
+            return [summarize(store, n).as_dict() for n in store.list_prompts()]
+        return _json({"prompts": await asyncio.to_thread(work)})
+
+    @router.get("/{name}")
+    async def show_prompt(name: str, authorization: AuthHeader = None, x_api_key: AuthHeader = None) -> Response:
+        await principal(authorization, x_api_key, "prompts:read")
+        return _json((await asyncio.to_thread(summarize, store, name)).as_dict())
+
+    @router.get("/{name}/versions/{version}")
+    async def show_version(name: str, version: int, authorization: AuthHeader = None,
+                           x_api_key: AuthHeader = None) -> Response:
+        await principal(authorization, x_api_key, "prompts:read")
+        return _json(_version_dict(await asyncio.to_thread(store.get_version, name, version)))
+
+    @router.post("", status_code=201, openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": PromptSpec.model_json_schema()},
+        "application/yaml": {"schema": {"type": "string"}},
+        "text/markdown": {"schema": {"type": "string"}}}}})
+    async def publish(request: Request, note: Annotated[str, Query(max_length=2000)] = "",
+                      authorization: AuthHeader = None, x_api_key: AuthHeader = None) -> Response:
+        """Publish a version (JSON spec, YAML or Markdown-with-front-matter). Identical content
+        returns the existing version with 200 instead of 201."""
+        p = await principal(authorization, x_api_key, "prompts:publish")
+        raw = await request.body()
+        if len(raw) > max_body_bytes:
+            raise ApiError(413, "body_too_large", f"prompt body exceeds {max_body_bytes} bytes")
+        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, "malformed_body", "prompt body is not UTF-8") from None
+        if ctype == "application/json":
+            try:
+                spec = PromptSpec.model_validate_json(raw)
+            except ValidationError as exc:
+                raise ApiError(422, "invalid_prompt", format_validation_error(exc, "request body")) from None
+        elif ctype in ("application/yaml", "application/x-yaml", "text/yaml", "text/markdown"):
+            spec = parse_prompt_text(text, source="request body", markdown=ctype == "text/markdown")
+        else:
+            raise ApiError(415, "unsupported_media_type",
+                           "send application/json, application/yaml or text/markdown")
+        result = await asyncio.to_thread(store.publish, spec, actor=p.name, note=note)
+        return _json({"created": result.created, **_version_dict(result.version)},
+                     201 if result.created else 200)
+
+    @router.put("/{name}/labels/{label}")
+    async def move_label(name: str, label: Annotated[str, Path(pattern=_LABEL)], body: LabelMove,
+                         authorization: AuthHeader = None, x_api_key: AuthHeader = None) -> Response:
+        """Point a label at a version (compare-and-set with `expected_version`; 409 on conflict)."""
+        p = await label_principal(authorization, x_api_key, label)
+        previous = await asyncio.to_thread(store.set_label, name, label, body.version,
+                                           expected=body.expected_version, actor=p.name, note=body.note)
+        return _json({"name": name, "label": label, "from_version": previous, "to_version": body.version})
+
+    @router.post("/{name}/labels/{label}/rollback")
+    async def rollback_label(name: str, label: str, body: RollbackRequest | None = None,
+                             authorization: AuthHeader = None, x_api_key: AuthHeader = None) -> Response:
+        """Move a label back to the version it pointed at before its latest move."""
+        p = await label_principal(authorization, x_api_key, label)
+        note = body.note if body else ""
+        frm, to = await asyncio.to_thread(rollback, store, name, label, actor=p.name, note=note)
+        return _json({"name": name, "label": label, "from_version": frm, "to_version": to})
+
+    @router.get("/{name}/diff")
+    async def diff(name: str, from_version: Annotated[int, Query(alias="from", ge=1)],
+                   to_version: Annotated[int, Query(alias="to", ge=1)],
+                   authorization: AuthHeader = None, x_api_key: AuthHeader = None) -> Response:
+        """Unified diff between two versions' canonical YAML."""
+        await principal(authorization, x_api_key, "prompts:read")
+        a = await asyncio.to_thread(store.get_version, name, from_version)
+        b = await asyncio.to_thread(store.get_version, name, to_version)
+        return _json({"name": name, "from": from_version, "to": to_version, "diff": diff_versions(a, b)})
+
+    @router.get("/{name}/audit")
+    async def audit(name: str, authorization: AuthHeader = None, x_api_key: AuthHeader = None) -> Response:
+        await principal(authorization, x_api_key, "prompts:read")
+        entries = await asyncio.to_thread(store.audit, name)
+        if not entries:
+            await asyncio.to_thread(summarize, store, name)  # 404 for an unknown prompt
+        return _json({"name": name, "entries": [e.model_dump(mode="json") for e in entries]})
+
+    return router

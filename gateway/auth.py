@@ -1,0 +1,90 @@
+"""API-key authentication and scope checks. Deny by default.
+
+Keys arrive as `Authorization: Bearer mgk_...` or `x-api-key: mgk_...`. Key records are read
+from the registry store and kept in memory for `cache_s` (so revoking a key takes effect on
+every replica within that time); unknown ids are cached too, so a flood of bad keys does not
+become a flood of store reads. When the store is unreachable, keys already seen keep working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from gateway.errors import ApiError
+from prompt_registry import StoreUnavailable
+from prompt_registry.keys import ApiKeyRecord, parse_key, verify_secret
+
+__all__ = ["ANONYMOUS", "Authenticator", "KeyReader"]
+
+
+class KeyReader(Protocol):
+    def get_key(self, key_id: str) -> ApiKeyRecord | None: ...
+
+
+class _Anonymous:
+    """The caller when auth is disabled: allowed everything, named in the audit log."""
+
+    name = "anonymous"
+    key_id = "-"
+
+    def allows(self, scope: str) -> bool:
+        return True
+
+
+ANONYMOUS = _Anonymous()
+
+
+class Authenticator:
+    def __init__(self, keys: KeyReader, *, required: bool = True, cache_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._keys = keys
+        self.required = required
+        self._cache_s = cache_s
+        self._clock = clock
+        self._cache: dict[str, tuple[ApiKeyRecord | None, float]] = {}
+
+    async def authenticate(self, authorization: str | None, x_api_key: str | None) -> ApiKeyRecord | _Anonymous:
+        if not self.required:
+            return ANONYMOUS
+        presented = x_api_key
+        if presented is None and authorization:
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() == "bearer":
+                presented = token.strip()
+        if not presented:
+            raise ApiError(401, "unauthenticated",
+                           "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'")
+        parsed = parse_key(presented)
+        if parsed is None:
+            raise ApiError(401, "unauthenticated", "malformed API key")
+        key_id, secret = parsed
+        record = await self._record(key_id)
+        if record is None or not verify_secret(record, secret):
+            raise ApiError(401, "unauthenticated", "invalid API key")
+        if record.revoked:
+            raise ApiError(401, "unauthenticated", "API key revoked")
+        return record
+
+    async def _record(self, key_id: str) -> ApiKeyRecord | None:
+        now = self._clock()
+        cached = self._cache.get(key_id)
+        if cached is not None and now - cached[1] < self._cache_s:
+            return cached[0]
+        try:
+            record = await asyncio.to_thread(self._keys.get_key, key_id)
+        except StoreUnavailable:
+            if cached is not None:
+                return cached[0]
+            raise
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[key_id] = (record, now)
+        return record
+
+    @staticmethod
+    def require(principal: ApiKeyRecord | _Anonymous, scope: str) -> None:
+        if not principal.allows(scope):
+            raise ApiError(403, "forbidden", f"API key {principal.name!r} lacks the {scope!r} scope")

@@ -1,0 +1,267 @@
+"""Prompt store on Redis, for deployments with several gateway replicas.
+
+Key schema (prefix `P`, default "modgate"; `N` is a prompt name):
+
+    P:prompts              set    every prompt name
+    P:prompt:N:versions    hash   version number -> version record (JSON)
+    P:prompt:N:hashes      hash   content hash -> version number (publish dedup)
+    P:prompt:N:seq         string last version number handed out
+    P:prompt:N:labels      hash   label -> version number
+    P:prompt:N:audit       list   audit entries (JSON), oldest first
+    P:keys                 hash   API key id -> key record (JSON; secret stored hashed)
+    P:events               pub/sub channel: {"prompt": N, "kind": "publish"|"label"}
+
+Writes are Lua scripts, so each is atomic: a publish dedups, numbers, stores the record,
+appends the audit entry and announces the change in one step; a label move checks the version
+exists, compares-and-sets, audits and announces in one step. Nothing is ever half written.
+
+Durability: run Redis with `appendonly yes` and `appendfsync always` for no lost acknowledged
+write (or `everysec` to risk at most one second of writes on power loss), on a persistent
+volume, with `maxmemory-policy noeviction` so prompts are never evicted. The keys use no hash
+tags: use a single primary (with replicas/sentinel) or a managed Redis without cluster mode.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import redis
+
+from prompt_registry.errors import LabelConflict, PromptNotFound, StoreUnavailable
+from prompt_registry.keys import ApiKeyRecord
+from prompt_registry.models import PromptSpec, PromptVersion
+from prompt_registry.store import AuditEntry, PublishResult, Subscription
+
+__all__ = ["RedisPromptStore"]
+
+_PUBLISH = """
+local existing = redis.call('HGET', KEYS[1], ARGV[1])
+if existing then return {0, tonumber(existing)} end
+local v = redis.call('INCR', KEYS[2])
+local record = '{"version":' .. v .. ',' .. string.sub(ARGV[2], 2)
+redis.call('HSET', KEYS[3], v, record)
+redis.call('HSET', KEYS[1], ARGV[1], v)
+redis.call('SADD', KEYS[5], ARGV[4])
+redis.call('RPUSH', KEYS[4], '{"to_version":' .. v .. ',' .. string.sub(ARGV[3], 2))
+redis.call('PUBLISH', KEYS[6], ARGV[5])
+return {1, v}
+"""
+
+_SET_LABEL = """
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 0 then return {-1, ''} end
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if ARGV[3] ~= '' and (cur or '0') ~= ARGV[3] then return {-2, cur or ''} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('RPUSH', KEYS[3], '{"from_version":' .. (cur or 'null') .. ',' .. string.sub(ARGV[4], 2))
+redis.call('PUBLISH', KEYS[4], ARGV[5])
+return {1, cur or ''}
+"""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class RedisPromptStore:
+    """`PromptStore` on a real Redis server. Thread-safe (one connection pool)."""
+
+    def __init__(self, url: str, *, prefix: str = "modgate", timeout_s: float = 1.0) -> None:
+        self._url = url
+        self._prefix = prefix
+        self._r = redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+            health_check_interval=15, decode_responses=False)
+        self._publish = self._r.register_script(_PUBLISH)
+        self._set_label = self._r.register_script(_SET_LABEL)
+        self._events = f"{prefix}:events"
+
+    def _k(self, name: str, part: str) -> str:
+        return f"{self._prefix}:prompt:{name}:{part}"
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StoreUnavailable(f"Redis at {_redact(self._url)} unreachable: {exc}") from exc
+
+    @staticmethod
+    def _decode(raw: bytes) -> PromptVersion:
+        data = orjson.loads(raw)
+        return PromptVersion(spec=PromptSpec.model_validate(data["spec"]), version=data["version"],
+                             content_hash=data["content_hash"],
+                             created_at=datetime.fromisoformat(data["created_at"]),
+                             created_by=data["created_by"])
+
+    # -- reader ---------------------------------------------------------------------------
+    def get_version(self, name: str, version: int) -> PromptVersion:
+        raw = self._call(lambda: self._r.hget(self._k(name, "versions"), str(version)))
+        if raw is None:
+            if not self._exists(name):
+                raise PromptNotFound(f"unknown prompt {name!r}")
+            raise PromptNotFound(f"prompt {name!r} has no version {version}")
+        return self._decode(raw)
+
+    def resolve(self, name: str, label: str) -> PromptVersion:
+        # Two reads in one round trip would need Lua; a label read then a version read is
+        # consistent because versions are immutable and never deleted.
+        version = self._call(lambda: self._r.hget(self._k(name, "labels"), label))
+        if version is None:
+            if not self._exists(name):
+                raise PromptNotFound(f"unknown prompt {name!r}")
+            raise PromptNotFound(f"prompt {name!r} has no label {label!r}")
+        return self.get_version(name, int(version))
+
+    def list_prompts(self) -> list[str]:
+        names = self._call(lambda: self._r.smembers(f"{self._prefix}:prompts"))
+        return sorted(n.decode() for n in names)
+
+    def labels(self, name: str) -> dict[str, int]:
+        raw = self._call(lambda: self._r.hgetall(self._k(name, "labels")))
+        return {k.decode(): int(v) for k, v in sorted(raw.items())}
+
+    def versions(self, name: str) -> list[int]:
+        raw = self._call(lambda: self._r.hkeys(self._k(name, "versions")))
+        return sorted(int(v) for v in raw)
+
+    def _exists(self, name: str) -> bool:
+        return bool(self._call(lambda: self._r.sismember(f"{self._prefix}:prompts", name)))
+
+    # -- writer ---------------------------------------------------------------------------
+    def publish(self, spec: PromptSpec, *, actor: str, note: str = "") -> PublishResult:
+        digest = spec.content_hash()
+        now = _now()
+        record = orjson.dumps({"content_hash": digest, "spec": spec.model_dump(mode="json"),
+                               "created_at": now.isoformat(), "created_by": actor})
+        audit = orjson.dumps({"at": now.isoformat(), "actor": actor, "action": "publish",
+                              "prompt": spec.name, "label": None, "from_version": None,
+                              "note": note or spec.policy.change_note})
+        event = orjson.dumps({"prompt": spec.name, "kind": "publish"})
+        keys = [self._k(spec.name, "hashes"), self._k(spec.name, "seq"),
+                self._k(spec.name, "versions"), self._k(spec.name, "audit"),
+                f"{self._prefix}:prompts", self._events]
+        created, number = self._call(
+            lambda: self._publish(keys=keys, args=[digest, record, audit, spec.name, event]))
+        return PublishResult(version=self.get_version(spec.name, int(number)), created=bool(created))
+
+    def set_label(self, name: str, label: str, version: int, *, expected: int | None = None,
+                  actor: str, note: str = "") -> int | None:
+        audit = orjson.dumps({"at": _now().isoformat(), "actor": actor, "action": "label",
+                              "prompt": name, "label": label, "to_version": version, "note": note})
+        event = orjson.dumps({"prompt": name, "kind": "label"})
+        keys = [self._k(name, "labels"), self._k(name, "versions"), self._k(name, "audit"),
+                self._events]
+        status, current = self._call(lambda: self._set_label(
+            keys=keys, args=[label, str(version), "" if expected is None else str(expected),
+                             audit, event]))
+        if status == -1:
+            if not self._exists(name):
+                raise PromptNotFound(f"unknown prompt {name!r}")
+            raise PromptNotFound(f"prompt {name!r} has no version {version}")
+        previous = int(current) if current else None
+        if status == -2:
+            raise LabelConflict(f"label {label!r} of {name!r} points at {previous}, not {expected}")
+        return previous
+
+    def audit(self, name: str) -> list[AuditEntry]:
+        raw = self._call(lambda: self._r.lrange(self._k(name, "audit"), 0, -1))
+        return [AuditEntry.model_validate(orjson.loads(r)) for r in raw]
+
+    def get_key(self, key_id: str) -> ApiKeyRecord | None:
+        raw = self._call(lambda: self._r.hget(f"{self._prefix}:keys", key_id))
+        return ApiKeyRecord.model_validate_json(raw) if raw else None
+
+    def put_key(self, record: ApiKeyRecord) -> None:
+        self._call(lambda: self._r.hset(f"{self._prefix}:keys", record.key_id, record.model_dump_json()))
+
+    def list_keys(self) -> list[ApiKeyRecord]:
+        raw = self._call(lambda: self._r.hgetall(f"{self._prefix}:keys"))
+        return [ApiKeyRecord.model_validate_json(v) for _, v in sorted(raw.items())]
+
+    # -- change events --------------------------------------------------------------------
+    def subscribe(self, callback: Callable[[str | None], None]) -> Subscription:
+        """Call `callback(prompt_name)` on every change; `callback(None)` after a reconnect
+        (changes may have been missed while disconnected, so everything must be re-read)."""
+        return _RedisSubscription(self._r, self._events, callback)
+
+    def ping(self) -> None:
+        self._call(self._r.ping)
+
+    def close(self) -> None:
+        self._r.close()
+
+
+class _RedisSubscription:
+    def __init__(self, client: redis.Redis, channel: str,
+                 callback: Callable[[str | None], None]) -> None:
+        self._client = client
+        self._channel = channel
+        self._callback = callback
+        self._stop = threading.Event()
+        # Subscribe before returning, so no change made after subscribe() can be missed.
+        self._pubsub: Any = None
+        try:
+            self._pubsub = self._connect()
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            self._pubsub = None
+        self._thread = threading.Thread(target=self._run, name="modgate-registry-events", daemon=True)
+        self._thread.start()
+
+    def _connect(self) -> Any:
+        pubsub = self._client.pubsub(ignore_subscribe_messages=False)
+        pubsub.subscribe(self._channel)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # wait for the server's confirmation
+            msg = pubsub.get_message(timeout=0.5)
+            if msg and msg.get("type") == "subscribe":
+                return pubsub
+        pubsub.close()
+        raise redis.TimeoutError("no subscribe confirmation")
+
+    def _run(self) -> None:
+        backoff = 0.1
+        pubsub = self._pubsub
+        while not self._stop.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self._connect()
+                    self._callback(None)  # changes may have been missed while disconnected
+                    backoff = 0.1
+                msg = pubsub.get_message(timeout=0.5)
+                if msg and msg.get("type") == "message":
+                    try:
+                        self._callback(orjson.loads(msg["data"]).get("prompt"))
+                    except orjson.JSONDecodeError:
+                        self._callback(None)
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except (redis.RedisError, OSError):
+                        pass
+                pubsub = None
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+        if pubsub is not None:
+            try:
+                pubsub.close()
+            except (redis.RedisError, OSError):
+                pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _redact(url: str) -> str:
+    """Drop credentials from a Redis URL before it goes into a message."""
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url
+
+

@@ -1,0 +1,168 @@
+"""The prompt-ops flow from the CLI alone, against SQLite (default) and Redis (one setting):
+publish v2 from a file, diff, move production, see a running gateway serve v2 within a
+second, roll back, read the audit trail."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from gateway.app import create_app
+from gateway.cli import app as cli
+from gateway.config import load_config
+from gateway.stores import open_store
+from serving.fake_backend import FakeBackend
+from tests.redis_server import RedisServer
+
+ROOT = Path(__file__).resolve().parents[2]
+LISTING = {"item_id": "item-1", "seller_id": "seller-1", "title": "Wireless earbuds"}
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def config_path(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    config = yaml.safe_load((ROOT / "configs" / "modgate.yaml").read_text())
+    config["data_dir"] = str(tmp_path / "data")
+    config["registry"]["seed_dir"] = str(ROOT / "configs" / "prompts")
+    config["gateway"]["prompt_refresh_s"] = 3600  # visibility must come from change events
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        config["registry"].update(store="redis", redis_url=server.url,
+                                  redis_key_prefix=request.getfixturevalue("redis_prefix"))
+    path = tmp_path / "modgate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run(config_path: Path, *args: str) -> str:
+    result = CliRunner().invoke(cli, [*args[:2], "--config", str(config_path), *args[2:]],
+                                env={"MODGATE_ACTOR": "maria"}, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture
+def gateway(config_path: Path) -> Iterator[tuple[TestClient, str]]:
+    from gateway.cli import _local_keys, _open_store
+
+    cfg = load_config(config_path)
+    store = _open_store(cfg)  # seeds v1 and production -> v1, as `modgate up` does
+    keys = _local_keys(cfg, store)
+    with TestClient(create_app(cfg.gateway, store, FakeBackend()),
+                    headers={"authorization": f"Bearer {keys['local-caller']}"}) as client:
+        yield client, keys["local-admin"]
+    store.close()
+
+
+def _served_version(client: TestClient) -> int:
+    r = client.post("/v1/moderate", json=LISTING)
+    assert r.status_code == 200, r.text
+    return int(r.json()["prompt"]["version"])
+
+
+def _wait_for_version(client: TestClient, version: int, within_s: float = 1.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < within_s:
+        if _served_version(client) == version:
+            return time.monotonic() - start
+        time.sleep(0.02)
+    raise AssertionError(f"gateway did not serve v{version} within {within_s}s")
+
+
+def test_prompt_ops_flow_from_the_cli(config_path: Path, gateway: tuple[TestClient, str], tmp_path: Path) -> None:
+    client, _ = gateway
+    assert _served_version(client) == 1
+
+    v2 = yaml.safe_load((ROOT / "configs" / "prompts" / "listing-moderation.yaml").read_text())
+    v2["messages"][0]["content"] += "\nPhone numbers written as words count as off_platform_payment.\n"
+    v2_file = tmp_path / "listing-moderation.v2.yaml"
+    v2_file.write_text(yaml.safe_dump(v2, allow_unicode=True, sort_keys=False))
+
+    assert "published listing-moderation v2" in run(config_path, "prompts", "publish", str(v2_file), "-m", "phone words")
+    assert "unchanged: identical to listing-moderation v2" in run(config_path, "prompts", "publish", str(v2_file))
+    diff = run(config_path, "prompts", "diff", "listing-moderation", "1", "2")
+    assert "+    Phone numbers written as words count as off_platform_payment." in diff
+
+    assert "production: v1 -> v2" in run(config_path, "prompts", "label", "listing-moderation", "production", "2",
+                                         "--expected", "1", "-m", "ship")
+    _wait_for_version(client, 2)
+
+    out = json.loads(run(config_path, "prompts", "rollback", "listing-moderation", "production", "--json"))
+    assert out == {"name": "listing-moderation", "label": "production", "from_version": 2, "to_version": 1}
+    _wait_for_version(client, 1)
+
+    audit = json.loads(run(config_path, "prompts", "audit", "listing-moderation", "--json"))["entries"]
+    assert [(e["action"], e["from_version"], e["to_version"], e["actor"]) for e in audit] == [
+        ("publish", None, 1, "seed"), ("label", None, 1, "seed"), ("publish", None, 2, "maria"),
+        ("label", 1, 2, "maria"), ("label", 2, 1, "maria")]
+    human = run(config_path, "prompts", "audit", "listing-moderation")
+    assert "maria" in human and "production: v2 -> v1  # rollback from v2" in human
+    listing = run(config_path, "prompts", "list")
+    assert "listing-moderation" in listing and "production=v1" in listing
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("prompts", "show", "nope"), "unknown prompt 'nope'"),
+        (("prompts", "label", "listing-moderation", "production", "9"), "has no version 9"),
+        (("prompts", "label", "listing-moderation", "production", "1", "--expected", "5"), "points at 1, not 5"),
+        (("prompts", "rollback", "listing-moderation", "production"), "no earlier version"),
+        (("prompts", "publish", "/nonexistent.yaml"), "cannot read"),
+        (("keys", "create", "x", "--scope", "root"), "unknown scope"),
+    ],
+)
+def test_cli_errors_name_the_problem(config_path: Path, gateway: tuple[TestClient, str],
+                                     args: tuple[str, ...], needle: str) -> None:
+    result = CliRunner().invoke(cli, [*args[:2], "--config", str(config_path), *args[2:]])
+    assert result.exit_code in (1, 2)
+    assert needle in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_prompt_file_is_rejected_with_file_and_field(config_path: Path, gateway: tuple[TestClient, str],
+                                                         tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    data = yaml.safe_load((ROOT / "configs" / "prompts" / "listing-moderation.yaml").read_text())
+    data["messages"][1]["content"] = "{{ title }} {{ seller_email }}"
+    bad.write_text(yaml.safe_dump(data, allow_unicode=True))
+    result = CliRunner().invoke(cli, ["prompts", "publish", "--config", str(config_path), str(bad)])
+    assert result.exit_code == 1
+    assert str(bad) in result.output and "seller_email" in result.output
+    store = open_store(load_config(config_path))
+    assert store.versions("listing-moderation") == [1]
+    store.close()
+
+
+def test_markdown_prompt_files(config_path: Path, gateway: tuple[TestClient, str], tmp_path: Path) -> None:
+    md = tmp_path / "short.md"
+    md.write_text("""---
+name: short-check
+variables: [title, description, locale]
+model: tiny-llama
+verdict: {decisions: [allow, block, needs_review], categories: [none, counterfeit]}
+policy: {policy_id: p1, owner: ops}
+---
+## system
+Decide if the listing is counterfeit.
+
+## user
+{{ title }}
+
+## system [zh-CN]
+判断商品是否为假冒。
+
+## user [zh-CN]
+{{ title }}
+""")
+    out = json.loads(run(config_path, "prompts", "publish", str(md), "--label", "production", "--json"))
+    assert out["version"] == 1 and out["label"] == "production"
+    shown = json.loads(run(config_path, "prompts", "show", "short-check", "--version", "1", "--json"))
+    assert shown["spec"]["messages"][0] == {"role": "system", "content": "Decide if the listing is counterfeit.\n"}
+    assert shown["spec"]["locales"]["zh-CN"]["messages"][1]["content"] == "{{ title }}\n"

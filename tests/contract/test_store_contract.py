@@ -1,0 +1,220 @@
+"""One contract, every store: the embedded SQLite store and the Redis store (real server)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from prompt_registry import LabelConflict, PromptNotFound, PromptSpec, StoreUnavailable
+from prompt_registry.loader import seed_store
+from prompt_registry.redis_store import RedisPromptStore
+from prompt_registry.sqlite_store import SqlitePromptStore
+from prompt_registry.store import PromptStore
+from tests.redis_server import RedisServer
+
+ROOT = Path(__file__).resolve().parents[2]
+StoreFactory = Callable[[], PromptStore]
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+    """Returns a factory: each call opens another client of the same store (as another
+    process would)."""
+    opened: list[PromptStore] = []
+    if request.param == "sqlite":
+        path = tmp_path / "registry.db"
+
+        def factory() -> PromptStore:
+            s = SqlitePromptStore(path)
+            opened.append(s)
+            return s
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        prefix: str = request.getfixturevalue("redis_prefix")
+
+        def factory() -> PromptStore:
+            s = RedisPromptStore(server.url, prefix=prefix)
+            opened.append(s)
+            return s
+    yield factory
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
+def store(make_store: StoreFactory) -> PromptStore:
+    return make_store()
+
+
+def _variant(spec: PromptSpec, i: int) -> PromptSpec:
+    return spec.model_copy(update={"description": f"variant {i}"})
+
+
+def test_publish_numbers_versions_and_dedupes(store: PromptStore, example_spec: PromptSpec) -> None:
+    first = store.publish(example_spec, actor="alice")
+    again = store.publish(example_spec, actor="bob")
+    second = store.publish(_variant(example_spec, 1), actor="alice", note="tighten counterfeit")
+    assert (first.created, first.version.version) == (True, 1)
+    assert (again.created, again.version.version) == (False, 1)
+    assert (second.created, second.version.version) == (True, 2)
+    got = store.get_version(example_spec.name, 2)
+    assert got.spec == _variant(example_spec, 1)
+    assert got.content_hash == _variant(example_spec, 1).content_hash()
+    assert got.created_by == "alice"
+    assert store.versions(example_spec.name) == [1, 2]
+    assert store.list_prompts() == [example_spec.name]
+
+
+def test_labels_resolve_and_compare_and_set(store: PromptStore, example_spec: PromptSpec) -> None:
+    name = example_spec.name
+    store.publish(example_spec, actor="a")
+    store.publish(_variant(example_spec, 1), actor="a")
+    assert store.set_label(name, "production", 1, actor="a") is None
+    assert store.resolve(name, "production").version == 1
+    with pytest.raises(LabelConflict):
+        store.set_label(name, "production", 2, expected=2, actor="a")
+    assert store.resolve(name, "production").version == 1
+    assert store.set_label(name, "production", 2, expected=1, actor="b", note="promote") == 1
+    assert store.resolve(name, "production").version == 2
+    assert store.labels(name) == {"production": 2}
+    entries = store.audit(name)
+    assert [(e.action, e.label, e.from_version, e.to_version, e.actor) for e in entries] == [
+        ("publish", None, None, 1, "a"), ("publish", None, None, 2, "a"),
+        ("label", "production", None, 1, "a"), ("label", "production", 1, 2, "b")]
+    assert entries[-1].note == "promote"
+    assert entries[0].at <= entries[-1].at
+
+
+def test_expected_zero_means_label_must_be_unset(store: PromptStore, example_spec: PromptSpec) -> None:
+    store.publish(example_spec, actor="a")
+    store.set_label(example_spec.name, "canary", 1, expected=0, actor="a")
+    with pytest.raises(LabelConflict):
+        store.set_label(example_spec.name, "canary", 1, expected=0, actor="a")
+
+
+def test_unknown_things_are_named(store: PromptStore, example_spec: PromptSpec) -> None:
+    with pytest.raises(PromptNotFound, match="unknown prompt 'nope'"):
+        store.resolve("nope", "production")
+    with pytest.raises(PromptNotFound, match="unknown prompt 'nope'"):
+        store.get_version("nope", 1)
+    store.publish(example_spec, actor="a")
+    with pytest.raises(PromptNotFound, match="no label 'canary'"):
+        store.resolve(example_spec.name, "canary")
+    with pytest.raises(PromptNotFound, match="no version 9"):
+        store.set_label(example_spec.name, "canary", 9, actor="a")
+    assert store.labels(example_spec.name) == {}
+    assert [e.action for e in store.audit(example_spec.name)] == ["publish"]
+
+
+def test_concurrent_publishers_lose_no_version(make_store: StoreFactory, example_spec: PromptSpec) -> None:
+    make_store()
+    results: list[int] = []
+    errors: list[BaseException] = []
+    workers, per_worker = 6, 5
+
+    def publish(worker: int) -> None:
+        s = make_store()
+        try:
+            for j in range(per_worker):
+                # Every worker also republishes one shared variant: it must dedup to one version.
+                results.append(s.publish(_variant(example_spec, worker * 100 + j), actor=f"w{worker}").version.version)
+                s.publish(_variant(example_spec, 9999), actor=f"w{worker}")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publish, args=(w,)) for w in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    s = make_store()
+    total = workers * per_worker + 1
+    assert s.versions(example_spec.name) == list(range(1, total + 1))
+    assert len(set(results)) == workers * per_worker
+    assert len([e for e in s.audit(example_spec.name) if e.action == "publish"]) == total
+
+
+def test_concurrent_label_moves_exactly_one_wins(make_store: StoreFactory, example_spec: PromptSpec) -> None:
+    s = make_store()
+    for i in range(8):
+        s.publish(_variant(example_spec, i), actor="a")
+    s.set_label(example_spec.name, "production", 1, actor="a")
+    outcomes: list[str] = []
+    barrier = threading.Barrier(7)
+
+    def move(target: int) -> None:
+        client = make_store()
+        barrier.wait()
+        try:
+            client.set_label(example_spec.name, "production", target, expected=1, actor=f"m{target}")
+            outcomes.append(f"won {target}")
+        except LabelConflict:
+            outcomes.append("conflict")
+
+    threads = [threading.Thread(target=move, args=(v,)) for v in range(2, 9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [o for o in outcomes if o.startswith("won")]
+    assert len(winners) == 1 and outcomes.count("conflict") == 6
+    assert f"won {s.resolve(example_spec.name, 'production').version}" == winners[0]
+    assert len([e for e in s.audit(example_spec.name) if e.action == "label"]) == 2
+
+
+def test_change_events_reach_other_clients(make_store: StoreFactory, example_spec: PromptSpec) -> None:
+    writer, watcher = make_store(), make_store()
+    seen: list[str | None] = []
+    got = threading.Event()
+
+    def on_change(name: str | None) -> None:
+        seen.append(name)
+        got.set()
+
+    sub = watcher.subscribe(on_change)
+    try:
+        writer.publish(example_spec, actor="a")
+        assert got.wait(5), "no change event within 5 s"
+        assert seen[-1] in (example_spec.name, None)
+    finally:
+        sub.close()
+
+
+def test_seed_is_idempotent_and_never_moves_a_label(store: PromptStore, example_spec: PromptSpec) -> None:
+    seed_store(store, ROOT / "configs" / "prompts")
+    store.publish(_variant(example_spec, 1), actor="a")
+    store.set_label(example_spec.name, "production", 2, actor="a")
+    seed_store(store, ROOT / "configs" / "prompts")
+    assert store.resolve(example_spec.name, "production").version == 2
+    assert len([e for e in store.audit(example_spec.name) if e.action == "publish"]) == 2
+
+
+def test_redis_down_is_store_unavailable(tmp_path: Path, example_spec: PromptSpec) -> None:
+    server = RedisServer(tmp_path / "r").start()
+    s = RedisPromptStore(server.url, prefix="down", timeout_s=0.5)
+    s.publish(example_spec, actor="a")
+    server.stop()
+    with pytest.raises(StoreUnavailable, match="unreachable"):
+        s.resolve(example_spec.name, "production")
+    with pytest.raises(StoreUnavailable):
+        s.publish(_variant(example_spec, 1), actor="a")
+    s.close()
+
+
+def test_api_keys_are_stored_hashed(store: PromptStore) -> None:
+    from prompt_registry.keys import generate_key, parse_key, verify_secret
+
+    key, record = generate_key("svc-listing", ["moderate"], created_by="ops")
+    store.put_key(record)
+    key_id, secret = parse_key(key)  # type: ignore[misc]
+    got = store.get_key(key_id)
+    assert got == record and secret not in got.model_dump_json()
+    assert verify_secret(got, secret) and not verify_secret(got, secret + "x")
+    store.put_key(record.model_copy(update={"revoked": True}))
+    assert store.get_key(key_id).revoked is True  # type: ignore[union-attr]
+    assert [k.key_id for k in store.list_keys()] == [key_id]
+    assert store.get_key("000000000000") is None

@@ -1,0 +1,118 @@
+"""Admin API: the prompt-ops flow (publish v2, diff, promote, roll back, audit) and its scopes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+
+from gateway.app import create_app
+from gateway.config import GatewaySettings
+from prompt_registry.keys import generate_key
+from prompt_registry.loader import seed_store
+from prompt_registry.sqlite_store import SqlitePromptStore
+from serving.fake_backend import FakeBackend
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPT = ROOT / "configs" / "prompts" / "listing-moderation.yaml"
+LISTING = {"item_id": "item-1", "seller_id": "seller-1", "title": "Wireless earbuds"}
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, dict[str, str]], SqlitePromptStore]]:
+    store = SqlitePromptStore(tmp_path / "r.db")
+    seed_store(store, ROOT / "configs" / "prompts")
+    keys = {}
+    for name, scopes in {"caller": ["moderate"], "author": ["prompts:read", "prompts:publish", "labels:write"],
+                         "lead": ["prompts:read", "labels:write", "labels:protected"], "admin": ["admin"]}.items():
+        key, record = generate_key(name, scopes, created_by="test")
+        store.put_key(record)
+        keys[name] = {"authorization": f"Bearer {key}"}
+    with TestClient(create_app(GatewaySettings(), store, FakeBackend())) as client:
+        yield client, keys, store
+    store.close()
+
+
+def _v2_yaml() -> str:
+    data = yaml.safe_load(PROMPT.read_text())
+    data["messages"][0]["content"] += "\nTreat '加微信' as off_platform_payment even when spaced out.\n"
+    data["policy"]["change_note"] = "catch obfuscated WeChat ids"
+    return yaml.safe_dump(data, allow_unicode=True, sort_keys=False)
+
+
+def test_prompt_ops_flow(env: tuple[TestClient, dict, SqlitePromptStore]) -> None:
+    client, keys, _ = env
+    r = client.post("/v1/prompts", content=_v2_yaml(), headers={**keys["author"], "content-type": "application/yaml"})
+    assert r.status_code == 201, r.text
+    assert r.json()["version"] == 2 and r.json()["created_by"] == "author"
+    again = client.post("/v1/prompts", content=_v2_yaml(), headers={**keys["author"], "content-type": "application/yaml"})
+    assert again.status_code == 200 and again.json()["created"] is False
+
+    diff = client.get("/v1/prompts/listing-moderation/diff?from=1&to=2", headers=keys["author"]).json()["diff"]
+    assert "+    Treat '加微信' as off_platform_payment" in diff and diff.startswith("--- listing-moderation@v1")
+
+    # production is protected: the author may not move it, the lead may
+    r = client.put("/v1/prompts/listing-moderation/labels/production", json={"version": 2}, headers=keys["author"])
+    assert r.status_code == 403 and "labels:protected" in r.json()["error"]["message"]
+    r = client.put("/v1/prompts/listing-moderation/labels/production",
+                   json={"version": 2, "expected_version": 1, "note": "ship v2"}, headers=keys["lead"])
+    assert r.json() == {"name": "listing-moderation", "label": "production", "from_version": 1, "to_version": 2}
+    assert client.post("/v1/moderate", json=LISTING, headers=keys["caller"]).json()["prompt"]["version"] == 2
+
+    r = client.put("/v1/prompts/listing-moderation/labels/production",
+                   json={"version": 1, "expected_version": 1}, headers=keys["lead"])
+    assert r.status_code == 409 and r.json()["error"]["type"] == "label_conflict"
+
+    r = client.post("/v1/prompts/listing-moderation/labels/production/rollback", headers=keys["lead"])
+    assert r.json()["to_version"] == 1
+    assert client.post("/v1/moderate", json=LISTING, headers=keys["caller"]).json()["prompt"]["version"] == 1
+
+    audit = client.get("/v1/prompts/listing-moderation/audit", headers=keys["author"]).json()["entries"]
+    assert [(e["action"], e["label"], e["from_version"], e["to_version"], e["actor"]) for e in audit] == [
+        ("publish", None, None, 1, "seed"), ("label", "production", None, 1, "seed"),
+        ("publish", None, None, 2, "author"), ("label", "production", 1, 2, "lead"),
+        ("label", "production", 2, 1, "lead")]
+    summary = client.get("/v1/prompts/listing-moderation", headers=keys["author"]).json()
+    assert summary == {"name": "listing-moderation", "versions": [1, 2], "latest": 2, "labels": {"production": 1}}
+
+
+def test_unprotected_labels_need_only_labels_write(env: tuple[TestClient, dict, SqlitePromptStore]) -> None:
+    client, keys, _ = env
+    r = client.put("/v1/prompts/listing-moderation/labels/canary", json={"version": 1}, headers=keys["author"])
+    assert r.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "status", "needle"),
+    [
+        ("name: x\nmessages: [", "application/yaml", 422, "malformed YAML"),
+        (PROMPT.read_text().replace("{{ title }}", "{{ title.__class__ }}"), "application/yaml", 422,
+         "attribute access"),
+        (PROMPT.read_text().replace("{{ title }}", "{{ price }}"), "application/yaml", 422, "undeclared variable"),
+        ('{"name": "x"}', "application/json", 422, "messages"),
+        ("<xml/>", "application/xml", 415, "application/json"),
+    ],
+)
+def test_bad_prompts_are_rejected_and_nothing_is_written(env: tuple[TestClient, dict, SqlitePromptStore],
+                                                         body: str, ctype: str, status: int, needle: str) -> None:
+    client, keys, store = env
+    r = client.post("/v1/prompts", content=body, headers={**keys["admin"], "content-type": ctype})
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+    assert store.versions("listing-moderation") == [1]
+
+
+def test_not_found_and_scopes(env: tuple[TestClient, dict, SqlitePromptStore]) -> None:
+    client, keys, _ = env
+    assert client.get("/v1/prompts/nope", headers=keys["admin"]).status_code == 404
+    assert client.get("/v1/prompts/listing-moderation/versions/7", headers=keys["admin"]).status_code == 404
+    assert client.get("/v1/prompts", headers=keys["caller"]).status_code == 403
+    assert client.get("/v1/prompts").status_code == 401
+    r = client.post("/v1/prompts/listing-moderation/labels/canary/rollback", headers=keys["admin"])
+    assert r.status_code == 404
+    client.put("/v1/prompts/listing-moderation/labels/canary", json={"version": 1}, headers=keys["admin"])
+    r = client.post("/v1/prompts/listing-moderation/labels/canary/rollback", headers=keys["admin"])
+    assert r.status_code == 409 and r.json()["error"]["type"] == "nothing_to_roll_back"
