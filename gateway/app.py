@@ -121,6 +121,19 @@ def create_app(
 
     app.include_router(build_admin_router(store, auth, protected_labels=settings.protected_labels))
 
+    @app.get("/v1/cache/prompts", tags=["prompt registry"])
+    async def cache_snapshot(request: Request) -> Response:
+        """Which version of each prompt label this replica is serving, how old, and whether it
+        is last-known-good (store unreachable). Needs `prompts:read`."""
+        principal = await auth.authenticate(request.headers.get("authorization"),
+                                            request.headers.get("x-api-key"))
+        auth.require(principal, "prompts:read")
+        stats = cache.stats
+        return _json({"entries": cache.snapshot(), "stats": {
+            "hits": stats.hits, "misses": stats.misses, "refreshes": stats.refreshes,
+            "refresh_failures": stats.refresh_failures, "stale_served": stats.stale_served,
+            "events": stats.events}})
+
     @app.get("/healthz")
     async def healthz() -> Response:
         """Process is alive (no dependency checks)."""

@@ -116,3 +116,12 @@ def test_not_found_and_scopes(env: tuple[TestClient, dict, SqlitePromptStore]) -
     client.put("/v1/prompts/listing-moderation/labels/canary", json={"version": 1}, headers=keys["admin"])
     r = client.post("/v1/prompts/listing-moderation/labels/canary/rollback", headers=keys["admin"])
     assert r.status_code == 409 and r.json()["error"]["type"] == "nothing_to_roll_back"
+
+
+def test_cache_snapshot_shows_what_this_replica_serves(env: tuple[TestClient, dict, SqlitePromptStore]) -> None:
+    client, keys, _ = env
+    client.post("/v1/moderate", json=LISTING, headers=keys["caller"])
+    assert client.get("/v1/cache/prompts", headers=keys["caller"]).status_code == 403
+    body = client.get("/v1/cache/prompts", headers=keys["author"]).json()
+    assert body["entries"][0]["prompt"] == "listing-moderation" and body["entries"][0]["version"] == 1
+    assert body["stats"]["hits"] >= 1
