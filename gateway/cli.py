@@ -284,6 +284,10 @@ app.add_typer(prompts_app, name="prompts")
 app.add_typer(keys_app, name="keys")
 
 
+from gateway.deploy_cli import deploy_app  # noqa: E402
+app.add_typer(deploy_app, name="deploy", help="Kubernetes deployment helpers: generate the RayService serveConfigV2 and the config JSON Schema.")
+
+
 def main() -> None:
     app()
 
