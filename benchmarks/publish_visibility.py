@@ -29,10 +29,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prompt_registry.keys import generate_key  # noqa: E402
-from prompt_registry.loader import seed_store  # noqa: E402
-from prompt_registry.redis_store import RedisPromptStore  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402
+from prompt_registry.keys import generate_key
+from prompt_registry.loader import seed_store
+from prompt_registry.redis_store import RedisPromptStore
+from tests.redis_server import RedisServer
 
 TARGET_MS = 50.0
 

@@ -22,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.prompt_cache import PromptCache  # noqa: E402
-from prompt_registry.loader import seed_store  # noqa: E402
-from prompt_registry.sqlite_store import SqlitePromptStore  # noqa: E402
+from gateway.prompt_cache import PromptCache
+from prompt_registry.loader import seed_store
+from prompt_registry.sqlite_store import SqlitePromptStore
 
 TARGET_US = 20.0
 

@@ -26,10 +26,10 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prompt_registry.loader import load_prompt_file  # noqa: E402
-from prompt_registry.render import render_messages  # noqa: E402
-from serving.http_backend import build_chat_body  # noqa: E402
-from serving.protocol import ChatRequest  # noqa: E402
+from prompt_registry.loader import load_prompt_file
+from prompt_registry.render import render_messages
+from serving.http_backend import build_chat_body
+from serving.protocol import ChatRequest
 
 LISTING = {"item_id": "bench-1", "seller_id": "seller-42",
            "title": "Designer sneakers AAA replica 1:1 mirror quality",

@@ -26,9 +26,9 @@ from gateway.api_models import ErrorBody, ModerationRequest, ModerationResponse
 from gateway.auth import Authenticator
 from gateway.config import GatewaySettings
 from gateway.errors import ApiError, error_response, map_exception
+from gateway.pipeline import ModerationPipeline
 from gateway.prompt_cache import PromptCache
-from gateway.verdict import parse_verdict
-from prompt_registry import PromptNotFound, PromptStore, RegistryError, render_messages
+from prompt_registry import PromptNotFound, PromptStore, RegistryError
 from serving import BackendError, ChatRequest, InferenceBackend
 
 __all__ = ["create_app"]
@@ -100,6 +100,9 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
     )
+    pipeline = ModerationPipeline(cache, backend)
+    app.state.pipeline = pipeline
+    app.state.settings = settings
     app.state.prompt_cache = cache
     app.state.backend = backend
     app.state.auth = auth
@@ -193,7 +196,7 @@ def create_app(
                                                 request.headers.get("x-api-key"))
             auth.require(principal, "moderate")
             body = await _moderate(request, rid, start)
-        except Exception as exc:  # noqa: BLE001 - mapped below, or re-raised as internal
+        except Exception as exc:
             err = map_exception(exc)
             if err is None:
                 raise
@@ -231,21 +234,13 @@ def create_app(
         name = req.prompt or settings.default_prompt
         label = settings.default_label
         try:
-            resolved = await cache.resolve(name, label)
+            resolved = await pipeline.resolve(name, label=label)
         except PromptNotFound as exc:
             raise ApiError(404, "unknown_prompt", str(exc)) from None
-        version = resolved.version
-        spec = version.spec
-        locale, templates = spec.select_locale(req.locale)
-        messages = render_messages(templates, spec.variables, req.model_dump())
-        chat = ChatRequest(
-            model=spec.model, messages=messages, max_tokens=spec.sampling.max_tokens,
-            temperature=spec.sampling.temperature, top_p=spec.sampling.top_p,
-            seed=spec.sampling.seed, regex=spec.verdict.regex(), request_id=rid,
-        )
         remaining = settings.request_timeout_s - (time.perf_counter() - start)
-        result = await backend.chat(chat, timeout_s=max(0.001, remaining))
-        verdict = parse_verdict(result.text, result.finish_reason, spec.verdict)
+        ev = await pipeline.evaluate(resolved, req.model_dump(), req.locale, request_id=rid,
+                                     timeout_s=remaining, label=label)
+        verdict = ev.verdict
         if verdict.fail_reason:
             log.warning("moderation %s: model output rejected (%s); answering %s", rid,
                         verdict.fail_reason, verdict.decision)
@@ -256,13 +251,12 @@ def create_app(
             "category": verdict.category,
             "confidence": verdict.confidence,
             "fail_reason": verdict.fail_reason,
-            "prompt": {"name": version.name, "version": version.version, "label": label,
-                       "locale": locale, "stale": resolved.stale},
+            "prompt": ev.prompt_ref(),
             "arm": "stable",
-            "model": result.model,
+            "model": ev.result.model,
             "latency_ms": round((time.perf_counter() - start) * 1000.0, 3),
-            "usage": {"prompt_tokens": result.prompt_tokens,
-                      "completion_tokens": result.completion_tokens},
+            "usage": {"prompt_tokens": ev.result.prompt_tokens,
+                      "completion_tokens": ev.result.completion_tokens},
         }
 
     return app

@@ -70,6 +70,7 @@ class PromptCache:
         self._clock = clock
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future[PromptVersion]] = {}
+        self._pinned: dict[tuple[str, int], PromptVersion] = {}
         self._subscription: Subscription | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = CacheStats()
@@ -119,6 +120,17 @@ class PromptCache:
             self.stats.stale_served += 1
             return Resolved(entry.version, stale=True)
         return Resolved(entry.version, stale=False)
+
+    async def get_version(self, name: str, version: int) -> Resolved:
+        """A pinned version. Versions are immutable, so once read they are kept for good."""
+        key = (name, version)
+        cached = self._pinned.get(key)
+        if cached is None:
+            cached = await asyncio.to_thread(self._reader.get_version, name, version)
+            if len(self._pinned) > 4096:
+                self._pinned.clear()
+            self._pinned[key] = cached
+        return Resolved(cached, stale=False)
 
     def _refresh(self, key: tuple[str, str]) -> asyncio.Future[PromptVersion]:
         fut = self._inflight.get(key)
