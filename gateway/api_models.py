@@ -53,6 +53,7 @@ class ModerationResponse(BaseModel):
     model: str
     latency_ms: float
     usage: Usage
+    trace_id: str | None = Field(None, description="W3C trace id when the request was traced")
 
 
 class ErrorDetail(BaseModel):

@@ -18,6 +18,11 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
+from opentelemetry import propagate
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.responses import Response
 
@@ -27,6 +32,7 @@ from gateway.auth import Authenticator
 from gateway.config import GatewaySettings
 from gateway.errors import ApiError, error_response, map_exception
 from gateway.pipeline import ModerationPipeline
+from gateway.telemetry import Attr, Metrics, stage
 from gateway.prompt_cache import PromptCache
 from prompt_registry import PromptNotFound, PromptStore, RegistryError
 from serving import BackendError, ChatRequest, InferenceBackend
@@ -74,8 +80,14 @@ def create_app(
     backend: InferenceBackend,
     *,
     cache: PromptCache | None = None,
+    tracer_provider: TracerProvider | None = None,
+    metrics: Metrics | None = None,
 ) -> FastAPI:
-    """Build the gateway app. The caller owns `store`; the app closes `backend` on shutdown."""
+    """Build the gateway app. The caller owns `store`; the app closes `backend` on shutdown
+    (and shuts down `tracer_provider`, flushing spans)."""
+    metrics = metrics or Metrics()
+    provider = tracer_provider or TracerProvider(sampler=ALWAYS_OFF)
+    tracer = provider.get_tracer("modgate.gateway")
     cache = cache or PromptCache(store, refresh_s=settings.prompt_refresh_s,
                                  max_staleness_s=settings.prompt_max_staleness_s)
     auth = Authenticator(store, required=settings.auth == "required", cache_s=settings.key_cache_s)
@@ -93,6 +105,7 @@ def create_app(
         finally:
             await cache.aclose()
             await backend.aclose()
+            provider.shutdown()
 
     app = FastAPI(
         title="modgate",
@@ -100,7 +113,9 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
     )
-    pipeline = ModerationPipeline(cache, backend)
+    pipeline = ModerationPipeline(cache, backend, tracer=tracer, metrics=metrics)
+    app.state.metrics = metrics
+    app.state.tracer = tracer
     app.state.pipeline = pipeline
     app.state.settings = settings
     app.state.prompt_cache = cache
@@ -136,6 +151,15 @@ def create_app(
             "hits": stats.hits, "misses": stats.misses, "refreshes": stats.refreshes,
             "refresh_failures": stats.refresh_failures, "stale_served": stats.stale_served,
             "events": stats.events}})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        """Prometheus exposition (unauthenticated, like most scrape targets: keep the port
+        cluster-internal; see k8s NetworkPolicy)."""
+        for e in cache.snapshot():
+            metrics.cache_age.labels(prompt=e["prompt"], label=e["label"]).set(e["age_s"])
+            metrics.cache_stale.labels(prompt=e["prompt"], label=e["label"]).set(1 if e["stale"] else 0)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -191,18 +215,39 @@ def create_app(
         rid = request.headers.get("x-request-id")
         if not rid or not _REQUEST_ID.match(rid):
             rid = uuid.uuid4().hex
-        try:
-            principal = await auth.authenticate(request.headers.get("authorization"),
-                                                request.headers.get("x-api-key"))
-            auth.require(principal, "moderate")
-            body = await _moderate(request, rid, start)
-        except Exception as exc:
-            err = map_exception(exc)
-            if err is None:
-                raise
-            if err.status >= 500:
-                log.warning("moderation %s failed: %s: %s", rid, err.type, err.message)
-            return error_response(err, rid)
+        parent = propagate.extract(request.headers)
+        code = 200
+        with tracer.start_as_current_span("POST /v1/moderate", context=parent, kind=SpanKind.SERVER,
+                                          attributes={Attr.REQUEST_ID: rid}) as root:
+            try:
+                with stage(tracer, metrics, "auth", {"prompt": "-", "version": "-", "arm": "-"}):
+                    principal = await auth.authenticate(request.headers.get("authorization"),
+                                                        request.headers.get("x-api-key"))
+                    auth.require(principal, "moderate")
+                body = await _moderate(request, rid, start)
+            except Exception as exc:  # noqa: BLE001 - mapped below, or re-raised as internal
+                err = map_exception(exc)
+                code = err.status if err is not None else 500
+                root.set_attribute(Attr.ERROR_TYPE, err.type if err else "internal_error")
+                if code >= 500:
+                    root.set_status(Status(StatusCode.ERROR, err.type if err else "internal_error"))
+                metrics.requests.labels(route="/v1/moderate", code=str(code)).inc()
+                if err is None:
+                    raise
+                if err.status >= 500:
+                    log.warning("moderation %s failed: %s: %s", rid, err.type, err.message)
+                return error_response(err, rid)
+            ctx = root.get_span_context()
+            if ctx.is_valid and ctx.trace_flags.sampled:
+                body["trace_id"] = format(ctx.trace_id, "032x")
+            root.set_attribute(Attr.PROMPT_NAME, body["prompt"]["name"])
+            root.set_attribute(Attr.PROMPT_VERSION, body["prompt"]["version"])
+            root.set_attribute(Attr.TRAFFIC_ARM, body["arm"])
+            root.set_attribute(Attr.DECISION, body["decision"])
+        metrics.requests.labels(route="/v1/moderate", code=str(code)).inc()
+        metrics.stage_seconds.labels(stage="total", prompt=body["prompt"]["name"],
+                                     version=str(body["prompt"]["version"]), arm=body["arm"]).observe(
+            time.perf_counter() - start)
         return _json(body, headers={"x-request-id": rid})
 
     async def _moderate(request: Request, rid: str, start: float) -> dict[str, Any]:
@@ -257,6 +302,7 @@ def create_app(
             "latency_ms": round((time.perf_counter() - start) * 1000.0, 3),
             "usage": {"prompt_tokens": ev.result.prompt_tokens,
                       "completion_tokens": ev.result.completion_tokens},
+            "trace_id": None,
         }
 
     return app

@@ -20,6 +20,8 @@ from typing import Annotated, Any
 import typer
 
 from gateway.config import AppConfig, ConfigError, load_config
+from gateway.deploy_cli import deploy_app
+from gateway.registry_cli import keys_app, prompts_app
 
 app = typer.Typer(
     name="modgate",
@@ -33,6 +35,7 @@ app = typer.Typer(
         "  modgate check-config       validate a configuration file and say what it will run\n"
         "  modgate prompts ...        publish, diff, label, roll back and audit prompt versions\n"
         "  modgate keys ...           create, list and revoke API keys\n"
+        "  modgate deploy ...         generate the KubeRay serveConfigV2 and the config JSON Schema\n"
         "\nEvery command takes --config (or MODGATE_CONFIG); the default is configs/modgate.yaml."
     ),
     no_args_is_help=True,
@@ -40,6 +43,11 @@ app = typer.Typer(
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
+
+app.add_typer(prompts_app, name="prompts")
+app.add_typer(keys_app, name="keys")
+app.add_typer(deploy_app, name="deploy", help="Kubernetes deployment helpers: generate the "
+              "RayService serveConfigV2 and the config JSON Schema.")
 
 ConfigOpt = Annotated[
     Path | None,
@@ -163,8 +171,9 @@ def _curl_example(cfg: AppConfig, key: str | None) -> str:
             f"-H 'content-type: application/json' -d '{json.dumps(body, ensure_ascii=False)}'")
 
 
-def _run_gateway(cfg: AppConfig, store: Any, *, announce: bool) -> None:
-    keys = _local_keys(cfg, store)
+def _run_gateway(cfg: AppConfig, store: Any, *, announce: bool, local_keys: bool = False) -> None:
+    # Only `modgate up` (one machine) mints local keys; deployed gateways use `modgate keys`.
+    keys = _local_keys(cfg, store) if local_keys else {}
     import logging
 
     import uvicorn
@@ -178,7 +187,10 @@ def _run_gateway(cfg: AppConfig, store: Any, *, announce: bool) -> None:
 
     api_key = os.environ.get(cfg.serving.api_key_env) if cfg.serving.api_key_env else None
     backend = OpenAIHttpBackend(cfg.serving.resolved_base_url(), api_key=api_key)
-    fastapi_app = create_app(cfg.gateway, store, backend)
+    from gateway.telemetry import build_tracer_provider
+
+    fastapi_app = create_app(cfg.gateway, store, backend,
+                             tracer_provider=build_tracer_provider(cfg.tracing))
     server = uvicorn.Server(uvicorn.Config(
         fastapi_app, host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning",
         access_log=False, loop="auto", http="auto", timeout_graceful_shutdown=10))
@@ -215,7 +227,7 @@ def up(config: ConfigOpt = None, host: HostOpt = None, port: PortOpt = None,
     try:
         if started:
             _start_serving(cfg)
-        _run_gateway(cfg, store, announce=True)
+        _run_gateway(cfg, store, announce=True, local_keys=True)
     finally:
         store.close()
         if started:
@@ -272,20 +284,12 @@ def build_tiny_model_cmd(
 def check_config(config: ConfigOpt = None) -> None:
     """Validate a configuration file and print what it will run."""
     cfg = _load(config)
+    where = (cfg.registry_path() if cfg.registry.store == "sqlite"
+             else cfg.registry.redis_url or f"${cfg.registry.redis_url_env}")
     typer.echo(f"ok: gateway on {cfg.gateway.host}:{cfg.gateway.port}, registry "
-               f"{cfg.registry.store} at {cfg.registry_path()}, serving mode {cfg.serving.mode} "
+               f"{cfg.registry.store} at {where}, serving mode {cfg.serving.mode} "
                f"at {cfg.serving.resolved_base_url()}, models: "
                + ", ".join(f"{m.name} ({m.source})" for m in cfg.serving.models))
-
-
-from gateway.registry_cli import keys_app, prompts_app  # noqa: E402
-
-app.add_typer(prompts_app, name="prompts")
-app.add_typer(keys_app, name="keys")
-
-
-from gateway.deploy_cli import deploy_app  # noqa: E402
-app.add_typer(deploy_app, name="deploy", help="Kubernetes deployment helpers: generate the RayService serveConfigV2 and the config JSON Schema.")
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gateway.telemetry import TracingSettings
 from serving.config import ServingConfig
 
 __all__ = ["AppConfig", "ConfigError", "GatewaySettings", "RegistrySettings", "load_config"]
@@ -68,6 +69,7 @@ class AppConfig(_Strict):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     serving: ServingConfig
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     # Directory of the config file; set by load_config, used to resolve relative paths.
     base_dir: Path = Field(default=Path("."), exclude=True)
 

@@ -1,7 +1,8 @@
 """The moderation pipeline, shared by every API that evaluates a prompt (`/v1/moderate`, the
 OpenAI-compatible routes, shadow evaluation): resolve a prompt version, pick the locale
 variant, render it in the sandbox, call the model under a deadline with the verdict's exact
-output constraint, and validate the verdict (fail closed)."""
+output constraint, and validate the verdict (fail closed). Each stage is a span and a
+histogram observation labelled by prompt version and traffic arm."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
 from gateway.prompt_cache import PromptCache, Resolved
+from gateway.telemetry import Attr, Metrics, stage
 from gateway.verdict import Verdict, parse_verdict
 from prompt_registry import PromptVersion, render_messages
-from serving import ChatRequest, ChatResult, InferenceBackend
+from serving import BackendError, ChatRequest, ChatResult, InferenceBackend
 
 __all__ = ["Evaluation", "ModerationPipeline"]
 
@@ -23,6 +28,7 @@ class Evaluation:
 
     version: PromptVersion
     label: str | None
+    arm: str
     locale: str
     stale: bool
     verdict: Verdict
@@ -35,17 +41,28 @@ class Evaluation:
 
 
 class ModerationPipeline:
-    def __init__(self, cache: PromptCache, backend: InferenceBackend) -> None:
+    def __init__(self, cache: PromptCache, backend: InferenceBackend, *,
+                 tracer: trace.Tracer | None = None, metrics: Metrics | None = None) -> None:
         self.cache = cache
         self.backend = backend
+        self.tracer = tracer or trace.get_tracer("modgate.gateway")
+        self.metrics = metrics or Metrics()
 
-    async def resolve(self, name: str, *, label: str | None = None, version: int | None = None) -> Resolved:
+    async def resolve(self, name: str, *, label: str | None = None, version: int | None = None,
+                      arm: str = "stable") -> Resolved:
         """A label (from the hot cache) or a pinned version (immutable, cached for good)."""
-        if version is not None:
-            return await self.cache.get_version(name, version)
-        if label is None:
-            raise ValueError("resolve needs a label or a version")
-        return await self.cache.resolve(name, label)
+        with stage(self.tracer, self.metrics, "prompt.resolve",
+                   {"prompt": name, "version": "-", "arm": arm},
+                   {Attr.PROMPT_NAME: name, Attr.PROMPT_LABEL: label or "", Attr.TRAFFIC_ARM: arm}) as span:
+            if version is not None:
+                resolved = await self.cache.get_version(name, version)
+            elif label is not None:
+                resolved = await self.cache.resolve(name, label)
+            else:
+                raise ValueError("resolve needs a label or a version")
+            span.set_attribute(Attr.PROMPT_VERSION, resolved.version.version)
+            span.set_attribute(Attr.PROMPT_STALE, resolved.stale)
+            return resolved
 
     @staticmethod
     def build_chat(version: PromptVersion, variables: Mapping[str, object], locale: str | None, *,
@@ -60,14 +77,54 @@ class ModerationPipeline:
             priority=priority)
 
     async def evaluate(self, resolved: Resolved, variables: Mapping[str, object], locale: str | None, *,
-                       request_id: str, timeout_s: float, label: str | None,
+                       request_id: str, timeout_s: float, label: str | None, arm: str = "stable",
                        priority: int = 0) -> Evaluation:
         start = time.perf_counter()
         version = resolved.version
-        used_locale, chat = self.build_chat(version, variables, locale, request_id=request_id,
-                                            priority=priority)
-        result = await self.backend.chat(chat, timeout_s=max(0.001, timeout_s))
-        verdict = parse_verdict(result.text, result.finish_reason, version.spec.verdict)
-        return Evaluation(version=version, label=label, locale=used_locale, stale=resolved.stale,
+        spec = version.spec
+        labels = {"prompt": version.name, "version": str(version.version), "arm": arm}
+        with stage(self.tracer, self.metrics, "prompt.render", labels, {Attr.PROMPT_NAME: version.name}):
+            used_locale, chat = self.build_chat(version, variables, locale, request_id=request_id,
+                                                priority=priority)
+        span_attrs = {
+            Attr.GEN_AI_OPERATION: "chat", Attr.GEN_AI_PROVIDER: "vllm",
+            Attr.GEN_AI_REQUEST_MODEL: chat.model, Attr.GEN_AI_REQUEST_MAX_TOKENS: chat.max_tokens,
+            Attr.GEN_AI_REQUEST_TEMPERATURE: chat.temperature, Attr.PROMPT_NAME: version.name,
+            Attr.PROMPT_VERSION: version.version, Attr.PROMPT_LOCALE: used_locale, Attr.TRAFFIC_ARM: arm,
+        }
+        called = time.perf_counter()
+        with self.tracer.start_as_current_span(f"chat {chat.model}", kind=SpanKind.CLIENT,
+                                               attributes=span_attrs) as span:
+            try:
+                result = await self.backend.chat(chat, timeout_s=max(0.001, timeout_s))
+            except BackendError as exc:
+                span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                span.set_attribute(Attr.ERROR_TYPE, type(exc).__name__)
+                raise
+            finally:
+                self.metrics.stage_seconds.labels(stage="backend", **labels).observe(
+                    time.perf_counter() - called)
+            span.set_attribute(Attr.GEN_AI_RESPONSE_MODEL, result.model)
+            span.set_attribute(Attr.GEN_AI_RESPONSE_FINISH_REASONS, [result.finish_reason or ""])
+            span.set_attribute(Attr.GEN_AI_USAGE_INPUT_TOKENS, result.prompt_tokens)
+            span.set_attribute(Attr.GEN_AI_USAGE_OUTPUT_TOKENS, result.completion_tokens)
+            if result.cached_prompt_tokens is not None:
+                span.set_attribute(Attr.CACHED_TOKENS, result.cached_prompt_tokens)
+        with stage(self.tracer, self.metrics, "verdict.validate", labels) as span:
+            verdict = parse_verdict(result.text, result.finish_reason, spec.verdict)
+            span.set_attribute(Attr.DECISION, verdict.decision)
+            span.set_attribute(Attr.CATEGORY, verdict.category or "")
+            if verdict.fail_reason:
+                span.set_attribute(Attr.FAIL_REASON, verdict.fail_reason)
+        m = self.metrics
+        m.verdicts.labels(decision=verdict.decision, category=verdict.category or "-", **labels).inc()
+        if verdict.fail_reason:
+            m.verdict_failures.labels(reason=verdict.fail_reason, **labels).inc()
+        m.tokens.labels(prompt=version.name, version=str(version.version), kind="input").inc(result.prompt_tokens)
+        m.tokens.labels(prompt=version.name, version=str(version.version), kind="output").inc(result.completion_tokens)
+        if result.cached_prompt_tokens is not None:
+            m.tokens.labels(prompt=version.name, version=str(version.version),
+                            kind="cached_input").inc(result.cached_prompt_tokens)
+        return Evaluation(version=version, label=label, arm=arm, locale=used_locale, stale=resolved.stale,
                           verdict=verdict, result=result,
                           latency_ms=(time.perf_counter() - start) * 1000.0)

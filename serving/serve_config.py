@@ -38,7 +38,8 @@ def build_serve_config(serving: ServingConfig, *, app_name: str = "llm") -> dict
                 "local machine by `modgate up` and cannot be deployed to a cluster; set its source "
                 "to a Hugging Face model id or a path that exists in the Ray image")
         if model.name in seen:
-            raise ValueError(f"model {model.name!r} is configured twice; model names must be unique")
+            raise ValueError(
+                f"model {model.name!r} is configured twice; model names must be unique")
         seen.add(model.name)
         llm_configs.append(llm_config_kwargs(model, model.source))
     return {

@@ -1,0 +1,149 @@
+"""Tracing (OpenTelemetry) and metrics (Prometheus) for the gateway.
+
+Attribute names live here, in one place. GenAI semantic conventions (`gen_ai.*`) where they
+exist; our own (`prompt.*`, `traffic.arm`, `moderation.*`, `shadow.of`) beside them. Listing
+content, API keys and auth headers are never put in spans, metrics or logs.
+
+Trace shape for one moderation (the engine's own `llm_request` span joins the same trace when
+vLLM is started with `otlp_traces_endpoint`, because the HTTP backend sends `traceparent`):
+
+    POST /v1/moderate            SERVER  (parent: the caller's traceparent, if any)
+      ├─ auth
+      ├─ prompt.resolve
+      ├─ prompt.render
+      ├─ chat <model>            CLIENT  gen_ai.* attributes
+      │    └─ llm_request        (vLLM engine, via Ray Serve)
+      └─ verdict.validate
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["Attr", "Metrics", "TracingSettings", "build_tracer_provider", "stage"]
+
+
+class Attr:
+    """Span attribute names."""
+
+    GEN_AI_OPERATION = "gen_ai.operation.name"
+    GEN_AI_PROVIDER = "gen_ai.provider.name"
+    GEN_AI_REQUEST_MODEL = "gen_ai.request.model"
+    GEN_AI_REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
+    GEN_AI_REQUEST_TEMPERATURE = "gen_ai.request.temperature"
+    GEN_AI_RESPONSE_MODEL = "gen_ai.response.model"
+    GEN_AI_RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
+    GEN_AI_USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
+    GEN_AI_USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+    PROMPT_NAME = "prompt.name"
+    PROMPT_VERSION = "prompt.version"
+    PROMPT_LABEL = "prompt.label"
+    PROMPT_LOCALE = "prompt.locale"
+    PROMPT_STALE = "prompt.stale"
+    TRAFFIC_ARM = "traffic.arm"
+    SHADOW_OF = "shadow.of"
+    DECISION = "moderation.decision"
+    CATEGORY = "moderation.category"
+    FAIL_REASON = "moderation.fail_reason"
+    ERROR_TYPE = "error.type"
+    REQUEST_ID = "modgate.request_id"
+    CACHED_TOKENS = "modgate.usage.cached_input_tokens"
+
+
+class TracingSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    exporter: Literal["none", "console", "otlp_grpc", "otlp_http"] = "none"
+    endpoint: str | None = Field(None, description="collector endpoint, e.g. http://otel-collector:4317 "
+                                 "(grpc) or http://otel-collector:4318/v1/traces (http)")
+    sample_ratio: float = Field(1.0, ge=0.0, le=1.0, description="share of new traces recorded; "
+                                "a caller's sampled traceparent is always honoured")
+    service_name: str = "modgate-gateway"
+
+
+def build_tracer_provider(settings: TracingSettings, exporter: SpanExporter | None = None) -> TracerProvider:
+    """A provider for the gateway. *exporter* overrides the configured one (tests pass an
+    in-memory exporter and get synchronous export)."""
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": settings.service_name}),
+        sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),
+    )
+    if exporter is not None:
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        return provider
+    if settings.exporter == "console":
+        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    elif settings.exporter == "otlp_grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        provider.add_span_processor(BatchSpanProcessor(GrpcExporter(endpoint=settings.endpoint, insecure=True)))
+    elif settings.exporter == "otlp_http":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+        provider.add_span_processor(BatchSpanProcessor(HttpExporter(endpoint=settings.endpoint)))
+    return provider
+
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0)
+
+
+class Metrics:
+    """Prometheus metrics on a registry of their own (served at /metrics)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("modgate_requests", "HTTP requests by route and status code",
+                                ["route", "code"], registry=r)
+        self.stage_seconds = Histogram(
+            "modgate_stage_seconds", "Time spent per request stage",
+            ["stage", "prompt", "version", "arm"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.verdicts = Counter("modgate_verdicts", "Verdicts by prompt version, arm, decision and category",
+                                ["prompt", "version", "arm", "decision", "category"], registry=r)
+        self.verdict_failures = Counter(
+            "modgate_verdict_failures", "Model outputs that could not be used (answered needs_review)",
+            ["prompt", "version", "arm", "reason"], registry=r)
+        self.errors = Counter("modgate_moderation_errors", "Moderations answered with an error",
+                              ["prompt", "arm", "type"], registry=r)
+        self.tokens = Counter("modgate_tokens", "Tokens by prompt version and kind (input, output, "
+                              "cached_input)", ["prompt", "version", "kind"], registry=r)
+        self.inflight = Gauge("modgate_inflight_requests", "Moderations in progress", ["model"], registry=r)
+        self.shed = Counter("modgate_shed_requests", "Requests refused with 429 because a model's "
+                            "queue was full", ["model"], registry=r)
+        self.cache_events = Counter("modgate_prompt_cache_events", "Prompt cache activity",
+                                    ["kind"], registry=r)
+        self.cache_age = Gauge("modgate_prompt_cache_age_seconds",
+                               "Seconds since each cached prompt label was last read from the store",
+                               ["prompt", "label"], registry=r)
+        self.cache_stale = Gauge("modgate_prompt_cache_stale",
+                                 "1 while a prompt label is served as last-known-good", ["prompt", "label"],
+                                 registry=r)
+
+
+@contextmanager
+def stage(tracer: trace.Tracer, metrics: Metrics, name: str, labels: dict[str, str],
+          attributes: dict[str, Any] | None = None) -> Iterator[trace.Span]:
+    """A span and a histogram observation for one stage of a request."""
+    start = time.perf_counter()
+    with tracer.start_as_current_span(name, attributes=attributes) as span:
+        try:
+            yield span
+        finally:
+            metrics.stage_seconds.labels(stage=name, **labels).observe(time.perf_counter() - start)

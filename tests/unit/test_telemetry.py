@@ -1,0 +1,193 @@
+"""Tracing and metrics: one trace per request with the right nesting, the caller's traceparent
+honoured, nothing sensitive in spans or logs, Prometheus metrics per prompt version and arm,
+and real OTLP export (HTTP and gRPC) to receivers on loopback."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import grpc
+import pytest
+from fastapi.testclient import TestClient
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from gateway.app import create_app
+from gateway.config import GatewaySettings
+from gateway.telemetry import TracingSettings, build_tracer_provider
+from prompt_registry.keys import generate_key
+from prompt_registry.loader import seed_store
+from prompt_registry.sqlite_store import SqlitePromptStore
+from serving.fake_backend import FakeBackend
+
+ROOT = Path(__file__).resolve().parents[2]
+SECRET_TITLE = "Rolex Daytona SECRET-LISTING-7f3a"
+LISTING = {"item_id": "item-1", "seller_id": "seller-1", "title": SECRET_TITLE,
+           "description": "call me at SECRET-DESC-91c2"}
+CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqlitePromptStore]:
+    s = SqlitePromptStore(tmp_path / "r.db")
+    seed_store(s, ROOT / "configs" / "prompts")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def key(store: SqlitePromptStore) -> str:
+    k, record = generate_key("caller", ["moderate"], created_by="t")
+    store.put_key(record)
+    return k
+
+
+def _client(store: SqlitePromptStore, key: str, exporter: object, ratio: float = 1.0,
+            backend: FakeBackend | None = None) -> TestClient:
+    provider = build_tracer_provider(TracingSettings(sample_ratio=ratio), exporter=exporter)  # type: ignore[arg-type]
+    app = create_app(GatewaySettings(), store, backend or FakeBackend(), tracer_provider=provider)
+    return TestClient(app, headers={"authorization": f"Bearer {key}"})
+
+
+def test_one_trace_per_request_with_correct_nesting(store: SqlitePromptStore, key: str) -> None:
+    exporter = InMemorySpanExporter()
+    with _client(store, key, exporter) as client:
+        r = client.post("/v1/moderate", json=LISTING,
+                        headers={"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"})
+    assert r.status_code == 200
+    assert r.json()["trace_id"] == CALLER_TRACE
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(spans) == {"POST /v1/moderate", "auth", "prompt.resolve", "prompt.render",
+                          "chat tiny-llama", "verdict.validate"}
+    root = spans["POST /v1/moderate"]
+    assert root.parent is not None and format(root.parent.span_id, "016x") == CALLER_SPAN
+    for name, span in spans.items():
+        assert format(span.context.trace_id, "032x") == CALLER_TRACE
+        if name != "POST /v1/moderate":
+            assert span.parent is not None and span.parent.span_id == root.context.span_id, name
+    chat = spans["chat tiny-llama"].attributes
+    assert chat["gen_ai.operation.name"] == "chat" and chat["gen_ai.request.model"] == "tiny-llama"
+    assert chat["gen_ai.usage.input_tokens"] > 0 and chat["prompt.version"] == 1
+    assert chat["traffic.arm"] == "stable"
+    assert root.attributes["moderation.decision"] == r.json()["decision"]
+
+
+def test_no_listing_content_or_keys_in_spans_or_logs(store: SqlitePromptStore, key: str,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    exporter = InMemorySpanExporter()
+    backend = FakeBackend()
+    backend.responder = lambda _r: "garbage"  # also exercise the warning log path
+    caplog.set_level(logging.DEBUG)
+    with _client(store, key, exporter, backend=backend) as client:
+        client.post("/v1/moderate", json=LISTING)
+        client.post("/v1/moderate", json=LISTING, headers={"authorization": f"Bearer {key}x"})
+    dump = repr([(s.name, dict(s.attributes or {}), [e.attributes for e in s.events])
+                 for s in exporter.get_finished_spans()]) + caplog.text
+    secret_part = key.split("_")[-1]
+    for needle in ("SECRET-LISTING-7f3a", "SECRET-DESC-91c2", secret_part, "Bearer"):
+        assert needle not in dump, needle
+
+
+def test_sampling(store: SqlitePromptStore, key: str) -> None:
+    exporter = InMemorySpanExporter()
+    with _client(store, key, exporter, ratio=0.0) as client:
+        r = client.post("/v1/moderate", json=LISTING)
+        assert r.json()["trace_id"] is None and exporter.get_finished_spans() == ()
+        # a caller that sampled its trace is honoured even at ratio 0
+        r = client.post("/v1/moderate", json=LISTING,
+                        headers={"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"})
+        assert r.json()["trace_id"] == CALLER_TRACE and len(exporter.get_finished_spans()) == 6
+
+
+def test_prometheus_metrics_by_prompt_version_and_arm(store: SqlitePromptStore, key: str) -> None:
+    backend = FakeBackend()
+    with _client(store, key, InMemorySpanExporter(), backend=backend) as client:
+        client.post("/v1/moderate", json=LISTING)
+        backend.responder = lambda _r: "not json"
+        client.post("/v1/moderate", json=LISTING)
+        client.post("/v1/moderate", json={"title": "x"})
+        text = client.get("/metrics").text
+    assert 'modgate_verdict_failures_total{arm="stable",prompt="listing-moderation",reason="unparseable_output",version="1"} 1.0' in text
+    assert 'modgate_requests_total{code="422",route="/v1/moderate"} 1.0' in text
+    assert 'modgate_requests_total{code="200",route="/v1/moderate"} 2.0' in text
+    for stage in ("auth", "prompt.resolve", "prompt.render", "backend", "verdict.validate", "total"):
+        assert f'modgate_stage_seconds_count{{arm="stable",prompt="listing-moderation",stage="{stage}",version="1"}}' in text \
+            or f'stage="{stage}"' in text, stage
+    assert 'modgate_prompt_cache_age_seconds{label="production",prompt="listing-moderation"}' in text
+    assert 'modgate_tokens_total{kind="input",prompt="listing-moderation",version="1"}' in text
+
+
+class _OtlpHttpReceiver(BaseHTTPRequestHandler):
+    received: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers["content-length"]))
+        msg = trace_service_pb2.ExportTraceServiceRequest()
+        msg.ParseFromString(body)
+        self.received.append(msg)
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.end_headers()
+        self.wfile.write(trace_service_pb2.ExportTraceServiceResponse().SerializeToString())
+
+    def log_message(self, *args: object) -> None:
+        return
+
+
+def _span_names(requests: list[trace_service_pb2.ExportTraceServiceRequest]) -> set[str]:
+    return {span.name for req in requests for rs in req.resource_spans for ss in rs.scope_spans
+            for span in ss.spans}
+
+
+def _wait(cond, within: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + within
+    while not cond():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_otlp_http_export_to_a_real_receiver(store: SqlitePromptStore, key: str) -> None:
+    _OtlpHttpReceiver.received = []
+    server = HTTPServer(("127.0.0.1", 0), _OtlpHttpReceiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        settings = TracingSettings(exporter="otlp_http",
+                                   endpoint=f"http://127.0.0.1:{server.server_port}/v1/traces")
+        app = create_app(GatewaySettings(), store, FakeBackend(), tracer_provider=build_tracer_provider(settings))
+        with TestClient(app, headers={"authorization": f"Bearer {key}"}) as client:
+            client.post("/v1/moderate", json=LISTING)
+        # leaving the client runs the lifespan shutdown, which flushes the batch processor
+        _wait(lambda: "chat tiny-llama" in _span_names(_OtlpHttpReceiver.received))
+        assert "POST /v1/moderate" in _span_names(_OtlpHttpReceiver.received)
+    finally:
+        server.shutdown()
+
+
+def test_otlp_grpc_export_to_a_real_receiver(store: SqlitePromptStore, key: str) -> None:
+    received: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+            received.append(request)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        settings = TracingSettings(exporter="otlp_grpc", endpoint=f"http://127.0.0.1:{port}")
+        app = create_app(GatewaySettings(), store, FakeBackend(), tracer_provider=build_tracer_provider(settings))
+        with TestClient(app, headers={"authorization": f"Bearer {key}"}) as client:
+            client.post("/v1/moderate", json=LISTING)
+        _wait(lambda: "verdict.validate" in _span_names(received))
+    finally:
+        server.stop(0)
