@@ -12,9 +12,9 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import FastAPI, Request
@@ -27,17 +27,20 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from gateway.admin import build_admin_router
+from gateway.admission import AdmissionControl
 from gateway.api_models import ErrorBody, ModerationRequest, ModerationResponse
 from gateway.auth import Authenticator
 from gateway.config import GatewaySettings
 from gateway.errors import ApiError, error_response, map_exception
 from gateway.pipeline import ModerationPipeline
-from gateway.telemetry import Attr, Metrics, stage
 from gateway.prompt_cache import PromptCache
+from gateway.telemetry import Attr, Metrics, stage
 from prompt_registry import PromptNotFound, PromptStore, RegistryError
 from serving import BackendError, ChatRequest, InferenceBackend
 
 __all__ = ["create_app"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("modgate.gateway")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -72,6 +75,30 @@ def _validation_fields(exc: ValidationError) -> list[dict[str, str]]:
             msg = "unknown field"
         out.append({"field": loc, "problem": msg})
     return out
+
+
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run *work*, cancelling it if the caller disconnects first, so the engine call is
+    aborted (closing the backend connection makes Ray Serve and vLLM drop the request) instead
+    of computing a verdict nobody will read. Call only after the body has been read."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                task.cancel()
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            raise ApiError(499, "client_disconnected", "the caller went away; work was aborted") from None
+        raise
+    finally:
+        watcher.cancel()
 
 
 def create_app(
@@ -113,7 +140,10 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
     )
-    pipeline = ModerationPipeline(cache, backend, tracer=tracer, metrics=metrics)
+    admission = AdmissionControl(max_inflight=settings.max_inflight_per_model,
+                                 max_queued=settings.max_queued_per_model)
+    pipeline = ModerationPipeline(cache, backend, tracer=tracer, metrics=metrics, admission=admission)
+    app.state.admission = admission
     app.state.metrics = metrics
     app.state.tracer = tracer
     app.state.pipeline = pipeline
@@ -225,7 +255,7 @@ def create_app(
                                                         request.headers.get("x-api-key"))
                     auth.require(principal, "moderate")
                 body = await _moderate(request, rid, start)
-            except Exception as exc:  # noqa: BLE001 - mapped below, or re-raised as internal
+            except Exception as exc:
                 err = map_exception(exc)
                 code = err.status if err is not None else 500
                 root.set_attribute(Attr.ERROR_TYPE, err.type if err else "internal_error")
@@ -283,8 +313,8 @@ def create_app(
         except PromptNotFound as exc:
             raise ApiError(404, "unknown_prompt", str(exc)) from None
         remaining = settings.request_timeout_s - (time.perf_counter() - start)
-        ev = await pipeline.evaluate(resolved, req.model_dump(), req.locale, request_id=rid,
-                                     timeout_s=remaining, label=label)
+        ev = await _unless_disconnected(request, pipeline.evaluate(
+            resolved, req.model_dump(), req.locale, request_id=rid, timeout_s=remaining, label=label))
         verdict = ev.verdict
         if verdict.fail_reason:
             log.warning("moderation %s: model output rejected (%s); answering %s", rid,

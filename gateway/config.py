@@ -53,6 +53,10 @@ class GatewaySettings(_Strict):
     protected_labels: list[str] = Field(default_factory=lambda: ["production"],
                                         description="moving these needs the labels:protected scope")
     readiness_probe_timeout_s: float = Field(10.0, gt=0)
+    max_inflight_per_model: int = Field(256, ge=1, description="concurrent engine calls per model "
+                                        "from this gateway process")
+    max_queued_per_model: int = Field(512, ge=0, description="requests waiting for a slot; beyond "
+                                      "this the gateway answers 429 at once")
 
 
 class RegistrySettings(_Strict):

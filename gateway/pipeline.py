@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from gateway.admission import AdmissionControl
+from gateway.errors import ApiError
 from gateway.prompt_cache import PromptCache, Resolved
 from gateway.telemetry import Attr, Metrics, stage
 from gateway.verdict import Verdict, parse_verdict
@@ -42,9 +44,11 @@ class Evaluation:
 
 class ModerationPipeline:
     def __init__(self, cache: PromptCache, backend: InferenceBackend, *,
-                 tracer: trace.Tracer | None = None, metrics: Metrics | None = None) -> None:
+                 tracer: trace.Tracer | None = None, metrics: Metrics | None = None,
+                 admission: AdmissionControl | None = None) -> None:
         self.cache = cache
         self.backend = backend
+        self.admission = admission or AdmissionControl(max_inflight=256, max_queued=1024)
         self.tracer = tracer or trace.get_tracer("modgate.gateway")
         self.metrics = metrics or Metrics()
 
@@ -78,8 +82,11 @@ class ModerationPipeline:
 
     async def evaluate(self, resolved: Resolved, variables: Mapping[str, object], locale: str | None, *,
                        request_id: str, timeout_s: float, label: str | None, arm: str = "stable",
-                       priority: int = 0) -> Evaluation:
+                       priority: int = 0, queue: bool = True) -> Evaluation:
+        """Evaluate *resolved* on *variables*. `queue=False` refuses (429) instead of waiting
+        when the model is saturated: for traffic that must never wait (shadow)."""
         start = time.perf_counter()
+        deadline = start + timeout_s
         version = resolved.version
         spec = version.spec
         labels = {"prompt": version.name, "version": str(version.version), "arm": arm}
@@ -92,16 +99,37 @@ class ModerationPipeline:
             Attr.GEN_AI_REQUEST_TEMPERATURE: chat.temperature, Attr.PROMPT_NAME: version.name,
             Attr.PROMPT_VERSION: version.version, Attr.PROMPT_LOCALE: used_locale, Attr.TRAFFIC_ARM: arm,
         }
+        queued = time.perf_counter()
+        try:
+            async with self.admission.slot(chat.model, timeout_s=deadline - queued, wait=queue):
+                self.metrics.stage_seconds.labels(stage="queue", **labels).observe(time.perf_counter() - queued)
+                result = await self._call(chat, span_attrs, labels, deadline)
+        except ApiError as exc:
+            if exc.status == 429:
+                self.metrics.shed.labels(model=chat.model).inc()
+            raise
+        with stage(self.tracer, self.metrics, "verdict.validate", labels) as span:
+            verdict = parse_verdict(result.text, result.finish_reason, spec.verdict)
+            span.set_attribute(Attr.DECISION, verdict.decision)
+            span.set_attribute(Attr.CATEGORY, verdict.category or "")
+            if verdict.fail_reason:
+                span.set_attribute(Attr.FAIL_REASON, verdict.fail_reason)
+        return self._finish(version, label, arm, used_locale, resolved.stale, verdict, result, labels, start)
+
+    async def _call(self, chat: ChatRequest, span_attrs: dict[str, object], labels: dict[str, str],
+                    deadline: float) -> ChatResult:
         called = time.perf_counter()
+        self.metrics.inflight.labels(model=chat.model).inc()
         with self.tracer.start_as_current_span(f"chat {chat.model}", kind=SpanKind.CLIENT,
                                                attributes=span_attrs) as span:
             try:
-                result = await self.backend.chat(chat, timeout_s=max(0.001, timeout_s))
+                result = await self.backend.chat(chat, timeout_s=max(0.001, deadline - called))
             except BackendError as exc:
                 span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                 span.set_attribute(Attr.ERROR_TYPE, type(exc).__name__)
                 raise
             finally:
+                self.metrics.inflight.labels(model=chat.model).dec()
                 self.metrics.stage_seconds.labels(stage="backend", **labels).observe(
                     time.perf_counter() - called)
             span.set_attribute(Attr.GEN_AI_RESPONSE_MODEL, result.model)
@@ -110,12 +138,10 @@ class ModerationPipeline:
             span.set_attribute(Attr.GEN_AI_USAGE_OUTPUT_TOKENS, result.completion_tokens)
             if result.cached_prompt_tokens is not None:
                 span.set_attribute(Attr.CACHED_TOKENS, result.cached_prompt_tokens)
-        with stage(self.tracer, self.metrics, "verdict.validate", labels) as span:
-            verdict = parse_verdict(result.text, result.finish_reason, spec.verdict)
-            span.set_attribute(Attr.DECISION, verdict.decision)
-            span.set_attribute(Attr.CATEGORY, verdict.category or "")
-            if verdict.fail_reason:
-                span.set_attribute(Attr.FAIL_REASON, verdict.fail_reason)
+        return result
+
+    def _finish(self, version: PromptVersion, label: str | None, arm: str, used_locale: str, stale: bool,
+                verdict: Verdict, result: ChatResult, labels: dict[str, str], start: float) -> Evaluation:
         m = self.metrics
         m.verdicts.labels(decision=verdict.decision, category=verdict.category or "-", **labels).inc()
         if verdict.fail_reason:
@@ -125,6 +151,6 @@ class ModerationPipeline:
         if result.cached_prompt_tokens is not None:
             m.tokens.labels(prompt=version.name, version=str(version.version),
                             kind="cached_input").inc(result.cached_prompt_tokens)
-        return Evaluation(version=version, label=label, arm=arm, locale=used_locale, stale=resolved.stale,
+        return Evaluation(version=version, label=label, arm=arm, locale=used_locale, stale=stale,
                           verdict=verdict, result=result,
                           latency_ms=(time.perf_counter() - start) * 1000.0)

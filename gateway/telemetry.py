@@ -90,11 +90,15 @@ def build_tracer_provider(settings: TracingSettings, exporter: SpanExporter | No
     if settings.exporter == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     elif settings.exporter == "otlp_grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcExporter,
+        )
 
         provider.add_span_processor(BatchSpanProcessor(GrpcExporter(endpoint=settings.endpoint, insecure=True)))
     elif settings.exporter == "otlp_http":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HttpExporter,
+        )
 
         provider.add_span_processor(BatchSpanProcessor(HttpExporter(endpoint=settings.endpoint)))
     return provider

@@ -127,7 +127,7 @@ def test_prometheus_metrics_by_prompt_version_and_arm(store: SqlitePromptStore, 
 class _OtlpHttpReceiver(BaseHTTPRequestHandler):
     received: list[trace_service_pb2.ExportTraceServiceRequest] = []
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["content-length"]))
         msg = trace_service_pb2.ExportTraceServiceRequest()
         msg.ParseFromString(body)
@@ -175,7 +175,7 @@ def test_otlp_grpc_export_to_a_real_receiver(store: SqlitePromptStore, key: str)
     received: list[trace_service_pb2.ExportTraceServiceRequest] = []
 
     class Servicer(trace_service_pb2_grpc.TraceServiceServicer):
-        def Export(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+        def Export(self, request, context):  # type: ignore[no-untyped-def]
             received.append(request)
             return trace_service_pb2.ExportTraceServiceResponse()
 

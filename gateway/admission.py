@@ -1,0 +1,70 @@
+"""Admission control: bounded concurrency and a bounded queue per model.
+
+Each model gets `max_inflight` concurrent engine calls and at most `max_queued` requests waiting
+for one. A request that finds the queue full is refused at once with 429 and `Retry-After`
+(fast shedding beats timing out: the caller can retry elsewhere or later), and a queued request
+waits no longer than its own deadline. Counters feed the `modgate_shed_requests` metric and
+`/metrics` queue gauges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from gateway.errors import ApiError
+
+__all__ = ["AdmissionControl", "ModelSlots"]
+
+
+@dataclass
+class ModelSlots:
+    max_inflight: int
+    max_queued: int
+    inflight: int = 0
+    queued: int = 0
+    shed: int = 0
+    _sem: asyncio.Semaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._sem = asyncio.Semaphore(self.max_inflight)
+
+
+class AdmissionControl:
+    def __init__(self, *, max_inflight: int, max_queued: int, retry_after_s: float = 1.0) -> None:
+        self.max_inflight = max_inflight
+        self.max_queued = max_queued
+        self.retry_after_s = retry_after_s
+        self.models: dict[str, ModelSlots] = {}
+
+    def _slots(self, model: str) -> ModelSlots:
+        slots = self.models.get(model)
+        if slots is None:
+            slots = self.models[model] = ModelSlots(self.max_inflight, self.max_queued)
+        return slots
+
+    @asynccontextmanager
+    async def slot(self, model: str, *, timeout_s: float, wait: bool = True) -> AsyncIterator[None]:
+        """Hold one engine slot for *model*. `wait=False` (shadow traffic) never queues."""
+        s = self._slots(model)
+        if s.inflight >= s.max_inflight and (not wait or s.queued >= s.max_queued):
+            s.shed += 1
+            raise ApiError(429, "overloaded", f"model {model!r} is saturated ({s.inflight} in flight, "
+                           f"{s.queued} queued); retry later", retryable=True,
+                           retry_after_s=self.retry_after_s)
+        s.queued += 1
+        try:
+            await asyncio.wait_for(s._sem.acquire(), timeout=max(0.001, timeout_s))
+        except TimeoutError:
+            raise ApiError(504, "queue_timeout", f"no free slot for model {model!r} within the "
+                           "request deadline", retryable=True) from None
+        finally:
+            s.queued -= 1
+        s.inflight += 1
+        try:
+            yield
+        finally:
+            s.inflight -= 1
+            s._sem.release()

@@ -1,0 +1,134 @@
+"""Backpressure: bounded in-flight and queue per model, fast 429s with Retry-After when full,
+and engine work cancelled when the caller disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from gateway.admission import AdmissionControl
+from gateway.app import create_app
+from gateway.config import GatewaySettings
+from gateway.errors import ApiError
+from prompt_registry.keys import generate_key
+from prompt_registry.loader import seed_store
+from prompt_registry.sqlite_store import SqlitePromptStore
+from serving import ChatRequest, ChatResult
+from serving.fake_backend import FakeBackend
+
+ROOT = Path(__file__).resolve().parents[2]
+LISTING = {"item_id": "item-1", "seller_id": "seller-1", "title": "Wireless earbuds"}
+
+
+class SlowBackend(FakeBackend):
+    """Holds each call until released; records cancellations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.started = 0
+        self.cancelled = 0
+
+    async def chat(self, request: ChatRequest, *, timeout_s: float) -> ChatResult:
+        self.started += 1
+        try:
+            await asyncio.wait_for(self.release.wait(), timeout_s)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return await super().chat(request, timeout_s=timeout_s)
+
+
+def test_admission_queue_then_shed() -> None:
+    async def run() -> None:
+        adm = AdmissionControl(max_inflight=2, max_queued=1)
+        gate = asyncio.Event()
+
+        async def hold() -> None:
+            async with adm.slot("m", timeout_s=5):
+                await gate.wait()
+
+        holders = [asyncio.ensure_future(hold()) for _ in range(3)]  # 2 in flight, 1 queued
+        await asyncio.sleep(0.01)
+        assert (adm.models["m"].inflight, adm.models["m"].queued) == (2, 1)
+        start = time.perf_counter()
+        with pytest.raises(ApiError) as info:
+            async with adm.slot("m", timeout_s=5):
+                pass
+        assert info.value.status == 429 and info.value.retry_after_s == 1.0
+        assert time.perf_counter() - start < 0.05  # refused at once, not after a wait
+        with pytest.raises(ApiError) as info:  # shadow traffic never queues
+            async with adm.slot("m", timeout_s=5, wait=False):
+                pass
+        assert info.value.status == 429
+        gate.set()
+        await asyncio.gather(*holders)
+        assert (adm.models["m"].inflight, adm.models["m"].queued, adm.models["m"].shed) == (0, 0, 2)
+        with pytest.raises(ApiError) as info:  # a queued request waits no longer than its deadline
+            async with adm.slot("m", timeout_s=5), adm.slot("m", timeout_s=5):
+                async with adm.slot("m", timeout_s=0.05):
+                    pass
+        assert info.value.status == 504
+    asyncio.run(run())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_overload_gives_fast_429_and_disconnect_cancels_engine_work(tmp_path: Path) -> None:
+    store = SqlitePromptStore(tmp_path / "r.db")
+    seed_store(store, ROOT / "configs" / "prompts")
+    key, record = generate_key("caller", ["moderate"], created_by="t")
+    store.put_key(record)
+    backend = SlowBackend()
+    settings = GatewaySettings(max_inflight_per_model=2, max_queued_per_model=2, request_timeout_s=30)
+    app = create_app(settings, store, backend)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+
+    async def run() -> None:
+        serve = asyncio.ensure_future(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.01)
+        headers = {"authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=30) as client:
+            # 2 in flight + 2 queued fill the model; the 5th request is shed at once.
+            busy = [asyncio.ensure_future(client.post("/v1/moderate", json=LISTING)) for _ in range(4)]
+            while backend.started < 2:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            start = time.perf_counter()
+            shed = await client.post("/v1/moderate", json=LISTING)
+            assert shed.status_code == 429 and shed.headers["retry-after"] == "1"
+            assert shed.json()["error"]["type"] == "overloaded"
+            assert time.perf_counter() - start < 0.5
+            backend.release.set()
+            assert [r.status_code for r in await asyncio.gather(*busy)] == [200] * 4
+
+            # A caller that gives up: its engine call is cancelled, not left running.
+            backend.release.clear()
+            cancelled_before = backend.cancelled
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post("/v1/moderate", json=LISTING, timeout=0.3)
+            for _ in range(100):
+                if backend.cancelled > cancelled_before:
+                    break
+                await asyncio.sleep(0.02)
+            assert backend.cancelled == cancelled_before + 1
+            assert app.state.admission.models["tiny-llama"].inflight == 0
+            metrics = (await client.get("/metrics")).text
+            assert 'modgate_shed_requests_total{model="tiny-llama"} 1.0' in metrics
+        server.should_exit = True
+        await serve
+
+    asyncio.run(run())
+    store.close()
