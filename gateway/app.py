@@ -32,6 +32,7 @@ from gateway.api_models import ErrorBody, ModerationRequest, ModerationResponse
 from gateway.auth import Authenticator
 from gateway.config import GatewaySettings
 from gateway.errors import ApiError, error_response, map_exception
+from gateway.openai_api import build_openai_router
 from gateway.pipeline import ModerationPipeline
 from gateway.prompt_cache import PromptCache
 from gateway.telemetry import Attr, Metrics, stage
@@ -109,6 +110,7 @@ def create_app(
     cache: PromptCache | None = None,
     tracer_provider: TracerProvider | None = None,
     metrics: Metrics | None = None,
+    models: list[str] | None = None,
 ) -> FastAPI:
     """Build the gateway app. The caller owns `store`; the app closes `backend` on shutdown
     (and shuts down `tracer_provider`, flushing spans)."""
@@ -168,6 +170,7 @@ def create_app(
                               request.headers.get("x-request-id"))
 
     app.include_router(build_admin_router(store, auth, protected_labels=settings.protected_labels))
+    app.include_router(build_openai_router(pipeline, auth, settings, list(models or [])))
 
     @app.get("/v1/cache/prompts", tags=["prompt registry"])
     async def cache_snapshot(request: Request) -> Response:

@@ -190,7 +190,8 @@ def _run_gateway(cfg: AppConfig, store: Any, *, announce: bool, local_keys: bool
     from gateway.telemetry import build_tracer_provider
 
     fastapi_app = create_app(cfg.gateway, store, backend,
-                             tracer_provider=build_tracer_provider(cfg.tracing))
+                             tracer_provider=build_tracer_provider(cfg.tracing),
+                             models=[m.name for m in cfg.serving.models])
     server = uvicorn.Server(uvicorn.Config(
         fastapi_app, host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning",
         access_log=False, loop="auto", http="auto", timeout_graceful_shutdown=10))

@@ -11,10 +11,10 @@ from serving.errors import (
     BackendTimeout,
     BackendUnavailable,
 )
-from serving.protocol import ChatRequest, ChatResult, InferenceBackend, Timings
+from serving.protocol import ChatChunk, ChatRequest, ChatResult, InferenceBackend, Timings
 
 __all__ = [
     "BackendBadRequest", "BackendError", "BackendOverloaded", "BackendProtocolError",
-    "BackendTimeout", "BackendUnavailable", "ChatRequest", "ChatResult", "InferenceBackend",
+    "BackendTimeout", "BackendUnavailable", "ChatChunk", "ChatRequest", "ChatResult", "InferenceBackend",
     "Timings",
 ]

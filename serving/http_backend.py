@@ -1,16 +1,19 @@
 """Backend for any OpenAI-compatible chat server: Ray Serve LLM's app or a plain `vllm serve`.
 
 Uses one pooled `httpx.AsyncClient`. Output constraints travel as vLLM's `structured_outputs`
-extension (regex) or the standard `response_format` (JSON schema).
+extension (regex) or the standard `response_format` (JSON schema). `stream_chat` reads the
+server-sent events of a `stream: true` completion.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import orjson
+from opentelemetry import propagate
 
 from serving.errors import (
     BackendBadRequest,
@@ -19,7 +22,7 @@ from serving.errors import (
     BackendTimeout,
     BackendUnavailable,
 )
-from serving.protocol import ChatRequest, ChatResult, Timings
+from serving.protocol import ChatChunk, ChatRequest, ChatResult, Timings
 
 __all__ = ["OpenAIHttpBackend", "build_chat_body"]
 
@@ -42,6 +45,10 @@ def build_chat_body(req: ChatRequest) -> dict[str, Any]:
             "type": "json_schema",
             "json_schema": {"name": "verdict", "schema": req.json_schema, "strict": True},
         }
+    elif req.response_format is not None:
+        body["response_format"] = req.response_format
+    if req.stop:
+        body["stop"] = list(req.stop)
     if req.priority:
         body["priority"] = req.priority
     if req.request_id:
@@ -77,7 +84,7 @@ class OpenAIHttpBackend:
         body = orjson.dumps(build_chat_body(request))
         start = time.perf_counter()
         try:
-            resp = await self._client.post("/chat/completions", content=body,
+            resp = await self._client.post("/chat/completions", content=body, headers=_trace_headers(),
                                            timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)))
         except httpx.TimeoutException as exc:
             raise BackendTimeout(f"no answer from {self.base_url} within {timeout_s:.1f}s") from exc
@@ -106,6 +113,83 @@ class OpenAIHttpBackend:
                 f"{self.base_url} answered 200 with a body that is not a chat completion"
             ) from exc
 
+    async def stream_chat(self, request: ChatRequest, *, timeout_s: float) -> AsyncIterator[ChatChunk]:
+        """Stream a completion. `timeout_s` bounds the whole stream, not only each read.
+
+        Errors before the first event raise the same BackendErrors as `chat()`; an error event,
+        a malformed event or a connection that breaks (or ends before `[DONE]` and before a
+        finish reason) raise BackendUnavailable / BackendProtocolError from the iterator.
+        """
+        body = build_chat_body(request)
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        deadline = time.perf_counter() + timeout_s
+        started = False
+        try:
+            async with self._client.stream(
+                "POST", "/chat/completions", content=orjson.dumps(body), headers=_trace_headers(),
+                timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
+            ) as resp:
+                if resp.status_code != 200:
+                    await resp.aread()
+                    _raise_for_status(resp)
+                started = True
+                finished = False
+                async for data in _sse_data(resp):
+                    if data == "[DONE]":
+                        return
+                    chunk = self._parse_stream_event(data)
+                    if chunk is not None:
+                        finished = finished or chunk.finish_reason is not None
+                        yield chunk
+                    if time.perf_counter() > deadline:
+                        raise BackendTimeout(
+                            f"stream from {self.base_url} not finished within {timeout_s:.1f}s")
+                if not finished:
+                    raise BackendUnavailable(
+                        f"stream from {self.base_url} ended before the completion finished")
+        except httpx.TimeoutException as exc:
+            raise BackendTimeout(f"no answer from {self.base_url} within {timeout_s:.1f}s") from exc
+        except httpx.TransportError as exc:
+            where = "stream broke mid-answer from" if started else "cannot reach"
+            raise BackendUnavailable(f"{where} {self.base_url}: {type(exc).__name__}") from exc
+
+    def _parse_stream_event(self, data: str) -> ChatChunk | None:
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise BackendProtocolError(f"{self.base_url} streamed an event that is not JSON") from exc
+        if not isinstance(event, dict):
+            raise BackendProtocolError(f"{self.base_url} streamed an event that is not an object")
+        if event.get("error") is not None:
+            err = event["error"]
+            msg = err.get("message") if isinstance(err, dict) else err
+            raise BackendUnavailable(f"{self.base_url} failed mid-stream: {str(msg)[:500]}")
+        try:
+            choices = event.get("choices") or []
+            text, finish = "", None
+            if choices:
+                choice = choices[0]
+                text = (choice.get("delta") or {}).get("content") or ""
+                finish = choice.get("finish_reason")
+                if not isinstance(text, str):
+                    raise TypeError("delta.content is not a string")
+            usage = event.get("usage") or {}
+            prompt_tokens = usage.get("prompt_tokens")
+            completion_tokens = usage.get("completion_tokens")
+            chunk = ChatChunk(
+                text_delta=text,
+                finish_reason=str(finish) if finish is not None else None,
+                prompt_tokens=int(prompt_tokens) if prompt_tokens is not None else None,
+                completion_tokens=int(completion_tokens) if completion_tokens is not None else None,
+            )
+        except (AttributeError, IndexError, TypeError, ValueError) as exc:
+            raise BackendProtocolError(
+                f"{self.base_url} streamed an event that is not a chat completion chunk") from exc
+        if not chunk.text_delta and chunk.finish_reason is None and chunk.prompt_tokens is None:
+            return None  # e.g. the first chunk, which only carries the role
+        return chunk
+
     async def check_health(self) -> dict[str, Any]:
         try:
             resp = await self._client.get("/models", timeout=httpx.Timeout(3.0))
@@ -121,6 +205,33 @@ class OpenAIHttpBackend:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+async def _sse_data(resp: httpx.Response) -> AsyncIterator[str]:
+    """The `data` of each server-sent event (multi-line data joined by newlines); comments and
+    other fields are skipped."""
+    lines: list[str] = []
+    async for line in resp.aiter_lines():
+        if not line:
+            if lines:
+                yield "\n".join(lines)
+                lines = []
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        if field == "data":
+            lines.append(value.removeprefix(" "))
+    if lines:
+        yield "\n".join(lines)
+
+
+def _trace_headers() -> dict[str, str]:
+    """W3C `traceparent` of the current span, so the server's spans (Ray Serve, vLLM's
+    `llm_request`) join the caller's trace as children of the client span."""
+    headers: dict[str, str] = {}
+    propagate.inject(headers)
+    return headers
 
 
 def _raise_for_status(resp: httpx.Response) -> None:

@@ -6,10 +6,11 @@ output constraint (a regular expression or a JSON schema) and sampling parameter
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["ChatRequest", "ChatResult", "InferenceBackend", "Timings"]
+__all__ = ["ChatChunk", "ChatRequest", "ChatResult", "InferenceBackend", "Timings"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,11 @@ class ChatRequest:
     request_id: str | None = None
     # Lower is more urgent (vLLM priority scheduling): callers 0, shadow/eval traffic higher.
     priority: int = 0
+    # Raw OpenAI-style parameters passed through for callers that send their own messages.
+    stop: list[str] | None = None
+    # Sent as-is as `response_format` (e.g. {"type": "json_schema", ...}) when neither `regex`
+    # nor `json_schema` is set.
+    response_format: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,11 +55,35 @@ class ChatResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class ChatChunk:
+    """One piece of a streamed completion.
+
+    `finish_reason` is set on the chunk that ends the generation. The usage fields are set on
+    the chunk that carries the server's usage report (with `stream_options.include_usage`, a
+    last chunk with no text after the finishing one); None when the server sent no usage.
+    """
+
+    text_delta: str
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
 @runtime_checkable
 class InferenceBackend(Protocol):
     """How the gateway reaches a model. Implementations raise `serving.errors.BackendError`s."""
 
     async def chat(self, request: ChatRequest, *, timeout_s: float) -> ChatResult: ...
+
+    def stream_chat(self, request: ChatRequest, *, timeout_s: float) -> AsyncIterator[ChatChunk]:
+        """Stream the completion (implemented as an `async def` generator).
+
+        Errors before the first chunk (connection refused, HTTP 429/5xx, ...) are raised as the
+        same `BackendError`s as `chat()` by the first `__anext__`; an error event or a broken
+        connection mid-stream raises BackendUnavailable/BackendProtocolError from the iterator.
+        """
+        ...
 
     async def check_health(self) -> dict[str, Any]:
         """Return details when healthy; raise BackendUnavailable when not."""

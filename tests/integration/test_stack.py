@@ -156,3 +156,36 @@ def test_engine_killed_mid_run_never_yields_allow(stack: Stack) -> None:
     assert httpx.get(f"{stack.gateway_url}/healthz", timeout=5).status_code == 200
     ready = httpx.get(f"{stack.gateway_url}/readyz", timeout=30)
     assert ready.status_code == 503 and ready.json()["status"] == "not_ready"
+
+
+def _gateway_client(stack: Stack) -> openai.OpenAI:
+    key = stack.headers["authorization"].removeprefix("Bearer ")
+    return openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key=key, timeout=60, max_retries=0)
+
+
+def test_openai_client_against_the_gateway(stack: Stack) -> None:
+    """Any OpenAI client can use the gateway: raw messages, registry prompts, streaming and
+    the moderation endpoint, all through the real engine."""
+    client = _gateway_client(stack)
+    assert [m.id for m in client.models.list().data] == ["tiny-llama"]
+    raw = client.chat.completions.create(model="tiny-llama", max_tokens=8,
+                                         messages=[{"role": "user", "content": "hello"}])
+    assert raw.choices[0].message.content is not None and raw.usage.completion_tokens > 0
+    via_prompt = client.chat.completions.create(
+        model="ignored", messages=[],
+        extra_body={"prompt": {"name": "listing-moderation", "label": "production",
+                               "variables": {"title": LISTING["title"], "description": LISTING["description"],
+                                             "locale": "en-US"}}})
+    extra = via_prompt.model_extra["modgate"]
+    assert extra["prompt"]["version"] >= 1 and extra["verdict"]["fail_reason"] is None
+    chunks = list(client.chat.completions.create(
+        model="ignored", messages=[], stream=True,
+        extra_body={"prompt": {"name": "listing-moderation", "label": "production",
+                               "variables": {"title": "kids bicycle", "description": "", "locale": "en-US"}}}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.startswith('{"decision":"')
+    mod = client.moderations.create(input=["AAA replica sneakers", "kids bicycle"])
+    assert len(mod.results) == 2
+    for result in mod.results:
+        assert isinstance(result.flagged, bool)
+        assert set(result.categories.model_dump()) >= {"counterfeit"} or result.model_extra
