@@ -23,6 +23,10 @@ class ModerationRequest(BaseModel):
     locale: str = Field("en-US", pattern=r"^[a-z]{2,3}(-[A-Z][A-Za-z]{1,3})?$")
     prompt: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
                                description="prompt name; the gateway default when omitted")
+    prompt_version: int | None = Field(None, ge=1, description="pin a version (testing); bypasses "
+                                       "rollouts and answers with arm 'pinned'")
+    subject: str | None = Field(None, pattern=_ID, description="stickiness key for canary "
+                                "assignment; default: seller_id (or item_id, per rollout)")
 
 
 class PromptRef(BaseModel):
@@ -49,7 +53,7 @@ class ModerationResponse(BaseModel):
         None, description="set when the model's output could not be used; decision is then "
         "needs_review")
     prompt: PromptRef
-    arm: str = "stable"
+    arm: str = Field("stable", description="stable | canary | pinned")
     model: str
     latency_ms: float
     usage: Usage

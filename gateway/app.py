@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import orjson
 from fastapi import FastAPI, Request
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -31,11 +31,17 @@ from gateway.admission import AdmissionControl
 from gateway.api_models import ErrorBody, ModerationRequest, ModerationResponse
 from gateway.auth import Authenticator
 from gateway.config import GatewaySettings
+from gateway.decision_log import DecisionLog
 from gateway.errors import ApiError, error_response, map_exception
 from gateway.openai_api import build_openai_router
 from gateway.pipeline import ModerationPipeline
 from gateway.prompt_cache import PromptCache
+from gateway.recording import decision_record, failure_record
+from gateway.rollout_controller import RolloutController
+from gateway.rollout_stats import RolloutRecorder
+from gateway.shadow import ShadowDispatcher
 from gateway.telemetry import Attr, Metrics, stage
+from gateway.traffic import assign
 from prompt_registry import PromptNotFound, PromptStore, RegistryError
 from serving import BackendError, ChatRequest, InferenceBackend
 
@@ -102,6 +108,11 @@ async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -
         watcher.cancel()
 
 
+def _trace_id() -> str | None:
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid and ctx.trace_flags.sampled else None
+
+
 def create_app(
     settings: GatewaySettings,
     store: PromptStore,
@@ -111,6 +122,7 @@ def create_app(
     tracer_provider: TracerProvider | None = None,
     metrics: Metrics | None = None,
     models: list[str] | None = None,
+    decision_log: DecisionLog | None = None,
 ) -> FastAPI:
     """Build the gateway app. The caller owns `store`; the app closes `backend` on shutdown
     (and shuts down `tracer_provider`, flushing spans)."""
@@ -126,12 +138,22 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         cache.start()
+        recorder.start()
+        if settings.rollout_controller:
+            controller.start()
+        if decision_log is not None:
+            await decision_log.start()
         failures = {k: e for k, e in (await cache.preload(preload_keys)).items() if e}
         for (name, label), error in failures.items():
             log.error("prompt %s:%s could not be preloaded: %s", name, label, error)
         try:
             yield
         finally:
+            await shadows.aclose()
+            await controller.aclose()
+            await recorder.aclose()
+            if decision_log is not None:
+                await decision_log.aclose()
             await cache.aclose()
             await backend.aclose()
             provider.shutdown()
@@ -145,6 +167,16 @@ def create_app(
     admission = AdmissionControl(max_inflight=settings.max_inflight_per_model,
                                  max_queued=settings.max_queued_per_model)
     pipeline = ModerationPipeline(cache, backend, tracer=tracer, metrics=metrics, admission=admission)
+    recorder = RolloutRecorder(store)
+    shadows = ShadowDispatcher(pipeline, recorder, max_concurrency=settings.shadow.max_concurrency,
+                               max_pending=settings.shadow.max_pending, timeout_s=settings.shadow.timeout_s,
+                               priority=settings.shadow.priority, decision_log=decision_log)
+    controller = RolloutController(store, recorder, interval_s=settings.rollout_tick_s,
+                                   production_label=settings.default_label)
+    app.state.recorder = recorder
+    app.state.shadows = shadows
+    app.state.controller = controller
+    app.state.decision_log = decision_log
     app.state.admission = admission
     app.state.metrics = metrics
     app.state.tracer = tracer
@@ -250,6 +282,7 @@ def create_app(
             rid = uuid.uuid4().hex
         parent = propagate.extract(request.headers)
         code = 200
+        track: dict[str, Any] = {}
         with tracer.start_as_current_span("POST /v1/moderate", context=parent, kind=SpanKind.SERVER,
                                           attributes={Attr.REQUEST_ID: rid}) as root:
             try:
@@ -257,9 +290,11 @@ def create_app(
                     principal = await auth.authenticate(request.headers.get("authorization"),
                                                         request.headers.get("x-api-key"))
                     auth.require(principal, "moderate")
-                body = await _moderate(request, rid, start)
+                body = await _moderate(request, rid, start, track)
             except Exception as exc:
                 err = map_exception(exc)
+                if err is not None:
+                    _record_failure(rid, track, err, start)
                 code = err.status if err is not None else 500
                 root.set_attribute(Attr.ERROR_TYPE, err.type if err else "internal_error")
                 if code >= 500:
@@ -283,7 +318,7 @@ def create_app(
             time.perf_counter() - start)
         return _json(body, headers={"x-request-id": rid})
 
-    async def _moderate(request: Request, rid: str, start: float) -> dict[str, Any]:
+    async def _moderate(request: Request, rid: str, start: float, track: dict[str, Any]) -> dict[str, Any]:
         ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if ctype and ctype not in _JSON_TYPES and not ctype.endswith("+json"):
             raise ApiError(415, "unsupported_media_type", f"expected application/json, got {ctype}")
@@ -310,18 +345,40 @@ def create_app(
                            fields=too_long)
 
         name = req.prompt or settings.default_prompt
-        label = settings.default_label
+        rollout = await cache.rollout(name) if req.prompt_version is None else None
+        if rollout is not None and not rollout.active:
+            rollout = None
+        subject = req.subject or (req.item_id if rollout and rollout.subject_key == "item_id" else req.seller_id)
+        assignment = assign(rollout, subject, item_id=req.item_id, pin=req.prompt_version)
+        label = settings.default_label if assignment.arm == "stable" else None
+        track.update(req=req, subject=subject, arm=assignment.arm, rollout=rollout)
         try:
-            resolved = await pipeline.resolve(name, label=label)
+            if assignment.version is None:
+                resolved = await pipeline.resolve(name, label=settings.default_label)
+            else:
+                resolved = await pipeline.resolve(name, version=assignment.version, arm=assignment.arm)
         except PromptNotFound as exc:
             raise ApiError(404, "unknown_prompt", str(exc)) from None
+        track["version"] = resolved.version
         remaining = settings.request_timeout_s - (time.perf_counter() - start)
+        variables = req.model_dump()
         ev = await _unless_disconnected(request, pipeline.evaluate(
-            resolved, req.model_dump(), req.locale, request_id=rid, timeout_s=remaining, label=label))
+            resolved, variables, req.locale, request_id=rid, timeout_s=remaining, label=label,
+            arm=assignment.arm))
         verdict = ev.verdict
         if verdict.fail_reason:
             log.warning("moderation %s: model output rejected (%s); answering %s", rid,
                         verdict.fail_reason, verdict.decision)
+        latency_ms = (time.perf_counter() - start) * 1000.0
+        if rollout is not None and assignment.arm in ("stable", "canary"):
+            recorder.primary(rollout.id, assignment.arm, verdict, latency_ms)
+            for version in assignment.shadows:
+                shadows.submit(rollout, version, ev, variables, req.locale, request_id=rid,
+                               item_id=req.item_id, subject=subject)
+        if decision_log is not None:
+            decision_log.append(decision_record(
+                ev, request_id=rid, item_id=req.item_id, subject=subject, arm=assignment.arm,
+                latency_ms=latency_ms, trace_id=_trace_id()))
         return {
             "request_id": rid,
             "item_id": req.item_id,
@@ -330,12 +387,26 @@ def create_app(
             "confidence": verdict.confidence,
             "fail_reason": verdict.fail_reason,
             "prompt": ev.prompt_ref(),
-            "arm": "stable",
+            "arm": assignment.arm,
             "model": ev.result.model,
-            "latency_ms": round((time.perf_counter() - start) * 1000.0, 3),
+            "latency_ms": round(latency_ms, 3),
             "usage": {"prompt_tokens": ev.result.prompt_tokens,
                       "completion_tokens": ev.result.completion_tokens},
             "trace_id": None,
         }
+
+    def _record_failure(rid: str, track: dict[str, Any], err: ApiError, start: float) -> None:
+        """A failed moderation still counts: against its rollout arm, and in the decision log."""
+        version = track.get("version")
+        rollout = track.get("rollout")
+        arm = track.get("arm", "stable")
+        latency_ms = (time.perf_counter() - start) * 1000.0
+        if rollout is not None and arm in ("stable", "canary") and err.status >= 500:
+            recorder.primary(rollout.id, arm, None, latency_ms)
+        req = track.get("req")
+        if decision_log is not None and version is not None and req is not None and err.status >= 500:
+            decision_log.append(failure_record(
+                version, request_id=rid, item_id=req.item_id, subject=track["subject"], arm=arm,
+                error_type=err.type, latency_ms=latency_ms, trace_id=_trace_id()))
 
     return app

@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import typer
 
 from gateway.config import AppConfig, ConfigError, load_config
+from gateway.decisions_cli import decisions_app
 from gateway.deploy_cli import deploy_app
 from gateway.registry_cli import keys_app, prompts_app
 
@@ -35,6 +36,7 @@ app = typer.Typer(
         "  modgate check-config       validate a configuration file and say what it will run\n"
         "  modgate prompts ...        publish, diff, label, roll back and audit prompt versions\n"
         "  modgate keys ...           create, list and revoke API keys\n"
+        "  modgate decisions ...      export (Parquet/CSV), tail and summarise every verdict\n"
         "  modgate deploy ...         generate the KubeRay serveConfigV2 and the config JSON Schema\n"
         "\nEvery command takes --config (or MODGATE_CONFIG); the default is configs/modgate.yaml."
     ),
@@ -46,6 +48,8 @@ app = typer.Typer(
 
 app.add_typer(prompts_app, name="prompts")
 app.add_typer(keys_app, name="keys")
+app.add_typer(decisions_app, name="decisions", help="Export, tail and summarise the decision log "
+              "(every verdict, for DuckDB or a spreadsheet).")
 app.add_typer(deploy_app, name="deploy", help="Kubernetes deployment helpers: generate the "
               "RayService serveConfigV2 and the config JSON Schema.")
 
@@ -187,11 +191,13 @@ def _run_gateway(cfg: AppConfig, store: Any, *, announce: bool, local_keys: bool
 
     api_key = os.environ.get(cfg.serving.api_key_env) if cfg.serving.api_key_env else None
     backend = OpenAIHttpBackend(cfg.serving.resolved_base_url(), api_key=api_key)
+    from gateway.decision_log import DecisionLog
     from gateway.telemetry import build_tracer_provider
 
     fastapi_app = create_app(cfg.gateway, store, backend,
                              tracer_provider=build_tracer_provider(cfg.tracing),
-                             models=[m.name for m in cfg.serving.models])
+                             models=[m.name for m in cfg.serving.models],
+                             decision_log=DecisionLog.from_settings(cfg.decision_log, cfg.data_path()))
     server = uvicorn.Server(uvicorn.Config(
         fastapi_app, host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning",
         access_log=False, loop="auto", http="auto", timeout_graceful_shutdown=10))

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gateway.decision_log import DecisionLogSettings
 from gateway.telemetry import TracingSettings
 from serving.config import ServingConfig
 
@@ -28,6 +29,14 @@ class ConfigError(Exception):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ShadowSettings(_Strict):
+    max_concurrency: int = Field(4, ge=1, description="shadow evaluations running at once")
+    max_pending: int = Field(64, ge=1, description="queued + running; beyond this shadows are dropped")
+    timeout_s: float = Field(10.0, gt=0)
+    priority: int = Field(0, description="vLLM priority for shadow requests (higher = later); "
+                          "needs engine scheduling_policy: priority when non-zero")
 
 
 class GatewaySettings(_Strict):
@@ -52,6 +61,10 @@ class GatewaySettings(_Strict):
                                "(revocation delay)")
     protected_labels: list[str] = Field(default_factory=lambda: ["production"],
                                         description="moving these needs the labels:protected scope")
+    shadow: ShadowSettings = Field(default_factory=ShadowSettings)
+    rollout_controller: bool = Field(True, description="judge running rollouts by their gates and "
+                                     "step/promote/abort them automatically")
+    rollout_tick_s: float = Field(5.0, gt=0, description="how often the rollout controller runs")
     readiness_probe_timeout_s: float = Field(10.0, gt=0)
     max_inflight_per_model: int = Field(256, ge=1, description="concurrent engine calls per model "
                                         "from this gateway process")
@@ -74,6 +87,7 @@ class AppConfig(_Strict):
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     serving: ServingConfig
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    decision_log: DecisionLogSettings = Field(default_factory=DecisionLogSettings)
     # Directory of the config file; set by load_config, used to resolve relative paths.
     base_dir: Path = Field(default=Path("."), exclude=True)
 

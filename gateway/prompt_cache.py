@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from prompt_registry import PromptNotFound, PromptReader, PromptVersion, StoreUnavailable
+from prompt_registry.rollouts import Rollout
 from prompt_registry.store import Subscription
 
 __all__ = ["CacheStats", "PromptCache", "Resolved"]
@@ -71,6 +72,8 @@ class PromptCache:
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future[PromptVersion]] = {}
         self._pinned: dict[tuple[str, int], PromptVersion] = {}
+        self._rollouts: dict[str, tuple[Rollout | None, float, bool]] = {}  # rollout, fetched, dirty
+        self._rollout_inflight: dict[str, asyncio.Future[Rollout | None]] = {}
         self._subscription: Subscription | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = CacheStats()
@@ -132,6 +135,45 @@ class PromptCache:
             self._pinned[key] = cached
         return Resolved(cached, stale=False)
 
+    async def rollout(self, name: str) -> Rollout | None:
+        """The prompt's rollout from memory, refreshed like labels (events + refresh_s). While
+        the store is unreachable the last-known rollout is used; with none known, no rollout."""
+        entry = self._rollouts.get(name)
+        if entry is None:
+            try:
+                return await asyncio.shield(self._refresh_rollout(name))
+            except StoreUnavailable:
+                return None
+        rollout, fetched_at, dirty = entry
+        if dirty or self._clock() - fetched_at >= self._refresh_s:
+            self._refresh_rollout(name)
+        return rollout
+
+    def _refresh_rollout(self, name: str) -> asyncio.Future[Rollout | None]:
+        fut = self._rollout_inflight.get(name)
+        if fut is None:
+            fut = asyncio.ensure_future(self._fetch_rollout(name))
+            self._rollout_inflight[name] = fut
+            fut.add_done_callback(lambda f, n=name: self._rollout_done(n, f))
+        return fut
+
+    def _rollout_done(self, name: str, fut: asyncio.Future[Rollout | None]) -> None:
+        self._rollout_inflight.pop(name, None)
+        if not fut.cancelled():
+            fut.exception()
+
+    async def _fetch_rollout(self, name: str) -> Rollout | None:
+        started = self._clock()
+        try:
+            rollout = await asyncio.to_thread(self._reader.get_rollout, name)
+        except StoreUnavailable:
+            old = self._rollouts.get(name)
+            if old is not None:
+                self._rollouts[name] = (old[0], started - self._refresh_s + self._retry_s, False)
+            raise
+        self._rollouts[name] = (rollout, started, False)
+        return rollout
+
     def _refresh(self, key: tuple[str, str]) -> asyncio.Future[PromptVersion]:
         fut = self._inflight.get(key)
         if fut is None:
@@ -182,6 +224,9 @@ class PromptCache:
             if name is None or key[0] == name:
                 entry.dirty = True
                 self._refresh(key)
+        for prompt in list(self._rollouts):
+            if name is None or prompt == name:
+                self._refresh_rollout(prompt)
 
     def snapshot(self) -> list[dict[str, object]]:
         now = self._clock()

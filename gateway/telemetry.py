@@ -131,6 +131,8 @@ class Metrics:
         self.inflight = Gauge("modgate_inflight_requests", "Moderations in progress", ["model"], registry=r)
         self.shed = Counter("modgate_shed_requests", "Requests refused with 429 because a model's "
                             "queue was full", ["model"], registry=r)
+        self.shadow_dropped = Counter("modgate_shadow_dropped", "Shadow evaluations dropped because "
+                                      "the shadow queue was full", ["prompt", "version"], registry=r)
         self.cache_events = Counter("modgate_prompt_cache_events", "Prompt cache activity",
                                     ["kind"], registry=r)
         self.cache_age = Gauge("modgate_prompt_cache_age_seconds",

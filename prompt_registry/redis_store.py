@@ -8,6 +8,11 @@ Key schema (prefix `P`, default "modgate"; `N` is a prompt name):
     P:prompt:N:seq         string last version number handed out
     P:prompt:N:labels      hash   label -> version number
     P:prompt:N:audit       list   audit entries (JSON), oldest first
+    P:prompt:N:rollout     string the prompt's current (or last) rollout (JSON)
+    P:prompt:N:rollout_rev string its revision (compare-and-set)
+    P:rollouts             set    prompts that have a rollout
+    P:rollout:ID:stats     hash   shared rollout counters (HINCRBY from every gateway)
+    P:rollout:ID:flips     list   newest flipped items (JSON), trimmed
     P:keys                 hash   API key id -> key record (JSON; secret stored hashed)
     P:events               pub/sub channel: {"prompt": N, "kind": "publish"|"label"}
 
@@ -35,6 +40,7 @@ import redis
 from prompt_registry.errors import LabelConflict, PromptNotFound, StoreUnavailable
 from prompt_registry.keys import ApiKeyRecord
 from prompt_registry.models import PromptSpec, PromptVersion
+from prompt_registry.rollouts import Rollout, RolloutConflict
 from prompt_registry.store import AuditEntry, PublishResult, Subscription
 
 __all__ = ["RedisPromptStore"]
@@ -63,6 +69,25 @@ return {1, cur or ''}
 """
 
 
+# KEYS: rollout, rollout_rev, audit, rollouts set, events
+# ARGV: record, expected "<id>:<revision>" or "", new "<id>:<revision>", audit entry,
+#       "1" if the stored rollout is active, prompt name, event
+_PUT_ROLLOUT = """
+local rev = redis.call('GET', KEYS[2])
+if ARGV[2] == '' then
+  if rev and ARGV[5] == '1' then return {-1} end
+elseif rev ~= ARGV[2] then
+  return {-2}
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[3])
+redis.call('RPUSH', KEYS[3], ARGV[4])
+redis.call('SADD', KEYS[4], ARGV[6])
+redis.call('PUBLISH', KEYS[5], ARGV[7])
+return {1}
+"""
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -78,6 +103,7 @@ class RedisPromptStore:
             health_check_interval=15, decode_responses=False)
         self._publish = self._r.register_script(_PUBLISH)
         self._set_label = self._r.register_script(_SET_LABEL)
+        self._put_rollout = self._r.register_script(_PUT_ROLLOUT)
         self._events = f"{prefix}:events"
 
     def _k(self, name: str, part: str) -> str:
@@ -170,6 +196,58 @@ class RedisPromptStore:
     def audit(self, name: str) -> list[AuditEntry]:
         raw = self._call(lambda: self._r.lrange(self._k(name, "audit"), 0, -1))
         return [AuditEntry.model_validate(orjson.loads(r)) for r in raw]
+
+    def get_rollout(self, prompt: str) -> Rollout | None:
+        raw = self._call(lambda: self._r.get(self._k(prompt, "rollout")))
+        return Rollout.model_validate_json(raw) if raw else None
+
+    def list_rollouts(self) -> list[Rollout]:
+        names = self._call(lambda: self._r.smembers(f"{self._prefix}:rollouts"))
+        out = [self.get_rollout(n.decode()) for n in sorted(names)]
+        return [r for r in out if r is not None]
+
+    def put_rollout(self, rollout: Rollout, *, expected_revision: int | None, actor: str,
+                    note: str = "") -> None:
+        current = self.get_rollout(rollout.prompt)
+        audit = orjson.dumps({"at": _now().isoformat(), "actor": actor, "action": "rollout",
+                              "prompt": rollout.prompt, "label": rollout.state,
+                              "from_version": rollout.stable_version,
+                              "to_version": rollout.canary_version, "note": note})
+        event = orjson.dumps({"prompt": rollout.prompt, "kind": "rollout"})
+        keys = [self._k(rollout.prompt, "rollout"), self._k(rollout.prompt, "rollout_rev"),
+                self._k(rollout.prompt, "audit"), f"{self._prefix}:rollouts", self._events]
+        current_active = "1" if current is not None and current.active else "0"
+        expected = "" if expected_revision is None else f"{rollout.id}:{expected_revision}"
+        (status,) = self._call(lambda: self._put_rollout(keys=keys, args=[
+            rollout.model_dump_json(), expected, f"{rollout.id}:{rollout.revision}", audit,
+            current_active, rollout.prompt, event]))
+        if status == -1:
+            raise RolloutConflict(f"prompt {rollout.prompt!r} already has an active rollout")
+        if status == -2:
+            raise RolloutConflict(f"rollout of {rollout.prompt!r} changed concurrently "
+                                  f"(expected revision {expected_revision})")
+
+    def add_rollout_stats(self, rollout_id: str, counters: dict[str, int],
+                          flips: list[str] | None = None, *, keep_flips: int = 500) -> None:
+        def work() -> None:
+            pipe = self._r.pipeline(transaction=True)
+            key = f"{self._prefix}:rollout:{rollout_id}:stats"
+            for k, v in counters.items():
+                pipe.hincrby(key, k, v)
+            if flips:
+                fkey = f"{self._prefix}:rollout:{rollout_id}:flips"
+                pipe.lpush(fkey, *flips)
+                pipe.ltrim(fkey, 0, keep_flips - 1)
+            pipe.execute()
+        self._call(work)
+
+    def rollout_stats(self, rollout_id: str) -> dict[str, int]:
+        raw = self._call(lambda: self._r.hgetall(f"{self._prefix}:rollout:{rollout_id}:stats"))
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+    def rollout_flips(self, rollout_id: str, limit: int = 100) -> list[str]:
+        raw = self._call(lambda: self._r.lrange(f"{self._prefix}:rollout:{rollout_id}:flips", 0, limit - 1))
+        return [r.decode() for r in raw]
 
     def get_key(self, key_id: str) -> ApiKeyRecord | None:
         raw = self._call(lambda: self._r.hget(f"{self._prefix}:keys", key_id))

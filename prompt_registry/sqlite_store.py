@@ -20,6 +20,7 @@ import orjson
 from prompt_registry.errors import LabelConflict, PromptNotFound, StoreUnavailable
 from prompt_registry.keys import ApiKeyRecord
 from prompt_registry.models import PromptSpec, PromptVersion
+from prompt_registry.rollouts import Rollout, RolloutConflict
 from prompt_registry.store import AuditEntry, PublishResult, Subscription
 
 __all__ = ["SqlitePromptStore"]
@@ -46,6 +47,16 @@ CREATE TABLE IF NOT EXISTS versions (
 CREATE TABLE IF NOT EXISTS labels (
     name TEXT NOT NULL, label TEXT NOT NULL, version INTEGER NOT NULL,
     PRIMARY KEY (name, label)
+);
+CREATE TABLE IF NOT EXISTS rollouts (
+    name TEXT PRIMARY KEY, record TEXT NOT NULL, revision INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rollout_stats (
+    rollout_id TEXT NOT NULL, key TEXT NOT NULL, value INTEGER NOT NULL,
+    PRIMARY KEY (rollout_id, key)
+);
+CREATE TABLE IF NOT EXISTS rollout_flips (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, rollout_id TEXT NOT NULL, record TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS api_keys (
     key_id TEXT PRIMARY KEY, record TEXT NOT NULL
@@ -207,6 +218,67 @@ class SqlitePromptStore:
             "WHERE name=? ORDER BY id", (name,)).fetchall()
         return [AuditEntry(at=datetime.fromisoformat(r[0]), actor=r[1], action=r[2], prompt=r[3],
                            label=r[4], from_version=r[5], to_version=r[6], note=r[7]) for r in rows]
+
+    @_wrap_errors
+    def get_rollout(self, prompt: str) -> Rollout | None:
+        row = self._con().execute("SELECT record FROM rollouts WHERE name=?", (prompt,)).fetchone()
+        return Rollout.model_validate_json(row[0]) if row else None
+
+    @_wrap_errors
+    def list_rollouts(self) -> list[Rollout]:
+        rows = self._con().execute("SELECT record FROM rollouts ORDER BY name").fetchall()
+        return [Rollout.model_validate_json(r[0]) for r in rows]
+
+    @_wrap_errors
+    def put_rollout(self, rollout: Rollout, *, expected_revision: int | None, actor: str,
+                    note: str = "") -> None:
+        with self._tx() as con:
+            row = con.execute("SELECT record, revision FROM rollouts WHERE name=?",
+                              (rollout.prompt,)).fetchone()
+            current = Rollout.model_validate_json(row[0]) if row else None
+            if expected_revision is None:
+                if current is not None and current.active:
+                    raise RolloutConflict(f"prompt {rollout.prompt!r} already has an active rollout "
+                                          f"({current.id}, {current.state})")
+            elif current is None or current.id != rollout.id or row[1] != expected_revision:
+                raise RolloutConflict(f"rollout of {rollout.prompt!r} changed concurrently "
+                                      f"(expected revision {expected_revision})")
+            con.execute("INSERT INTO rollouts VALUES (?,?,?) ON CONFLICT(name) DO UPDATE SET "
+                        "record=excluded.record, revision=excluded.revision",
+                        (rollout.prompt, rollout.model_dump_json(), rollout.revision))
+            con.execute(
+                "INSERT INTO audit (at, actor, action, name, label, from_version, to_version, note) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (_now().isoformat(), actor, "rollout", rollout.prompt, rollout.state,
+                 rollout.stable_version, rollout.canary_version, note))
+        self._notify(rollout.prompt)
+
+    @_wrap_errors
+    def add_rollout_stats(self, rollout_id: str, counters: dict[str, int],
+                          flips: list[str] | None = None, *, keep_flips: int = 500) -> None:
+        with self._tx() as con:
+            con.executemany(
+                "INSERT INTO rollout_stats VALUES (?,?,?) ON CONFLICT(rollout_id, key) "
+                "DO UPDATE SET value = value + excluded.value",
+                [(rollout_id, k, v) for k, v in counters.items()])
+            if flips:
+                con.executemany("INSERT INTO rollout_flips (rollout_id, record) VALUES (?,?)",
+                                [(rollout_id, f) for f in flips])
+                con.execute("DELETE FROM rollout_flips WHERE rollout_id=? AND id NOT IN (SELECT id "
+                            "FROM rollout_flips WHERE rollout_id=? ORDER BY id DESC LIMIT ?)",
+                            (rollout_id, rollout_id, keep_flips))
+
+    @_wrap_errors
+    def rollout_stats(self, rollout_id: str) -> dict[str, int]:
+        rows = self._con().execute("SELECT key, value FROM rollout_stats WHERE rollout_id=?",
+                                   (rollout_id,)).fetchall()
+        return {k: v for k, v in rows}
+
+    @_wrap_errors
+    def rollout_flips(self, rollout_id: str, limit: int = 100) -> list[str]:
+        rows = self._con().execute("SELECT record FROM rollout_flips WHERE rollout_id=? "
+                                   "ORDER BY id DESC LIMIT ?", (rollout_id, limit)).fetchall()
+        return [r[0] for r in rows]
 
     @_wrap_errors
     def get_key(self, key_id: str) -> ApiKeyRecord | None:

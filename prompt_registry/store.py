@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from prompt_registry.keys import ApiKeyRecord
 from prompt_registry.models import PromptSpec, PromptVersion
+from prompt_registry.rollouts import Rollout
 
 __all__ = ["AuditEntry", "PromptReader", "PromptStore", "PublishResult", "Subscription"]
 
@@ -57,6 +58,10 @@ class PromptReader(Protocol):
 
     def labels(self, name: str) -> dict[str, int]: ...
 
+    def get_rollout(self, prompt: str) -> Rollout | None:
+        """The prompt's current (or last) rollout."""
+        ...
+
     def subscribe(self, callback: Callable[[str | None], None]) -> Subscription:
         """Call `callback(prompt_name)` from a background thread when a prompt changes, or
         `callback(None)` when anything may have changed (e.g. after a reconnect)."""
@@ -83,6 +88,25 @@ class PromptStore(PromptReader, Protocol):
     def versions(self, name: str) -> list[int]: ...
 
     def audit(self, name: str) -> list[AuditEntry]: ...
+
+    def list_rollouts(self) -> list[Rollout]: ...
+
+    def put_rollout(self, rollout: Rollout, *, expected_revision: int | None, actor: str,
+                    note: str = "") -> None:
+        """Store *rollout* if the stored one has `expected_revision` (None: no rollout stored
+        for the prompt, or only a finished one). Raises RolloutConflict otherwise. Audited as
+        action "rollout" and announced as a change of the prompt."""
+        ...
+
+    def add_rollout_stats(self, rollout_id: str, counters: dict[str, int],
+                          flips: list[str] | None = None, *, keep_flips: int = 500) -> None:
+        """Add to a rollout's shared counters; append flipped-item records (JSON), keeping the
+        newest *keep_flips*."""
+        ...
+
+    def rollout_stats(self, rollout_id: str) -> dict[str, int]: ...
+
+    def rollout_flips(self, rollout_id: str, limit: int = 100) -> list[str]: ...
 
     def get_key(self, key_id: str) -> ApiKeyRecord | None: ...
 

@@ -218,3 +218,35 @@ def test_api_keys_are_stored_hashed(store: PromptStore) -> None:
     assert store.get_key(key_id).revoked is True  # type: ignore[union-attr]
     assert [k.key_id for k in store.list_keys()] == [key_id]
     assert store.get_key("000000000000") is None
+
+
+def test_rollouts_compare_and_set_and_stats(make_store: StoreFactory, example_spec: PromptSpec) -> None:
+    from prompt_registry.rollouts import GateConfig, RolloutConflict, ShadowSpec, new_rollout
+
+    s = make_store()
+    s.publish(example_spec, actor="a")
+    s.publish(_variant(example_spec, 1), actor="a")
+    r = new_rollout(example_spec.name, stable_version=1, canary_version=2, steps=[5, 50, 100],
+                    shadows=[ShadowSpec(version=2, sample_rate=0.2)], step_hold_s=60,
+                    gates=GateConfig(), auto=True, subject_key="seller_id", started_by="maria")
+    s.put_rollout(r, expected_revision=None, actor="maria", note="start")
+    with pytest.raises(RolloutConflict):  # one active rollout per prompt
+        s.put_rollout(r, expected_revision=None, actor="x")
+    stepped = r.changed(step_index=1)
+    s.put_rollout(stepped, expected_revision=0, actor="controller", note="step")
+    with pytest.raises(RolloutConflict):  # a second writer with the old revision loses
+        s.put_rollout(r.changed(state="aborted"), expected_revision=0, actor="other")
+    got = make_store().get_rollout(example_spec.name)
+    assert got is not None and got.weight == 50 and got.revision == 1
+    assert [x.id for x in s.list_rollouts()] == [r.id]
+    finished = stepped.changed(state="aborted")
+    s.put_rollout(finished, expected_revision=1, actor="a")
+    again = new_rollout(example_spec.name, stable_version=1, canary_version=2, steps=[5], shadows=[],
+                        step_hold_s=0, gates=GateConfig(), auto=False, subject_key="seller_id", started_by="a")
+    s.put_rollout(again, expected_revision=None, actor="a")  # a finished rollout can be replaced
+    assert [e.action for e in s.audit(example_spec.name)][-4:] == ["rollout"] * 4
+
+    s.add_rollout_stats(r.id, {"canary:requests": 3, "pair:2:agree": 1}, flips=['{"i":1}', '{"i":2}'], keep_flips=2)
+    make_store().add_rollout_stats(r.id, {"canary:requests": 2}, flips=['{"i":3}'], keep_flips=2)
+    assert s.rollout_stats(r.id) == {"canary:requests": 5, "pair:2:agree": 1}
+    assert s.rollout_flips(r.id) == ['{"i":3}', '{"i":2}']

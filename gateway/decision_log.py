@@ -1,0 +1,917 @@
+"""The durable decision log: every verdict the gateway produces, kept as JSON lines on disk.
+
+Who reads it: prompt-operations specialists comparing prompt versions and arms in SQL (DuckDB)
+or a spreadsheet (`modgate decisions export`), and operators who must be able to show what was
+decided, by which prompt version, for which item. One line per decision (or per backend
+failure, `error_type` set and no verdict); listing content (titles, descriptions) is never
+stored, only ids, the prompt version, the verdict and its cost.
+
+Why local segment files and not a database or a queue:
+
+* zero set-up: a directory under `data_dir`, nothing to run or to keep reachable. The request
+  path never waits on it, so a slow or full disk cannot slow moderation down;
+* append-only JSON lines: a crash can at most tear the last line of the segment being written,
+  and readers skip such a line (`read_segments` counts it). Nothing is ever rewritten;
+* readable by anything: `jq`, `grep`, `duckdb -c "select * from read_json('decisions/*/*.jsonl')"`,
+  or `modgate decisions export --format parquet|csv` for typed Parquet and spreadsheet CSV.
+  Shipping them elsewhere (Vector, Fluent Bit, a nightly `aws s3 sync`) needs no gateway change.
+
+Layout: `<decision_log.dir>/<replica>/decisions-<UTC yyyymmddTHHMMSS>-<seq>.jsonl`, where
+`<replica>` is the host name (the pod name in Kubernetes). One directory per gateway replica,
+so several replicas can share one volume (a ReadWriteMany PVC) without ever writing the same
+file; with a ReadWriteOnce PVC per replica (a StatefulSet) the layout is the same. In
+Kubernetes mount a PersistentVolumeClaim at the data directory: on an `emptyDir` the log dies
+with the pod. Readers (`read_segments`, the CLI) read every replica directory and merge by time.
+
+Write path: `DecisionLog.append` is synchronous and O(1): it puts the record into a bounded
+in-memory queue, and when the queue is full it drops the record and counts it (`dropped`),
+because moderation must never wait for the log. A background task takes batches off the queue
+and writes them in a worker thread (`asyncio.to_thread`), one `write` per batch, then `fsync`
+(`fsync: true`, the default): a flush that returned is on disk and survives a crash of the
+process or the machine. The same thread rotates segments when one would exceed
+`segment_max_bytes` or is older than `segment_max_age_s`, and applies retention: closed
+segments that started more than `retention_days` (plus one segment age) ago are deleted, in
+this replica's directory and in sibling replica directories (replicas that are gone), and the
+oldest closed segments of this replica beyond `retention_max_bytes` in total.
+
+Failures: a write error (disk full, permissions, a vanished directory) is counted
+(`write_errors`) and logged, and never reaches the request path. The batch being written stays
+in memory and is retried with backoff; what was written of it but not yet synced is truncated
+away first, so a retry does not duplicate lines. Meanwhile new records queue up to `queue_max`,
+then are dropped and counted. If even the truncation fails, a retried batch may be written
+twice: the log is at-least-once, and `(request_id, arm)` identifies a decision.
+`aclose()` drains the queue and flushes (retrying for `close_timeout_s`) before shutdown.
+
+Segment names use the injected clock (`clock`), like rotation by age and retention, so tests
+control time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import heapq
+import logging
+import os
+import re
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "DecisionLog", "DecisionLogSettings", "DecisionRecord", "ReadStats", "arrow_schema", "export",
+    "list_segments", "read_segments", "tail",
+]
+
+log = logging.getLogger("modgate.decision_log")
+
+Arm = Literal["stable", "canary", "shadow", "pinned"]
+ExportFormat = Literal["parquet", "csv"]
+Clock = Callable[[], datetime]
+
+_SEGMENT = re.compile(r"^decisions-(\d{8}T\d{6})-(\d+)\.jsonl$")
+_SEGMENT_GLOB = "decisions-*.jsonl"
+# Records can be appended (and so written) a little after a segment opens; when pruning by time
+# allow this much clock disagreement between the caller's `ts` and the writer's clock.
+_PRUNE_SLACK = timedelta(minutes=5)
+_MIB = 1024 * 1024
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class DecisionRecord(BaseModel):
+    """One decision (or one failed attempt at one) as stored and exported.
+
+    Exactly one of `decision` and `error_type` is set: `error_type` (e.g. `model_unavailable`,
+    `model_timeout`) means the backend failed and no verdict exists. `shadow_of` (the request id
+    of the primary decision) is set exactly when `arm` is `shadow`. Unknown fields are rejected,
+    so listing content cannot end up in the log by accident.
+    """
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+    ts: datetime = Field(..., description="when the decision was made (UTC)")
+    request_id: str
+    item_id: str
+    subject: str = Field(..., description="seller id or other traffic-stickiness key")
+    prompt_name: str
+    prompt_version: int
+    label: str | None = None
+    arm: Arm
+    shadow_of: str | None = None
+    decision: str | None = None
+    category: str | None = None
+    confidence: float | None = None
+    fail_reason: str | None = None
+    error_type: str | None = None
+    model: str
+    latency_ms: float
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    locale: str | None = None
+    trace_id: str | None = None
+
+    @field_validator("ts")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        offset = value.utcoffset()
+        if offset is None:
+            raise ValueError("ts must be timezone-aware (UTC)")
+        return value.astimezone(UTC) if offset else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DecisionRecord:
+        if (self.decision is None) == (self.error_type is None):
+            raise ValueError("exactly one of decision and error_type must be set")
+        if (self.shadow_of is not None) != (self.arm == "shadow"):
+            raise ValueError("shadow_of is set exactly when arm is 'shadow'")
+        return self
+
+
+FIELDS: tuple[str, ...] = tuple(DecisionRecord.model_fields)
+
+
+class DecisionLogSettings(BaseModel):
+    """`decision_log:` in the config file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    dir: str = Field("decisions", description="directory of the log, relative to data_dir; "
+                     "each replica writes to a sub-directory named after its host name")
+    queue_max: int = Field(100_000, ge=1, description="records waiting to be written; beyond "
+                           "this new records are dropped and counted (the request never waits)")
+    segment_max_bytes: int = Field(64 * _MIB, ge=4096, description="rotate before a segment "
+                                   "file would exceed this size")
+    segment_max_age_s: float = Field(3600.0, gt=0, description="rotate segments this old")
+    retention_days: float | None = Field(30.0, gt=0, description="delete closed segments older "
+                                         "than this; null keeps them")
+    retention_max_bytes: int | None = Field(None, ge=0, description="delete the oldest closed "
+                                            "segments of a replica beyond this total")
+    fsync: bool = Field(True, description="fsync every batch: a flushed record survives a crash")
+
+
+# ---------------------------------------------------------------------------------------------
+# Segment files
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    path: Path
+    start: datetime
+    seq: int
+    size: int
+
+
+def _parse_segment(path: Path) -> Segment | None:
+    m = _SEGMENT.match(path.name)
+    if m is None:
+        return None
+    try:
+        start = datetime.strptime(m.group(1), "%Y%m%dT%H%M%S").replace(tzinfo=UTC)
+        size = path.stat().st_size
+    except (ValueError, OSError):
+        return None
+    return Segment(path, start, int(m.group(2)), size)
+
+
+def _segments_in(directory: Path) -> list[Segment]:
+    """The segments directly in `directory`, in write order (sequence number)."""
+    try:
+        paths = list(directory.glob(_SEGMENT_GLOB))
+    except OSError:
+        return []
+    segs = [s for s in map(_parse_segment, paths) if s is not None]
+    return sorted(segs, key=lambda s: (s.seq, s.start))
+
+
+def list_segments(directory: Path | str) -> dict[Path, list[Segment]]:
+    """Segments per replica directory: `directory` itself and its immediate sub-directories."""
+    directory = Path(directory)
+    groups: dict[Path, list[Segment]] = {}
+    candidates = [directory]
+    try:
+        candidates += sorted(p for p in directory.iterdir() if p.is_dir())
+    except OSError:
+        pass
+    for d in candidates:
+        segs = _segments_in(d)
+        if segs:
+            groups[d] = segs
+    return groups
+
+
+def _replica_name(name: str | None = None) -> str:
+    raw = name or socket.gethostname() or "replica"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", raw)[:64].strip(".") or "replica"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:  # pragma: no cover - os.write raises rather than returning 0 on regular files
+            raise OSError(errno.EIO, "short write")
+        view = view[n:]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _WriteFailed(Exception):
+    def __init__(self, committed: int, cause: OSError) -> None:
+        super().__init__(str(cause))
+        self.committed = committed
+        self.cause = cause
+
+
+class _SegmentWriter:
+    """The open segment of one replica directory. Used from worker threads, one at a time."""
+
+    def __init__(self, directory: Path, *, max_bytes: int, max_age: timedelta, fsync: bool) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.max_age = max_age
+        self.fsync = fsync
+        self.fd: int | None = None
+        self.path: Path | None = None
+        self.opened_at: datetime | None = None
+        self.size = 0
+        self.committed = 0
+        self._next_seq: int | None = None
+
+    def _open(self, now: datetime) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self._next_seq is None:
+            self._next_seq = max((s.seq for s in _segments_in(self.directory)), default=0) + 1
+        while True:
+            path = self.directory / f"decisions-{now:%Y%m%dT%H%M%S}-{self._next_seq:06d}.jsonl"
+            self._next_seq += 1
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
+                             0o640)
+            except FileExistsError:
+                continue
+            break
+        if self.fsync:
+            try:
+                _fsync_dir(self.directory)
+            except OSError:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+                raise
+        self.fd, self.path, self.opened_at = fd, path, now
+        self.size = self.committed = 0
+
+    def close(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+        self.path = self.opened_at = None
+
+    def abort(self) -> None:
+        """After a failed write: cut what was not synced and close; the next write opens a new
+        segment. Best effort: this runs because the disk is misbehaving."""
+        fd, path = self.fd, self.path
+        if fd is None or path is None:
+            return
+        try:
+            if self.size != self.committed:
+                os.ftruncate(fd, self.committed)
+        except OSError as exc:
+            log.error("decision log: could not truncate %s after a failed write (%s); a retried "
+                      "batch may appear twice", path, exc)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        self.fd = None
+        self.path = self.opened_at = None
+        if self.committed == 0:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    def rotate_if_old(self, now: datetime) -> bool:
+        if self.fd is not None and self.opened_at is not None and now - self.opened_at >= self.max_age:
+            self.close()
+            return True
+        return False
+
+    def write(self, lines: list[bytes], now: datetime) -> None:
+        """Write `lines` (each ending in a newline), rotating as needed; raise `_WriteFailed`
+        saying how many leading lines are durable."""
+        done = 0
+        i = 0
+        try:
+            while i < len(lines):
+                self.rotate_if_old(now)
+                if self.fd is None:
+                    self._open(now)
+                assert self.fd is not None
+                chunk: list[bytes] = []
+                size = self.size
+                while i < len(lines):
+                    line = lines[i]
+                    if size > 0 and size + len(line) > self.max_bytes:
+                        break
+                    chunk.append(line)
+                    size += len(line)
+                    i += 1
+                if chunk:
+                    self.size = size  # before writing: abort() truncates a partial write
+                    _write_all(self.fd, b"".join(chunk))
+                    if self.fsync:
+                        os.fsync(self.fd)
+                    self.committed = size
+                    done = i
+                if self.size >= self.max_bytes or i < len(lines):
+                    self.close()
+        except OSError as exc:
+            self.abort()
+            raise _WriteFailed(done, exc) from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# The log
+# ---------------------------------------------------------------------------------------------
+
+
+class DecisionLog:
+    """Append decisions from the request path; a background task makes them durable.
+
+    Use from one event loop: `await log.start()` at start-up, `log.append(record)` per
+    decision (never blocks, never raises), `await log.aclose()` at shutdown. `await
+    log.flush()` writes everything appended so far (raises `OSError` if the disk refuses).
+    """
+
+    def __init__(
+        self,
+        root: Path | str,
+        *,
+        replica: str | None = None,
+        queue_max: int = 100_000,
+        segment_max_bytes: int = 64 * _MIB,
+        segment_max_age_s: float = 3600.0,
+        retention_days: float | None = 30.0,
+        retention_max_bytes: int | None = None,
+        fsync: bool = True,
+        batch_max: int = 5_000,
+        idle_s: float = 1.0,
+        retention_interval_s: float = 600.0,
+        close_timeout_s: float = 5.0,
+        clock: Clock | None = None,
+    ) -> None:
+        if queue_max < 1 or batch_max < 1:
+            raise ValueError("queue_max and batch_max must be at least 1")
+        self.root = Path(root)
+        self.replica = _replica_name(replica)
+        self.directory = self.root / self.replica
+        self.queue_max = queue_max
+        self.segment_max_age_s = segment_max_age_s
+        self.retention_days = retention_days
+        self.retention_max_bytes = retention_max_bytes
+        self.batch_max = batch_max
+        self.idle_s = idle_s
+        self.retention_interval = timedelta(seconds=retention_interval_s)
+        self.close_timeout_s = close_timeout_s
+        self.clock: Clock = clock or _utc_now
+        self.written = 0
+        self.dropped = 0
+        self.write_errors = 0
+        self.retention_deleted = 0
+        self._accepted = 0
+        self._queue: deque[DecisionRecord] = deque()
+        self._pending: list[DecisionRecord] = []
+        self._io_lock = threading.Lock()
+        self._writer = _SegmentWriter(self.directory, max_bytes=segment_max_bytes,
+                                      max_age=timedelta(seconds=segment_max_age_s), fsync=fsync)
+        self._wake: asyncio.Event | None = None
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._failing = False
+        self._next_retention: datetime | None = None
+
+    @classmethod
+    def from_settings(cls, settings: DecisionLogSettings, data_dir: Path, **kwargs: Any) -> DecisionLog | None:
+        """The configured log (None when `enabled: false`); `dir` is relative to `data_dir`."""
+        if not settings.enabled:
+            return None
+        return cls(Path(data_dir) / settings.dir, queue_max=settings.queue_max,
+                   segment_max_bytes=settings.segment_max_bytes,
+                   segment_max_age_s=settings.segment_max_age_s,
+                   retention_days=settings.retention_days,
+                   retention_max_bytes=settings.retention_max_bytes, fsync=settings.fsync, **kwargs)
+
+    # -- request path ------------------------------------------------------------------------
+
+    def append(self, record: DecisionRecord) -> bool:
+        """Queue `record` for writing. Never blocks, never raises; False when it was dropped
+        (queue full or log closed)."""
+        try:
+            if self._closed or len(self._queue) >= self.queue_max:
+                self.dropped += 1
+                if self.dropped == 1 or self.dropped % 10_000 == 0:
+                    log.warning("decision log: %s; %d decisions dropped so far",
+                                "closed" if self._closed else f"queue full ({self.queue_max})",
+                                self.dropped)
+                return False
+            self._queue.append(record)
+            self._accepted += 1
+            self._notify()
+            return True
+        except Exception:  # pragma: no cover - defensive: the request path must not fail here
+            log.exception("decision log: append failed")
+            return False
+
+    def _notify(self) -> None:
+        wake, loop = self._wake, self._loop
+        if wake is None or loop is None or wake.is_set():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            wake.set()
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(wake.set)
+
+    @property
+    def queued(self) -> int:
+        """Records accepted but not yet written (queue plus a batch being retried)."""
+        return len(self._queue) + len(self._pending)
+
+    def stats(self) -> dict[str, int]:
+        return {"written": self.written, "dropped": self.dropped, "write_errors": self.write_errors,
+                "queued": self.queued, "retention_deleted": self.retention_deleted}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the background writer. Does not raise on a bad directory: that is logged,
+        counted and retried like any write error."""
+        if self._task is not None or self._closed:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        try:
+            await asyncio.to_thread(self.directory.mkdir, parents=True, exist_ok=True)
+        except OSError as exc:
+            self.write_errors += 1
+            log.error("decision log: cannot create %s: %s (will retry)", self.directory, exc)
+        self._task = asyncio.create_task(self._run(), name="modgate-decision-log")
+        if self._queue:
+            self._wake.set()
+
+    async def aclose(self) -> None:
+        """Stop the writer, drain the queue and flush (retrying for `close_timeout_s`), close
+        the segment. Records still unwritten after that are logged as lost."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._stop is not None and self._wake is not None:
+            self._stop.set()
+            self._wake.set()
+        if self._task is not None:
+            try:
+                await self._task
+            except Exception:  # pragma: no cover - _run does not raise
+                log.exception("decision log: writer task failed")
+            self._task = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.close_timeout_s
+        delay = 0.05
+        while self.queued:
+            try:
+                await asyncio.to_thread(self._write_step)
+            except OSError:
+                if loop.time() + delay > deadline:
+                    break
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        if self.queued:
+            log.error("decision log: %d decisions could not be written before shutdown and are "
+                      "lost", self.queued)
+        await asyncio.to_thread(self._close_segment)
+
+    async def flush(self) -> None:
+        """Write and sync everything appended before this call. Raises the `OSError` if the
+        disk refuses (the records stay queued for the next attempt)."""
+        target = self._accepted
+        while self.written < target and self.queued:
+            await asyncio.to_thread(self._write_step)
+
+    async def rotate(self) -> None:
+        """Close the current segment now (the next record opens a new one)."""
+        await asyncio.to_thread(self._close_segment)
+
+    async def enforce_retention(self) -> int:
+        """Apply retention now; returns how many segments were deleted."""
+        return await asyncio.to_thread(self._retention)
+
+    # -- background task -------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self._wake is not None and self._stop is not None
+        backoff = 0.0
+        while not self._stop.is_set():
+            self._wake.clear()
+            if not self.queued:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.idle_s)
+                except TimeoutError:
+                    pass
+                if self._stop.is_set():
+                    break
+            if self.queued:
+                try:
+                    await asyncio.to_thread(self._write_step)
+                    backoff = 0.0
+                except Exception as exc:
+                    if not isinstance(exc, OSError):  # a bug: count it, keep the gateway up
+                        self.write_errors += 1
+                        log.exception("decision log: unexpected error while writing")
+                    backoff = min(max(backoff * 2, 0.1), 10.0)
+                    try:
+                        await asyncio.wait_for(self._stop.wait(), backoff)
+                    except TimeoutError:
+                        pass
+                    continue
+            try:
+                await self._housekeeping()
+            except Exception:
+                log.exception("decision log: housekeeping failed")
+
+    async def _housekeeping(self) -> None:
+        now = self.clock()
+        w = self._writer
+        if w.fd is not None and w.opened_at is not None and now - w.opened_at >= w.max_age:
+            await asyncio.to_thread(self._rotate_if_old)
+        if self._next_retention is None or now >= self._next_retention:
+            self._next_retention = now + self.retention_interval
+            await asyncio.to_thread(self._retention)
+
+    # -- worker-thread side (under _io_lock) ------------------------------------------------------
+
+    def _write_step(self) -> int:
+        with self._io_lock:
+            if not self._pending:
+                take = min(self.batch_max, len(self._queue))
+                self._pending = [self._queue.popleft() for _ in range(take)]
+            if not self._pending:
+                return 0
+            batch = self._pending
+            lines = [orjson.dumps(r.model_dump(), option=orjson.OPT_APPEND_NEWLINE) for r in batch]
+            try:
+                self._writer.write(lines, self.clock())
+            except _WriteFailed as failed:
+                del batch[:failed.committed]
+                self.written += failed.committed
+                self.write_errors += 1
+                if not self._failing:
+                    log.error("decision log: writing to %s failed: %s; %d decisions kept in memory "
+                              "and retried", self.directory, failed.cause, self.queued)
+                self._failing = True
+                raise failed.cause from None
+            self.written += len(batch)
+            self._pending = []
+            if self._failing:
+                self._failing = False
+                log.warning("decision log: writing to %s works again", self.directory)
+            return len(batch)
+
+    def _rotate_if_old(self) -> None:
+        with self._io_lock:
+            try:
+                if self._writer.rotate_if_old(self.clock()):
+                    self._retention_locked()
+            except OSError as exc:
+                log.warning("decision log: closing a segment failed: %s", exc)
+
+    def _close_segment(self) -> None:
+        with self._io_lock:
+            try:
+                self._writer.close()
+            except OSError as exc:
+                log.warning("decision log: closing a segment failed: %s", exc)
+
+    def _retention(self) -> int:
+        with self._io_lock:
+            return self._retention_locked()
+
+    def _retention_locked(self) -> int:
+        now = self.clock()
+        current = self._writer.path
+        deleted = 0
+
+        def delete(seg: Segment) -> bool:
+            nonlocal deleted
+            try:
+                seg.path.unlink()
+            except FileNotFoundError:
+                return True
+            except OSError as exc:
+                log.warning("decision log: retention could not delete %s: %s", seg.path, exc)
+                return False
+            deleted += 1
+            return True
+
+        if self.retention_days is not None:
+            # A segment holds records up to segment_max_age_s after its start: keep it until the
+            # newest of them is older than retention_days.
+            cutoff = now - timedelta(days=self.retention_days, seconds=self.segment_max_age_s)
+            for directory, segs in list_segments(self.root).items():
+                for seg in segs:
+                    if seg.path != current and seg.start < cutoff:
+                        delete(seg)
+                if directory != self.directory and directory != self.root:
+                    try:
+                        directory.rmdir()  # a replica that is gone; only if now empty
+                    except OSError:
+                        pass
+        if self.retention_max_bytes is not None:
+            segs = _segments_in(self.directory)
+            total = sum(s.size for s in segs)
+            for seg in segs:
+                if total <= self.retention_max_bytes:
+                    break
+                if seg.path == current:
+                    continue
+                if delete(seg):
+                    total -= seg.size
+        if deleted:
+            self.retention_deleted += deleted
+            log.info("decision log: retention deleted %d segment(s)", deleted)
+        return deleted
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and exporting
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReadStats:
+    """What a read saw besides records."""
+
+    segments: int = 0
+    bytes_total: int = 0
+    bytes_read: int = 0
+    records: int = 0
+    torn_lines: int = 0
+    bad_lines: int = 0
+    torn_segments: list[str] = field(default_factory=list)
+
+
+def _as_utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _selected(segs: list[Segment], since: datetime | None) -> list[Segment]:
+    """Drop segments that cannot hold records at or after `since`: a record is written after
+    it is made, so every record of a segment is older than the start of the next one."""
+    if since is None:
+        return segs
+    keep = []
+    for i, seg in enumerate(segs):
+        nxt = segs[i + 1] if i + 1 < len(segs) else None
+        if nxt is not None and nxt.start + timedelta(seconds=1) + _PRUNE_SLACK < since:
+            continue
+        keep.append(seg)
+    return keep
+
+
+def _read_segment(seg: Segment, stats: ReadStats, on_bytes: Callable[[int], None]) -> Iterator[DecisionRecord]:
+    try:
+        fh = open(seg.path, "rb")  # noqa: SIM115 - closed in finally, generator-scoped
+    except FileNotFoundError:  # deleted by retention while we were reading
+        return
+    try:
+        pending = 0
+        for line in fh:
+            pending += len(line)
+            if pending >= _MIB:
+                on_bytes(pending)
+                pending = 0
+            if not line.endswith(b"\n"):
+                # The last line without its newline: a write in progress or torn by a crash.
+                try:
+                    rec = DecisionRecord.model_validate_json(line)
+                except ValidationError:
+                    stats.torn_lines += 1
+                    stats.torn_segments.append(str(seg.path))
+                    continue
+                yield rec
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield DecisionRecord.model_validate_json(line)
+            except ValidationError as exc:
+                stats.bad_lines += 1
+                if stats.bad_lines <= 10:
+                    log.warning("decision log: skipping an unreadable line in %s: %s", seg.path,
+                                exc.errors()[0]["msg"] if exc.errors() else exc)
+        on_bytes(pending)
+    finally:
+        fh.close()
+
+
+def read_segments(
+    directory: Path | str,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    *,
+    stats: ReadStats | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Iterator[DecisionRecord]:
+    """Every record with `since <= ts < until` (naive datetimes are UTC), oldest first.
+
+    `directory` is the log root (one sub-directory per replica) or one replica directory.
+    Each replica's segments are read in write order and the replicas are merged by `ts`. A
+    line torn by a crash (the last one of a segment, without its newline) is skipped and
+    counted in `stats.torn_lines`; an unreadable complete line in `stats.bad_lines`.
+    `progress(bytes_read, bytes_total)` is called as segments are read.
+    """
+    since, until = _as_utc(since), _as_utc(until)
+    stats = stats if stats is not None else ReadStats()
+    groups = [_selected(segs, since) for segs in list_segments(directory).values()]
+    stats.segments = sum(len(g) for g in groups)
+    stats.bytes_total = sum(s.size for g in groups for s in g)
+
+    def on_bytes(n: int) -> None:
+        stats.bytes_read += n
+        if progress is not None and n:
+            progress(min(stats.bytes_read, stats.bytes_total), stats.bytes_total)
+
+    def stream(segs: list[Segment]) -> Iterator[DecisionRecord]:
+        for seg in segs:
+            for rec in _read_segment(seg, stats, on_bytes):
+                if (since is None or rec.ts >= since) and (until is None or rec.ts < until):
+                    yield rec
+
+    streams = [stream(g) for g in groups]
+    merged: Iterable[DecisionRecord] = streams[0] if len(streams) == 1 else heapq.merge(
+        *streams, key=lambda r: r.ts)
+    for rec in merged:
+        stats.records += 1
+        yield rec
+    if progress is not None:
+        progress(stats.bytes_total, stats.bytes_total)
+
+
+def _reverse_lines(path: Path, block: int = 64 * 1024) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        pos = fh.seek(0, os.SEEK_END)
+        rest = b""
+        while pos > 0:
+            step = min(block, pos)
+            pos -= step
+            fh.seek(pos)
+            parts = (fh.read(step) + rest).split(b"\n")
+            rest = parts[0]
+            yield from reversed(parts[1:])
+        if rest:
+            yield rest
+
+
+def tail(directory: Path | str, n: int = 20) -> list[DecisionRecord]:
+    """The newest `n` records (oldest first), reading segments from their ends."""
+    if n <= 0:
+        return []
+    per_replica: list[list[DecisionRecord]] = []
+    for segs in list_segments(directory).values():
+        found: list[DecisionRecord] = []
+        got = 0
+        for seg in reversed(segs):
+            try:
+                for line in _reverse_lines(seg.path):
+                    if not line.strip():
+                        continue
+                    try:
+                        found.append(DecisionRecord.model_validate_json(line))
+                    except ValidationError:
+                        continue  # torn last line
+                    got += 1
+                    if got >= n:
+                        break
+            except FileNotFoundError:
+                continue
+            if got >= n:
+                break
+        found.reverse()  # write order
+        per_replica.append(found)
+    return list(heapq.merge(*per_replica, key=lambda r: r.ts))[-n:]
+
+
+_STRING_FIELDS = ("request_id", "item_id", "subject", "prompt_name", "label", "arm", "shadow_of",
+                  "decision", "category", "fail_reason", "error_type", "model", "locale",
+                  "trace_id")
+
+
+def arrow_schema() -> Any:
+    """The Parquet schema of an export (column order = `DecisionRecord` field order)."""
+    import pyarrow as pa
+
+    types: dict[str, Any] = {name: pa.string() for name in _STRING_FIELDS}
+    types.update(ts=pa.timestamp("us", tz="UTC"), prompt_version=pa.int64(),
+                 confidence=pa.float64(), latency_ms=pa.float64(), prompt_tokens=pa.int64(),
+                 completion_tokens=pa.int64())
+    return pa.schema([pa.field(name, types[name], nullable=name != "ts") for name in FIELDS])
+
+
+def _batch(rows: list[dict[str, Any]], schema: Any, fmt: ExportFormat) -> Any:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    batch = pa.RecordBatch.from_struct_array(pa.array(rows, type=pa.struct(list(schema))))
+    if fmt == "csv":
+        # Spreadsheets recognise "2025-01-31 12:00:00.123" as a date-time; times are UTC.
+        ts = pc.strftime(batch.column(0).cast(pa.timestamp("ms", tz="UTC"), safe=False),
+                         format="%Y-%m-%d %H:%M:%S")
+        batch = batch.set_column(0, pa.field("ts", pa.string(), nullable=False), ts)
+    return batch
+
+
+def export(
+    directory: Path | str,
+    out_path: Path | str,
+    fmt: ExportFormat,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    batch_rows: int = 50_000,
+    stats: ReadStats | None = None,
+) -> int:
+    """Export records with `since <= ts < until` to Parquet or CSV; returns the row count.
+
+    Parquet is typed (`ts` timestamp[us, UTC], int64, float64, string; one row group per
+    batch of `batch_rows`). CSV is UTF-8 with a header row, `ts` as `YYYY-MM-DD HH:MM:SS.mmm`
+    in UTC, empty cells for nulls. Records are streamed in batches, so memory does not grow
+    with the size of the log. The file appears atomically (written beside, then renamed).
+    """
+    if fmt not in ("parquet", "csv"):
+        raise ValueError(f"unknown export format {fmt!r}; use parquet or csv")
+    try:
+        import pyarrow as pa
+    except ImportError:  # pragma: no cover - pyarrow ships with the cpu/gpu extras
+        raise RuntimeError("exporting needs pyarrow: pip install pyarrow") from None
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    out_path = Path(out_path)
+    schema = arrow_schema()
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    rows = 0
+    writer: Any
+    if fmt == "parquet":
+        writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+    else:
+        csv_schema = schema.set(0, pa.field("ts", pa.string(), nullable=False))
+        writer = pacsv.CSVWriter(tmp, csv_schema, write_options=pacsv.WriteOptions(
+            include_header=True, quoting_style="needed"))
+    try:
+        # Only the field dicts of one batch are alive at a time.
+        buf: list[dict[str, Any]] = []
+        for rec in read_segments(directory, since, until, stats=stats, progress=progress):
+            buf.append(rec.__dict__)
+            if len(buf) >= batch_rows:
+                writer.write_batch(_batch(buf, schema, fmt))
+                rows += len(buf)
+                buf = []
+        if buf or rows == 0:
+            writer.write_batch(_batch(buf, schema, fmt))
+            rows += len(buf)
+        writer.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        with contextlib.suppress(Exception):  # already failing; the original error matters
+            writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return rows

@@ -1,0 +1,85 @@
+"""The automatic rollout controller: every `interval_s`, judge each running rollout by its gates
+and step, promote or abort it. Runs in every gateway replica; compare-and-set on the rollout
+revision makes sure only one replica acts on a given state (the others see a conflict and
+re-read)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from gateway.rollout_ops import apply_action, decide
+from gateway.rollout_stats import RolloutRecorder, stats_view
+from prompt_registry import PromptStore, RegistryError
+from prompt_registry.rollouts import RolloutError, evaluate_gates
+
+__all__ = ["RolloutController"]
+
+log = logging.getLogger("modgate.rollouts")
+
+
+class RolloutController:
+    def __init__(self, store: PromptStore, recorder: RolloutRecorder | None = None, *,
+                 interval_s: float = 5.0, production_label: str = "production",
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self._store = store
+        self._recorder = recorder
+        self._interval_s = interval_s
+        self._label = production_label
+        self._clock = clock
+        self._task: asyncio.Task[None] | None = None
+        self.decisions: list[tuple[str, str]] = []
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("rollout controller tick failed")
+
+    async def tick(self) -> list[tuple[str, str]]:
+        """Judge every running rollout once; return the (prompt, action) taken."""
+        if self._recorder is not None:
+            await self._recorder.flush()
+        taken = []
+        try:
+            rollouts = await asyncio.to_thread(self._store.list_rollouts)
+        except RegistryError as exc:
+            log.warning("rollout controller: store unavailable: %s", exc)
+            return []
+        for r in rollouts:
+            if r.state != "running" or not r.auto:
+                continue
+            try:
+                view = stats_view(await asyncio.to_thread(self._store.rollout_stats, r.id))
+                gates = evaluate_gates(r, view)
+                action = decide(r, gates, self._clock())
+                if action is None:
+                    continue
+                evidence = [g.as_dict() for g in gates]
+                await asyncio.to_thread(apply_action, self._store, r.prompt, action, actor="rollout-controller",
+                                        note="decided by the gates", evidence=evidence, expected=r,
+                                        production_label=self._label)
+                log.warning("rollout %s of %s: %s (gates: %s)", r.id, r.prompt, action,
+                            ", ".join(f"{g.name}={g.verdict}" for g in gates))
+                taken.append((r.prompt, action))
+            except (RolloutError, RegistryError) as exc:
+                log.info("rollout %s of %s: no action this tick: %s", r.id, r.prompt, exc)
+        self.decisions.extend(taken)
+        return taken
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass

@@ -1,0 +1,242 @@
+"""Rollouts: a candidate prompt version meets live traffic gradually, and is promoted or
+aborted on measured evidence.
+
+A `Rollout` (one active per prompt) holds the stable version, a canary version with a weight
+(0-100 %, stepped on a schedule) and shadow versions with sample rates. It lives in the
+registry store, so it survives restarts and every gateway replica sharing the store sees the
+same state; writes are compare-and-set on `revision`.
+
+State machine:
+
+    running --step--> running (next weight) --...--> promote --> promoted (canary is production)
+       |  ^                                           \\
+     pause resume                                      abort --> aborted (weight 0, production unchanged)
+       v  |
+     paused
+
+Gates (`evaluate_gates`) turn counters into a decision. No decision is taken below
+`min_samples`; rates are judged by their Wilson score interval, so a canary is aborted only
+when the *lower* bound of its failure rate is above the limit, and promoted only when the
+*upper* bound is below it (and likewise for agreement and flag-rate drift).
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from statistics import NormalDist
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "GateConfig", "GateResult", "Rollout", "RolloutConflict", "RolloutError", "ShadowSpec",
+    "evaluate_gates", "new_rollout", "wilson_interval",
+]
+
+State = Literal["running", "paused", "promoted", "aborted"]
+ACTIVE: tuple[str, ...] = ("running", "paused")
+
+
+class RolloutError(Exception):
+    """An operation that the rollout's current state does not allow."""
+
+
+class RolloutConflict(RolloutError):
+    """A concurrent writer changed the rollout first (compare-and-set lost)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ShadowSpec(_Strict):
+    version: int = Field(..., ge=1)
+    sample_rate: float = Field(..., gt=0.0, le=1.0)
+
+
+class GateConfig(_Strict):
+    min_samples: int = Field(200, ge=1, description="no decision with fewer canary (or shadow) samples")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    max_error_rate: float = Field(0.02, ge=0, le=1, description="backend errors / requests")
+    max_parse_failure_rate: float = Field(0.02, ge=0, le=1, description="unusable outputs / verdicts")
+    max_p95_latency_ms: float | None = Field(None, gt=0, description="canary p95 must stay below")
+    min_agreement: float | None = Field(0.80, ge=0, le=1, description="decision agreement with stable "
+                                        "(from shadow comparisons of the canary version)")
+    max_flag_rate_drift: float | None = Field(0.10, ge=0, le=1, description="|flag rate canary - stable| "
+                                              "per category")
+
+
+class Rollout(_Strict):
+    id: str
+    prompt: str
+    stable_version: int = Field(..., ge=1)
+    canary_version: int | None = Field(None, ge=1)
+    steps: list[int] = Field(default_factory=lambda: [5, 25, 50, 100])
+    step_index: int = 0
+    step_hold_s: float = Field(3600.0, ge=0, description="minimum time at each weight")
+    shadows: list[ShadowSpec] = Field(default_factory=list)
+    subject_key: Literal["seller_id", "item_id", "subject"] = "seller_id"
+    salt: str
+    auto: bool = Field(True, description="step, promote and abort by the gates without a human")
+    gates: GateConfig = Field(default_factory=GateConfig)
+    state: State = "running"
+    revision: int = 0
+    started_at: datetime
+    step_started_at: datetime
+    updated_at: datetime
+    started_by: str = ""
+    last_decision: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> Rollout:
+        if any(not 0 <= w <= 100 for w in self.steps) or self.steps != sorted(self.steps):
+            raise ValueError("steps must be increasing weights between 0 and 100")
+        if self.canary_version is not None and not self.steps:
+            raise ValueError("a canary needs at least one step")
+        if self.canary_version is None and not self.shadows:
+            raise ValueError("a rollout needs a canary version, shadow versions, or both")
+        if self.canary_version == self.stable_version:
+            raise ValueError("the canary version is the stable version")
+        if not 0 <= self.step_index < max(1, len(self.steps)):
+            raise ValueError("step_index out of range")
+        return self
+
+    @property
+    def weight(self) -> int:
+        """Current canary share of traffic, in percent."""
+        if self.canary_version is None or self.state not in ("running", "paused"):
+            return 0
+        return self.steps[self.step_index]
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE
+
+    def changed(self, **update: object) -> Rollout:
+        now = datetime.now(UTC)
+        return self.model_copy(update={**update, "revision": self.revision + 1, "updated_at": now})
+
+
+def new_rollout(prompt: str, *, stable_version: int, canary_version: int | None, steps: list[int],
+                shadows: list[ShadowSpec], step_hold_s: float, gates: GateConfig, auto: bool,
+                subject_key: str, started_by: str) -> Rollout:
+    now = datetime.now(UTC)
+    return Rollout(id=uuid.uuid4().hex[:12], prompt=prompt, stable_version=stable_version,
+                   canary_version=canary_version, steps=steps, shadows=shadows,
+                   step_hold_s=step_hold_s, gates=gates, auto=auto, subject_key=subject_key,  # type: ignore[arg-type]
+                   salt=uuid.uuid4().hex, started_at=now, step_started_at=now, updated_at=now,
+                   started_by=started_by)
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion; (0, 1) when n == 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    z = _z(confidence)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _z(confidence: float) -> float:
+    return NormalDist().inv_cdf(0.5 + confidence / 2)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    name: str
+    value: float | None
+    low: float | None
+    high: float | None
+    limit: float | None
+    samples: int
+    verdict: Literal["pass", "fail", "wait"]
+
+    def as_dict(self) -> dict[str, object]:
+        return {"gate": self.name, "value": self.value, "interval": [self.low, self.high],
+                "limit": self.limit, "samples": self.samples, "verdict": self.verdict}
+
+
+def _rate_gate(name: str, bad: int, n: int, limit: float, cfg: GateConfig) -> GateResult:
+    """Pass when the upper bound of the bad rate is below the limit, fail when the lower bound
+    is above it; otherwise (or with too few samples) wait for more evidence."""
+    lo, hi = wilson_interval(bad, n, cfg.confidence)
+    value = bad / n if n else None
+    if n < cfg.min_samples:
+        verdict: Literal["pass", "fail", "wait"] = "wait"
+    elif lo > limit:
+        verdict = "fail"
+    elif hi <= limit:
+        verdict = "pass"
+    else:
+        verdict = "wait"
+    return GateResult(name, value, lo, hi, limit, n, verdict)
+
+
+def evaluate_gates(rollout: Rollout, stats: dict[str, object]) -> list[GateResult]:
+    """Judge the canary from aggregated counters (see gateway.rollout_stats for the shape)."""
+    cfg = rollout.gates
+    out: list[GateResult] = []
+    canary = stats.get("canary") or {}
+    stable = stats.get("stable") or {}
+    assert isinstance(canary, dict) and isinstance(stable, dict)
+    n = int(canary.get("requests", 0))
+    verdicts = int(canary.get("verdicts", 0))
+    out.append(_rate_gate("error_rate", int(canary.get("errors", 0)), n, cfg.max_error_rate, cfg))
+    out.append(_rate_gate("parse_failure_rate", int(canary.get("parse_failures", 0)), verdicts,
+                          cfg.max_parse_failure_rate, cfg))
+    if cfg.max_p95_latency_ms is not None:
+        p95 = canary.get("p95_ms")
+        value = float(p95) if isinstance(p95, int | float) else None
+        if verdicts < cfg.min_samples or value is None:
+            v: Literal["pass", "fail", "wait"] = "wait"
+        else:
+            v = "pass" if value <= cfg.max_p95_latency_ms else "fail"
+        out.append(GateResult("p95_latency_ms", value, None, None, cfg.max_p95_latency_ms, verdicts, v))
+    if cfg.min_agreement is not None and rollout.canary_version is not None:
+        pair = (stats.get("pairs") or {}).get(str(rollout.canary_version)) or {}  # type: ignore[union-attr]
+        pn = int(pair.get("n", 0))
+        disagree = pn - int(pair.get("agree", 0))
+        out.append(_rate_gate("disagreement_rate", disagree, pn, 1.0 - cfg.min_agreement, cfg))
+    if cfg.max_flag_rate_drift is not None:
+        cats = set((canary.get("flags") or {})) | set((stable.get("flags") or {}))  # type: ignore[arg-type]
+        sn = int(stable.get("verdicts", 0))
+        worst: GateResult | None = None
+        for cat in sorted(cats):
+            a = int((canary.get("flags") or {}).get(cat, 0))  # type: ignore[union-attr]
+            b = int((stable.get("flags") or {}).get(cat, 0))  # type: ignore[union-attr]
+            g = _drift_gate(f"flag_rate_drift[{cat}]", a, verdicts, b, sn, cfg)
+            if worst is None or _rank(g) > _rank(worst):
+                worst = g
+        out.append(worst or GateResult("flag_rate_drift", None, None, None, cfg.max_flag_rate_drift,
+                                       verdicts, "wait" if verdicts < cfg.min_samples else "pass"))
+    return out
+
+
+def _rank(g: GateResult) -> int:
+    return {"pass": 0, "wait": 1, "fail": 2}[g.verdict]
+
+
+def _drift_gate(name: str, a: int, na: int, b: int, nb: int, cfg: GateConfig) -> GateResult:
+    """Difference of two proportions with a Newcombe (Wilson-based) interval."""
+    limit = cfg.max_flag_rate_drift or 0.0
+    if na < cfg.min_samples or nb < cfg.min_samples:
+        return GateResult(name, None, None, None, limit, min(na, nb), "wait")
+    p1, p2 = a / na, b / nb
+    l1, u1 = wilson_interval(a, na, cfg.confidence)
+    l2, u2 = wilson_interval(b, nb, cfg.confidence)
+    d = p1 - p2
+    lo = d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
+    hi = d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    if lo > limit or hi < -limit:
+        verdict: Literal["pass", "fail", "wait"] = "fail"
+    elif -limit <= lo and hi <= limit:
+        verdict = "pass"
+    else:
+        verdict = "wait"
+    return GateResult(name, d, lo, hi, limit, min(na, nb), verdict)
