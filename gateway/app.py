@@ -37,6 +37,7 @@ from gateway.openai_api import build_openai_router
 from gateway.pipeline import ModerationPipeline
 from gateway.prompt_cache import PromptCache
 from gateway.recording import decision_record, failure_record
+from gateway.rollout_api import build_rollout_router
 from gateway.rollout_controller import RolloutController
 from gateway.rollout_stats import RolloutRecorder
 from gateway.shadow import ShadowDispatcher
@@ -203,6 +204,7 @@ def create_app(
 
     app.include_router(build_admin_router(store, auth, protected_labels=settings.protected_labels))
     app.include_router(build_openai_router(pipeline, auth, settings, list(models or [])))
+    app.include_router(build_rollout_router(store, auth, production_label=settings.default_label))
 
     @app.get("/v1/cache/prompts", tags=["prompt registry"])
     async def cache_snapshot(request: Request) -> Response:

@@ -23,6 +23,7 @@ from gateway.config import AppConfig, ConfigError, load_config
 from gateway.decisions_cli import decisions_app
 from gateway.deploy_cli import deploy_app
 from gateway.registry_cli import keys_app, prompts_app
+from gateway.rollouts_cli import rollouts_app
 
 app = typer.Typer(
     name="modgate",
@@ -35,6 +36,7 @@ app = typer.Typer(
         "  modgate build-tiny-model   write the random tiny Llama used offline and in tests\n"
         "  modgate check-config       validate a configuration file and say what it will run\n"
         "  modgate prompts ...        publish, diff, label, roll back and audit prompt versions\n"
+        "  modgate rollouts ...       canary and shadow a new prompt version; promote or abort on evidence\n"
         "  modgate keys ...           create, list and revoke API keys\n"
         "  modgate decisions ...      export (Parquet/CSV), tail and summarise every verdict\n"
         "  modgate deploy ...         generate the KubeRay serveConfigV2 and the config JSON Schema\n"
@@ -48,6 +50,7 @@ app = typer.Typer(
 
 app.add_typer(prompts_app, name="prompts")
 app.add_typer(keys_app, name="keys")
+app.add_typer(rollouts_app, name="rollouts")
 app.add_typer(decisions_app, name="decisions", help="Export, tail and summarise the decision log "
               "(every verdict, for DuckDB or a spreadsheet).")
 app.add_typer(deploy_app, name="deploy", help="Kubernetes deployment helpers: generate the "

@@ -21,6 +21,7 @@ from prompt_registry import (
     TemplateRejected,
 )
 from prompt_registry.ops import NothingToRollBack
+from prompt_registry.rollouts import RolloutConflict, RolloutError
 from serving import (
     BackendBadRequest,
     BackendOverloaded,
@@ -49,6 +50,8 @@ _TABLE: list[tuple[type[Exception], int, str, bool]] = [
     (PromptNotFound, 404, "not_found", False),
     (LabelConflict, 409, "label_conflict", False),
     (NothingToRollBack, 409, "nothing_to_roll_back", False),
+    (RolloutConflict, 409, "rollout_conflict", False),
+    (RolloutError, 409, "rollout_state", False),
     (PromptFileError, 422, "invalid_prompt", False),
     (TemplateRejected, 422, "template_rejected", False),
     (RenderError, 422, "render_error", False),

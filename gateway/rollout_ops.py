@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 
 from gateway.rollout_stats import flips_view, stats_view
 from prompt_registry import PromptNotFound, PromptStore
@@ -44,8 +45,8 @@ def start_rollout(store: PromptStore, prompt: str, *, canary_version: int | None
         rollout = new_rollout(prompt, stable_version=stable, canary_version=canary_version, steps=steps,
                               shadows=shadows, step_hold_s=step_hold_s, gates=gates, auto=auto,
                               subject_key=subject_key, started_by=actor)
-    except ValueError as exc:
-        raise RolloutError(str(exc).splitlines()[-1]) from None
+    except ValidationError as exc:
+        raise RolloutError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
     store.put_rollout(rollout, expected_revision=None, actor=actor,
                       note=note or f"start: canary v{canary_version} at {rollout.weight}%, shadows "
                       + (", ".join(f"v{s.version}@{s.sample_rate:.0%}" for s in shadows) or "none"))

@@ -31,6 +31,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from prompt_registry.errors import RegistryError
+
 __all__ = [
     "GateConfig", "GateResult", "Rollout", "RolloutConflict", "RolloutError", "ShadowSpec",
     "evaluate_gates", "new_rollout", "wilson_interval",
@@ -40,7 +42,7 @@ State = Literal["running", "paused", "promoted", "aborted"]
 ACTIVE: tuple[str, ...] = ("running", "paused")
 
 
-class RolloutError(Exception):
+class RolloutError(RegistryError):
     """An operation that the rollout's current state does not allow."""
 
 

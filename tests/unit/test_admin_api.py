@@ -125,3 +125,32 @@ def test_cache_snapshot_shows_what_this_replica_serves(env: tuple[TestClient, di
     body = client.get("/v1/cache/prompts", headers=keys["author"]).json()
     assert body["entries"][0]["prompt"] == "listing-moderation" and body["entries"][0]["version"] == 1
     assert body["stats"]["hits"] >= 1
+
+
+def test_rollout_api(env: tuple[TestClient, dict, SqlitePromptStore]) -> None:
+    client, keys, store = env
+    spec = store.get_version("listing-moderation", 1).spec
+    store.publish(spec.model_copy(update={"description": "v2"}), actor="t")
+    body = {"canary_version": 2, "steps": [10, 100], "shadows": [{"version": 2, "sample_rate": 0.5}],
+            "auto": False}
+    r = client.post("/v1/prompts/listing-moderation/rollout", json=body, headers=keys["author"])
+    assert r.status_code == 403 and "labels:protected" in r.json()["error"]["message"]
+    r = client.post("/v1/prompts/listing-moderation/rollout", json=body, headers=keys["lead"])
+    assert r.status_code == 201, r.text
+    assert r.json()["weight"] == 10 and r.json()["rollout"]["state"] == "running"
+    r = client.post("/v1/prompts/listing-moderation/rollout", json=body, headers=keys["lead"])
+    assert r.status_code == 409 and r.json()["error"]["type"] == "rollout_conflict"
+    r = client.post("/v1/prompts/listing-moderation/rollout", json={**body, "steps": [50, 10]},
+                    headers=keys["admin"])
+    assert r.status_code in (409, 422)
+    assert client.post("/v1/prompts/listing-moderation/rollout/step", headers=keys["lead"]).json()["weight"] == 100
+    r = client.post("/v1/prompts/listing-moderation/rollout/step", headers=keys["lead"])
+    assert r.status_code == 409 and "last step" in r.json()["error"]["message"]
+    status = client.get("/v1/prompts/listing-moderation/rollout", headers=keys["author"]).json()
+    assert {g["gate"] for g in status["gates"]} >= {"error_rate", "parse_failure_rate"}
+    r = client.post("/v1/prompts/listing-moderation/rollout/promote", json={"note": "looks good"},
+                    headers=keys["lead"])
+    assert r.json()["rollout"]["state"] == "promoted"
+    assert store.labels("listing-moderation")["production"] == 2
+    r = client.post("/v1/prompts/listing-moderation/rollout/bogus", headers=keys["lead"])
+    assert r.status_code == 422

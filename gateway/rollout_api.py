@@ -1,0 +1,84 @@
+"""Admin API for rollouts: start, status, step, pause, resume, promote, abort.
+
+Reading needs `prompts:read`; changing a rollout needs `labels:protected`, because a rollout
+can move `production` (by promotion) on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Literal
+
+import orjson
+from fastapi import APIRouter, Header, Path
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+
+from gateway.auth import Authenticator
+from gateway.rollout_ops import apply_action, rollout_status, start_rollout
+from prompt_registry import PromptStore
+from prompt_registry.rollouts import GateConfig, ShadowSpec
+
+__all__ = ["RolloutStart", "build_rollout_router"]
+
+AuthHeader = Annotated[str | None, Header()]
+
+
+class RolloutStart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    canary_version: int | None = Field(None, ge=1)
+    steps: list[int] = Field(default_factory=lambda: [5, 25, 50, 100], description="canary weights in %")
+    shadows: list[ShadowSpec] = Field(default_factory=list)
+    step_hold_s: float = Field(3600.0, ge=0)
+    gates: GateConfig = Field(default_factory=GateConfig)
+    auto: bool = True
+    subject_key: Literal["seller_id", "item_id", "subject"] = "seller_id"
+    note: str = Field("", max_length=2000)
+
+
+class RolloutAction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    note: str = Field("", max_length=2000)
+
+
+def _json(data: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def build_rollout_router(store: PromptStore, auth: Authenticator, *, production_label: str) -> APIRouter:
+    router = APIRouter(prefix="/v1/prompts/{name}/rollout", tags=["rollouts"])
+
+    async def who(authorization: str | None, x_api_key: str | None, scope: str) -> str:
+        p = await auth.authenticate(authorization, x_api_key)
+        auth.require(p, scope)
+        return p.name
+
+    @router.post("", status_code=201)
+    async def start(name: str, body: RolloutStart, authorization: AuthHeader = None,
+                    x_api_key: AuthHeader = None) -> Response:
+        """Start a rollout: a canary version at the first weight step, and/or shadow versions."""
+        actor = await who(authorization, x_api_key, "labels:protected")
+        await asyncio.to_thread(
+            start_rollout, store, name, canary_version=body.canary_version, steps=body.steps,
+            shadows=body.shadows, step_hold_s=body.step_hold_s, gates=body.gates, auto=body.auto,
+            subject_key=body.subject_key, actor=actor, production_label=production_label, note=body.note)
+        return _json(await asyncio.to_thread(rollout_status, store, name), 201)
+
+    @router.get("")
+    async def status(name: str, authorization: AuthHeader = None, x_api_key: AuthHeader = None) -> Response:
+        """Weights, sample counts, gate values with their intervals, next step, flipped items."""
+        await who(authorization, x_api_key, "prompts:read")
+        return _json(await asyncio.to_thread(rollout_status, store, name))
+
+    @router.post("/{action}")
+    async def act(name: str, action: Annotated[Literal["step", "pause", "resume", "promote", "abort"], Path()],
+                  body: RolloutAction | None = None, authorization: AuthHeader = None,
+                  x_api_key: AuthHeader = None) -> Response:
+        actor = await who(authorization, x_api_key, "labels:protected")
+        await asyncio.to_thread(apply_action, store, name, action, actor=actor,
+                                note=body.note if body else "", production_label=production_label)
+        return _json(await asyncio.to_thread(rollout_status, store, name))
+
+    return router

@@ -1,0 +1,245 @@
+"""Canary + shadow rollouts end to end, against SQLite and Redis: start from the CLI, send
+traffic, watch the evidence, and see the rollout step, promote or abort by itself — all of it
+in the audit log. Plus shadow isolation and two gateways sharing one store."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from gateway.app import create_app
+from gateway.cli import _local_keys, _open_store
+from gateway.cli import app as cli
+from gateway.config import load_config
+from serving import BackendUnavailable, ChatRequest, ChatResult
+from serving.fake_backend import FakeBackend
+from tests.redis_server import RedisServer
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPT = ROOT / "configs" / "prompts" / "listing-moderation.yaml"
+
+
+class MarkerBackend(FakeBackend):
+    """Deterministic verdicts; a version whose system prompt holds BROKEN returns garbage, and
+    shadow requests can be made to hang or fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shadow_mode = "ok"  # ok | hang | error
+
+    async def chat(self, request: ChatRequest, *, timeout_s: float) -> ChatResult:
+        if "-shadow-" in (request.request_id or ""):
+            if self.shadow_mode == "hang":
+                await asyncio.sleep(3600)
+            if self.shadow_mode == "error":
+                raise BackendUnavailable("shadow engine down")
+        # Verdicts depend on the listing (user message) only, so versions that merely reword
+        # the policy agree with each other.
+        result = await super().chat(dataclasses.replace(request, messages=request.messages[-1:]),
+                                    timeout_s=timeout_s)
+        if "BROKEN" in request.messages[0]["content"]:
+            return ChatResult(text="not a verdict", finish_reason="stop", prompt_tokens=1,
+                              completion_tokens=1, model=result.model, timings=result.timings)
+        return result
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def config_path(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    config = yaml.safe_load((ROOT / "configs" / "modgate.yaml").read_text())
+    config["data_dir"] = str(tmp_path / "data")
+    config["registry"]["seed_dir"] = str(ROOT / "configs" / "prompts")
+    config["gateway"]["rollout_controller"] = False  # the tests tick the controller themselves
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        config["registry"].update(store="redis", redis_url=server.url,
+                                  redis_key_prefix=request.getfixturevalue("redis_prefix"))
+    path = tmp_path / "modgate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run(config_path: Path, *args: str) -> str:
+    result = CliRunner().invoke(cli, [*args[:2], "--config", str(config_path), *args[2:]],
+                                env={"MODGATE_ACTOR": "maria"}, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _publish_variant(config_path: Path, tmp_path: Path, marker: str) -> int:
+    data = yaml.safe_load(PROMPT.read_text())
+    data["messages"][0]["content"] += f"\n{marker}\n"
+    f = tmp_path / f"v-{marker}.yaml"
+    f.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+    return int(json.loads(run(config_path, "prompts", "publish", str(f), "--json"))["version"])
+
+
+class Gateway:
+    def __init__(self, config_path: Path, backend: FakeBackend) -> None:
+        cfg = load_config(config_path)
+        self.store = _open_store(cfg)
+        keys = _local_keys(cfg, self.store)
+        self.app = create_app(cfg.gateway, self.store, backend)
+        self.client = TestClient(self.app, headers={"authorization": f"Bearer {keys['local-caller']}"})
+
+    def __enter__(self) -> Gateway:
+        self.client.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.__exit__(*exc)
+        self.store.close()
+
+    def moderate(self, i: int, seller: str | None = None) -> dict:
+        r = self.client.post("/v1/moderate", json={"item_id": f"item-{i}", "seller_id": seller or f"seller-{i}",
+                                                   "title": f"listing number {i}"})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def settle(self) -> None:
+        """Wait for in-flight shadows, then flush the evidence to the store."""
+        async def drain() -> None:
+            for _ in range(500):
+                if self.app.state.shadows.pending == 0:
+                    break
+                await asyncio.sleep(0.01)
+            await self.app.state.recorder.flush()
+        self.client.portal.call(drain)
+
+    def tick(self) -> list:
+        self.settle()
+        return self.client.portal.call(self.app.state.controller.tick)
+
+
+@pytest.fixture
+def gateway(config_path: Path) -> Iterator[Gateway]:
+    with Gateway(config_path, MarkerBackend()) as gw:
+        yield gw
+
+
+def test_canary_with_shadow_promotes_itself(config_path: Path, gateway: Gateway, tmp_path: Path) -> None:
+    v2 = _publish_variant(config_path, tmp_path, "Version 2: same policy, clearer wording.")
+    v3 = _publish_variant(config_path, tmp_path, "Version 3: experimental.")
+    out = run(config_path, "rollouts", "start", "listing-moderation", "--canary", str(v2), "--steps", "5,50,100",
+              "--shadow", f"{v2}:1.0", "--shadow", f"{v3}:0.2", "--hold", "0s", "--min-samples", "30",
+              "--max-flag-rate-drift", "0.5", "--max-parse-failure-rate", "0.2", "--max-error-rate", "0.2")
+    assert f"canary v{v2} at 5%" in out
+
+    arms = [gateway.moderate(i)["arm"] for i in range(300)]
+    assert 0 < arms.count("canary") < 40  # ~5 %
+    assert gateway.tick() == []  # canary has too few samples for any decision yet
+    status = json.loads(run(config_path, "rollouts", "status", "listing-moderation", "--json"))
+    pair = status["stats"]["pairs"][str(v2)]
+    assert pair["n"] > 250 and pair["agreement"] == 1.0
+    assert status["stats"]["pairs"][str(v3)]["n"] > 20
+
+    for i in range(300, 900):
+        gateway.moderate(i)
+    taken = gateway.tick()
+    assert taken == [("listing-moderation", "step")], run(config_path, "rollouts", "status", "listing-moderation")
+    for i in range(900, 1000):
+        gateway.moderate(i)
+    assert gateway.tick() == [("listing-moderation", "step")]  # 50 % -> 100 %
+    gateway.moderate(1000)
+    assert gateway.tick() == [("listing-moderation", "promote")]
+    assert gateway.store.labels("listing-moderation")["production"] == v2
+
+    human = run(config_path, "rollouts", "status", "listing-moderation")
+    assert "(promoted, auto)" in human and "PASS" in human
+    audit = json.loads(run(config_path, "prompts", "audit", "listing-moderation", "--json"))["entries"]
+    rollout_notes = [json.loads(e["note"]) for e in audit if e["action"] == "rollout" and e["note"].startswith("{")]
+    assert [n["action"] for n in rollout_notes] == ["step", "step", "promote"]
+    assert all(any(g["gate"] == "parse_failure_rate" for g in n["evidence"]) for n in rollout_notes)
+    assert any(e["action"] == "label" and e["to_version"] == v2 and e["actor"] == "rollout-controller" for e in audit)
+
+
+def test_parse_failure_spike_aborts_the_canary(config_path: Path, gateway: Gateway, tmp_path: Path) -> None:
+    v2 = _publish_variant(config_path, tmp_path, "BROKEN template that confuses the model")
+    run(config_path, "rollouts", "start", "listing-moderation", "--canary", str(v2), "--steps", "50,100",
+        "--hold", "0s", "--min-samples", "20")
+    for i in range(15):
+        gateway.moderate(i)
+    assert gateway.tick() == []  # below min samples: no decision, even with failures
+    for i in range(15, 120):
+        body = gateway.moderate(i)
+        assert body["decision"] != "allow" or body["arm"] == "stable"
+    assert gateway.tick() == [("listing-moderation", "abort")]
+    assert gateway.store.labels("listing-moderation")["production"] == 1
+    status = json.loads(run(config_path, "rollouts", "status", "listing-moderation", "--json"))
+    assert status["rollout"]["state"] == "aborted" and status["weight"] == 0
+    failing = [g for g in status["gates"] if g["verdict"] == "fail"]
+    assert failing and failing[0]["gate"] == "parse_failure_rate" and failing[0]["interval"][0] > 0.02
+    assert all(gateway.moderate(i)["arm"] == "stable" for i in range(200, 230))
+
+
+@pytest.mark.parametrize("mode", ["hang", "error"])
+def test_shadow_never_touches_the_primary(config_path: Path, tmp_path: Path, mode: str) -> None:
+    backend = MarkerBackend()
+    with Gateway(config_path, backend) as gw:
+        baseline = [gw.moderate(i) for i in range(60)]
+        v2 = _publish_variant(config_path, tmp_path, "Version 2")
+        run(config_path, "rollouts", "start", "listing-moderation", "--shadow", f"{v2}:1.0", "--manual")
+        shadows = gw.app.state.shadows
+        deadline = time.monotonic() + 5
+        while shadows.submitted == 0:  # the gateway hears of the rollout through a change event
+            assert time.monotonic() < deadline
+            gw.moderate(10_000)
+            time.sleep(0.02)
+        gw.settle()
+        before = shadows.submitted + shadows.dropped
+        backend.shadow_mode = mode
+        timings = []
+        for i in range(60):
+            t = time.perf_counter()
+            body = gw.moderate(i)
+            timings.append(time.perf_counter() - t)
+            for key in ("decision", "category", "confidence", "fail_reason", "arm"):
+                assert body[key] == baseline[i][key]
+            assert body["prompt"]["version"] == 1
+        # hanging shadows pile up to max_pending and are then dropped, never waited for
+        assert statistics.quantiles(timings, n=100)[98] < 0.5
+        assert shadows.submitted + shadows.dropped - before == 60
+        if mode == "hang":
+            assert shadows.dropped > 0 or shadows.pending > 0
+
+
+def test_two_gateways_sharing_a_store_agree(config_path: Path, tmp_path: Path) -> None:
+    with Gateway(config_path, MarkerBackend()) as a, Gateway(config_path, MarkerBackend()) as b:
+        v2 = _publish_variant(config_path, tmp_path, "Version 2")
+        run(config_path, "rollouts", "start", "listing-moderation", "--canary", str(v2), "--steps", "30,100",
+            "--manual")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # both see the rollout (change events)
+            if a.moderate(0, "probe")["arm"] != "pinned" and any(
+                    a.moderate(i, f"s{i}")["arm"] == "canary" for i in range(20)) and any(
+                    b.moderate(i, f"s{i}")["arm"] == "canary" for i in range(20)):
+                break
+            time.sleep(0.05)
+        arms_a = [a.moderate(i, f"seller-{i}")["arm"] for i in range(200)]
+        arms_b = [b.moderate(i, f"seller-{i}")["arm"] for i in range(200)]
+        assert arms_a == arms_b and 30 < arms_a.count("canary") < 90
+        run(config_path, "rollouts", "abort", "listing-moderation")
+        deadline = time.monotonic() + 5
+        while any(gw.moderate(i, f"seller-{i}")["arm"] == "canary" for gw in (a, b) for i in range(40)):
+            assert time.monotonic() < deadline, "a gateway kept serving the canary after abort"
+            time.sleep(0.05)
+
+
+def test_rollout_errors_are_clear(config_path: Path, gateway: Gateway) -> None:
+    for args, needle in [
+        (("rollouts", "start", "listing-moderation", "--canary", "9"), "has no version 9"),
+        (("rollouts", "start", "listing-moderation"), "needs a canary version, shadow versions, or both"),
+        (("rollouts", "status", "listing-moderation"), "has no rollout"),
+        (("rollouts", "start", "listing-moderation", "--canary", "1"), "canary version is the stable version"),
+    ]:
+        result = CliRunner().invoke(cli, [*args[:2], "--config", str(config_path), *args[2:]])
+        assert result.exit_code != 0 and needle in result.output, (args, result.output)
