@@ -36,6 +36,9 @@ class ModelConfig(_Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     source: str = Field(..., min_length=1, description="HF model id, local path, or tiny:<dir>")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict, description="environment of the engine "
+                                "processes, e.g. OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf "
+                                "with engine_kwargs.otlp_traces_endpoint")
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
     @property

@@ -29,12 +29,19 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Engine arguments that make the CPU build of vLLM work; a GPU config overrides them.
+# Engine arguments for every model: prefix caching (moderation prompts share a long policy
+# prefix), cached-token counts in `usage` (so the gateway can report the prefix-cache hit rate
+# per prompt version), and priority scheduling (callers before shadow/evaluation traffic).
+_ENGINE_DEFAULTS: dict[str, Any] = {
+    "enable_prefix_caching": True,
+    "enable_prompt_tokens_details": True,
+    "scheduling_policy": "priority",
+}
+# What the CPU build of vLLM needs besides; a GPU model (replica_gpus > 0) does without.
 _CPU_ENGINE_DEFAULTS: dict[str, Any] = {
     "enforce_eager": True,
     "gpu_memory_utilization": 0.15,
     "max_model_len": 4096,
-    "enable_prefix_caching": True,
 }
 
 
@@ -74,7 +81,9 @@ def llm_config_kwargs(model: ModelConfig, source: str) -> dict[str, Any]:
     `import_path: ray.serve.llm:build_openai_app`.
     """
     dep = model.deployment
-    engine = dict(_CPU_ENGINE_DEFAULTS) if dep.replica_gpus == 0 else {}
+    engine = dict(_ENGINE_DEFAULTS)
+    if dep.replica_gpus == 0:
+        engine.update(_CPU_ENGINE_DEFAULTS)
     engine.update(model.engine_kwargs)
     bundle: dict[str, float] = {"CPU": dep.replica_cpus}
     if dep.replica_gpus:
@@ -91,6 +100,7 @@ def llm_config_kwargs(model: ModelConfig, source: str) -> dict[str, Any]:
             "max_ongoing_requests": dep.max_ongoing_requests,
         },
         "log_engine_metrics": True,
+        **({"runtime_env": {"env_vars": dict(model.env)}} if model.env else {}),
     }
 
 

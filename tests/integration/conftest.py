@@ -19,6 +19,8 @@ import psutil
 import pytest
 import yaml
 
+from tests.otlp_receiver import OtlpHttpReceiver
+
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = float(os.environ.get("MODGATE_TEST_START_TIMEOUT", "600"))
 
@@ -59,7 +61,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def otlp() -> Iterator[OtlpHttpReceiver]:
+    """Where the gateway and the vLLM engine both send their spans during the session."""
+    receiver = OtlpHttpReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, otlp: OtlpHttpReceiver) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("stack")
     gateway_port, serving_port = _free_port(), _free_port()
     config = yaml.safe_load((ROOT / "configs" / "modgate.yaml").read_text())
@@ -67,6 +77,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     config["registry"]["seed_dir"] = str(ROOT / "configs" / "prompts")
     config["gateway"]["port"] = gateway_port
     config["serving"]["ray"]["http_port"] = serving_port
+    # Tracing end to end: the gateway and the engine export to the same receiver.
+    config["tracing"] = {"exporter": "otlp_http", "endpoint": otlp.endpoint, "sample_ratio": 1.0}
+    model = config["serving"]["models"][0]
+    model["engine_kwargs"]["otlp_traces_endpoint"] = otlp.endpoint
+    model["env"] = {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}
     config_path = tmp / "modgate.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log_path = tmp / "stack.log"

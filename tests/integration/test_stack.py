@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from tests.integration.conftest import Stack
+from tests.otlp_receiver import OtlpHttpReceiver
 
 pytestmark = pytest.mark.stack
 
@@ -189,3 +190,45 @@ def test_openai_client_against_the_gateway(stack: Stack) -> None:
     for result in mod.results:
         assert isinstance(result.flagged, bool)
         assert set(result.categories.model_dump()) >= {"counterfeit"} or result.model_extra
+
+
+def test_one_trace_from_the_caller_into_the_engine(stack: Stack, otlp: OtlpHttpReceiver) -> None:
+    """A caller's traceparent → gateway spans → the vLLM engine's own `llm_request` span, as a
+    child of the gateway's `chat` span (the context crosses the HTTP hop and Ray Serve)."""
+    caller_trace, caller_span = "5bf92f3577b34da6a3ce929d0e0e4737", "10f067aa0ba902b7"
+    r = httpx.post(f"{stack.gateway_url}/v1/moderate", json={**LISTING, "item_id": "traced-1"}, timeout=60,
+                   headers={**stack.headers, "traceparent": f"00-{caller_trace}-{caller_span}-01"})
+    assert r.status_code == 200 and r.json()["trace_id"] == caller_trace
+    deadline = time.monotonic() + 60
+    while True:
+        spans = [s for s in otlp.spans() if s["trace_id"] == caller_trace]
+        names = {s["name"] for s in spans}
+        if {"POST /v1/moderate", "chat tiny-llama", "llm_request"} <= names:
+            break
+        assert time.monotonic() < deadline, f"spans seen for the trace: {sorted(names)}"
+        time.sleep(0.5)
+    by_name = {s["name"]: s for s in spans}
+    root, chat, engine = by_name["POST /v1/moderate"], by_name["chat tiny-llama"], by_name["llm_request"]
+    assert root["parent_span_id"] == caller_span
+    assert chat["parent_span_id"] == root["span_id"]
+    assert engine["parent_span_id"] == chat["span_id"]
+    assert "gen_ai.usage.prompt_tokens" in engine["attributes"] or "gen_ai.usage.input_tokens" in engine["attributes"]
+
+
+def test_shared_policy_prefix_is_served_from_the_prefix_cache(stack: Stack) -> None:
+    """Requests of one prompt version share the policy text as a byte-identical prefix; the
+    engine reports the cached prompt tokens and the gateway counts them per version."""
+    for i in range(4):
+        r = httpx.post(f"{stack.gateway_url}/v1/moderate", timeout=60, headers=stack.headers,
+                       json={**LISTING, "item_id": f"prefix-{i}", "title": f"item {i} {'x' * i}"})
+        assert r.status_code == 200
+    metrics = httpx.get(f"{stack.gateway_url}/metrics", timeout=10).text
+    values = {}
+    for line in metrics.splitlines():
+        if line.startswith("modgate_tokens_total{") and 'prompt="listing-moderation"' in line:
+            kind = line.split('kind="')[1].split('"')[0]
+            values[kind] = values.get(kind, 0.0) + float(line.rsplit(" ", 1)[1])
+    assert values.get("input", 0) > 0
+    hit_rate = values.get("cached_input", 0) / values["input"]
+    print(f"prefix-cache hit rate over the session: {hit_rate:.1%}")
+    assert hit_rate > 0.5

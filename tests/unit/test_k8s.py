@@ -529,7 +529,9 @@ def test_build_serve_config_shape_and_rejections() -> None:
     (llm,) = app["args"]["llm_configs"]
     assert llm["model_loading_config"] == {"model_id": "m1", "model_source": "org/m1"}
     assert llm["placement_group_config"] == {"bundles": [{"CPU": 1.0, "GPU": 1.0}]}
-    assert llm["engine_kwargs"] == {}, "CPU-only engine defaults must not reach a GPU model"
+    assert llm["engine_kwargs"] == {"enable_prefix_caching": True, "enable_prompt_tokens_details": True,
+                                    "scheduling_policy": "priority"}, \
+        "CPU-only engine defaults must not reach a GPU model"
     assert llm["deployment_config"]["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3}
     assert render_serve_config_yaml(_models(gpu)).startswith(HEADER)
 

@@ -5,11 +5,9 @@ and real OTLP export (HTTP and gRPC) to receivers on loopback."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import grpc
@@ -25,6 +23,7 @@ from prompt_registry.keys import generate_key
 from prompt_registry.loader import seed_store
 from prompt_registry.sqlite_store import SqlitePromptStore
 from serving.fake_backend import FakeBackend
+from tests.otlp_receiver import OtlpHttpReceiver
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET_TITLE = "Rolex Daytona SECRET-LISTING-7f3a"
@@ -124,28 +123,6 @@ def test_prometheus_metrics_by_prompt_version_and_arm(store: SqlitePromptStore, 
     assert 'modgate_tokens_total{kind="input",prompt="listing-moderation",version="1"}' in text
 
 
-class _OtlpHttpReceiver(BaseHTTPRequestHandler):
-    received: list[trace_service_pb2.ExportTraceServiceRequest] = []
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["content-length"]))
-        msg = trace_service_pb2.ExportTraceServiceRequest()
-        msg.ParseFromString(body)
-        self.received.append(msg)
-        self.send_response(200)
-        self.send_header("content-type", "application/x-protobuf")
-        self.end_headers()
-        self.wfile.write(trace_service_pb2.ExportTraceServiceResponse().SerializeToString())
-
-    def log_message(self, *args: object) -> None:
-        return
-
-
-def _span_names(requests: list[trace_service_pb2.ExportTraceServiceRequest]) -> set[str]:
-    return {span.name for req in requests for rs in req.resource_spans for ss in rs.scope_spans
-            for span in ss.spans}
-
-
 def _wait(cond, within: float = 10.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + within
     while not cond():
@@ -154,21 +131,17 @@ def _wait(cond, within: float = 10.0) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_otlp_http_export_to_a_real_receiver(store: SqlitePromptStore, key: str) -> None:
-    _OtlpHttpReceiver.received = []
-    server = HTTPServer(("127.0.0.1", 0), _OtlpHttpReceiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    receiver = OtlpHttpReceiver()
     try:
-        settings = TracingSettings(exporter="otlp_http",
-                                   endpoint=f"http://127.0.0.1:{server.server_port}/v1/traces")
+        settings = TracingSettings(exporter="otlp_http", endpoint=receiver.endpoint)
         app = create_app(GatewaySettings(), store, FakeBackend(), tracer_provider=build_tracer_provider(settings))
         with TestClient(app, headers={"authorization": f"Bearer {key}"}) as client:
             client.post("/v1/moderate", json=LISTING)
         # leaving the client runs the lifespan shutdown, which flushes the batch processor
-        _wait(lambda: "chat tiny-llama" in _span_names(_OtlpHttpReceiver.received))
-        assert "POST /v1/moderate" in _span_names(_OtlpHttpReceiver.received)
+        _wait(lambda: "chat tiny-llama" in receiver.names())
+        assert "POST /v1/moderate" in receiver.names()
     finally:
-        server.shutdown()
+        receiver.close()
 
 
 def test_otlp_grpc_export_to_a_real_receiver(store: SqlitePromptStore, key: str) -> None:
@@ -188,6 +161,7 @@ def test_otlp_grpc_export_to_a_real_receiver(store: SqlitePromptStore, key: str)
         app = create_app(GatewaySettings(), store, FakeBackend(), tracer_provider=build_tracer_provider(settings))
         with TestClient(app, headers={"authorization": f"Bearer {key}"}) as client:
             client.post("/v1/moderate", json=LISTING)
-        _wait(lambda: "verdict.validate" in _span_names(received))
+        _wait(lambda: "verdict.validate" in {span.name for req in received for rs in req.resource_spans
+                                             for ss in rs.scope_spans for span in ss.spans})
     finally:
         server.stop(0)
