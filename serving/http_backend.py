@@ -1,6 +1,6 @@
 """Backend for any OpenAI-compatible chat server: Ray Serve LLM's app or a plain `vllm serve`.
 
-Uses one pooled `httpx.AsyncClient`. Output constraints travel as vLLM's `structured_outputs`
+Uses one pooled `aiohttp` client session. Output constraints travel as vLLM's `structured_outputs`
 extension (regex) or the standard `response_format` (JSON schema). `stream_chat` reads the
 server-sent events of a `stream: true` completion.
 """
@@ -8,10 +8,10 @@ server-sent events of a `stream: true` completion.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
 from opentelemetry import propagate
 
@@ -57,44 +57,52 @@ def build_chat_body(req: ChatRequest) -> dict[str, Any]:
 
 
 class OpenAIHttpBackend:
-    """`InferenceBackend` over HTTP. Pass `transport=` to test without a server."""
+    """`InferenceBackend` over HTTP/1.1 with keep-alive, on one pooled `aiohttp` session.
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        api_key: str | None = None,
-        max_connections: int = 256,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        headers = {"content-type": "application/json"}
-        if api_key:
-            headers["authorization"] = f"Bearer {api_key}"
+    aiohttp rather than httpx: on these machines an httpx AsyncClient topped out near 570
+    requests/s at 32 concurrent requests against a trivial upstream (its connection pool scans
+    every connection on each request), aiohttp near 12,000 — the difference between a gateway
+    that is the bottleneck and one that is not. The session is created lazily inside the
+    running event loop.
+    """
+
+    def __init__(self, base_url: str, *, api_key: str | None = None, max_connections: int = 256) -> None:
         self.base_url = base_url.rstrip("/")
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=headers,
-            limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections),
-            timeout=httpx.Timeout(30.0, connect=5.0),
-            transport=transport,
-        )
+        self._headers = {"content-type": "application/json"}
+        if api_key:
+            self._headers["authorization"] = f"Bearer {api_key}"
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300,
+                                               keepalive_timeout=30),
+                headers=self._headers, read_bufsize=1 << 20, auto_decompress=False)
+        return self._session
+
+    @staticmethod
+    def _timeout(timeout_s: float) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=timeout_s, connect=min(5.0, timeout_s))
 
     async def chat(self, request: ChatRequest, *, timeout_s: float) -> ChatResult:
         body = orjson.dumps(build_chat_body(request))
         start = time.perf_counter()
         try:
-            resp = await self._client.post("/chat/completions", content=body, headers=_trace_headers(),
-                                           timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)))
-        except httpx.TimeoutException as exc:
+            async with self._client().post(f"{self.base_url}/chat/completions", data=body,
+                                           headers=_trace_headers(), timeout=self._timeout(timeout_s)) as resp:
+                raw = await resp.read()
+                status, headers = resp.status, resp.headers
+        except TimeoutError as exc:
             raise BackendTimeout(f"no answer from {self.base_url} within {timeout_s:.1f}s") from exc
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
             raise BackendUnavailable(f"cannot reach {self.base_url}: {type(exc).__name__}") from exc
         total_ms = (time.perf_counter() - start) * 1000.0
-        if resp.status_code != 200:
-            _raise_for_status(resp)
+        if status != 200:
+            _raise_for_status(status, headers, raw)
         try:
-            data = orjson.loads(resp.content)
+            data = orjson.loads(raw)
             choice = data["choices"][0]
             text = choice["message"]["content"] or ""
             usage = data.get("usage") or {}
@@ -108,7 +116,7 @@ class OpenAIHttpBackend:
                 timings=Timings(total_ms=total_ms),
                 cached_prompt_tokens=details.get("cached_tokens"),
             )
-        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as exc:
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             raise BackendProtocolError(
                 f"{self.base_url} answered 200 with a body that is not a chat completion"
             ) from exc
@@ -126,16 +134,13 @@ class OpenAIHttpBackend:
         deadline = time.perf_counter() + timeout_s
         started = False
         try:
-            async with self._client.stream(
-                "POST", "/chat/completions", content=orjson.dumps(body), headers=_trace_headers(),
-                timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
-            ) as resp:
-                if resp.status_code != 200:
-                    await resp.aread()
-                    _raise_for_status(resp)
+            async with self._client().post(f"{self.base_url}/chat/completions", data=orjson.dumps(body),
+                                           headers=_trace_headers(), timeout=self._timeout(timeout_s)) as resp:
+                if resp.status != 200:
+                    _raise_for_status(resp.status, resp.headers, await resp.read())
                 started = True
                 finished = False
-                async for data in _sse_data(resp):
+                async for data in _sse_data(resp.content):
                     if data == "[DONE]":
                         return
                     chunk = self._parse_stream_event(data)
@@ -148,9 +153,9 @@ class OpenAIHttpBackend:
                 if not finished:
                     raise BackendUnavailable(
                         f"stream from {self.base_url} ended before the completion finished")
-        except httpx.TimeoutException as exc:
+        except TimeoutError as exc:
             raise BackendTimeout(f"no answer from {self.base_url} within {timeout_s:.1f}s") from exc
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
             where = "stream broke mid-answer from" if started else "cannot reach"
             raise BackendUnavailable(f"{where} {self.base_url}: {type(exc).__name__}") from exc
 
@@ -192,26 +197,31 @@ class OpenAIHttpBackend:
 
     async def check_health(self) -> dict[str, Any]:
         try:
-            resp = await self._client.get("/models", timeout=httpx.Timeout(3.0))
-        except httpx.HTTPError as exc:
+            async with self._client().get(f"{self.base_url}/models", timeout=self._timeout(3.0)) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise BackendUnavailable(f"cannot reach {self.base_url}: {type(exc).__name__}") from exc
-        if resp.status_code != 200:
-            raise BackendUnavailable(f"{self.base_url}/models answered HTTP {resp.status_code}")
+        if status != 200:
+            raise BackendUnavailable(f"{self.base_url}/models answered HTTP {status}")
         try:
-            models = [m["id"] for m in orjson.loads(resp.content)["data"]]
+            models = [m["id"] for m in orjson.loads(raw)["data"]]
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             raise BackendUnavailable(f"{self.base_url}/models answered an unexpected body") from exc
         return {"models": models}
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
-async def _sse_data(resp: httpx.Response) -> AsyncIterator[str]:
+async def _sse_data(content: aiohttp.StreamReader) -> AsyncIterator[str]:
     """The `data` of each server-sent event (multi-line data joined by newlines); comments and
     other fields are skipped."""
     lines: list[str] = []
-    async for line in resp.aiter_lines():
+    async for raw in content:
+        line = raw.decode("utf-8").rstrip("\r\n")
         if not line:
             if lines:
                 yield "\n".join(lines)
@@ -234,23 +244,22 @@ def _trace_headers() -> dict[str, str]:
     return headers
 
 
-def _raise_for_status(resp: httpx.Response) -> None:
-    message = _error_message(resp)
-    code = resp.status_code
+def _raise_for_status(code: int, headers: Mapping[str, str], raw: bytes) -> None:
+    message = _error_message(raw)
     if code == 429:
-        retry_after = resp.headers.get("retry-after")
+        retry_after = headers.get("retry-after")
         raise BackendOverloaded(f"model overloaded: {message}",
                                 float(retry_after) if retry_after and retry_after.isdigit() else None)
-    if code in (502, 503, 504) or code >= 500:
+    if code >= 500:
         raise BackendUnavailable(f"server error HTTP {code}: {message}")
     raise BackendBadRequest(f"server rejected the request with HTTP {code}: {message}")
 
 
-def _error_message(resp: httpx.Response) -> str:
+def _error_message(raw: bytes) -> str:
     try:
-        data = orjson.loads(resp.content)
+        data = orjson.loads(raw)
         err = data.get("error", data)
         msg = err.get("message") if isinstance(err, dict) else str(err)
         return str(msg)[:500]
     except (orjson.JSONDecodeError, AttributeError):
-        return resp.text[:200]
+        return raw[:200].decode("utf-8", "replace")

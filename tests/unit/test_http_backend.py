@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP backend against a mock transport."""
+"""The OpenAI-compatible HTTP backend against handler-described upstreams on real sockets."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from serving import (
     ChatRequest,
 )
 from serving.http_backend import OpenAIHttpBackend
+from tests.handler_server import HandlerServer
 
 REQ = ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=16,
                   regex=r'\{"a":(1|2)\}', request_id="r1")
@@ -30,11 +31,12 @@ def _completion(text: str = '{"a":1}', finish: str = "stop") -> dict:
 
 def _run(handler, request: ChatRequest = REQ):  # type: ignore[no-untyped-def]
     async def go():  # type: ignore[no-untyped-def]
-        backend = OpenAIHttpBackend("http://test/v1", api_key="k", transport=httpx.MockTransport(handler))
-        try:
-            return await backend.chat(request, timeout_s=5)
-        finally:
-            await backend.aclose()
+        async with HandlerServer(handler) as server:
+            backend = OpenAIHttpBackend(server.base_url, api_key="k")
+            try:
+                return await backend.chat(request, timeout_s=5)
+            finally:
+                await backend.aclose()
     return asyncio.run(go())
 
 
@@ -106,16 +108,17 @@ USAGE_CHUNK = {"id": "c", "object": "chat.completion.chunk", "model": "m", "choi
 def _stream(handler, request: ChatRequest = REQ):  # type: ignore[no-untyped-def]
     """Run stream_chat; return (chunks received, exception raised or None)."""
     async def go():  # type: ignore[no-untyped-def]
-        backend = OpenAIHttpBackend("http://test/v1", api_key="k", transport=httpx.MockTransport(handler))
-        chunks = []
-        try:
-            async for chunk in backend.stream_chat(request, timeout_s=5):
-                chunks.append(chunk)
-        except Exception as exc:  # noqa: BLE001 - returned to the test
-            return chunks, exc
-        finally:
-            await backend.aclose()
-        return chunks, None
+        async with HandlerServer(handler) as server:
+            backend = OpenAIHttpBackend(server.base_url, api_key="k")
+            chunks = []
+            try:
+                async for chunk in backend.stream_chat(request, timeout_s=5):
+                    chunks.append(chunk)
+            except Exception as exc:  # noqa: BLE001 - returned to the test
+                return chunks, exc
+            finally:
+                await backend.aclose()
+            return chunks, None
     return asyncio.run(go())
 
 

@@ -1,0 +1,199 @@
+"""Gateway overhead: `modgate gateway` in front of a fast stub upstream vs the stub called
+directly, one request at a time and at 32 connections (closed loop, `wrk`).
+
+    .venv/bin/python benchmarks/overhead.py [--duration 10] [--out benchmarks/results]
+
+Everything realistic is switched on: API-key auth, prompt resolution from the registry,
+sandboxed rendering, traffic assignment, verdict validation, the decision log, metrics and
+tracing at 10 % sampling (exported over OTLP/HTTP to a local receiver). Scenarios:
+
+- `plain`: no rollout;
+- `rollout`: a 10 % canary and a 5 % shadow of another version;
+- `rollout-hanging-shadow`: the same, with the shadow target never answering.
+
+Reports per scenario: added p50/p99 latency at 1 connection, requests/s at 32 connections
+(one gateway worker), and the gateway's CPU time per request. Needs `wrk` (Debian package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from prompt_registry.keys import generate_key  # noqa: E402
+from prompt_registry.loader import seed_store  # noqa: E402
+from prompt_registry.rollouts import GateConfig, ShadowSpec  # noqa: E402
+from prompt_registry.sqlite_store import SqlitePromptStore  # noqa: E402
+from tests.otlp_receiver import OtlpHttpReceiver  # noqa: E402
+
+LISTING = {"item_id": "bench-1", "seller_id": "seller-42", "title": "Wireless earbuds, sealed box",
+           "description": "Genuine product with one year warranty. Ships in two days.", "locale": "en-US"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not come up")
+
+
+def _lua(tmp: Path, body: dict, headers: dict[str, str]) -> Path:
+    lines = ['wrk.method = "POST"', 'wrk.headers["Content-Type"] = "application/json"']
+    lines += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items()]
+    lines.append(f"wrk.body = {json.dumps(json.dumps(body))}")
+    # vary the seller per request so traffic assignment spreads over arms
+    lines.append('counter = 0\nrequest = function()\n  counter = counter + 1\n'
+                 '  local b = string.gsub(wrk.body, "seller%-42", "seller-" .. counter)\n'
+                 '  return wrk.format(nil, nil, nil, b)\nend')
+    path = tmp / f"wrk-{abs(hash(json.dumps(body)))}.lua"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _wrk(url: str, script: Path, connections: int, duration: int) -> dict[str, float]:
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
+                         capture_output=True, text=True, check=True).stdout
+    def ms(label: str) -> float:
+        m = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        assert m, out
+        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return {"p50_ms": ms("50%"), "p99_ms": ms("99%"), "rps": rps, "requests": total,
+            "non_2xx": int(non2xx.group(1)) if non2xx else 0}
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_scenario(name: str, tmp: Path, args: argparse.Namespace, receiver: OtlpHttpReceiver) -> dict:
+    hang = name == "rollout-hanging-shadow"
+    stub_port, gw_port = _free_port(), _free_port()
+    stub = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "stub_upstream.py"), "--port", str(stub_port),
+                             *(["--hang-shadows"] if hang else [])])
+    data = tmp / name
+    store = SqlitePromptStore(data / "registry.db")
+    seed_store(store, ROOT / "configs" / "prompts")
+    key, record = generate_key("bench", ["moderate"], created_by="bench")
+    store.put_key(record)
+    if name != "plain":
+        from gateway.rollout_ops import start_rollout
+
+        spec = store.resolve("listing-moderation", "production").spec
+        v2 = store.publish(spec.model_copy(update={"description": "v2"}), actor="bench").version.version
+        v3 = store.publish(spec.model_copy(update={"description": "v3"}), actor="bench").version.version
+        start_rollout(store, "listing-moderation", canary_version=v2, steps=[10, 100],
+                      shadows=[ShadowSpec(version=v3, sample_rate=0.05)], step_hold_s=1e9,
+                      gates=GateConfig(), auto=False, subject_key="seller_id", actor="bench")
+    store.close()
+    config = yaml.safe_load((ROOT / "configs" / "modgate.yaml").read_text())
+    config["data_dir"] = str(data)
+    config["registry"]["seed_dir"] = None
+    config["gateway"].update(port=gw_port, max_inflight_per_model=512, max_queued_per_model=4096)
+    config["serving"].update(mode="http", base_url=f"http://127.0.0.1:{stub_port}/v1")
+    config["tracing"] = {"exporter": "otlp_http", "endpoint": receiver.endpoint, "sample_ratio": 0.1}
+    cfg_path = tmp / f"{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    gw = subprocess.Popen([sys.executable, "-m", "gateway.cli", "gateway", "--config", str(cfg_path)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_http(f"http://127.0.0.1:{stub_port}/v1/models")
+        _wait_http(f"http://127.0.0.1:{gw_port}/healthz")
+        from gateway.pipeline import ModerationPipeline
+        from prompt_registry.loader import load_prompt_file
+        from serving.http_backend import build_chat_body
+
+        spec = load_prompt_file(ROOT / "configs/prompts/listing-moderation.yaml")
+        version = type("V", (), {"spec": spec})()
+        _, chat = ModerationPipeline.build_chat(version, LISTING, "en-US", request_id="direct")  # type: ignore[arg-type]
+        direct_script = _lua(tmp, build_chat_body(chat), {})
+        gw_script = _lua(tmp, LISTING, {"Authorization": f"Bearer {key}"})
+        stub_url = f"http://127.0.0.1:{stub_port}/v1/chat/completions"
+        gw_url = f"http://127.0.0.1:{gw_port}/v1/moderate"
+        _wrk(gw_url, gw_script, 4, 2)  # warm-up
+        result: dict = {"scenario": name}
+        result["direct_c1"] = _wrk(stub_url, direct_script, 1, args.duration)
+        result["gateway_c1"] = _wrk(gw_url, gw_script, 1, args.duration)
+        result["direct_c32"] = _wrk(stub_url, direct_script, 32, args.duration)
+        cpu0 = _cpu_seconds(gw.pid)
+        result["gateway_c32"] = _wrk(gw_url, gw_script, 32, args.duration)
+        cpu = _cpu_seconds(gw.pid) - cpu0
+        result["added_p50_ms_c1"] = round(result["gateway_c1"]["p50_ms"] - result["direct_c1"]["p50_ms"], 3)
+        result["added_p99_ms_c1"] = round(result["gateway_c1"]["p99_ms"] - result["direct_c1"]["p99_ms"], 3)
+        result["gateway_rps_c32"] = result["gateway_c32"]["rps"]
+        result["gateway_cpu_ms_per_request"] = round(cpu * 1000 / max(1, result["gateway_c32"]["requests"]), 3)
+        return result
+    finally:
+        gw.terminate()
+        stub.terminate()
+        gw.wait(timeout=20)
+        stub.wait(timeout=20)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    ap.add_argument("--scenarios", default="plain,rollout,rollout-hanging-shadow")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: apt-get install wrk")
+    receiver = OtlpHttpReceiver()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp_s:
+        for name in args.scenarios.split(","):
+            print(f"scenario {name} ...", file=sys.stderr)
+            results.append(run_scenario(name, Path(tmp_s), args, receiver))
+    receiver.close()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
+    doc = {
+        "benchmark": "gateway_overhead",
+        "command": "python benchmarks/overhead.py " + " ".join(sys.argv[1:]),
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": commit,
+        "machine": f"{platform.machine()} python {platform.python_version()} ({os.cpu_count()} cpus); "
+                   "gateway, stub and wrk share the machine",
+        "targets": {"added_p50_ms_c1": 1.0, "gateway_rps_c32": 1500},
+        "scenarios": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "overhead.json").write_text(json.dumps(doc, indent=2) + "\n")
+    for r in results:
+        print(f"{r['scenario']:<24} added p50 {r['added_p50_ms_c1']:.2f} ms  p99 {r['added_p99_ms_c1']:.2f} ms  "
+              f"{r['gateway_rps_c32']:.0f} req/s @32  {r['gateway_cpu_ms_per_request']:.2f} ms CPU/req  "
+              f"non-2xx {r['gateway_c32']['non_2xx']}")
+
+
+if __name__ == "__main__":
+    main()
