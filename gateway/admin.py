@@ -7,6 +7,7 @@ default) needs `labels:protected` besides `labels:write`. The key's name is the 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import orjson
@@ -54,7 +55,12 @@ def _version_dict(v: Any) -> dict[str, Any]:
 
 
 def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_labels: list[str],
-                       max_body_bytes: int = 1 << 20) -> APIRouter:
+                       max_body_bytes: int = 1 << 20,
+                       on_change: Callable[[str], Awaitable[None]] | None = None) -> APIRouter:
+    async def changed(name: str) -> None:
+        if on_change is not None:
+            await on_change(name)
+
     router = APIRouter(prefix="/v1/prompts", tags=["prompt registry"])
 
     async def principal(authorization: str | None, x_api_key: str | None, scope: str) -> ApiKeyRecord | Any:
@@ -126,6 +132,7 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
         p = await label_principal(authorization, x_api_key, label)
         previous = await asyncio.to_thread(store.set_label, name, label, body.version,
                                            expected=body.expected_version, actor=p.name, note=body.note)
+        await changed(name)
         return _json({"name": name, "label": label, "from_version": previous, "to_version": body.version})
 
     @router.post("/{name}/labels/{label}/rollback")
@@ -135,6 +142,7 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
         p = await label_principal(authorization, x_api_key, label)
         note = body.note if body else ""
         frm, to = await asyncio.to_thread(rollback, store, name, label, actor=p.name, note=note)
+        await changed(name)
         return _json({"name": name, "label": label, "from_version": frm, "to_version": to})
 
     @router.get("/{name}/diff")

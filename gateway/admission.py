@@ -54,14 +54,17 @@ class AdmissionControl:
             raise ApiError(429, "overloaded", f"model {model!r} is saturated ({s.inflight} in flight, "
                            f"{s.queued} queued); retry later", retryable=True,
                            retry_after_s=self.retry_after_s)
-        s.queued += 1
-        try:
-            await asyncio.wait_for(s._sem.acquire(), timeout=max(0.001, timeout_s))
-        except TimeoutError:
-            raise ApiError(504, "queue_timeout", f"no free slot for model {model!r} within the "
-                           "request deadline", retryable=True) from None
-        finally:
-            s.queued -= 1
+        if s._sem.locked():
+            s.queued += 1
+            try:
+                await asyncio.wait_for(s._sem.acquire(), timeout=max(0.001, timeout_s))
+            except TimeoutError:
+                raise ApiError(504, "queue_timeout", f"no free slot for model {model!r} within the "
+                               "request deadline", retryable=True) from None
+            finally:
+                s.queued -= 1
+        else:
+            await s._sem.acquire()  # free slot: no task, no timer
         s.inflight += 1
         try:
             yield

@@ -88,21 +88,27 @@ def _validation_fields(exc: ValidationError) -> list[dict[str, str]]:
 async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
     """Run *work*, cancelling it if the caller disconnects first, so the engine call is
     aborted (closing the backend connection makes Ray Serve and vLLM drop the request) instead
-    of computing a verdict nobody will read. Call only after the body has been read."""
-    task = asyncio.ensure_future(work)
+    of computing a verdict nobody will read. Call only after the body has been read. One
+    watcher task per request; the work itself runs inline in the request's task."""
+    me = asyncio.current_task()
+    assert me is not None
+    gone = False
 
     async def watch() -> None:
+        nonlocal gone
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
-                task.cancel()
+                gone = True
+                me.cancel()
                 return
 
     watcher = asyncio.ensure_future(watch())
     try:
-        return await task
+        return await work
     except asyncio.CancelledError:
-        if watcher.done() and not watcher.cancelled():
+        if gone:
+            me.uncancel()
             raise ApiError(499, "client_disconnected", "the caller went away; work was aborted") from None
         raise
     finally:
@@ -202,9 +208,11 @@ def create_app(
         return error_response(ApiError(500, "internal_error", "internal error; see gateway logs"),
                               request.headers.get("x-request-id"))
 
-    app.include_router(build_admin_router(store, auth, protected_labels=settings.protected_labels))
+    app.include_router(build_admin_router(store, auth, protected_labels=settings.protected_labels,
+                                          on_change=cache.refresh_now))
     app.include_router(build_openai_router(pipeline, auth, settings, list(models or [])))
-    app.include_router(build_rollout_router(store, auth, production_label=settings.default_label))
+    app.include_router(build_rollout_router(store, auth, production_label=settings.default_label,
+                                            on_change=cache.refresh_now))
 
     @app.get("/v1/cache/prompts", tags=["prompt registry"])
     async def cache_snapshot(request: Request) -> Response:
@@ -301,7 +309,7 @@ def create_app(
                 root.set_attribute(Attr.ERROR_TYPE, err.type if err else "internal_error")
                 if code >= 500:
                     root.set_status(Status(StatusCode.ERROR, err.type if err else "internal_error"))
-                metrics.requests.labels(route="/v1/moderate", code=str(code)).inc()
+                metrics.child(metrics.requests, route="/v1/moderate", code=str(code)).inc()
                 if err is None:
                     raise
                 if err.status >= 500:
@@ -314,9 +322,9 @@ def create_app(
             root.set_attribute(Attr.PROMPT_VERSION, body["prompt"]["version"])
             root.set_attribute(Attr.TRAFFIC_ARM, body["arm"])
             root.set_attribute(Attr.DECISION, body["decision"])
-        metrics.requests.labels(route="/v1/moderate", code=str(code)).inc()
-        metrics.stage_seconds.labels(stage="total", prompt=body["prompt"]["name"],
-                                     version=str(body["prompt"]["version"]), arm=body["arm"]).observe(
+        metrics.child(metrics.requests, route="/v1/moderate", code=str(code)).inc()
+        metrics.child(metrics.stage_seconds, stage="total", prompt=body["prompt"]["name"],
+                      version=str(body["prompt"]["version"]), arm=body["arm"]).observe(
             time.perf_counter() - start)
         return _json(body, headers={"x-request-id": rid})
 

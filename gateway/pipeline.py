@@ -7,6 +7,7 @@ histogram observation labelled by prompt version and traffic arm."""
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -102,11 +103,11 @@ class ModerationPipeline:
         queued = time.perf_counter()
         try:
             async with self.admission.slot(chat.model, timeout_s=deadline - queued, wait=queue):
-                self.metrics.stage_seconds.labels(stage="queue", **labels).observe(time.perf_counter() - queued)
+                self.metrics.child(self.metrics.stage_seconds, stage="queue", **labels).observe(time.perf_counter() - queued)
                 result = await self._call(chat, span_attrs, labels, deadline)
         except ApiError as exc:
             if exc.status == 429:
-                self.metrics.shed.labels(model=chat.model).inc()
+                self.metrics.child(self.metrics.shed, model=chat.model).inc()
             raise
         with stage(self.tracer, self.metrics, "verdict.validate", labels) as span:
             verdict = parse_verdict(result.text, result.finish_reason, spec.verdict)
@@ -119,9 +120,10 @@ class ModerationPipeline:
     async def _call(self, chat: ChatRequest, span_attrs: dict[str, object], labels: dict[str, str],
                     deadline: float) -> ChatResult:
         called = time.perf_counter()
-        self.metrics.inflight.labels(model=chat.model).inc()
-        with self.tracer.start_as_current_span(f"chat {chat.model}", kind=SpanKind.CLIENT,
-                                               attributes=span_attrs) as span:
+        self.metrics.child(self.metrics.inflight, model=chat.model).inc()
+        parent = trace.get_current_span()
+        with (self.tracer.start_as_current_span(f"chat {chat.model}", kind=SpanKind.CLIENT, attributes=span_attrs)
+              if parent.is_recording() else nullcontext(parent)) as span:
             try:
                 result = await self.backend.chat(chat, timeout_s=max(0.001, deadline - called))
             except BackendError as exc:
@@ -129,8 +131,8 @@ class ModerationPipeline:
                 span.set_attribute(Attr.ERROR_TYPE, type(exc).__name__)
                 raise
             finally:
-                self.metrics.inflight.labels(model=chat.model).dec()
-                self.metrics.stage_seconds.labels(stage="backend", **labels).observe(
+                self.metrics.child(self.metrics.inflight, model=chat.model).dec()
+                self.metrics.child(self.metrics.stage_seconds, stage="backend", **labels).observe(
                     time.perf_counter() - called)
             span.set_attribute(Attr.GEN_AI_RESPONSE_MODEL, result.model)
             span.set_attribute(Attr.GEN_AI_RESPONSE_FINISH_REASONS, [result.finish_reason or ""])
@@ -143,14 +145,13 @@ class ModerationPipeline:
     def _finish(self, version: PromptVersion, label: str | None, arm: str, used_locale: str, stale: bool,
                 verdict: Verdict, result: ChatResult, labels: dict[str, str], start: float) -> Evaluation:
         m = self.metrics
-        m.verdicts.labels(decision=verdict.decision, category=verdict.category or "-", **labels).inc()
+        m.child(m.verdicts, decision=verdict.decision, category=verdict.category or "-", **labels).inc()
         if verdict.fail_reason:
-            m.verdict_failures.labels(reason=verdict.fail_reason, **labels).inc()
-        m.tokens.labels(prompt=version.name, version=str(version.version), kind="input").inc(result.prompt_tokens)
-        m.tokens.labels(prompt=version.name, version=str(version.version), kind="output").inc(result.completion_tokens)
+            m.child(m.verdict_failures, reason=verdict.fail_reason, **labels).inc()
+        m.child(m.tokens, prompt=version.name, version=str(version.version), kind="input").inc(result.prompt_tokens)
+        m.child(m.tokens, prompt=version.name, version=str(version.version), kind="output").inc(result.completion_tokens)
         if result.cached_prompt_tokens is not None:
-            m.tokens.labels(prompt=version.name, version=str(version.version),
-                            kind="cached_input").inc(result.cached_prompt_tokens)
+            m.child(m.tokens, prompt=version.name, version=str(version.version), kind="cached_input").inc(result.cached_prompt_tokens)
         return Evaluation(version=version, label=label, arm=arm, locale=used_locale, stale=stale,
                           verdict=verdict, result=result,
                           latency_ms=(time.perf_counter() - start) * 1000.0)

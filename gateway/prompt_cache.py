@@ -228,6 +228,15 @@ class PromptCache:
             if name is None or prompt == name:
                 self._refresh_rollout(prompt)
 
+    async def refresh_now(self, name: str) -> None:
+        """Re-read every cached entry of *name* and wait for it: after a write made by this
+        process (admin API), its next request must already see the change."""
+        self.on_change(name)
+        futures = [f for k, f in self._inflight.items() if k[0] == name]
+        if name in self._rollout_inflight:
+            futures.append(self._rollout_inflight[name])
+        await asyncio.gather(*futures, return_exceptions=True)
+
     def snapshot(self) -> list[dict[str, object]]:
         now = self._clock()
         return [{"prompt": k[0], "label": k[1], "version": e.version.version,

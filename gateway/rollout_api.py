@@ -7,6 +7,7 @@ can move `production` (by promotion) on its own.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Literal
 
 import orjson
@@ -47,7 +48,12 @@ def _json(data: object, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
 
-def build_rollout_router(store: PromptStore, auth: Authenticator, *, production_label: str) -> APIRouter:
+def build_rollout_router(store: PromptStore, auth: Authenticator, *, production_label: str,
+                         on_change: Callable[[str], Awaitable[None]] | None = None) -> APIRouter:
+    async def changed(name: str) -> None:
+        if on_change is not None:
+            await on_change(name)
+
     router = APIRouter(prefix="/v1/prompts/{name}/rollout", tags=["rollouts"])
 
     async def who(authorization: str | None, x_api_key: str | None, scope: str) -> str:
@@ -64,6 +70,7 @@ def build_rollout_router(store: PromptStore, auth: Authenticator, *, production_
             start_rollout, store, name, canary_version=body.canary_version, steps=body.steps,
             shadows=body.shadows, step_hold_s=body.step_hold_s, gates=body.gates, auto=body.auto,
             subject_key=body.subject_key, actor=actor, production_label=production_label, note=body.note)
+        await changed(name)
         return _json(await asyncio.to_thread(rollout_status, store, name), 201)
 
     @router.get("")
@@ -79,6 +86,7 @@ def build_rollout_router(store: PromptStore, auth: Authenticator, *, production_
         actor = await who(authorization, x_api_key, "labels:protected")
         await asyncio.to_thread(apply_action, store, name, action, actor=actor,
                                 note=body.note if body else "", production_label=production_label)
+        await changed(name)
         return _json(await asyncio.to_thread(rollout_status, store, name))
 
     return router

@@ -109,9 +109,13 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 
 class Metrics:
-    """Prometheus metrics on a registry of their own (served at /metrics)."""
+    """Prometheus metrics on a registry of their own (served at /metrics).
+
+    `child(metric, **labels)` memoises labelled children: `labels()` takes a lock and builds a
+    tuple on every call, which showed up in the gateway's hot-path profile."""
 
     def __init__(self) -> None:
+        self._children: dict[tuple[int, tuple[tuple[str, str], ...]], Any] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("modgate_requests", "HTTP requests by route and status code",
@@ -143,13 +147,27 @@ class Metrics:
                                  registry=r)
 
 
+    def child(self, metric: Any, **labels: str) -> Any:
+        key = (id(metric), tuple(labels.items()))
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(**labels)
+        return c
+
+
 @contextmanager
 def stage(tracer: trace.Tracer, metrics: Metrics, name: str, labels: dict[str, str],
           attributes: dict[str, Any] | None = None) -> Iterator[trace.Span]:
-    """A span and a histogram observation for one stage of a request."""
+    """A span and a histogram observation for one stage of a request. Inside a trace that is not
+    sampled no child span is made at all (the parent's non-recording span stands in): with
+    10 % sampling, 90 % of requests skip the span machinery."""
     start = time.perf_counter()
-    with tracer.start_as_current_span(name, attributes=attributes) as span:
-        try:
-            yield span
-        finally:
-            metrics.stage_seconds.labels(stage=name, **labels).observe(time.perf_counter() - start)
+    current = trace.get_current_span()
+    try:
+        if current.is_recording():
+            with tracer.start_as_current_span(name, attributes=attributes) as span:
+                yield span
+        else:
+            yield current
+    finally:
+        metrics.child(metrics.stage_seconds, stage=name, **labels).observe(time.perf_counter() - start)
