@@ -22,6 +22,7 @@ import typer
 from gateway.config import AppConfig, ConfigError, load_config
 from gateway.decisions_cli import decisions_app
 from gateway.deploy_cli import deploy_app
+from gateway.latency_cli import latency_app
 from gateway.registry_cli import keys_app, prompts_app
 from gateway.rollouts_cli import rollouts_app
 
@@ -39,6 +40,7 @@ app = typer.Typer(
         "  modgate rollouts ...       canary and shadow a new prompt version; promote or abort on evidence\n"
         "  modgate keys ...           create, list and revoke API keys\n"
         "  modgate decisions ...      export (Parquet/CSV), tail and summarise every verdict\n"
+        "  modgate latency            p50/p95/p99 per request stage over a time window\n"
         "  modgate deploy ...         generate the KubeRay serveConfigV2 and the config JSON Schema\n"
         "\nEvery command takes --config (or MODGATE_CONFIG); the default is configs/modgate.yaml."
     ),
@@ -53,6 +55,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(rollouts_app, name="rollouts")
 app.add_typer(decisions_app, name="decisions", help="Export, tail and summarise the decision log "
               "(every verdict, for DuckDB or a spreadsheet).")
+app.add_typer(latency_app)
 app.add_typer(deploy_app, name="deploy", help="Kubernetes deployment helpers: generate the "
               "RayService serveConfigV2 and the config JSON Schema.")
 
