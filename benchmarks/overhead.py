@@ -7,7 +7,8 @@ Everything realistic is switched on: API-key auth, prompt resolution from the re
 sandboxed rendering, traffic assignment, verdict validation, the decision log, metrics and
 tracing at 10 % sampling (exported over OTLP/HTTP to a local receiver). Scenarios:
 
-- `plain`: no rollout;
+- `plain`: no rollout (tracing at 10 %); `plain-trace-off` and `plain-trace-100` the same with
+  tracing off and at 100 %, for the cost of tracing;
 - `rollout`: a 10 % canary and a 5 % shadow of another version;
 - `rollout-hanging-shadow`: the same, with the shadow target never answering.
 
@@ -106,7 +107,7 @@ def run_scenario(name: str, tmp: Path, args: argparse.Namespace, receiver: OtlpH
     seed_store(store, ROOT / "configs" / "prompts")
     key, record = generate_key("bench", ["moderate"], created_by="bench")
     store.put_key(record)
-    if name != "plain":
+    if name.startswith("rollout"):
         from gateway.rollout_ops import start_rollout
 
         spec = store.resolve("listing-moderation", "production").spec
@@ -121,7 +122,9 @@ def run_scenario(name: str, tmp: Path, args: argparse.Namespace, receiver: OtlpH
     config["registry"]["seed_dir"] = None
     config["gateway"].update(port=gw_port, max_inflight_per_model=512, max_queued_per_model=4096)
     config["serving"].update(mode="http", base_url=f"http://127.0.0.1:{stub_port}/v1")
-    config["tracing"] = {"exporter": "otlp_http", "endpoint": receiver.endpoint, "sample_ratio": 0.1}
+    ratio = {"plain-trace-off": 0.0, "plain-trace-100": 1.0}.get(name, 0.1)
+    config["tracing"] = ({"exporter": "none", "sample_ratio": 0.0} if ratio == 0 else
+                         {"exporter": "otlp_http", "endpoint": receiver.endpoint, "sample_ratio": ratio})
     cfg_path = tmp / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
     gw = subprocess.Popen([sys.executable, "-m", "gateway.cli", "gateway", "--config", str(cfg_path)],
@@ -163,7 +166,7 @@ def run_scenario(name: str, tmp: Path, args: argparse.Namespace, receiver: OtlpH
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
-    ap.add_argument("--scenarios", default="plain,rollout,rollout-hanging-shadow")
+    ap.add_argument("--scenarios", default="plain,plain-trace-off,plain-trace-100,rollout,rollout-hanging-shadow")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
