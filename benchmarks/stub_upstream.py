@@ -28,7 +28,7 @@ MODELS = orjson.dumps({"object": "list", "data": [{"id": "tiny-llama", "object":
 HEADERS = [(b"content-type", b"application/json")]
 
 
-def build_app(hang_shadows: bool):  # type: ignore[no-untyped-def]
+def build_app(hang_shadows: bool, delay_s: float = 0.0):  # type: ignore[no-untyped-def]
     async def app(scope, receive, send):  # type: ignore[no-untyped-def]
         if scope["type"] != "http":
             return
@@ -43,6 +43,8 @@ def build_app(hang_shadows: bool):  # type: ignore[no-untyped-def]
         else:
             if hang_shadows and b"-shadow-" in body:
                 await asyncio.sleep(3600)
+            if delay_s:
+                await asyncio.sleep(delay_s)
             payload = BODY
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*HEADERS, (b"content-length", str(len(payload)).encode())]})
@@ -54,8 +56,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--hang-shadows", action="store_true")
+    ap.add_argument("--delay", type=float, default=0.0, help="seconds before each answer (a slow engine)")
     args = ap.parse_args()
-    uvicorn.run(build_app(args.hang_shadows), host="127.0.0.1", port=args.port, log_level="warning",
+    uvicorn.run(build_app(args.hang_shadows, args.delay), host="127.0.0.1", port=args.port, log_level="warning",
                 access_log=False, http="httptools", loop="uvloop")
 
 

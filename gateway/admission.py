@@ -49,12 +49,14 @@ class AdmissionControl:
     async def slot(self, model: str, *, timeout_s: float, wait: bool = True) -> AsyncIterator[None]:
         """Hold one engine slot for *model*. `wait=False` (shadow traffic) never queues."""
         s = self._slots(model)
-        if s.inflight >= s.max_inflight and (not wait or s.queued >= s.max_queued):
-            s.shed += 1
-            raise ApiError(429, "overloaded", f"model {model!r} is saturated ({s.inflight} in flight, "
-                           f"{s.queued} queued); retry later", retryable=True,
-                           retry_after_s=self.retry_after_s)
         if s._sem.locked():
+            # Decide on the queue length alone: between a release and the woken waiter taking
+            # its slot, `inflight` dips below the limit while the slot is already spoken for.
+            if not wait or s.queued >= s.max_queued:
+                s.shed += 1
+                raise ApiError(429, "overloaded", f"model {model!r} is saturated ({s.inflight} in flight, "
+                               f"{s.queued} queued); retry later", retryable=True,
+                               retry_after_s=self.retry_after_s)
             s.queued += 1
             try:
                 await asyncio.wait_for(s._sem.acquire(), timeout=max(0.001, timeout_s))

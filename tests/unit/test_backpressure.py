@@ -132,3 +132,30 @@ def test_overload_gives_fast_429_and_disconnect_cancels_engine_work(tmp_path: Pa
 
     asyncio.run(run())
     store.close()
+
+
+def test_queue_stays_bounded_under_churn() -> None:
+    """Hundreds of callers against 16 slots and a queue of 32: admitted requests never wait
+    much longer than (queue / slots + 1) service times."""
+    async def run() -> None:
+        adm = AdmissionControl(max_inflight=16, max_queued=32)
+        waits: list[float] = []
+        refused = 0
+        stop = time.monotonic() + 1.5
+
+        async def worker() -> None:
+            nonlocal refused
+            while time.monotonic() < stop:
+                t = time.perf_counter()
+                try:
+                    async with adm.slot("m", timeout_s=30):
+                        waits.append(time.perf_counter() - t)
+                        await asyncio.sleep(0.05)
+                except ApiError:
+                    refused += 1
+                    await asyncio.sleep(0.002)
+
+        await asyncio.gather(*[worker() for _ in range(200)])
+        assert refused > 0 and max(waits) < (32 / 16 + 1) * 0.05 * 2
+        assert adm.models["m"].queued == 0 and adm.models["m"].inflight == 0
+    asyncio.run(run())
