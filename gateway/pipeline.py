@@ -7,8 +7,8 @@ histogram observation labelled by prompt version and traffic arm."""
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from opentelemetry import trace

@@ -132,7 +132,7 @@ def status_cmd(name: str, watch: Annotated[float | None, typer.Option("--watch",
             st = rollout_status(store, name)
         if watch and not as_json:
             typer.echo("\x1b[2J\x1b[H", nl=False)
-        _out(as_json, st, lambda: _print_status(st))
+        _out(as_json, st, lambda st=st: _print_status(st))
         if not watch or st["rollout"]["state"] not in ("running", "paused"):
             return
         time.sleep(watch)

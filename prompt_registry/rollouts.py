@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import math
 import uuid
-from statistics import NormalDist
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from statistics import NormalDist
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -206,7 +206,7 @@ def evaluate_gates(rollout: Rollout, stats: dict[str, object]) -> list[GateResul
         disagree = pn - int(pair.get("agree", 0))
         out.append(_rate_gate("disagreement_rate", disagree, pn, 1.0 - cfg.min_agreement, cfg))
     if cfg.max_flag_rate_drift is not None:
-        cats = set((canary.get("flags") or {})) | set((stable.get("flags") or {}))  # type: ignore[arg-type]
+        cats = set(canary.get("flags") or {}) | set(stable.get("flags") or {})  # type: ignore[arg-type]
         sn = int(stable.get("verdicts", 0))
         worst: GateResult | None = None
         for cat in sorted(cats):
