@@ -33,6 +33,7 @@ from gateway.auth import Authenticator
 from gateway.config import GatewaySettings
 from gateway.decision_log import DecisionLog
 from gateway.errors import ApiError, error_response, map_exception
+from gateway.feedback import FeedbackLog, build_feedback_router
 from gateway.openai_api import build_openai_router
 from gateway.pipeline import ModerationPipeline
 from gateway.prompt_cache import PromptCache
@@ -140,6 +141,7 @@ def create_app(
     metrics: Metrics | None = None,
     models: list[str] | None = None,
     decision_log: DecisionLog | None = None,
+    feedback_log: FeedbackLog | None = None,
 ) -> FastAPI:
     """Build the gateway app. The caller owns `store`; the app closes `backend` on shutdown
     (and shuts down `tracer_provider`, flushing spans)."""
@@ -221,6 +223,7 @@ def create_app(
     app.include_router(build_admin_router(store, auth, protected_labels=settings.protected_labels,
                                           on_change=cache.refresh_now))
     app.include_router(build_openai_router(pipeline, auth, settings, list(models or [])))
+    app.include_router(build_feedback_router(store, auth, recorder, feedback_log))
     app.include_router(build_rollout_router(store, auth, production_label=settings.default_label,
                                             on_change=cache.refresh_now))
 
@@ -392,6 +395,7 @@ def create_app(
         latency_ms = (time.perf_counter() - start) * 1000.0
         if rollout is not None and assignment.arm in ("stable", "canary"):
             recorder.primary(rollout.id, assignment.arm, verdict, latency_ms)
+            recorder.memo(rid, rollout.id, assignment.arm, name, ev.version.version, verdict)
             for version in assignment.shadows:
                 shadows.submit(rollout, version, ev, variables, req.locale, request_id=rid,
                                item_id=req.item_id, subject=subject)

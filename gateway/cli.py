@@ -22,6 +22,7 @@ import typer
 from gateway.config import AppConfig, ConfigError, load_config
 from gateway.decisions_cli import decisions_app
 from gateway.deploy_cli import deploy_app
+from gateway.eval_cli import eval_app
 from gateway.latency_cli import latency_app
 from gateway.registry_cli import keys_app, prompts_app
 from gateway.rollouts_cli import rollouts_app
@@ -40,6 +41,7 @@ app = typer.Typer(
         "  modgate rollouts ...       canary and shadow a new prompt version; promote or abort on evidence\n"
         "  modgate keys ...           create, list and revoke API keys\n"
         "  modgate decisions ...      export (Parquet/CSV), tail and summarise every verdict\n"
+        "  modgate eval ...           score prompt versions on a labelled dataset; compare two\n"
         "  modgate latency            p50/p95/p99 per request stage over a time window\n"
         "  modgate deploy ...         generate the KubeRay serveConfigV2 and the config JSON Schema\n"
         "\nEvery command takes --config (or MODGATE_CONFIG); the default is configs/modgate.yaml."
@@ -55,6 +57,8 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(rollouts_app, name="rollouts")
 app.add_typer(decisions_app, name="decisions", help="Export, tail and summarise the decision log "
               "(every verdict, for DuckDB or a spreadsheet).")
+app.add_typer(eval_app, name="eval", help="Evaluate prompt versions on a labelled dataset: "
+              "scorecards with confidence intervals and paired comparisons.")
 app.add_typer(latency_app)
 app.add_typer(deploy_app, name="deploy", help="Kubernetes deployment helpers: generate the "
               "RayService serveConfigV2 and the config JSON Schema.")
@@ -198,12 +202,14 @@ def _run_gateway(cfg: AppConfig, store: Any, *, announce: bool, local_keys: bool
     api_key = os.environ.get(cfg.serving.api_key_env) if cfg.serving.api_key_env else None
     backend = OpenAIHttpBackend(cfg.serving.resolved_base_url(), api_key=api_key)
     from gateway.decision_log import DecisionLog
+    from gateway.feedback import FeedbackLog
     from gateway.telemetry import build_tracer_provider
 
     fastapi_app = create_app(cfg.gateway, store, backend,
                              tracer_provider=build_tracer_provider(cfg.tracing),
                              models=[m.name for m in cfg.serving.models],
-                             decision_log=DecisionLog.from_settings(cfg.decision_log, cfg.data_path()))
+                             decision_log=DecisionLog.from_settings(cfg.decision_log, cfg.data_path()),
+                             feedback_log=FeedbackLog(cfg.data_path() / "feedback"))
     server = uvicorn.Server(uvicorn.Config(
         fastapi_app, host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning",
         access_log=False, loop="auto", http="auto", timeout_graceful_shutdown=10))

@@ -45,12 +45,15 @@ def _lat_bucket(ms: float) -> str:
 
 
 class RolloutRecorder:
-    def __init__(self, store: PromptStore, *, flush_s: float = 1.0, keep_flips: int = 500) -> None:
+    def __init__(self, store: PromptStore, *, flush_s: float = 1.0, keep_flips: int = 500,
+                 memo_ttl_s: float = 7 * 86400) -> None:
         self._store = store
         self._flush_s = flush_s
         self._keep_flips = keep_flips
+        self._memo_ttl_s = memo_ttl_s
         self._counters: dict[str, Counter[str]] = {}
         self._flips: dict[str, list[str]] = {}
+        self._memos: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
 
     def _c(self, rollout_id: str) -> Counter[str]:
@@ -69,6 +72,26 @@ class RolloutRecorder:
             c[f"{arm}:parse_failures"] += 1
         if verdict.decision != "allow":
             c[f"{arm}:flag:{verdict.category or 'none'}"] += 1
+
+    def memo(self, request_id: str, rollout_id: str, arm: str, prompt: str, version: int, verdict: Verdict) -> None:
+        """Remember what a request under a rollout was answered, for feedback that comes later."""
+        self._memos[request_id] = orjson.dumps({
+            "rollout_id": rollout_id, "arm": arm, "prompt": prompt, "version": version,
+            "decision": verdict.decision, "category": verdict.category}).decode()
+
+    def feedback(self, rollout_id: str, arm: str, predicted: Verdict, gold: Verdict) -> None:
+        """A reviewer's label for a request answered by *arm*: true/false positives per category."""
+        c = self._c(rollout_id)
+        c[f"fb:{arm}:n"] += 1
+        p, g = _label(predicted), _label(gold)
+        if p == g:
+            if g != "none":
+                c[f"fb:{arm}:tp:{g}"] += 1
+        else:
+            if p != "none":
+                c[f"fb:{arm}:fp:{p}"] += 1
+            if g != "none":
+                c[f"fb:{arm}:fn:{g}"] += 1
 
     def pair(self, rollout_id: str, version: int, stable: Verdict, candidate: Verdict | None, *,
              request_id: str, item_id: str, stable_version: int) -> None:
@@ -109,8 +132,13 @@ class RolloutRecorder:
             await self.flush()
 
     async def flush(self) -> None:
-        counters, flips = self._counters, self._flips
-        self._counters, self._flips = {}, {}
+        counters, flips, memos = self._counters, self._flips, self._memos
+        self._counters, self._flips, self._memos = {}, {}, {}
+        if memos:
+            try:
+                await asyncio.to_thread(self._store.remember_verdicts, memos, ttl_s=self._memo_ttl_s)
+            except StoreUnavailable as exc:
+                log.warning("verdict memos not stored (feedback for them will not match): %s", exc)
         for rollout_id in set(counters) | set(flips):
             data = dict(counters.get(rollout_id, {}))
             f = flips.get(rollout_id, [])
@@ -158,12 +186,25 @@ def _p95(hist: Mapping[str, int]) -> float | None:
     return None
 
 
+def _arm() -> dict[str, Any]:
+    return {"requests": 0, "errors": 0, "verdicts": 0, "parse_failures": 0, "flags": {},
+            "latency_ms_hist": {}, "feedback": {"n": 0, "categories": {}}}
+
+
 def stats_view(flat: Mapping[str, int]) -> dict[str, Any]:
     """Nested view of the flat counters: per arm, per pair (agreement, kappa, confusion)."""
     arms: dict[str, dict[str, Any]] = {}
     pairs: dict[str, dict[str, Any]] = {}
     for key, value in flat.items():
         parts = key.split(":")
+        if parts[0] == "fb":
+            a = arms.setdefault(parts[1], _arm())
+            fb = a["feedback"]
+            if parts[2] == "n":
+                fb["n"] = value
+            else:
+                fb["categories"].setdefault(parts[3], {"tp": 0, "fp": 0, "fn": 0})[parts[2]] = value
+            continue
         if parts[0] == "pair":
             p = pairs.setdefault(parts[1], {"n": 0, "agree": 0, "errors": 0, "dropped": 0, "confusion": {},
                                              "stable_flags": {}, "candidate_flags": {}})
@@ -176,8 +217,7 @@ def stats_view(flat: Mapping[str, int]) -> dict[str, Any]:
             else:
                 p[parts[2]] = value
         else:
-            a = arms.setdefault(parts[0], {"requests": 0, "errors": 0, "verdicts": 0, "parse_failures": 0,
-                                           "flags": {}, "latency_ms_hist": {}})
+            a = arms.setdefault(parts[0], _arm())
             if parts[1] == "flag":
                 a["flags"][parts[2]] = value
             elif parts[1] == "lat":
@@ -185,6 +225,9 @@ def stats_view(flat: Mapping[str, int]) -> dict[str, Any]:
             else:
                 a[parts[1]] = value
     for a in arms.values():
+        for cat in a["feedback"]["categories"].values():
+            cat["precision"] = cat["tp"] / (cat["tp"] + cat["fp"]) if cat["tp"] + cat["fp"] else None
+            cat["recall"] = cat["tp"] / (cat["tp"] + cat["fn"]) if cat["tp"] + cat["fn"] else None
         a["p95_ms"] = _p95(a["latency_ms_hist"])
         n = a["verdicts"]
         a["flag_rates"] = {k: v / n for k, v in a["flags"].items()} if n else {}

@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["SCOPES", "ApiKeyRecord", "generate_key", "parse_key", "verify_secret"]
 
-Scope = Literal["moderate", "prompts:read", "prompts:publish", "labels:write", "labels:protected", "admin"]
-SCOPES: tuple[str, ...] = ("moderate", "prompts:read", "prompts:publish", "labels:write",
+Scope = Literal["moderate", "feedback", "prompts:read", "prompts:publish", "labels:write",
+                "labels:protected", "admin"]
+SCOPES: tuple[str, ...] = ("moderate", "feedback", "prompts:read", "prompts:publish", "labels:write",
                            "labels:protected", "admin")
 
 

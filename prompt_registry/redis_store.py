@@ -13,6 +13,7 @@ Key schema (prefix `P`, default "modgate"; `N` is a prompt name):
     P:rollouts             set    prompts that have a rollout
     P:rollout:ID:stats     hash   shared rollout counters (HINCRBY from every gateway)
     P:rollout:ID:flips     list   newest flipped items (JSON), trimmed
+    P:memo:REQUEST_ID      string verdict memo of a request under a rollout (JSON, with TTL)
     P:keys                 hash   API key id -> key record (JSON; secret stored hashed)
     P:events               pub/sub channel: {"prompt": N, "kind": "publish"|"label"}
 
@@ -248,6 +249,18 @@ class RedisPromptStore:
     def rollout_flips(self, rollout_id: str, limit: int = 100) -> list[str]:
         raw = self._call(lambda: self._r.lrange(f"{self._prefix}:rollout:{rollout_id}:flips", 0, limit - 1))
         return [r.decode() for r in raw]
+
+    def remember_verdicts(self, memos: dict[str, str], *, ttl_s: float) -> None:
+        def work() -> None:
+            pipe = self._r.pipeline(transaction=False)
+            for rid, rec in memos.items():
+                pipe.set(f"{self._prefix}:memo:{rid}", rec, ex=max(1, int(ttl_s)))
+            pipe.execute()
+        self._call(work)
+
+    def recall_verdict(self, request_id: str) -> str | None:
+        raw = self._call(lambda: self._r.get(f"{self._prefix}:memo:{request_id}"))
+        return raw.decode() if raw else None
 
     def get_key(self, key_id: str) -> ApiKeyRecord | None:
         raw = self._call(lambda: self._r.hget(f"{self._prefix}:keys", key_id))

@@ -69,6 +69,12 @@ class GateConfig(_Strict):
                                         "(from shadow comparisons of the canary version)")
     max_flag_rate_drift: float | None = Field(0.10, ge=0, le=1, description="|flag rate canary - stable| "
                                               "per category")
+    min_feedback: int = Field(50, ge=1, description="reviewer labels per category needed before the "
+                              "precision and recall gates decide")
+    min_precision: float | None = Field(None, ge=0, le=1, description="canary precision per category "
+                                        "(from reviewer feedback) must be at least this")
+    max_recall_drop: float | None = Field(None, ge=0, le=1, description="canary recall per category may "
+                                          "be at most this much below stable's (from reviewer feedback)")
 
 
 class Rollout(_Strict):
@@ -164,12 +170,13 @@ class GateResult:
                 "limit": self.limit, "samples": self.samples, "verdict": self.verdict}
 
 
-def _rate_gate(name: str, bad: int, n: int, limit: float, cfg: GateConfig) -> GateResult:
+def _rate_gate(name: str, bad: int, n: int, limit: float, cfg: GateConfig,
+               min_samples: int | None = None) -> GateResult:
     """Pass when the upper bound of the bad rate is below the limit, fail when the lower bound
     is above it; otherwise (or with too few samples) wait for more evidence."""
     lo, hi = wilson_interval(bad, n, cfg.confidence)
     value = bad / n if n else None
-    if n < cfg.min_samples:
+    if n < (min_samples or cfg.min_samples):
         verdict: Literal["pass", "fail", "wait"] = "wait"
     elif lo > limit:
         verdict = "fail"
@@ -217,7 +224,33 @@ def evaluate_gates(rollout: Rollout, stats: dict[str, object]) -> list[GateResul
                 worst = g
         out.append(worst or GateResult("flag_rate_drift", None, None, None, cfg.max_flag_rate_drift,
                                        verdicts, "wait" if verdicts < cfg.min_samples else "pass"))
+    cfb = ((canary.get("feedback") or {}).get("categories") or {})  # type: ignore[union-attr]
+    sfb = ((stable.get("feedback") or {}).get("categories") or {})  # type: ignore[union-attr]
+    if cfg.min_precision is not None:
+        for cat, c in sorted(cfb.items()):
+            out.append(_rate_gate(f"imprecision[{cat}]", int(c["fp"]), int(c["tp"]) + int(c["fp"]),
+                                  1.0 - cfg.min_precision, cfg, cfg.min_feedback))
+    if cfg.max_recall_drop is not None:
+        for cat in sorted(set(cfb) | set(sfb)):
+            c, st = cfb.get(cat, {}), sfb.get(cat, {})
+            out.append(_drop_gate(f"recall_drop[{cat}]", int(st.get("tp", 0)), int(st.get("tp", 0)) + int(st.get("fn", 0)),
+                                  int(c.get("tp", 0)), int(c.get("tp", 0)) + int(c.get("fn", 0)), cfg))
     return out
+
+
+def _drop_gate(name: str, a: int, na: int, b: int, nb: int, cfg: GateConfig) -> GateResult:
+    """How far proportion b (canary) falls below a (stable), Newcombe interval; one-sided."""
+    limit = cfg.max_recall_drop or 0.0
+    if na < cfg.min_feedback or nb < cfg.min_feedback:
+        return GateResult(name, None, None, None, limit, min(na, nb), "wait")
+    p1, p2 = a / na, b / nb
+    l1, u1 = wilson_interval(a, na, cfg.confidence)
+    l2, u2 = wilson_interval(b, nb, cfg.confidence)
+    d = p1 - p2
+    lo = d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
+    hi = d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    verdict: Literal["pass", "fail", "wait"] = "fail" if lo > limit else "pass" if hi <= limit else "wait"
+    return GateResult(name, d, lo, hi, limit, min(na, nb), verdict)
 
 
 def _rank(g: GateResult) -> int:

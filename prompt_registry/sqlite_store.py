@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,6 +58,9 @@ CREATE TABLE IF NOT EXISTS rollout_stats (
 );
 CREATE TABLE IF NOT EXISTS rollout_flips (
     id INTEGER PRIMARY KEY AUTOINCREMENT, rollout_id TEXT NOT NULL, record TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS verdict_memos (
+    request_id TEXT PRIMARY KEY, record TEXT NOT NULL, expires_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS api_keys (
     key_id TEXT PRIMARY KEY, record TEXT NOT NULL
@@ -279,6 +283,20 @@ class SqlitePromptStore:
         rows = self._con().execute("SELECT record FROM rollout_flips WHERE rollout_id=? "
                                    "ORDER BY id DESC LIMIT ?", (rollout_id, limit)).fetchall()
         return [r[0] for r in rows]
+
+    @_wrap_errors
+    def remember_verdicts(self, memos: dict[str, str], *, ttl_s: float) -> None:
+        now = time.time()
+        with self._tx() as con:
+            con.executemany("INSERT OR REPLACE INTO verdict_memos VALUES (?,?,?)",
+                            [(rid, rec, now + ttl_s) for rid, rec in memos.items()])
+            con.execute("DELETE FROM verdict_memos WHERE expires_at < ?", (now,))
+
+    @_wrap_errors
+    def recall_verdict(self, request_id: str) -> str | None:
+        row = self._con().execute("SELECT record FROM verdict_memos WHERE request_id=? AND expires_at >= ?",
+                                  (request_id, time.time())).fetchone()
+        return row[0] if row else None
 
     @_wrap_errors
     def get_key(self, key_id: str) -> ApiKeyRecord | None:

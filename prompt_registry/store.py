@@ -108,6 +108,13 @@ class PromptStore(PromptReader, Protocol):
 
     def rollout_flips(self, rollout_id: str, limit: int = 100) -> list[str]: ...
 
+    def remember_verdicts(self, memos: dict[str, str], *, ttl_s: float) -> None:
+        """Keep request id -> verdict memo (JSON) for *ttl_s*, so reviewer feedback arriving
+        later can be matched to the rollout arm and version that answered."""
+        ...
+
+    def recall_verdict(self, request_id: str) -> str | None: ...
+
     def get_key(self, key_id: str) -> ApiKeyRecord | None: ...
 
     def put_key(self, record: ApiKeyRecord) -> None:

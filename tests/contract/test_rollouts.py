@@ -21,6 +21,7 @@ from gateway.app import create_app
 from gateway.cli import _local_keys, _open_store
 from gateway.cli import app as cli
 from gateway.config import load_config
+from gateway.feedback import FeedbackLog
 from serving import BackendUnavailable, ChatRequest, ChatResult
 from serving.fake_backend import FakeBackend
 from tests.redis_server import RedisServer
@@ -88,7 +89,8 @@ class Gateway:
         cfg = load_config(config_path)
         self.store = _open_store(cfg)
         keys = _local_keys(cfg, self.store)
-        self.app = create_app(cfg.gateway, self.store, backend)
+        self.app = create_app(cfg.gateway, self.store, backend,
+                              feedback_log=FeedbackLog(cfg.data_path() / "feedback"))
         self.client = TestClient(self.app, headers={"authorization": f"Bearer {keys['local-caller']}"})
 
     def __enter__(self) -> Gateway:
@@ -243,3 +245,49 @@ def test_rollout_errors_are_clear(config_path: Path, gateway: Gateway) -> None:
     ]:
         result = CliRunner().invoke(cli, [*args[:2], "--config", str(config_path), *args[2:]])
         assert result.exit_code != 0 and needle in result.output, (args, result.output)
+
+
+def test_reviewer_feedback_drives_precision_gate(config_path: Path, tmp_path: Path) -> None:
+    """Reviewers say the canary's flags are wrong: its precision gate fails and the rollout
+    aborts. Every label is kept in the feedback log, matched or not."""
+    backend = MarkerBackend()
+    with Gateway(config_path, backend) as gw:
+        admin = json.loads((load_config(config_path).data_path() / "local-keys.json").read_text())["local-admin"]
+        v2 = _publish_variant(config_path, tmp_path, "Version 2")
+        run(config_path, "rollouts", "start", "listing-moderation", "--canary", str(v2), "--steps", "50,100",
+            "--hold", "0s", "--min-samples", "1000", "--max-flag-rate-drift", "1.0")
+        status = json.loads(run(config_path, "rollouts", "status", "listing-moderation", "--json"))
+        rollout_id = status["rollout"]["id"]
+        # tighten the gate through the store: precision of canary flags must be at least 90 %
+        store = gw.store
+        r = store.get_rollout("listing-moderation")
+        store.put_rollout(r.changed(gates=r.gates.model_copy(update={"min_precision": 0.9, "min_feedback": 5})),
+                          expected_revision=r.revision, actor="test")
+        deadline = time.monotonic() + 5
+        canary: list[dict] = []
+        i = 0
+        while len(canary) < 60:
+            assert time.monotonic() < deadline or canary, "no canary traffic"
+            body = gw.moderate(i)
+            i += 1
+            if body["arm"] == "canary" and body["decision"] != "allow":
+                canary.append(body)
+        gw.settle()  # memos reach the store
+        for body in canary:  # reviewers: none of these listings violates anything
+            r = gw.client.post("/v1/feedback", json={"request_id": body["request_id"], "decision": "allow",
+                                                      "category": "none", "reviewer": "ana"},
+                               headers={"authorization": f"Bearer {admin}"})
+            assert r.status_code == 202 and r.json()["matched_rollout"] is True
+        r = gw.client.post("/v1/feedback", json={"request_id": "never-seen", "decision": "allow"},
+                           headers={"authorization": f"Bearer {admin}"})
+        assert r.status_code == 202 and r.json()["matched_rollout"] is False
+        r = gw.client.post("/v1/feedback", json={"request_id": "x", "decision": "allow"})  # caller key: no scope
+        assert r.status_code == 403
+        assert gw.tick() == [("listing-moderation", "abort")]
+        status = json.loads(run(config_path, "rollouts", "status", "listing-moderation", "--json"))
+        assert status["rollout"]["id"] == rollout_id
+        failing = [g for g in status["gates"] if g["verdict"] == "fail"]
+        assert failing and failing[0]["gate"].startswith("imprecision[")
+        lines = [json.loads(x) for f in (load_config(config_path).data_path() / "feedback").glob("*.jsonl")
+                 for x in f.read_text().splitlines()]
+        assert len(lines) == len(canary) + 1 and {x["reviewer"] for x in lines} == {"ana", "local-admin"}

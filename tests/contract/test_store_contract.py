@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -250,3 +251,13 @@ def test_rollouts_compare_and_set_and_stats(make_store: StoreFactory, example_sp
     make_store().add_rollout_stats(r.id, {"canary:requests": 2}, flips=['{"i":3}'], keep_flips=2)
     assert s.rollout_stats(r.id) == {"canary:requests": 5, "pair:2:agree": 1}
     assert s.rollout_flips(r.id) == ['{"i":3}', '{"i":2}']
+
+
+def test_verdict_memos_expire(store: PromptStore) -> None:
+    store.remember_verdicts({"r1": '{"arm":"canary"}', "r2": '{"arm":"stable"}'}, ttl_s=60)
+    assert store.recall_verdict("r1") == '{"arm":"canary"}'
+    assert store.recall_verdict("nope") is None
+    store.remember_verdicts({"r3": "{}"}, ttl_s=1)
+    assert store.recall_verdict("r3") == "{}"
+    time.sleep(2.1)  # a real expiry, on both stores
+    assert store.recall_verdict("r3") is None

@@ -1,0 +1,283 @@
+"""`modgate eval ...`: measure prompt versions on a labelled dataset before they meet traffic.
+
+    modgate eval validate datasets/listings-sample.jsonl
+    modgate eval run --prompt listing-moderation --version 1 --version 2 \\
+        --dataset datasets/listings-sample.jsonl
+    modgate eval show --prompt listing-moderation --version 2 --dataset datasets/listings-sample.jsonl
+
+`run` renders every listing with each version exactly as `/v1/moderate` does and calls the
+model server the configuration names (`serving.base_url`, or the local Ray Serve app) at a
+lower vLLM priority than caller traffic. Answers are cached under `<data_dir>/eval/cache`, so a
+re-run (after Ctrl-C, or with a new version) only computes what is missing; backend errors are
+not cached and are retried. Scorecards (JSON, Markdown, PNG) go to
+`<data_dir>/eval/<prompt>/<dataset sha256[:12]>/` unless `--out` is given; with two or more
+versions each later version is compared with the first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from gateway.config import AppConfig, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from gateway.evaluation.dataset import Dataset
+    from gateway.evaluation.scorecard import Comparison, Scorecard
+    from prompt_registry import PromptStore, PromptVersion
+    from serving import InferenceBackend
+
+__all__ = ["eval_app", "make_backend"]
+
+eval_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+                       help="Evaluate prompt versions on a labelled dataset: scorecards with "
+                            "confidence intervals, and paired comparisons of two versions.")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", envvar="MODGATE_CONFIG",
+                                               help="configuration file (default: configs/modgate.yaml)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+PromptOpt = Annotated[str, typer.Option("--prompt", "-p", help="prompt name in the registry")]
+DatasetOpt = Annotated[Path, typer.Option("--dataset", "-d", help="labelled dataset (.jsonl or .csv)")]
+OutOpt = Annotated[Path | None, typer.Option(
+    "--out", "-o", help="output directory (default: <data_dir>/eval/<prompt>/<dataset sha256[:12]>)")]
+
+
+def make_backend(cfg: AppConfig) -> InferenceBackend:
+    """The backend `run` calls; tests replace this function to inject a fake."""
+    from serving.http_backend import OpenAIHttpBackend
+
+    return OpenAIHttpBackend(cfg.serving.resolved_base_url())
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    typer.echo(f"modgate: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _config(config: Path | None) -> AppConfig:
+    try:
+        return load_config(config)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+
+
+def _dataset(path: Path) -> Dataset:
+    from gateway.evaluation.dataset import read_dataset
+
+    dataset, problems = read_dataset(path)
+    if dataset is None:
+        for p in problems:
+            typer.echo(str(p), err=True)
+        raise _fail(f"{path}: {len(problems)} problem(s); nothing was run", 2)
+    return dataset
+
+
+@contextmanager
+def _store(cfg: AppConfig) -> Iterator[PromptStore]:
+    from gateway.stores import open_store
+    from prompt_registry import RegistryError
+
+    try:
+        store = open_store(cfg)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    try:
+        yield store
+    except RegistryError as exc:
+        raise _fail(str(exc)) from None
+    finally:
+        store.close()
+
+
+def _default_out(cfg: AppConfig, prompt: str, dataset: Dataset) -> Path:
+    return cfg.data_path() / "eval" / prompt / dataset.sha256[:12]
+
+
+def _summary(sc: Scorecard) -> list[str]:
+    from gateway.evaluation.report import _ci, _f, _pct
+
+    q = sc.overall
+    lines = [(f"{sc.prompt} v{sc.version} on {q.n} items (dataset sha256 {sc.dataset_sha256[:12]}, "
+             f"{sc.cached} cached)"),
+             f"  {'category':<22}{'support':>8}  {'precision (95% CI)':<20}{'recall (95% CI)':<20}"]
+    for s in [*q.categories, q.micro, q.flagged]:
+        lines.append(f"  {s.category:<22}{s.support:>8}  {_ci(s.precision, s.precision_ci):<20}"
+                     f"{_ci(s.recall, s.recall_ci):<20}")
+    r = sc.rates
+    lines.append(f"  macro F1 {_f(q.macro_f1)}  accuracy {_pct(q.accuracy)}  needs_review "
+                 f"{_pct(r['needs_review'].rate)}  parse failures {r['parse_failure'].count}  "
+                 f"errors {r['error'].count}  p95 {_f(sc.latency_ms['p95'], 0)} ms")
+    return lines
+
+
+def _comparison_line(cmp: Comparison) -> str:
+    from gateway.evaluation.report import _p
+
+    return (f"v{cmp.a_version} -> v{cmp.b_version}: McNemar exact p = {_p(cmp.mcnemar_p)} "
+            f"(fixed {cmp.fixed}, broken {cmp.broken}, changed {cmp.changed}; {cmp.n} items)")
+
+
+async def _evaluate(backend: InferenceBackend, versions: list[PromptVersion], dataset: Dataset, *,
+                    concurrency: int, cache_dir: Path, priority: int, timeout_s: float,
+                    progress: bool, use_cache: bool) -> list[Any]:
+    from gateway.evaluation.runner import run_eval
+
+    try:
+        return await run_eval(versions, list(dataset.rows), backend, concurrency=concurrency,
+                              cache_dir=cache_dir, priority=priority, timeout_s=timeout_s,
+                              progress=progress, use_cache=use_cache)
+    finally:
+        await backend.aclose()
+
+
+@eval_app.command("run")
+def run_cmd(
+    prompt: PromptOpt,
+    version: Annotated[list[int], typer.Option("--version", "-v", help="prompt version; repeat to "
+                                               "compare (each later version against the first)")],
+    dataset_path: DatasetOpt,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, max=256,
+                                             help="model calls in flight")] = 4,
+    out: OutOpt = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", min=0.001, help="seconds per call "
+                                                  "(default: gateway.request_timeout_s)")] = None,
+    priority: Annotated[int, typer.Option("--priority", help="vLLM priority (higher = after "
+                                          "caller traffic, which uses 0)")] = 5,
+    fresh: Annotated[bool, typer.Option("--fresh", help="ignore cached answers and ask the model "
+                                        "again (e.g. after changing the weights behind a model name)")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress",
+                                           help="progress bar on stderr (only on a terminal)")] = True,
+    config: ConfigOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Evaluate one or more versions of a prompt on a labelled dataset and write scorecards."""
+    from gateway.evaluation.dataset import schema_problems
+    from gateway.evaluation.report import write_comparison, write_scorecard
+    from gateway.evaluation.scorecard import build_scorecard, compare
+
+    cfg = _config(config)
+    dataset = _dataset(dataset_path)
+    numbers = list(dict.fromkeys(version))
+    with _store(cfg) as store:
+        versions = [store.get_version(prompt, n) for n in numbers]
+    problems = []
+    for v in versions:
+        problems += [(v.version, p) for p in schema_problems(dataset, v.spec.verdict, v.spec.variables)]
+    if problems:
+        for n, p in problems:
+            typer.echo(f"{p} (prompt v{n})", err=True)
+        raise _fail(f"{dataset_path}: {len(problems)} problem(s) against the prompt's verdict "
+                    "schema; nothing was run", 2)
+    out_dir = out or _default_out(cfg, prompt, dataset)
+    cache_dir = cfg.data_path() / "eval" / "cache"
+    backend = make_backend(cfg)
+    try:
+        results = asyncio.run(_evaluate(
+            backend, versions, dataset, concurrency=concurrency, cache_dir=cache_dir,
+            priority=priority, timeout_s=timeout or cfg.gateway.request_timeout_s,
+            progress=progress and not as_json, use_cache=not fresh))
+    except KeyboardInterrupt:
+        raise _fail(f"interrupted: the answers so far are kept in {cache_dir}; run the same "
+                    "command again to continue", 130) from None
+    scorecards = [build_scorecard(v, dataset, [r for r in results if r.version == v.version])
+                  for v in versions]
+    written = {sc.version: write_scorecard(sc, out_dir) for sc in scorecards}
+    comparisons = [compare(scorecards[0], sc) for sc in scorecards[1:]]
+    compared = [(c, write_comparison(c, out_dir)) for c in comparisons]
+    errors = sum(sc.rates["error"].count for sc in scorecards)
+
+    if as_json:
+        typer.echo(json.dumps({
+            "out_dir": str(out_dir),
+            "dataset": {"source": dataset.source, "sha256": dataset.sha256, "rows": len(dataset)},
+            "scorecards": [{
+                "version": sc.version, "version_hash": sc.version_hash,
+                "macro_f1": sc.overall.macro_f1, "accuracy": sc.overall.accuracy,
+                "categories": {s.category: {"support": s.support, "precision": s.precision,
+                                            "recall": s.recall, "f1": s.f1}
+                               for s in sc.overall.categories},
+                "errors": sc.rates["error"].count, "cached": sc.cached,
+                "paths": {k: str(p) for k, p in written[sc.version].items()},
+            } for sc in scorecards],
+            "comparisons": [{
+                "a": c.a_version, "b": c.b_version, "mcnemar_p": c.mcnemar_p, "fixed": c.fixed,
+                "broken": c.broken, "changed": c.changed, "n": c.n,
+                "paths": {k: str(p) for k, p in paths.items()},
+            } for c, paths in compared],
+        }, indent=2, ensure_ascii=False))
+    else:
+        for sc in scorecards:
+            typer.echo("\n".join(_summary(sc)))
+        for c, _ in compared:
+            typer.echo(_comparison_line(c))
+        typer.echo(f"reports: {out_dir}")
+    if errors:
+        raise _fail(f"{errors} call(s) failed and got no verdict (they count as misses in the "
+                    "scorecards); run the same command again to retry only those")
+
+
+@eval_app.command("validate")
+def validate_cmd(file: Annotated[Path, typer.Argument(help="dataset (.jsonl or .csv)")],
+                 as_json: JsonOpt = False) -> None:
+    """Check a dataset: every problem as file:line: field: reason, or its row count and hash."""
+    from collections import Counter
+
+    from gateway.evaluation.dataset import read_dataset
+
+    dataset, problems = read_dataset(file)
+    if as_json:
+        typer.echo(json.dumps({
+            "ok": dataset is not None, "problems": [str(p) for p in problems],
+            "rows": len(dataset) if dataset else None,
+            "sha256": dataset.sha256 if dataset else None}, indent=2, ensure_ascii=False))
+    if dataset is None:
+        if not as_json:
+            for p in problems:
+                typer.echo(str(p))
+        raise _fail(f"{file}: {len(problems)} problem(s)")
+    if not as_json:
+        typer.echo(f"ok: {len(dataset)} rows, sha256 {dataset.sha256}")
+        locales = Counter(r.locale for r in dataset.rows)
+        labels = Counter(f"{r.gold_decision}/{r.gold_category}" for r in dataset.rows)
+        typer.echo("  locales: " + ", ".join(f"{k} {v}" for k, v in sorted(locales.items())))
+        typer.echo("  gold:    " + ", ".join(f"{k} {v}" for k, v in sorted(labels.items())))
+
+
+@eval_app.command("show")
+def show_cmd(prompt: PromptOpt,
+             version: Annotated[int, typer.Option("--version", "-v", help="prompt version")],
+             dataset_path: DatasetOpt, out: OutOpt = None,
+             markdown: Annotated[bool, typer.Option("--markdown", help="print the full Markdown "
+                                                    "report")] = False,
+             config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Print the stored scorecard of a version on a dataset (written by `eval run`)."""
+    from gateway.evaluation.report import scorecard_markdown, scorecard_paths
+    from gateway.evaluation.scorecard import Scorecard
+
+    cfg = _config(config)
+    dataset = _dataset(dataset_path)
+    paths = scorecard_paths(out or _default_out(cfg, prompt, dataset), version)
+    try:
+        data = json.loads(paths["json"].read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _fail(f"no scorecard for {prompt} v{version} on this dataset at {paths['json']}; "
+                    f"run `modgate eval run --prompt {prompt} --version {version} --dataset "
+                    f"{dataset_path}` first") from None
+    if data.get("prompt") != prompt or data.get("dataset_sha256") != dataset.sha256:
+        raise _fail(f"{paths['json']} is a scorecard of {data.get('prompt')} on dataset "
+                    f"{str(data.get('dataset_sha256'))[:12]}, not of {prompt} on "
+                    f"{dataset.sha256[:12]}")
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        return
+    sc = Scorecard.from_dict(data)
+    if markdown:
+        typer.echo(scorecard_markdown(sc), nl=False)
+        return
+    typer.echo("\n".join(_summary(sc)))
+    typer.echo(f"report: {paths['markdown']}")

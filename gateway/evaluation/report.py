@@ -1,0 +1,372 @@
+"""Markdown reports and PNG plots for scorecards and comparisons.
+
+    write_scorecard(sc, out)        v<N>.json, v<N>.md, v<N>-pr.png, v<N>-confusion.png
+    write_comparison(cmp, a, b, out)  compare-v<A>-v<B>.json / .md / -pr.png
+
+Plots use matplotlib's object API on the Agg canvas (no pyplot, no display, no global state).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway.evaluation.scorecard import (
+    ALPHA,
+    CategoryDelta,
+    CategoryStats,
+    Comparison,
+    Quality,
+    Scorecard,
+)
+
+__all__ = [
+    "comparison_markdown",
+    "confusion_plot",
+    "pr_plot",
+    "scorecard_markdown",
+    "write_comparison",
+    "write_scorecard",
+]
+
+MAX_LISTED_ITEMS = 200
+
+
+def _f(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _ci(value: float | None, ci: Sequence[float] | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.2f} ({ci[0]:.2f}–{ci[1]:.2f})" if ci else f"{value:.2f}"
+
+
+def _signed(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.2f}"
+
+
+def _p(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else "<0.001"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None) -> list[str]:
+    out = ["| " + " | ".join(header) + " |",
+           "|" + "|".join(("---:" if (align and align[i] == "r") else "---") for i in range(len(header))) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def _stats_row(s: CategoryStats) -> list[object]:
+    return [s.category, s.support, s.predicted, s.tp, s.fp, s.fn, _ci(s.precision, s.precision_ci),
+            _ci(s.recall, s.recall_ci), _f(s.f1)]
+
+
+def _quality_tables(q: Quality) -> list[str]:
+    rows = [_stats_row(s) for s in q.categories]
+    rows.append(["**macro**", "", "", "", "", "", _f(q.macro_precision), _f(q.macro_recall),
+                 _f(q.macro_f1)])
+    rows.append(["**micro**", *_stats_row(q.micro)[1:]])
+    rows.append(["**flagged** (any vs allow)", *_stats_row(q.flagged)[1:]])
+    return _table(["category", "support", "predicted", "TP", "FP", "FN", "precision (95% CI)",
+                   "recall (95% CI)", "F1"], rows, "lrrrrrrrr")
+
+
+def scorecard_markdown(sc: Scorecard) -> str:
+    q = sc.overall
+    lines = [
+        f"# Scorecard: {sc.prompt} v{sc.version}",
+        "",
+        (f"- prompt version: `{sc.prompt}` v{sc.version} (content sha256 `{sc.version_hash[:12]}`), "
+        f"model `{sc.model}`"),
+        f"- dataset: `{sc.dataset_source}` — {q.n} items, sha256 `{sc.dataset_sha256[:12]}`",
+        f"- created: {sc.created_at} ({sc.cached} of {q.n} results from the cache)",
+        "",
+    ]
+    err = sc.rates["error"]
+    if err.count:
+        lines += [f"> **Warning:** {err.count} item(s) got no verdict (backend errors: "
+                  + ", ".join(f"{k} ×{v}" for k, v in sorted(sc.error_types.items()))
+                  + "). They count as misses below. Re-run to retry them: errors are not cached.",
+                  ""]
+    lines += [
+        "## Summary",
+        "",
+        (f"Macro F1 **{_f(q.macro_f1)}** (precision {_f(q.macro_precision)}, recall "
+        f"{_f(q.macro_recall)}); accuracy {_ci(q.accuracy, q.accuracy_ci)} "
+        f"({q.correct}/{q.n} items with the right outcome), exact decision match "
+        f"{_pct(q.decision_accuracy)}."),
+        "",
+        ("Intervals are 95% Wilson score intervals. A row is positive for a category when its gold "
+        "decision is not `allow` and its gold category is that category; a verdict is positive "
+        "when its decision is not `allow` (so `needs_review` counts) and its category is that "
+        "category."),
+        "",
+        "## Per category",
+        "",
+        *_quality_tables(q),
+        "",
+        "## Rates, latency and tokens",
+        "",
+    ]
+    rate_rows = []
+    for name, what in (("needs_review", "verdicts that are needs_review (of answered)"),
+                       ("parse_failure", "model output not a valid verdict (of answered)"),
+                       ("error", "backend errors, no verdict (of all)")):
+        r = sc.rates[name]
+        rate_rows.append([what, f"{r.count}/{r.n}", _pct(r.rate),
+                          f"{_pct(r.ci[0])}–{_pct(r.ci[1])}" if r.ci else "n/a"])
+    lines += _table(["rate", "count", "share", "95% CI"], rate_rows, "lrrr")
+    if sc.fail_reasons:
+        lines += ["", "Parse failures: " + ", ".join(f"`{k}` ×{v}" for k, v in sorted(sc.fail_reasons.items()))]
+    lat, tok = sc.latency_ms, sc.tokens
+    lines += ["", (f"Latency p50 {_f(lat['p50'], 1)} ms, p95 {_f(lat['p95'], 1)} ms, mean "
+              f"{_f(lat['mean'], 1)} ms (cached results keep the latency measured when they ran). "
+              f"Tokens: {tok['prompt']} prompt + {tok['completion']} completion = {tok['total']}."),
+              "", "## Per locale", ""]
+    loc_rows = [[loc, lq.n, _ci(lq.accuracy, lq.accuracy_ci), _f(lq.macro_f1),
+                 _ci(lq.flagged.precision, lq.flagged.precision_ci),
+                 _ci(lq.flagged.recall, lq.flagged.recall_ci)]
+                for loc, lq in sc.per_locale.items()]
+    lines += _table(["locale", "items", "accuracy", "macro F1", "flagged precision",
+                     "flagged recall"], loc_rows, "lrrrrr")
+    for loc, lq in sc.per_locale.items():
+        lines += ["", f"### {loc}", "", *_quality_tables(lq)]
+    lines += ["", "## Confusion matrix (outcome labels)", "",
+              ("Rows: gold; columns: predicted. `none` = allowed, `needs_review` = flagged without a "
+              "category (including unparseable output), `error` = no verdict."), ""]
+    lines += _table(["gold \\ predicted", *sc.columns],
+                    [[lab, *row] for lab, row in zip(sc.labels, sc.confusion, strict=True)],
+                    "l" + "r" * len(sc.columns))
+    lines += ["", "Decisions (rows: gold; columns: predicted):", ""]
+    lines += _table(["gold \\ predicted", *sc.decisions, "error"],
+                    [[d, *row] for d, row in zip(sc.decisions, sc.decision_confusion, strict=True)],
+                    "l" + "r" * (len(sc.decisions) + 1))
+    wrong = [o for o in sc.items if not o.correct]
+    lines += ["", f"## Items with the wrong outcome ({len(wrong)})", ""]
+    if wrong:
+        shown = wrong[:MAX_LISTED_ITEMS]
+        lines += _table(["item", "locale", "gold", "predicted", "confidence", "tags"], [
+            [o.item_id, o.locale, f"{o.gold_decision}/{o.gold_category}",
+             f"error:{o.error_type}" if o.error_type else
+             f"{o.decision}/{o.category or '-'}" + (f" ({o.fail_reason})" if o.fail_reason else ""),
+             _f(o.confidence), ", ".join(o.tags)] for o in shown])
+        if len(wrong) > len(shown):
+            lines += ["", f"… and {len(wrong) - len(shown)} more (see the JSON scorecard)."]
+    else:
+        lines.append("None.")
+    return "\n".join(lines) + "\n"
+
+
+def _significance(p: float) -> str:
+    return ("significant at the 5% level" if p < ALPHA else
+            "could be chance at the 5% level")
+
+
+def _category_sentence(d: CategoryDelta, a: int, b: int) -> str:
+    parts = []
+    if d.recall_gained or d.recall_lost:
+        parts.append(
+            f"recall {_f(d.a.recall)} → {_f(d.b.recall)}: v{b} catches {d.recall_gained} that "
+            f"v{a} missed and misses {d.recall_lost} that v{a} caught (p = {_p(d.recall_p)}: "
+            f"{_significance(d.recall_p)})")
+    if d.fp_removed or d.fp_added:
+        parts.append(
+            f"false positives {d.a.fp} → {d.b.fp} (precision {_f(d.a.precision)} → "
+            f"{_f(d.b.precision)}): {d.fp_removed} removed, {d.fp_added} new "
+            f"(p = {_p(d.fp_p)}: {_significance(d.fp_p)})")
+    if not parts:
+        return f"- **{d.category}**: no item changed for this category."
+    return f"- **{d.category}**: " + "; ".join(parts) + "."
+
+
+def comparison_markdown(cmp: Comparison) -> str:
+    a, b = cmp.a_version, cmp.b_version
+    lines = [
+        f"# Comparison: {cmp.prompt} v{a} → v{b}",
+        "",
+        f"- v{a} sha256 `{cmp.a_hash[:12]}`, v{b} sha256 `{cmp.b_hash[:12]}`",
+        f"- dataset sha256 `{cmp.dataset_sha256[:12]}`: {cmp.n} items answered by both versions"
+        + (f" ({cmp.excluded_errors} left out: a backend error in one of them)"
+           if cmp.excluded_errors else ""),
+        "",
+        "## Bottom line",
+        "",
+        (f"Accuracy {_pct(cmp.a_accuracy)} → {_pct(cmp.b_accuracy)}. v{b} got **{cmp.fixed}** items "
+        f"right that v{a} got wrong (fixed) and **{cmp.broken}** wrong that v{a} got right "
+        f"(broken); {cmp.changed} more changed verdict without changing correctness. Exact McNemar "
+        f"test on per-item correctness: p = {_p(cmp.mcnemar_p)}, the difference "
+        f"{'is significant at the 5% level' if cmp.mcnemar_p < ALPHA else 'could be chance'}."),
+        "",
+    ]
+    for d in cmp.overall:
+        what = ("Any violation category (micro)" if d.category == "micro"
+                else "Flagging at all (flag vs allow)")
+        lines.append(f"- {what}: precision {_f(d.a.precision)} → {_f(d.b.precision)}, recall "
+                     f"{_f(d.a.recall)} → {_f(d.b.recall)}; {d.recall_gained} more caught, "
+                     f"{d.recall_lost} newly missed (p = {_p(d.recall_p)}); {d.fp_removed} false "
+                     f"positives removed, {d.fp_added} new (p = {_p(d.fp_p)}).")
+    micro = next(d for d in cmp.overall if d.category == "micro")
+    if micro.fp_removed > micro.fp_added and micro.recall_lost == 0:
+        claim = (f"v{b} removes false positives without missing anything v{a} caught"
+                 + (" — and the drop in false positives is significant at the 5% level."
+                    if micro.fp_p < ALPHA else
+                    ", but the drop in false positives could still be chance."))
+    elif micro.recall_lost > 0:
+        claim = (f"v{b} misses {micro.recall_lost} violation(s) that v{a} caught: recall was lost "
+                 "on these items (listed below as broken).")
+    else:
+        claim = f"v{b} does not remove more false positives than it adds."
+    lines += ["", f"**Precision without losing recall?** {claim}", "",
+              "## Which categories changed", "",
+              ("Per category, p is the exact McNemar test on the items where only one version "
+              "was right about that category. With several categories tested, one p below 0.05 "
+              f"can happen by chance; a stricter bar is 0.05/{len(cmp.categories)} = "
+              f"{0.05 / max(1, len(cmp.categories)):.3f} (Bonferroni)."), ""]
+    lines += [_category_sentence(d, a, b) for d in cmp.categories]
+    lines += ["", "## Per-category metrics", ""]
+    rows = [[d.category, d.a.support, _ci(d.a.precision, d.a.precision_ci),
+             _ci(d.b.precision, d.b.precision_ci), _signed(d.delta_precision),
+             _ci(d.a.recall, d.a.recall_ci), _ci(d.b.recall, d.b.recall_ci), _signed(d.delta_recall),
+             _f(d.a.f1), _f(d.b.f1), _signed(d.delta_f1),
+             f"+{d.recall_gained}/−{d.recall_lost} (p {_p(d.recall_p)})",
+             f"−{d.fp_removed}/+{d.fp_added} (p {_p(d.fp_p)})"]
+            for d in [*cmp.categories, *cmp.overall]]
+    lines += _table(["category", "support", f"P v{a}", f"P v{b}", "ΔP", f"R v{a}", f"R v{b}", "ΔR",
+                     f"F1 v{a}", f"F1 v{b}", "ΔF1", "caught +new/−lost", "false pos. −removed/+new"],
+                    rows, "lrrrrrrrrrrrr")
+    lines += ["", f"Macro F1 {_f(cmp.a.macro_f1)} → {_f(cmp.b.macro_f1)}.", "",
+              "McNemar table (items): ", ""]
+    lines += _table(["", f"v{b} correct", f"v{b} wrong"],
+                    [[f"v{a} correct", cmp.both_correct, cmp.only_a_correct],
+                     [f"v{a} wrong", cmp.only_b_correct, cmp.both_wrong]], "lrr")
+    lines += ["", f"## Items whose verdict changed ({len(cmp.items)})", ""]
+    if cmp.items:
+        shown = cmp.items[:MAX_LISTED_ITEMS]
+        lines += _table(["status", "item", "locale", "gold", f"v{a}", f"v{b}", "tags"],
+                        [[c.status, c.item_id, c.locale, c.gold, c.a, c.b, ", ".join(c.tags)]
+                         for c in shown])
+        if len(cmp.items) > len(shown):
+            lines += ["", f"… and {len(cmp.items) - len(shown)} more (see the JSON comparison)."]
+    else:
+        lines.append("None.")
+    return "\n".join(lines) + "\n"
+
+
+# -- plots -------------------------------------------------------------------------------------
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def pr_plot(series: Sequence[tuple[str, Sequence[CategoryStats]]], path: Path, title: str) -> Path:
+    """Precision and recall per category with 95% Wilson intervals, one bar per series."""
+    import numpy as np
+
+    cats = [s.category for s in series[0][1]]
+    fig = _figure(max(7.0, 1.1 * len(cats) + 2), 6.5)
+    axes = fig.subplots(2, 1, sharex=True)
+    x = np.arange(len(cats))
+    width = 0.8 / len(series)
+    colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"]
+    for ax, metric in zip(axes, ("precision", "recall"), strict=True):
+        for i, (name, stats) in enumerate(series):
+            by_cat = {s.category: s for s in stats}
+            vals, lows, highs = [], [], []
+            for c in cats:
+                s = by_cat.get(c)
+                v = getattr(s, metric) if s else None
+                ci = getattr(s, f"{metric}_ci") if s else None
+                vals.append(np.nan if v is None else v)
+                lows.append(0.0 if v is None or ci is None else max(0.0, v - ci[0]))
+                highs.append(0.0 if v is None or ci is None else max(0.0, ci[1] - v))
+            pos = x - 0.4 + width * (i + 0.5)
+            ax.bar(pos, np.nan_to_num(vals), width, yerr=[lows, highs], capsize=3,
+                   label=name, color=colors[i % len(colors)], alpha=0.85)
+            for p_, v in zip(pos, vals, strict=True):
+                if np.isnan(v):
+                    ax.text(p_, 0.02, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel(metric)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_title(title)
+    axes[0].legend(loc="lower right", fontsize=8)
+    axes[1].set_xticks(x, cats, rotation=30, ha="right")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def confusion_plot(sc: Scorecard, path: Path) -> Path:
+    import numpy as np
+
+    matrix = np.array(sc.confusion, dtype=float)
+    cols = sc.columns
+    fig = _figure(max(6.0, 0.8 * len(cols) + 2.5), max(5.0, 0.6 * len(sc.labels) + 2))
+    ax = fig.subplots()
+    image = ax.imshow(matrix, cmap="Blues", aspect="auto")
+    fig.colorbar(image, ax=ax, label="items")
+    names = {"none": "none (allow)", "needs_review": "needs_review (no category)"}
+    ax.set_xticks(range(len(cols)), [names.get(c, c) for c in cols], rotation=35, ha="right")
+    ax.set_yticks(range(len(sc.labels)), [names.get(c, c) for c in sc.labels])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    top = matrix.max() if matrix.size else 0
+    for (r, c), v in np.ndenumerate(matrix):
+        if v:
+            ax.text(c, r, f"{int(v)}", ha="center", va="center", fontsize=8,
+                    color="white" if v > top / 2 else "black")
+    ax.set_title(f"{sc.prompt} v{sc.version}: confusion matrix (outcome labels)")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# -- files -------------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def scorecard_paths(out_dir: Path, version: int) -> dict[str, Path]:
+    return {"json": out_dir / f"v{version}.json", "markdown": out_dir / f"v{version}.md",
+            "pr_png": out_dir / f"v{version}-pr.png",
+            "confusion_png": out_dir / f"v{version}-confusion.png"}
+
+
+def write_scorecard(sc: Scorecard, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = scorecard_paths(out_dir, sc.version)
+    _write_json(paths["json"], sc.to_dict())
+    paths["markdown"].write_text(scorecard_markdown(sc), encoding="utf-8")
+    pr_plot([(f"v{sc.version}", [*sc.overall.categories, sc.overall.micro])], paths["pr_png"],
+            f"{sc.prompt} v{sc.version}: precision and recall (95% Wilson intervals)")
+    confusion_plot(sc, paths["confusion_png"])
+    return paths
+
+
+def write_comparison(cmp: Comparison, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"compare-v{cmp.a_version}-v{cmp.b_version}"
+    paths = {"json": out_dir / f"{stem}.json", "markdown": out_dir / f"{stem}.md",
+             "pr_png": out_dir / f"{stem}-pr.png"}
+    _write_json(paths["json"], cmp.to_dict())
+    paths["markdown"].write_text(comparison_markdown(cmp), encoding="utf-8")
+    micro = {d.category: d for d in cmp.overall}["micro"]
+    pr_plot([(f"v{cmp.a_version}", [*(d.a for d in cmp.categories), micro.a]),
+             (f"v{cmp.b_version}", [*(d.b for d in cmp.categories), micro.b])], paths["pr_png"],
+            f"{cmp.prompt} v{cmp.a_version} vs v{cmp.b_version} on the same items "
+            "(95% Wilson intervals)")
+    return paths
