@@ -95,6 +95,11 @@ class ShadowDispatcher:
                 log.debug("shadow v%d of %s failed: %s", version, rollout.prompt, exc)
         self._recorder.pair(rollout.id, version, primary.verdict, candidate, request_id=request_id,
                             item_id=item_id, stable_version=primary.version.version)
+        if candidate is not None:
+            m = self._pipeline.metrics
+            m.child(m.shadow_comparisons, prompt=rollout.prompt, stable_version=str(primary.version.version),
+                    candidate_version=str(version),
+                    agree=str(candidate.decision == primary.verdict.decision).lower()).inc()
 
     @property
     def pending(self) -> int:

@@ -137,6 +137,10 @@ class Metrics:
                             "queue was full", ["model"], registry=r)
         self.shadow_dropped = Counter("modgate_shadow_dropped", "Shadow evaluations dropped because "
                                       "the shadow queue was full", ["prompt", "version"], registry=r)
+        self.shadow_comparisons = Counter(
+            "modgate_shadow_comparisons", "Shadow verdicts compared with the stable verdict, by whether "
+            "the decisions agree (sum over replicas; agreement = agree=true / all)",
+            ["prompt", "stable_version", "candidate_version", "agree"], registry=r)
         self.cache_events = Counter("modgate_prompt_cache_events", "Prompt cache activity",
                                     ["kind"], registry=r)
         self.cache_age = Gauge("modgate_prompt_cache_age_seconds",

@@ -143,6 +143,9 @@ def test_canary_with_shadow_promotes_itself(config_path: Path, gateway: Gateway,
     pair = status["stats"]["pairs"][str(v2)]
     assert pair["n"] > 250 and pair["agreement"] == 1.0
     assert status["stats"]["pairs"][str(v3)]["n"] > 20
+    metrics = gateway.client.get("/metrics").text
+    assert (f'modgate_shadow_comparisons_total{{agree="true",candidate_version="{v2}",prompt="listing-moderation",'
+            f'stable_version="1"}} {float(pair["n"])}') in metrics
 
     for i in range(300, 900):
         gateway.moderate(i)
