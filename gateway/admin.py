@@ -16,10 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
 from gateway.auth import Authenticator
-from gateway.errors import ApiError
+from gateway.errors import ERROR_RESPONSES, ApiError
 from prompt_registry import PromptSpec, PromptStore
 from prompt_registry.keys import ApiKeyRecord
 from prompt_registry.loader import format_validation_error, parse_prompt_text
+from prompt_registry.models import MAX_VERSION
 from prompt_registry.ops import diff_versions, rollback, summarize
 
 __all__ = ["build_admin_router"]
@@ -31,9 +32,9 @@ AuthHeader = Annotated[str | None, Header()]
 class LabelMove(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: int = Field(..., ge=1)
+    version: int = Field(..., ge=1, le=MAX_VERSION)
     expected_version: int | None = Field(
-        None, ge=0, description="compare-and-set: fail with 409 unless the label points here "
+        None, ge=0, le=MAX_VERSION, description="compare-and-set: fail with 409 unless the label points here "
         "(0 = the label must not exist)")
     note: str = Field("", max_length=2000)
 
@@ -61,7 +62,7 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
         if on_change is not None:
             await on_change(name)
 
-    router = APIRouter(prefix="/v1/prompts", tags=["prompt registry"])
+    router = APIRouter(prefix="/v1/prompts", tags=["prompt registry"], responses=ERROR_RESPONSES)
 
     async def principal(authorization: str | None, x_api_key: str | None, scope: str) -> ApiKeyRecord | Any:
         p = await auth.authenticate(authorization, x_api_key)
@@ -89,7 +90,7 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
         return _json((await asyncio.to_thread(summarize, store, name)).as_dict())
 
     @router.get("/{name}/versions/{version}")
-    async def show_version(name: str, version: int, authorization: AuthHeader = None,
+    async def show_version(name: str, version: Annotated[int, Path(ge=1, le=MAX_VERSION)], authorization: AuthHeader = None,
                            x_api_key: AuthHeader = None) -> Response:
         await principal(authorization, x_api_key, "prompts:read")
         return _json(_version_dict(await asyncio.to_thread(store.get_version, name, version)))
@@ -146,8 +147,8 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
         return _json({"name": name, "label": label, "from_version": frm, "to_version": to})
 
     @router.get("/{name}/diff")
-    async def diff(name: str, from_version: Annotated[int, Query(alias="from", ge=1)],
-                   to_version: Annotated[int, Query(alias="to", ge=1)],
+    async def diff(name: str, from_version: Annotated[int, Query(alias="from", ge=1, le=MAX_VERSION)],
+                   to_version: Annotated[int, Query(alias="to", ge=1, le=MAX_VERSION)],
                    authorization: AuthHeader = None, x_api_key: AuthHeader = None) -> Response:
         """Unified diff between two versions' canonical YAML."""
         await principal(authorization, x_api_key, "prompts:read")

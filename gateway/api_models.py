@@ -6,11 +6,30 @@ ignored would moderate the wrong content.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from prompt_registry.models import MAX_VERSION
 
 __all__ = ["ErrorBody", "ErrorDetail", "ModerationRequest", "ModerationResponse", "PromptRef", "Usage"]
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+
+
+def _json_integer(value: object) -> object:
+    """JSON Schema's integer: an int, or a number with no fraction (1.0); never a bool or a
+    string (pydantic's lax mode would take `true` and `"1"`)."""
+    if isinstance(value, bool) or isinstance(value, str):
+        raise ValueError("must be an integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be an integer")
+        return int(value)
+    return value
+
+
+VersionNumber = Annotated[int, Field(ge=1, le=MAX_VERSION), BeforeValidator(_json_integer)]
 
 
 class ModerationRequest(BaseModel):
@@ -23,8 +42,9 @@ class ModerationRequest(BaseModel):
     locale: str = Field("en-US", pattern=r"^[a-z]{2,3}(-[A-Z][A-Za-z]{1,3})?$")
     prompt: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
                                description="prompt name; the gateway default when omitted")
-    prompt_version: int | None = Field(None, ge=1, description="pin a version (testing); bypasses "
-                                       "rollouts and answers with arm 'pinned'")
+    prompt_version: VersionNumber | None = Field(None,
+                                       description="pin a version (testing); bypasses rollouts and "
+                                       "answers with arm 'pinned'")
     subject: str | None = Field(None, pattern=_ID, description="stickiness key for canary "
                                 "assignment; default: seller_id (or item_id, per rollout)")
 
@@ -32,7 +52,8 @@ class ModerationRequest(BaseModel):
 class PromptRef(BaseModel):
     name: str
     version: int
-    label: str
+    label: str | None = Field(..., description="the label that resolved the version; null for the "
+                              "canary and pinned arms")
     locale: str = Field(..., description="locale variant of the prompt that was used")
     stale: bool = Field(False, description="true when the registry was unreachable and the "
                         "last-known-good version served")

@@ -18,12 +18,14 @@ from typing import Any, TypeVar
 
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from gateway.admin import build_admin_router
@@ -32,8 +34,9 @@ from gateway.api_models import ErrorBody, ModerationRequest, ModerationResponse
 from gateway.auth import Authenticator
 from gateway.config import GatewaySettings
 from gateway.decision_log import DecisionLog
-from gateway.errors import ApiError, error_response, map_exception
+from gateway.errors import ERROR_RESPONSES, ApiError, error_response, map_exception
 from gateway.feedback import FeedbackLog, build_feedback_router
+from gateway.limits import CallerLimiter, build_caller_limiter
 from gateway.openai_api import build_openai_router
 from gateway.pipeline import ModerationPipeline
 from gateway.prompt_cache import PromptCache
@@ -142,10 +145,12 @@ def create_app(
     models: list[str] | None = None,
     decision_log: DecisionLog | None = None,
     feedback_log: FeedbackLog | None = None,
+    limiter: CallerLimiter | None = None,
 ) -> FastAPI:
     """Build the gateway app. The caller owns `store`; the app closes `backend` on shutdown
     (and shuts down `tracer_provider`, flushing spans)."""
     metrics = metrics or Metrics()
+    limiter = limiter or build_caller_limiter(settings.caller_limits, registry=metrics.registry)
     provider = tracer_provider or TracerProvider(sampler=ALWAYS_OFF)
     tracer = provider.get_tracer("modgate.gateway")
     cache = cache or PromptCache(store, refresh_s=settings.prompt_refresh_s,
@@ -175,6 +180,7 @@ def create_app(
                 await decision_log.aclose()
             await cache.aclose()
             await backend.aclose()
+            await limiter.aclose()
             provider.shutdown()
 
     app = FastAPI(
@@ -202,12 +208,31 @@ def create_app(
     app.state.pipeline = pipeline
     app.state.settings = settings
     app.state.prompt_cache = cache
+    app.state.limiter = limiter
     app.state.backend = backend
     app.state.auth = auth
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
         return error_response(exc, request.headers.get("x-request-id"))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        fields = [{"field": ".".join(str(p) for p in e["loc"] if p != "body") or "(body)",
+                   "problem": "unknown field" if e["type"] == "extra_forbidden" else e["msg"]}
+                  for e in exc.errors()]
+        return error_response(ApiError(422, "invalid_request", "request failed validation", fields=fields),
+                              request.headers.get("x-request-id"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        kind = {400: "malformed_request", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error")
+        response = error_response(ApiError(exc.status_code, kind, str(exc.detail)),
+                                  request.headers.get("x-request-id"))
+        for key, value in (exc.headers or {}).items():
+            response.headers[key] = value
+        return response
 
     @app.exception_handler(RegistryError)
     async def _registry_error(request: Request, exc: RegistryError) -> Response:
@@ -222,12 +247,12 @@ def create_app(
 
     app.include_router(build_admin_router(store, auth, protected_labels=settings.protected_labels,
                                           on_change=cache.refresh_now))
-    app.include_router(build_openai_router(pipeline, auth, settings, list(models or [])))
+    app.include_router(build_openai_router(pipeline, auth, settings, list(models or []), limiter=limiter))
     app.include_router(build_feedback_router(store, auth, recorder, feedback_log))
     app.include_router(build_rollout_router(store, auth, production_label=settings.default_label,
                                             on_change=cache.refresh_now))
 
-    @app.get("/v1/cache/prompts", tags=["prompt registry"])
+    @app.get("/v1/cache/prompts", tags=["prompt registry"], responses=ERROR_RESPONSES)
     async def cache_snapshot(request: Request) -> Response:
         """Which version of each prompt label this replica is serving, how old, and whether it
         is last-known-good (store unreachable). Needs `prompts:read`."""
@@ -313,7 +338,11 @@ def create_app(
                     principal = await auth.authenticate(request.headers.get("authorization"),
                                                         request.headers.get("x-api-key"))
                     auth.require(principal, "moderate")
-                body = await _moderate(request, rid, start, track)
+                lease = await limiter.acquire(principal.key_id, rid, name=principal.name)
+                try:
+                    body = await _moderate(request, rid, start, track)
+                finally:
+                    await lease.release()
             except Exception as exc:
                 err = map_exception(exc)
                 if err is not None:

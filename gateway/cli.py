@@ -197,16 +197,24 @@ def _run_gateway(cfg: AppConfig, store: Any, *, announce: bool, local_keys: bool
     logging.getLogger("httpcore").setLevel(logging.WARNING)
 
     from gateway.app import create_app
-    from serving.http_backend import OpenAIHttpBackend
-
-    api_key = os.environ.get(cfg.serving.api_key_env) if cfg.serving.api_key_env else None
-    backend = OpenAIHttpBackend(cfg.serving.resolved_base_url(), api_key=api_key)
     from gateway.decision_log import DecisionLog
     from gateway.feedback import FeedbackLog
-    from gateway.telemetry import build_tracer_provider
+    from gateway.limits import build_caller_limiter
+    from gateway.telemetry import Metrics, build_tracer_provider
+    from serving.http_backend import OpenAIHttpBackend
+    from serving.resilience import ResilientBackend
 
+    metrics = Metrics()
+    api_key = os.environ.get(cfg.serving.api_key_env) if cfg.serving.api_key_env else None
+    backend = ResilientBackend(OpenAIHttpBackend(cfg.serving.resolved_base_url(), api_key=api_key),
+                               cfg.serving.resilience, registry=metrics.registry)
+    redis_url = ((cfg.registry.redis_url or os.environ.get(cfg.registry.redis_url_env))
+                 if cfg.registry.store == "redis" else None)
+    limiter = build_caller_limiter(cfg.gateway.caller_limits, redis_url=redis_url,
+                                   key_prefix=cfg.registry.redis_key_prefix, registry=metrics.registry)
     fastapi_app = create_app(cfg.gateway, store, backend,
                              tracer_provider=build_tracer_provider(cfg.tracing),
+                             metrics=metrics, limiter=limiter,
                              models=[m.name for m in cfg.serving.models],
                              decision_log=DecisionLog.from_settings(cfg.decision_log, cfg.data_path()),
                              feedback_log=FeedbackLog(cfg.data_path() / "feedback"))

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.decision_log import DecisionLogSettings
+from gateway.limits import CallerLimitsSettings
 from gateway.telemetry import TracingSettings
 from serving.config import ServingConfig
 
@@ -65,6 +66,7 @@ class GatewaySettings(_Strict):
     rollout_controller: bool = Field(True, description="judge running rollouts by their gates and "
                                      "step/promote/abort them automatically")
     rollout_tick_s: float = Field(5.0, gt=0, description="how often the rollout controller runs")
+    caller_limits: CallerLimitsSettings = Field(default_factory=CallerLimitsSettings)
     readiness_probe_timeout_s: float = Field(10.0, gt=0)
     max_inflight_per_model: int = Field(256, ge=1, description="concurrent engine calls per model "
                                         "from this gateway process")

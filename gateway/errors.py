@@ -30,7 +30,22 @@ from serving import (
     BackendUnavailable,
 )
 
-__all__ = ["ApiError", "error_response", "map_exception"]
+__all__ = ["ERROR_RESPONSES", "ApiError", "error_response", "map_exception"]
+
+# The error statuses every authenticated route may answer, for the OpenAPI document.
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    code: {"description": desc, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["error"], "properties": {
+            "error": {"type": "object", "required": ["type", "message"], "properties": {
+                "type": {"type": "string"}, "message": {"type": "string"},
+                "retryable": {"type": "boolean"}, "fields": {"type": "array"}}},
+            "request_id": {"type": ["string", "null"]}}}}}}
+    for code, desc in ((400, "malformed request"), (401, "missing or invalid API key"),
+                       (403, "the key lacks the needed scope"), (404, "not found"),
+                       (409, "conflict (compare-and-set lost, or the state does not allow it)"),
+                       (413, "body too large"), (415, "unsupported media type"),
+                       (429, "rate limited or overloaded"), (503, "a dependency is unavailable"))
+}
 
 
 @dataclass

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from gateway.auth import Authenticator
+from gateway.errors import ERROR_RESPONSES
 from gateway.rollout_stats import RolloutRecorder
 from gateway.verdict import Verdict
 from prompt_registry import PromptStore, StoreUnavailable
@@ -67,7 +68,7 @@ class FeedbackLog:
 
 def build_feedback_router(store: PromptStore, auth: Authenticator, recorder: RolloutRecorder,
                           feedback_log: FeedbackLog | None) -> APIRouter:
-    router = APIRouter(tags=["feedback"])
+    router = APIRouter(tags=["feedback"], responses=ERROR_RESPONSES)
 
     @router.post("/v1/feedback", status_code=202)
     async def feedback(body: FeedbackRequest, authorization: AuthHeader = None,

@@ -36,11 +36,13 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
 from gateway.auth import Authenticator
 from gateway.config import GatewaySettings
-from gateway.errors import ApiError, map_exception
+from gateway.errors import ERROR_RESPONSES, ApiError, map_exception
+from gateway.limits import CallerLimiter
 from gateway.pipeline import Evaluation, ModerationPipeline
 from gateway.prompt_cache import Resolved
 from gateway.verdict import Verdict, parse_verdict
@@ -297,7 +299,7 @@ class _PromptRef(BaseModel):
 
     name: str = Field(..., min_length=1, max_length=64)
     label: str | None = Field(None, min_length=1, max_length=64)
-    version: int | None = Field(None, ge=1)
+    version: int | None = Field(None, ge=1, le=2**31 - 1)
     variables: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
     locale: str | None = Field(None, pattern=_LOCALE)
 
@@ -369,17 +371,38 @@ def _moderation_result(ev: Evaluation) -> dict[str, Any]:
 # -- router ---------------------------------------------------------------------------------
 
 def build_openai_router(pipeline: ModerationPipeline, auth: Authenticator,
-                        settings: GatewaySettings, models: list[str]) -> APIRouter:
+                        settings: GatewaySettings, models: list[str],
+                        limiter: CallerLimiter | None = None) -> APIRouter:
     """The OpenAI-compatible routes. `models` are the model names the gateway serves (from
     config); raw chat completions may only name one of them. Every route needs `moderate`."""
-    router = APIRouter(tags=["OpenAI-compatible"])
+    router = APIRouter(tags=["OpenAI-compatible"], responses=ERROR_RESPONSES)
     served = list(dict.fromkeys(models))
     created_at = int(time.time())
 
-    async def authorize(request: Request) -> None:
+    async def authorize(request: Request, *, limited: bool = False) -> None:
         principal = await auth.authenticate(request.headers.get("authorization"),
                                             request.headers.get("x-api-key"))
         auth.require(principal, "moderate")
+        if limited and limiter is not None:
+            # the caller's rate and concurrency quota, released by _release_after
+            request.state.lease = await limiter.acquire(principal.key_id, _request_id(request),
+                                                        name=principal.name)
+
+    async def _release_after(request: Request, response: Response) -> Response:
+        lease = getattr(request.state, "lease", None)
+        if lease is None:
+            return response
+        if isinstance(response, StreamingResponse):
+            previous = response.background
+
+            async def release_then_previous() -> None:
+                await lease.release()
+                if previous is not None:
+                    await previous()
+            response.background = BackgroundTask(release_then_previous)
+        else:
+            await lease.release()
+        return response
 
     def remaining(start: float) -> float:
         left = settings.request_timeout_s - (time.perf_counter() - start)
@@ -409,17 +432,25 @@ def build_openai_router(pipeline: ModerationPipeline, auth: Authenticator,
         return await _guard(rid, handle)
 
     # -- POST /v1/chat/completions --------------------------------------------------------
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "object", "description": "an OpenAI chat completion "
+                             "request, or `prompt: {name, label | version, variables, locale}`"}}}}})
     async def chat_completions(request: Request) -> Response:
         """OpenAI chat completions: raw `model` + `messages`, or a registry `prompt` (extension
         field) whose answer carries `modgate: {prompt, verdict}`. Supports `stream: true`.
         Needs `moderate`."""
         rid = _request_id(request)
-        return await _guard(rid, lambda: _chat(request, rid))
+        try:
+            response = await _guard(rid, lambda: _chat(request, rid))
+        except BaseException:
+            if getattr(request.state, "lease", None) is not None:
+                await request.state.lease.release()
+            raise
+        return await _release_after(request, response)
 
     async def _chat(request: Request, rid: str) -> Response:
         start = time.perf_counter()
-        await authorize(request)
+        await authorize(request, limited=True)
         payload = await _read_json(request, settings.max_body_bytes)
         _reject_unknown(payload, _CHAT_FIELDS)
         n = payload.get("n")
@@ -550,7 +581,10 @@ def build_openai_router(pipeline: ModerationPipeline, auth: Authenticator,
                                           "x-accel-buffering": "no"})
 
     # -- POST /v1/moderations -------------------------------------------------------------
-    @router.post("/v1/moderations")
+    @router.post("/v1/moderations", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "object", "required": ["input"], "properties": {
+            "input": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+            "model": {"type": ["string", "null"]}, "locale": {"type": ["string", "null"]}}}}}}})
     async def moderations(request: Request) -> Response:
         """OpenAI moderations, answered by a registry prompt's `production` version (the
         gateway's default prompt; `model` may name another registry prompt, or `name@vN` for a
@@ -558,11 +592,17 @@ def build_openai_router(pipeline: ModerationPipeline, auth: Authenticator,
         extension field (default en-US). See `_moderation_result` for the verdict mapping.
         Needs `moderate`."""
         rid = _request_id(request)
-        return await _guard(rid, lambda: _moderate(request, rid))
+        try:
+            response = await _guard(rid, lambda: _moderate(request, rid))
+        except BaseException:
+            if getattr(request.state, "lease", None) is not None:
+                await request.state.lease.release()
+            raise
+        return await _release_after(request, response)
 
     async def _moderate(request: Request, rid: str) -> Response:
         start = time.perf_counter()
-        await authorize(request)
+        await authorize(request, limited=True)
         payload = await _read_json(request, settings.max_body_bytes)
         _reject_unknown(payload, _MODERATION_FIELDS)
         inputs = _moderation_inputs(payload.get("input"), settings.max_description_chars)

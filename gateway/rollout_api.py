@@ -16,8 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from gateway.auth import Authenticator
+from gateway.errors import ERROR_RESPONSES
 from gateway.rollout_ops import apply_action, rollout_status, start_rollout
 from prompt_registry import PromptStore
+from prompt_registry.models import MAX_VERSION
 from prompt_registry.rollouts import GateConfig, ShadowSpec
 
 __all__ = ["RolloutStart", "build_rollout_router"]
@@ -28,7 +30,7 @@ AuthHeader = Annotated[str | None, Header()]
 class RolloutStart(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    canary_version: int | None = Field(None, ge=1)
+    canary_version: int | None = Field(None, ge=1, le=MAX_VERSION)
     steps: list[int] = Field(default_factory=lambda: [5, 25, 50, 100], description="canary weights in %")
     shadows: list[ShadowSpec] = Field(default_factory=list)
     step_hold_s: float = Field(3600.0, ge=0)
@@ -54,7 +56,7 @@ def build_rollout_router(store: PromptStore, auth: Authenticator, *, production_
         if on_change is not None:
             await on_change(name)
 
-    router = APIRouter(prefix="/v1/prompts/{name}/rollout", tags=["rollouts"])
+    router = APIRouter(prefix="/v1/prompts/{name}/rollout", tags=["rollouts"], responses=ERROR_RESPONSES)
 
     async def who(authorization: str | None, x_api_key: str | None, scope: str) -> str:
         p = await auth.authenticate(authorization, x_api_key)

@@ -25,6 +25,7 @@ from gateway.recording import decision_record
 from gateway.rollout_stats import RolloutRecorder
 from gateway.telemetry import Attr
 from prompt_registry.rollouts import Rollout
+from serving.resilience import no_retries
 
 __all__ = ["ShadowDispatcher"]
 
@@ -77,10 +78,11 @@ class ShadowDispatcher:
             try:
                 async with self._sem:
                     resolved = await self._pipeline.resolve(rollout.prompt, version=version, arm="shadow")
-                    ev = await asyncio.wait_for(self._pipeline.evaluate(
-                        resolved, variables, locale, request_id=f"{request_id}-shadow-v{version}",
-                        timeout_s=self._timeout_s, label=None, arm="shadow", priority=self._priority,
-                        queue=False), self._timeout_s)
+                    with no_retries():  # shadows are never retried
+                        ev = await asyncio.wait_for(self._pipeline.evaluate(
+                            resolved, variables, locale, request_id=f"{request_id}-shadow-v{version}",
+                            timeout_s=self._timeout_s, label=None, arm="shadow", priority=self._priority,
+                            queue=False), self._timeout_s)
                     candidate = ev.verdict
                     self.completed += 1
                     if self._log is not None:

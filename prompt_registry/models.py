@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 __all__ = [
     "FAIL_CLOSED_DECISION",
+    "MAX_VERSION",
     "LocaleVariant",
     "Message",
     "PolicyMeta",
@@ -29,6 +30,7 @@ __all__ = [
 ]
 
 FAIL_CLOSED_DECISION = "needs_review"
+MAX_VERSION = 2**31 - 1  # version numbers on the wire are bounded (stores use 64-bit integers)
 _IDENT = r"^[a-z][a-z0-9_]{0,47}$"
 _NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 

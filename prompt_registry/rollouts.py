@@ -55,7 +55,7 @@ class _Strict(BaseModel):
 
 
 class ShadowSpec(_Strict):
-    version: int = Field(..., ge=1)
+    version: int = Field(..., ge=1, le=2**31 - 1)
     sample_rate: float = Field(..., gt=0.0, le=1.0)
 
 

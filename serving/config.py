@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serving.resilience import ResilienceSettings
+
 __all__ = ["DeploymentOptions", "ModelConfig", "RayClusterConfig", "ServingConfig"]
 
 
@@ -71,6 +73,7 @@ class ServingConfig(_Strict):
     base_url: str | None = None
     api_key_env: str | None = Field(None, description="env var holding the backend API key")
     ray: RayClusterConfig = Field(default_factory=RayClusterConfig)
+    resilience: ResilienceSettings = Field(default_factory=ResilienceSettings)
     models: list[ModelConfig] = Field(..., min_length=1)
 
     def resolved_base_url(self) -> str:

@@ -1,0 +1,504 @@
+"""Per-caller limits: a request rate (GCRA: requests/s with a burst) and a concurrent-request
+quota, per API key, with defaults and per-caller overrides.
+
+Two implementations behind one protocol (`CallerLimiter`):
+
+- `LocalCallerLimiter`: in-process, for the embedded (single gateway, SQLite) default. Limits
+  hold per gateway process.
+- `RedisCallerLimiter`: shared by every gateway replica through Redis, so a caller's quota is
+  the same whether it talks to one replica or twenty.
+
+Usage (one lease per request; release on success, error and cancellation alike)::
+
+    lease = await limiter.acquire(principal.key_id, request_id, name=principal.name)
+    try:
+        ...                        # the work
+    finally:
+        await lease.release()
+
+`acquire` raises `ApiError(429, "rate_limited" | "concurrency_limited", retryable=True,
+retry_after_s=...)`; the gateway's error table turns that into a 429 with `Retry-After`.
+
+Keys and overrides. Counters are keyed by the API key id (`ApiKeyRecord.key_id`; `-` is the
+anonymous caller when auth is disabled, so all anonymous traffic shares one bucket). Overrides
+in the configuration are by key *name* (`callers: {listing-pipeline: {rate_per_s: 200}}`),
+the name operators see in `modgate keys list`: every key with that name gets the override, each
+with its own counters (so while a key is rotated, old and new key each have the full quota).
+
+Rate: GCRA (generic cell rate algorithm, the "virtual scheduling" form of a token bucket).
+One value per caller, its theoretical arrival time `tat`; with emission interval `T = 1/rate`
+a request at `now` is allowed when `max(tat, now) + T - burst * T <= now`, and then `tat`
+advances by `T`. `burst` requests may arrive at once, after which they are admitted at `rate`;
+a refused request is told exactly when the next one would pass (`Retry-After`). On Redis it is
+one string key per caller with a TTL of the time until the bucket is full again, updated by
+one Lua script, so replicas cannot race. The script uses the Redis server's clock (`TIME`),
+so replicas with skewed clocks still agree; tests pass `now` in instead.
+
+Concurrency on Redis: a sorted set per caller, member = one in-flight request (request id plus
+a random suffix, because request ids can be chosen by the caller and must not collide), score =
+the lease's expiry time. Acquire drops expired members, counts, and adds, in the same Lua
+script as the rate check (one round trip; a request refused for concurrency does not spend
+rate). Release is `ZREM` of that member. Why not a counter (`INCR`/`DECR` with a TTL)? A
+gateway that crashes (or loses Redis at the wrong moment) between `INCR` and `DECR` leaks its
+increments, and a TTL on the counter key only clears them once the caller goes completely idle
+for the whole TTL: under steady traffic the leaked slots are lost for good and the caller is
+throttled below its quota forever. In the sorted set every lease expires on its own after
+`lease_ttl_s` (set it above the longest request: `gateway.request_timeout_s` plus a margin), a
+double release is harmless (`ZREM` of a missing member), and `ZCARD` is an exact count.
+
+When Redis is unreachable (connection refused, timeout): the limiter does not fail open and
+does not fail requests. It falls back to a `LocalCallerLimiter` in this process with the same
+limits, so each replica enforces the caller's quota on its own traffic: the caller's effective
+limit across N replicas becomes up to N times the configured one for the outage, but stays
+bounded. Every decision taken locally is counted (`fallbacks`, metric
+`modgate_caller_limits_fallback_total`), the outage is logged once (and its end once), and
+Redis is not asked again for `redis_retry_s`, so an outage does not add a Redis timeout to
+every request. Leases taken during the outage are released locally; leases taken on Redis whose
+release fails expire after `lease_ttl_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+import redis
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.errors import ApiError
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+    from prometheus_client import CollectorRegistry
+
+__all__ = [
+    "CallerLimit",
+    "CallerLimitOverride",
+    "CallerLimiter",
+    "CallerLimitsSettings",
+    "Lease",
+    "LimiterStats",
+    "LocalCallerLimiter",
+    "NoCallerLimits",
+    "RedisCallerLimiter",
+    "build_caller_limiter",
+    "caller_slot",
+]
+
+log = logging.getLogger("modgate.gateway.limits")
+
+
+# Float slack when comparing times: burst x interval summed up in floats must not refuse the
+# last request of a burst by 1e-16 s.
+_EPSILON_S = 1e-6
+
+
+# -- configuration --------------------------------------------------------------------------
+
+class CallerLimitOverride(BaseModel):
+    """Per-caller values; the ones left out come from the defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rate_per_s: float | None = Field(None, gt=0, description="sustained requests per second")
+    burst: int | None = Field(None, ge=1, description="requests that may arrive at once")
+    max_concurrent: int | None = Field(None, ge=1, description="requests in progress at once")
+
+
+class CallerLimitsSettings(BaseModel):
+    """`gateway.caller_limits` in the configuration file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(False, description="enforce per-caller rate and concurrency limits")
+    backend: Literal["auto", "memory", "redis"] = Field(
+        "auto", description="where the counters live: 'memory' (this process), 'redis' (shared by "
+        "replicas), 'auto' = redis when the registry is on Redis, else memory")
+    rate_per_s: float = Field(50.0, gt=0, description="default sustained requests per second per key")
+    burst: int = Field(100, ge=1, description="default requests a key may send at once")
+    max_concurrent: int = Field(32, ge=1, description="default requests per key in progress at once")
+    callers: dict[str, CallerLimitOverride] = Field(
+        default_factory=dict, description="overrides by API key name, e.g. "
+        "{listing-pipeline: {rate_per_s: 200, burst: 400, max_concurrent: 64}}")
+    lease_ttl_s: float = Field(300.0, gt=0, description="an in-flight lease not released within "
+                               "this time (crashed gateway) stops counting; keep it above "
+                               "gateway.request_timeout_s")
+    concurrency_retry_after_s: float = Field(1.0, gt=0, description="Retry-After for "
+                                             "concurrency_limited answers")
+    redis_timeout_s: float = Field(0.25, gt=0, description="Redis call timeout; beyond it the "
+                                   "decision is taken locally")
+    redis_retry_s: float = Field(5.0, gt=0, description="after a Redis failure, decide locally "
+                                 "this long before asking Redis again")
+
+    def limit_for(self, name: str | None) -> CallerLimit:
+        base = CallerLimit(self.rate_per_s, self.burst, self.max_concurrent)
+        override = self.callers.get(name) if name is not None else None
+        if override is None:
+            return base
+        return CallerLimit(
+            override.rate_per_s if override.rate_per_s is not None else base.rate_per_s,
+            override.burst if override.burst is not None else base.burst,
+            override.max_concurrent if override.max_concurrent is not None else base.max_concurrent)
+
+
+@dataclass(frozen=True, slots=True)
+class CallerLimit:
+    rate_per_s: float
+    burst: int
+    max_concurrent: int
+
+
+# -- protocol -------------------------------------------------------------------------------
+
+@runtime_checkable
+class Lease(Protocol):
+    caller_id: str
+    request_id: str
+
+    async def release(self) -> None:
+        """Give the concurrency slot back. Idempotent; never raises."""
+        ...
+
+
+@runtime_checkable
+class CallerLimiter(Protocol):
+    async def acquire(self, caller_id: str, request_id: str, *, name: str | None = None) -> Lease:
+        """Admit one request of *caller_id* (an API key id) or raise `ApiError(429)`.
+        *name* (the key's name) selects the per-caller override."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass
+class LimiterStats:
+    admitted: int = 0
+    rate_limited: int = 0
+    concurrency_limited: int = 0
+    fallbacks: int = 0  # decisions taken locally because Redis was unreachable
+    redis_errors: int = 0
+    release_errors: int = 0
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.enabled = registry is not None
+        if registry is None:
+            return
+        from prometheus_client import Counter
+
+        self.limited = Counter("modgate_caller_limited", "Requests refused with 429 by per-caller "
+                               "limits", ["caller", "kind"], registry=registry)
+        self.fallback = Counter("modgate_caller_limits_fallback", "Per-caller limit decisions taken "
+                                "in this process because Redis was unreachable", registry=registry)
+
+    def refused(self, caller: str, kind: str) -> None:
+        if self.enabled:
+            self.limited.labels(caller=caller, kind=kind).inc()
+
+    def fell_back(self) -> None:
+        if self.enabled:
+            self.fallback.inc()
+
+
+def _rate_limited(caller: str, limit: CallerLimit, retry_after_s: float) -> ApiError:
+    return ApiError(429, "rate_limited",
+                    f"API key {caller!r} exceeded its rate limit of {limit.rate_per_s:g} requests/s "
+                    f"(burst {limit.burst}); retry after {retry_after_s:.2f}s",
+                    retryable=True, retry_after_s=retry_after_s)
+
+
+def _concurrency_limited(caller: str, limit: CallerLimit, retry_after_s: float) -> ApiError:
+    return ApiError(429, "concurrency_limited",
+                    f"API key {caller!r} already has {limit.max_concurrent} requests in progress "
+                    "(its concurrency quota); retry when one finishes",
+                    retryable=True, retry_after_s=retry_after_s)
+
+
+# -- no limits ------------------------------------------------------------------------------
+
+@dataclass
+class _NullLease:
+    caller_id: str
+    request_id: str
+
+    async def release(self) -> None:
+        return None
+
+
+class NoCallerLimits:
+    """What `build_caller_limiter` returns when limits are disabled: admits everything."""
+
+    def __init__(self) -> None:
+        self.stats = LimiterStats()
+
+    async def acquire(self, caller_id: str, request_id: str, *, name: str | None = None) -> Lease:
+        self.stats.admitted += 1
+        return _NullLease(caller_id, request_id)
+
+    async def aclose(self) -> None:
+        return None
+
+
+# -- in-process -----------------------------------------------------------------------------
+
+@dataclass
+class _LocalState:
+    tat: float = 0.0
+    inflight: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _LocalLease:
+    caller_id: str
+    request_id: str
+    _limiter: LocalCallerLimiter
+    _token: str
+    _released: bool = False
+
+    async def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._limiter._release(self.caller_id, self._token)
+
+
+class LocalCallerLimiter:
+    """Per-caller GCRA rate limit and concurrency quota in this process (no I/O, no await)."""
+
+    _PRUNE_AT = 10_000
+
+    def __init__(self, settings: CallerLimitsSettings, *, clock: Callable[[], float] = time.monotonic,
+                 registry: CollectorRegistry | None = None, stats: LimiterStats | None = None,
+                 metrics: _Metrics | None = None) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._callers: dict[str, _LocalState] = {}
+        self.stats = stats or LimiterStats()
+        self._metrics = metrics or _Metrics(registry)
+
+    def inflight(self, caller_id: str) -> int:
+        state = self._callers.get(caller_id)
+        return len(state.inflight) if state else 0
+
+    async def acquire(self, caller_id: str, request_id: str, *, name: str | None = None) -> Lease:
+        return self.acquire_now(caller_id, request_id, name=name)
+
+    def acquire_now(self, caller_id: str, request_id: str, *, name: str | None = None) -> _LocalLease:
+        limit = self.settings.limit_for(name)
+        now = self._clock()
+        state = self._callers.get(caller_id)
+        if state is None:
+            if len(self._callers) >= self._PRUNE_AT:
+                self._prune(now)
+            state = self._callers[caller_id] = _LocalState(tat=now)
+        interval = 1.0 / limit.rate_per_s
+        new_tat = max(state.tat, now) + interval
+        allow_at = new_tat - limit.burst * interval
+        label = name or caller_id
+        if allow_at - now > _EPSILON_S:
+            self.stats.rate_limited += 1
+            self._metrics.refused(label, "rate")
+            raise _rate_limited(label, limit, allow_at - now)
+        if len(state.inflight) >= limit.max_concurrent:
+            self.stats.concurrency_limited += 1
+            self._metrics.refused(label, "concurrency")
+            raise _concurrency_limited(label, limit, self.settings.concurrency_retry_after_s)
+        state.tat = new_tat
+        token = f"{request_id}/{uuid.uuid4().hex[:12]}"
+        state.inflight.add(token)
+        self.stats.admitted += 1
+        return _LocalLease(caller_id, request_id, self, token)
+
+    def _release(self, caller_id: str, token: str) -> None:
+        state = self._callers.get(caller_id)
+        if state is not None:
+            state.inflight.discard(token)
+
+    def _prune(self, now: float) -> None:
+        """Forget idle callers whose bucket is full again (equivalent to a fresh entry)."""
+        for cid in [c for c, s in self._callers.items() if not s.inflight and s.tat <= now]:
+            del self._callers[cid]
+
+    async def aclose(self) -> None:
+        return None
+
+
+# -- Redis ----------------------------------------------------------------------------------
+
+# KEYS[1] rate key (GCRA tat, seconds as a string), KEYS[2] in-flight sorted set.
+# ARGV: now ('' = the server's clock), interval = 1/rate, burst, max_concurrent, lease ttl (s),
+#       member.
+# Returns {1, in_flight} admitted | {0, retry_after} rate limited | {-1, in_flight} too many
+# in flight. Numbers travel as strings (Redis truncates Lua numbers to integers).
+_ACQUIRE = """
+local now = tonumber(ARGV[1])
+if now == nil then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local interval = tonumber(ARGV[2])
+local burst = tonumber(ARGV[3])
+local max_concurrent = tonumber(ARGV[4])
+local ttl = tonumber(ARGV[5])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local new_tat = tat + interval
+local allow_at = new_tat - burst * interval
+if allow_at - now > 0.000001 then
+  return {0, tostring(allow_at - now)}
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local inflight = redis.call('ZCARD', KEYS[2])
+if inflight >= max_concurrent then
+  return {-1, tostring(inflight)}
+end
+redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', math.max(1, math.ceil((new_tat - now) * 1000)))
+redis.call('ZADD', KEYS[2], now + ttl, ARGV[6])
+redis.call('PEXPIRE', KEYS[2], math.ceil(ttl * 1000) + 1000)
+return {1, tostring(inflight + 1)}
+"""
+
+
+@dataclass
+class _RedisLease:
+    caller_id: str
+    request_id: str
+    _limiter: RedisCallerLimiter
+    _key: str
+    _member: str
+    _released: bool = False
+
+    async def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        # Shielded: a request cancelled while releasing still gives its slot back.
+        await asyncio.shield(self._limiter._release(self._key, self._member))
+
+
+class RedisCallerLimiter:
+    """Per-caller limits shared by every gateway replica through Redis; falls back to a
+    `LocalCallerLimiter` while Redis is unreachable (see the module docstring)."""
+
+    def __init__(self, client: aioredis.Redis, settings: CallerLimitsSettings, *,
+                 prefix: str = "modgate", registry: CollectorRegistry | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 redis_now: Callable[[], float] | None = None, owns_client: bool = False) -> None:
+        """*clock* times the fallback window and the local fallback limiter; *redis_now* (tests)
+        supplies the time the Lua script judges by instead of the Redis server's clock."""
+        self.settings = settings
+        self._r = client
+        self._prefix = prefix
+        self._script = client.register_script(_ACQUIRE)
+        self._clock = clock
+        self._redis_now = redis_now
+        self._owns_client = owns_client
+        self.stats = LimiterStats()
+        self._metrics = _Metrics(registry)
+        self.fallback = LocalCallerLimiter(settings, clock=clock, stats=self.stats, metrics=self._metrics)
+        self._down_until: float | None = None  # set while Redis is considered unreachable
+
+    @classmethod
+    def from_url(cls, url: str, settings: CallerLimitsSettings, **kwargs: Any) -> RedisCallerLimiter:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(url, socket_timeout=settings.redis_timeout_s,
+                                         socket_connect_timeout=settings.redis_timeout_s,
+                                         decode_responses=False)
+        return cls(client, settings, owns_client=True, **kwargs)
+
+    @property
+    def degraded(self) -> bool:
+        """True while decisions are taken locally because Redis was unreachable."""
+        return self._down_until is not None
+
+    def _keys(self, caller_id: str) -> tuple[str, str]:
+        base = f"{self._prefix}:limits:{{{caller_id}}}"
+        return f"{base}:rate", f"{base}:inflight"
+
+    async def acquire(self, caller_id: str, request_id: str, *, name: str | None = None) -> Lease:
+        if self._down_until is not None and self._clock() < self._down_until:
+            return self._local(caller_id, request_id, name)
+        limit = self.settings.limit_for(name)
+        rate_key, inflight_key = self._keys(caller_id)
+        member = f"{request_id}/{uuid.uuid4().hex[:12]}"
+        now = "" if self._redis_now is None else repr(self._redis_now())
+        try:
+            result = await asyncio.wait_for(self._script(
+                keys=[rate_key, inflight_key],
+                args=[now, repr(1.0 / limit.rate_per_s), limit.burst, limit.max_concurrent,
+                      repr(self.settings.lease_ttl_s), member]), self.settings.redis_timeout_s)
+        except (redis.RedisError, TimeoutError, OSError) as exc:
+            # Unreachable, timed out, or unusable (READONLY replica after a failover, OOM, ...).
+            self._went_down(exc)
+            return self._local(caller_id, request_id, name)
+        if self._down_until is not None:
+            self._down_until = None
+            log.warning("per-caller limits: Redis reachable again; limits are shared again")
+        status, value = int(result[0]), float(result[1])
+        label = name or caller_id
+        if status == 0:
+            self.stats.rate_limited += 1
+            self._metrics.refused(label, "rate")
+            raise _rate_limited(label, limit, value)
+        if status == -1:
+            self.stats.concurrency_limited += 1
+            self._metrics.refused(label, "concurrency")
+            raise _concurrency_limited(label, limit, self.settings.concurrency_retry_after_s)
+        self.stats.admitted += 1
+        return _RedisLease(caller_id, request_id, self, inflight_key, member)
+
+    def _local(self, caller_id: str, request_id: str, name: str | None) -> Lease:
+        self.stats.fallbacks += 1
+        self._metrics.fell_back()
+        return self.fallback.acquire_now(caller_id, request_id, name=name)
+
+    def _went_down(self, exc: BaseException) -> None:
+        self.stats.redis_errors += 1
+        if self._down_until is None:
+            log.error("per-caller limits: Redis unreachable (%s: %s); enforcing limits per gateway "
+                      "replica until it is back", type(exc).__name__, exc)
+        self._down_until = self._clock() + self.settings.redis_retry_s
+
+    async def _release(self, key: str, member: str) -> None:
+        try:
+            await asyncio.wait_for(self._r.zrem(key, member), self.settings.redis_timeout_s)
+        except (redis.RedisError, TimeoutError, OSError):
+            self.stats.release_errors += 1  # the lease expires after lease_ttl_s
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._r.aclose()
+
+
+def build_caller_limiter(settings: CallerLimitsSettings, *, redis_url: str | None = None,
+                         key_prefix: str = "modgate",
+                         registry: CollectorRegistry | None = None) -> CallerLimiter:
+    """The limiter a configuration asks for. *redis_url* is the registry's Redis (None when the
+    registry is SQLite): `backend: auto` uses it when given."""
+    if not settings.enabled:
+        return NoCallerLimits()
+    use_redis = settings.backend == "redis" or (settings.backend == "auto" and redis_url is not None)
+    if use_redis:
+        if redis_url is None:
+            raise ValueError("gateway.caller_limits.backend is redis but no Redis URL is configured")
+        return RedisCallerLimiter.from_url(redis_url, settings, prefix=key_prefix, registry=registry)
+    return LocalCallerLimiter(settings, registry=registry)
+
+
+@asynccontextmanager
+async def caller_slot(limiter: CallerLimiter, caller_id: str, request_id: str, *,
+                      name: str | None = None) -> AsyncIterator[Lease]:
+    """`acquire` … `release` around a block: the slot is given back on success, error and
+    cancellation alike."""
+    lease = await limiter.acquire(caller_id, request_id, name=name)
+    try:
+        yield lease
+    finally:
+        await lease.release()
