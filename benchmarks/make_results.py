@@ -1,0 +1,660 @@
+"""Regenerate benchmarks/RESULTS.md from every result file in benchmarks/results/.
+
+    .venv/bin/python benchmarks/make_results.py [--results-dir benchmarks/results]
+        [--out benchmarks/RESULTS.md] [--check] [--regenerate-locust]
+
+Reads the top-level `benchmarks/results/*.json` (registry_resolve, publish_visibility,
+single_request, overhead, overload; any other file gets a generic section listing its fields)
+and `benchmarks/results/locust/<profile>/summary.json` (run.json and locust_verdicts.json are
+inputs of summarize_locust.py, not results). Each section gives what the benchmark measures,
+its target, a table of the figures, whether the target is met, the date, machine, commit
+(from the file; "unknown" when the file has none) and the exact command recorded in the file.
+
+Load-test sections are the ones benchmarks/summarize_locust.py writes, between
+`<!-- locust:<profile> begin ... -->` and `<!-- locust:<profile> end -->`. An existing section is
+kept as it is while it belongs to the run in summary.json (same `when`); otherwise (missing or
+stale) it is regenerated with summarize_locust.py's own code from the run's files, which gives
+the section summarize_locust.py writes; when only summary.json is left, a shorter section is
+built from it. `--regenerate-locust` regenerates every section that has its run's files.
+
+The output depends only on the result files (sections sorted by file name, fields sorted), so
+running it again without new results changes nothing. `--check` exits 1 if the file is not up to
+date, without writing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = ROOT / "benchmarks"
+RESULTS_DIR = HERE / "results"
+RESULTS_MD = HERE / "RESULTS.md"
+
+META_KEYS = ("benchmark", "command", "when", "commit", "git_commit", "machine")
+LOCUST_RUN_FILES = ("locust_stats.csv", "locust_stats_final.csv")  # summarize_locust needs one
+
+HEADER = """\
+<!-- GENERATED FILE: do not edit by hand. Written by benchmarks/make_results.py from the files
+     in benchmarks/results/; the locust sections by benchmarks/summarize_locust.py. Re-run
+     `.venv/bin/python benchmarks/make_results.py` after a benchmark writes new results. -->
+# Benchmark results
+
+Generated from the files in `benchmarks/results/`; no figure is typed by hand. This file is
+written by `benchmarks/make_results.py` (the load-test sections by
+`benchmarks/summarize_locust.py`): do not edit it, re-run the benchmark and then
+`.venv/bin/python benchmarks/make_results.py`. Each section names the file its figures come
+from, the command that produced them, when, on which machine and at which commit ("unknown"
+when the file does not record one).
+"""
+
+
+# --- formatting -------------------------------------------------------------------------------
+
+
+def fmt(v: Any) -> str:
+    """One value for a Markdown table cell."""
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if math.isnan(v) or math.isinf(v):
+            return "—"
+        s = f"{v:,.2f}" if abs(v) >= 100 else f"{v:,.4f}"
+        return s.rstrip("0").rstrip(".") if "." in s else s
+    if isinstance(v, list | dict):
+        return cell(json.dumps(v, ensure_ascii=False, sort_keys=True))
+    return cell(str(v))
+
+
+def cell(s: str) -> str:
+    return " ".join(s.replace("|", "\\|").split())
+
+
+def num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    return None if math.isnan(v) else float(v)
+
+
+def code(s: str) -> str:
+    return f"`{s}`" if "`" not in s else f"`` {s} ``"
+
+
+def flatten(v: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested dicts and lists of dicts as dotted keys (sorted); scalars and scalar lists as is."""
+    if isinstance(v, dict):
+        out: list[tuple[str, Any]] = []
+        for k in sorted(v, key=str):
+            out += flatten(v[k], f"{prefix}.{k}" if prefix else str(k))
+        return out or [(prefix, {})]
+    if isinstance(v, list) and any(isinstance(x, dict | list) for x in v):
+        out = []
+        for i, x in enumerate(v):
+            out += flatten(x, f"{prefix}[{i}]")
+        return out
+    return [(prefix or "value", v)]
+
+
+def kv_table(rows: Iterable[tuple[str, Any]], head: tuple[str, str] = ("figure", "value")) -> list[str]:
+    lines = [f"| {head[0]} | {head[1]} |", "|---|---:|"]
+    lines += [f"| {cell(k)} | {fmt(v)} |" for k, v in rows]
+    return lines
+
+
+def meta(doc: dict[str, Any]) -> dict[str, str]:
+    def text(*keys: str) -> str:
+        for k in keys:
+            v = doc.get(k)
+            if isinstance(v, str) and v.strip():
+                return v.strip()
+        return "unknown"
+
+    return {"date": text("when"), "machine": text("machine"),
+            "commit": text("commit", "git_commit"), "command": text("command")}
+
+
+# --- verdicts on targets ------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    criterion: str
+    figure: str
+    ok: bool | None  # None: the file lacks the figure
+
+
+def verdict(checks: list[Check]) -> str:
+    if not checks:
+        return "no target"
+    known = [c for c in checks if c.ok is not None]
+    passed = sum(1 for c in known if c.ok)
+    if not known:
+        return "unknown (figures missing)"
+    if passed == len(checks):
+        return "met"
+    if passed == 0 and len(known) == len(checks):
+        return "not met"
+    return f"partly met ({passed} of {len(checks)} criteria)"
+
+
+def check_lines(checks: list[Check]) -> list[str]:
+    if not checks:
+        return []
+    lines = ["| criterion | measured | met |", "|---|---:|---|"]
+    for c in checks:
+        lines.append(f"| {cell(c.criterion)} | {cell(c.figure)} | "
+                     f"{'—' if c.ok is None else ('yes' if c.ok else '**no**')} |")
+    return lines
+
+
+# --- sections -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Rendered:
+    title: str
+    what: str
+    target: str
+    body: list[str]  # tables and notes
+    checks: list[Check]
+    result: str  # one line for the overview
+    consumed: set[str]
+
+
+def _below(value: Any, limit: float, strict: bool = True) -> bool | None:
+    x = num(value)
+    if x is None:
+        return None
+    return x < limit if strict else x <= limit
+
+
+def render_registry_resolve(doc: dict[str, Any]) -> Rendered:
+    target = num(doc.get("target_us")) or 20.0
+    median = doc.get("median_us_per_resolve")
+    rows = [("calls", doc.get("calls")),
+            ("median time per resolve (µs)", median),
+            ("slowest batch, mean time per resolve (µs)", doc.get("worst_batch_us_per_resolve")),
+            ("target (µs)", target)]
+    return Rendered(
+        title="Prompt label resolve (gateway hot path)",
+        what=("How long the gateway's hot path takes to resolve a prompt label from its in-memory "
+              "cache: `PromptCache.resolve` on a warm entry inside a running asyncio loop, with a "
+              "real SQLite store behind it (not touched on hits); median over batches of calls."),
+        target=f"median < {fmt(target)} µs per resolve",
+        body=kv_table(rows),
+        checks=[Check(f"median < {fmt(target)} µs", f"{fmt(median)} µs", _below(median, target))],
+        result=f"median {fmt(median)} µs",
+        consumed={"calls", "median_us_per_resolve", "worst_batch_us_per_resolve", "target_us",
+                  "meets_target"})
+
+
+def render_publish_visibility(doc: dict[str, Any]) -> Rendered:
+    target = num(doc.get("target_ms")) or 50.0
+    p95 = doc.get("p95_ms")
+    rows = [("label moves", doc.get("moves")), ("gateway processes", doc.get("gateways")),
+            ("p50 (ms)", doc.get("p50_ms")), ("p95 (ms)", p95), ("max (ms)", doc.get("max_ms")),
+            ("target (ms)", target)]
+    return Rendered(
+        title="Publish-to-visible latency (label move → every gateway serves it)",
+        what=("Time from moving the `production` label until both of two `modgate gateway` "
+              "processes sharing one Redis serve the new version (change events, no periodic "
+              "refresh; polled over loopback, which adds up to ~1 ms)."),
+        target=f"< {fmt(target)} ms (judged on p95)",
+        body=kv_table(rows),
+        checks=[Check(f"p95 < {fmt(target)} ms", f"{fmt(p95)} ms", _below(p95, target))],
+        result=f"p95 {fmt(p95)} ms (p50 {fmt(doc.get('p50_ms'))}, max {fmt(doc.get('max_ms'))})",
+        consumed={"moves", "gateways", "p50_ms", "p95_ms", "max_ms", "target_ms", "meets_target"})
+
+
+def render_single_request(doc: dict[str, Any]) -> Rendered:
+    rows = [("model", doc.get("model")), ("sequential requests", doc.get("requests")),
+            ("through the gateway, p50 (ms)", doc.get("gateway_p50_ms")),
+            ("through the gateway, p95 (ms)", doc.get("gateway_p95_ms")),
+            ("gateway's own `latency_ms`, p50 (ms)", doc.get("gateway_reported_p50_ms")),
+            ("straight to the model server, p50 (ms)", doc.get("direct_p50_ms")),
+            ("straight to the model server, p95 (ms)", doc.get("direct_p95_ms")),
+            ("difference of the p50s: gateway overhead (ms)", doc.get("overhead_p50_ms"))]
+    return Rendered(
+        title="Single request through a running stack",
+        what=("Sequential moderation latency through the gateway vs the same rendered request "
+              "(same prompt version, same output constraint) straight to the model server, "
+              "alternating so both see the same engine state; the difference of the medians is "
+              "the gateway's overhead (auth, validation, label resolution, rendering, verdict "
+              "parsing, one extra loopback hop). With the tiny model on a small CPU machine the "
+              "model dominates the totals: read the overhead."),
+        target="none (the overhead target is judged by the gateway-overhead benchmark, "
+               "against a stub engine)",
+        body=kv_table(rows),
+        checks=[],
+        result=f"overhead p50 {fmt(doc.get('overhead_p50_ms'))} ms "
+               f"(gateway p50 {fmt(doc.get('gateway_p50_ms'))}, direct p50 {fmt(doc.get('direct_p50_ms'))})",
+        consumed={"model", "requests", "gateway_p50_ms", "gateway_p95_ms", "gateway_reported_p50_ms",
+                  "direct_p50_ms", "direct_p95_ms", "overhead_p50_ms"})
+
+
+OVERHEAD_SCENARIOS = {
+    "plain": "no rollout, tracing at 10 %",
+    "plain-trace-off": "no rollout, tracing off",
+    "plain-trace-100": "no rollout, tracing at 100 %",
+    "rollout": "10 % canary and 5 % shadow of other versions, tracing at 10 %",
+    "rollout-hanging-shadow": "the same rollout, the shadow target never answers",
+}
+
+
+def render_overhead(doc: dict[str, Any]) -> Rendered:
+    targets = doc.get("targets") if isinstance(doc.get("targets"), dict) else {}
+    p50_max = num(targets.get("added_p50_ms_c1")) or 1.0
+    rps_min = num(targets.get("gateway_rps_c32")) or 1500.0
+    scenarios = [s for s in doc.get("scenarios", []) if isinstance(s, dict)]
+
+    def sub(s: dict[str, Any], run: str, key: str) -> Any:
+        r = s.get(run)
+        return r.get(key) if isinstance(r, dict) else None
+
+    lines = [("| scenario | added p50 @1 conn (ms) | added p99 @1 conn (ms) | gateway p50 @1 (ms) | "
+              "direct p50 @1 (ms) | gateway req/s @32 | direct req/s @32 | gateway CPU per request (ms) "
+              f"| non-2xx | p50 ≤ {fmt(p50_max)} ms | ≥ {fmt(rps_min)} req/s |"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    p50_ok: list[tuple[str, bool | None]] = []
+    rps_ok: list[tuple[str, bool | None]] = []
+    for s in scenarios:
+        name = str(s.get("scenario", "?"))
+        a = _below(s.get("added_p50_ms_c1"), p50_max, strict=False)
+        rps = num(s.get("gateway_rps_c32"))
+        b = None if rps is None else rps >= rps_min
+        p50_ok.append((name, a))
+        rps_ok.append((name, b))
+        non2xx = sum(int(sub(s, run, "non_2xx") or 0) for run in ("gateway_c1", "gateway_c32"))
+        lines.append(
+            f"| `{cell(name)}` | {fmt(s.get('added_p50_ms_c1'))} | {fmt(s.get('added_p99_ms_c1'))} | "
+            f"{fmt(sub(s, 'gateway_c1', 'p50_ms'))} | {fmt(sub(s, 'direct_c1', 'p50_ms'))} | "
+            f"{fmt(s.get('gateway_rps_c32'))} | {fmt(sub(s, 'direct_c32', 'rps'))} | "
+            f"{fmt(s.get('gateway_cpu_ms_per_request'))} | {non2xx:,} | "
+            f"{'—' if a is None else ('yes' if a else '**no**')} | "
+            f"{'—' if b is None else ('yes' if b else '**no**')} |")
+    lines.append("")
+    lines.append("Scenarios: " + "; ".join(
+        f"`{cell(str(s.get('scenario')))}`: {OVERHEAD_SCENARIOS.get(str(s.get('scenario')), 'see overhead.py')}"
+        for s in scenarios) + ".")
+
+    def summary(oks: list[tuple[str, bool | None]]) -> tuple[str, bool | None]:
+        known = [(n, ok) for n, ok in oks if ok is not None]
+        if not known:
+            return "no figure", None
+        failing = [n for n, ok in known if not ok]
+        text = f"{len(known) - len(failing)} of {len(oks)} scenarios"
+        if failing:
+            text += " (not: " + ", ".join(failing) + ")"
+        return text, (not failing and len(known) == len(oks))
+
+    t1, ok1 = summary(p50_ok)
+    t2, ok2 = summary(rps_ok)
+    added = [x for x in (num(s.get("added_p50_ms_c1")) for s in scenarios) if x is not None]
+    rates = [x for x in (num(s.get("gateway_rps_c32")) for s in scenarios) if x is not None]
+    result = (f"added p50 {fmt(min(added))}–{fmt(max(added))} ms; "
+              f"{fmt(min(rates))}–{fmt(max(rates))} req/s @32 over {len(scenarios)} scenarios"
+              if added and rates else "see the table")
+    return Rendered(
+        title="Gateway overhead (stub engine, wrk)",
+        what=("`modgate gateway` in front of a fast stub upstream vs the stub called directly, one "
+              "request at a time (1 connection) and closed loop at 32 connections (`wrk`, one "
+              "gateway worker), with everything realistic on: API-key auth, prompt resolution, "
+              "sandboxed rendering, traffic assignment, verdict validation, the decision log, "
+              "metrics and tracing. Added latency = gateway − direct at 1 connection; CPU time "
+              "of the gateway process per request at 32 connections."),
+        target=(f"added p50 ≤ {fmt(p50_max)} ms at 1 connection and ≥ {fmt(rps_min)} req/s per "
+                "worker at 32 connections, in every scenario"),
+        body=lines,
+        checks=[Check(f"added p50 ≤ {fmt(p50_max)} ms at 1 connection", t1, ok1),
+                Check(f"≥ {fmt(rps_min)} req/s per worker at 32 connections", t2, ok2)],
+        result=result,
+        consumed={"targets", "scenarios"})
+
+
+def render_overload(doc: dict[str, Any]) -> Rendered:
+    setup = str(doc.get("setup") or "")
+    m = re.search(r"(\d+(?:\.\d+)?)\s*ms/answer", setup)
+    engine_ms = float(m.group(1)) if m else None
+    rows = [("setup", setup or None),
+            ("requests under load (wrk)", doc.get("load_requests")),
+            ("of which non-2xx", doc.get("load_non_2xx")),
+            ("share of non-2xx under load", doc.get("share_429")),
+            ("probe requests (separate loop)", doc.get("probe_requests")),
+            ("probe answers 429 / 200", f"{fmt(doc.get('probe_429'))} / {fmt(doc.get('probe_200'))}"),
+            ("first 429 after the overload started (s)", doc.get("first_429_after_s")),
+            ("429 latency p50 (ms)", doc.get("p50_429_ms")),
+            ("429 latency p99 (ms)", doc.get("p99_429_ms")),
+            ("gateway RSS before (MB)", doc.get("rss_mb_before")),
+            ("gateway RSS, max during the overload (MB)", doc.get("rss_mb_max_during")),
+            ("gateway RSS after (MB)", doc.get("rss_mb_after"))]
+    checks = [Check("first 429 ≤ 1 s after the overload starts",
+                    f"{fmt(doc.get('first_429_after_s'))} s", _below(doc.get("first_429_after_s"), 1.0, False))]
+    if engine_ms is not None:
+        for q in ("p50", "p99"):
+            v = doc.get(f"{q}_429_ms")
+            checks.append(Check(f"429 {q} < one engine answer ({fmt(engine_ms)} ms): shed without waiting "
+                                "for the engine", f"{fmt(v)} ms", _below(v, engine_ms)))
+    before = num(doc.get("rss_mb_before"))
+    peak = max((x for x in (num(doc.get("rss_mb_max_during")), num(doc.get("rss_mb_after")))
+                if x is not None), default=None)
+    if before is not None and peak is not None and before > 0:
+        growth = f"{fmt(peak)} MB vs {fmt(before)} MB ({100 * (peak - before) / before:+.1f} %)"
+        checks.append(Check("flat memory: RSS during and after ≤ RSS before + 10 %", growth,
+                            peak <= before * 1.10))
+    else:
+        checks.append(Check("flat memory: RSS during and after ≤ RSS before + 10 %", "—", None))
+    body = kv_table(rows) + ["", "overload.py records no numeric threshold; the criteria below are "
+                             "make_results.py's reading of \"fast 429s and flat memory\"."]
+    return Rendered(
+        title="Overload: fast 429s, flat memory",
+        what=("A stub engine that takes a fixed time per answer (a saturated engine) behind "
+              "`modgate gateway` with small in-flight and queue limits, driven by `wrk` with far "
+              "more connections than that. A separate probe loop times the 429 answers; the "
+              "gateway's resident memory is sampled before, during and after the overload."),
+        target="fast 429s (shedding starts at once, a 429 does not wait for the engine) and "
+               "flat gateway memory while shedding",
+        body=body,
+        checks=checks,
+        result=(f"first 429 after {fmt(doc.get('first_429_after_s'))} s; 429 p50 "
+                f"{fmt(doc.get('p50_429_ms'))} / p99 {fmt(doc.get('p99_429_ms'))} ms; RSS "
+                f"{fmt(doc.get('rss_mb_before'))} → {fmt(doc.get('rss_mb_max_during'))} (max) → "
+                f"{fmt(doc.get('rss_mb_after'))} MB"),
+        consumed={"setup", "load_requests", "load_non_2xx", "share_429", "probe_requests", "probe_429",
+                  "probe_200", "first_429_after_s", "p50_429_ms", "p99_429_ms", "rss_mb_before",
+                  "rss_mb_max_during", "rss_mb_after"})
+
+
+def render_generic(doc: Any, name: str) -> Rendered:
+    d = doc if isinstance(doc, dict) else {}
+    rows = [(k, v) for k, v in flatten(doc) if k.split(".", 1)[0] not in META_KEYS or not d]
+    checks: list[Check] = []
+    if isinstance(d.get("meets_target"), bool):
+        targets = ", ".join(f"{k} = {fmt(v)}" for k, v in rows if k.startswith("target"))
+        checks.append(Check(f"the file's own `meets_target` ({targets or 'no target field'})",
+                            fmt(d["meets_target"]), d["meets_target"]))
+    target_keys = [k for k, _ in rows if k.startswith("target") or k.endswith("_target")]
+    return Rendered(
+        title=str(d.get("benchmark") or name),
+        what=("make_results.py has no description of this result's shape: every field of the file "
+              "is listed as recorded."),
+        target=("fields " + ", ".join(f"`{k}`" for k in target_keys)) if target_keys else "none recorded",
+        body=kv_table(rows, ("field", "value")),
+        checks=checks,
+        result="see the section",
+        consumed={k for k in d if k not in META_KEYS})
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], Rendered]] = {
+    "registry_resolve": render_registry_resolve,
+    "publish_visibility": render_publish_visibility,
+    "single_request": render_single_request,
+    "overhead": render_overhead,
+    "gateway_overhead": render_overhead,
+    "overload": render_overload,
+    "overload_shedding": render_overload,
+}
+
+
+def anchor(title: str) -> str:
+    a = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+    return a
+
+
+@dataclass
+class Section:
+    name: str  # file stem or locust profile
+    title: str
+    markdown: str
+    target: str
+    result: str
+    met: str
+    date: str
+    commit: str
+
+
+def section_for_file(path: Path, results_dir: Path, md_dir: Path) -> Section:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"make_results: cannot read {path}: {exc}") from exc
+    d = doc if isinstance(doc, dict) else {}
+    renderer = RENDERERS.get(path.stem) or RENDERERS.get(str(d.get("benchmark", "")))
+    r = renderer(d) if renderer is not None and isinstance(doc, dict) else render_generic(doc, path.stem)
+    mt = meta(d)
+    rel = Path(_relpath(path, md_dir))
+    lines = [f"## {r.title}", "", f"Source: `{rel.as_posix()}`.", "",
+             f"**What it measures.** {r.what}", "", f"**Target.** {r.target}", ""]
+    lines += r.body
+    lines.append("")
+    extra = [(k, v) for k, v in sorted(d.items()) if k not in META_KEYS and k not in r.consumed]
+    if extra:
+        lines += ["Other fields in the file:", ""]
+        lines += kv_table([row for k, v in extra for row in flatten(v, k)], ("field", "value"))
+        lines.append("")
+    if r.checks:
+        lines += check_lines(r.checks)
+        lines.append("")
+    met = verdict(r.checks)
+    lines += [f"**Target met:** {met}.", "",
+              f"- date: {mt['date']}", f"- machine: {mt['machine']}", f"- commit: {mt['commit']}",
+              f"- command: {code(mt['command']) if mt['command'] != 'unknown' else 'unknown'}", ""]
+    return Section(path.stem, r.title, "\n".join(lines), r.target, r.result, met, mt["date"], mt["commit"])
+
+
+def _relpath(path: Path, start: Path) -> str:
+    return os.path.relpath(path.resolve(), start.resolve())
+
+
+# --- locust sections ----------------------------------------------------------------------------
+
+LOCUST_BLOCK = re.compile(r"<!-- locust:(?P<profile>\S+) begin[^>]*-->.*?<!-- locust:(?P=profile) end -->\n?",
+                          re.DOTALL)
+LOCUST_TARGETS = {
+    "gpu-saturate": "gateway/direct ≥ 0.95 against `vllm bench serve` (benchmarks/GPU.md); "
+                    "not judged here: the direct figure is not in these files",
+}
+
+
+def locust_markers(profile: str, by: str = "benchmarks/summarize_locust.py") -> tuple[str, str]:
+    """summarize_locust.py's markers (its regex accepts any text after `begin`)."""
+    return f"<!-- locust:{profile} begin ({by}) -->", f"<!-- locust:{profile} end -->"
+
+
+def existing_locust_blocks(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for m in LOCUST_BLOCK.finditer(text):
+        out.setdefault(m.group("profile"), m.group(0).rstrip("\n") + "\n")
+    return out
+
+
+def _summarize_locust() -> Any:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks import summarize_locust
+
+    return summarize_locust
+
+
+def regenerate_locust_block(profile: str, run_dir: Path, md_dir: Path) -> str:
+    """Exactly what summarize_locust.py writes into RESULTS.md for this run."""
+    sl = _summarize_locust()
+    section = sl.markdown(profile, sl.compute(run_dir), run_dir, md_dir)
+    begin, end = locust_markers(profile)
+    return f"{begin}\n{section.rstrip()}\n{end}\n"
+
+
+def block_from_summary(profile: str, s: dict[str, Any], run_dir: Path, md_dir: Path) -> str:
+    """A shorter section from summary.json alone (the run's CSVs are gone)."""
+    sl = _summarize_locust()
+    rel = _relpath(run_dir, md_dir)
+    mt = meta(s)
+    lines = [f"## Load test: `{profile}`", "",
+             "Rebuilt by make_results.py from `summary.json` alone (the run's locust files are not "
+             "there): the profile's rationale, locust's command line, failures and plots are missing.",
+             "",
+             f"- command: {code(mt['command']) if mt['command'] != 'unknown' else 'unknown'}",
+             f"- when: {mt['date']}; machine: {mt['machine']}; commit: {mt['commit']}",
+             f"- profile: {sl._settings_line(s.get('settings') or {})}", "",
+             ("| requests | throughput, whole run (req/s) | throughput, all users running (req/s) "
+              "| p50 (ms) | p95 (ms) | p99 (ms) | max (ms) | error rate |"),
+             "|---:|---:|---:|---:|---:|---:|---:|---:|",
+             (f"| {sl._f(num(s.get('requests')))} | {sl._f(num(s.get('throughput_rps')), 2)} | "
+              f"{sl._f(num(s.get('throughput_all_users_rps')), 2)} | {sl._f(num(s.get('p50_ms')))} | "
+              f"{sl._f(num(s.get('p95_ms')))} | {sl._f(num(s.get('p99_ms')))} | "
+              f"{sl._f(num(s.get('max_ms')))} | {sl._pct(num(s.get('error_rate')))} |"), ""]
+    endpoints = [e for e in s.get("endpoints") or [] if isinstance(e, dict)]
+    if len(endpoints) > 1:
+        lines += ["| endpoint | requests | req/s | p50 (ms) | p95 (ms) | p99 (ms) | error rate |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for e in endpoints:
+            lines.append(f"| `{cell(str(e.get('name')))}` | {sl._f(num(e.get('requests')))} | "
+                         f"{sl._f(num(e.get('rps')), 2)} | {sl._f(num(e.get('p50_ms')))} | "
+                         f"{sl._f(num(e.get('p95_ms')))} | {sl._f(num(e.get('p99_ms')))} | "
+                         f"{sl._pct(num(e.get('error_rate')))} |")
+        lines.append("")
+    client, gateway = s.get("client_exact_ms") or {}, s.get("gateway_latency_ms") or {}
+    if any(v is not None for v in client.values()):
+        lines += ["| latency (ms, exact) | p50 | p95 | p99 |", "|---|---:|---:|---:|"]
+        for label, d in (("client (locust, every answer)", client), ("gateway `latency_ms` (200s)", gateway)):
+            lines.append(f"| {label} | " + " | ".join(sl._f(num(d.get(q))) for q in ("p50", "p95", "p99"))
+                         + " |")
+        lines.append("")
+    mix = s.get("verdict_mix") or {}
+    if mix:
+        lines += ["Verdict mix (answers with a verdict; errors: answers without):", "",
+                  "| | value | count | share |", "|---|---|---:|---:|"]
+        for dim in [*sl.MIX_ORDER, *sorted(set(mix) - set(sl.MIX_ORDER) - {"intent_category"})]:
+            c = mix.get(dim)
+            if not c:
+                continue
+            total = sum(c.values())
+            for i, (val, n) in enumerate(sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))):
+                lines.append(f"| {sl.MIX_TITLES.get(dim, dim) if i == 0 else ''} | `{val}` | {n:,} | "
+                             f"{100 * n / total:.1f} % |")
+        lines.append("")
+    if s.get("sellers_seen") is not None:
+        lines += [(f"Sellers seen: {sl._f(num(s.get('sellers_seen')))}; seen in more than one "
+                   f"arm/version: {sl._f(num(s.get('sellers_in_several_arm_versions')))}."), ""]
+    lines.append(f"Raw: `{rel}/summary.json`.")
+    begin, end = locust_markers(profile, "benchmarks/make_results.py, from summary.json")
+    return f"{begin}\n" + "\n".join(lines).rstrip() + f"\n{end}\n"
+
+
+def locust_sections(results_dir: Path, md_dir: Path, current: str, regenerate: bool
+                    ) -> tuple[list[str], list[Section]]:
+    existing = existing_locust_blocks(current)
+    summaries: dict[str, tuple[Path, dict[str, Any]]] = {}
+    root = results_dir / "locust"
+    if root.is_dir():
+        for f in sorted(root.glob("*/summary.json")):
+            try:
+                s = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise SystemExit(f"make_results: cannot read {f}: {exc}") from exc
+            if not isinstance(s, dict):
+                raise SystemExit(f"make_results: {f} is not a JSON object")
+            profile = str(s.get("profile") or f.parent.name)
+            summaries[profile] = (f.parent, s)
+    blocks: list[str] = []
+    overview: list[Section] = []
+    for profile in sorted(set(existing) | set(summaries)):
+        block = existing.get(profile)
+        if profile in summaries:
+            run_dir, s = summaries[profile]
+            when = s.get("when")
+            has_run = any((run_dir / n).exists() for n in LOCUST_RUN_FILES)
+            stale = block is not None and isinstance(when, str) and f"when: {when}" not in block
+            if has_run and (block is None or stale or regenerate):
+                block = regenerate_locust_block(profile, run_dir, md_dir)
+            elif block is None or stale:
+                block = block_from_summary(profile, s, run_dir, md_dir)
+            mt = meta(s)
+            rps = s.get("throughput_all_users_rps", s.get("throughput_rps"))
+            result = (f"{fmt(rps)} req/s, p50 {fmt(s.get('p50_ms'))} / p99 {fmt(s.get('p99_ms'))} ms, "
+                      f"error rate {fmt(100 * s['error_rate']) + ' %' if num(s.get('error_rate')) is not None else '—'}")
+            target = LOCUST_TARGETS.get(profile, "none (a load profile, not a pass/fail test)")
+            met = "not judged" if profile in LOCUST_TARGETS else "no target"
+            overview.append(Section(profile, f"Load test: `{profile}`", "", target, result, met,
+                                    mt["date"], mt["commit"]))
+        else:
+            overview.append(Section(profile, f"Load test: `{profile}`", "", "—",
+                                    "section kept as written (no summary.json)", "—", "unknown", "unknown"))
+        assert block is not None
+        blocks.append(block)
+    return blocks, overview
+
+
+# --- the file -----------------------------------------------------------------------------------
+
+
+def build(results_dir: Path, out: Path, regenerate_locust: bool = False) -> str:
+    md_dir = out.parent
+    current = out.read_text(encoding="utf-8") if out.exists() else ""
+    sections = [section_for_file(p, results_dir, md_dir) for p in sorted(results_dir.glob("*.json"))
+                if p.is_file()]
+    blocks, locust_overview = locust_sections(results_dir, md_dir, current, regenerate_locust)
+
+    parts = [HEADER]
+    rows = sections + locust_overview
+    if rows:
+        parts += ["## Overview", "",
+                  "| benchmark | target | result | target met | date | commit |",
+                  "|---|---|---|---|---|---|"]
+        for s in sections:
+            parts.append(f"| [{cell(s.title)}](#{anchor(s.title)}) | {cell(s.target)} | {cell(s.result)} | "
+                         f"{cell(s.met)} | {cell(s.date)} | {cell(s.commit)} |")
+        for s in locust_overview:
+            parts.append(f"| {s.title} | {cell(s.target)} | {cell(s.result)} | {cell(s.met)} | "
+                         f"{cell(s.date)} | {cell(s.commit)} |")
+        parts.append("")
+    else:
+        parts += ["No result files yet: run a benchmark (see benchmarks/README.md).", ""]
+    for s in sections:
+        parts.append(s.markdown)
+    if blocks:
+        parts += ["## Load tests (locust)", "",
+                  "One section per profile of `benchmarks/locust/profiles.toml`, written by "
+                  "`benchmarks/summarize_locust.py` (via `benchmarks/run_locust.py`) between its "
+                  "markers; make_results.py keeps them.", ""]
+        parts.append("\n".join(blocks))
+    return "\n".join(parts).rstrip("\n") + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--out", type=Path, default=RESULTS_MD)
+    ap.add_argument("--check", action="store_true", help="exit 1 if the file is not up to date; write nothing")
+    ap.add_argument("--regenerate-locust", action="store_true",
+                    help="rewrite every locust section whose run files are there (summarize_locust's code)")
+    args = ap.parse_args(argv)
+    text = build(args.results_dir, args.out, args.regenerate_locust)
+    current = args.out.read_text(encoding="utf-8") if args.out.exists() else None
+    if args.check:
+        if text != current:
+            print(f"make_results: {args.out} is not up to date", file=sys.stderr)
+            return 1
+        return 0
+    if text != current:
+        args.out.write_text(text, encoding="utf-8")
+        print(f"make_results: wrote {args.out}")
+    else:
+        print(f"make_results: {args.out} already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

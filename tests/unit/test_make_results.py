@@ -1,0 +1,229 @@
+"""benchmarks/make_results.py: RESULTS.md regenerated from result files, deterministically, with
+the locust sections of summarize_locust.py kept (or regenerated identically)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from benchmarks import make_results, summarize_locust
+
+ROOT = Path(__file__).resolve().parents[2]
+REAL_SMOKE = ROOT / "benchmarks" / "results" / "locust" / "cpu-smoke"
+
+
+def _write(path: Path, doc: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+
+
+def _summary(profile: str, when: str, commit: str | None = "abc1234") -> dict:
+    return {
+        "benchmark": f"locust/{profile}", "command": f"python benchmarks/run_locust.py --profile {profile}",
+        "when": when, "machine": "x86_64 python 3.11.7 (2 cpus)", "git_commit": commit, "profile": profile,
+        "settings": {"users": 4, "spawn_rate": 2, "run_time": "45s", "wait": [0.0, 0.25], "processes": 1,
+                     "zh_share": 0.3, "violating_share": 0.25, "sellers": 5000, "seller_skew": 0.8,
+                     "prompts": "listing-moderation=3", "desc_median": 220, "desc_min": 20,
+                     "desc_max": 2000, "zh_char_scale": 0.25},
+        "requests": 365, "failures": 0, "error_rate": 0.0, "throughput_rps": 8.12,
+        "throughput_all_users_rps": 8.31, "p50_ms": 330.0, "p95_ms": 550.0, "p99_ms": 790.0,
+        "max_ms": 980.2, "client_exact_ms": {"p50": 334.0, "p95": 545.0, "p99": 786.0},
+        "gateway_latency_ms": {"p50": 315.0, "p95": 529.0, "p99": 774.0},
+        "endpoints": [{"name": "/v1/moderate [en-US]", "requests": 268, "rps": 5.96, "p50_ms": 330.0,
+                       "p95_ms": 550.0, "p99_ms": 790.0, "error_rate": 0.0},
+                      {"name": "/v1/moderate [zh-CN]", "requests": 97, "rps": 2.16, "p50_ms": 360.0,
+                       "p95_ms": 570.0, "p99_ms": 850.0, "error_rate": 0.0}],
+        "verdict_mix": {"decision": {"allow": 200, "block": 165}},
+        "sellers_seen": 293, "sellers_in_several_arm_versions": 0, "locust_exit_code": 0,
+    }
+
+
+@pytest.fixture()
+def tree(tmp_path: Path) -> tuple[Path, Path]:
+    """A benchmarks/ layout: results/ with sample files of every shape, and RESULTS.md next to it."""
+    bench = tmp_path / "benchmarks"
+    res = bench / "results"
+    _write(res / "registry_resolve.json", {  # no commit recorded
+        "benchmark": "registry_resolve", "command": "python benchmarks/registry_resolve.py ",
+        "when": "2026-11-26T07:42:06+00:00", "machine": "x86_64 python 3.11.7", "calls": 200000,
+        "median_us_per_resolve": 0.854, "worst_batch_us_per_resolve": 0.905, "target_us": 20.0,
+        "meets_target": True})
+    _write(res / "overhead.json", {
+        "benchmark": "gateway_overhead", "command": "python benchmarks/overhead.py --duration 8",
+        "when": "2026-11-26T08:46:22+00:00", "commit": "c069aaf", "machine": "x86_64 (2 cpus)",
+        "targets": {"added_p50_ms_c1": 1.0, "gateway_rps_c32": 1500},
+        "scenarios": [
+            {"scenario": "plain", "added_p50_ms_c1": 0.9, "added_p99_ms_c1": 2.0, "gateway_rps_c32": 1600.0,
+             "gateway_cpu_ms_per_request": 0.5, "gateway_c1": {"p50_ms": 1.0, "non_2xx": 0},
+             "direct_c1": {"p50_ms": 0.1}, "direct_c32": {"rps": 20000.0}, "gateway_c32": {"non_2xx": 0}},
+            {"scenario": "plain-trace-100", "added_p50_ms_c1": 1.2, "added_p99_ms_c1": 40.0,
+             "gateway_rps_c32": 700.0, "gateway_cpu_ms_per_request": 1.4,
+             "gateway_c1": {"p50_ms": 1.3, "non_2xx": 0}, "direct_c1": {"p50_ms": 0.1},
+             "direct_c32": {"rps": 20000.0}, "gateway_c32": {"non_2xx": 3}}]})
+    _write(res / "overload.json", {
+        "benchmark": "overload_shedding", "command": "python benchmarks/overload.py --duration 15",
+        "when": "2026-11-26T08:29:58+00:00", "commit": "3fcf666", "machine": "x86_64 (2 cpus)",
+        "setup": "stub engine 200 ms/answer; gateway max_inflight 16, max_queued 32",
+        "load_requests": 1000, "load_non_2xx": 900, "share_429": 0.9, "probe_requests": 10, "probe_429": 9,
+        "probe_200": 1, "first_429_after_s": 0.4, "p50_429_ms": 20.0, "p99_429_ms": 60.0,
+        "rss_mb_before": 74.0, "rss_mb_max_during": 75.0, "rss_mb_after": 75.0})
+    _write(res / "zz_future_bench.json", {  # a shape make_results does not know
+        "benchmark": "cache_warmup", "when": "2027-01-01T00:00:00+00:00", "machine": "box",
+        "command": "python benchmarks/cache_warmup.py", "warm_ms": 12.5,
+        "phases": {"load": {"p50_ms": 3.25}, "serve": {"p50_ms": 1.5}}, "sizes": [1, 2, 3],
+        "target_ms": 50, "meets_target": True})
+    _write(res / "locust" / "gpu-saturate" / "summary.json", _summary("gpu-saturate", "2026-12-01T10:00:00+00:00"))
+    _write(res / "locust" / "gpu-saturate" / "run.json", {"benchmark": "locust/gpu-saturate", "when": "x"})
+    _write(res / "locust" / "gpu-saturate" / "locust_verdicts.json", {"counts": {}})
+    return res, bench / "RESULTS.md"
+
+
+def _run(res: Path, out: Path, *extra: str) -> int:
+    return make_results.main(["--results-dir", str(res), "--out", str(out), *extra])
+
+
+def test_generates_every_section(tree: tuple[Path, Path]) -> None:
+    res, out = tree
+    assert _run(res, out) == 0
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith("<!-- GENERATED FILE: do not edit by hand.")
+    for title in ("## Prompt label resolve (gateway hot path)", "## Gateway overhead (stub engine, wrk)",
+                  "## Overload: fast 429s, flat memory", "## cache_warmup", "## Load test: `gpu-saturate`"):
+        assert title in text
+    # sections in file-name order, locust sections last
+    order = [text.index(t) for t in ("## Gateway overhead", "## Overload", "## Prompt label resolve",
+                                     "## cache_warmup", "## Load tests (locust)")]
+    assert order == sorted(order)
+    # figures, targets and verdicts
+    assert "| median time per resolve (µs) | 0.854 |" in text
+    assert "median < 20 µs per resolve" in text
+    assert "| `plain-trace-100` | 1.2 | 40 |" in text
+    assert "1 of 2 scenarios (not: plain-trace-100)" in text
+    assert "**Target met:** not met." in text  # overhead
+    assert "**Target met:** met." in text  # registry resolve, overload
+    assert "- command: `python benchmarks/overhead.py --duration 8`" in text
+    assert "- commit: c069aaf" in text
+    # the unknown shape: every field, flattened and sorted; its own meets_target
+    unknown = text[text.index("## cache_warmup"):text.index("## Load tests")]
+    rows = [line.split(" | ")[0].lstrip("| ") for line in unknown.splitlines()
+            if line.startswith("| ") and " | " in line and not line.startswith("| field")]
+    assert rows[:6] == ["meets_target", "phases.load.p50_ms", "phases.serve.p50_ms", "sizes",
+                        "target_ms", "warm_ms"]
+    assert "| sizes | [1, 2, 3] |" in unknown
+    assert "- command: `python benchmarks/cache_warmup.py`" in unknown
+    # run.json and locust_verdicts.json are not results
+    assert "run.json" not in text and "locust_verdicts" not in text
+    # the locust section rebuilt from summary.json, in summarize_locust's marker format
+    assert "<!-- locust:gpu-saturate begin (benchmarks/make_results.py, from summary.json) -->" in text
+    assert "<!-- locust:gpu-saturate end -->" in text
+    assert "| 365 | 8.12 | 8.31 | 330 | 550 | 790 | 980 | 0.00 % |" in text
+
+
+def test_missing_commit_is_unknown(tree: tuple[Path, Path]) -> None:
+    res, out = tree
+    _run(res, out)
+    text = out.read_text(encoding="utf-8")
+    resolve = text[text.index("## Prompt label resolve"):text.index("## cache_warmup")]
+    assert "- commit: unknown" in resolve
+    overview = next(line for line in text.splitlines() if line.startswith("| [Prompt label resolve"))
+    assert overview.endswith("| 2026-11-26T07:42:06+00:00 | unknown |")
+    # a locust run without a commit
+    _write(res / "locust" / "gpu-saturate" / "summary.json",
+           _summary("gpu-saturate", "2026-12-02T10:00:00+00:00", commit=None))
+    _run(res, out)
+    text = out.read_text(encoding="utf-8")
+    assert "- when: 2026-12-02T10:00:00+00:00; machine: x86_64 python 3.11.7 (2 cpus); commit: unknown" in text
+
+
+def test_idempotent_and_check(tree: tuple[Path, Path]) -> None:
+    res, out = tree
+    assert _run(res, out) == 0
+    first = out.read_bytes()
+    assert _run(res, out) == 0
+    assert out.read_bytes() == first
+    assert _run(res, out, "--check") == 0
+    _write(res / "single_request.json", {"benchmark": "single_request", "overhead_p50_ms": 2.0})
+    assert _run(res, out, "--check") == 1
+    assert out.read_bytes() == first  # --check writes nothing
+    _run(res, out)
+    assert "## Single request through a running stack" in out.read_text(encoding="utf-8")
+
+
+def test_locust_marker_sections_preserved(tree: tuple[Path, Path]) -> None:
+    res, out = tree
+    kept = ("<!-- locust:gpu-saturate begin (benchmarks/summarize_locust.py) -->\n"
+            "## Load test: `gpu-saturate`\n\nhand-made section, with a figure that is not in summary.json\n"
+            "- when: 2026-12-01T10:00:00+00:00; machine: m; commit: abc1234\n"
+            "<!-- locust:gpu-saturate end -->\n")
+    orphan = ("<!-- locust:old-profile begin (benchmarks/summarize_locust.py) -->\n"
+              "## Load test: `old-profile`\n\nno summary.json any more\n<!-- locust:old-profile end -->\n")
+    out.write_text("# anything\n\nstale text\n\n" + kept + "\n" + orphan, encoding="utf-8")
+    _run(res, out)
+    text = out.read_text(encoding="utf-8")
+    assert kept in text and orphan in text
+    assert "stale text" not in text
+    assert text.index("locust:gpu-saturate begin") < text.index("locust:old-profile begin")  # sorted
+    again = out.read_text(encoding="utf-8")
+    _run(res, out)
+    assert out.read_text(encoding="utf-8") == again
+
+    # a new run of the profile (summary.json with another `when`): the old section is replaced
+    _write(res / "locust" / "gpu-saturate" / "summary.json", _summary("gpu-saturate", "2026-12-03T00:00:00+00:00"))
+    _run(res, out)
+    text = out.read_text(encoding="utf-8")
+    assert "hand-made section" not in text and "when: 2026-12-03T00:00:00+00:00" in text
+    assert orphan in text
+
+
+def test_summarize_locust_and_make_results_cooperate(tree: tuple[Path, Path]) -> None:
+    res, out = tree
+    _run(res, out)
+    section = "## Load test: `gpu-saturate`\n\n- when: 2026-12-01T10:00:00+00:00; machine: m; commit: x\nnew figures\n"
+    summarize_locust.update_results_md(out, "gpu-saturate", section)  # what run_locust does after a run
+    _run(res, out)
+    text = out.read_text(encoding="utf-8")
+    assert "new figures" in text and text.count("<!-- locust:gpu-saturate begin") == 1
+    summarize_locust.update_results_md(out, "gpu-ramp", "## Load test: `gpu-ramp`\n\nappended\n")
+    _run(res, out)
+    text = out.read_text(encoding="utf-8")
+    assert text.index("locust:gpu-ramp begin") < text.index("locust:gpu-saturate begin")
+    assert text.startswith("<!-- GENERATED FILE")
+
+
+@pytest.mark.skipif(not (REAL_SMOKE / "locust_stats.csv").exists(), reason="no recorded cpu-smoke run")
+def test_locust_section_regenerated_identically(tmp_path: Path) -> None:
+    bench = tmp_path / "benchmarks"
+    run_dir = bench / "results" / "locust" / "cpu-smoke"
+    run_dir.mkdir(parents=True)
+    for f in REAL_SMOKE.iterdir():
+        if f.suffix in (".csv", ".json", ".png"):
+            shutil.copy(f, run_dir / f.name)
+    expected_md = bench / "expected.md"
+    d = summarize_locust.compute(run_dir)
+    summarize_locust.update_results_md(expected_md, "cpu-smoke",
+                                       summarize_locust.markdown("cpu-smoke", d, run_dir, bench))
+    expected = make_results.existing_locust_blocks(expected_md.read_text(encoding="utf-8"))["cpu-smoke"]
+
+    out = bench / "RESULTS.md"  # no section yet: regenerated from the run's files
+    make_results.main(["--results-dir", str(bench / "results"), "--out", str(out)])
+    assert make_results.existing_locust_blocks(out.read_text(encoding="utf-8"))["cpu-smoke"] == expected
+    make_results.main(["--results-dir", str(bench / "results"), "--out", str(out), "--regenerate-locust"])
+    assert make_results.existing_locust_blocks(out.read_text(encoding="utf-8"))["cpu-smoke"] == expected
+
+
+def test_unreadable_result_fails_clearly(tree: tuple[Path, Path]) -> None:
+    res, out = tree
+    (res / "broken.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(SystemExit, match="broken.json"):
+        _run(res, out)
+
+
+def test_non_object_result_is_listed(tree: tuple[Path, Path]) -> None:
+    res, out = tree
+    _write(res / "samples.json", [{"n": 1}, {"n": 2}])
+    _run(res, out)
+    text = out.read_text(encoding="utf-8")
+    assert "## samples" in text and "| [1].n | 2 |" in text and "- commit: unknown" in text
