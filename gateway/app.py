@@ -34,7 +34,7 @@ from gateway.api_models import ErrorBody, ModerationRequest, ModerationResponse
 from gateway.auth import Authenticator
 from gateway.config import GatewaySettings
 from gateway.decision_log import DecisionLog
-from gateway.errors import ERROR_RESPONSES, ApiError, error_response, map_exception
+from gateway.errors import ERROR_RESPONSES, ApiError, error_response, map_exception, read_body
 from gateway.feedback import FeedbackLog, build_feedback_router
 from gateway.limits import CallerLimiter, build_caller_limiter
 from gateway.openai_api import build_openai_router
@@ -64,18 +64,6 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
                     headers=headers)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "body_too_large", f"request body is {declared} bytes; the limit is {limit}")
-    size = 0
-    chunks = []
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _validation_fields(exc: ValidationError) -> list[dict[str, str]]:
@@ -374,7 +362,7 @@ def create_app(
         ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if ctype and ctype not in _JSON_TYPES and not ctype.endswith("+json"):
             raise ApiError(415, "unsupported_media_type", f"expected application/json, got {ctype}")
-        raw = await _read_body(request, settings.max_body_bytes)
+        raw = await read_body(request, settings.max_body_bytes)
         try:
             payload = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:

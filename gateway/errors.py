@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import orjson
+from starlette.requests import Request
 from starlette.responses import Response
 
 from prompt_registry import (
@@ -30,7 +31,7 @@ from serving import (
     BackendUnavailable,
 )
 
-__all__ = ["ERROR_RESPONSES", "ApiError", "error_response", "map_exception"]
+__all__ = ["ERROR_RESPONSES", "ApiError", "error_response", "map_exception", "read_body"]
 
 # The error statuses every authenticated route may answer, for the OpenAPI document.
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
@@ -89,6 +90,22 @@ def map_exception(exc: Exception) -> ApiError | None:
                 retry_after = 1.0
             return ApiError(status, kind, str(exc), retryable=retryable, retry_after_s=retry_after)
     return None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed *limit* bytes
+    (from Content-Length, or while streaming): never buffered past the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "body_too_large", f"request body is {declared} bytes; the limit is {limit}")
+    size = 0
+    chunks = []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def error_response(err: ApiError, request_id: str | None) -> Response:

@@ -41,7 +41,7 @@ from starlette.responses import Response, StreamingResponse
 
 from gateway.auth import Authenticator
 from gateway.config import GatewaySettings
-from gateway.errors import ERROR_RESPONSES, ApiError, map_exception
+from gateway.errors import ERROR_RESPONSES, ApiError, map_exception, read_body
 from gateway.limits import CallerLimiter
 from gateway.pipeline import Evaluation, ModerationPipeline
 from gateway.prompt_cache import Resolved
@@ -152,25 +152,13 @@ def _request_id(request: Request) -> str:
     return rid if rid and _REQUEST_ID.match(rid) else uuid.uuid4().hex
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "body_too_large", f"request body is {declared} bytes; the limit is {limit}")
-    size = 0
-    chunks = []
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def _read_json(request: Request, limit: int) -> dict[str, Any]:
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if ctype and ctype not in _JSON_TYPES and not ctype.endswith("+json"):
         raise ApiError(415, "unsupported_media_type", f"expected application/json, got {ctype}")
-    raw = await _read_body(request, limit)
+    raw = await read_body(request, limit)
     try:
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

@@ -243,12 +243,7 @@ def _drop_gate(name: str, a: int, na: int, b: int, nb: int, cfg: GateConfig) -> 
     limit = cfg.max_recall_drop or 0.0
     if na < cfg.min_feedback or nb < cfg.min_feedback:
         return GateResult(name, None, None, None, limit, min(na, nb), "wait")
-    p1, p2 = a / na, b / nb
-    l1, u1 = wilson_interval(a, na, cfg.confidence)
-    l2, u2 = wilson_interval(b, nb, cfg.confidence)
-    d = p1 - p2
-    lo = d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
-    hi = d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    d, lo, hi = newcombe_interval(a, na, b, nb, cfg.confidence)
     verdict: Literal["pass", "fail", "wait"] = "fail" if lo > limit else "pass" if hi <= limit else "wait"
     return GateResult(name, d, lo, hi, limit, min(na, nb), verdict)
 
@@ -257,17 +252,21 @@ def _rank(g: GateResult) -> int:
     return {"pass": 0, "wait": 1, "fail": 2}[g.verdict]
 
 
+def newcombe_interval(a: int, na: int, b: int, nb: int, confidence: float) -> tuple[float, float, float]:
+    """a/na - b/nb and its Newcombe (hybrid Wilson score) interval: (difference, low, high)."""
+    p1, p2 = a / na, b / nb
+    l1, u1 = wilson_interval(a, na, confidence)
+    l2, u2 = wilson_interval(b, nb, confidence)
+    d = p1 - p2
+    return d, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+
+
 def _drift_gate(name: str, a: int, na: int, b: int, nb: int, cfg: GateConfig) -> GateResult:
-    """Difference of two proportions with a Newcombe (Wilson-based) interval."""
+    """Difference of two proportions with a Newcombe (Wilson-based) interval; two-sided."""
     limit = cfg.max_flag_rate_drift or 0.0
     if na < cfg.min_samples or nb < cfg.min_samples:
         return GateResult(name, None, None, None, limit, min(na, nb), "wait")
-    p1, p2 = a / na, b / nb
-    l1, u1 = wilson_interval(a, na, cfg.confidence)
-    l2, u2 = wilson_interval(b, nb, cfg.confidence)
-    d = p1 - p2
-    lo = d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
-    hi = d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
+    d, lo, hi = newcombe_interval(a, na, b, nb, cfg.confidence)
     if lo > limit or hi < -limit:
         verdict: Literal["pass", "fail", "wait"] = "fail"
     elif -limit <= lo and hi <= limit:
