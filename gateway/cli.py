@@ -206,8 +206,12 @@ def _run_gateway(cfg: AppConfig, store: Any, *, announce: bool, local_keys: bool
 
     metrics = Metrics()
     api_key = os.environ.get(cfg.serving.api_key_env) if cfg.serving.api_key_env else None
-    backend = ResilientBackend(OpenAIHttpBackend(cfg.serving.resolved_base_url(), api_key=api_key),
-                               cfg.serving.resilience, registry=metrics.registry)
+    inner: Any = OpenAIHttpBackend(cfg.serving.resolved_base_url(), api_key=api_key)
+    if cfg.serving.mode == "ray" and cfg.serving.transport == "handle":
+        from serving.ray_handle_backend import RayHandleBackend
+
+        inner = RayHandleBackend(cfg.serving.ray.app_name, stream_fallback=inner)
+    backend = ResilientBackend(inner, cfg.serving.resilience, registry=metrics.registry)
     redis_url = ((cfg.registry.redis_url or os.environ.get(cfg.registry.redis_url_env))
                  if cfg.registry.store == "redis" else None)
     limiter = build_caller_limiter(cfg.gateway.caller_limits, redis_url=redis_url,

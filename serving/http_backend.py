@@ -24,7 +24,7 @@ from serving.errors import (
 )
 from serving.protocol import ChatChunk, ChatRequest, ChatResult, Timings
 
-__all__ = ["OpenAIHttpBackend", "build_chat_body"]
+__all__ = ["OpenAIHttpBackend", "build_chat_body", "parse_completion"]
 
 
 def build_chat_body(req: ChatRequest) -> dict[str, Any]:
@@ -91,7 +91,7 @@ class OpenAIHttpBackend:
         start = time.perf_counter()
         try:
             async with self._client().post(f"{self.base_url}/chat/completions", data=body,
-                                           headers=_trace_headers(), timeout=self._timeout(timeout_s)) as resp:
+                                           headers=trace_headers(), timeout=self._timeout(timeout_s)) as resp:
                 raw = await resp.read()
                 status, headers = resp.status, resp.headers
         except TimeoutError as exc:
@@ -103,23 +103,10 @@ class OpenAIHttpBackend:
             _raise_for_status(status, headers, raw)
         try:
             data = orjson.loads(raw)
-            choice = data["choices"][0]
-            text = choice["message"]["content"] or ""
-            usage = data.get("usage") or {}
-            details = usage.get("prompt_tokens_details") or {}
-            return ChatResult(
-                text=text,
-                finish_reason=choice.get("finish_reason"),
-                prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                completion_tokens=int(usage.get("completion_tokens", 0)),
-                model=str(data.get("model", request.model)),
-                timings=Timings(total_ms=total_ms),
-                cached_prompt_tokens=details.get("cached_tokens"),
-            )
-        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        except orjson.JSONDecodeError as exc:
             raise BackendProtocolError(
-                f"{self.base_url} answered 200 with a body that is not a chat completion"
-            ) from exc
+                f"{self.base_url} answered 200 with a body that is not a chat completion") from exc
+        return parse_completion(data, request.model, total_ms, self.base_url)
 
     async def stream_chat(self, request: ChatRequest, *, timeout_s: float) -> AsyncIterator[ChatChunk]:
         """Stream a completion. `timeout_s` bounds the whole stream, not only each read.
@@ -135,7 +122,7 @@ class OpenAIHttpBackend:
         started = False
         try:
             async with self._client().post(f"{self.base_url}/chat/completions", data=orjson.dumps(body),
-                                           headers=_trace_headers(), timeout=self._timeout(timeout_s)) as resp:
+                                           headers=trace_headers(), timeout=self._timeout(timeout_s)) as resp:
                 if resp.status != 200:
                     _raise_for_status(resp.status, resp.headers, await resp.read())
                 started = True
@@ -216,6 +203,26 @@ class OpenAIHttpBackend:
             self._session = None
 
 
+def parse_completion(data: Any, model: str, total_ms: float, source: str) -> ChatResult:
+    """A `ChatResult` from an OpenAI chat completion (a decoded JSON object)."""
+    try:
+        choice = data["choices"][0]
+        text = choice["message"]["content"] or ""
+        usage = data.get("usage") or {}
+        details = usage.get("prompt_tokens_details") or {}
+        return ChatResult(
+            text=text,
+            finish_reason=choice.get("finish_reason"),
+            prompt_tokens=int(usage.get("prompt_tokens", 0)),
+            completion_tokens=int(usage.get("completion_tokens", 0)),
+            model=str(data.get("model", model)),
+            timings=Timings(total_ms=total_ms),
+            cached_prompt_tokens=details.get("cached_tokens"),
+        )
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise BackendProtocolError(f"{source} answered with a body that is not a chat completion") from exc
+
+
 async def _sse_data(content: aiohttp.StreamReader) -> AsyncIterator[str]:
     """The `data` of each server-sent event (multi-line data joined by newlines); comments and
     other fields are skipped."""
@@ -236,7 +243,7 @@ async def _sse_data(content: aiohttp.StreamReader) -> AsyncIterator[str]:
         yield "\n".join(lines)
 
 
-def _trace_headers() -> dict[str, str]:
+def trace_headers() -> dict[str, str]:
     """W3C `traceparent` of the current span, so the server's spans (Ray Serve, vLLM's
     `llm_request`) join the caller's trace as children of the client span."""
     headers: dict[str, str] = {}

@@ -64,13 +64,17 @@ def ensure_model_sources(config: ServingConfig, base_dir: Path) -> dict[str, str
     return sources
 
 
-def build_llm_configs(config: ServingConfig, sources: dict[str, str]) -> list[Any]:
+def build_llm_configs(config: ServingConfig, sources: dict[str, str], *,
+                      server_cls: type | None = None) -> list[Any]:
     """Turn our model configs into Ray Serve LLM `LLMConfig`s."""
     from ray.serve.llm import LLMConfig
 
     out = []
     for model in config.models:
-        out.append(LLMConfig(**llm_config_kwargs(model, sources[model.name])))
+        kwargs = llm_config_kwargs(model, sources[model.name])
+        if server_cls is not None:
+            kwargs["server_cls"] = server_cls
+        out.append(LLMConfig(**kwargs))
     return out
 
 
@@ -104,6 +108,31 @@ def llm_config_kwargs(model: ModelConfig, source: str) -> dict[str, Any]:
     }
 
 
+def handle_server_cls() -> type:
+    """Ray Serve LLM's `LLMServer` plus one method, `chat_json`, that takes and returns plain
+    JSON-able dicts, so a caller holding a DeploymentHandle (the gateway) never imports vLLM's
+    request classes. Built lazily: it subclasses a Ray class."""
+    from ray.llm._internal.serve.core.protocol import RawRequestInfo
+    from ray.serve.llm import LLMServer
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+    class ModgateLLMServer(LLMServer):  # type: ignore[misc, valid-type]
+        async def chat_json(self, body: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
+            try:
+                request = ChatCompletionRequest(**body)
+            except ValueError as exc:
+                return {"error": {"message": str(exc), "code": 400}}
+            stream = await self.chat(request, RawRequestInfo(headers=headers))
+            async for item in stream:
+                error = getattr(item, "error", None)
+                if error is not None and not hasattr(item, "choices"):
+                    return {"error": error.model_dump() if hasattr(error, "model_dump") else {"message": str(error)}}
+                return item.model_dump(mode="json")  # type: ignore[no-any-return]
+            return {"error": {"message": "the engine returned nothing", "code": 500}}
+
+    return ModgateLLMServer
+
+
 def start_serving(config: ServingConfig, base_dir: Path) -> None:
     """Start (or join) Ray, start Serve's HTTP proxy, and deploy every configured model.
 
@@ -122,7 +151,8 @@ def start_serving(config: ServingConfig, base_dir: Path) -> None:
         else:
             ray.init(num_cpus=rc.num_cpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": rc.http_host, "port": rc.http_port})
-    app = build_openai_app({"llm_configs": build_llm_configs(config, sources)})
+    server_cls = handle_server_cls() if config.transport == "handle" else None
+    app = build_openai_app({"llm_configs": build_llm_configs(config, sources, server_cls=server_cls)})
     serve.run(app, name=rc.app_name, route_prefix="/", blocking=False)
 
 

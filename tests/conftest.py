@@ -25,10 +25,13 @@ def example_spec() -> PromptSpec:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Fast unit tests first, then the shared stack; tests that break the stack (kill the engine)
     # run after everything else.
-    def rank(item: pytest.Item) -> int:
-        if item.get_closest_marker("destructive") is not None:
-            return 2
-        return 1 if "integration" in item.nodeid.split("/") else 0
+    # Integration tests are grouped by stack transport (each stack starts once), with the
+    # destructive test last within its group.
+    def rank(item: pytest.Item) -> tuple[int, int, int]:
+        if "integration" not in item.nodeid.split("/"):
+            return (0, 0, 0)
+        transport = 1 if "[handle" in item.nodeid or "-handle" in item.nodeid else 0
+        return (1, transport, 1 if item.get_closest_marker("destructive") is not None else 0)
 
     items.sort(key=rank)
 

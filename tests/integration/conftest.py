@@ -68,15 +68,22 @@ def otlp() -> Iterator[OtlpHttpReceiver]:
     receiver.close()
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory, otlp: OtlpHttpReceiver) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("stack")
+TRANSPORTS = ["http", "handle"]
+
+
+@pytest.fixture(scope="session", params=TRANSPORTS)
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+          otlp: OtlpHttpReceiver) -> Iterator[Stack]:
+    """The same tests run against both ways the gateway reaches the model: Ray Serve's HTTP
+    proxy (OpenAI-compatible) and Ray Serve deployment handles."""
+    tmp = tmp_path_factory.mktemp(f"stack-{request.param}")
     gateway_port, serving_port = _free_port(), _free_port()
     config = yaml.safe_load((ROOT / "configs" / "modgate.yaml").read_text())
     config["data_dir"] = str(tmp / "data")
     config["registry"]["seed_dir"] = str(ROOT / "configs" / "prompts")
     config["gateway"]["port"] = gateway_port
     config["serving"]["ray"]["http_port"] = serving_port
+    config["serving"]["transport"] = request.param
     # Tracing end to end: the gateway and the engine export to the same receiver.
     config["tracing"] = {"exporter": "otlp_http", "endpoint": otlp.endpoint, "sample_ratio": 1.0}
     model = config["serving"]["models"][0]

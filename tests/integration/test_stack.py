@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 import time
 
 import httpx
@@ -94,7 +95,7 @@ def test_32_concurrent_requests(stack: Stack) -> None:
     ],
 )
 def test_bad_input_over_the_socket(stack: Stack, kwargs: dict, status: int, kind: str) -> None:
-    kwargs["headers"] = {**stack.headers, **kwargs.get("headers", {})}
+    kwargs = {**kwargs, "headers": {**stack.headers, **kwargs.get("headers", {})}}  # never mutate the param
     r = httpx.post(f"{stack.gateway_url}/v1/moderate", timeout=30, **kwargs)
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")
@@ -195,7 +196,7 @@ def test_openai_client_against_the_gateway(stack: Stack) -> None:
 def test_one_trace_from_the_caller_into_the_engine(stack: Stack, otlp: OtlpHttpReceiver) -> None:
     """A caller's traceparent → gateway spans → the vLLM engine's own `llm_request` span, as a
     child of the gateway's `chat` span (the context crosses the HTTP hop and Ray Serve)."""
-    caller_trace, caller_span = "5bf92f3577b34da6a3ce929d0e0e4737", "10f067aa0ba902b7"
+    caller_trace, caller_span = secrets.token_hex(16), secrets.token_hex(8)  # unique per stack
     r = httpx.post(f"{stack.gateway_url}/v1/moderate", json={**LISTING, "item_id": "traced-1"}, timeout=60,
                    headers={**stack.headers, "traceparent": f"00-{caller_trace}-{caller_span}-01"})
     assert r.status_code == 200 and r.json()["trace_id"] == caller_trace
