@@ -10,13 +10,12 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-import orjson
 from fastapi import APIRouter, Header, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
 from gateway.auth import Authenticator
-from gateway.errors import ERROR_RESPONSES, ApiError
+from gateway.errors import ERROR_RESPONSES, ApiError, json_response
 from prompt_registry import PromptSpec, PromptStore
 from prompt_registry.keys import ApiKeyRecord
 from prompt_registry.loader import format_validation_error, parse_prompt_text
@@ -45,8 +44,6 @@ class RollbackRequest(BaseModel):
     note: str = Field("", max_length=2000)
 
 
-def _json(data: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
 
 def _version_dict(v: Any) -> dict[str, Any]:
@@ -82,18 +79,18 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
 
         def work() -> list[dict[str, Any]]:
             return [summarize(store, n).as_dict() for n in store.list_prompts()]
-        return _json({"prompts": await asyncio.to_thread(work)})
+        return json_response({"prompts": await asyncio.to_thread(work)})
 
     @router.get("/{name}")
     async def show_prompt(name: str, authorization: AuthHeader = None, x_api_key: AuthHeader = None) -> Response:
         await principal(authorization, x_api_key, "prompts:read")
-        return _json((await asyncio.to_thread(summarize, store, name)).as_dict())
+        return json_response((await asyncio.to_thread(summarize, store, name)).as_dict())
 
     @router.get("/{name}/versions/{version}")
     async def show_version(name: str, version: Annotated[int, Path(ge=1, le=MAX_VERSION)], authorization: AuthHeader = None,
                            x_api_key: AuthHeader = None) -> Response:
         await principal(authorization, x_api_key, "prompts:read")
-        return _json(_version_dict(await asyncio.to_thread(store.get_version, name, version)))
+        return json_response(_version_dict(await asyncio.to_thread(store.get_version, name, version)))
 
     @router.post("", status_code=201, openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": PromptSpec.model_json_schema()},
@@ -123,7 +120,7 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
             raise ApiError(415, "unsupported_media_type",
                            "send application/json, application/yaml or text/markdown")
         result = await asyncio.to_thread(store.publish, spec, actor=p.name, note=note)
-        return _json({"created": result.created, **_version_dict(result.version)},
+        return json_response({"created": result.created, **_version_dict(result.version)},
                      201 if result.created else 200)
 
     @router.put("/{name}/labels/{label}")
@@ -134,7 +131,7 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
         previous = await asyncio.to_thread(store.set_label, name, label, body.version,
                                            expected=body.expected_version, actor=p.name, note=body.note)
         await changed(name)
-        return _json({"name": name, "label": label, "from_version": previous, "to_version": body.version})
+        return json_response({"name": name, "label": label, "from_version": previous, "to_version": body.version})
 
     @router.post("/{name}/labels/{label}/rollback")
     async def rollback_label(name: str, label: str, body: RollbackRequest | None = None,
@@ -144,7 +141,7 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
         note = body.note if body else ""
         frm, to = await asyncio.to_thread(rollback, store, name, label, actor=p.name, note=note)
         await changed(name)
-        return _json({"name": name, "label": label, "from_version": frm, "to_version": to})
+        return json_response({"name": name, "label": label, "from_version": frm, "to_version": to})
 
     @router.get("/{name}/diff")
     async def diff(name: str, from_version: Annotated[int, Query(alias="from", ge=1, le=MAX_VERSION)],
@@ -154,7 +151,7 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
         await principal(authorization, x_api_key, "prompts:read")
         a = await asyncio.to_thread(store.get_version, name, from_version)
         b = await asyncio.to_thread(store.get_version, name, to_version)
-        return _json({"name": name, "from": from_version, "to": to_version, "diff": diff_versions(a, b)})
+        return json_response({"name": name, "from": from_version, "to": to_version, "diff": diff_versions(a, b)})
 
     @router.get("/{name}/audit")
     async def audit(name: str, authorization: AuthHeader = None, x_api_key: AuthHeader = None) -> Response:
@@ -162,6 +159,6 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
         entries = await asyncio.to_thread(store.audit, name)
         if not entries:
             await asyncio.to_thread(summarize, store, name)  # 404 for an unknown prompt
-        return _json({"name": name, "entries": [e.model_dump(mode="json") for e in entries]})
+        return json_response({"name": name, "entries": [e.model_dump(mode="json") for e in entries]})
 
     return router

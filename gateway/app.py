@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from opentelemetry import propagate, trace
@@ -34,7 +33,14 @@ from gateway.api_models import ErrorBody, ModerationRequest, ModerationResponse
 from gateway.auth import Authenticator
 from gateway.config import GatewaySettings
 from gateway.decision_log import DecisionLog
-from gateway.errors import ERROR_RESPONSES, ApiError, error_response, map_exception, read_body
+from gateway.errors import (
+    ERROR_RESPONSES,
+    ApiError,
+    error_response,
+    json_response,
+    map_exception,
+    read_json_object,
+)
 from gateway.feedback import FeedbackLog, build_feedback_router
 from gateway.limits import CallerLimiter, build_caller_limiter
 from gateway.openai_api import build_openai_router
@@ -56,12 +62,8 @@ T = TypeVar("T")
 
 log = logging.getLogger("modgate.gateway")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_JSON_TYPES = ("application/json",)
 
 
-def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(data), status_code=status, media_type="application/json",
-                    headers=headers)
 
 
 
@@ -248,7 +250,7 @@ def create_app(
                                             request.headers.get("x-api-key"))
         auth.require(principal, "prompts:read")
         stats = cache.stats
-        return _json({"entries": cache.snapshot(), "stats": {
+        return json_response({"entries": cache.snapshot(), "stats": {
             "hits": stats.hits, "misses": stats.misses, "refreshes": stats.refreshes,
             "refresh_failures": stats.refresh_failures, "stale_served": stats.stale_served,
             "events": stats.events}})
@@ -265,7 +267,7 @@ def create_app(
     @app.get("/healthz")
     async def healthz() -> Response:
         """Process is alive (no dependency checks)."""
-        return _json({"status": "ok"})
+        return json_response({"status": "ok"})
 
     @app.get("/readyz")
     async def readyz() -> Response:
@@ -301,7 +303,7 @@ def create_app(
                 except BackendError as exc:
                     ok = False
                     checks["model"] = {"ok": False, "name": model, "error": str(exc)}
-        return _json({"status": "ready" if ok else "not_ready", "checks": checks}, 200 if ok else 503)
+        return json_response({"status": "ready" if ok else "not_ready", "checks": checks}, 200 if ok else 503)
 
     @app.post(
         "/v1/moderate",
@@ -356,19 +358,10 @@ def create_app(
         metrics.child(metrics.stage_seconds, stage="total", prompt=body["prompt"]["name"],
                       version=str(body["prompt"]["version"]), arm=body["arm"]).observe(
             time.perf_counter() - start)
-        return _json(body, headers={"x-request-id": rid})
+        return json_response(body, headers={"x-request-id": rid})
 
     async def _moderate(request: Request, rid: str, start: float, track: dict[str, Any]) -> dict[str, Any]:
-        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if ctype and ctype not in _JSON_TYPES and not ctype.endswith("+json"):
-            raise ApiError(415, "unsupported_media_type", f"expected application/json, got {ctype}")
-        raw = await read_body(request, settings.max_body_bytes)
-        try:
-            payload = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise ApiError(400, "malformed_json", f"request body is not valid JSON: {exc}") from None
-        if not isinstance(payload, dict):
-            raise ApiError(400, "malformed_json", "request body must be a JSON object")
+        payload = await read_json_object(request, settings.max_body_bytes)
         try:
             req = ModerationRequest.model_validate(payload)
         except ValidationError as exc:

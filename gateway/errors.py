@@ -8,6 +8,7 @@ Every error body has the same shape: `{"error": {"type", "message", "retryable",
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from starlette.requests import Request
@@ -31,7 +32,8 @@ from serving import (
     BackendUnavailable,
 )
 
-__all__ = ["ERROR_RESPONSES", "ApiError", "error_response", "map_exception", "read_body"]
+__all__ = ["ERROR_RESPONSES", "ApiError", "error_response", "json_response", "map_exception",
+           "read_body", "read_json_object"]
 
 # The error statuses every authenticated route may answer, for the OpenAPI document.
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
@@ -106,6 +108,29 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ApiError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+_JSON_TYPES = ("application/json",)
+
+
+async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
+    """A JSON object body: 415 for a non-JSON content type, 413 past *limit*, 400 when the body
+    is not JSON or not an object."""
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if ctype and ctype not in _JSON_TYPES and not ctype.endswith("+json"):
+        raise ApiError(415, "unsupported_media_type", f"expected application/json, got {ctype}")
+    raw = await read_body(request, limit)
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "malformed_json", f"request body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, "malformed_json", "request body must be a JSON object")
+    return payload
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json", headers=headers)
 
 
 def error_response(err: ApiError, request_id: str | None) -> Response:

@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from gateway.config import AppConfig, ConfigError, load_config
+from gateway.registry_cli import store_for
 
 if TYPE_CHECKING:
     from gateway.evaluation.dataset import Dataset
     from gateway.evaluation.scorecard import Comparison, Scorecard
-    from prompt_registry import PromptStore, PromptVersion
+    from prompt_registry import PromptVersion
     from serving import InferenceBackend
 
 __all__ = ["eval_app", "make_backend"]
@@ -76,23 +75,6 @@ def _dataset(path: Path) -> Dataset:
             typer.echo(str(p), err=True)
         raise _fail(f"{path}: {len(problems)} problem(s); nothing was run", 2)
     return dataset
-
-
-@contextmanager
-def _store(cfg: AppConfig) -> Iterator[PromptStore]:
-    from gateway.stores import open_store
-    from prompt_registry import RegistryError
-
-    try:
-        store = open_store(cfg)
-    except ConfigError as exc:
-        raise _fail(str(exc), 2) from None
-    try:
-        yield store
-    except RegistryError as exc:
-        raise _fail(str(exc)) from None
-    finally:
-        store.close()
 
 
 def _default_out(cfg: AppConfig, prompt: str, dataset: Dataset) -> Path:
@@ -163,7 +145,7 @@ def run_cmd(
     cfg = _config(config)
     dataset = _dataset(dataset_path)
     numbers = list(dict.fromkeys(version))
-    with _store(cfg) as store:
+    with store_for(cfg) as store:
         versions = [store.get_version(prompt, n) for n in numbers]
     problems = []
     for v in versions:

@@ -41,7 +41,7 @@ from starlette.responses import Response, StreamingResponse
 
 from gateway.auth import Authenticator
 from gateway.config import GatewaySettings
-from gateway.errors import ERROR_RESPONSES, ApiError, map_exception, read_body
+from gateway.errors import ERROR_RESPONSES, ApiError, map_exception, read_json_object
 from gateway.limits import CallerLimiter
 from gateway.pipeline import Evaluation, ModerationPipeline
 from gateway.prompt_cache import Resolved
@@ -73,7 +73,6 @@ _OPENAI_MODERATION_MODELS = re.compile(r"^(omni|text)-moderation(-.*)?$")
 _PINNED = re.compile(r"^(?P<name>[a-z0-9][a-z0-9._-]{0,63})@v(?P<version>[1-9][0-9]{0,8})$")
 _LOCALE = r"^[a-z]{2,3}(-[A-Z][A-Za-z]{1,3})?$"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_JSON_TYPES = ("application/json",)
 
 _CHAT_FIELDS = frozenset({
     "model", "messages", "prompt", "stream", "stream_options", "max_tokens",
@@ -152,20 +151,6 @@ def _request_id(request: Request) -> str:
     return rid if rid and _REQUEST_ID.match(rid) else uuid.uuid4().hex
 
 
-
-
-async def _read_json(request: Request, limit: int) -> dict[str, Any]:
-    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if ctype and ctype not in _JSON_TYPES and not ctype.endswith("+json"):
-        raise ApiError(415, "unsupported_media_type", f"expected application/json, got {ctype}")
-    raw = await read_body(request, limit)
-    try:
-        payload = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "malformed_json", f"request body is not valid JSON: {exc}") from None
-    if not isinstance(payload, dict):
-        raise ApiError(400, "malformed_json", "request body must be a JSON object")
-    return payload
 
 
 def _reject_unknown(payload: dict[str, Any], allowed: frozenset[str]) -> None:
@@ -439,7 +424,7 @@ def build_openai_router(pipeline: ModerationPipeline, auth: Authenticator,
     async def _chat(request: Request, rid: str) -> Response:
         start = time.perf_counter()
         await authorize(request, limited=True)
-        payload = await _read_json(request, settings.max_body_bytes)
+        payload = await read_json_object(request, settings.max_body_bytes)
         _reject_unknown(payload, _CHAT_FIELDS)
         n = payload.get("n")
         if n is not None and (isinstance(n, bool) or n != 1):
@@ -591,7 +576,7 @@ def build_openai_router(pipeline: ModerationPipeline, auth: Authenticator,
     async def _moderate(request: Request, rid: str) -> Response:
         start = time.perf_counter()
         await authorize(request, limited=True)
-        payload = await _read_json(request, settings.max_body_bytes)
+        payload = await read_json_object(request, settings.max_body_bytes)
         _reject_unknown(payload, _MODERATION_FIELDS)
         inputs = _moderation_inputs(payload.get("input"), settings.max_description_chars)
         locale = payload.get("locale")

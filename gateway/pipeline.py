@@ -36,7 +36,6 @@ class Evaluation:
     stale: bool
     verdict: Verdict
     result: ChatResult
-    latency_ms: float
 
     def prompt_ref(self) -> dict[str, object]:
         return {"name": self.version.name, "version": self.version.version, "label": self.label,
@@ -115,7 +114,7 @@ class ModerationPipeline:
             span.set_attribute(Attr.CATEGORY, verdict.category or "")
             if verdict.fail_reason:
                 span.set_attribute(Attr.FAIL_REASON, verdict.fail_reason)
-        return self._finish(version, label, arm, used_locale, resolved.stale, verdict, result, labels, start)
+        return self._finish(version, label, arm, used_locale, resolved.stale, verdict, result, labels)
 
     async def _call(self, chat: ChatRequest, span_attrs: dict[str, object], labels: dict[str, str],
                     deadline: float) -> ChatResult:
@@ -143,7 +142,7 @@ class ModerationPipeline:
         return result
 
     def _finish(self, version: PromptVersion, label: str | None, arm: str, used_locale: str, stale: bool,
-                verdict: Verdict, result: ChatResult, labels: dict[str, str], start: float) -> Evaluation:
+                verdict: Verdict, result: ChatResult, labels: dict[str, str]) -> Evaluation:
         m = self.metrics
         m.child(m.verdicts, decision=verdict.decision, category=verdict.category or "-", **labels).inc()
         if verdict.fail_reason:
@@ -153,5 +152,4 @@ class ModerationPipeline:
         if result.cached_prompt_tokens is not None:
             m.child(m.tokens, prompt=version.name, version=str(version.version), kind="cached_input").inc(result.cached_prompt_tokens)
         return Evaluation(version=version, label=label, arm=arm, locale=used_locale, stale=stale,
-                          verdict=verdict, result=result,
-                          latency_ms=(time.perf_counter() - start) * 1000.0)
+                          verdict=verdict, result=result)

@@ -72,7 +72,7 @@ class PromptCache:
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future[PromptVersion]] = {}
         self._pinned: dict[tuple[str, int], PromptVersion] = {}
-        self._rollouts: dict[str, tuple[Rollout | None, float, bool]] = {}  # rollout, fetched, dirty
+        self._rollouts: dict[str, tuple[Rollout | None, float]] = {}  # rollout, when read
         self._rollout_inflight: dict[str, asyncio.Future[Rollout | None]] = {}
         self._subscription: Subscription | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -144,8 +144,8 @@ class PromptCache:
                 return await asyncio.shield(self._refresh_rollout(name))
             except StoreUnavailable:
                 return None
-        rollout, fetched_at, dirty = entry
-        if dirty or self._clock() - fetched_at >= self._refresh_s:
+        rollout, fetched_at = entry
+        if self._clock() - fetched_at >= self._refresh_s:
             self._refresh_rollout(name)
         return rollout
 
@@ -169,9 +169,9 @@ class PromptCache:
         except StoreUnavailable:
             old = self._rollouts.get(name)
             if old is not None:
-                self._rollouts[name] = (old[0], started - self._refresh_s + self._retry_s, False)
+                self._rollouts[name] = (old[0], started - self._refresh_s + self._retry_s)
             raise
-        self._rollouts[name] = (rollout, started, False)
+        self._rollouts[name] = (rollout, started)
         return rollout
 
     def _refresh(self, key: tuple[str, str]) -> asyncio.Future[PromptVersion]:

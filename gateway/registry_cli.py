@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from gateway.config import ConfigError, load_config
+from gateway.config import AppConfig, ConfigError, load_config
 from prompt_registry import PromptStore, RegistryError
 from prompt_registry.keys import SCOPES, generate_key
 from prompt_registry.ops import diff_versions, publish_file, rollback, spec_as_yaml, summarize
@@ -44,10 +44,20 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 @contextmanager
 def _store(config: Path | None) -> Iterator[PromptStore]:
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    with store_for(cfg) as store:
+        yield store
+
+
+@contextmanager
+def store_for(cfg: AppConfig) -> Iterator[PromptStore]:
+    """The configured store for a CLI command; store errors become `modgate: error: ...`."""
     from gateway.stores import open_store
 
     try:
-        cfg = load_config(config)
         store = open_store(cfg)
     except ConfigError as exc:
         raise _fail(str(exc), 2) from None

@@ -10,13 +10,12 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Literal
 
-import orjson
 from fastapi import APIRouter, Header, Path
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from gateway.auth import Authenticator
-from gateway.errors import ERROR_RESPONSES
+from gateway.errors import ERROR_RESPONSES, json_response
 from gateway.rollout_ops import apply_action, rollout_status, start_rollout
 from prompt_registry import PromptStore
 from prompt_registry.models import MAX_VERSION
@@ -46,8 +45,6 @@ class RolloutAction(BaseModel):
     note: str = Field("", max_length=2000)
 
 
-def _json(data: object, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
 
 def build_rollout_router(store: PromptStore, auth: Authenticator, *, production_label: str,
@@ -73,13 +70,13 @@ def build_rollout_router(store: PromptStore, auth: Authenticator, *, production_
             shadows=body.shadows, step_hold_s=body.step_hold_s, gates=body.gates, auto=body.auto,
             subject_key=body.subject_key, actor=actor, production_label=production_label, note=body.note)
         await changed(name)
-        return _json(await asyncio.to_thread(rollout_status, store, name), 201)
+        return json_response(await asyncio.to_thread(rollout_status, store, name), 201)
 
     @router.get("")
     async def status(name: str, authorization: AuthHeader = None, x_api_key: AuthHeader = None) -> Response:
         """Weights, sample counts, gate values with their intervals, next step, flipped items."""
         await who(authorization, x_api_key, "prompts:read")
-        return _json(await asyncio.to_thread(rollout_status, store, name))
+        return json_response(await asyncio.to_thread(rollout_status, store, name))
 
     @router.post("/{action}")
     async def act(name: str, action: Annotated[Literal["step", "pause", "resume", "promote", "abort"], Path()],
@@ -89,6 +86,6 @@ def build_rollout_router(store: PromptStore, auth: Authenticator, *, production_
         await asyncio.to_thread(apply_action, store, name, action, actor=actor,
                                 note=body.note if body else "", production_label=production_label)
         await changed(name)
-        return _json(await asyncio.to_thread(rollout_status, store, name))
+        return json_response(await asyncio.to_thread(rollout_status, store, name))
 
     return router

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 from datetime import datetime
+from functools import lru_cache
 from typing import Any, Literal
 
 import orjson
@@ -95,13 +96,9 @@ class VerdictSchema(_Strict):
                 "additionalProperties": False}
 
     def regex(self) -> str:
-        """Exact verdict shape, key order fixed, no whitespace, bounded length."""
-        dec = "|".join(re.escape(d) for d in self.decisions)
-        cat = "|".join(re.escape(c) for c in self.categories)
-        out = r'\{"decision":"(' + dec + r')","category":"(' + cat + r')"'
-        if self.confidence:
-            out += r',"confidence":(0\.[0-9]{2}|1\.00)'
-        return out + r"\}"
+        """Exact verdict shape, key order fixed, no whitespace, bounded length. Built once per
+        distinct schema: it is on every request's path."""
+        return _verdict_regex(tuple(self.decisions), tuple(self.categories), self.confidence)
 
 
 _LOCALE = r"^[a-z]{2,3}(-[A-Z][A-Za-z]{1,3})?$"
@@ -111,6 +108,16 @@ class LocaleVariant(_Strict):
     """The same policy written for another market/language; same variables and verdict."""
 
     messages: list[Message] = Field(..., min_length=1)
+
+
+@lru_cache(maxsize=256)
+def _verdict_regex(decisions: tuple[str, ...], categories: tuple[str, ...], confidence: bool) -> str:
+    dec = "|".join(re.escape(d) for d in decisions)
+    cat = "|".join(re.escape(c) for c in categories)
+    out = r'\{"decision":"(' + dec + r')","category":"(' + cat + r')"'
+    if confidence:
+        out += r',"confidence":(0\.[0-9]{2}|1\.00)'
+    return out + r"\}"
 
 
 class PromptSpec(_Strict):

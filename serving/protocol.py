@@ -7,7 +7,7 @@ output constraint (a regular expression or a JSON schema) and sampling parameter
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["ChatChunk", "ChatRequest", "ChatResult", "InferenceBackend", "Timings"]
@@ -38,9 +38,6 @@ class Timings:
     """Wall-clock milliseconds measured by the backend around the engine call."""
 
     total_ms: float
-    # Server-reported engine timings when the server exposes them (None otherwise).
-    queue_ms: float | None = None
-    ttft_ms: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +49,6 @@ class ChatResult:
     model: str
     timings: Timings
     cached_prompt_tokens: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,6 @@ from fastapi.testclient import TestClient
 from gateway.app import create_app
 from gateway.config import GatewaySettings
 from prompt_registry.keys import generate_key
-from prompt_registry.loader import seed_store
 from prompt_registry.sqlite_store import SqlitePromptStore
 from serving import BackendOverloaded, BackendTimeout, BackendUnavailable
 from serving.fake_backend import FakeBackend
@@ -19,26 +18,6 @@ from serving.fake_backend import FakeBackend
 ROOT = Path(__file__).resolve().parents[2]
 LISTING = {"item_id": "item-1", "seller_id": "seller-1", "title": "Wireless earbuds",
            "description": "Sealed box, one year warranty.", "locale": "en-US"}
-
-
-@pytest.fixture
-def backend() -> FakeBackend:
-    return FakeBackend()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqlitePromptStore]:
-    s = SqlitePromptStore(tmp_path / "r.db")
-    seed_store(s, ROOT / "configs" / "prompts")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def caller_key(store: SqlitePromptStore) -> str:
-    key, record = generate_key("svc-listing", ["moderate"], created_by="test")
-    store.put_key(record)
-    return key
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from gateway.app import create_app
 from gateway.config import GatewaySettings
 from gateway.openai_api import MAX_TOKENS_LIMIT, MODERATION_CONCURRENCY
 from prompt_registry.keys import generate_key
-from prompt_registry.loader import seed_store
 from prompt_registry.sqlite_store import SqlitePromptStore
 from serving import BackendOverloaded, BackendUnavailable
 from serving.fake_backend import FakeBackend
@@ -26,26 +25,6 @@ PROMPT = {"name": "listing-moderation",
           "variables": {"title": "Rolex Submariner 1:1 replica", "description": "mirror quality"}}
 CATEGORIES = {"counterfeit", "prohibited_item", "misleading_claim", "off_platform_payment", "adult",
               "hate_harassment"}
-
-
-@pytest.fixture
-def backend() -> FakeBackend:
-    return FakeBackend()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqlitePromptStore]:
-    s = SqlitePromptStore(tmp_path / "r.db")
-    seed_store(s, ROOT / "configs" / "prompts")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def caller_key(store: SqlitePromptStore) -> str:
-    key, record = generate_key("svc-listing", ["moderate"], created_by="test")
-    store.put_key(record)
-    return key
 
 
 def _app(store: SqlitePromptStore, backend: FakeBackend) -> FastAPI:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -19,8 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from gateway.app import create_app
 from gateway.config import GatewaySettings
 from gateway.telemetry import TracingSettings, build_tracer_provider
-from prompt_registry.keys import generate_key, parse_key
-from prompt_registry.loader import seed_store
+from prompt_registry.keys import parse_key
 from prompt_registry.sqlite_store import SqlitePromptStore
 from serving.fake_backend import FakeBackend
 from tests.otlp_receiver import OtlpHttpReceiver
@@ -34,18 +32,8 @@ CALLER_SPAN = "00f067aa0ba902b7"
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqlitePromptStore]:
-    s = SqlitePromptStore(tmp_path / "r.db")
-    seed_store(s, ROOT / "configs" / "prompts")
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def key(store: SqlitePromptStore) -> str:
-    k, record = generate_key("caller", ["moderate"], created_by="t")
-    store.put_key(record)
-    return k
+def key(caller_key: str) -> str:
+    return caller_key
 
 
 def _client(store: SqlitePromptStore, key: str, exporter: object, ratio: float = 1.0,
