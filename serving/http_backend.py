@@ -59,10 +59,10 @@ def build_chat_body(req: ChatRequest) -> dict[str, Any]:
 class OpenAIHttpBackend:
     """`InferenceBackend` over HTTP/1.1 with keep-alive, on one pooled `aiohttp` session.
 
-    aiohttp rather than httpx: on these machines an httpx AsyncClient topped out near 570
-    requests/s at 32 concurrent requests against a trivial upstream (its connection pool scans
-    every connection on each request), aiohttp near 12,000 — the difference between a gateway
-    that is the bottleneck and one that is not. The session is created lazily inside the
+    aiohttp rather than httpx: against a trivial upstream at 32 concurrent requests, an httpx
+    AsyncClient topped out near 570 requests/s on these machines (its connection pool scans
+    every connection on each request) and aiohttp near 12,000 — see
+    `benchmarks/http_clients.py` and its recorded result. The session is created lazily inside the
     running event loop.
     """
 
