@@ -50,6 +50,7 @@ from gateway.recording import decision_record, failure_record
 from gateway.rollout_api import build_rollout_router
 from gateway.rollout_controller import RolloutController
 from gateway.rollout_stats import RolloutRecorder
+from gateway.routing import DirectRoute
 from gateway.shadow import ShadowDispatcher
 from gateway.telemetry import Attr, Metrics, stage
 from gateway.traffic import assign
@@ -305,13 +306,6 @@ def create_app(
                     checks["model"] = {"ok": False, "name": model, "error": str(exc)}
         return json_response({"status": "ready" if ok else "not_ready", "checks": checks}, 200 if ok else 503)
 
-    @app.post(
-        "/v1/moderate",
-        response_model=ModerationResponse,
-        responses={code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 415, 422, 429, 502, 503, 504)},
-        openapi_extra={"requestBody": {"required": True, "content": {
-            "application/json": {"schema": ModerationRequest.model_json_schema()}}}},
-    )
     async def moderate(request: Request) -> Response:
         """Moderate one listing with the prompt's `production` version. Needs the `moderate` scope."""
         start = time.perf_counter()
@@ -359,6 +353,16 @@ def create_app(
                       version=str(body["prompt"]["version"]), arm=body["arm"]).observe(
             time.perf_counter() - start)
         return json_response(body, headers={"x-request-id": rid})
+
+    # The hot route: served as a DirectRoute (no per-request dependency solving) and matched first.
+    app.router.add_api_route(
+        "/v1/moderate", moderate, methods=["POST"], route_class_override=DirectRoute,
+        response_model=ModerationResponse,
+        responses={code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 415, 422, 429, 502, 503, 504)},
+        openapi_extra={"requestBody": {"required": True, "content": {
+            "application/json": {"schema": ModerationRequest.model_json_schema()}}}},
+    )
+    app.router.routes.insert(0, app.router.routes.pop())
 
     async def _moderate(request: Request, rid: str, start: float, track: dict[str, Any]) -> dict[str, Any]:
         payload = await read_json_object(request, settings.max_body_bytes)

@@ -182,3 +182,24 @@ def test_wrong_scope_and_revoked_keys(store: SqlitePromptStore, backend: FakeBac
     forged = key[:-4] + "AAAA"
     with TestClient(create_app(GatewaySettings(), store, backend)) as c:
         assert c.get("/v1/prompts", headers={"x-api-key": forged}).status_code == 401
+
+
+def test_direct_route_refuses_endpoints_fastapi_would_have_to_fill_in() -> None:
+    from fastapi import Request
+    from starlette.responses import Response
+
+    from gateway.routing import DirectRoute
+
+    async def ok(request: Request) -> Response:
+        return Response()
+
+    async def needs_body(request: Request, item: dict) -> Response:
+        return Response()
+
+    def not_async(request: Request) -> Response:
+        return Response()
+
+    DirectRoute("/ok", ok, methods=["POST"])
+    for endpoint in (needs_body, not_async):
+        with pytest.raises(TypeError, match="async def f"):
+            DirectRoute("/bad", endpoint, methods=["POST"])
