@@ -74,6 +74,10 @@ class PromptCache:
         self._pinned: dict[tuple[str, int], PromptVersion] = {}
         self._rollouts: dict[str, tuple[Rollout | None, float]] = {}  # rollout, when read
         self._rollout_inflight: dict[str, asyncio.Future[Rollout | None]] = {}
+        # Change events seen per prompt. A read that started before the latest event may hold
+        # the old value: its result is kept but marked dirty, and refresh_now reads again.
+        self._events_seen: dict[str, int] = {}
+        self._rollout_dirty: set[str] = set()
         self._subscription: Subscription | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = CacheStats()
@@ -164,6 +168,8 @@ class PromptCache:
 
     async def _fetch_rollout(self, name: str) -> Rollout | None:
         started = self._clock()
+        seen = self._events_seen.get(name, 0)
+        self._rollout_dirty.discard(name)
         try:
             rollout = await asyncio.to_thread(self._reader.get_rollout, name)
         except StoreUnavailable:
@@ -172,6 +178,8 @@ class PromptCache:
                 self._rollouts[name] = (old[0], started - self._refresh_s + self._retry_s)
             raise
         self._rollouts[name] = (rollout, started)
+        if self._events_seen.get(name, 0) != seen:
+            self._rollout_dirty.add(name)
         return rollout
 
     def _refresh(self, key: tuple[str, str]) -> asyncio.Future[PromptVersion]:
@@ -190,6 +198,7 @@ class PromptCache:
     async def _fetch(self, key: tuple[str, str]) -> PromptVersion:
         self.stats.refreshes += 1
         started = self._clock()
+        seen = self._events_seen.get(key[0], 0)
         try:
             version = await asyncio.to_thread(self._reader.resolve, *key)
         except StoreUnavailable:
@@ -208,7 +217,8 @@ class PromptCache:
         entry = self._entries.get(key)
         if entry is not None and entry.failing:
             log.warning("prompt store reachable again; %s:%s refreshed", *key)
-        self._entries[key] = _Entry(version, fetched_at=started, checked_at=started)
+        self._entries[key] = _Entry(version, fetched_at=started, checked_at=started,
+                                    dirty=self._events_seen.get(key[0], 0) != seen)
         return version
 
     # -- change events --------------------------------------------------------------------
@@ -220,6 +230,9 @@ class PromptCache:
     def on_change(self, name: str | None) -> None:
         """Mark entries of *name* (or all, for None) dirty and refresh them in the background."""
         self.stats.events += 1
+        for prompt in {k[0] for k in self._entries} | set(self._rollouts):
+            if name is None or prompt == name:
+                self._events_seen[prompt] = self._events_seen.get(prompt, 0) + 1
         for key, entry in list(self._entries.items()):
             if name is None or key[0] == name:
                 entry.dirty = True
@@ -232,10 +245,18 @@ class PromptCache:
         """Re-read every cached entry of *name* and wait for it: after a write made by this
         process (admin API), its next request must already see the change."""
         self.on_change(name)
-        futures = [f for k, f in self._inflight.items() if k[0] == name]
-        if name in self._rollout_inflight:
-            futures.append(self._rollout_inflight[name])
-        await asyncio.gather(*futures, return_exceptions=True)
+        for _ in range(5):  # a read already in flight when the write landed is read again
+            futures = [f for k, f in self._inflight.items() if k[0] == name]
+            if name in self._rollout_inflight:
+                futures.append(self._rollout_inflight[name])
+            if not futures:
+                return
+            await asyncio.gather(*futures, return_exceptions=True)
+            for key, entry in list(self._entries.items()):
+                if key[0] == name and entry.dirty:
+                    self._refresh(key)
+            if name in self._rollout_dirty:
+                self._refresh_rollout(name)
 
     def snapshot(self) -> list[dict[str, object]]:
         now = self._clock()

@@ -133,3 +133,37 @@ def test_removed_label_stops_being_served(reader: FlakyReader) -> None:
         assert preload[("listing-moderation", "production")] is None
         assert "unknown prompt" in str(preload[("nope", "production")])
     asyncio.run(run())
+
+
+class SlowReader(FlakyReader):
+    """Reads take the old value, then wait until released: a refresh in flight across a write."""
+
+    def __init__(self, store: SqlitePromptStore) -> None:
+        super().__init__(store)
+        import threading
+
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def resolve(self, name: str, label: str):  # type: ignore[no-untyped-def]
+        version = super().resolve(name, label)
+        self.gate.wait(5)
+        return version
+
+
+def test_refresh_now_rereads_when_a_read_in_flight_predates_the_write(reader: FlakyReader) -> None:
+    """The admin API moves a label and calls refresh_now; a background read that started before
+    the move (and so carries the old version) must not be what the next request sees."""
+    slow = SlowReader(reader.store)
+
+    async def run() -> None:
+        cache = PromptCache(slow, refresh_s=3600)
+        assert (await cache.resolve("listing-moderation", "production")).version.version == 1
+        slow.gate.clear()
+        cache.on_change("listing-moderation")  # e.g. an unrelated write's event: a read starts
+        await asyncio.sleep(0.05)  # ... and has read v1 before the move below
+        slow.store.set_label("listing-moderation", "production", 2, actor="t")
+        asyncio.get_running_loop().call_later(0.1, slow.gate.set)
+        await cache.refresh_now("listing-moderation")
+        assert (await cache.resolve("listing-moderation", "production")).version.version == 2
+    asyncio.run(run())
