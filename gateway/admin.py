@@ -2,6 +2,12 @@
 
 Every route needs an API key with the right scope; moving a protected label (`production` by
 default) needs `labels:protected` besides `labels:write`. The key's name is the audit actor.
+
+Moving the production label goes through the promotion gate (`prompt_registry.gates`): a
+version whose prompt declares an `evaluation` block needs a stored scorecard meeting it, or the
+move is refused with 409 `promotion_gate_failed` naming each failed criterion with its numbers.
+`{"override": {"reason": "..."}}` moves it anyway; it needs the `admin` scope (403 otherwise)
+and is recorded, with the key's name and the reason, in the label move's audit entry.
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ from starlette.responses import Response
 
 from gateway.auth import Authenticator
 from gateway.errors import ERROR_RESPONSES, ApiError, json_response
-from prompt_registry import PromptSpec, PromptStore
+from gateway.promotion import ADMIN_SCOPE, GateOverrideBody, report_dict
+from prompt_registry import GateOverride, PromptSpec, PromptStore
+from prompt_registry.gates import gate_report
 from prompt_registry.keys import ApiKeyRecord
 from prompt_registry.loader import format_validation_error, parse_prompt_text
 from prompt_registry.models import MAX_VERSION
-from prompt_registry.ops import diff_versions, rollback, summarize
+from prompt_registry.ops import diff_versions, rollback, set_label, summarize
 
 __all__ = ["build_admin_router"]
 
@@ -36,6 +44,9 @@ class LabelMove(BaseModel):
         None, ge=0, le=MAX_VERSION, description="compare-and-set: fail with 409 unless the label points here "
         "(0 = the label must not exist)")
     note: str = Field("", max_length=2000)
+    override: GateOverrideBody | None = Field(
+        None, description="move the production label although its promotion gate fails "
+        "(needs the admin scope; the reason is recorded in the audit log)")
 
 
 class RollbackRequest(BaseModel):
@@ -53,7 +64,7 @@ def _version_dict(v: Any) -> dict[str, Any]:
 
 
 def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_labels: list[str],
-                       max_body_bytes: int = 1 << 20,
+                       production_label: str = "production", max_body_bytes: int = 1 << 20,
                        on_change: Callable[[str], Awaitable[None]] | None = None) -> APIRouter:
     async def changed(name: str) -> None:
         if on_change is not None:
@@ -126,12 +137,23 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
     @router.put("/{name}/labels/{label}")
     async def move_label(name: str, label: Annotated[str, Path(pattern=_LABEL)], body: LabelMove,
                          authorization: AuthHeader = None, x_api_key: AuthHeader = None) -> Response:
-        """Point a label at a version (compare-and-set with `expected_version`; 409 on conflict)."""
+        """Point a label at a version (compare-and-set with `expected_version`; 409 on conflict).
+
+        The production label goes through the promotion gate: 409 `promotion_gate_failed` when
+        the version's stored scorecard does not meet its prompt's criteria, unless `override`
+        is given by a key with the admin scope. The answer's `gate` is the gate's verdict
+        (null for other labels)."""
         p = await label_principal(authorization, x_api_key, label)
-        previous = await asyncio.to_thread(store.set_label, name, label, body.version,
-                                           expected=body.expected_version, actor=p.name, note=body.note)
+        override = None
+        if body.override is not None:
+            auth.require(p, ADMIN_SCOPE)
+            override = GateOverride(reason=body.override.reason, by=p.name)
+        previous, report = await asyncio.to_thread(
+            set_label, store, name, label, body.version, expected=body.expected_version,
+            actor=p.name, note=body.note, override=override, production_label=production_label)
         await changed(name)
-        return json_response({"name": name, "label": label, "from_version": previous, "to_version": body.version})
+        return json_response({"name": name, "label": label, "from_version": previous,
+                              "to_version": body.version, "gate": report_dict(report)})
 
     @router.post("/{name}/labels/{label}/rollback")
     async def rollback_label(name: str, label: str, body: RollbackRequest | None = None,
@@ -142,6 +164,31 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
         frm, to = await asyncio.to_thread(rollback, store, name, label, actor=p.name, note=note)
         await changed(name)
         return json_response({"name": name, "label": label, "from_version": frm, "to_version": to})
+
+    @router.get("/{name}/scorecards")
+    async def scorecards(name: str, version: Annotated[int | None, Query(ge=1, le=MAX_VERSION)] = None,
+                         authorization: AuthHeader = None, x_api_key: AuthHeader = None) -> Response:
+        """Stored scorecards (from `modgate eval run`) of a prompt, or of one version: counts,
+        precision and recall with 95 % Wilson intervals per category, failure rates, dataset."""
+        await principal(authorization, x_api_key, "prompts:read")
+
+        def work() -> list[dict[str, Any]]:
+            if version is None:
+                summarize(store, name)  # 404 for an unknown prompt
+            else:
+                store.get_version(name, version)  # 404 for an unknown version
+            return [r.as_dict() for r in store.list_scorecards(name, version)]
+        return json_response({"name": name, "scorecards": await asyncio.to_thread(work)})
+
+    @router.get("/{name}/versions/{version}/gate")
+    async def promotion_gate(name: str, version: Annotated[int, Path(ge=1, le=MAX_VERSION)],
+                             authorization: AuthHeader = None, x_api_key: AuthHeader = None) -> Response:
+        """Would the promotion gate let this version become production now? Each declared
+        criterion, judged on the version's stored scorecard, with its numbers."""
+        await principal(authorization, x_api_key, "prompts:read")
+        report = await asyncio.to_thread(gate_report, store, name, version,
+                                         production_label=production_label)
+        return json_response(report.as_dict())
 
     @router.get("/{name}/diff")
     async def diff(name: str, from_version: Annotated[int, Query(alias="from", ge=1, le=MAX_VERSION)],

@@ -237,6 +237,7 @@ def create_app(
                               request.headers.get("x-request-id"))
 
     app.include_router(build_admin_router(store, auth, protected_labels=settings.protected_labels,
+                                          production_label=settings.default_label,
                                           on_change=cache.refresh_now))
     app.include_router(build_openai_router(pipeline, auth, settings, list(models or []), limiter=limiter))
     app.include_router(build_feedback_router(store, auth, recorder, feedback_log))

@@ -23,8 +23,10 @@ from gateway.config import AppConfig, ConfigError, load_config
 from gateway.decisions_cli import decisions_app
 from gateway.deploy_cli import deploy_app
 from gateway.eval_cli import eval_app
+from gateway.feedback_cli import feedback_app
 from gateway.latency_cli import latency_app
 from gateway.registry_cli import keys_app, prompts_app
+from gateway.report_cli import report_app
 from gateway.rollouts_cli import rollouts_app
 
 app = typer.Typer(
@@ -42,6 +44,8 @@ app = typer.Typer(
         "  modgate keys ...           create, list and revoke API keys\n"
         "  modgate decisions ...      export (Parquet/CSV), tail and summarise every verdict\n"
         "  modgate eval ...           score prompt versions on a labelled dataset; compare two\n"
+        "  modgate feedback ...       live precision/recall from reviewers; export disagreements as dataset rows\n"
+        "  modgate report ops         HTML/Markdown operational report of a time window, with plots\n"
         "  modgate latency            p50/p95/p99 per request stage over a time window\n"
         "  modgate deploy ...         generate the KubeRay serveConfigV2 and the config JSON Schema\n"
         "\nEvery command takes --config (or MODGATE_CONFIG); the default is configs/modgate.yaml."
@@ -59,6 +63,10 @@ app.add_typer(decisions_app, name="decisions", help="Export, tail and summarise 
               "(every verdict, for DuckDB or a spreadsheet).")
 app.add_typer(eval_app, name="eval", help="Evaluate prompt versions on a labelled dataset: "
               "scorecards with confidence intervals and paired comparisons.")
+app.add_typer(feedback_app, name="feedback", help="Reviewer feedback joined with the decision "
+              "log: live precision and recall per version; disagreements as dataset rows.")
+app.add_typer(report_app, name="report", help="Operational report of a time window (HTML and "
+              "Markdown, with plots).")
 app.add_typer(latency_app)
 app.add_typer(deploy_app, name="deploy", help="Kubernetes deployment helpers: generate the "
               "RayService serveConfigV2 and the config JSON Schema.")

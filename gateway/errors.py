@@ -22,6 +22,7 @@ from prompt_registry import (
     StoreUnavailable,
     TemplateRejected,
 )
+from prompt_registry.gates import GateRefused
 from prompt_registry.ops import NothingToRollBack
 from prompt_registry.rollouts import RolloutConflict, RolloutError
 from serving import (
@@ -67,6 +68,7 @@ class ApiError(Exception):
 _TABLE: list[tuple[type[Exception], int, str, bool]] = [
     (PromptNotFound, 404, "not_found", False),
     (LabelConflict, 409, "label_conflict", False),
+    (GateRefused, 409, "promotion_gate_failed", False),
     (NothingToRollBack, 409, "nothing_to_roll_back", False),
     (RolloutConflict, 409, "rollout_conflict", False),
     (RolloutError, 409, "rollout_state", False),

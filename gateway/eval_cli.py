@@ -4,6 +4,8 @@
     modgate eval run --prompt listing-moderation --version 1 --version 2 \\
         --dataset datasets/listings-sample.jsonl
     modgate eval show --prompt listing-moderation --version 2 --dataset datasets/listings-sample.jsonl
+    modgate eval report --prompt listing-moderation --version 1 --version 2 \\
+        --dataset datasets/listings-sample.jsonl
 
 `run` renders every listing with each version exactly as `/v1/moderate` does and calls the
 model server the configuration names (`serving.base_url`, or the local Ray Serve app) at a
@@ -11,7 +13,10 @@ lower vLLM priority than caller traffic. Answers are cached under `<data_dir>/ev
 re-run (after Ctrl-C, or with a new version) only computes what is missing; backend errors are
 not cached and are retried. Scorecards (JSON, Markdown, PNG) go to
 `<data_dir>/eval/<prompt>/<dataset sha256[:12]>/` unless `--out` is given; with two or more
-versions each later version is compared with the first.
+versions each later version is compared with the first. Next to them: per-item results
+(`v<N>-items.csv` for a spreadsheet, `v<N>-items.parquet` for DuckDB) and the run's summary
+(`report-v1-v2.md`) and self-contained HTML report (`report-v1-v2.html`, plots embedded).
+`report` rewrites all of these from the stored scorecards, without calling the model.
 """
 
 from __future__ import annotations
@@ -139,7 +144,7 @@ def run_cmd(
 ) -> None:
     """Evaluate one or more versions of a prompt on a labelled dataset and write scorecards."""
     from gateway.evaluation.dataset import schema_problems
-    from gateway.evaluation.report import write_comparison, write_scorecard
+    from gateway.evaluation.report import write_comparison, write_run_report, write_scorecard
     from gateway.evaluation.scorecard import build_scorecard, compare
 
     cfg = _config(config)
@@ -168,9 +173,19 @@ def run_cmd(
                     "command again to continue", 130) from None
     scorecards = [build_scorecard(v, dataset, [r for r in results if r.version == v.version])
                   for v in versions]
-    written = {sc.version: write_scorecard(sc, out_dir) for sc in scorecards}
+    # The registry keeps each scorecard (prompt, version, dataset sha256): promotion gates read it.
+    from gateway.promotion import store_scorecards
+    from gateway.registry_cli import _actor
+
+    with store_for(cfg) as store:  # with --json: `modgate prompts scorecards NAME --json`
+        lines = store_scorecards(store, scorecards, actor=_actor(None), out_dir=str(out_dir),
+                                 production_label=cfg.gateway.default_label)
+    if not as_json:
+        typer.echo("\n".join(lines))
+    written = {sc.version: write_scorecard(sc, out_dir, dataset) for sc in scorecards}
     comparisons = [compare(scorecards[0], sc) for sc in scorecards[1:]]
     compared = [(c, write_comparison(c, out_dir)) for c in comparisons]
+    run_report = write_run_report(scorecards, comparisons, out_dir)
     errors = sum(sc.rates["error"].count for sc in scorecards)
 
     if as_json:
@@ -191,13 +206,15 @@ def run_cmd(
                 "broken": c.broken, "changed": c.changed, "n": c.n,
                 "paths": {k: str(p) for k, p in paths.items()},
             } for c, paths in compared],
+            "report": {k: str(p) for k, p in run_report.items()},
         }, indent=2, ensure_ascii=False))
     else:
         for sc in scorecards:
             typer.echo("\n".join(_summary(sc)))
         for c, _ in compared:
             typer.echo(_comparison_line(c))
-        typer.echo(f"reports: {out_dir}")
+        typer.echo(f"reports: {out_dir} (HTML: {run_report['html'].name}; per item: "
+                   "v<N>-items.csv / .parquet)")
     if errors:
         raise _fail(f"{errors} call(s) failed and got no verdict (they count as misses in the "
                     "scorecards); run the same command again to retry only those")
@@ -263,3 +280,60 @@ def show_cmd(prompt: PromptOpt,
         return
     typer.echo("\n".join(_summary(sc)))
     typer.echo(f"report: {paths['markdown']}")
+
+
+@eval_app.command("report")
+def report_cmd(
+    prompt: PromptOpt,
+    version: Annotated[list[int], typer.Option("--version", "-v", help="an evaluated version; "
+                                               "repeat to compare (each later one against the first)")],
+    dataset_path: DatasetOpt, out: OutOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Rewrite the reports of versions already evaluated, without calling the model.
+
+    Reads the scorecards `eval run` stored (v<N>.json) and writes again: Markdown, PNG plots,
+    per-item CSV and Parquet, comparisons, the run summary (report-v<A>-v<B>.md) and the
+    self-contained HTML report (report-v<A>-v<B>.html). Use it to compare versions evaluated
+    in separate runs, or after upgrading modgate.
+
+    \b
+    Example:
+      modgate eval report --prompt listing-moderation -v 1 -v 2 \\
+          --dataset datasets/listings-sample.jsonl
+      # then open <data_dir>/eval/listing-moderation/<sha>/report-v1-v2.html
+    """
+    from gateway.evaluation.report import (
+        load_scorecard,
+        write_comparison,
+        write_run_report,
+        write_scorecard,
+    )
+    from gateway.evaluation.scorecard import compare
+
+    cfg = _config(config)
+    dataset = _dataset(dataset_path)
+    out_dir = out or _default_out(cfg, prompt, dataset)
+    scorecards = []
+    for n in dict.fromkeys(version):
+        try:
+            scorecards.append(load_scorecard(out_dir, prompt, n, dataset.sha256))
+        except FileNotFoundError:
+            raise _fail(f"no scorecard for {prompt} v{n} on this dataset in {out_dir}; run `modgate "
+                        f"eval run --prompt {prompt} --version {n} --dataset {dataset_path}` "
+                        "first", 2) from None
+        except ValueError as exc:
+            raise _fail(str(exc), 2) from None
+    for sc in scorecards:
+        write_scorecard(sc, out_dir, dataset)
+    comparisons = [compare(scorecards[0], sc) for sc in scorecards[1:]]
+    for c in comparisons:
+        write_comparison(c, out_dir)
+    paths = write_run_report(scorecards, comparisons, out_dir)
+    if as_json:
+        typer.echo(json.dumps({"out_dir": str(out_dir),
+                               "report": {k: str(p) for k, p in paths.items()}}, indent=2))
+        return
+    for c in comparisons:
+        typer.echo(_comparison_line(c))
+    typer.echo(f"reports: {out_dir}\n  summary: {paths['markdown'].name}\n  HTML:    "
+               f"{paths['html'].name}")

@@ -3,6 +3,12 @@
 These commands talk to the store the configuration names (the SQLite file by default, Redis
 with `registry.store: redis`), exactly as the gateway does, so a label moved here is what every
 gateway serves within a second. Human-readable output by default, `--json` for scripts.
+
+Moving production (`label`, `publish --label production`) goes through the promotion gate:
+when the version's stored scorecard does not meet the criteria its prompt declares, the command
+prints each failed criterion with its numbers and exits with status 3; `--override-gate
+--reason "..." --admin-key KEY` moves it anyway and records who and why in the audit log.
+`prompts scorecards NAME` shows the stored scorecards and what the gate says of a version.
 """
 
 from __future__ import annotations
@@ -18,9 +24,25 @@ from typing import Annotated, Any
 import typer
 
 from gateway.config import AppConfig, ConfigError, load_config
-from prompt_registry import PromptStore, RegistryError
+from gateway.promotion import (
+    AdminKeyOpt,
+    OverrideOpt,
+    OverrideRefused,
+    ReasonOpt,
+    cli_override,
+    report_lines,
+)
+from prompt_registry import GateRefused, PromptStore, RegistryError
+from prompt_registry.gates import gate_report
 from prompt_registry.keys import SCOPES, generate_key
-from prompt_registry.ops import diff_versions, publish_file, rollback, spec_as_yaml, summarize
+from prompt_registry.ops import (
+    diff_versions,
+    publish_file,
+    rollback,
+    set_label,
+    spec_as_yaml,
+    summarize,
+)
 
 __all__ = ["keys_app", "prompts_app"]
 
@@ -42,14 +64,41 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+GATE_REFUSED_EXIT = 3
+
+
 @contextmanager
 def _store(config: Path | None) -> Iterator[PromptStore]:
+    with _store_and_config(config) as (store, _):
+        yield store
+
+
+@contextmanager
+def _store_and_config(config: Path | None) -> Iterator[tuple[PromptStore, AppConfig]]:
     try:
         cfg = load_config(config)
     except ConfigError as exc:
         raise _fail(str(exc), 2) from None
     with store_for(cfg) as store:
-        yield store
+        yield store, cfg
+
+
+def gate_refused(exc: GateRefused, *, before: str = "") -> typer.Exit:
+    """Print a promotion-gate refusal (every failed criterion with its numbers, and how to
+    override) and return the exit to raise (status 3)."""
+    lines = [before] if before else []
+    lines += [exc.report.message(),
+              "  (an admin can override: --override-gate --reason \"...\" --admin-key KEY)"]
+    return _fail("\n".join(lines), GATE_REFUSED_EXIT)
+
+
+def _override(store: PromptStore, cfg: AppConfig, override_gate: bool, reason: str | None,
+              admin_key: str | None) -> Any:
+    try:
+        return cli_override(store, override_gate=override_gate, reason=reason, admin_key=admin_key,
+                            auth_required=cfg.gateway.auth == "required")
+    except OverrideRefused as exc:
+        raise _fail(str(exc), 2) from None
 
 
 @contextmanager
@@ -70,6 +119,8 @@ def store_for(cfg: AppConfig) -> Iterator[PromptStore]:
 
 
 def _actor(actor: str | None) -> str:
+    """Who to record: --actor, else MODGATE_ACTOR, else the login name."""
+    actor = actor or os.environ.get("MODGATE_ACTOR")
     if actor:
         return actor
     try:
@@ -126,16 +177,27 @@ def publish_cmd(
     file: Annotated[Path, typer.Argument(help="prompt file: YAML, or Markdown with YAML front matter")],
     label: Annotated[str | None, typer.Option("--label", "-l", help="also point this label at the new version")] = None,
     expected: Annotated[int | None, typer.Option("--expected", help="with --label: only if the label points at this version now")] = None,
-    note: NoteOpt = "", actor: ActorOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False,
+    note: NoteOpt = "", actor: ActorOpt = None, override_gate: OverrideOpt = False,
+    reason: ReasonOpt = None, admin_key: AdminKeyOpt = None, config: ConfigOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Publish a new immutable version. Identical content returns the existing version.
 
     The file is validated first (schema, sandboxed templates, declared variables); nothing is
-    written if it is invalid.
+    written if it is invalid. With `--label production` the label move goes through the
+    promotion gate; when the gate refuses, the version stays published and production is not
+    moved (exit status 3).
     """
-    with _store(config) as store:
-        result, previous = publish_file(store, file, actor=_actor(actor), note=note, label=label,
-                                        expected=expected)
+    with _store_and_config(config) as (store, cfg):
+        override = _override(store, cfg, override_gate, reason, admin_key)
+        try:
+            result, previous = publish_file(store, file, actor=_actor(actor), note=note, label=label,
+                                            expected=expected, override=override,
+                                            production_label=cfg.gateway.default_label)
+        except GateRefused as exc:
+            v = exc.report.version
+            raise gate_refused(exc, before=f"published {exc.report.prompt} v{v}, but {label} was "
+                               "not moved:") from None
     v = result.version
     data = {"name": v.name, "version": v.version, "created": result.created, "content_hash": v.content_hash,
             "label": label, "previous": previous}
@@ -152,13 +214,33 @@ def publish_cmd(
 def label_cmd(
     name: str, label: str, version: int,
     expected: Annotated[int | None, typer.Option("--expected", help="only move if the label points at this version now (0: must not exist)")] = None,
-    note: NoteOpt = "", actor: ActorOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False,
+    note: NoteOpt = "", actor: ActorOpt = None, override_gate: OverrideOpt = False,
+    reason: ReasonOpt = None, admin_key: AdminKeyOpt = None, config: ConfigOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Point LABEL (production, canary, ...) of prompt NAME at VERSION."""
-    with _store(config) as store:
-        previous = store.set_label(name, label, version, expected=expected, actor=_actor(actor), note=note)
-    _out(as_json, {"name": name, "label": label, "from_version": previous, "to_version": version},
-         lambda: typer.echo(f"{name} {label}: v{previous if previous is not None else '-'} -> v{version}"))
+    """Point LABEL (production, canary, ...) of prompt NAME at VERSION.
+
+    Moving production goes through the promotion gate: refused (exit status 3, every failed
+    criterion printed with its numbers) unless VERSION's stored scorecard meets the criteria
+    its prompt declares, or an admin overrides with --override-gate --reason --admin-key.
+    """
+    with _store_and_config(config) as (store, cfg):
+        override = _override(store, cfg, override_gate, reason, admin_key)
+        try:
+            previous, report = set_label(store, name, label, version, expected=expected,
+                                         actor=_actor(actor), note=note, override=override,
+                                         production_label=cfg.gateway.default_label)
+        except GateRefused as exc:
+            raise gate_refused(exc) from None
+
+    def human() -> None:
+        typer.echo(f"{name} {label}: v{previous if previous is not None else '-'} -> v{version}")
+        if report is not None and report.verdict != "none":
+            overridden = report.verdict == "fail"
+            typer.echo(f"  promotion gate: {'OVERRIDDEN' if overridden else 'PASS'} "
+                       f"({report.summary()})")
+    _out(as_json, {"name": name, "label": label, "from_version": previous, "to_version": version,
+                   "gate": report.as_dict() if report is not None else None}, human)
 
 
 @prompts_app.command("rollback")
@@ -192,11 +274,82 @@ def audit_cmd(name: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> 
 
     def human() -> None:
         for e in entries:
-            what = (f"published v{e.to_version}" if e.action == "publish" else
-                    f"{e.label}: v{e.from_version if e.from_version is not None else '-'} -> v{e.to_version}")
+            if e.action == "publish":
+                what = f"published v{e.to_version}"
+            elif e.action == "scorecard":
+                what = f"scorecard of v{e.to_version}"
+            elif e.action == "rollout":
+                what = f"rollout {e.label}: stable v{e.from_version}, canary v{e.to_version}"
+            else:
+                what = f"{e.label}: v{e.from_version if e.from_version is not None else '-'} -> v{e.to_version}"
             note = f"  # {e.note}" if e.note else ""
             typer.echo(f"{e.at:%Y-%m-%d %H:%M:%S}  {e.actor:<14} {what}{note}")
     _out(as_json, {"name": name, "entries": rows}, human)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _ci(value: float | None, ci: list[float] | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
+
+
+@prompts_app.command("scorecards")
+def scorecards_cmd(
+    name: str,
+    version: Annotated[int | None, typer.Option("--version", "-v", help="one version: its "
+                                                "scorecards in full and its promotion gate")] = None,
+    config: ConfigOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Stored scorecards (from `modgate eval run`) and the promotion gate's verdict.
+
+    Without --version: one line per stored scorecard (version, dataset, items, micro precision
+    and recall, who ran it when). With --version: per-category precision and recall with 95%
+    Wilson intervals, failure rates, and what the promotion gate says of moving that version
+    to production now (each criterion PASS/FAIL with its numbers).
+    """
+    with _store_and_config(config) as (store, cfg):
+        label = cfg.gateway.default_label
+        if version is None:
+            summarize(store, name)  # unknown prompt -> error
+        else:
+            store.get_version(name, version)
+        records = store.list_scorecards(name, version)
+        report = gate_report(store, name, version, production_label=label) if version is not None else None
+        production = store.labels(name).get(label)
+    rows = [r.as_dict() for r in records]
+    data: dict[str, Any] = {"name": name, "production_version": production, "scorecards": rows}
+    if report is not None:
+        data["gate"] = report.as_dict()
+
+    def human() -> None:
+        if not rows:
+            which = f"v{version} of {name}" if version is not None else name
+            typer.echo(f"no scorecards stored for {which}: run `modgate eval run --prompt {name} "
+                       f"--version N --dataset FILE`")
+        if version is None:
+            for r in rows:
+                prod = f"  ({label})" if r["version"] == production else ""
+                typer.echo(f"v{r['version']:<4} dataset {r['dataset_sha256'][:12]} {r['items']:>5} items  "
+                           f"micro P {_fmt(r['micro']['precision'])} R {_fmt(r['micro']['recall'])}  "
+                           f"by {r['created_by'] or '-'} at {r['created_at'][:19]}{prod}")
+        for r in rows if version is not None else []:
+            typer.echo(f"{name} v{r['version']} on dataset {r['dataset_sha256'][:12]} "
+                       f"({r['items']} items, {r['dataset_source'] or 'source unknown'}; by "
+                       f"{r['created_by'] or '-'} at {r['created_at'][:19]})")
+            typer.echo(f"  {'category':<22}{'support':>8}  {'precision (95% CI)':<24}{'recall (95% CI)':<24}")
+            for cat, c in [*r["categories"].items(), ("micro", r["micro"]), ("flagged", r["flagged"])]:
+                typer.echo(f"  {cat:<22}{c['support']:>8}  {_ci(c['precision'], c['precision_ci']):<24}"
+                           f"{_ci(c['recall'], c['recall_ci']):<24}")
+            rates = r["rates"]
+            typer.echo(f"  accuracy {_fmt(r['accuracy'])}  parse failures {rates['parse_failure']['count']}"
+                       f"/{rates['parse_failure']['n']}  errors {rates['error']['count']}/{rates['error']['n']}")
+        if report is not None:
+            typer.echo("\n".join(report_lines(report, label=label)))
+    _out(as_json, data, human)
 
 
 @keys_app.command("create")

@@ -1,7 +1,11 @@
 """The automatic rollout controller: every `interval_s`, judge each running rollout by its gates
 and step, promote or abort it. Runs in every gateway replica; compare-and-set on the rollout
 revision makes sure only one replica acts on a given state (the others see a conflict and
-re-read)."""
+re-read).
+
+A promotion the promotion gate refuses (no passing stored scorecard for the canary version) is
+not forced: the rollout is paused with the gate's findings (action "hold" in the audit log,
+`last_decision` in the status), for an operator to score the version, promote by hand or abort."""
 
 from __future__ import annotations
 
@@ -65,9 +69,13 @@ class RolloutController:
                 if action is None:
                     continue
                 evidence = [g.as_dict() for g in gates]
-                await asyncio.to_thread(apply_action, self._store, r.prompt, action, actor="rollout-controller",
-                                        note="decided by the gates", evidence=evidence, expected=r,
-                                        production_label=self._label)
+                new = await asyncio.to_thread(
+                    apply_action, self._store, r.prompt, action, actor="rollout-controller",
+                    note="decided by the gates", evidence=evidence, expected=r,
+                    production_label=self._label, hold_on_gate=True)
+                if action == "promote" and new.state != "promoted":
+                    action = "hold"
+                    log.warning("rollout %s of %s: promotion held: %s", r.id, r.prompt, new.last_decision)
                 log.warning("rollout %s of %s: %s (gates: %s)", r.id, r.prompt, action,
                             ", ".join(f"{g.name}={g.verdict}" for g in gates))
                 taken.append((r.prompt, action))

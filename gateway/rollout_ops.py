@@ -4,7 +4,11 @@ step, pause, resume, promote, abort, status, and the gate-driven decision.
 Every transition is a compare-and-set on the rollout's revision and is audited with its
 evidence, so two gateway replicas (or a human and the controller) can never both act on the
 same state. Promotion moves the `production` label with compare-and-set against the stable
-version, so it cannot overwrite a label someone moved meanwhile.
+version, so it cannot overwrite a label someone moved meanwhile, and through the promotion gate
+(`prompt_registry.gates`), like every production move: a manual promote is refused
+(`GateRefused`) unless an admin overrides it; an automatic one (`hold_on_gate`) pauses the
+rollout instead, with the gate's findings in `last_decision` and in the audit entry, so an
+operator sees why it stopped (the canary keeps its weight; abort to send traffic back).
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import orjson
 from pydantic import ValidationError
 
 from gateway.rollout_stats import flips_view, stats_view
-from prompt_registry import PromptNotFound, PromptStore
+from prompt_registry import GateOverride, GateRefused, GateReport, PromptNotFound, PromptStore
+from prompt_registry.gates import gate_report, move_label
 from prompt_registry.rollouts import (
     GateConfig,
     GateResult,
@@ -62,14 +67,20 @@ def _current(store: PromptStore, prompt: str) -> Rollout:
 
 def apply_action(store: PromptStore, prompt: str, action: str, *, actor: str, note: str = "",
                  evidence: list[dict[str, Any]] | None = None, expected: Rollout | None = None,
-                 production_label: str = "production") -> Rollout:
-    """Apply one transition; raise RolloutError when the state does not allow it."""
+                 production_label: str = "production", override: GateOverride | None = None,
+                 hold_on_gate: bool = False) -> Rollout:
+    """Apply one transition; raise RolloutError when the state does not allow it.
+
+    `promote` goes through the promotion gate: GateRefused when it fails (unless *override*),
+    or, with *hold_on_gate* (the automatic controller), the rollout is paused instead and the
+    refusal recorded."""
     r = expected or _current(store, prompt)
     now = datetime.now(UTC)
     if action not in ACTIONS:
         raise RolloutError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
     if not r.active:
         raise RolloutError(f"rollout {r.id} of {prompt!r} is already {r.state}")
+    report: GateReport | None = None
     if action == "step":
         if r.canary_version is None:
             raise RolloutError("a shadow-only rollout has no canary weight to step")
@@ -87,14 +98,27 @@ def apply_action(store: PromptStore, prompt: str, action: str, *, actor: str, no
     elif action == "promote":
         if r.canary_version is None:
             raise RolloutError("a shadow-only rollout has no canary to promote")
-        store.set_label(prompt, production_label, r.canary_version, expected=r.stable_version, actor=actor,
-                        note=f"promoted by rollout {r.id}")
-        new = r.changed(state="promoted", last_decision="promote")
+        try:
+            _, report = move_label(store, prompt, production_label, r.canary_version,
+                                   expected=r.stable_version, actor=actor,
+                                   note=f"promoted by rollout {r.id}", override=override,
+                                   production_label=production_label)
+        except GateRefused as exc:
+            if not hold_on_gate:
+                raise
+            report = exc.report
+            action = "hold"
+            new = r.changed(state="paused", last_decision=f"hold: promotion refused by the gate: "
+                            f"{report.summary()}")
+        else:
+            new = r.changed(state="promoted", last_decision="promote")
     else:
         new = r.changed(state="aborted", last_decision="abort")
-    detail = {"action": action, "weight": new.weight, "note": note}
+    detail: dict[str, Any] = {"action": action, "weight": new.weight, "note": note}
     if evidence is not None:
         detail["evidence"] = evidence
+    if report is not None:
+        detail["gate"] = report.as_dict()
     store.put_rollout(new, expected_revision=r.revision, actor=actor,
                       note=orjson.dumps(detail).decode())
     return new
@@ -114,13 +138,19 @@ def decide(rollout: Rollout, gates: list[GateResult], now: datetime) -> str | No
     return None
 
 
-def rollout_status(store: PromptStore, prompt: str, *, flips: int = 20) -> dict[str, Any]:
+def rollout_status(store: PromptStore, prompt: str, *, flips: int = 20,
+                   production_label: str = "production") -> dict[str, Any]:
+    """The rollout with its evidence; `promotion_gate` is what the promotion gate says of the
+    canary version now (None without an active canary)."""
     r = _current(store, prompt)
     view = stats_view(store.rollout_stats(r.id))
     gates = evaluate_gates(r, view)
     next_step = None
     if r.active and r.canary_version is not None:
         next_step = (r.step_started_at + timedelta(seconds=r.step_hold_s)).isoformat(timespec="seconds")
+    promotion = None
+    if r.active and r.canary_version is not None:
+        promotion = gate_report(store, prompt, r.canary_version, production_label=production_label).as_dict()
     return {
         "rollout": r.model_dump(mode="json"),
         "weight": r.weight,
@@ -128,5 +158,6 @@ def rollout_status(store: PromptStore, prompt: str, *, flips: int = 20) -> dict[
         "gates": [g.as_dict() for g in gates],
         "next_step_not_before": next_step,
         "would_decide": decide(r, gates, datetime.now(UTC)),
+        "promotion_gate": promotion,
         "flips": flips_view(store.rollout_flips(r.id, flips)),
     }

@@ -6,6 +6,9 @@
 
 A running gateway judges the rollout by its gates and steps, promotes or aborts it by itself
 (`--manual` turns that off); every change, with its evidence, is in `modgate prompts audit`.
+Promotion, automatic or by hand, goes through the promotion gate: a manual `promote` the gate
+refuses exits with status 3 (an admin can `--override-gate --reason ... --admin-key ...`); an
+automatic one pauses the rollout with the gate's findings.
 """
 
 from __future__ import annotations
@@ -15,8 +18,21 @@ from typing import Annotated, Any
 
 import typer
 
-from gateway.registry_cli import ActorOpt, ConfigOpt, JsonOpt, NoteOpt, _actor, _fail, _out, _store
+from gateway.promotion import AdminKeyOpt, OverrideOpt, ReasonOpt
+from gateway.registry_cli import (
+    ActorOpt,
+    ConfigOpt,
+    JsonOpt,
+    NoteOpt,
+    _actor,
+    _fail,
+    _out,
+    _override,
+    _store_and_config,
+    gate_refused,
+)
 from gateway.rollout_ops import apply_action, rollout_status, start_rollout
+from prompt_registry import GateRefused
 from prompt_registry.rollouts import GateConfig, ShadowSpec
 
 __all__ = ["rollouts_app"]
@@ -66,6 +82,8 @@ def _print_status(st: dict[str, Any]) -> None:
                f"stable v{r['stable_version']}, {canary}")
     if st["next_step_not_before"] and r["state"] == "running":
         typer.echo(f"  next step not before {st['next_step_not_before']}; gates say: {st['would_decide'] or 'wait'}")
+    if r["state"] == "paused" and r.get("last_decision"):
+        typer.echo(f"  paused: {r['last_decision']}")
     s = st["stats"]
     for arm in ("stable", "canary"):
         a = s.get(arm) or {}
@@ -80,6 +98,14 @@ def _print_status(st: dict[str, Any]) -> None:
     for version, p in sorted(s.get("pairs", {}).items()):
         typer.echo(f"  shadow v{version}: n={p['n']} agreement {_fmt(p['agreement'])} kappa {_fmt(p['kappa'])} "
                    f"(errors {p['errors']}, dropped {p['dropped']})")
+    pg = st.get("promotion_gate")
+    if pg is not None:
+        if pg["verdict"] == "none":
+            typer.echo("  promotion gate: none declared")
+        else:
+            typer.echo(f"  promotion gate (canary v{pg['version']} -> production): {pg['verdict'].upper()}")
+            for c in pg["criteria"]:
+                typer.echo(f"    {c['verdict'].upper():<5} {c['detail']}")
     if st["flips"]:
         typer.echo("  recent flips (stable -> candidate):")
         for f in st["flips"][:10]:
@@ -115,11 +141,13 @@ def start_cmd(
                        max_flag_rate_drift=max_flag_rate_drift, max_p95_latency_ms=max_p95_ms)
     if subject_key not in ("seller_id", "item_id", "subject"):
         raise _fail("--subject-key must be seller_id, item_id or subject", 2)
-    with _store(config) as store:
+    with _store_and_config(config) as (store, cfg):
+        label = cfg.gateway.default_label
         start_rollout(store, name, canary_version=canary, steps=weights,
                       shadows=[_shadow(s) for s in shadow or []], step_hold_s=_duration(hold), gates=gates,
-                      auto=not manual, subject_key=subject_key, actor=_actor(actor), note=note)
-        st = rollout_status(store, name)
+                      auto=not manual, subject_key=subject_key, actor=_actor(actor), note=note,
+                      production_label=label)
+        st = rollout_status(store, name, production_label=label)
     _out(as_json, st, lambda: _print_status(st))
 
 
@@ -128,8 +156,8 @@ def status_cmd(name: str, watch: Annotated[float | None, typer.Option("--watch",
                config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Weights, sample counts, gate values with their intervals, next step, flipped items."""
     while True:
-        with _store(config) as store:
-            st = rollout_status(store, name)
+        with _store_and_config(config) as (store, cfg):
+            st = rollout_status(store, name, production_label=cfg.gateway.default_label)
         if watch and not as_json:
             typer.echo("\x1b[2J\x1b[H", nl=False)
         _out(as_json, st, lambda st=st: _print_status(st))
@@ -141,20 +169,40 @@ def status_cmd(name: str, watch: Annotated[float | None, typer.Option("--watch",
 def _action(action: str) -> Any:
     def cmd(name: str, note: NoteOpt = "", actor: ActorOpt = None, config: ConfigOpt = None,
             as_json: JsonOpt = False) -> None:
-        with _store(config) as store:
-            apply_action(store, name, action, actor=_actor(actor), note=note)
-            st = rollout_status(store, name)
+        with _store_and_config(config) as (store, cfg):
+            label = cfg.gateway.default_label
+            apply_action(store, name, action, actor=_actor(actor), note=note, production_label=label)
+            st = rollout_status(store, name, production_label=label)
         _out(as_json, st, lambda: _print_status(st))
     cmd.__doc__ = {
         "step": "Move the canary to the next weight now.",
         "pause": "Keep the current weight; the controller stops deciding.",
         "resume": "Let the controller decide again.",
-        "promote": "Make the canary production now (compare-and-set on the production label).",
         "abort": "Stop: canary weight back to 0, production unchanged.",
     }[action]
     return cmd
 
 
-for _name in ("step", "pause", "resume", "promote", "abort"):
+for _name in ("step", "pause", "resume", "abort"):
     rollouts_app.command(_name)(_action(_name))
+
+
+@rollouts_app.command("promote")
+def promote_cmd(name: str, note: NoteOpt = "", actor: ActorOpt = None,
+                override_gate: OverrideOpt = False, reason: ReasonOpt = None,
+                admin_key: AdminKeyOpt = None, config: ConfigOpt = None,
+                as_json: JsonOpt = False) -> None:
+    """Make the canary production now (compare-and-set on the production label), through the
+    promotion gate: refused with exit status 3 unless the canary version's stored scorecard
+    meets its prompt's criteria, or an admin overrides (--override-gate --reason --admin-key)."""
+    with _store_and_config(config) as (store, cfg):
+        label = cfg.gateway.default_label
+        override = _override(store, cfg, override_gate, reason, admin_key)
+        try:
+            apply_action(store, name, "promote", actor=_actor(actor), note=note,
+                         production_label=label, override=override)
+        except GateRefused as exc:
+            raise gate_refused(exc) from None
+        st = rollout_status(store, name, production_label=label)
+    _out(as_json, st, lambda: _print_status(st))
 

@@ -12,8 +12,11 @@ from prompt_registry.errors import (
     StoreUnavailable,
     TemplateRejected,
 )
+from prompt_registry.gates import GateOverride, GateRefused, GateReport, ScorecardRecord
 from prompt_registry.models import (
     FAIL_CLOSED_DECISION,
+    EvaluationSpec,
+    GateCriterion,
     Message,
     PolicyMeta,
     PromptSpec,
@@ -25,8 +28,9 @@ from prompt_registry.render import render_messages
 from prompt_registry.store import AuditEntry, PromptReader, PromptStore, PublishResult
 
 __all__ = [
-    "FAIL_CLOSED_DECISION", "AuditEntry", "LabelConflict", "Message", "PolicyMeta",
-    "PromptFileError", "PromptNotFound", "PromptReader", "PromptSpec", "PromptStore",
-    "PromptVersion", "PublishResult", "RegistryError", "RenderError", "SamplingParams",
+    "FAIL_CLOSED_DECISION", "AuditEntry", "EvaluationSpec", "GateCriterion", "GateOverride",
+    "GateRefused", "GateReport", "LabelConflict", "Message", "PolicyMeta", "PromptFileError",
+    "PromptNotFound", "PromptReader", "PromptSpec", "PromptStore", "PromptVersion",
+    "PublishResult", "RegistryError", "RenderError", "SamplingParams", "ScorecardRecord",
     "StoreUnavailable", "TemplateRejected", "VerdictSchema", "render_messages",
 ]

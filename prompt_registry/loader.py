@@ -9,11 +9,16 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from prompt_registry.errors import PromptFileError
+from prompt_registry.errors import LabelConflict, PromptFileError
+from prompt_registry.gates import GateOverride, move_label
 from prompt_registry.models import PromptSpec
 from prompt_registry.store import PromptStore
 
-__all__ = ["format_validation_error", "load_prompt_file", "parse_prompt_text", "seed_store"]
+__all__ = ["BOOTSTRAP_REASON", "format_validation_error", "load_prompt_file", "parse_prompt_text",
+           "seed_store"]
+
+BOOTSTRAP_REASON = ("bootstrap: first production version of a prompt seeded from a file "
+                    "(no scorecard can exist before a version is published)")
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
@@ -105,6 +110,11 @@ def seed_store(store: PromptStore, prompt_dir: Path, *, label: str = "production
 
     Idempotent: identical content is not re-published, and an existing label is never moved
     (a seed must not undo a rollback someone did through the registry).
+
+    The first version of a prompt cannot have a scorecard yet (scorecards are stored per
+    published version), so when its promotion gate fails, the initial label is set as an
+    explicit bootstrap override: the audit entry says so, with the gate's findings. Every later
+    production move is judged by the gate.
     """
     seeded = []
     paths = sorted([*prompt_dir.glob("*.yaml"), *prompt_dir.glob("*.yml"), *prompt_dir.glob("*.md")])
@@ -112,7 +122,11 @@ def seed_store(store: PromptStore, prompt_dir: Path, *, label: str = "production
         spec = load_prompt_file(path)
         result = store.publish(spec, actor="seed", note=f"seeded from {path.name}")
         if label not in store.labels(spec.name):
-            store.set_label(spec.name, label, result.version.version, expected=None, actor="seed",
-                            note=f"initial {label} from {path.name}")
+            try:
+                move_label(store, spec.name, label, result.version.version, expected=0, actor="seed",
+                           note=f"initial {label} from {path.name}", production_label=label,
+                           override=GateOverride(reason=BOOTSTRAP_REASON, by="seed"))
+            except LabelConflict:
+                pass  # another process seeding the same store set it first
         seeded.append(spec.name)
     return seeded

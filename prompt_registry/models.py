@@ -19,8 +19,12 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
+    "EACH_CATEGORY",
     "FAIL_CLOSED_DECISION",
     "MAX_VERSION",
+    "DatasetRef",
+    "EvaluationSpec",
+    "GateCriterion",
     "LocaleVariant",
     "Message",
     "PolicyMeta",
@@ -120,6 +124,84 @@ def _verdict_regex(decisions: tuple[str, ...], categories: tuple[str, ...], conf
     return out + r"\}"
 
 
+EACH_CATEGORY = "*"
+AGGREGATES = ("micro", "flagged")  # summed violation categories; flag vs allow
+NO_CATEGORY = "none"
+Metric = Literal["precision", "recall", "f1", "accuracy", "parse_failure_rate", "error_rate",
+                 "needs_review_rate"]
+_CATEGORY_METRICS = ("precision", "recall", "f1")
+_HIGHER_IS_BETTER = ("precision", "recall", "f1", "accuracy")
+
+
+class DatasetRef(_Strict):
+    """The labelled dataset a prompt is judged on, pinned by its content hash (what
+    `modgate eval validate FILE` prints), so a gate always means the same items."""
+
+    sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$",
+                        description="sha256 of the dataset's canonical content")
+    path: str = Field("", description="where the dataset lives (for people and hints only)")
+
+
+class GateCriterion(_Strict):
+    """One condition a version's stored scorecard must meet before it may become production.
+
+    Exactly one of `min`, `max` (absolute thresholds on the value `bound` names: the lower or
+    upper end of the 95 % Wilson interval, or the point estimate) or `max_drop_vs_production`
+    (the point estimate may be at most this far below the current production version's, on the
+    same dataset). `category` is a violation category of the verdict schema, `*` (every
+    category, each on its own; categories where the metric is undefined are skipped), `micro`
+    or `flagged`; it is required for precision, recall and f1 and not allowed otherwise.
+    """
+
+    metric: Metric
+    category: str | None = None
+    bound: Literal["lower", "estimate", "upper"] = "estimate"
+    min: float | None = Field(None, ge=0, le=1)
+    max: float | None = Field(None, ge=0, le=1)
+    max_drop_vs_production: float | None = Field(None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_condition(self) -> GateCriterion:
+        given = [k for k in ("min", "max", "max_drop_vs_production") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of min, max, max_drop_vs_production"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        if self.metric in _CATEGORY_METRICS and self.category is None:
+            raise ValueError(f"{self.metric} needs a category (a category name, '*', 'micro' "
+                             "or 'flagged')")
+        if self.metric not in _CATEGORY_METRICS and self.category is not None:
+            raise ValueError(f"{self.metric} is not per category; remove 'category'")
+        if self.metric == "f1" and self.bound != "estimate":
+            raise ValueError("f1 has no interval; use bound: estimate")
+        if self.max_drop_vs_production is not None:
+            if self.metric not in _HIGHER_IS_BETTER:
+                raise ValueError("max_drop_vs_production applies to precision, recall, f1 and "
+                                 "accuracy")
+            if self.bound != "estimate":
+                raise ValueError("max_drop_vs_production compares point estimates; use bound: "
+                                 "estimate")
+        return self
+
+    def describe(self) -> str:
+        what = self.metric.replace("_", " ")
+        if self.category is not None:
+            what = f"{self.category} {what}"
+        if self.max_drop_vs_production is not None:
+            return f"{what} at most {self.max_drop_vs_production:.3f} below production"
+        side = {"lower": " lower bound", "upper": " upper bound", "estimate": ""}[self.bound]
+        if self.min is not None:
+            return f"{what}{side} >= {self.min:.3f}"
+        return f"{what}{side} <= {self.max:.3f}"
+
+
+class EvaluationSpec(_Strict):
+    """How a prompt is judged before a version may become production: a pinned dataset and the
+    criteria its stored scorecard must meet. A prompt without one has no promotion gate."""
+
+    dataset: DatasetRef
+    criteria: list[GateCriterion] = Field(..., min_length=1)
+
+
 class PromptSpec(_Strict):
     """A prompt as written in a file under version control.
 
@@ -137,6 +219,8 @@ class PromptSpec(_Strict):
     model: str = Field(..., min_length=1)
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     policy: PolicyMeta
+    evaluation: EvaluationSpec | None = Field(
+        None, description="promotion gate: dataset and criteria (none: no gate)")
 
     @field_validator("variables")
     @classmethod
@@ -160,6 +244,14 @@ class PromptSpec(_Strict):
             if loc == self.default_locale:
                 raise ValueError(f"locales: {loc!r} is the default locale; put it in 'messages'")
             check_messages(variant.messages, self.variables, where=f"locales.{loc}.")
+        if self.evaluation is not None:
+            known = [c for c in self.verdict.categories if c != NO_CATEGORY]
+            for i, crit in enumerate(self.evaluation.criteria):
+                cat = crit.category
+                if cat is not None and cat not in known and cat != EACH_CATEGORY and cat not in AGGREGATES:
+                    raise ValueError(
+                        f"evaluation.criteria.{i}.category: {cat!r} is not a violation category of "
+                        f"the verdict schema; one of {', '.join(known)}, '*', 'micro', 'flagged'")
         return self
 
     def select_locale(self, locale: str | None) -> tuple[str, list[Message]]:
@@ -176,11 +268,21 @@ class PromptSpec(_Strict):
         return self.default_locale, self.messages
 
     def content_hash(self) -> str:
-        """Hash of what changes behaviour; the change note and author do not count."""
+        """Hash of what changes behaviour, or how a version is judged; the change note and
+        author do not count. A spec without an evaluation block hashes as it did before the
+        block existed, so registries seeded earlier keep their versions."""
         data = self.model_dump(mode="json")
         data["policy"].pop("change_note", None)
         data["policy"].pop("author", None)
+        if data.get("evaluation") is None:
+            data.pop("evaluation", None)
         return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+    def answer_hash(self) -> str:
+        """Hash of what decides the model's answers: the content hash without the evaluation
+        block. Evaluation results are cached under it, so changing only a version's promotion
+        criteria does not send the dataset through the model again."""
+        return self.model_copy(update={"evaluation": None}).content_hash()
 
 
 class PromptVersion(_Strict):

@@ -11,12 +11,13 @@ from typing import Any
 import yaml
 
 from prompt_registry.errors import PromptNotFound, RegistryError
+from prompt_registry.gates import GateOverride, GateReport, move_label
 from prompt_registry.loader import load_prompt_file
 from prompt_registry.models import PromptVersion
 from prompt_registry.store import PromptReader, PromptStore, PublishResult
 
 __all__ = ["NothingToRollBack", "PromptSummary", "diff_versions", "publish_file", "rollback",
-           "spec_as_yaml", "summarize"]
+           "set_label", "spec_as_yaml", "summarize"]
 
 
 class NothingToRollBack(RegistryError):
@@ -35,15 +36,28 @@ class PromptSummary:
 
 
 def publish_file(store: PromptStore, path: Path, *, actor: str, note: str = "",
-                 label: str | None = None, expected: int | None = None) -> tuple[PublishResult, int | None]:
-    """Publish a YAML or Markdown prompt file; optionally point *label* at the result."""
+                 label: str | None = None, expected: int | None = None,
+                 override: GateOverride | None = None, production_label: str = "production",
+                 ) -> tuple[PublishResult, int | None]:
+    """Publish a YAML or Markdown prompt file; optionally point *label* at the result (through
+    the promotion gate when it is the production label: the version stays published when the
+    gate refuses the label move)."""
     spec = load_prompt_file(path)
     result = store.publish(spec, actor=actor, note=note)
     previous = None
     if label is not None:
-        previous = store.set_label(spec.name, label, result.version.version, expected=expected,
-                                   actor=actor, note=note or f"published from {path.name}")
+        previous, _ = move_label(store, spec.name, label, result.version.version, expected=expected,
+                                 actor=actor, note=note or f"published from {path.name}",
+                                 override=override, production_label=production_label)
     return result, previous
+
+
+def set_label(store: PromptStore, name: str, label: str, version: int, *, actor: str,
+              expected: int | None = None, note: str = "", override: GateOverride | None = None,
+              production_label: str = "production") -> tuple[int | None, GateReport | None]:
+    """Move a label by hand; the production label goes through the promotion gate."""
+    return move_label(store, name, label, version, expected=expected, actor=actor, note=note,
+                      override=override, production_label=production_label)
 
 
 def rollback(store: PromptStore, name: str, label: str, *, actor: str, note: str = "") -> tuple[int, int]:
@@ -51,6 +65,8 @@ def rollback(store: PromptStore, name: str, label: str, *, actor: str, note: str
 
     Returns (from_version, to_version). Compare-and-set against the current version, so a
     concurrent move makes this fail with LabelConflict instead of undoing someone else's work.
+    Not judged by the promotion gate: the target held the label before, and in an incident
+    nothing should stand between an operator and the previous version.
     """
     current = store.labels(name).get(label)
     if current is None:

@@ -8,6 +8,7 @@ Key schema (prefix `P`, default "modgate"; `N` is a prompt name):
     P:prompt:N:seq         string last version number handed out
     P:prompt:N:labels      hash   label -> version number
     P:prompt:N:audit       list   audit entries (JSON), oldest first
+    P:prompt:N:scorecards  hash   "<version>:<dataset sha256>" -> scorecard record (JSON)
     P:prompt:N:rollout     string the prompt's current (or last) rollout (JSON)
     P:prompt:N:rollout_rev string its revision (compare-and-set)
     P:rollouts             set    prompts that have a rollout
@@ -15,11 +16,13 @@ Key schema (prefix `P`, default "modgate"; `N` is a prompt name):
     P:rollout:ID:flips     list   newest flipped items (JSON), trimmed
     P:memo:REQUEST_ID      string verdict memo of a request under a rollout (JSON, with TTL)
     P:keys                 hash   API key id -> key record (JSON; secret stored hashed)
-    P:events               pub/sub channel: {"prompt": N, "kind": "publish"|"label"}
+    P:events               pub/sub channel: {"prompt": N, "kind": "publish"|"label"|"rollout"|
+                           "scorecard"}
 
 Writes are Lua scripts, so each is atomic: a publish dedups, numbers, stores the record,
 appends the audit entry and announces the change in one step; a label move checks the version
-exists, compares-and-sets, audits and announces in one step. Nothing is ever half written.
+exists, compares-and-sets, audits and announces in one step; a scorecard write stores (or
+replaces) the record and audits it in one step. Nothing is ever half written.
 
 Durability: run Redis with `appendonly yes` and `appendfsync always` for no lost acknowledged
 write (or `everysec` to risk at most one second of writes on power loss), on a persistent
@@ -39,6 +42,7 @@ import orjson
 import redis
 
 from prompt_registry.errors import LabelConflict, PromptNotFound, StoreUnavailable
+from prompt_registry.gates import ScorecardRecord, check_scorecard_version, scorecard_audit_note
 from prompt_registry.keys import ApiKeyRecord
 from prompt_registry.models import PromptSpec, PromptVersion
 from prompt_registry.rollouts import Rollout, RolloutConflict
@@ -69,6 +73,19 @@ redis.call('PUBLISH', KEYS[4], ARGV[5])
 return {1, cur or ''}
 """
 
+# KEYS: scorecards hash, audit, events
+# ARGV: field "<version>:<sha256>", record, audit entry (new), audit entry (replacing), event
+_PUT_SCORECARD = """
+local existed = redis.call('HEXISTS', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if existed == 1 then
+  redis.call('RPUSH', KEYS[2], ARGV[4])
+else
+  redis.call('RPUSH', KEYS[2], ARGV[3])
+end
+redis.call('PUBLISH', KEYS[3], ARGV[5])
+return existed
+"""
 
 # KEYS: rollout, rollout_rev, audit, rollouts set, events
 # ARGV: record, expected "<id>:<revision>" or "", new "<id>:<revision>", audit entry,
@@ -105,6 +122,7 @@ class RedisPromptStore:
         self._publish = self._r.register_script(_PUBLISH)
         self._set_label = self._r.register_script(_SET_LABEL)
         self._put_rollout = self._r.register_script(_PUT_ROLLOUT)
+        self._put_scorecard = self._r.register_script(_PUT_SCORECARD)
         self._events = f"{prefix}:events"
 
     def _k(self, name: str, part: str) -> str:
@@ -227,6 +245,33 @@ class RedisPromptStore:
         if status == -2:
             raise RolloutConflict(f"rollout of {rollout.prompt!r} changed concurrently "
                                   f"(expected revision {expected_revision})")
+
+    def put_scorecard(self, record: ScorecardRecord, *, actor: str, note: str = "") -> bool:
+        # Versions are immutable and never deleted, so checking the version before the script
+        # runs cannot be invalidated by a concurrent write.
+        version = self.get_version(record.prompt, record.version)
+        check_scorecard_version(record, version.content_hash)
+        name = record.prompt
+        audits = [orjson.dumps({"at": _now().isoformat(), "actor": actor, "action": "scorecard",
+                                "prompt": name, "label": None, "from_version": None,
+                                "to_version": record.version,
+                                "note": scorecard_audit_note(record, note, replaced=replaced)})
+                  for replaced in (False, True)]
+        event = orjson.dumps({"prompt": name, "kind": "scorecard"})
+        keys = [self._k(name, "scorecards"), self._k(name, "audit"), self._events]
+        existed = self._call(lambda: self._put_scorecard(keys=keys, args=[
+            f"{record.version}:{record.dataset_sha256}", record.model_dump_json(), *audits, event]))
+        return bool(existed)
+
+    def get_scorecard(self, name: str, version: int, dataset_sha256: str) -> ScorecardRecord | None:
+        raw = self._call(lambda: self._r.hget(self._k(name, "scorecards"), f"{version}:{dataset_sha256}"))
+        return ScorecardRecord.model_validate_json(raw) if raw else None
+
+    def list_scorecards(self, name: str, version: int | None = None) -> list[ScorecardRecord]:
+        raw = self._call(lambda: self._r.hgetall(self._k(name, "scorecards")))
+        records = [ScorecardRecord.model_validate_json(v) for k, v in raw.items()
+                   if version is None or k.decode().split(":", 1)[0] == str(version)]
+        return sorted(records, key=lambda r: (r.version, r.created_at, r.dataset_sha256))
 
     def add_rollout_stats(self, rollout_id: str, counters: dict[str, int],
                           flips: list[str] | None = None, *, keep_flips: int = 500) -> None:

@@ -1,7 +1,8 @@
 """Embedded prompt store on SQLite: the zero-set-up default.
 
-One file (WAL mode) holds three tables: `versions` (name, version, content hash, spec JSON),
-`labels` (name, label → version) and `audit`. Every write is one `BEGIN IMMEDIATE` transaction,
+One file (WAL mode) holds the tables `versions` (name, version, content hash, spec JSON),
+`labels` (name, label → version), `scorecards` ((name, version, dataset sha256) → record),
+rollouts, API keys and `audit`. Every write is one `BEGIN IMMEDIATE` transaction,
 so version numbering, the version row and its audit entry land together or not at all, and label
 compare-and-set is atomic across processes sharing the file.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 import orjson
 
 from prompt_registry.errors import LabelConflict, PromptNotFound, StoreUnavailable
+from prompt_registry.gates import ScorecardRecord, check_scorecard_version, scorecard_audit_note
 from prompt_registry.keys import ApiKeyRecord
 from prompt_registry.models import PromptSpec, PromptVersion
 from prompt_registry.rollouts import Rollout, RolloutConflict
@@ -61,6 +63,11 @@ CREATE TABLE IF NOT EXISTS rollout_flips (
 );
 CREATE TABLE IF NOT EXISTS verdict_memos (
     request_id TEXT PRIMARY KEY, record TEXT NOT NULL, expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS scorecards (
+    name TEXT NOT NULL, version INTEGER NOT NULL, dataset_sha256 TEXT NOT NULL,
+    record TEXT NOT NULL, created_at TEXT NOT NULL,
+    PRIMARY KEY (name, version, dataset_sha256)
 );
 CREATE TABLE IF NOT EXISTS api_keys (
     key_id TEXT PRIMARY KEY, record TEXT NOT NULL
@@ -256,6 +263,50 @@ class SqlitePromptStore:
                 (_now().isoformat(), actor, "rollout", rollout.prompt, rollout.state,
                  rollout.stable_version, rollout.canary_version, note))
         self._notify(rollout.prompt)
+
+    @_wrap_errors
+    def put_scorecard(self, record: ScorecardRecord, *, actor: str, note: str = "") -> bool:
+        name, version = record.prompt, record.version
+        with self._tx() as con:
+            row = con.execute("SELECT content_hash FROM versions WHERE name=? AND version=?",
+                              (name, version)).fetchone()
+            if row is None:
+                if not self._exists(name):
+                    raise PromptNotFound(f"unknown prompt {name!r}")
+                raise PromptNotFound(f"prompt {name!r} has no version {version}")
+            check_scorecard_version(record, row[0])
+            replaced = con.execute(
+                "SELECT 1 FROM scorecards WHERE name=? AND version=? AND dataset_sha256=?",
+                (name, version, record.dataset_sha256)).fetchone() is not None
+            con.execute("INSERT INTO scorecards VALUES (?,?,?,?,?) ON CONFLICT(name, version, "
+                        "dataset_sha256) DO UPDATE SET record=excluded.record, "
+                        "created_at=excluded.created_at",
+                        (name, version, record.dataset_sha256, record.model_dump_json(),
+                         record.created_at.isoformat()))
+            con.execute(
+                "INSERT INTO audit (at, actor, action, name, label, from_version, to_version, note) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (_now().isoformat(), actor, "scorecard", name, None, None, version,
+                 scorecard_audit_note(record, note, replaced=replaced)))
+        self._notify(name)
+        return replaced
+
+    @_wrap_errors
+    def get_scorecard(self, name: str, version: int, dataset_sha256: str) -> ScorecardRecord | None:
+        row = self._con().execute(
+            "SELECT record FROM scorecards WHERE name=? AND version=? AND dataset_sha256=?",
+            (name, version, dataset_sha256)).fetchone()
+        return ScorecardRecord.model_validate_json(row[0]) if row else None
+
+    @_wrap_errors
+    def list_scorecards(self, name: str, version: int | None = None) -> list[ScorecardRecord]:
+        if version is None:
+            rows = self._con().execute("SELECT record FROM scorecards WHERE name=?", (name,)).fetchall()
+        else:
+            rows = self._con().execute("SELECT record FROM scorecards WHERE name=? AND version=?",
+                                       (name, version)).fetchall()
+        records = [ScorecardRecord.model_validate_json(r[0]) for r in rows]
+        return sorted(records, key=lambda r: (r.version, r.created_at, r.dataset_sha256))
 
     @_wrap_errors
     def add_rollout_stats(self, rollout_id: str, counters: dict[str, int],

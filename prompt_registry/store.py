@@ -13,6 +13,7 @@ from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
+from prompt_registry.gates import ScorecardRecord
 from prompt_registry.keys import ApiKeyRecord
 from prompt_registry.models import PromptSpec, PromptVersion
 from prompt_registry.rollouts import Rollout
@@ -25,7 +26,7 @@ class AuditEntry(BaseModel):
 
     at: datetime
     actor: str
-    action: str  # "publish" | "label"
+    action: str  # "publish" | "label" | "rollout" | "scorecard"
     prompt: str
     label: str | None = None
     from_version: int | None = None
@@ -62,6 +63,10 @@ class PromptReader(Protocol):
         """The prompt's current (or last) rollout."""
         ...
 
+    def get_scorecard(self, name: str, version: int, dataset_sha256: str) -> ScorecardRecord | None:
+        """The stored scorecard of a version on a dataset, if any."""
+        ...
+
     def subscribe(self, callback: Callable[[str | None], None]) -> Subscription:
         """Call `callback(prompt_name)` from a background thread when a prompt changes, or
         `callback(None)` when anything may have changed (e.g. after a reconnect)."""
@@ -90,6 +95,18 @@ class PromptStore(PromptReader, Protocol):
     def audit(self, name: str) -> list[AuditEntry]: ...
 
     def list_rollouts(self) -> list[Rollout]: ...
+
+    def put_scorecard(self, record: ScorecardRecord, *, actor: str, note: str = "") -> bool:
+        """Store the scorecard of (record.prompt, record.version) on record.dataset_sha256,
+        replacing an earlier one for the same key (last write wins); returns True when it
+        replaced one. Raises PromptNotFound for an unknown version and ScorecardMismatch when
+        `record.version_hash` is not that version's content hash. Audited as action
+        "scorecard" (to_version = the version) and announced as a change of the prompt."""
+        ...
+
+    def list_scorecards(self, name: str, version: int | None = None) -> list[ScorecardRecord]:
+        """Stored scorecards of a prompt (or of one version), by version then creation time."""
+        ...
 
     def put_rollout(self, rollout: Rollout, *, expected_revision: int | None, actor: str,
                     note: str = "") -> None:

@@ -1,17 +1,29 @@
-"""Markdown reports and PNG plots for scorecards and comparisons.
+"""Reports of an evaluation: Markdown, PNG plots, per-item tables and one HTML report.
 
-    write_scorecard(sc, out)        v<N>.json, v<N>.md, v<N>-pr.png, v<N>-confusion.png
-    write_comparison(cmp, a, b, out)  compare-v<A>-v<B>.json / .md / -pr.png
+    write_scorecard(sc, out, dataset)  v<N>.json, v<N>.md, v<N>-pr.png, v<N>-confusion.png,
+                                       v<N>-items.csv, v<N>-items.parquet
+    write_comparison(cmp, out)         compare-v<A>-v<B>.json / .md / -pr.png
+    write_run_report(scs, cmps, out)   report-v<A>-v<B>....md (summary of the run) and
+                                       report-v<A>-v<B>....html (self-contained: everything above,
+                                       plots embedded; see gateway.reporting)
+
+The per-item tables have one row per dataset item: gold and predicted labels, correctness,
+failure, tags and, when the dataset is given, its title, description and notes. CSV is UTF-8
+with a byte-order mark (spreadsheets then read CJK text correctly), tags joined by ';';
+Parquet is typed (`correct` boolean, `confidence` double, `tags` list<string>), for DuckDB:
+
+    duckdb -c "select locale, avg(correct::int) from 'v2-items.parquet' group by all"
 
 Plots use matplotlib's object API on the Agg canvas (no pyplot, no display, no global state).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.evaluation.scorecard import (
     ALPHA,
@@ -21,13 +33,25 @@ from gateway.evaluation.scorecard import (
     Quality,
     Scorecard,
 )
+from gateway.reporting import figure, figure_html, html_page, markdown_html
+
+if TYPE_CHECKING:
+    from gateway.evaluation.dataset import Dataset
 
 __all__ = [
+    "ITEM_COLUMNS",
     "comparison_markdown",
     "confusion_plot",
+    "item_rows",
+    "load_scorecard",
     "pr_plot",
+    "report_paths",
+    "run_html",
+    "run_markdown",
     "scorecard_markdown",
     "write_comparison",
+    "write_items",
+    "write_run_report",
     "write_scorecard",
 ]
 
@@ -262,13 +286,7 @@ def comparison_markdown(cmp: Comparison) -> str:
 # -- plots -------------------------------------------------------------------------------------
 
 
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
+_figure = figure
 
 
 def pr_plot(series: Sequence[tuple[str, Sequence[CategoryStats]]], path: Path, title: str) -> Path:
@@ -343,10 +361,13 @@ def _write_json(path: Path, data: dict[str, Any]) -> Path:
 def scorecard_paths(out_dir: Path, version: int) -> dict[str, Path]:
     return {"json": out_dir / f"v{version}.json", "markdown": out_dir / f"v{version}.md",
             "pr_png": out_dir / f"v{version}-pr.png",
-            "confusion_png": out_dir / f"v{version}-confusion.png"}
+            "confusion_png": out_dir / f"v{version}-confusion.png",
+            "items_csv": out_dir / f"v{version}-items.csv",
+            "items_parquet": out_dir / f"v{version}-items.parquet"}
 
 
-def write_scorecard(sc: Scorecard, out_dir: Path) -> dict[str, Path]:
+def write_scorecard(sc: Scorecard, out_dir: Path, dataset: Dataset | None = None) -> dict[str, Path]:
+    """Write a scorecard's JSON, Markdown, plots and per-item tables (titles from *dataset*)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = scorecard_paths(out_dir, sc.version)
     _write_json(paths["json"], sc.to_dict())
@@ -354,7 +375,70 @@ def write_scorecard(sc: Scorecard, out_dir: Path) -> dict[str, Path]:
     pr_plot([(f"v{sc.version}", [*sc.overall.categories, sc.overall.micro])], paths["pr_png"],
             f"{sc.prompt} v{sc.version}: precision and recall (95% Wilson intervals)")
     confusion_plot(sc, paths["confusion_png"])
+    written = write_items(sc, paths["items_csv"], paths["items_parquet"], dataset)
+    if "items_parquet" not in written:
+        del paths["items_parquet"]
     return paths
+
+
+# -- per-item tables ---------------------------------------------------------------------------
+
+ITEM_COLUMNS = ("prompt", "version", "version_hash", "dataset_sha256", "item_id", "locale",
+                "title", "description", "gold_decision", "gold_category", "gold_label",
+                "decision", "category", "confidence", "predicted_label", "correct",
+                "fail_reason", "error_type", "tags", "notes")
+
+
+def item_rows(sc: Scorecard, dataset: Dataset | None = None) -> list[dict[str, Any]]:
+    """One row per item (ITEM_COLUMNS); title, description and notes are empty without *dataset*."""
+    rows_by_id = {r.item_id: r for r in dataset.rows} if dataset is not None else {}
+    out = []
+    for o in sc.items:
+        row = rows_by_id.get(o.item_id)
+        out.append({
+            "prompt": sc.prompt, "version": sc.version, "version_hash": sc.version_hash,
+            "dataset_sha256": sc.dataset_sha256, "item_id": o.item_id, "locale": o.locale,
+            "title": row.title if row else None, "description": row.description if row else None,
+            "gold_decision": o.gold_decision, "gold_category": o.gold_category,
+            "gold_label": o.gold_label, "decision": o.decision, "category": o.category,
+            "confidence": o.confidence, "predicted_label": o.predicted_label,
+            "correct": o.correct, "fail_reason": o.fail_reason, "error_type": o.error_type,
+            "tags": list(o.tags), "notes": row.notes if row else None})
+    return out
+
+
+def _items_arrow_schema() -> Any:
+    import pyarrow as pa
+
+    types = {name: pa.string() for name in ITEM_COLUMNS}
+    types.update(version=pa.int64(), confidence=pa.float64(), correct=pa.bool_(),
+                 tags=pa.list_(pa.string()))
+    return pa.schema([pa.field(name, types[name]) for name in ITEM_COLUMNS])
+
+
+def write_items(sc: Scorecard, csv_path: Path, parquet_path: Path | None,
+                dataset: Dataset | None = None) -> dict[str, Path]:
+    """Per-item results as CSV (spreadsheets) and Parquet (SQL); Parquet is skipped, and left
+    out of the returned paths, when pyarrow is not installed."""
+    rows = item_rows(sc, dataset)
+    written = {"items_csv": csv_path}
+    with csv_path.open("w", encoding="utf-8-sig", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\r\n")
+        writer.writerow(ITEM_COLUMNS)
+        for r in rows:
+            cells = {**r, "tags": ";".join(r["tags"]),
+                     "correct": "true" if r["correct"] else "false"}
+            writer.writerow(["" if cells[c] is None else cells[c] for c in ITEM_COLUMNS])
+    if parquet_path is not None:
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:  # pragma: no cover - pyarrow ships with the cpu/gpu extras
+            return written
+        pq.write_table(pa.Table.from_pylist(rows, schema=_items_arrow_schema()), parquet_path,
+                       compression="zstd")
+        written["items_parquet"] = parquet_path
+    return written
 
 
 def write_comparison(cmp: Comparison, out_dir: Path) -> dict[str, Path]:
@@ -370,3 +454,148 @@ def write_comparison(cmp: Comparison, out_dir: Path) -> dict[str, Path]:
             f"{cmp.prompt} v{cmp.a_version} vs v{cmp.b_version} on the same items "
             "(95% Wilson intervals)")
     return paths
+
+
+# -- the run report: one Markdown summary and one self-contained HTML file ----------------------
+
+
+def report_paths(out_dir: Path, versions: Sequence[int]) -> dict[str, Path]:
+    stem = "report-" + "-".join(f"v{v}" for v in versions)
+    return {"markdown": out_dir / f"{stem}.md", "html": out_dir / f"{stem}.html"}
+
+
+def _summary_lines(scorecards: Sequence[Scorecard], comparisons: Sequence[Comparison]) -> list[str]:
+    first = scorecards[0]
+    models = ", ".join(dict.fromkeys(f"`{sc.model}`" for sc in scorecards))
+    lines = [f"- dataset: `{first.dataset_source}` — {first.overall.n} items, sha256 "
+             f"`{first.dataset_sha256[:12]}`",
+             f"- model: {models}; created {max(sc.created_at for sc in scorecards)}",
+             "", "## Versions", ""]
+    rows = []
+    for sc in scorecards:
+        q, r = sc.overall, sc.rates
+        rows.append([f"v{sc.version}", f"`{sc.version_hash[:12]}`", _f(q.macro_f1),
+                     _ci(q.accuracy, q.accuracy_ci), _ci(q.micro.precision, q.micro.precision_ci),
+                     _ci(q.micro.recall, q.micro.recall_ci),
+                     _ci(q.flagged.precision, q.flagged.precision_ci),
+                     _ci(q.flagged.recall, q.flagged.recall_ci), _pct(r["needs_review"].rate),
+                     r["parse_failure"].count, r["error"].count, _f(sc.latency_ms["p95"], 0)])
+    lines += _table(["version", "sha256", "macro F1", "accuracy (95% CI)", "micro precision",
+                     "micro recall", "flagged precision", "flagged recall", "needs_review",
+                     "parse failures", "errors", "p95 ms"], rows, "llrrrrrrrrrr")
+    lines += ["", "## Per category: precision and recall (95% Wilson intervals)", ""]
+    cats = list(dict.fromkeys(c for sc in scorecards for c in sc.categories))
+    header = ["category", "support"]
+    for sc in scorecards:
+        header += [f"precision v{sc.version}", f"recall v{sc.version}"]
+    rows = []
+    for cat in cats:
+        stats = [sc.overall.category(cat) for sc in scorecards]
+        row: list[object] = [cat, next((s.support for s in stats if s is not None), 0)]
+        for s in stats:
+            row += ([_ci(s.precision, s.precision_ci), _ci(s.recall, s.recall_ci)] if s
+                    else ["n/a", "n/a"])
+        rows.append(row)
+    lines += _table(header, rows, "lr" + "rr" * len(scorecards))
+    if comparisons:
+        lines += ["", "## Comparisons", ""]
+        for c in comparisons:
+            lines.append(
+                f"- v{c.a_version} → v{c.b_version}: accuracy {_pct(c.a_accuracy)} → "
+                f"{_pct(c.b_accuracy)} on {c.n} items; **{c.fixed} fixed**, **{c.broken} broken**, "
+                f"{c.changed} changed; exact McNemar p = {_p(c.mcnemar_p)} "
+                f"({_significance(c.mcnemar_p)}). Details: `compare-v{c.a_version}-v{c.b_version}.md`.")
+    lines += ["", "## Files", "",
+              "Per version: `v<N>.md` (scorecard), `v<N>.json`, `v<N>-items.csv` (one row per item, "
+              "for a spreadsheet) and `v<N>-items.parquet` (for DuckDB or pandas), plots "
+              "`v<N>-pr.png` and `v<N>-confusion.png`; per comparison `compare-v<A>-v<B>.md`, "
+              "`.json` and `-pr.png`."]
+    return lines
+
+
+def _title(scorecards: Sequence[Scorecard]) -> str:
+    return (f"Evaluation: {scorecards[0].prompt} "
+            + ", ".join(f"v{sc.version}" for sc in scorecards))
+
+
+def run_markdown(scorecards: Sequence[Scorecard], comparisons: Sequence[Comparison]) -> str:
+    """The run's Markdown summary: every version side by side, and each comparison's verdict."""
+    return "\n".join([f"# {_title(scorecards)}", "", *_summary_lines(scorecards, comparisons)]) + "\n"
+
+
+def run_html(scorecards: Sequence[Scorecard], comparisons: Sequence[Comparison],
+             images: dict[str, bytes]) -> str:
+    """The self-contained HTML report of a run. *images* holds the PNGs by stem:
+    `v<N>-pr`, `v<N>-confusion` and `compare-v<A>-v<B>-pr`."""
+    parts = ['<section id="summary">',
+             markdown_html("\n".join(_summary_lines(scorecards, comparisons)), shift_headings=1),
+             "</section>"]
+    nav = [("summary", "Summary")]
+    for c in comparisons:
+        stem = f"compare-v{c.a_version}-v{c.b_version}"
+        nav.append((stem, f"v{c.a_version} → v{c.b_version}"))
+        parts += [f'<section id="{stem}">',
+                  markdown_html(comparison_markdown(c), shift_headings=1)
+                  .replace("</h2>", "</h2>\n" + figure_html(
+                      images[f"{stem}-pr"], f"precision and recall, v{c.a_version} vs v{c.b_version}",
+                      "Precision and recall per category on the items both versions answered; "
+                      "bars are 95% Wilson intervals."), 1),
+                  "</section>"]
+    for sc in scorecards:
+        nav.append((f"v{sc.version}", f"v{sc.version}"))
+        figs = (figure_html(images[f"v{sc.version}-pr"], f"precision and recall of v{sc.version}",
+                            "Precision and recall per category, micro average last; bars are 95% "
+                            "Wilson intervals.")
+                + figure_html(images[f"v{sc.version}-confusion"], f"confusion matrix of v{sc.version}",
+                              "Confusion matrix of outcome labels (rows gold, columns predicted)."))
+        parts += [f'<section id="v{sc.version}">',
+                  markdown_html(scorecard_markdown(sc), shift_headings=1).replace(
+                      "</h2>", "</h2>\n" + figs, 1),
+                  "</section>"]
+    return html_page(_title(scorecards), "\n".join(parts), nav=nav)
+
+
+def _png(path: Path, render: Any) -> bytes:
+    if not path.is_file():
+        render(path)
+    return path.read_bytes()
+
+
+def write_run_report(scorecards: Sequence[Scorecard], comparisons: Sequence[Comparison],
+                     out_dir: Path) -> dict[str, Path]:
+    """Write `report-v<A>-v<B>....md` and `.html` for a run (plots missing on disk are drawn)."""
+    if not scorecards:
+        raise ValueError("a run report needs at least one scorecard")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images: dict[str, bytes] = {}
+    for sc in scorecards:
+        p = scorecard_paths(out_dir, sc.version)
+        images[f"v{sc.version}-pr"] = _png(p["pr_png"], lambda path, sc=sc: pr_plot(
+            [(f"v{sc.version}", [*sc.overall.categories, sc.overall.micro])], path,
+            f"{sc.prompt} v{sc.version}: precision and recall (95% Wilson intervals)"))
+        images[f"v{sc.version}-confusion"] = _png(p["confusion_png"],
+                                                  lambda path, sc=sc: confusion_plot(sc, path))
+    for c in comparisons:
+        stem = f"compare-v{c.a_version}-v{c.b_version}"
+        path = out_dir / f"{stem}-pr.png"
+        if not path.is_file():
+            write_comparison(c, out_dir)
+        images[f"{stem}-pr"] = path.read_bytes()
+    paths = report_paths(out_dir, [sc.version for sc in scorecards])
+    paths["markdown"].write_text(run_markdown(scorecards, comparisons), encoding="utf-8")
+    paths["html"].write_text(run_html(scorecards, comparisons, images), encoding="utf-8")
+    return paths
+
+
+def load_scorecard(out_dir: Path, prompt: str, version: int, dataset_sha256: str) -> Scorecard:
+    """The scorecard `eval run` stored in *out_dir*; FileNotFoundError when there is none,
+    ValueError when the file is of another prompt or dataset."""
+    path = scorecard_paths(out_dir, version)["json"]
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("prompt") != prompt or data.get("dataset_sha256") != dataset_sha256:
+        raise ValueError(f"{path} is a scorecard of {data.get('prompt')} on dataset "
+                         f"{str(data.get('dataset_sha256'))[:12]}, not of {prompt} on "
+                         f"{dataset_sha256[:12]}")
+    if data.get("version") != version:
+        raise ValueError(f"{path} is a scorecard of v{data.get('version')}, not of v{version}")
+    return Scorecard.from_dict(data)

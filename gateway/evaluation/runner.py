@@ -6,7 +6,8 @@ variant, verdict regex and sampling as `/v1/moderate`), sent to `backend.chat` a
 recorded as an error (`error_type` set, `decision` None): never as a verdict, never as allow.
 
 Resumption: the model's raw answer (text, finish reason, tokens, latency) is appended to
-`<cache_dir>/<version content_hash>.jsonl` as soon as it arrives, keyed by the row's
+`<cache_dir>/<spec answer_hash>.jsonl` as soon as it arrives (the content hash without the
+promotion criteria, which do not change answers), keyed by the row's
 `input_hash` (what the model saw). A later run with the same version and rows only calls the
 backend for what is missing; cached answers are parsed again with the current verdict code.
 Errors are not cached, so they are retried on the next run. Interrupting a run (Ctrl-C) keeps
@@ -80,7 +81,7 @@ class _Answer:
 
 
 def cache_path(cache_dir: Path, version: PromptVersion) -> Path:
-    return cache_dir / f"{version.content_hash}.jsonl"
+    return cache_dir / f"{version.spec.answer_hash()}.jsonl"
 
 
 def _load_cache(path: Path) -> dict[str, _Answer]:
@@ -186,7 +187,7 @@ async def run_eval(versions: list[PromptVersion], rows: Sequence[DatasetRow], ba
     locales: dict[tuple[str, str], str] = {}
     cached_by_hash: dict[str, dict[str, _Answer]] = {}
     for version in versions:
-        vh = version.content_hash
+        vh = version.spec.answer_hash()  # versions that differ only in their criteria share answers
         if vh not in cached_by_hash:
             cached_by_hash[vh] = _load_cache(cache_path(cache_dir, version)) if use_cache else {}
         for row in rows:
@@ -205,7 +206,7 @@ async def run_eval(versions: list[PromptVersion], rows: Sequence[DatasetRow], ba
                 chats[key] = (version, row, used_locale, chat)
 
     semaphore = asyncio.Semaphore(concurrency)
-    writers = {vh: _CacheWriter(cache_dir / f"{vh}.jsonl") for vh in cached_by_hash}
+    writers = {vh: _CacheWriter(cache_dir / f"{vh}.jsonl") for vh in cached_by_hash}  # = cache_path
     bar = tqdm(total=len(chats), desc="eval", unit="call", file=sys.stderr,
                disable=not _progress_enabled(progress), leave=False)
 
@@ -225,6 +226,6 @@ async def run_eval(versions: list[PromptVersion], rows: Sequence[DatasetRow], ba
         bar.close()
         for w in writers.values():
             w.close()
-    return [_result(v, row, locales[(v.content_hash, row.input_hash)],
-                    answers[(v.content_hash, row.input_hash)])
+    return [_result(v, row, locales[(v.spec.answer_hash(), row.input_hash)],
+                    answers[(v.spec.answer_hash(), row.input_hash)])
             for v in versions for row in rows]

@@ -62,7 +62,7 @@ from statsmodels.stats.proportion import proportion_confint
 
 from gateway.evaluation.dataset import ALLOW, NO_CATEGORY, Dataset, DatasetRow
 from gateway.evaluation.runner import ItemResult
-from prompt_registry import FAIL_CLOSED_DECISION, PromptVersion
+from prompt_registry import FAIL_CLOSED_DECISION, PromptVersion, ScorecardRecord
 
 __all__ = [
     "CategoryDelta",
@@ -75,6 +75,7 @@ __all__ = [
     "build_scorecard",
     "compare",
     "mcnemar_exact",
+    "registry_record",
     "wilson",
 ]
 
@@ -506,3 +507,28 @@ def compare(a: Scorecard, b: Scorecard) -> Comparison:
         overall=overall,
         fixed=counts.get("fixed", 0), broken=counts.get("broken", 0),
         changed=counts.get("changed", 0), items=changed)
+
+
+# -- registry summary --------------------------------------------------------------------------
+
+
+def registry_record(sc: Scorecard, *, created_by: str = "", report: str = "") -> ScorecardRecord:
+    """What the prompt registry keeps of *sc*, and promotion gates read: the counts behind
+    every per-category, micro and flagged metric, correctness and failure rates."""
+    from prompt_registry.gates import MetricCounts, RateCount
+
+    def counts(s: CategoryStats) -> MetricCounts:
+        return MetricCounts(tp=s.tp, fp=s.fp, fn=s.fn)
+
+    def rate(r: Rate) -> RateCount:
+        return RateCount(count=r.count, n=r.n)
+
+    q = sc.overall
+    return ScorecardRecord(
+        prompt=sc.prompt, version=sc.version, version_hash=sc.version_hash,
+        dataset_sha256=sc.dataset_sha256, dataset_source=sc.dataset_source, model=sc.model,
+        items=q.n, correct=q.correct, categories={s.category: counts(s) for s in q.categories},
+        micro=counts(q.micro), flagged=counts(q.flagged),
+        parse_failures=rate(sc.rates["parse_failure"]), errors=rate(sc.rates["error"]),
+        needs_review=rate(sc.rates["needs_review"]), created_at=datetime.fromisoformat(sc.created_at),
+        created_by=created_by, report=report)

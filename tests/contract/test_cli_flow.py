@@ -1,6 +1,7 @@
 """The prompt-ops flow from the CLI alone, against SQLite (default) and Redis (one setting):
 publish v2 from a file, diff, move production, see a running gateway serve v2 within a
-second, roll back, read the audit trail."""
+second, roll back, read the audit trail; and the promotion gate refusing a version that fails
+its criteria, in one command, and an admin overriding it with a recorded reason."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fastapi.testclient import TestClient
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from gateway.app import create_app
 from gateway.cli import app as cli
@@ -20,6 +21,7 @@ from gateway.config import load_config
 from gateway.stores import open_store
 from serving.fake_backend import FakeBackend
 from tests.redis_server import RedisServer
+from tests.scorecards import store_scorecard
 
 ROOT = Path(__file__).resolve().parents[2]
 LISTING = {"item_id": "item-1", "seller_id": "seller-1", "title": "Wireless earbuds"}
@@ -89,8 +91,13 @@ def test_prompt_ops_flow_from_the_cli(config_path: Path, gateway: tuple[TestClie
     diff = run(config_path, "prompts", "diff", "listing-moderation", "1", "2")
     assert "+    Phone numbers written as words count as off_platform_payment." in diff
 
-    assert "production: v1 -> v2" in run(config_path, "prompts", "label", "listing-moderation", "production", "2",
-                                         "--expected", "1", "-m", "ship")
+    store = open_store(load_config(config_path))  # what `modgate eval run` stores
+    store_scorecard(store, "listing-moderation", 1)
+    store_scorecard(store, "listing-moderation", 2)
+    store.close()
+    moved = run(config_path, "prompts", "label", "listing-moderation", "production", "2", "--expected", "1",
+                "-m", "ship")
+    assert "production: v1 -> v2" in moved and "promotion gate: PASS" in moved
     _wait_for_version(client, 2)
 
     out = json.loads(run(config_path, "prompts", "rollback", "listing-moderation", "production", "--json"))
@@ -100,11 +107,86 @@ def test_prompt_ops_flow_from_the_cli(config_path: Path, gateway: tuple[TestClie
     audit = json.loads(run(config_path, "prompts", "audit", "listing-moderation", "--json"))["entries"]
     assert [(e["action"], e["from_version"], e["to_version"], e["actor"]) for e in audit] == [
         ("publish", None, 1, "seed"), ("label", None, 1, "seed"), ("publish", None, 2, "maria"),
+        ("scorecard", None, 1, "test"), ("scorecard", None, 2, "test"),
         ("label", 1, 2, "maria"), ("label", 2, 1, "maria")]
     human = run(config_path, "prompts", "audit", "listing-moderation")
     assert "maria" in human and "production: v2 -> v1  # rollback from v2" in human
     listing = run(config_path, "prompts", "list")
     assert "listing-moderation" in listing and "production=v1" in listing
+
+
+def test_promotion_gate_from_the_cli(config_path: Path, gateway: tuple[TestClient, str], tmp_path: Path) -> None:
+    client, admin_key = gateway
+    keys = json.loads((load_config(config_path).data_path() / "local-keys.json").read_text())
+    v2 = yaml.safe_load((ROOT / "configs" / "prompts" / "listing-moderation.yaml").read_text())
+    v2["messages"][0]["content"] += "\nTreat 'original quality' with a brand name as counterfeit.\n"
+    v2_file = tmp_path / "v2.yaml"
+    v2_file.write_text(yaml.safe_dump(v2, allow_unicode=True, sort_keys=False))
+    run(config_path, "prompts", "publish", str(v2_file))
+
+    def cli_result(*args: str, env: dict[str, str] | None = None) -> Result:
+        return CliRunner().invoke(cli, [*args[:2], "--config", str(config_path), *args[2:]],
+                                  env={"MODGATE_ACTOR": "maria", **(env or {})}, catch_exceptions=False)
+
+    promote = ("prompts", "label", "listing-moderation", "production", "2")
+    refused = cli_result(*promote)
+    assert refused.exit_code == 3, refused.output
+    assert "listing-moderation v2 fails its promotion gate" in refused.output
+    assert "no stored scorecard of v2 on dataset e08b6d315ed6" in refused.output
+    assert ("to score it: modgate eval run --prompt listing-moderation --version 1 --version 2 "
+            "--dataset datasets/listings-sample.jsonl") in refused.output
+
+    store = open_store(load_config(config_path))
+    store_scorecard(store, "listing-moderation", 1)
+    # v2 flags 26 listings as counterfeit, 20 rightly, and misses 7 of 27
+    store_scorecard(store, "listing-moderation", 2, counts={"counterfeit": (20, 6, 7)})
+    store.close()
+    refused = cli_result(*promote)
+    assert refused.exit_code == 3 and "Traceback" not in refused.output
+    assert "  - counterfeit precision lower bound 0.579 < 0.750 (n=26)" in refused.output
+    assert ("  - counterfeit recall 0.741 is 0.259 below production v1's 1.000 (allowed drop 0.050)"
+            in refused.output)
+    assert "on dataset e08b6d315ed6 (datasets/listings-sample.jsonl, 194 items)" in refused.output
+    assert "--override-gate" in refused.output
+    assert _served_version(client) == 1
+
+    listing = run(config_path, "prompts", "scorecards", "listing-moderation")
+    assert "v1    dataset e08b6d315ed6   194 items  micro P 1.000 R 1.000" in listing
+    assert "(production)" in listing
+    shown = run(config_path, "prompts", "scorecards", "listing-moderation", "--version", "2")
+    assert "counterfeit                 27  0.769 [0.579, 0.890]" in shown
+    assert "promotion gate of v2 -> production: FAIL" in shown
+    assert "  FAIL  counterfeit precision lower bound 0.579 < 0.750 (n=26)" in shown
+    assert "  PASS  parse failure rate 0.000 <= 0.020 (n=194)" in shown
+    as_json = json.loads(run(config_path, "prompts", "scorecards", "listing-moderation", "-v", "2", "--json"))
+    assert as_json["gate"]["verdict"] == "fail" and as_json["scorecards"][0]["items"] == 194
+
+    override = (*promote, "--override-gate")
+    for args, env, needle in [
+        (override, None, "--override-gate needs --reason"),
+        ((*promote, "--reason", "x"), None, "--reason is only used with --override-gate"),
+        ((*override, "--reason", "  "), None, "--override-gate needs --reason"),
+        ((*override, "--reason", "ok"), None, "needs an API key with the admin scope"),
+        ((*override, "--reason", "ok", "--admin-key", "mgk_nope"), None, "not a valid API key"),
+        ((*override, "--reason", "ok"), {"MODGATE_ADMIN_KEY": keys["local-caller"]},
+         "API key 'local-caller' lacks the 'admin' scope"),
+    ]:
+        result = cli_result(*args, env=env)
+        assert result.exit_code == 2 and needle in result.output, (args, result.output)
+    assert _served_version(client) == 1
+
+    done = cli_result(*override, "--reason", "legal signed off; offline set predates the policy change",
+                      "-m", "ship v2", env={"MODGATE_ADMIN_KEY": admin_key})
+    assert done.exit_code == 0, done.output
+    assert "production: v1 -> v2" in done.output and "promotion gate: OVERRIDDEN" in done.output
+    _wait_for_version(client, 2)
+    audit = json.loads(run(config_path, "prompts", "audit", "listing-moderation", "--json"))["entries"]
+    assert audit[-1]["actor"] == "maria" and audit[-1]["to_version"] == 2
+    assert audit[-1]["note"].startswith(
+        "ship v2 | GATE OVERRIDDEN by admin key local-admin: legal signed off; offline set predates "
+        "the policy change (gate failed on dataset e08b6d315ed6: counterfeit precision lower bound")
+    human = run(config_path, "prompts", "audit", "listing-moderation")
+    assert "scorecard of v2  # scorecard on dataset e08b6d315ed6 (194 items)" in human
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """Canary + shadow rollouts end to end, against SQLite and Redis: start from the CLI, send
 traffic, watch the evidence, and see the rollout step, promote or abort by itself — all of it
-in the audit log. Plus shadow isolation and two gateways sharing one store."""
+in the audit log; a promotion the promotion gate refuses holds the rollout instead. Plus shadow
+isolation and two gateways sharing one store."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from gateway.feedback import FeedbackLog
 from serving import BackendUnavailable, ChatRequest, ChatResult
 from serving.fake_backend import FakeBackend
 from tests.redis_server import RedisServer
+from tests.scorecards import store_scorecard
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = ROOT / "configs" / "prompts" / "listing-moderation.yaml"
@@ -155,6 +157,8 @@ def test_canary_with_shadow_promotes_itself(config_path: Path, gateway: Gateway,
         gateway.moderate(i)
     assert gateway.tick() == [("listing-moderation", "step")]  # 50 % -> 100 %
     gateway.moderate(1000)
+    store_scorecard(gateway.store, "listing-moderation", 1)  # offline evidence: the promotion gate
+    store_scorecard(gateway.store, "listing-moderation", v2)
     assert gateway.tick() == [("listing-moderation", "promote")]
     assert gateway.store.labels("listing-moderation")["production"] == v2
 
@@ -165,6 +169,45 @@ def test_canary_with_shadow_promotes_itself(config_path: Path, gateway: Gateway,
     assert [n["action"] for n in rollout_notes] == ["step", "step", "promote"]
     assert all(any(g["gate"] == "parse_failure_rate" for g in n["evidence"]) for n in rollout_notes)
     assert any(e["action"] == "label" and e["to_version"] == v2 and e["actor"] == "rollout-controller" for e in audit)
+    assert rollout_notes[-1]["gate"]["verdict"] == "pass"
+    assert audit[-2]["note"] == f"promoted by rollout {status['rollout']['id']} | gate passed on dataset e08b6d315ed6 (8 checks)"
+
+
+def test_the_promotion_gate_holds_an_automatic_promotion(config_path: Path, gateway: Gateway,
+                                                         tmp_path: Path) -> None:
+    v2 = _publish_variant(config_path, tmp_path, "Version 2: same policy, clearer wording.")
+    run(config_path, "rollouts", "start", "listing-moderation", "--canary", str(v2), "--steps", "50,100",
+        "--shadow", f"{v2}:1.0", "--hold", "0s", "--min-samples", "30", "--max-flag-rate-drift", "0.5",
+        "--max-parse-failure-rate", "0.2", "--max-error-rate", "0.2")
+    for i in range(400):
+        gateway.moderate(i)
+    assert gateway.tick() == [("listing-moderation", "step")]
+    gateway.moderate(400)
+    # every live gate passes, but v2 has no stored scorecard: the gate refuses, the rollout holds
+    assert gateway.tick() == [("listing-moderation", "hold")]
+    assert gateway.store.labels("listing-moderation")["production"] == 1
+    assert gateway.tick() == []  # paused: the controller leaves it to people
+    status = json.loads(run(config_path, "rollouts", "status", "listing-moderation", "--json"))
+    assert status["rollout"]["state"] == "paused" and status["weight"] == 100
+    assert status["rollout"]["last_decision"].startswith(
+        f"hold: promotion refused by the gate: gate failed on dataset e08b6d315ed6: no stored scorecard of v{v2}")
+    assert status["promotion_gate"]["verdict"] == "fail"
+    human = run(config_path, "rollouts", "status", "listing-moderation")
+    assert "paused: hold: promotion refused by the gate" in human
+    assert f"promotion gate (canary v{v2} -> production): FAIL" in human
+    audit = json.loads(run(config_path, "prompts", "audit", "listing-moderation", "--json"))["entries"]
+    hold = json.loads(audit[-1]["note"])
+    assert audit[-1]["action"] == "rollout" and audit[-1]["label"] == "paused"
+    assert hold["action"] == "hold" and hold["gate"]["verdict"] == "fail"
+    assert any(g["gate"] == "parse_failure_rate" for g in hold["evidence"])
+
+    refused = CliRunner().invoke(cli, ["rollouts", "promote", "--config", str(config_path), "listing-moderation"])
+    assert refused.exit_code == 3 and f"no stored scorecard of v{v2}" in refused.output
+    store_scorecard(gateway.store, "listing-moderation", 1)
+    store_scorecard(gateway.store, "listing-moderation", v2)
+    out = run(config_path, "rollouts", "promote", "listing-moderation", "-m", "scored offline")
+    assert "(promoted, auto)" in out
+    assert gateway.store.labels("listing-moderation")["production"] == v2
 
 
 def test_parse_failure_spike_aborts_the_canary(config_path: Path, gateway: Gateway, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from prompt_registry.redis_store import RedisPromptStore
 from prompt_registry.sqlite_store import SqlitePromptStore
 from prompt_registry.store import PromptStore
 from tests.redis_server import RedisServer
+from tests.scorecards import SAMPLE_SHA, make_record
 
 ROOT = Path(__file__).resolve().parents[2]
 StoreFactory = Callable[[], PromptStore]
@@ -261,3 +262,60 @@ def test_verdict_memos_expire(store: PromptStore) -> None:
     assert store.recall_verdict("r3") == "{}"
     time.sleep(2.1)  # a real expiry, on both stores
     assert store.recall_verdict("r3") is None
+
+
+def test_scorecards_per_version_and_dataset_last_write_wins(make_store: StoreFactory,
+                                                            example_spec: PromptSpec) -> None:
+    from prompt_registry.gates import ScorecardMismatch
+
+    s = make_store()
+    name = example_spec.name
+    h1 = s.publish(example_spec, actor="a").version.content_hash
+    h2 = s.publish(_variant(example_spec, 1), actor="a").version.content_hash
+    first = make_record(name, 1, h1, counts={"adult": (12, 1, 4)})
+    assert s.put_scorecard(first, actor="eval") is False
+    assert make_store().get_scorecard(name, 1, SAMPLE_SHA) == first  # another client sees it
+    other_data = make_record(name, 1, h1, sha="0" * 64)
+    assert s.put_scorecard(other_data, actor="eval") is False  # another dataset: another key
+    second = make_record(name, 2, h2)
+    s.put_scorecard(second, actor="eval")
+    rerun = make_record(name, 1, h1)
+    assert s.put_scorecard(rerun, actor="eval-again", note="after the model upgrade") is True
+    assert s.get_scorecard(name, 1, SAMPLE_SHA) == rerun
+    assert s.get_scorecard(name, 1, "f" * 64) is None and s.get_scorecard(name, 3, SAMPLE_SHA) is None
+    assert [(r.version, r.dataset_sha256[:1]) for r in s.list_scorecards(name)] in (
+        [(1, "0"), (1, "e"), (2, "e")], [(1, "e"), (1, "0"), (2, "e")])
+    assert {r.dataset_sha256 for r in s.list_scorecards(name, 1)} == {SAMPLE_SHA, "0" * 64}
+    assert s.list_scorecards(name, 2) == [second] and s.list_scorecards("nope") == []
+
+    with pytest.raises(PromptNotFound, match="unknown prompt 'nope'"):
+        s.put_scorecard(make_record("nope", 1, h1), actor="x")
+    with pytest.raises(PromptNotFound, match="no version 9"):
+        s.put_scorecard(make_record(name, 9, h1), actor="x")
+    with pytest.raises(ScorecardMismatch):  # v2's content scored, stored as v1
+        s.put_scorecard(make_record(name, 1, h2), actor="x")
+    cards = [e for e in s.audit(name) if e.action == "scorecard"]
+    assert [(e.to_version, e.actor) for e in cards] == [(1, "eval"), (1, "eval"), (2, "eval"),
+                                                         (1, "eval-again")]
+    assert cards[0].note == ("scorecard on dataset e08b6d315ed6 (194 items): micro precision 0.992, "
+                             "recall 0.969")  # 127/128, 127/131
+    assert cards[-1].note.endswith("; replaces the earlier scorecard | after the model upgrade")
+
+
+def test_the_promotion_gate_reads_either_store(make_store: StoreFactory, example_spec: PromptSpec) -> None:
+    from prompt_registry import GateRefused
+    from prompt_registry.gates import move_label
+    from tests.scorecards import store_scorecard
+
+    s = make_store()
+    seed_store(s, ROOT / "configs" / "prompts")
+    s.publish(_variant(example_spec, 1), actor="a")
+    with pytest.raises(GateRefused, match="no stored scorecard of v2"):
+        move_label(s, example_spec.name, "production", 2, actor="maria")
+    store_scorecard(s, example_spec.name, 1)
+    store_scorecard(make_store(), example_spec.name, 2, parse_failures=5)  # 5/194 = 0.026
+    with pytest.raises(GateRefused, match=r"parse failure rate 0\.026 > 0\.020 \(n=194\)"):
+        move_label(s, example_spec.name, "production", 2, actor="maria")
+    store_scorecard(s, example_spec.name, 2)
+    assert move_label(s, example_spec.name, "production", 2, actor="maria")[0] == 1
+    assert s.audit(example_spec.name)[-1].note == "gate passed on dataset e08b6d315ed6 (8 checks)"

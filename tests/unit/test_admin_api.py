@@ -1,4 +1,5 @@
-"""Admin API: the prompt-ops flow (publish v2, diff, promote, roll back, audit) and its scopes."""
+"""Admin API: the prompt-ops flow (publish v2, diff, promote, roll back, audit), its scopes, and
+the promotion gate on production moves (refusal, admin override, scorecards, gate verdicts)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from prompt_registry.keys import generate_key
 from prompt_registry.loader import seed_store
 from prompt_registry.sqlite_store import SqlitePromptStore
 from serving.fake_backend import FakeBackend
+from tests.scorecards import SAMPLE_SHA, store_scorecard
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = ROOT / "configs" / "prompts" / "listing-moderation.yaml"
@@ -44,7 +46,7 @@ def _v2_yaml() -> str:
 
 
 def test_prompt_ops_flow(env: tuple[TestClient, dict, SqlitePromptStore]) -> None:
-    client, keys, _ = env
+    client, keys, store = env
     r = client.post("/v1/prompts", content=_v2_yaml(), headers={**keys["author"], "content-type": "application/yaml"})
     assert r.status_code == 201, r.text
     assert r.json()["version"] == 2 and r.json()["created_by"] == "author"
@@ -54,12 +56,20 @@ def test_prompt_ops_flow(env: tuple[TestClient, dict, SqlitePromptStore]) -> Non
     diff = client.get("/v1/prompts/listing-moderation/diff?from=1&to=2", headers=keys["author"]).json()["diff"]
     assert "+    Treat '加微信' as off_platform_payment" in diff and diff.startswith("--- listing-moderation@v1")
 
-    # production is protected: the author may not move it, the lead may
+    # production is protected: the author may not move it, the lead may, once v2 passes its gate
     r = client.put("/v1/prompts/listing-moderation/labels/production", json={"version": 2}, headers=keys["author"])
     assert r.status_code == 403 and "labels:protected" in r.json()["error"]["message"]
     r = client.put("/v1/prompts/listing-moderation/labels/production",
                    json={"version": 2, "expected_version": 1, "note": "ship v2"}, headers=keys["lead"])
-    assert r.json() == {"name": "listing-moderation", "label": "production", "from_version": 1, "to_version": 2}
+    assert r.status_code == 409 and r.json()["error"]["type"] == "promotion_gate_failed"
+    assert "no stored scorecard of v2" in r.json()["error"]["message"]
+    store_scorecard(store, "listing-moderation", 1)
+    store_scorecard(store, "listing-moderation", 2)
+    r = client.put("/v1/prompts/listing-moderation/labels/production",
+                   json={"version": 2, "expected_version": 1, "note": "ship v2"}, headers=keys["lead"])
+    body = r.json()
+    assert body.pop("gate")["verdict"] == "pass"
+    assert body == {"name": "listing-moderation", "label": "production", "from_version": 1, "to_version": 2}
     assert client.post("/v1/moderate", json=LISTING, headers=keys["caller"]).json()["prompt"]["version"] == 2
 
     r = client.put("/v1/prompts/listing-moderation/labels/production",
@@ -73,8 +83,10 @@ def test_prompt_ops_flow(env: tuple[TestClient, dict, SqlitePromptStore]) -> Non
     audit = client.get("/v1/prompts/listing-moderation/audit", headers=keys["author"]).json()["entries"]
     assert [(e["action"], e["label"], e["from_version"], e["to_version"], e["actor"]) for e in audit] == [
         ("publish", None, None, 1, "seed"), ("label", "production", None, 1, "seed"),
-        ("publish", None, None, 2, "author"), ("label", "production", 1, 2, "lead"),
+        ("publish", None, None, 2, "author"), ("scorecard", None, None, 1, "test"),
+        ("scorecard", None, None, 2, "test"), ("label", "production", 1, 2, "lead"),
         ("label", "production", 2, 1, "lead")]
+    assert audit[5]["note"] == "ship v2 | gate passed on dataset e08b6d315ed6 (8 checks)"
     summary = client.get("/v1/prompts/listing-moderation", headers=keys["author"]).json()
     assert summary == {"name": "listing-moderation", "versions": [1, 2], "latest": 2, "labels": {"production": 1}}
 
@@ -148,9 +160,74 @@ def test_rollout_api(env: tuple[TestClient, dict, SqlitePromptStore]) -> None:
     assert r.status_code == 409 and "last step" in r.json()["error"]["message"]
     status = client.get("/v1/prompts/listing-moderation/rollout", headers=keys["author"]).json()
     assert {g["gate"] for g in status["gates"]} >= {"error_rate", "parse_failure_rate"}
+    assert status["promotion_gate"]["verdict"] == "fail"  # v2 has no scorecard yet
+    r = client.post("/v1/prompts/listing-moderation/rollout/promote", json={"note": "looks good"},
+                    headers=keys["lead"])
+    assert r.status_code == 409 and r.json()["error"]["type"] == "promotion_gate_failed"
+    assert "no stored scorecard of v2" in r.json()["error"]["message"]
+    assert store.labels("listing-moderation")["production"] == 1
+    r = client.post("/v1/prompts/listing-moderation/rollout/promote",
+                    json={"note": "looks good", "override": {"reason": "offline set is stale"}},
+                    headers=keys["lead"])
+    assert r.status_code == 403 and "'admin'" in r.json()["error"]["message"]
+    store_scorecard(store, "listing-moderation", 1)
+    store_scorecard(store, "listing-moderation", 2)
     r = client.post("/v1/prompts/listing-moderation/rollout/promote", json={"note": "looks good"},
                     headers=keys["lead"])
     assert r.json()["rollout"]["state"] == "promoted"
     assert store.labels("listing-moderation")["production"] == 2
     r = client.post("/v1/prompts/listing-moderation/rollout/bogus", headers=keys["lead"])
     assert r.status_code == 422
+
+
+def test_promotion_gate_refuses_and_an_admin_overrides(env: tuple[TestClient, dict, SqlitePromptStore]) -> None:
+    client, keys, store = env
+    spec = store.get_version("listing-moderation", 1).spec
+    store.publish(spec.model_copy(update={"description": "v2"}), actor="t")
+    store_scorecard(store, "listing-moderation", 1)
+    # v2 flags 26 listings as counterfeit, 20 rightly: Wilson lower bound 0.579 < 0.75
+    store_scorecard(store, "listing-moderation", 2, counts={"counterfeit": (20, 6, 7)})
+    url = "/v1/prompts/listing-moderation/labels/production"
+
+    gate = client.get("/v1/prompts/listing-moderation/versions/2/gate", headers=keys["author"]).json()
+    assert gate["verdict"] == "fail" and gate["production_version"] == 1 and gate["declared_by"] == 2
+    assert gate["dataset"] == {"sha256": SAMPLE_SHA,
+                               "path": "datasets/listings-sample.jsonl", "items": 194}
+    failed = [c for c in gate["criteria"] if c["verdict"] == "fail"]
+    assert [(c["category"], c["detail"]) for c in failed] == [
+        ("counterfeit", "counterfeit precision lower bound 0.579 < 0.750 (n=26)"),
+        ("counterfeit", "counterfeit recall 0.741 is 0.259 below production v1's 1.000 (allowed drop 0.050)")]
+
+    r = client.put(url, json={"version": 2}, headers=keys["lead"])
+    assert r.status_code == 409
+    err = r.json()["error"]
+    assert err["type"] == "promotion_gate_failed" and err["retryable"] is False
+    assert "counterfeit precision lower bound 0.579 < 0.750" in err["message"]
+    assert "dataset e08b6d315ed6 (datasets/listings-sample.jsonl, 194 items)" in err["message"]
+
+    r = client.put(url, json={"version": 2, "override": {"reason": "court order"}}, headers=keys["lead"])
+    assert r.status_code == 403 and "lacks the 'admin' scope" in r.json()["error"]["message"]
+    for bad in ({"reason": ""}, {"reason": "   "}, {}):
+        r = client.put(url, json={"version": 2, "override": bad}, headers=keys["admin"])
+        assert r.status_code == 422, bad
+    assert store.labels("listing-moderation")["production"] == 1
+
+    r = client.put(url, json={"version": 2, "note": "ship", "override": {"reason": "court order"}},
+                   headers=keys["admin"])
+    assert r.status_code == 200 and r.json()["gate"]["verdict"] == "fail"
+    assert store.labels("listing-moderation")["production"] == 2
+    entry = client.get("/v1/prompts/listing-moderation/audit", headers=keys["author"]).json()["entries"][-1]
+    assert entry["actor"] == "admin" and entry["to_version"] == 2
+    assert entry["note"].startswith("ship | GATE OVERRIDDEN by admin: court order (gate failed on dataset "
+                                    "e08b6d315ed6: counterfeit precision lower bound 0.579 < 0.750")
+
+    cards = client.get("/v1/prompts/listing-moderation/scorecards", headers=keys["author"]).json()["scorecards"]
+    assert [(c["version"], c["items"]) for c in cards] == [(1, 194), (2, 194)]
+    v2 = client.get("/v1/prompts/listing-moderation/scorecards?version=2", headers=keys["author"]).json()
+    c = v2["scorecards"][0]["categories"]["counterfeit"]
+    assert (c["tp"], c["fp"], c["fn"], round(c["precision_ci"][0], 3)) == (20, 6, 7, 0.579)
+    assert client.get("/v1/prompts/listing-moderation/scorecards", headers=keys["caller"]).status_code == 403
+    assert client.get("/v1/prompts/nope/scorecards", headers=keys["author"]).status_code == 404
+    assert client.get("/v1/prompts/listing-moderation/scorecards?version=9",
+                      headers=keys["author"]).status_code == 404
+    assert client.get("/v1/prompts/listing-moderation/versions/9/gate", headers=keys["author"]).status_code == 404

@@ -562,3 +562,21 @@ def test_cli_refuses_invalid_datasets_before_calling_the_model(eval_config: Path
     checked = runner.invoke(eval_cli.eval_app, ["validate", str(bad)])
     assert checked.exit_code == 1
     assert f"{bad}:2: item_id:" in checked.output and f"{bad}:2: title: required" in checked.output
+
+
+def test_changing_only_the_promotion_criteria_reuses_cached_answers(example_spec: PromptSpec,
+                                                                   tmp_path: Path) -> None:
+    from prompt_registry.models import EvaluationSpec
+
+    v1 = _version(example_spec, 1)
+    gated = example_spec.model_copy(update={"evaluation": EvaluationSpec.model_validate({
+        "dataset": {"sha256": "0" * 64}, "criteria": [{"metric": "parse_failure_rate", "max": 0.02}]})})
+    v2 = PromptVersion(spec=gated, version=2, content_hash=gated.content_hash(),
+                       created_at=datetime(2026, 1, 1, tzinfo=UTC))
+    assert v1.content_hash != v2.content_hash  # a new version in the registry ...
+    rows = [_row(f"g-{i}") for i in range(4)]
+    first = CountingBackend()
+    _run([v1], rows, first, tmp_path / "cache")
+    again = CountingBackend()
+    results = _run([v2], rows, again, tmp_path / "cache")
+    assert again.calls == 0 and all(r.cached for r in results)  # ... with the same answers

@@ -1,0 +1,121 @@
+"""Promotion gates from the gateway's side: who may override one, how a gate report reads on a
+terminal, and storing `modgate eval run` scorecards in the registry.
+
+The gate itself (criteria, evaluation, the one label-move check) lives in
+`prompt_registry.gates`; this module only adds what needs the gateway: API-key scopes and
+human output. An override needs the `admin` scope: on the admin API that is the calling key;
+on the command line, which talks to the store directly, it is an admin key given with
+`--admin-key` (or MODGATE_ADMIN_KEY), checked against the store's key records, so the audit
+entry names an accountable key and not only a login name. (Whoever holds the store's
+credentials can do anything; the key makes an override deliberate and attributable.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from pydantic import BaseModel, ConfigDict, Field
+
+from prompt_registry import GateOverride, GateReport, PromptStore, RegistryError
+from prompt_registry.gates import gate_report
+from prompt_registry.keys import parse_key, verify_secret
+
+if TYPE_CHECKING:
+    from gateway.evaluation.scorecard import Scorecard
+
+__all__ = ["ADMIN_SCOPE", "AdminKeyOpt", "GateOverrideBody", "OverrideOpt", "OverrideRefused",
+           "ReasonOpt", "cli_override", "report_dict", "report_lines", "store_scorecards"]
+
+ADMIN_SCOPE = "admin"
+
+OverrideOpt = Annotated[bool, typer.Option(
+    "--override-gate", help="move production although its promotion gate fails (needs an admin "
+    "key and --reason; recorded in the audit log)")]
+ReasonOpt = Annotated[str | None, typer.Option("--reason", help="why the gate is overridden "
+                                                                "(required with --override-gate)")]
+AdminKeyOpt = Annotated[str | None, typer.Option(
+    "--admin-key", envvar="MODGATE_ADMIN_KEY", show_envvar=True,
+    help="an API key with the admin scope, needed by --override-gate")]
+
+
+class GateOverrideBody(BaseModel):
+    """`{"override": {"reason": "..."}}` on a production move: needs the admin scope."""
+
+    model_config = ConfigDict(extra="forbid", regex_engine="python-re")
+
+    reason: str = Field(..., min_length=1, max_length=2000, pattern=r"\S",
+                        description="why the promotion gate is overridden (recorded in the audit log)")
+
+
+class OverrideRefused(RegistryError):
+    """An override asked for without what it needs (a reason, an admin key)."""
+
+
+def cli_override(store: PromptStore, *, override_gate: bool, reason: str | None,
+                 admin_key: str | None, auth_required: bool = True) -> GateOverride | None:
+    """The override a command-line caller asked for, or None; raises OverrideRefused when the
+    reason or the admin key is missing or not good enough."""
+    if not override_gate:
+        if reason is not None:
+            raise OverrideRefused("--reason is only used with --override-gate")
+        return None
+    if reason is None or not reason.strip():
+        raise OverrideRefused("--override-gate needs --reason \"why\" (recorded in the audit log)")
+    if not auth_required:  # auth is off: every caller is allowed everything, as on the API
+        return GateOverride(reason=reason, by="anonymous (auth disabled)")
+    if not admin_key:
+        raise OverrideRefused("--override-gate needs an API key with the admin scope: pass "
+                              "--admin-key or set MODGATE_ADMIN_KEY")
+    parsed = parse_key(admin_key)
+    record = store.get_key(parsed[0]) if parsed else None
+    if parsed is None or record is None or not verify_secret(record, parsed[1]):
+        raise OverrideRefused("--admin-key is not a valid API key")
+    if record.revoked:
+        raise OverrideRefused(f"API key {record.name!r} is revoked")
+    if ADMIN_SCOPE not in record.scopes:
+        raise OverrideRefused(f"API key {record.name!r} lacks the 'admin' scope needed to "
+                              "override a promotion gate")
+    return GateOverride(reason=reason, by=f"admin key {record.name}")
+
+
+def report_lines(report: GateReport, *, label: str = "production") -> list[str]:
+    """A gate report for a terminal: the verdict, then every check with its numbers."""
+    if report.verdict == "none":
+        return [f"promotion gate of v{report.version} -> {label}: none declared (no "
+                "`evaluation` block); any version may be promoted"]
+    inherited = (f", declared by production v{report.declared_by}"
+                 if report.declared_by != report.version else "")
+    lines = [f"promotion gate of v{report.version} -> {label}: {report.verdict.upper()} on "
+             f"{report.dataset_label()}{inherited}"]
+    for r in report.results:
+        lines.append(f"  {r.verdict.upper():<5} {r.detail}")
+    if report.hint():
+        lines.append(f"  {report.hint()}")
+    return lines
+
+
+def store_scorecards(store: PromptStore, scorecards: Sequence[Scorecard], *, actor: str,
+                     out_dir: str = "", production_label: str = "production") -> list[str]:
+    """Store `eval run` scorecards in the registry; lines saying what was stored and what the
+    promotion gate of each non-production version now says."""
+    from gateway.evaluation.scorecard import registry_record
+
+    lines = []
+    for sc in scorecards:
+        record = registry_record(sc, created_by=actor, report=out_dir)
+        replaced = store.put_scorecard(record, actor=actor)
+        lines.append(f"registry: scorecard of {sc.prompt} v{sc.version} on dataset "
+                     f"{sc.dataset_sha256[:12]} {'replaced' if replaced else 'stored'}")
+    production = store.labels(scorecards[0].prompt).get(production_label) if scorecards else None
+    for sc in scorecards:
+        if sc.version == production:
+            continue
+        report = gate_report(store, sc.prompt, sc.version, production_label=production_label)
+        lines += report_lines(report, label=production_label)
+    return lines
+
+
+def report_dict(report: GateReport | None) -> dict[str, Any] | None:
+    return None if report is None else report.as_dict()

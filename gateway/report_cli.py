@@ -1,0 +1,111 @@
+"""`modgate report ops`: the operational report of a time window, as HTML and Markdown.
+
+    modgate report ops --since 24h
+    modgate report ops --from 2025-03-01 --to 2025-03-08 --prompt listing-moderation --out week10/
+
+Reads the decision log, the reviewer-feedback log and the registry (audit log, rollouts) of the
+configuration and writes `ops-report.md` (with PNG plots next to it) and `ops-report.html` (one
+self-contained file with the plots embedded: mail it, attach it, open it offline).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gateway.decisions_cli import _progress_bar, _range, _skipped
+from gateway.feedback_cli import ConfigOpt, JsonOpt, PromptOpt, QuietOpt, _fail, load_sources
+
+__all__ = ["report_app"]
+
+report_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+                         help="Reports for a time window: what was decided, by which prompt "
+                              "version, how well, and what changed.")
+
+
+@report_app.command("ops")
+def ops_cmd(
+    since: Annotated[str, typer.Option(
+        "--since", "--from", help="window start (inclusive): ISO 8601 in UTC unless an offset is "
+                                  "given, or a duration before now such as 90m, 24h, 7d")] = "24h",
+    until: Annotated[str | None, typer.Option(
+        "--until", "--to", help="window end (exclusive), same forms; default: now")] = None,
+    prompt: PromptOpt = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="output directory (default: <data_dir>/reports/ops-<from>-<to>)")] = None,
+    config: ConfigOpt = None, as_json: JsonOpt = False, quiet: QuietOpt = False,
+) -> None:
+    """Write the operational report of a time window (HTML and Markdown, with plots).
+
+    Per prompt version and arm (stable, canary, pinned, shadow): volume and traffic share,
+    verdict mix per category (table, and over time), review rate (needs_review share, 95%
+    Wilson interval) and parse failures, precision and recall from reviewer feedback,
+    latency p50/p95/p99; and the rollout events of the window (publishes, label moves,
+    rollout transitions from the registry's audit log, marked on the time plots) with each
+    prompt's current rollout. Times are UTC.
+
+    \b
+    Examples:
+      modgate report ops --since 24h
+      modgate report ops --from 2025-03-01 --to 2025-03-08 -p listing-moderation -o week10/
+      modgate report ops --since 7d --json | jq '.review'
+    """
+    from datetime import UTC, datetime
+
+    from gateway.decision_log import ReadStats, read_segments
+    from gateway.live_quality import read_feedback
+    from gateway.ops_report import build_report, registry_events, write_ops_report
+
+    start, end = _range(since, until)
+    assert start is not None
+    end = end or datetime.now(UTC)
+    if start >= end:
+        raise _fail(f"--since ({start:%Y-%m-%d %H:%M:%S}) must be before now", 2)
+    if out is not None and out.exists() and not out.is_dir():
+        raise _fail(f"--out {out} is a file; give a directory", 2)
+    cfg, log_dir, fb_dir = load_sources(config)
+    fb = read_feedback(fb_dir, start)
+    stats = ReadStats()
+    with _progress_bar(not quiet and not as_json) as progress:
+        rep = build_report(read_segments(log_dir, start, end, stats=stats, progress=progress),
+                           fb.labels, start=start, end=end, prompt=prompt)
+    if stats.torn_lines or stats.bad_lines:
+        rep.notes.append(f"decision log:{_skipped(stats)}")
+    if fb.bad_lines:
+        rep.notes.append(f"feedback log: {fb.bad_lines} unreadable line(s) skipped")
+    prompts = [prompt] if prompt else rep.prompts
+    if cfg.registry.store == "sqlite" and not cfg.registry_path().exists():
+        rep.notes.append(f"no registry at {cfg.registry_path()}: rollout events left out")
+    else:
+        from gateway.config import ConfigError
+        from gateway.stores import open_store
+        from prompt_registry import RegistryError
+
+        try:
+            store = open_store(cfg)
+            try:
+                rep.events, rep.rollouts = registry_events(store, prompts, start, end)
+            finally:
+                store.close()
+        except (ConfigError, RegistryError) as exc:
+            rep.notes.append(f"registry not readable, rollout events left out: {exc}")
+    out_dir = out or (cfg.data_path() / "reports"
+                      / f"ops-{start:%Y%m%dT%H%M}-{end:%Y%m%dT%H%M}")
+    try:
+        paths = write_ops_report(rep, out_dir)
+    except OSError as exc:
+        raise _fail(f"cannot write the report to {out_dir}: {exc}") from None
+    if as_json:
+        data = rep.to_dict()
+        data["paths"] = {k: str(p) for k, p in paths.items()}
+        typer.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+        return
+    typer.echo(f"{rep.records} decision(s) from {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC"
+               f"{_skipped(stats)}; {rep.feedback_matched} reviewer label(s); "
+               f"{len(rep.events)} registry event(s)")
+    for n in rep.notes:
+        typer.echo(f"note: {n}")
+    typer.echo(f"report: {paths['html']}\n        {paths['markdown']}")

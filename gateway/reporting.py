@@ -1,0 +1,96 @@
+"""Building blocks of the self-contained HTML reports (`eval run`, `eval report`, `report ops`).
+
+A report is one `.html` file that opens anywhere, offline, and can be mailed or attached to a
+ticket: plots are PNGs embedded as `data:image/png;base64,...` URIs, the style is one inline
+`<style>` block, and there are no scripts, fonts, links or other external resources. The text
+is the same Markdown the `.md` reports hold, rendered with markdown-it-py (CommonMark plus
+tables; raw HTML in the Markdown is escaped, never passed through).
+
+Figures use matplotlib's object API on the Agg canvas (no pyplot, no display, no global state).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["figure", "figure_html", "html_page", "markdown_html", "png_bytes", "png_data_uri"]
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", "Noto Sans", "Noto Sans CJK SC", Helvetica, Arial,
+       sans-serif; margin: 2rem auto; max-width: 1180px; padding: 0 1rem; color: #1d1d1f;
+       line-height: 1.45; }
+h1 { font-size: 1.6rem; border-bottom: 2px solid #4c72b0; padding-bottom: .3rem; }
+h2 { font-size: 1.3rem; margin-top: 2.2rem; border-bottom: 1px solid #ddd; }
+h3 { font-size: 1.1rem; margin-top: 1.6rem; }
+h4 { font-size: 1rem; }
+table { border-collapse: collapse; margin: .6rem 0 1rem; font-size: .85rem; }
+th, td { border: 1px solid #d0d0d0; padding: .25rem .5rem; vertical-align: top; }
+th { background: #f2f4f8; }
+tr:nth-child(even) td { background: #fafafa; }
+code { background: #f2f2f2; padding: 0 .2rem; border-radius: 3px; font-size: .9em; }
+blockquote { border-left: 4px solid #dd8452; margin: 1rem 0; padding: .2rem 1rem;
+             background: #fff6ee; }
+figure { margin: 1rem 0; }
+figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
+figcaption { font-size: .85rem; color: #555; }
+nav { background: #f7f7f9; padding: .5rem 1rem; border-radius: 4px; font-size: .9rem; }
+nav a { margin-right: 1rem; }
+.meta { color: #555; font-size: .85rem; }
+"""
+
+
+def figure(width: float, height: float) -> Any:
+    """A matplotlib Figure on the Agg canvas, with constrained layout."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def png_bytes(fig: Any, dpi: int = 110) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def png_data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def figure_html(png: bytes, alt: str, caption: str | None = None) -> str:
+    cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return (f'<figure><img src="{png_data_uri(png)}" alt="{html.escape(alt, quote=True)}">'
+            f"{cap}</figure>")
+
+
+def markdown_html(text: str, *, shift_headings: int = 0) -> str:
+    """Render our Markdown (CommonMark + tables) to HTML; `shift_headings=1` turns # into <h2>."""
+    from markdown_it import MarkdownIt
+
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    tokens = md.parse(text)
+    if shift_headings:
+        for tok in tokens:
+            if tok.type in ("heading_open", "heading_close"):
+                level = min(6, int(tok.tag[1]) + shift_headings)
+                tok.tag = f"h{level}"
+    return md.renderer.render(tokens, md.options, {})
+
+
+def html_page(title: str, body: str, *, nav: Sequence[tuple[str, str]] = ()) -> str:
+    """A complete HTML document titled *title* (also its <h1>), with links to the *nav*
+    anchors, then *body*: inline style, no scripts, no external resources."""
+    links = ""
+    if nav:
+        links = "<nav>" + "".join(f'<a href="#{html.escape(anchor, quote=True)}">'
+                                  f"{html.escape(text)}</a>" for anchor, text in nav) + "</nav>\n"
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+            f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+            f"<h1>{html.escape(title)}</h1>\n{links}{body}\n</body>\n</html>\n")

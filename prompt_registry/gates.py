@@ -1,0 +1,482 @@
+"""Promotion gates: a version may become production only with a stored scorecard that meets
+the criteria its prompt declares (the `evaluation` block of a prompt file).
+
+Three parts:
+
+- `ScorecardRecord`: what the registry stores of an offline evaluation (`modgate eval run`),
+  keyed by (prompt, version, dataset sha256): per-category TP/FP/FN, the flag-vs-allow and
+  micro counts, correctness and failure counts. Precision, recall, F1, accuracy and rates, with
+  95 % Wilson intervals, are computed from the counts, so a stored record cannot disagree with
+  itself. Re-evaluating a version on the same dataset replaces its record (the last write
+  wins, and every write is audited), because the model behind a name can change.
+- `evaluate_gate`: a pure function from (criteria, candidate scorecard, production scorecard)
+  to a `GateReport` with one result per criterion (and per category for `*`).
+- `move_label`: the one check every path that moves the production label goes through (the
+  CLI, the admin API, manual and automatic rollout promotion, seeding). Refuses with
+  `GateRefused` unless the gate passes or a `GateOverride` (reason required; the callers only
+  build one for the admin scope) is given; the gate's verdict, or the override with who and
+  why, is written into the label move's audit entry in the same atomic store write.
+
+Which criteria apply: the candidate version's `evaluation` block; when the candidate has none
+but the current production version has one, production's block applies (deleting the block
+is not a way around the gate). A prompt where neither declares one has no gate. Moving the
+label to the version it already points at is not a move and is not judged. Rolling back
+(`ops.rollback`) is not gated either: it returns to the version that held the label before,
+and in an incident nothing may stand between an operator and the previous version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from prompt_registry.errors import LabelConflict, RegistryError
+from prompt_registry.models import AGGREGATES, EACH_CATEGORY, EvaluationSpec, GateCriterion
+from prompt_registry.rollouts import wilson_interval
+
+if TYPE_CHECKING:
+    from prompt_registry.store import PromptStore
+
+__all__ = [
+    "GateOverride", "GateRefused", "GateReport", "CriterionResult", "MetricCounts", "RateCount",
+    "ScorecardRecord", "ScorecardMismatch", "check_scorecard_version", "evaluate_gate",
+    "gate_report", "move_label", "scorecard_audit_note",
+]
+
+CONFIDENCE = 0.95
+_EPS = 1e-12  # a value equal to its limit passes, whatever the float rounding
+
+
+class GateRefused(RegistryError):
+    """The promotion gate refused a production move. Carries the full report."""
+
+    def __init__(self, report: GateReport) -> None:
+        super().__init__(report.message())
+        self.report = report
+
+
+class ScorecardMismatch(RegistryError, ValueError):
+    """A scorecard does not belong to the version it is stored under (content hash differs)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MetricCounts(_Strict):
+    """Confusion counts for one category (or micro / flagged)."""
+
+    tp: int = Field(0, ge=0)
+    fp: int = Field(0, ge=0)
+    fn: int = Field(0, ge=0)
+
+    @property
+    def support(self) -> int:
+        return self.tp + self.fn
+
+    @property
+    def predicted(self) -> int:
+        return self.tp + self.fp
+
+    @property
+    def precision(self) -> float | None:
+        return self.tp / self.predicted if self.predicted else None
+
+    @property
+    def recall(self) -> float | None:
+        return self.tp / self.support if self.support else None
+
+    @property
+    def f1(self) -> float | None:
+        p, r = self.precision, self.recall
+        if p is None and r is None:
+            return None
+        if not p or not r:
+            return 0.0
+        return 2 * p * r / (p + r)
+
+    def as_dict(self) -> dict[str, Any]:
+        pi = wilson_interval(self.tp, self.predicted, CONFIDENCE) if self.predicted else None
+        ri = wilson_interval(self.tp, self.support, CONFIDENCE) if self.support else None
+        return {"tp": self.tp, "fp": self.fp, "fn": self.fn, "support": self.support,
+                "predicted": self.predicted, "precision": self.precision,
+                "precision_ci": list(pi) if pi else None, "recall": self.recall,
+                "recall_ci": list(ri) if ri else None, "f1": self.f1}
+
+
+class RateCount(_Strict):
+    count: int = Field(0, ge=0)
+    n: int = Field(0, ge=0)
+
+    @property
+    def rate(self) -> float | None:
+        return self.count / self.n if self.n else None
+
+
+class ScorecardRecord(_Strict):
+    """The part of a scorecard the registry keeps and gates read (the full report, with items,
+    plots and per-locale numbers, stays in the files `modgate eval run` writes)."""
+
+    prompt: str = Field(..., min_length=1)
+    version: int = Field(..., ge=1)
+    version_hash: str = Field(..., min_length=1, description="content hash of the version scored")
+    dataset_sha256: str = Field(..., pattern=r"^[0-9a-f]{64}$")
+    dataset_source: str = ""
+    model: str = ""
+    items: int = Field(..., ge=0)
+    correct: int = Field(0, ge=0)
+    categories: dict[str, MetricCounts]
+    micro: MetricCounts
+    flagged: MetricCounts
+    parse_failures: RateCount = Field(default_factory=RateCount, description="of answered items")
+    errors: RateCount = Field(default_factory=RateCount, description="of all items (no verdict)")
+    needs_review: RateCount = Field(default_factory=RateCount, description="of answered items")
+    created_at: datetime
+    created_by: str = ""
+    report: str = Field("", description="where the full report was written")
+
+    @field_validator("correct")
+    @classmethod
+    def _correct(cls, v: int, info: Any) -> int:
+        items = info.data.get("items")
+        if items is not None and v > items:
+            raise ValueError("more correct items than items")
+        return v
+
+    def counts(self, category: str) -> MetricCounts | None:
+        if category == "micro":
+            return self.micro
+        if category == "flagged":
+            return self.flagged
+        return self.categories.get(category)
+
+    def as_dict(self) -> dict[str, Any]:
+        acc_ci = wilson_interval(self.correct, self.items, CONFIDENCE) if self.items else None
+        return {
+            "prompt": self.prompt, "version": self.version, "version_hash": self.version_hash,
+            "dataset_sha256": self.dataset_sha256, "dataset_source": self.dataset_source,
+            "model": self.model, "items": self.items, "created_at": self.created_at.isoformat(),
+            "created_by": self.created_by, "report": self.report,
+            "accuracy": self.correct / self.items if self.items else None,
+            "accuracy_ci": list(acc_ci) if acc_ci else None,
+            "categories": {k: v.as_dict() for k, v in self.categories.items()},
+            "micro": self.micro.as_dict(), "flagged": self.flagged.as_dict(),
+            "rates": {k: {"count": r.count, "n": r.n, "rate": r.rate}
+                      for k, r in (("parse_failure", self.parse_failures), ("error", self.errors),
+                                   ("needs_review", self.needs_review))},
+        }
+
+
+class GateOverride(_Strict):
+    """Move production although the gate fails. Only built for callers with the admin scope."""
+
+    reason: str = Field(..., min_length=1, max_length=2000)
+    by: str = Field(..., min_length=1, description="who overrides (the admin key's name)")
+
+    @field_validator("reason")
+    @classmethod
+    def _reason(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("an override needs a reason")
+        return v.strip()
+
+
+Verdict = Literal["pass", "fail"]
+
+
+@dataclass(frozen=True)
+class CriterionResult:
+    criterion: str            # the criterion as declared, e.g. "counterfeit precision lower bound >= 0.900"
+    metric: str
+    category: str | None
+    value: float | None       # the value compared (bound or estimate); None when unavailable
+    limit: float | None
+    baseline: float | None    # production's estimate, for max_drop_vs_production
+    samples: int              # the denominator behind the value
+    verdict: Verdict
+    detail: str               # one line with the numbers
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"criterion": self.criterion, "metric": self.metric, "category": self.category,
+                "value": self.value, "limit": self.limit, "baseline": self.baseline,
+                "samples": self.samples, "verdict": self.verdict, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class GateReport:
+    """The verdict of the promotion gate for one version against the current production."""
+
+    prompt: str
+    version: int
+    production_version: int | None
+    declared_by: int | None          # the version whose evaluation block applies; None: no gate
+    dataset_sha256: str | None
+    dataset_path: str
+    items: int | None                # items in the candidate's scorecard
+    results: list[CriterionResult] = field(default_factory=list)
+    relative: bool = False           # some criterion compares with production's scorecard
+
+    @property
+    def verdict(self) -> Literal["pass", "fail", "none"]:
+        if self.declared_by is None:
+            return "none"
+        return "fail" if any(r.verdict == "fail" for r in self.results) else "pass"
+
+    @property
+    def failures(self) -> list[CriterionResult]:
+        return [r for r in self.results if r.verdict == "fail"]
+
+    def dataset_label(self) -> str:
+        """e.g. "dataset e08b6d315ed6 (datasets/listings-sample.jsonl, 194 items)"."""
+        sha = (self.dataset_sha256 or "")[:12]
+        extras = [p for p in (self.dataset_path,
+                              f"{self.items} items" if self.items is not None else "") if p]
+        return f"dataset {sha}" + (f" ({', '.join(extras)})" if extras else "")
+
+    def message(self) -> str:
+        """Why the gate refuses (or passes), naming each failed criterion with its numbers."""
+        where = self.dataset_label()
+        if self.verdict == "none":
+            return f"{self.prompt} v{self.version}: no promotion gate declared"
+        if self.verdict == "pass":
+            return (f"{self.prompt} v{self.version} passes its promotion gate "
+                    f"({len(self.results)} check(s) on {where})")
+        fails = self.failures
+        head = (f"{self.prompt} v{self.version} fails its promotion gate: {len(fails)} of "
+                f"{len(self.results)} check(s) failed on {where}")
+        lines = [head, *(f"  - {r.detail}" for r in fails)]
+        if self.hint():
+            lines.append(f"  {self.hint()}")
+        return "\n".join(lines)
+
+    def hint(self) -> str:
+        """The command that computes the missing scorecards, when some are missing."""
+        missing = [r for r in self.failures if r.metric == "scorecard" or "no stored scorecard" in r.detail]
+        if not missing:
+            return ""
+        versions = [self.version]
+        if self.relative and self.production_version is not None:
+            versions.insert(0, self.production_version)
+        flags = " ".join(f"--version {v}" for v in versions)
+        return (f"to score it: modgate eval run --prompt {self.prompt} {flags} "
+                f"--dataset {self.dataset_path or 'FILE'}")
+
+    def summary(self) -> str:
+        """One line for an audit note."""
+        if self.verdict == "none":
+            return "no gate declared"
+        sha = (self.dataset_sha256 or "")[:12]
+        if self.verdict == "pass":
+            return f"gate passed on dataset {sha} ({len(self.results)} checks)"
+        return f"gate failed on dataset {sha}: " + "; ".join(r.detail for r in self.failures)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "version": self.version,
+                "production_version": self.production_version, "declared_by": self.declared_by,
+                "dataset": {"sha256": self.dataset_sha256, "path": self.dataset_path,
+                            "items": self.items},
+                "verdict": self.verdict, "message": self.message(),
+                "criteria": [r.as_dict() for r in self.results]}
+
+
+def scorecard_audit_note(record: ScorecardRecord, note: str, *, replaced: bool) -> str:
+    """The audit note of a stored scorecard (the same on every store)."""
+    m = record.micro
+    text = (f"scorecard on dataset {record.dataset_sha256[:12]} ({record.items} items): micro "
+            f"precision {_fmt(m.precision)}, recall {_fmt(m.recall)}")
+    if replaced:
+        text += "; replaces the earlier scorecard"
+    return f"{text} | {note}" if note else text
+
+
+def check_scorecard_version(record: ScorecardRecord, content_hash: str) -> None:
+    if record.version_hash != content_hash:
+        raise ScorecardMismatch(
+            f"scorecard of {record.prompt} v{record.version} was computed for content "
+            f"{record.version_hash[:12]}, but v{record.version} is {content_hash[:12]}")
+
+
+# -- evaluation (pure) -------------------------------------------------------------------------
+
+def _fmt(x: float | None) -> str:
+    return "undefined" if x is None else f"{x:.3f}"
+
+
+def _value(rec: ScorecardRecord, metric: str, category: str | None,
+           bound: str) -> tuple[float | None, int, str]:
+    """(value, samples, why-undefined) of a metric as the criterion's bound reads it."""
+    if metric in ("precision", "recall", "f1"):
+        assert category is not None
+        c = rec.counts(category)
+        if c is None:
+            return None, 0, f"no {category!r} category in the scorecard"
+        if metric == "f1":
+            return c.f1, c.support, "no support and no predictions"
+        k, n = c.tp, (c.predicted if metric == "precision" else c.support)
+        why = "no predictions" if metric == "precision" else "no gold positives"
+    elif metric == "accuracy":
+        k, n, why = rec.correct, rec.items, "no items"
+    else:
+        rate = {"parse_failure_rate": rec.parse_failures, "error_rate": rec.errors,
+                "needs_review_rate": rec.needs_review}[metric]
+        k, n, why = rate.count, rate.n, "no items"
+    if n == 0:
+        return None, 0, why
+    if bound == "estimate":
+        return k / n, n, ""
+    lo, hi = wilson_interval(k, n, CONFIDENCE)
+    return (lo if bound == "lower" else hi), n, ""
+
+
+def _name(metric: str, category: str | None, bound: str) -> str:
+    what = metric.replace("_", " ")
+    if category is not None:
+        what = f"{category} {what}"
+    return what + {"lower": " lower bound", "upper": " upper bound", "estimate": ""}[bound]
+
+
+def _judge(crit: GateCriterion, category: str | None, cand: ScorecardRecord,
+           prod: ScorecardRecord | None, production_version: int | None,
+           each: bool) -> CriterionResult | None:
+    """One criterion on one category; None when `*` skips an undefined category."""
+    desc = crit.describe()
+    name = _name(crit.metric, category, crit.bound)
+    value, n, why = _value(cand, crit.metric, category, crit.bound)
+
+    def result(verdict: Verdict, detail: str, limit: float | None,
+               baseline: float | None = None) -> CriterionResult:
+        return CriterionResult(desc, crit.metric, category, value, limit, baseline, n, verdict, detail)
+
+    if crit.max_drop_vs_production is not None:
+        drop = crit.max_drop_vs_production
+        if production_version is None:
+            return result("pass", f"{name}: no production version to compare with", None)
+        if prod is None:
+            return result("fail", f"{name}: no stored scorecard of production v{production_version} "
+                          "on this dataset to compare with", None)
+        base, _, _ = _value(prod, crit.metric, category, "estimate")
+        if base is None:
+            return None if each else result(
+                "pass", f"{name}: undefined for production v{production_version}; nothing to keep", None)
+        limit = base - drop
+        if value is None:
+            return result("fail", f"{name} undefined ({why}); production v{production_version} "
+                          f"has {_fmt(base)}", limit, base)
+        if value + _EPS >= limit:
+            return result("pass", f"{name} {_fmt(value)} vs production v{production_version}'s "
+                          f"{_fmt(base)} (allowed drop {drop:.3f})", limit, base)
+        return result("fail", f"{name} {_fmt(value)} is {base - value:.3f} below production "
+                      f"v{production_version}'s {_fmt(base)} (allowed drop {drop:.3f})", limit, base)
+    if value is None:
+        if each:
+            return None
+        limit = crit.min if crit.min is not None else crit.max
+        return result("fail", f"{name} undefined ({why})", limit)
+    if crit.min is not None:
+        ok = value + _EPS >= crit.min
+        return result("pass" if ok else "fail",
+                      f"{name} {_fmt(value)} {'>=' if ok else '<'} {crit.min:.3f} (n={n})", crit.min)
+    assert crit.max is not None
+    ok = value - _EPS <= crit.max
+    return result("pass" if ok else "fail",
+                  f"{name} {_fmt(value)} {'<=' if ok else '>'} {crit.max:.3f} (n={n})", crit.max)
+
+
+def evaluate_gate(spec: EvaluationSpec, candidate: ScorecardRecord | None,
+                  production: ScorecardRecord | None, *, prompt: str, version: int,
+                  production_version: int | None, declared_by: int) -> GateReport:
+    """Judge *candidate* (the scorecard of *version* on the declared dataset) by *spec*;
+    *production* is the current production version's scorecard on the same dataset (needed by
+    `max_drop_vs_production`). Pure: no store access."""
+    sha = spec.dataset.sha256
+    base = {"prompt": prompt, "version": version, "production_version": production_version,
+            "declared_by": declared_by, "dataset_sha256": sha, "dataset_path": spec.dataset.path}
+    if candidate is None:
+        missing = CriterionResult("scorecard", "scorecard", None, None, None, None, 0, "fail",
+                                  f"no stored scorecard of v{version} on dataset {sha[:12]}")
+        return GateReport(**base, items=None, results=[missing],
+                          relative=any(c.max_drop_vs_production is not None for c in spec.criteria))
+    if candidate.dataset_sha256 != sha:
+        raise ValueError("the candidate scorecard is for another dataset")
+    results: list[CriterionResult] = []
+    for crit in spec.criteria:
+        if crit.max_drop_vs_production is not None and production_version is not None and production is None:
+            results.append(CriterionResult(
+                crit.describe(), crit.metric, crit.category, None, None, None, 0, "fail",
+                f"{_name(crit.metric, crit.category, crit.bound)}: no stored scorecard of production "
+                f"v{production_version} on this dataset to compare with"))
+        elif crit.category == EACH_CATEGORY:
+            cats = [c for c in candidate.categories if c not in AGGREGATES]
+            judged = [_judge(crit, c, candidate, production, production_version, True) for c in cats]
+            kept = [r for r in judged if r is not None]
+            if not kept:
+                kept = [CriterionResult(crit.describe(), crit.metric, EACH_CATEGORY, None, None, None,
+                                        0, "pass", f"{_name(crit.metric, '*', crit.bound)}: "
+                                        "undefined for every category; nothing to judge")]
+            results += kept
+        else:
+            r = _judge(crit, crit.category, candidate, production, production_version, False)
+            assert r is not None
+            results.append(r)
+    return GateReport(**base, items=candidate.items, results=results,
+                      relative=any(c.max_drop_vs_production is not None for c in spec.criteria))
+
+
+# -- store-backed check ------------------------------------------------------------------------
+
+def gate_report(store: PromptStore, name: str, version: int, *,
+                production_label: str = "production") -> GateReport:
+    """The promotion gate's verdict for making *version* of *name* production now."""
+    production = store.labels(name).get(production_label)
+    return _report(store, name, version, production)
+
+
+def _report(store: PromptStore, name: str, version: int, production: int | None) -> GateReport:
+    candidate = store.get_version(name, version)
+    spec, declared_by = candidate.spec.evaluation, version
+    if spec is None and production is not None:
+        spec, declared_by = store.get_version(name, production).spec.evaluation, production
+    if spec is None:
+        return GateReport(name, version, production, None, None, "", None)
+    sha = spec.dataset.sha256
+    cand = store.get_scorecard(name, version, sha)
+    prod = store.get_scorecard(name, production, sha) if production is not None else None
+    return evaluate_gate(spec, cand, prod, prompt=name, version=version,
+                         production_version=production, declared_by=declared_by)
+
+
+def move_label(store: PromptStore, name: str, label: str, version: int, *,
+               expected: int | None = None, actor: str, note: str = "",
+               override: GateOverride | None = None,
+               production_label: str = "production") -> tuple[int | None, GateReport | None]:
+    """Point *label* at *version*, through the promotion gate when *label* is the production
+    label. Returns (previous version, gate report or None when not gated).
+
+    The gate is judged against the production version read here, and the move is a
+    compare-and-set against that same version (when *expected* is None), so a concurrent move
+    makes this fail with LabelConflict rather than promote on a stale comparison.
+    """
+    if label != production_label:
+        return store.set_label(name, label, version, expected=expected, actor=actor, note=note), None
+    current = store.labels(name).get(label)
+    if expected is not None and (current or 0) != expected:
+        raise LabelConflict(f"label {label!r} of {name!r} points at {current}, not {expected}")
+    if current == version:
+        report = None
+        gate_note = "already production; not judged"
+    else:
+        report = _report(store, name, version, current)
+        if report.verdict == "fail":
+            if override is None:
+                raise GateRefused(report)
+            gate_note = f"GATE OVERRIDDEN by {override.by}: {override.reason} ({report.summary()})"
+        elif report.verdict == "pass":
+            gate_note = report.summary()
+        else:
+            gate_note = ""
+    full = " | ".join(p for p in (note, gate_note) if p)
+    previous = store.set_label(name, label, version, expected=current or 0, actor=actor, note=full)
+    return previous, report
