@@ -37,6 +37,7 @@ from gateway.errors import (
     ERROR_RESPONSES,
     ApiError,
     error_response,
+    http_error_headers,
     json_response,
     map_exception,
     read_json_object,
@@ -221,7 +222,7 @@ def create_app(
             exc.status_code, "http_error")
         response = error_response(ApiError(exc.status_code, kind, str(exc.detail)),
                                   request.headers.get("x-request-id"))
-        for key, value in (exc.headers or {}).items():
+        for key, value in http_error_headers(request, exc).items():
             response.headers[key] = value
         return response
 

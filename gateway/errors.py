@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match
 
 from prompt_registry import (
     LabelConflict,
@@ -33,8 +34,8 @@ from serving import (
     BackendUnavailable,
 )
 
-__all__ = ["ERROR_RESPONSES", "ApiError", "error_response", "json_response", "map_exception",
-           "read_body", "read_json_object"]
+__all__ = ["ERROR_RESPONSES", "ApiError", "error_response", "http_error_headers", "json_response",
+           "map_exception", "read_body", "read_json_object"]
 
 # The error statuses every authenticated route may answer, for the OpenAPI document.
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
@@ -129,6 +130,34 @@ async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise ApiError(400, "malformed_json", "request body must be a JSON object")
     return payload
+
+
+_METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def http_error_headers(request: Request, exc: Any) -> dict[str, str]:
+    """The headers of a framework `HTTPException`, with a complete `Allow` on a 405.
+
+    Starlette answers a 405 from the first route whose path matches and lists only that
+    route's methods, but FastAPI registers one route per method (`GET /v1/prompts` and
+    `POST /v1/prompts` are two routes), so `Allow` must be the union over every route of
+    the app that matches the path (RFC 9110 §15.5.6)."""
+    headers = dict(exc.headers or {})
+    if exc.status_code != 405:
+        return headers
+    methods: set[str] = set()
+    for route in getattr(request.app, "routes", ()):
+        route_methods = getattr(route, "methods", None)
+        if not route_methods:
+            continue
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods.update(m.upper() for m in route_methods)
+    if methods:
+        ordered = [m for m in _METHOD_ORDER if m in methods] + sorted(methods - set(_METHOD_ORDER))
+        headers = {k: v for k, v in headers.items() if k.lower() != "allow"}
+        headers["allow"] = ", ".join(ordered)
+    return headers
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

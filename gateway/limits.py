@@ -365,6 +365,21 @@ return {1, tostring(inflight + 1)}
 """
 
 
+# The asyncio client of redis-py 8 skips its check of pooled connections (closed by the server,
+# or holding unread data) while "maintenance notifications" are on, and they are on ("auto")
+# by default: after a Redis restart every pooled connection then fails its next command once,
+# so releases fail and their leases stay counted for lease_ttl_s. Found by
+# tests/drills/test_redis_kill.py. Maintenance notifications are a managed-Redis feature this
+# limiter does not use.
+try:
+    from redis.maint_notifications import MaintNotificationsConfig
+
+    _CHECK_POOLED_CONNECTIONS: dict[str, Any] = {
+        "maint_notifications_config": MaintNotificationsConfig(enabled=False)}
+except ImportError:  # older redis-py always checks them
+    _CHECK_POOLED_CONNECTIONS = {}
+
+
 @dataclass
 class _RedisLease:
     caller_id: str
@@ -410,7 +425,7 @@ class RedisCallerLimiter:
 
         client = aioredis.Redis.from_url(url, socket_timeout=settings.redis_timeout_s,
                                          socket_connect_timeout=settings.redis_timeout_s,
-                                         decode_responses=False)
+                                         decode_responses=False, **_CHECK_POOLED_CONNECTIONS)
         return cls(client, settings, owns_client=True, **kwargs)
 
     @property

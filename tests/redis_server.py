@@ -1,4 +1,8 @@
-"""Start a real `redis-server` on a free loopback port for tests (never assume one is running)."""
+"""Start a real `redis-server` on a free loopback port for tests (never assume one is running).
+
+`start()` again after `stop()` or `kill()` restarts it on the same port and data directory, so
+with AOF on (the default) the data survives: `kill()` is a `kill -9` (no shutdown, no final
+AOF rewrite or RDB save), for crash drills."""
 
 from __future__ import annotations
 
@@ -12,13 +16,14 @@ import redis
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, *, appendonly: bool = True) -> None:
+    def __init__(self, workdir: Path, *, appendonly: bool = True, appendfsync: str = "always") -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server not found: run ./scripts/bootstrap (it installs it)")
         self.workdir = workdir
         self.binary = binary
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = int(s.getsockname()[1])
@@ -30,7 +35,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
              "--save", "", "--appendonly", "yes" if self.appendonly else "no",
-             "--appendfsync", "always", "--protected-mode", "yes"],
+             "--appendfsync", self.appendfsync, "--protected-mode", "yes"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
         deadline = time.monotonic() + 10
@@ -48,5 +53,12 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash: nothing is flushed beyond what it already wrote)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
             self.proc.wait(timeout=10)
         self.proc = None

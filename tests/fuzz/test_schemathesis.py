@@ -38,10 +38,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
-from schemathesis.openapi.checks import (
-    AllowHeaderMismatch,
-    RejectedPositiveData,
-)
+from schemathesis.openapi.checks import RejectedPositiveData
 from schemathesis.specs.openapi.checks import (
     allow_header_conformance,
     response_schema_conformance,
@@ -201,17 +198,10 @@ class KnownBug:
     matches: Callable[[Any, Any, Exception], bool]  # (case, response, failure)
 
 
-KNOWN_BUGS: list[KnownBug] = [
-    KnownBug(
-        "allow-header-incomplete",
-        "a 405 on /v1/prompts or /v1/prompts/{name}/rollout (GET and POST are separate routes) "
-        "lists only GET in `Allow` (Starlette answers from the first route matching the path)",
-        lambda case, response, f: isinstance(f, AllowHeaderMismatch) and response.status_code == 405
-        and case.operation.path in ("/v1/prompts", "/v1/prompts/{name}/rollout")),
-]
+KNOWN_BUGS: list[KnownBug] = []
 
 # Found by this suite and fixed: their reproductions now run as regression tests.
-FIXED: list[str] = ['unbounded-version-500', 'unbounded-version-rejected', 'moderate-lax-types', 'pinned-label-null', 'undocumented-error-statuses', 'openai-bodies-undocumented']
+FIXED: list[str] = ['unbounded-version-500', 'unbounded-version-rejected', 'moderate-lax-types', 'pinned-label-null', 'undocumented-error-statuses', 'openai-bodies-undocumented', 'allow-header-incomplete']
 
 # Deviations that are not gateway bugs: what the documented schema cannot say.
 ACCEPTED: list[KnownBug] = [
@@ -386,12 +376,21 @@ def repro_openai_bodies_undocumented(c: TestClient) -> None:
 
 
 def repro_allow_header_incomplete(c: TestClient) -> None:
-    for path, url in (("/v1/prompts", "/v1/prompts"),
-                      ("/v1/prompts/{name}/rollout", "/v1/prompts/listing-moderation/rollout")):
+    """A 405 lists in `Allow` exactly the methods the path documents - on every path, including
+    /v1/prompts and /v1/prompts/{name}/rollout, where GET and POST are separate routes (Starlette
+    alone answers from the first route matching the path and lists only its methods)."""
+    params = {"name": "listing-moderation", "version": 1, "label": "canary", "action": "pause"}
+    for path, operations in DOC["paths"].items():
+        url = path.format(**params)
         r = c.options(url)
-        assert r.status_code == 405
-        params = {"name": "listing-moderation"} if "{name}" in path else None
-        _check(_op(path, "GET").Case(method="OPTIONS", path_parameters=params), r,
+        assert r.status_code == 405, (url, r.status_code)
+        assert r.json()["error"]["type"] == "method_not_allowed"
+        documented = {m.upper() for m in operations}
+        advertised = {m.strip() for m in r.headers["allow"].split(",")}
+        assert advertised - {"HEAD", "OPTIONS"} == documented, (url, r.headers["allow"])
+        method = next(iter(operations))
+        names = {k: v for k, v in params.items() if "{" + k + "}" in path} or None
+        _check(_op(path, method).Case(method="OPTIONS", path_parameters=names), r,
                allow_header_conformance)
 
 
