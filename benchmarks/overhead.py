@@ -14,6 +14,10 @@ tracing at 10 % sampling (exported over OTLP/HTTP to a local receiver). Scenario
 
 Reports per scenario: added p50/p99 latency at 1 connection, requests/s at 32 connections
 (one gateway worker), and the gateway's CPU time per request. Needs `wrk` (Debian package).
+
+On a machine with two or more CPUs the gateway worker is pinned to the first CPU and the stub,
+wrk and this script to the rest (`--shared` turns that off), so a figure is what one worker
+does with one core to itself rather than how the load generator and the gateway split two.
 """
 
 from __future__ import annotations
@@ -127,8 +131,10 @@ def run_scenario(name: str, tmp: Path, args: argparse.Namespace, receiver: OtlpH
                          {"exporter": "otlp_http", "endpoint": receiver.endpoint, "sample_ratio": ratio})
     cfg_path = tmp / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
+    gw_cpus = args.gateway_cpus
     gw = subprocess.Popen([sys.executable, "-m", "gateway.cli", "gateway", "--config", str(cfg_path)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          preexec_fn=(lambda: os.sched_setaffinity(0, gw_cpus)) if gw_cpus else None)
     try:
         _wait_http(f"http://127.0.0.1:{stub_port}/v1/models")
         _wait_http(f"http://127.0.0.1:{gw_port}/healthz")
@@ -168,7 +174,16 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     ap.add_argument("--scenarios", default="plain,plain-trace-off,plain-trace-100,rollout,rollout-hanging-shadow")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--shared", action="store_true",
+                    help="let gateway, stub and wrk share every CPU (default on 2+ CPUs: the gateway "
+                         "worker pinned to CPU 0, stub, wrk and this script to the others, so the "
+                         "figure is one worker's capacity, not the load generator's)")
     args = ap.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    args.gateway_cpus = None
+    if not args.shared and len(cpus) >= 2:
+        args.gateway_cpus = {cpus[0]}
+        os.sched_setaffinity(0, set(cpus[1:]))  # stub and wrk inherit this
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
     receiver = OtlpHttpReceiver()
@@ -185,8 +200,9 @@ def main() -> None:
         "command": "python benchmarks/overhead.py " + " ".join(sys.argv[1:]),
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "commit": commit,
-        "machine": f"{platform.machine()} python {platform.python_version()} ({os.cpu_count()} cpus); "
-                   "gateway, stub and wrk share the machine",
+        "machine": f"{platform.machine()} python {platform.python_version()} ({os.cpu_count()} cpus); " + (
+            "gateway, stub and wrk share the machine" if args.gateway_cpus is None else
+            f"gateway pinned to CPU {min(args.gateway_cpus)}, stub and wrk to the others"),
         "targets": {"added_p50_ms_c1": 1.0, "gateway_rps_c32": 1500},
         "scenarios": results,
     }

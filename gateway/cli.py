@@ -218,7 +218,8 @@ def _run_gateway(cfg: AppConfig, store: Any, *, announce: bool, local_keys: bool
     if cfg.serving.mode == "ray" and cfg.serving.transport == "handle":
         from serving.ray_handle_backend import RayHandleBackend
 
-        inner = RayHandleBackend(cfg.serving.ray.app_name, stream_fallback=inner)
+        inner = RayHandleBackend(cfg.serving.ray.app_name, stream_fallback=inner,
+                                 batch=cfg.serving.handle_batch)
     backend = ResilientBackend(inner, cfg.serving.resilience, registry=metrics.registry)
     redis_url = ((cfg.registry.redis_url or os.environ.get(cfg.registry.redis_url_env))
                  if cfg.registry.store == "redis" else None)

@@ -130,6 +130,20 @@ def handle_server_cls() -> type:
                 return item.model_dump(mode="json")  # type: ignore[no-any-return]
             return {"error": {"message": "the engine returned nothing", "code": 500}}
 
+        async def chat_json_batch(self, bodies: list[dict[str, Any]],
+                                  headers: list[dict[str, str]]) -> list[dict[str, Any]]:
+            """Several `chat_json` calls in one actor call (the gateway's HopBatcher); the
+            engine batches them continuously like any concurrent requests."""
+            import asyncio
+
+            async def one(body: dict[str, Any], hdrs: dict[str, str]) -> dict[str, Any]:
+                try:
+                    return await self.chat_json(body, hdrs)
+                except Exception as exc:  # noqa: BLE001 - one failure must not fail the batch
+                    return {"error": {"message": f"{type(exc).__name__}: {exc}"[:500], "code": 500}}
+
+            return list(await asyncio.gather(*(one(b, h) for b, h in zip(bodies, headers, strict=True))))
+
     return ModgateLLMServer
 
 

@@ -7,6 +7,10 @@ out, so this side never imports vLLM. A call is one Ray actor call instead of an
 through Ray Serve's proxy and OpenAI ingress (two fewer hops). The W3C trace context travels
 in `headers`, so the engine's span still joins the caller's trace. Streaming goes over HTTP
 (the `http` fallback backend), since the handle method answers in one piece.
+
+With `batch.max_size > 1` requests to one model share actor calls (`chat_json_batch`, through a
+`HopBatcher`): one call carries several requests when calls are already in flight, none wait
+when the model is idle.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from serving.config import HandleBatchConfig
 from serving.errors import (
     BackendBadRequest,
     BackendOverloaded,
@@ -23,6 +28,7 @@ from serving.errors import (
     BackendTimeout,
     BackendUnavailable,
 )
+from serving.hop_batcher import HopBatcher
 from serving.http_backend import OpenAIHttpBackend, build_chat_body, parse_completion, trace_headers
 from serving.protocol import ChatChunk, ChatRequest, ChatResult
 
@@ -30,10 +36,26 @@ __all__ = ["RayHandleBackend"]
 
 
 class RayHandleBackend:
-    def __init__(self, app_name: str, *, stream_fallback: OpenAIHttpBackend) -> None:
+    def __init__(self, app_name: str, *, stream_fallback: OpenAIHttpBackend,
+                 batch: HandleBatchConfig | None = None) -> None:
         self.app_name = app_name
         self._fallback = stream_fallback
         self._handles: dict[str, Any] = {}
+        self._batch = batch if batch is not None and batch.max_size > 1 else None
+        self._batchers: dict[str, HopBatcher[tuple[dict[str, Any], dict[str, str]], Any]] = {}
+
+    def _batcher(self, model: str, handle: Any) -> HopBatcher[tuple[dict[str, Any], dict[str, str]], Any]:
+        batcher = self._batchers.get(model)
+        if batcher is None:
+            assert self._batch is not None
+
+            async def send(items: list[tuple[dict[str, Any], dict[str, str]]]) -> list[Any]:
+                return list(await handle.chat_json_batch.remote([b for b, _ in items], [h for _, h in items]))
+
+            batcher = self._batchers[model] = HopBatcher(
+                send, max_size=self._batch.max_size, max_wait_s=self._batch.max_wait_ms / 1000.0,
+                max_hops=self._batch.max_hops)
+        return batcher
 
     def _handle(self, model: str) -> Any:
         handle = self._handles.get(model)
@@ -56,8 +78,12 @@ class RayHandleBackend:
         start = time.perf_counter()
         try:
             handle = self._handle(request.model)
-            data = await asyncio.wait_for(handle.chat_json.remote(build_chat_body(request), trace_headers()),
-                                          timeout_s)
+            body, headers = build_chat_body(request), trace_headers()
+            if self._batch is None:
+                call: Any = handle.chat_json.remote(body, headers)
+            else:
+                call = self._batcher(request.model, handle).submit((body, headers))
+            data = await asyncio.wait_for(call, timeout_s)
         except TimeoutError as exc:
             raise BackendTimeout(f"no answer from deployment of {request.model!r} within {timeout_s:.1f}s") from exc
         except RayError as exc:  # actor died, replica unavailable, serve backpressure ...
@@ -98,4 +124,6 @@ class RayHandleBackend:
         return {"models": models, "transport": "handle"}
 
     async def aclose(self) -> None:
+        for batcher in self._batchers.values():
+            await batcher.aclose()
         await self._fallback.aclose()

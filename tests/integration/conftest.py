@@ -39,6 +39,11 @@ class Stack:
         keys = json.loads((self.data_dir / "local-keys.json").read_text())
         return {"authorization": f"Bearer {keys['local-caller']}"}
 
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        keys = json.loads((self.data_dir / "local-keys.json").read_text())
+        return {"authorization": f"Bearer {keys['local-admin']}"}
+
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
@@ -69,6 +74,7 @@ def otlp() -> Iterator[OtlpHttpReceiver]:
 
 
 TRANSPORTS = ["http", "handle"]
+SECOND_MODEL = "tiny-llama-b"
 
 
 @pytest.fixture(scope="session", params=TRANSPORTS)
@@ -89,6 +95,9 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     model = config["serving"]["models"][0]
     model["engine_kwargs"]["otlp_traces_endpoint"] = otlp.endpoint
     model["env"] = {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}
+    # A second model (same tiny weights, its own Ray Serve deployment and engine): prompt
+    # versions choose the model they run on (test_a_prompt_version_runs_on_the_model_it_names).
+    config["serving"]["models"].append({**model, "name": SECOND_MODEL})
     config_path = tmp / "modgate.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log_path = tmp / "stack.log"

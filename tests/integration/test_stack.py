@@ -10,8 +10,9 @@ import time
 import httpx
 import openai
 import pytest
+import yaml
 
-from tests.integration.conftest import Stack
+from tests.integration.conftest import ROOT, SECOND_MODEL, Stack
 from tests.otlp_receiver import OtlpHttpReceiver
 
 pytestmark = pytest.mark.stack
@@ -169,7 +170,7 @@ def test_openai_client_against_the_gateway(stack: Stack) -> None:
     """Any OpenAI client can use the gateway: raw messages, registry prompts, streaming and
     the moderation endpoint, all through the real engine."""
     client = _gateway_client(stack)
-    assert [m.id for m in client.models.list().data] == ["tiny-llama"]
+    assert [m.id for m in client.models.list().data] == ["tiny-llama", SECOND_MODEL]
     raw = client.chat.completions.create(model="tiny-llama", max_tokens=8,
                                          messages=[{"role": "user", "content": "hello"}])
     assert raw.choices[0].message.content is not None and raw.usage.completion_tokens > 0
@@ -233,3 +234,31 @@ def test_shared_policy_prefix_is_served_from_the_prefix_cache(stack: Stack) -> N
     hit_rate = values.get("cached_input", 0) / values["input"]
     print(f"prefix-cache hit rate over the session: {hit_rate:.1%}")
     assert hit_rate > 0.5
+
+
+def test_a_prompt_version_runs_on_the_model_it_names(stack: Stack) -> None:
+    """Two models from one config, each its own Ray Serve deployment and engine: a prompt
+    version names its model and the gateway sends it there; the default prompt stays put."""
+    served = httpx.get(f"{stack.serving_url}/models", timeout=10).json()
+    assert {"tiny-llama", SECOND_MODEL} <= {m["id"] for m in served["data"]}
+    listed = httpx.get(f"{stack.gateway_url}/v1/models", timeout=10, headers=stack.headers).json()
+    assert {"tiny-llama", SECOND_MODEL} <= {m["id"] for m in listed["data"]}
+
+    spec = yaml.safe_load((ROOT / "configs" / "prompts" / "listing-moderation.yaml").read_text())
+    spec.update(name="listing-moderation-b", model=SECOND_MODEL)
+    spec.pop("evaluation", None)
+    r = httpx.post(f"{stack.gateway_url}/v1/prompts", timeout=30, content=yaml.safe_dump(spec),
+                   headers={**stack.admin_headers, "content-type": "application/yaml"})
+    assert r.status_code in (200, 201), r.text
+    version = r.json()["version"]
+
+    r = httpx.post(f"{stack.gateway_url}/v1/moderate", timeout=60, headers=stack.headers,
+                   json={**LISTING, "item_id": "two-models-1", "prompt": "listing-moderation-b",
+                         "prompt_version": version})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == SECOND_MODEL and body["fail_reason"] is None
+    assert body["prompt"] == {**body["prompt"], "name": "listing-moderation-b", "version": version}
+    r = httpx.post(f"{stack.gateway_url}/v1/moderate", timeout=60, headers=stack.headers,
+                   json={**LISTING, "item_id": "two-models-2"})
+    assert r.status_code == 200 and r.json()["model"] == "tiny-llama"
