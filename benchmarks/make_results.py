@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/make_results.py [--results-dir benchmarks/results]
         [--out benchmarks/RESULTS.md] [--check] [--regenerate-locust]
 
-Reads the top-level `benchmarks/results/*.json` (registry_resolve, publish_visibility,
+Reads the top-level `benchmarks/results/*.json` (registry_resolve, publish_visibility, soak,
 single_request, overhead, overload; any other file gets a generic section listing its fields)
 and `benchmarks/results/locust/<profile>/summary.json` (run.json and locust_verdicts.json are
 inputs of summarize_locust.py, not results). Each section gives what the benchmark measures,
@@ -31,7 +31,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +172,8 @@ class Rendered:
     checks: list[Check]
     result: str  # one line for the overview
     consumed: set[str]
+    # (alt text, file name next to the result file): linked when the file is there
+    images: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _below(value: Any, limit: float, strict: bool = True) -> bool | None:
@@ -377,6 +379,247 @@ def render_overload(doc: dict[str, Any]) -> Rendered:
                   "rss_mb_max_during", "rss_mb_after"})
 
 
+ENGINE_RUNS = {
+    "direct": "vLLM offline `LLM.chat`, every item queued at once",
+    "vllm_server": "vLLM's OpenAI server, driven directly",
+    "gateway_vllm": "gateway → vLLM's OpenAI server",
+    "gateway_http": "gateway → Ray Serve LLM over HTTP (default stack)",
+    "gateway_handle": "gateway → Ray Serve LLM through deployment handles",
+}
+
+
+def render_engine_throughput(doc: dict[str, Any]) -> Rendered:
+    runs = doc.get("runs") if isinstance(doc.get("runs"), dict) else {}
+    target = num(doc.get("target_ratio")) or 0.95
+    model = doc.get("model") if isinstance(doc.get("model"), dict) else {}
+    lines = ["| run | what | items/s | % of direct | p50 (ms) | p99 (ms) | answers |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for name, r in runs.items():
+        ratio = num(r.get("ratio_to_direct"))
+        statuses = r.get("statuses") or ({"parsed": r.get("verdicts_parsed")} if "verdicts_parsed" in r else {})
+        lines.append(f"| {cell(name)} | {cell(ENGINE_RUNS.get(name, ''))} | {fmt(r.get('items_per_s'))} | "
+                     f"{'—' if ratio is None else fmt(round(100 * ratio, 1))} | {fmt(r.get('p50_ms'))} | "
+                     f"{fmt(r.get('p99_ms'))} | {cell(', '.join(f'{k}: {v}' for k, v in statuses.items()))} |")
+    checks = []
+    for name in ("gateway_vllm", "gateway_http", "gateway_handle"):
+        r = runs.get(name)
+        if not isinstance(r, dict):
+            continue
+        ratio = num(r.get("ratio_to_direct"))
+        checks.append(Check(f"{name}: ≥ {fmt(round(100 * target))} % of direct",
+                            "—" if ratio is None else f"{fmt(round(100 * ratio, 1))} %",
+                            None if ratio is None else ratio >= target))
+    server = runs.get("vllm_server", {})
+    gw = runs.get("gateway_vllm", {})
+    notes = ["", f"Model: random Llama, {fmt(model.get('num_layers'))} layers × {fmt(model.get('hidden_size'))} "
+             f"wide; shared policy prefix {fmt(doc.get('policy_tokens'))} tokens; {fmt(doc.get('items'))} timed "
+             f"items after {fmt(doc.get('warmup'))} warm-up; {fmt(doc.get('concurrency'))} requests in flight "
+             "through the servers."]
+    if num(gw.get("ratio_to_vllm_server")) is not None:
+        notes.append(f"The gateway in front of vLLM's own server delivers "
+                     f"{fmt(round(100 * num(gw.get('ratio_to_vllm_server')), 1))} % of that server's "
+                     f"throughput driven directly ({fmt(gw.get('items_per_s'))} vs "
+                     f"{fmt(server.get('items_per_s'))} items/s): the gateway's own cost, without Ray.")
+    best = max((r for n, r in runs.items() if n.startswith("gateway_")),
+               key=lambda r: num(r.get("items_per_s")) or 0.0, default={})
+    return Rendered(
+        title="Moderation throughput through the gateway vs the engine called directly",
+        what=("The moderation workload (one long shared policy prefix + one listing, regex-"
+              "constrained verdict) on the same vLLM CPU engine and engine arguments: offline "
+              "`LLM.chat` with every item queued at once, vLLM's own OpenAI server, and the gateway "
+              "in front of that server and of Ray Serve LLM (both transports). On this 2-core "
+              "machine the servers, Ray and the gateway take CPU from the engine itself."),
+        target=f"through the gateway ≥ {fmt(round(100 * target))} % of the engine called directly",
+        body=lines + notes,
+        checks=checks,
+        result=(f"direct {fmt(runs.get('direct', {}).get('items_per_s'))} items/s; best through the "
+                f"gateway {fmt(best.get('items_per_s'))} items/s"),
+        consumed={"model", "policy_tokens", "items", "warmup", "concurrency", "target_ratio", "runs"})
+
+
+def render_handle_hop(doc: dict[str, Any]) -> Rendered:
+    rows = doc.get("settings") if isinstance(doc.get("settings"), list) else []
+    lines = ["| in flight | max_size | max_wait (ms) | max_hops | requests/s | p50 (ms) | p99 (ms) | "
+             "mean requests per call |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {fmt(r.get('concurrency'))} | {fmt(r.get('max_size'))} | {fmt(r.get('max_wait_ms'))} | "
+                     f"{fmt(r.get('max_hops'))} | {fmt(r.get('rps'))} | {fmt(r.get('p50_ms'))} | "
+                     f"{fmt(r.get('p99_ms'))} | {fmt(r.get('mean_batch'))} |")
+    by_conc: dict[Any, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_conc.setdefault(r.get("concurrency"), []).append(r)
+    loaded = max(by_conc, key=lambda c: num(c) or 0, default=None)
+    single = [r for r in by_conc.get(loaded, []) if r.get("max_size") == 1]
+    batched = [r for r in by_conc.get(loaded, []) if (num(r.get("max_size")) or 1) > 1]
+    result = "—"
+    if single and batched:
+        best = max(batched, key=lambda r: num(r.get("rps")) or 0.0)
+        result = (f"at {fmt(loaded)} in flight: {fmt(single[0].get('rps'))} req/s one per call, "
+                  f"{fmt(best.get('rps'))} req/s with max_size {fmt(best.get('max_size'))}")
+    return Rendered(
+        title="Ray Serve handle hop: one request per call vs batched calls",
+        what=("The gateway's `handle` transport (`RayHandleBackend`, from the driver process as in "
+              "`modgate up`) against a trivial deployment with the same methods as the real "
+              "`LLMServer` subclass that answers at once: what the Ray hop alone allows, with and "
+              "without `serving.handle_batch`."),
+        target="none (decides the `serving.handle_batch` defaults)",
+        body=lines,
+        checks=[],
+        result=result,
+        consumed={"duration_s", "settings"})
+
+
+def _soak_checks(doc: dict[str, Any]) -> tuple[list[Check], dict[str, Any]]:
+    """The three soak criteria, judged from the figures in soak.json."""
+    req = doc.get("requests") if isinstance(doc.get("requests"), dict) else {}
+    dlog = doc.get("decision_log") if isinstance(doc.get("decision_log"), dict) else {}
+    rss = doc.get("rss") if isinstance(doc.get("rss"), dict) else {}
+    tol = num(rss.get("tolerance_pct")) or 5.0
+    procs = [e for e in rss.get("processes") or [] if isinstance(e, dict)]
+
+    errors = num(req.get("failures"))  # no answer, a non-200 or a 200 without a usable verdict
+    lf = num(req.get("locust_failure_count"))
+    if lf is not None:
+        errors = lf if errors is None else max(errors, lf)
+    sent = num(req.get("sent"))
+    err_ok = None if errors is None or sent is None else (errors == 0 and sent > 0)
+
+    judged = [e for e in procs if num(e.get("max_dev_pct")) is not None]
+    outside = [e for e in judged if abs(num(e.get("max_dev_pct")) or 0.0) > tol]
+    worst = max(judged, key=lambda e: abs(num(e.get("max_dev_pct")) or 0.0), default=None)
+    rss_text = (f"{len(judged)} processes; largest deviation {num(worst.get('max_dev_pct')):+.2f} % "
+                f"({worst.get('label')})" if worst else "no process judged")
+    if outside:
+        rss_text += "; outside: " + ", ".join(str(e.get("label")) for e in outside)
+    rss_ok = None if not judged else not outside
+
+    fig = {k: num(dlog.get(k)) for k in ("records", "expected_records", "missing", "duplicates",
+                                         "unexpected", "answers_without_request_id")}
+    log_ok = None
+    if fig["records"] is not None and fig["expected_records"] is not None:
+        log_ok = (fig["records"] == fig["expected_records"] and fig["expected_records"] > 0
+                  and not any(fig[k] for k in ("missing", "duplicates", "unexpected",
+                                               "answers_without_request_id")))
+    log_text = (f"{fmt(dlog.get('records'))} records for {fmt(dlog.get('expected_records'))} recorded "
+                f"answers (missing {fmt(dlog.get('missing'))}, twice {fmt(dlog.get('duplicates'))}, "
+                f"unexpected {fmt(dlog.get('unexpected'))})")
+    checks = [
+        Check("zero errors", f"{fmt(None if errors is None else int(errors))} failed of "
+              f"{fmt(req.get('sent'))} requests", err_ok),
+        Check(f"RSS of every process within ±{fmt(tol)} % of its end-of-warm-up value", rss_text, rss_ok),
+        Check("decision log: exactly one record per answered request (200s and 5xx; 4xx are not "
+              "recorded)", log_text, log_ok),
+    ]
+    return checks, {"errors": errors, "worst": worst, "tol": tol}
+
+
+def render_soak(doc: dict[str, Any]) -> Rendered:
+    params = doc.get("parameters") if isinstance(doc.get("parameters"), dict) else {}
+    req = doc.get("requests") if isinstance(doc.get("requests"), dict) else {}
+    dlog = doc.get("decision_log") if isinstance(doc.get("decision_log"), dict) else {}
+    rss = doc.get("rss") if isinstance(doc.get("rss"), dict) else {}
+    stack = doc.get("stack") if isinstance(doc.get("stack"), dict) else {}
+    stub = doc.get("mode") != "cpu-stack"
+    checks, extra = _soak_checks(doc)
+    dur, rate = num(params.get("duration_s")), num(params.get("rate_rps"))
+    span = (f"{fmt(dur / 60)} min" if dur is not None and dur >= 60 else f"{fmt(dur)} s")
+    title = (f"Soak: {span} at {fmt(rate)} req/s, "
+             + ("upstream stub (mechanics check, not the CPU stack)" if stub else "CPU stack"))
+    lat = req.get("latency_ms") if isinstance(req.get("latency_ms"), dict) else {}
+
+    body: list[str] = []
+    if stub:
+        body += ["**Upstream stub, not the CPU stack.** `modgate gateway` in front of "
+                 "benchmarks/stub_upstream.py: these figures check the soak's mechanics and say "
+                 "nothing about the model stack; the soak of record is the CPU-stack run "
+                 "(`python benchmarks/soak.py` without `--upstream-stub`).", ""]
+    others = [str(x) for x in doc.get("other_stacks_during_run") or []]
+    if others:
+        body += [f"**Caveat:** {len(others)} other stack(s) ran on this machine during the load "
+                 f"and shared its CPUs: {cell('; '.join(others))}.", ""]
+    body += kv_table([
+        ("stack", doc.get("mode_note") or doc.get("mode")),
+        ("offered rate (req/s)", params.get("rate_rps")),
+        ("locust users × pacing (req/s each)",
+         f"{fmt(params.get('users'))} × {fmt(params.get('pacing_per_user_rps'))}"),
+        ("duration, warm-up included (s)", params.get("duration_s")),
+        ("warm-up (s)", params.get("warmup_s")),
+        ("RSS sample interval (s)", params.get("sample_interval_s")),
+        ("listing mix (locust profile)", params.get("profile")),
+        ("stack start (s)", stack.get("start_s")),
+        ("stack stopped cleanly on SIGINT (exit code; s)",
+         f"{fmt(stack.get('stopped_cleanly'))} ({fmt(stack.get('exit_code'))}; {fmt(stack.get('stop_s'))})"),
+        ("processes left behind after the stop (killed)",
+         f"{fmt(stack.get('left_behind'))}" + (f" ({', '.join(map(str, stack['left_behind_processes']))})"
+                                               if stack.get("left_behind_processes") else "")),
+    ], ("setting", "value"))
+    body += ["", "Requests and the decision log:", ""]
+    by_status = req.get("by_status") if isinstance(req.get("by_status"), dict) else {}
+    body += kv_table([
+        ("requests sent", req.get("sent")),
+        ("answered (any HTTP status)", req.get("answered")),
+        ("answers by status", ", ".join(f"{k}: {fmt(v)}" for k, v in sorted(by_status.items())) or None),
+        ("no answer (connection error, timeout)", req.get("unanswered")),
+        ("failures (locust)", req.get("locust_failure_count", req.get("failures"))),
+        ("errors by type", ", ".join(f"{k}: {fmt(v)}" for k, v in (req.get("errors") or {}).items())
+         or "none"),
+        ("achieved rate, whole run (req/s)", req.get("achieved_rps")),
+        ("achieved rate after the warm-up (req/s)", req.get("achieved_rps_after_warmup")),
+        ("latency p50 / p95 / p99 / max (ms)",
+         " / ".join(fmt(lat.get(q)) for q in ("p50", "p95", "p99", "max"))),
+        ("decision-log records (primary arms)", dlog.get("records")),
+        ("records expected (200s and 5xx answered)", dlog.get("expected_records")),
+        ("answered requests without a record / with two or more / records without such an answer",
+         f"{fmt(dlog.get('missing'))} / {fmt(dlog.get('duplicates'))} / {fmt(dlog.get('unexpected'))}"),
+        ("4xx answers (not recorded by design)", dlog.get("answered_4xx_not_recorded")),
+        ("torn / unreadable log lines", f"{fmt(dlog.get('torn_lines'))} / {fmt(dlog.get('bad_lines'))}"),
+    ])
+    tol = extra["tol"]
+    body += ["", f"Resident memory after the warm-up, per process (reference: {cell(str(rss.get('reference') or 'RSS at the end of the warm-up'))}; flat = within ±{fmt(tol)} %):", "",
+             "| process | RSS at end of warm-up (MB) | min (MB) | max (MB) | last (MB) | max deviation | "
+             "drift to last | slope (MB/h) | flat |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for e in [e for e in rss.get("processes") or [] if isinstance(e, dict)]:
+        dev, drift = num(e.get("max_dev_pct")), num(e.get("drift_pct"))
+        flat = "—" if e.get("flat") is None else ("yes" if e.get("flat") else "**no**")
+        note = f" ({cell(str(e['note']))})" if e.get("note") else ""
+        body.append(f"| {cell(str(e.get('label')))}{note} | {fmt(e.get('rss_mb_warmup_end'))} | "
+                    f"{fmt(e.get('rss_mb_min'))} | {fmt(e.get('rss_mb_max'))} | {fmt(e.get('rss_mb_last'))} | "
+                    f"{'—' if dev is None else f'{dev:+.2f} %'} | {'—' if drift is None else f'{drift:+.2f} %'} | "
+                    f"{fmt(e.get('slope_mb_per_h'))} | {flat} |")
+    total = rss.get("total") if isinstance(rss.get("total"), dict) else {}
+    if total:
+        dev = num(total.get("max_dev_pct"))
+        body.append(f"| *all processes (sum, not judged)* | {fmt(total.get('rss_mb_warmup_end'))} | "
+                    f"{fmt(total.get('rss_mb_min'))} | {fmt(total.get('rss_mb_max'))} | "
+                    f"{fmt(total.get('rss_mb_last'))} | {'—' if dev is None else f'{dev:+.2f} %'} | | | |")
+    body += ["", "Slopes are least-squares fits over the samples after the warm-up, informational; "
+             "the criterion is the largest deviation."]
+    worst = extra["worst"]
+    errors = extra["errors"]
+    result = (f"{fmt(req.get('sent'))} requests at {fmt(req.get('achieved_rps_after_warmup'))} req/s, "
+              f"{fmt(None if errors is None else int(errors))} errors; RSS max deviation "
+              + (f"{num(worst.get('max_dev_pct')):+.2f} % ({worst.get('label')})" if worst else "—")
+              + f"; decision log {fmt(dlog.get('records'))}/{fmt(dlog.get('expected_records'))}")
+    return Rendered(
+        title=title,
+        what=("A steady request rate (locust, constant throughput) for a long time against a stack "
+              "the script starts with a fresh data directory; the resident memory of every process "
+              "of the stack is sampled, and after the stack has stopped (the decision log flushes "
+              "on shutdown) every answered request is matched with its decision-log record by "
+              "request id."),
+        target=(f"zero errors; RSS of every process flat within ±{fmt(tol)} % after the warm-up; "
+                "exactly one decision-log record per answered request"),
+        body=body,
+        checks=checks,
+        result=result,
+        consumed={"mode", "mode_note", "parameters", "stack", "other_stacks_during_run",
+                  "locust_exit_code", "requests",
+                  "decision_log", "rss", "criteria", "passed", "plot", "samples_file"},
+        images=[(f"{title}: RSS over time", str(doc.get("plot") or "soak_rss.png"))],
+    )
+
+
 def render_generic(doc: Any, name: str) -> Rendered:
     d = doc if isinstance(doc, dict) else {}
     rows = [(k, v) for k, v in flatten(doc) if k.split(".", 1)[0] not in META_KEYS or not d]
@@ -405,6 +648,9 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], Rendered]] = {
     "gateway_overhead": render_overhead,
     "overload": render_overload,
     "overload_shedding": render_overload,
+    "soak": render_soak,
+    "engine_throughput": render_engine_throughput,
+    "handle_hop": render_handle_hop,
 }
 
 
@@ -439,6 +685,9 @@ def section_for_file(path: Path, results_dir: Path, md_dir: Path) -> Section:
              f"**What it measures.** {r.what}", "", f"**Target.** {r.target}", ""]
     lines += r.body
     lines.append("")
+    for alt, name in r.images:
+        if (path.parent / name).is_file():
+            lines += [f"![{cell(alt)}]({(rel.parent / name).as_posix()})", ""]
     extra = [(k, v) for k, v in sorted(d.items()) if k not in META_KEYS and k not in r.consumed]
     if extra:
         lines += ["Other fields in the file:", ""]

@@ -227,3 +227,171 @@ def test_non_object_result_is_listed(tree: tuple[Path, Path]) -> None:
     _run(res, out)
     text = out.read_text(encoding="utf-8")
     assert "## samples" in text and "| [1].n | 2 |" in text and "- commit: unknown" in text
+
+
+# --- the soak benchmark (benchmarks/soak.py -> soak.json -> its RESULTS.md section) ----------------
+
+
+def _soak_doc(mode: str = "cpu-stack", *, failures: int = 0, dev: float = 1.5,
+              records: int = 2400, expected: int = 2400) -> dict:
+    def proc(label: str, ref: float, max_dev: float | None, flat: bool | None, note: str | None = None) -> dict:
+        return {"label": label, "role": label, "pid": 1, "samples": 120, "rss_mb_warmup_end": ref,
+                "rss_mb_min": ref, "rss_mb_max": ref * 1.01, "rss_mb_last": ref, "max_dev_pct": max_dev,
+                "drift_pct": max_dev, "slope_mb_per_h": 0.5, "flat": flat, "note": note}
+
+    return {
+        "benchmark": "soak", "mode": mode, "mode_note": f"{mode} note",
+        "command": "python benchmarks/soak.py", "when": "2026-12-01T10:00:00+00:00", "commit": "abc1234",
+        "machine": "x86_64 python 3.11.7 (2 cpus)",
+        "parameters": {"rate_rps": 4.0, "users": 8, "pacing_per_user_rps": 0.5, "duration_s": 600.0,
+                       "warmup_s": 60.0, "sample_interval_s": 5.0, "tolerance_pct": 5.0,
+                       "profile": "cpu-smoke"},
+        "stack": {"start_s": 80.0, "exit_code": 0, "stopped_cleanly": True, "stop_s": 6.0, "left_behind": 0},
+        "requests": {"sent": 2400, "answered": 2400 - failures, "unanswered": failures,
+                     "by_status": {"200": 2400 - failures}, "failures": failures,
+                     "errors": {"ConnectionRefusedError": failures} if failures else {},
+                     "achieved_rps": 4.0, "achieved_rps_after_warmup": 3.99,
+                     "latency_ms": {"p50": 330.0, "p95": 550.0, "p99": 790.0, "max": 980.0},
+                     "locust_request_count": 2400, "locust_failure_count": failures},
+        "decision_log": {"records": records, "expected_records": expected, "missing": max(0, expected - records),
+                         "duplicates": 0, "unexpected": 0, "answers_without_request_id": 0,
+                         "answered_4xx_not_recorded": 0, "torn_lines": 0, "bad_lines": 0, "match": records == expected},
+        "rss": {"reference": "RSS at the end of the warm-up", "tolerance_pct": 5.0,
+                "processes": [proc("vLLM EngineCore", 2100.0, dev, abs(dev) <= 5),
+                              proc("ray raylet", 60.0, -0.4, True),
+                              proc("ray idle worker (pid 9)", 0.0, None, None, "appeared after the warm-up")],
+                "total": {"rss_mb_warmup_end": 3000.0, "rss_mb_min": 2990.0, "rss_mb_max": 3050.0,
+                          "rss_mb_last": 3040.0, "max_dev_pct": 1.6}},
+        "criteria": [], "passed": True, "plot": "soak_rss.png", "samples_file": "soak_rss_samples.csv",
+    }
+
+
+def test_soak_section(tree: tuple[Path, Path]) -> None:
+    res, out = tree
+    _write(res / "soak.json", _soak_doc())
+    (res / "soak_rss.png").write_bytes(b"\x89PNG")
+    _run(res, out)
+    text = out.read_text(encoding="utf-8")
+    section = text[text.index("## Soak: 10 min at 4 req/s, CPU stack"):text.index("## cache_warmup")]
+    assert "| vLLM EngineCore | 2,100 | 2,100 | 2,121 | 2,100 | +1.50 % |" in section
+    assert "ray idle worker (pid 9) (appeared after the warm-up)" in section
+    assert "![Soak: 10 min at 4 req/s, CPU stack: RSS over time](results/soak_rss.png)" in section
+    assert "| zero errors | 0 failed of 2,400 requests | yes |" in section
+    assert "2,400 records for 2,400 recorded answers (missing 0, twice 0, unexpected 0) | yes |" in section
+    assert "**Target met:** met." in section
+    assert "Other fields in the file" not in section  # every field has its place
+    overview = next(line for line in text.splitlines() if line.startswith("| [Soak"))
+    assert "2,400 requests at 3.99 req/s, 0 errors; RSS max deviation +1.50 % (vLLM EngineCore)" in overview
+    assert "Upstream stub" not in section
+
+
+def test_soak_section_judges_the_figures(tree: tuple[Path, Path]) -> None:
+    res, out = tree
+    _write(res / "soak.json", {**_soak_doc("upstream-stub", failures=3, dev=7.25, records=2396, expected=2397),
+                               "other_stacks_during_run": ["pid 42: python -m gateway.cli up --config x.yaml"]})
+    _run(res, out)
+    text = out.read_text(encoding="utf-8")
+    section = text[text.index("## Soak: 10 min at 4 req/s, upstream stub"):text.index("## cache_warmup")]
+    assert "**Upstream stub, not the CPU stack.**" in section
+    assert "**Caveat:** 1 other stack(s) ran on this machine during the load" in section
+    assert "| zero errors | 3 failed of 2,400 requests | **no** |" in section
+    assert "outside: vLLM EngineCore | **no** |" in section
+    assert "(missing 1, twice 0, unexpected 0) | **no** |" in section
+    assert "**Target met:** not met." in section
+    assert "](results/soak_rss.png)" not in section  # no plot file: no link
+
+
+def test_soak_analysis_feeds_the_section(tree: tuple[Path, Path]) -> None:
+    """soak.py's own figures (RSS per process, request/log matching) in the shape make_results reads."""
+    from benchmarks import soak
+
+    res, out = tree
+
+    t0, mb = 1000.0, 1024 * 1024
+    samples = []
+    for i in range(13):  # every 5 s from t0 - 0; warm-up 20 s
+        t = t0 + 5 * i
+        samples.append(soak.Sample(t, "1:1", 1, "modgate up (gateway, Ray driver)", int((100 + 0.1 * i) * mb)))
+        samples.append(soak.Sample(t, "2:1", 2, "ray gcs_server", int(50 * mb * (1 + 0.01 * max(0, i - 4)))))
+        if i >= 8:
+            samples.append(soak.Sample(t, "3:1", 3, "ray idle worker", 20 * mb))
+        if i <= 6:
+            samples.append(soak.Sample(t, "4:1", 4, "ray idle worker", 20 * mb))
+    rss = soak.analyse_rss(samples, t0, 20.0, 5.0)
+    by = {e["label"]: e for e in rss["processes"]}
+    assert by["modgate up (gateway, Ray driver)"]["flat"] is True
+    gcs = by["ray gcs_server"]
+    assert gcs["rss_mb_warmup_end"] == 50.0 and gcs["max_dev_pct"] == 8.0 and gcs["flat"] is False
+    assert by["ray idle worker (pid 3)"]["flat"] is None and by["ray idle worker (pid 3)"]["appeared_during_run"]
+    assert by["ray idle worker (pid 4)"]["exited_during_run"] and by["ray idle worker (pid 4)"]["flat"] is True
+    assert rss["not_flat"] == ["ray gcs_server"] and rss["judged"] == 3
+
+    answers = [{"t": t0 + 1, "status": 200, "rid": "a", "ms": 300, "failed": False},
+               {"t": t0 + 2, "status": 503, "rid": "b", "ms": 10, "failed": True},
+               {"t": t0 + 3, "status": 422, "rid": "c", "ms": 5, "failed": True},
+               {"t": t0 + 4, "status": 0, "rid": None, "ms": 90000, "failed": True},
+               {"t": t0 + 30, "status": 200, "rid": "d", "ms": 300, "failed": False}]
+    from collections import Counter
+
+    dlog = soak.analyse_log(answers, Counter({"a": 1, "b": 1, "d": 2, "e": 1}), 0, {})
+    assert (dlog["records"], dlog["expected_records"]) == (5, 3)
+    assert (dlog["missing"], dlog["duplicates"], dlog["unexpected"]) == (0, 1, 1)
+    assert dlog["answered_4xx_not_recorded"] == 1 and dlog["match"] is False
+    assert soak.analyse_log(answers, Counter({"a": 1, "b": 1, "d": 1}), 0, {})["match"] is True
+    req = soak.analyse_requests(answers, t0, 20.0, 60.0, {"requests": 5, "failures": 3, "errors": {}})
+    assert (req["sent"], req["answered"], req["unanswered"], req["failures"]) == (5, 4, 1, 3)
+    assert req["by_status"] == {"0": 1, "200": 2, "422": 1, "503": 1}
+
+    for e in rss["processes"]:
+        e.pop("_key")
+    doc = {**_soak_doc(), "requests": req, "decision_log": dlog, "rss": rss,
+           "criteria": soak.criteria(req, rss, dlog)}
+    assert [c["pass"] for c in doc["criteria"]] == [False, False, False]
+    _write(res / "soak.json", doc)
+    _run(res, out)
+    text = out.read_text(encoding="utf-8")
+    assert "| ray gcs_server | 50 | 50.5 | 54 | 54 | +8.00 % | +8.00 % |" in text
+    assert "outside: ray gcs_server | **no** |" in text
+    assert "5 records for 3 recorded answers (missing 0, twice 1, unexpected 1) | **no** |" in text
+
+
+def test_soak_roles() -> None:
+    from benchmarks.soak import role_of
+
+    assert role_of(["ray::ServeReplica:llm-app:LLMServer:tiny-llama"], "ray::ServeReplica") == \
+        "Serve replica llm-app:LLMServer:tiny-llama"
+    assert role_of(["ray::ServeController"], "ray::ServeCont") == "Serve controller"
+    assert role_of(["ray::ProxyActor"], "ray::ProxyActor") == "Serve HTTP proxy"
+    assert role_of(["ray::IDLE"], "ray::IDLE") == "ray idle worker"
+    assert role_of(["VLLM::EngineCore"], "VLLM::EngineCor") == "vLLM EngineCore"
+    assert role_of(["/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet", "--x"], "raylet") == \
+        "ray raylet"
+    assert role_of(["/venv/bin/python", "-u", "/venv/lib/python3.11/site-packages/ray/dashboard/agent.py"],
+                   "python") == "ray dashboard agent"
+    assert role_of(["/venv/bin/python", "/venv/site-packages/ray/_private/log_monitor.py"], "python") == \
+        "ray log monitor"
+
+
+def test_engine_throughput_section_judges_each_gateway_run() -> None:
+    doc = {"model": {"num_layers": 4, "hidden_size": 256}, "policy_tokens": 3500, "items": 128,
+           "warmup": 8, "concurrency": 32, "target_ratio": 0.95, "runs": {
+               "direct": {"items_per_s": 20.0},
+               "vllm_server": {"items_per_s": 19.0, "p50_ms": 900, "p99_ms": 1200, "statuses": {"200": 128}},
+               "gateway_vllm": {"items_per_s": 19.2, "ratio_to_direct": 0.96, "ratio_to_vllm_server": 1.011},
+               "gateway_http": {"items_per_s": 16.0, "ratio_to_direct": 0.8}}}
+    r = make_results.render_engine_throughput(doc)
+    assert [(c.criterion, c.ok) for c in r.checks] == [
+        ("gateway_vllm: ≥ 95 % of direct", True), ("gateway_http: ≥ 95 % of direct", False)]
+    assert make_results.verdict(r.checks) == "partly met (1 of 2 criteria)"
+    assert "101.1 % of that server's throughput" in "\n".join(r.body)
+    assert r.result == "direct 20 items/s; best through the gateway 19.2 items/s"
+
+
+def test_handle_hop_section_compares_batched_with_one_per_call() -> None:
+    doc = {"duration_s": 4, "settings": [
+        {"concurrency": 1, "max_size": 1, "max_wait_ms": 2, "max_hops": 4, "rps": 200, "mean_batch": 1},
+        {"concurrency": 32, "max_size": 1, "max_wait_ms": 2, "max_hops": 4, "rps": 400, "mean_batch": 1},
+        {"concurrency": 32, "max_size": 16, "max_wait_ms": 2, "max_hops": 2, "rps": 2000, "mean_batch": 10}]}
+    r = make_results.render_handle_hop(doc)
+    assert r.result == "at 32 in flight: 400 req/s one per call, 2,000 req/s with max_size 16"
+    assert len([line for line in r.body if line.startswith("| 32 |")]) == 2
