@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import yaml  # noqa: E402
+from run_locust import git_commit  # noqa: E402
 
 PROMPT = ROOT / "configs" / "prompts" / "listing-moderation.yaml"
 DATASET = ROOT / "datasets" / "listings-sample.jsonl"
@@ -62,14 +63,6 @@ RUNS = ("direct", "vllm_server", "gateway_vllm", "gateway_http", "gateway_handle
 
 def log(msg: str) -> None:
     print(f"[engine_throughput] {msg}", file=sys.stderr, flush=True)
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip() or None
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def build_model(path: Path) -> Path:

@@ -78,7 +78,9 @@ def main() -> None:
     finally:
         stub.terminate()
         stub.wait(timeout=20)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    from benchmarks.run_locust import git_commit
+
+    commit = git_commit()  # "-dirty" when the tree differs from the commit
     result = {
         "benchmark": "upstream_http_clients",
         "command": "python benchmarks/http_clients.py " + " ".join(sys.argv[1:]),

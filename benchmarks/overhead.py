@@ -193,8 +193,9 @@ def main() -> None:
             print(f"scenario {name} ...", file=sys.stderr)
             results.append(run_scenario(name, Path(tmp_s), args, receiver))
     receiver.close()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
+    from benchmarks.run_locust import git_commit
+
+    commit = git_commit()  # "-dirty" when the tree differs from the commit
     doc = {
         "benchmark": "gateway_overhead",
         "command": "python benchmarks/overhead.py " + " ".join(sys.argv[1:]),

