@@ -96,8 +96,7 @@ async def drive(setting: dict[str, float], duration: float, concurrency: int) ->
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
-    stats = next(iter(backend._batchers.values())).stats() if backend._batchers else \
-        {"mean_batch": 1.0}
+    stats = backend.batch_stats().get(MODEL, {"mean_batch": 1.0})
     await backend.aclose()
     latencies.sort()
     return {**setting, "rps": round(len(latencies) / wall, 1),

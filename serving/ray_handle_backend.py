@@ -106,6 +106,10 @@ class RayHandleBackend:
         return parse_completion(data, request.model, (time.perf_counter() - start) * 1000.0,
                                 f"deployment of {request.model!r}")
 
+    def batch_stats(self) -> dict[str, dict[str, Any]]:
+        """Per model: Ray calls made, requests they carried, mean requests per call."""
+        return {model: b.stats() for model, b in self._batchers.items()}
+
     async def stream_chat(self, request: ChatRequest, *, timeout_s: float) -> AsyncIterator[ChatChunk]:
         async for chunk in self._fallback.stream_chat(request, timeout_s=timeout_s):
             yield chunk
