@@ -1,6 +1,6 @@
 """Moderation throughput through the gateway against the same vLLM engine called directly.
 
-    .venv/bin/python benchmarks/engine_throughput.py [--items 128] [--concurrency 32]
+    .venv/bin/python benchmarks/engine_throughput.py [--items 128] [--concurrency 128,32]
         [--runs direct,vllm_server,gateway_vllm,gateway_http,gateway_handle]
     [--policy-tokens 3500] [--out benchmarks/results]
 
@@ -16,16 +16,26 @@ Three runs, one after another, each on a freshly started engine with the same en
 1. **direct** — vLLM's offline `LLM.chat` over all items at once (the engine's own best case:
    every prompt queued up front, no server, no HTTP);
 2. **vllm_server** — vLLM's own OpenAI server (`vllm.entrypoints.openai.api_server`, what
-   `vllm serve` runs) driven directly with the same chat requests at `--concurrency` in flight;
+   `vllm serve` runs) driven directly with the same chat requests, at each `--concurrency`;
 3. **gateway_vllm** — the gateway (`modgate up` with `serving.mode: http`) in front of that
    server, driven with `/v1/moderate`: the gateway's own cost, without Ray;
 4. **gateway_http** / **gateway_handle** — `modgate up` with Ray Serve LLM (the default stack),
    the gateway reaching the replica over Ray Serve's HTTP app or through deployment handles.
 
 Each run first sends `--warmup` items (not timed), so every run starts with the policy prefix
-in the prefix cache. Throughput = items / wall time of the timed batch. On this 2-core machine the
-gateway, Ray's processes and the engine share the same cores, so the ratio includes the CPU the
-serving stack takes from the engine; on a GPU node the engine does not compete for it.
+in the prefix cache; a server or stack is started once and then timed at each concurrency in
+turn. Throughput = items / wall time of the timed batch.
+
+**Which figure is the comparison.** The direct run hands the engine the whole batch at once, so
+the like-for-like figure is the one with the whole batch in flight (`--concurrency` equal to
+`--items`, the default's first value): the same prompts reach the same scheduler, and what
+differs is only the serving path. Lower concurrencies are recorded beside it; there the engine
+batches fewer prompts per step, which costs every server alike (vLLM's own included).
+
+**Where the CPU went.** On this 2-core machine the gateway, Ray's processes and the engine
+share the same cores, so the ratio includes the CPU the serving stack takes from the engine (on
+a GPU node the engine does not compete for it). Each timed batch therefore also records the CPU
+seconds every process of the machine used during it, by role (`cpu_s_by_role`).
 
 Writes `<out>/engine_throughput.json`; `benchmarks/make_results.py` turns it into RESULTS.md.
 """
@@ -104,7 +114,11 @@ def bench_version(prompts_dir: Path) -> Any:
                          created_at=datetime.now(UTC), created_by="bench")
 
 
-def load_items(n: int) -> list[dict[str, Any]]:
+def load_items(n: int, tag: str) -> list[dict[str, Any]]:
+    """`n` en-US listings from the sample dataset, each title prefixed with `[<tag>-<i>]`, so
+    no two timed items anywhere in the benchmark share anything past the policy prefix (a
+    repeated listing, or the same listing timed again at another concurrency, would find its
+    whole prompt in the prefix cache and flatter that run)."""
     from gateway.evaluation.dataset import read_dataset
 
     dataset, problems = read_dataset(DATASET)
@@ -112,10 +126,55 @@ def load_items(n: int) -> list[dict[str, Any]]:
         raise SystemExit(f"{DATASET}: {problems}")
     rows = [r for r in dataset.rows if r.locale == "en-US"]
     items = [r.variables() for r in (rows * (n // len(rows) + 1))[:n]]
-    for i, item in enumerate(items):  # distinct ids; the content repeats when n > len(rows)
-        item["item_id"] = f"{item['item_id']}-{i}"
+    for i, item in enumerate(items):
+        item["item_id"] = f"{item['item_id']}-{tag}-{i}"
+        item["title"] = f"[{tag}-{i}] {item['title']}"
         item["seller_id"] = item.get("seller_id") or f"seller-{i % 17}"
     return items
+
+
+def cpu_snapshot() -> dict[str, tuple[str, float]]:
+    """CPU seconds (user + system) so far of every process on the machine, by pid:start."""
+    import psutil
+    from soak import role_of
+
+    me = os.getpid()
+    snap: dict[str, tuple[str, float]] = {}
+    for p in psutil.process_iter(["pid", "name", "cmdline", "create_time", "cpu_times"]):
+        info = p.info
+        times = info.get("cpu_times")
+        if times is None:
+            continue
+        cmd = info.get("cmdline") or []
+        joined = " ".join(cmd)
+        if info["pid"] == me:
+            role = "this process (the benchmark client; LLM.chat's front end in the direct run)"
+        elif "vllm.entrypoints.openai.api_server" in joined:
+            role = "vLLM API server"
+        elif any(Path(a).name == "modgate" for a in cmd[:2]) and "up" in cmd:
+            role = "gateway (modgate up)"
+        else:
+            role = role_of(cmd, info.get("name") or "")
+        snap[f"{info['pid']}:{info['create_time']}"] = (role, times.user + times.system)
+    return snap
+
+
+def cpu_delta(before: dict[str, tuple[str, float]], after: dict[str, tuple[str, float]],
+              wall_s: float) -> dict[str, Any]:
+    """CPU seconds per role between two snapshots (processes that appeared count from zero),
+    and the engine's share of the machine's CPU time over the window."""
+    by_role: dict[str, float] = {}
+    for key, (role, cpu) in after.items():
+        used = cpu - before.get(key, (role, 0.0))[1]
+        if used > 0.005:
+            by_role[role] = by_role.get(role, 0.0) + used
+    total = sum(by_role.values())
+    engine = sum(v for k, v in by_role.items() if k.startswith("vLLM EngineCore") or k.startswith("vLLM worker"))
+    ordered = dict(sorted(((k, round(v, 2)) for k, v in by_role.items()), key=lambda kv: -kv[1]))
+    return {"cpu_s_by_role": ordered, "cpu_s_total": round(total, 2),
+            "cpu_s_engine": round(engine, 2),
+            "cpu_capacity_s": round(wall_s * (os.cpu_count() or 1), 2),
+            "engine_share_of_cpu_used": round(engine / total, 3) if total else None}
 
 
 def engine_kwargs(model_dir: Path) -> dict[str, Any]:
@@ -154,9 +213,11 @@ def run_direct(model_dir: Path, prompts_dir: Path, warm: list[dict[str, Any]],
     llm = LLM(model=str(model_dir), **kwargs)
     started = time.perf_counter() - t0
     llm.chat([c.messages for c in warm_chats], params, use_tqdm=False)
+    before = cpu_snapshot()
     t0 = time.perf_counter()
     outs = llm.chat([c.messages for c in chats], params, use_tqdm=False, priority=[0] * len(chats))
     wall = time.perf_counter() - t0
+    cpu = cpu_delta(before, cpu_snapshot(), wall)
     parsed = sum(1 for o in outs if o.outputs and o.outputs[0].text.startswith('{"decision"'))
     cached = [o.num_cached_tokens or 0 for o in outs]
     prompt_tokens = [len(o.prompt_token_ids or []) for o in outs]
@@ -164,7 +225,7 @@ def run_direct(model_dir: Path, prompts_dir: Path, warm: list[dict[str, Any]],
             "engine_start_s": round(started, 1), "verdicts_parsed": parsed,
             "prompt_tokens_mean": round(statistics.mean(prompt_tokens), 1),
             "prefix_cache_hit_rate": round(sum(cached) / max(1, sum(prompt_tokens)), 3),
-            "engine_kwargs": kwargs}
+            "engine_kwargs": kwargs, **cpu}
 
 
 # --- 2/3. through the gateway ----------------------------------------------------------------
@@ -204,21 +265,25 @@ async def drive(url: str, key: str, items: list[dict[str, Any]], concurrency: in
                 prompt += body["usage"]["prompt_tokens"]
 
     timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    connector = aiohttp.TCPConnector(limit=max(100, concurrency))
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        before = cpu_snapshot()
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
+        cpu = cpu_delta(before, cpu_snapshot(), wall)
     latencies.sort()
-    return {"items": len(items), "wall_s": round(wall, 3), "items_per_s": round(len(items) / wall, 2),
+    return {"concurrency": concurrency,
+            "items": len(items), "wall_s": round(wall, 3), "items_per_s": round(len(items) / wall, 2),
             "p50_ms": round(latencies[len(latencies) // 2], 1),
             "p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 1),
             "statuses": statuses, "decisions": decisions,
-            "prompt_tokens_mean": round(prompt / max(1, statuses.get("200", 0)), 1)}
+            "prompt_tokens_mean": round(prompt / max(1, statuses.get("200", 0)), 1), **cpu}
 
 
 def run_gateway(transport: str, model_dir: Path, prompts_dir: Path, warm: list[dict[str, Any]],
-                timed: list[dict[str, Any]], concurrency: int, tmp: Path,
-                base_url: str | None = None) -> dict[str, Any]:
+                timed: dict[int, list[dict[str, Any]]], tmp: Path,
+                base_url: str | None = None) -> list[dict[str, Any]]:
     """`modgate up` on the bench model: Ray Serve with `transport`, or (with `base_url`) only
     the gateway in front of an OpenAI-compatible server already running there."""
     from run_locust import Stack
@@ -231,8 +296,9 @@ def run_gateway(transport: str, model_dir: Path, prompts_dir: Path, warm: list[d
         "name": MODEL_NAME, "source": f"tiny:{model_dir}",
         "engine_kwargs": {k: v for k, v in engine_kwargs(model_dir).items()
                           if k in ("max_model_len", "gpu_memory_utilization")},
-        "deployment": {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 64}}]
-    base["gateway"]["max_inflight_per_model"] = 64
+        "deployment": {"min_replicas": 1, "max_replicas": 1,
+                       "max_ongoing_requests": max(64, *timed)}}]
+    base["gateway"]["max_inflight_per_model"] = max(64, *timed)
     base["tracing"] = {"exporter": "none", "sample_ratio": 0.1}
     cfg_path = tmp / f"bench-{transport}.yaml"
     cfg_path.write_text(yaml.safe_dump(base))
@@ -242,10 +308,13 @@ def run_gateway(transport: str, model_dir: Path, prompts_dir: Path, warm: list[d
     try:
         started = time.perf_counter() - t0
         key = stack.api_key()
-        asyncio.run(drive(stack.url, key, warm, concurrency))
-        result = asyncio.run(drive(stack.url, key, timed, concurrency))
-        result["stack_start_s"] = round(started, 1)
-        return result
+        asyncio.run(drive(stack.url, key, warm, len(warm)))
+        results = []
+        for c, items in timed.items():
+            result = asyncio.run(drive(stack.url, key, items, c))
+            result["stack_start_s"] = round(started, 1)
+            results.append(result)
+        return results
     finally:
         stack.stop()
 
@@ -306,15 +375,16 @@ def chat_bodies(prompts_dir: Path, items: list[dict[str, Any]]) -> list[dict[str
             for i, item in enumerate(items)]
 
 
-def run_vllm(model_dir: Path, prompts_dir: Path, warm: list[dict[str, Any]], timed: list[dict[str, Any]],
-             concurrency: int, tmp: Path, with_gateway: bool) -> dict[str, Any]:
+def run_vllm(model_dir: Path, prompts_dir: Path, warm: list[dict[str, Any]],
+             timed: dict[int, list[dict[str, Any]]], tmp: Path, with_gateway: bool) -> list[dict[str, Any]]:
     with VllmServer(model_dir, tmp) as server:
         if not with_gateway:
-            asyncio.run(drive(server.url, "none", chat_bodies(prompts_dir, warm), concurrency,
+            asyncio.run(drive(server.url, "none", chat_bodies(prompts_dir, warm), len(warm),
                               "/v1/chat/completions"))
-            return asyncio.run(drive(server.url, "none", chat_bodies(prompts_dir, timed), concurrency,
-                                     "/v1/chat/completions"))
-        return run_gateway("http", model_dir, prompts_dir, warm, timed, concurrency, tmp,
+            return [asyncio.run(drive(server.url, "none", chat_bodies(prompts_dir, items), c,
+                                      "/v1/chat/completions"))
+                    for c, items in timed.items()]
+        return run_gateway("http", model_dir, prompts_dir, warm, timed, tmp,
                            base_url=f"{server.url}/v1")
 
 
@@ -325,7 +395,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=128, help="timed items per run (default 128)")
     ap.add_argument("--warmup", type=int, default=8, help="untimed items before each run (default 8)")
-    ap.add_argument("--concurrency", type=int, default=32, help="requests in flight through the gateway")
+    ap.add_argument("--concurrency", default="128,32",
+                    help="requests in flight through the servers, comma-separated; each server or "
+                         "stack is timed at each in turn (default %(default)s: the whole default "
+                         "batch, which is what the direct run gets, then 32)")
     ap.add_argument("--policy-tokens", type=int, default=3500,
                     help="length of the shared policy prefix in tokens (default 3500)")
     ap.add_argument("--runs", default=",".join(RUNS),
@@ -333,13 +406,21 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--direct-child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    try:
+        concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    except ValueError:
+        ap.error(f"--concurrency: expected comma-separated whole numbers, got {args.concurrency!r}")
+    if not concurrencies or min(concurrencies) < 1:
+        ap.error("--concurrency: give at least one number, each 1 or more")
 
     model_dir = build_model(ROOT / "data" / "models" / "bench-llama-4x256")
-    items = load_items(args.items + args.warmup)
-    warm, timed = items[args.items:], items[:args.items]
+    # Distinct listings for the warm-up and for each timed pass; the direct run gets the first
+    # pass's, so it and the like-for-like server figure see the very same prompts.
+    warm = load_items(args.warmup, "w")
+    timed = {c: load_items(args.items, f"p{k}") for k, c in enumerate(dict.fromkeys(concurrencies))}
 
     if args.direct_child is not None:  # the child: run the engine directly, print JSON
-        result = run_direct(model_dir, args.direct_child, warm, timed)
+        result = run_direct(model_dir, args.direct_child, warm, load_items(args.items, "p0"))
         print("RESULT " + json.dumps(result), flush=True)
         return 0
 
@@ -348,11 +429,11 @@ def main() -> int:
     if bad:
         ap.error(f"--runs: unknown run(s) {bad}; choose from {', '.join(RUNS)}")
     tmp = Path(tempfile.mkdtemp(prefix="modgate-engine-bench-"))
-    runs: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []  # one per run and concurrency
     try:
         prompts_dir, policy_tokens = bench_prompt(model_dir, args.policy_tokens, tmp / "prompts")
         log(f"policy prefix: {policy_tokens} tokens; {args.items} timed items, {args.warmup} warm-up, "
-            f"{args.concurrency} in flight")
+            f"{', '.join(map(str, concurrencies))} in flight")
         for name in runs_wanted:
             log(f"run {name}")
             if name == "direct":
@@ -363,20 +444,25 @@ def main() -> int:
                 if proc.returncode != 0 or line is None:
                     log(proc.stderr[-4000:])
                     raise SystemExit("the direct engine run failed")
-                r = json.loads(line[len("RESULT "):])
+                got = [json.loads(line[len("RESULT "):]) | {"concurrency": args.items}]
             elif name in ("vllm_server", "gateway_vllm"):
-                r = run_vllm(model_dir, prompts_dir, warm, timed, args.concurrency, tmp,
-                             with_gateway=name == "gateway_vllm")
+                got = run_vllm(model_dir, prompts_dir, warm, timed, tmp,
+                               with_gateway=name == "gateway_vllm")
             else:
-                r = run_gateway(name.removeprefix("gateway_"), model_dir, prompts_dir, warm, timed,
-                                args.concurrency, tmp)
-            if "direct" in runs and name != "direct":
-                r["ratio_to_direct"] = round(r["items_per_s"] / runs["direct"]["items_per_s"], 3)
-            if name == "gateway_vllm" and "vllm_server" in runs:
-                r["ratio_to_vllm_server"] = round(r["items_per_s"] / runs["vllm_server"]["items_per_s"], 3)
-            runs[name] = r
-            log(f"{name}: {r['items_per_s']} items/s" + (
-                f" ({100 * r['ratio_to_direct']:.1f} % of direct)" if "ratio_to_direct" in r else ""))
+                got = run_gateway(name.removeprefix("gateway_"), model_dir, prompts_dir, warm, timed, tmp)
+            direct = next((r for r in rows if r["run"] == "direct"), None)
+            for r in got:
+                r = {"run": name, **r}
+                if direct is not None and name != "direct":
+                    r["ratio_to_direct"] = round(r["items_per_s"] / direct["items_per_s"], 3)
+                server = next((s for s in rows if s["run"] == "vllm_server"
+                               and s["concurrency"] == r["concurrency"]), None)
+                if name == "gateway_vllm" and server is not None:
+                    r["ratio_to_vllm_server"] = round(r["items_per_s"] / server["items_per_s"], 3)
+                rows.append(r)
+                log(f"{name} at {r['concurrency']} in flight: {r['items_per_s']} items/s" + (
+                    f" ({100 * r['ratio_to_direct']:.1f} % of direct)" if "ratio_to_direct" in r else "")
+                    + f"; CPU by role {r['cpu_s_by_role']}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -389,8 +475,8 @@ def main() -> int:
                    "engine, Ray and gateway share the machine",
         "model": {"name": MODEL_NAME, **MODEL_SHAPE, "weights": "random"},
         "policy_tokens": policy_tokens, "items": args.items, "warmup": args.warmup,
-        "concurrency": args.concurrency, "target_ratio": 0.95,
-        "runs": runs,
+        "concurrency": concurrencies, "same_batch_concurrency": args.items, "target_ratio": 0.95,
+        "results": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "engine_throughput.json"

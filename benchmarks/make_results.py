@@ -389,52 +389,71 @@ ENGINE_RUNS = {
 
 
 def render_engine_throughput(doc: dict[str, Any]) -> Rendered:
-    runs = doc.get("runs") if isinstance(doc.get("runs"), dict) else {}
+    rows = [r for r in doc.get("results") or [] if isinstance(r, dict)]
     target = num(doc.get("target_ratio")) or 0.95
     model = doc.get("model") if isinstance(doc.get("model"), dict) else {}
-    lines = ["| run | what | items/s | % of direct | p50 (ms) | p99 (ms) | answers |",
-             "|---|---|---:|---:|---:|---:|---|"]
-    for name, r in runs.items():
+    same = doc.get("same_batch_concurrency")
+    lines = ["| run | what | in flight | items/s | % of direct | p50 (ms) | p99 (ms) | answers | "
+             "engine's share of the CPU used | CPU s: engine / serving path / other |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|---|"]
+    for r in rows:
+        name = str(r.get("run"))
         ratio = num(r.get("ratio_to_direct"))
         statuses = r.get("statuses") or ({"parsed": r.get("verdicts_parsed")} if "verdicts_parsed" in r else {})
-        lines.append(f"| {cell(name)} | {cell(ENGINE_RUNS.get(name, ''))} | {fmt(r.get('items_per_s'))} | "
-                     f"{'—' if ratio is None else fmt(round(100 * ratio, 1))} | {fmt(r.get('p50_ms'))} | "
-                     f"{fmt(r.get('p99_ms'))} | {cell(', '.join(f'{k}: {v}' for k, v in statuses.items()))} |")
+        by_role = r.get("cpu_s_by_role") if isinstance(r.get("cpu_s_by_role"), dict) else {}
+        engine = num(r.get("cpu_s_engine"))
+        total = num(r.get("cpu_s_total"))
+        client = sum(num(v) or 0.0 for k, v in by_role.items() if str(k).startswith("this process"))
+        serving = None if total is None or engine is None else total - engine - client
+        share = num(r.get("engine_share_of_cpu_used"))
+        in_flight = "all" if name == "direct" else fmt(r.get("concurrency"))
+        lines.append(
+            f"| {cell(name)} | {cell(ENGINE_RUNS.get(name, ''))} | {in_flight} | {fmt(r.get('items_per_s'))} | "
+            f"{'—' if ratio is None else fmt(round(100 * ratio, 1))} | {fmt(r.get('p50_ms'))} | "
+            f"{fmt(r.get('p99_ms'))} | {cell(', '.join(f'{k}: {v}' for k, v in statuses.items()))} | "
+            f"{'—' if share is None else fmt(round(100 * share, 1)) + ' %'} | "
+            f"{fmt(engine)} / {fmt(None if serving is None else round(serving, 2))} / {fmt(round(client, 2))} |")
+    like_for_like = [r for r in rows if str(r.get("run")).startswith("gateway_") and r.get("concurrency") == same]
     checks = []
-    for name in ("gateway_vllm", "gateway_http", "gateway_handle"):
-        r = runs.get(name)
-        if not isinstance(r, dict):
-            continue
+    for r in like_for_like:
         ratio = num(r.get("ratio_to_direct"))
-        checks.append(Check(f"{name}: ≥ {fmt(round(100 * target))} % of direct",
+        checks.append(Check(f"{r.get('run')} with the whole batch in flight: ≥ {fmt(round(100 * target))} % of direct",
                             "—" if ratio is None else f"{fmt(round(100 * ratio, 1))} %",
                             None if ratio is None else ratio >= target))
-    server = runs.get("vllm_server", {})
-    gw = runs.get("gateway_vllm", {})
     notes = ["", f"Model: random Llama, {fmt(model.get('num_layers'))} layers × {fmt(model.get('hidden_size'))} "
              f"wide; shared policy prefix {fmt(doc.get('policy_tokens'))} tokens; {fmt(doc.get('items'))} timed "
-             f"items after {fmt(doc.get('warmup'))} warm-up; {fmt(doc.get('concurrency'))} requests in flight "
-             "through the servers."]
-    if num(gw.get("ratio_to_vllm_server")) is not None:
-        notes.append(f"The gateway in front of vLLM's own server delivers "
-                     f"{fmt(round(100 * num(gw.get('ratio_to_vllm_server')), 1))} % of that server's "
-                     f"throughput driven directly ({fmt(gw.get('items_per_s'))} vs "
-                     f"{fmt(server.get('items_per_s'))} items/s): the gateway's own cost, without Ray.")
-    best = max((r for n, r in runs.items() if n.startswith("gateway_")),
+             f"items after {fmt(doc.get('warmup'))} warm-up, every listing distinct (nothing past the policy is "
+             "cached ahead). The direct run gets the whole batch at once, so the like-for-like figure is the "
+             f"one with {fmt(same)} in flight; lower concurrencies are shown beside it (the engine batches "
+             "fewer prompts per step there, for every server alike).",
+             "", "CPU columns: seconds of CPU every process on the machine used during the timed batch. "
+             "Engine = vLLM's EngineCore and model-runner processes; serving path = everything else on "
+             "the machine (API servers, gateway, Ray's processes); other = the benchmark's own client "
+             "(and, in the direct run, LLM.chat's front end, which runs in it)."]
+    for r in rows:
+        if r.get("run") == "gateway_vllm" and num(r.get("ratio_to_vllm_server")) is not None:
+            notes.append("")
+            notes.append(f"At {fmt(r.get('concurrency'))} in flight the gateway in front of vLLM's own server "
+                         f"delivers {fmt(round(100 * num(r.get('ratio_to_vllm_server')), 1))} % of that "
+                         "server's throughput driven directly: the gateway's own cost, without Ray.")
+    best = max(like_for_like or [r for r in rows if str(r.get("run")).startswith("gateway_")],
                key=lambda r: num(r.get("items_per_s")) or 0.0, default={})
+    direct = next((r for r in rows if r.get("run") == "direct"), {})
     return Rendered(
         title="Moderation throughput through the gateway vs the engine called directly",
         what=("The moderation workload (one long shared policy prefix + one listing, regex-"
               "constrained verdict) on the same vLLM CPU engine and engine arguments: offline "
               "`LLM.chat` with every item queued at once, vLLM's own OpenAI server, and the gateway "
               "in front of that server and of Ray Serve LLM (both transports). On this 2-core "
-              "machine the servers, Ray and the gateway take CPU from the engine itself."),
-        target=f"through the gateway ≥ {fmt(round(100 * target))} % of the engine called directly",
+              "machine the servers, Ray and the gateway take CPU from the engine itself; the CPU "
+              "columns show how much."),
+        target=f"through the gateway, with the same batch in flight, ≥ {fmt(round(100 * target))} % of the engine called directly",
         body=lines + notes,
         checks=checks,
-        result=(f"direct {fmt(runs.get('direct', {}).get('items_per_s'))} items/s; best through the "
-                f"gateway {fmt(best.get('items_per_s'))} items/s"),
-        consumed={"model", "policy_tokens", "items", "warmup", "concurrency", "target_ratio", "runs"})
+        result=(f"direct {fmt(direct.get('items_per_s'))} items/s; best through the gateway "
+                f"{fmt(best.get('items_per_s'))} items/s ({best.get('run')}, {fmt(best.get('concurrency'))} in flight)"),
+        consumed={"model", "policy_tokens", "items", "warmup", "concurrency", "same_batch_concurrency",
+                  "target_ratio", "results"})
 
 
 def render_handle_hop(doc: dict[str, Any]) -> Rendered:
@@ -513,6 +532,11 @@ def _soak_checks(doc: dict[str, Any]) -> tuple[list[Check], dict[str, Any]]:
     return checks, {"errors": errors, "worst": worst, "tol": tol}
 
 
+def _pct_or_dash(value: Any) -> str:
+    v = num(value)
+    return "—" if v is None else f"{v:+.2f} %"
+
+
 def render_soak(doc: dict[str, Any]) -> Rendered:
     params = doc.get("parameters") if isinstance(doc.get("parameters"), dict) else {}
     req = doc.get("requests") if isinstance(doc.get("requests"), dict) else {}
@@ -577,8 +601,9 @@ def render_soak(doc: dict[str, Any]) -> Rendered:
     tol = extra["tol"]
     body += ["", f"Resident memory after the warm-up, per process (reference: {cell(str(rss.get('reference') or 'RSS at the end of the warm-up'))}; flat = within ±{fmt(tol)} %):", "",
              "| process | RSS at end of warm-up (MB) | min (MB) | max (MB) | last (MB) | max deviation | "
-             "drift to last | slope (MB/h) | flat |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "drift to last | slope (MB/h) | flat | anonymous part: max deviation | file-backed + "
+             "shared: change (MB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for e in [e for e in rss.get("processes") or [] if isinstance(e, dict)]:
         dev, drift = num(e.get("max_dev_pct")), num(e.get("drift_pct"))
         flat = "—" if e.get("flat") is None else ("yes" if e.get("flat") else "**no**")
@@ -586,15 +611,17 @@ def render_soak(doc: dict[str, Any]) -> Rendered:
         body.append(f"| {cell(str(e.get('label')))}{note} | {fmt(e.get('rss_mb_warmup_end'))} | "
                     f"{fmt(e.get('rss_mb_min'))} | {fmt(e.get('rss_mb_max'))} | {fmt(e.get('rss_mb_last'))} | "
                     f"{'—' if dev is None else f'{dev:+.2f} %'} | {'—' if drift is None else f'{drift:+.2f} %'} | "
-                    f"{fmt(e.get('slope_mb_per_h'))} | {flat} |")
+                    f"{fmt(e.get('slope_mb_per_h'))} | {flat} | {_pct_or_dash(e.get('anon_max_dev_pct'))} | "
+                    f"{fmt(e.get('file_shmem_change_mb'))} |")
     total = rss.get("total") if isinstance(rss.get("total"), dict) else {}
     if total:
         dev = num(total.get("max_dev_pct"))
         body.append(f"| *all processes (sum, not judged)* | {fmt(total.get('rss_mb_warmup_end'))} | "
                     f"{fmt(total.get('rss_mb_min'))} | {fmt(total.get('rss_mb_max'))} | "
-                    f"{fmt(total.get('rss_mb_last'))} | {'—' if dev is None else f'{dev:+.2f} %'} | | | |")
+                    f"{fmt(total.get('rss_mb_last'))} | {'—' if dev is None else f'{dev:+.2f} %'} | | | | | |")
     body += ["", "Slopes are least-squares fits over the samples after the warm-up, informational; "
-             "the criterion is the largest deviation."]
+             "the criterion is the largest deviation. "
+             + cell(str(rss.get("parts") or "")) + ("." if rss.get("parts") else "")]
     worst = extra["worst"]
     errors = extra["errors"]
     result = (f"{fmt(req.get('sent'))} requests at {fmt(req.get('achieved_rps_after_warmup'))} req/s, "

@@ -348,6 +348,26 @@ class Sample:
     pid: int
     role: str
     rss: int  # bytes
+    # The parts of RSS (Linux /proc/<pid>/status, bytes; None where unreadable): a leak grows the
+    # anonymous part (heap); file-backed pages (the program's code and libraries, touched lazily
+    # as new code paths first run) and shared memory grow towards a bound and are not leaks.
+    anon: int | None = None
+    file: int | None = None
+    shmem: int | None = None
+
+
+def rss_parts(pid: int) -> tuple[int | None, int | None, int | None]:
+    """RssAnon, RssFile and RssShmem of `pid` in bytes (None each where not available)."""
+    parts: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                    key, value = line.split(":", 1)
+                    parts[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError):
+        pass
+    return parts.get("RssAnon"), parts.get("RssFile"), parts.get("RssShmem")
 
 
 class RssSampler(threading.Thread):
@@ -402,7 +422,7 @@ class RssSampler(threading.Thread):
                     key = f"{p.pid}:{p.create_time():.2f}"
             except psutil.Error:
                 continue  # exited between listing and reading: the next sweep will tell
-            out.append(Sample(now, key, p.pid, role, rss))
+            out.append(Sample(now, key, p.pid, role, rss, *rss_parts(p.pid)))
         with self._lock:
             self.samples.extend(out)
         return out
@@ -472,6 +492,8 @@ def analyse_rss(samples: list[Sample], t0: float, warmup_s: float, tolerance_pct
             "rss_mb_warmup_end": None, "rss_mb_min": None, "rss_mb_max": None, "rss_mb_last": None,
             "rss_mb_median_after": None, "max_dev_pct": None, "drift_pct": None,
             "slope_mb_per_h": None, "flat": None, "note": None,
+            "anon_mb_warmup_end": None, "anon_max_dev_pct": None, "file_shmem_mb_warmup_end": None,
+            "file_shmem_change_mb": None,
         }
         if after:
             entry.update(rss_mb_min=round(min(after), 1), rss_mb_max=round(max(after), 1),
@@ -490,6 +512,18 @@ def analyse_rss(samples: list[Sample], t0: float, warmup_s: float, tolerance_pct
             entry["note"] = f"exited during the warm-up (at {t[-1]:.0f} s): not judged"
         else:
             entry["note"] = f"appeared after the warm-up (at {t[0]:.0f} s): no reference, not judged"
+        anon = [(ti, s.anon / mb) for ti, s in zip(t, pts, strict=True) if s.anon is not None]
+        fsh = [(ti, (s.file + (s.shmem or 0)) / mb) for ti, s in zip(t, pts, strict=True) if s.file is not None]
+        a_before, a_after = [a for ti, a in anon if ti <= warmup_s], [a for ti, a in anon if ti > warmup_s]
+        f_before, f_after = [f for ti, f in fsh if ti <= warmup_s], [f for ti, f in fsh if ti > warmup_s]
+        if a_before and a_after and _median_of_last(a_before) > 0:
+            a_ref = _median_of_last(a_before)
+            entry.update(anon_mb_warmup_end=round(a_ref, 1), anon_max_dev_pct=round(
+                max((100.0 * (a / a_ref - 1.0) for a in a_after), key=abs), 2))
+        if f_before and f_after:
+            f_ref = _median_of_last(f_before)
+            entry.update(file_shmem_mb_warmup_end=round(f_ref, 1),
+                         file_shmem_change_mb=round(f_after[-1] - f_ref, 2))
         if entry["exited_during_run"] and after:
             entry["note"] = f"exited at ~{t[-1]:.0f} s; judged on its samples until then"
         procs.append(entry)
@@ -514,6 +548,10 @@ def analyse_rss(samples: list[Sample], t0: float, warmup_s: float, tolerance_pct
     return {
         "reference": ("RSS at the end of the warm-up (median of the process's last 3 samples up to "
                       "then); deviation = largest |RSS / reference − 1| over the later samples"),
+        "parts": ("RSS = anonymous (heap: where a leak shows) + file-backed (code and libraries, "
+                  "paged in as code first runs) + shared memory; anon_max_dev_pct is the same "
+                  "deviation for the anonymous part alone, file_shmem_change_mb the change of the "
+                  "other two from the end of the warm-up to the last sample"),
         "tolerance_pct": tolerance_pct,
         "sweeps": len(sweeps),
         "sweeps_after_warmup": sum(1 for x in tot_t if x > warmup_s),
@@ -674,6 +712,10 @@ def criteria(req: dict[str, Any], rss: dict[str, Any], dlog: dict[str, Any]) -> 
                  f"({worst['label']})" if worst else "no process judged")
     if rss["not_flat"]:
         flat_text += "; outside the band: " + ", ".join(rss["not_flat"])
+        for e in rss["processes"]:
+            if e["label"] in rss["not_flat"] and e["anon_max_dev_pct"] is not None:
+                flat_text += (f" ({e['label']}: anonymous memory {e['anon_max_dev_pct']:+.2f} %, "
+                              f"file-backed and shared {e['file_shmem_change_mb']:+.2f} MB)")
     if rss["not_judged"]:
         flat_text += f"; not judged: {len(rss['not_judged'])}"
     return [
@@ -692,9 +734,10 @@ def criteria(req: dict[str, Any], rss: dict[str, Any], dlog: dict[str, Any]) -> 
 def write_samples_csv(path: Path, samples: list[Sample], t0: float, labels: dict[str, str]) -> None:
     with path.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["t_s", "pid", "process", "rss_mb"])
+        w.writerow(["t_s", "pid", "process", "rss_mb", "anon_mb", "file_mb", "shmem_mb"])
         for s in sorted(samples, key=lambda s: (s.t, s.pid)):
-            w.writerow([f"{s.t - t0:.1f}", s.pid, labels.get(s.key, s.role), f"{s.rss / 1048576:.2f}"])
+            w.writerow([f"{s.t - t0:.1f}", s.pid, labels.get(s.key, s.role), f"{s.rss / 1048576:.2f}",
+                        *("" if v is None else f"{v / 1048576:.2f}" for v in (s.anon, s.file, s.shmem))])
 
 
 def plot(path: Path, samples: list[Sample], t0: float, labels: dict[str, str], refs: dict[str, float],
@@ -784,14 +827,17 @@ def print_summary(doc: dict[str, Any]) -> None:
           f"{st['stop_s']} s; left behind and killed: {st['left_behind']}"
           + (f" {st['left_behind_processes']}" if st["left_behind_processes"] else "") + ")")
     print(f"  RSS after warm-up (reference: end of warm-up; tolerance ±{rss['tolerance_pct']:g} %):")
-    print(f"    {'process':<52} {'ref MB':>9} {'min':>9} {'max':>9} {'last':>9} {'max dev':>8}  flat")
+    print(f"    {'process':<52} {'ref MB':>9} {'min':>9} {'max':>9} {'last':>9} {'max dev':>8}  flat"
+          f"  {'anon dev':>8} {'file+shm':>9}")
     for e in rss["processes"]:
         def f(v: Any) -> str:
             return "—" if v is None else f"{v:,.1f}"
         dev = "—" if e["max_dev_pct"] is None else f"{e['max_dev_pct']:+.2f}%"
         flat = "—" if e["flat"] is None else ("yes" if e["flat"] else "NO")
+        adev = "—" if e.get("anon_max_dev_pct") is None else f"{e['anon_max_dev_pct']:+.2f}%"
+        fch = "—" if e.get("file_shmem_change_mb") is None else f"{e['file_shmem_change_mb']:+.2f}MB"
         print(f"    {e['label'][:52]:<52} {f(e['rss_mb_warmup_end']):>9} {f(e['rss_mb_min']):>9} "
-              f"{f(e['rss_mb_max']):>9} {f(e['rss_mb_last']):>9} {dev:>8}  {flat}"
+              f"{f(e['rss_mb_max']):>9} {f(e['rss_mb_last']):>9} {dev:>8}  {flat:<4}  {adev:>8} {fch:>9}"
               + (f"  ({e['note']})" if e["note"] else ""))
     if rss.get("total"):
         t = rss["total"]
