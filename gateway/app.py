@@ -11,7 +11,6 @@ import asyncio
 import logging
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -43,6 +42,7 @@ from gateway.errors import (
     read_json_object,
 )
 from gateway.feedback import FeedbackLog, build_feedback_router
+from gateway.ids import new_id
 from gateway.limits import CallerLimiter, build_caller_limiter
 from gateway.openai_api import build_openai_router
 from gateway.pipeline import ModerationPipeline
@@ -299,7 +299,7 @@ def create_app(
             if version is not None:
                 model = version.spec.model
                 probe = ChatRequest(model=model, messages=[{"role": "user", "content": "ping"}],
-                                    max_tokens=1, request_id=f"readyz-{uuid.uuid4().hex}")
+                                    max_tokens=1, request_id=f"readyz-{new_id()}")
                 try:
                     await backend.chat(probe, timeout_s=settings.readiness_probe_timeout_s)
                     checks["model"] = {"ok": True, "name": model}
@@ -313,7 +313,7 @@ def create_app(
         start = time.perf_counter()
         rid = request.headers.get("x-request-id")
         if not rid or not _REQUEST_ID.match(rid):
-            rid = uuid.uuid4().hex
+            rid = new_id()
         parent = _incoming_trace_context(request)
         code = 200
         track: dict[str, Any] = {}

@@ -28,7 +28,10 @@ in-memory queue, and when the queue is full it drops the record and counts it (`
 because moderation must never wait for the log. A background task takes batches off the queue
 and writes them in a worker thread (`asyncio.to_thread`), one `write` per batch, then `fsync`
 (`fsync: true`, the default): a flush that returned is on disk and survives a crash of the
-process or the machine. The same thread rotates segments when one would exceed
+process or the machine. After the first record of a batch arrives the task lingers `linger_ms`
+(default 5 ms) to let the batch fill (group commit): under load that is one write, one fsync
+and one thread hand-off per few milliseconds instead of per request; the gateway profile at
+~1,500 requests/s showed the hand-offs costing the event loop several per cent. The same thread rotates segments when one would exceed
 `segment_max_bytes` or is older than `segment_max_age_s`, and applies retention: closed
 segments that started more than `retention_days` (plus one segment age) ago are deleted, in
 this replica's directory and in sibling replica directories (replicas that are gone), and the
@@ -160,6 +163,9 @@ class DecisionLogSettings(BaseModel):
     retention_max_bytes: int | None = Field(None, ge=0, description="delete the oldest closed "
                                             "segments of a replica beyond this total")
     fsync: bool = Field(True, description="fsync every batch: a flushed record survives a crash")
+    linger_ms: float = Field(5.0, ge=0, le=1000, description="how long the writer waits after "
+                             "the first record of a batch for more to join it (one write and fsync "
+                             "per batch); 0 writes at once")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,6 +381,7 @@ class DecisionLog:
         retention_max_bytes: int | None = None,
         fsync: bool = True,
         batch_max: int = 5_000,
+        linger_s: float = 0.0,
         idle_s: float = 1.0,
         retention_interval_s: float = 600.0,
         close_timeout_s: float = 5.0,
@@ -390,11 +397,13 @@ class DecisionLog:
         self.retention_days = retention_days
         self.retention_max_bytes = retention_max_bytes
         self.batch_max = batch_max
+        self.linger_s = linger_s
         self.idle_s = idle_s
         self.retention_interval = timedelta(seconds=retention_interval_s)
         self.close_timeout_s = close_timeout_s
         self.clock: Clock = clock or _utc_now
         self.written = 0
+        self.batches = 0  # successful writes (each one write + fsync)
         self.dropped = 0
         self.write_errors = 0
         self.retention_deleted = 0
@@ -421,7 +430,8 @@ class DecisionLog:
                    segment_max_bytes=settings.segment_max_bytes,
                    segment_max_age_s=settings.segment_max_age_s,
                    retention_days=settings.retention_days,
-                   retention_max_bytes=settings.retention_max_bytes, fsync=settings.fsync, **kwargs)
+                   retention_max_bytes=settings.retention_max_bytes, fsync=settings.fsync,
+                   linger_s=settings.linger_ms / 1000.0, **kwargs)
 
     # -- request path ------------------------------------------------------------------------
 
@@ -545,6 +555,8 @@ class DecisionLog:
                     pass
                 if self._stop.is_set():
                     break
+            if self.queued and self.linger_s > 0 and len(self._queue) < self.batch_max:
+                await asyncio.sleep(self.linger_s)  # group commit: let the batch fill
             if self.queued:
                 try:
                     await asyncio.to_thread(self._write_step)
@@ -596,6 +608,7 @@ class DecisionLog:
                 self._failing = True
                 raise failed.cause from None
             self.written += len(batch)
+            self.batches += 1
             self._pending = []
             if self._failing:
                 self._failing = False

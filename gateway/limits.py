@@ -62,7 +62,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -72,6 +71,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.errors import ApiError
+from gateway.ids import new_id
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -310,7 +310,7 @@ class LocalCallerLimiter:
             self._metrics.refused(label, "concurrency")
             raise _concurrency_limited(label, limit, self.settings.concurrency_retry_after_s)
         state.tat = new_tat
-        token = f"{request_id}/{uuid.uuid4().hex[:12]}"
+        token = f"{request_id}/{new_id()[:12]}"
         state.inflight.add(token)
         self.stats.admitted += 1
         return _LocalLease(caller_id, request_id, self, token)
@@ -442,7 +442,7 @@ class RedisCallerLimiter:
             return self._local(caller_id, request_id, name)
         limit = self.settings.limit_for(name)
         rate_key, inflight_key = self._keys(caller_id)
-        member = f"{request_id}/{uuid.uuid4().hex[:12]}"
+        member = f"{request_id}/{new_id()[:12]}"
         now = "" if self._redis_now is None else repr(self._redis_now())
         try:
             result = await asyncio.wait_for(self._script(

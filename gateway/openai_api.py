@@ -27,7 +27,6 @@ import logging
 import math
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import replace
@@ -42,6 +41,7 @@ from starlette.responses import Response, StreamingResponse
 from gateway.auth import Authenticator
 from gateway.config import GatewaySettings
 from gateway.errors import ERROR_RESPONSES, ApiError, map_exception, read_json_object
+from gateway.ids import new_id
 from gateway.limits import CallerLimiter
 from gateway.pipeline import Evaluation, ModerationPipeline
 from gateway.prompt_cache import Resolved
@@ -148,7 +148,7 @@ async def _guard(rid: str, handler: Callable[[], Awaitable[Response]]) -> Respon
 
 def _request_id(request: Request) -> str:
     rid = request.headers.get("x-request-id")
-    return rid if rid and _REQUEST_ID.match(rid) else uuid.uuid4().hex
+    return rid if rid and _REQUEST_ID.match(rid) else new_id()
 
 
 
@@ -478,7 +478,7 @@ def build_openai_router(pipeline: ModerationPipeline, auth: Authenticator,
                 response_format=_response_format(payload.get("response_format")),
                 request_id=rid)
 
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        completion_id = f"chatcmpl-{new_id()}"
         created = int(time.time())
         if stream:
             return await _stream(chat, version, prompt_info, rid, completion_id, created,
@@ -619,7 +619,7 @@ def build_openai_router(pipeline: ModerationPipeline, auth: Authenticator,
         for ev in evaluations:
             _log_verdict(rid, ev.verdict)
         version = resolved.version
-        body = {"id": f"modr-{uuid.uuid4().hex}", "model": f"{version.name}@v{version.version}",
+        body = {"id": f"modr-{new_id()}", "model": f"{version.name}@v{version.version}",
                 "results": [_moderation_result(ev) for ev in evaluations]}
         return Response(orjson.dumps(body), media_type="application/json",
                         headers={"x-request-id": rid})

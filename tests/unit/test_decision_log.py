@@ -96,6 +96,30 @@ def test_append_then_aclose_writes_everything(tmp_path: Path) -> None:
     assert log.append(rec(1)) is False and log.dropped == 1  # closed: dropped, never raises
 
 
+def test_records_arriving_together_are_written_in_one_batch(tmp_path: Path) -> None:
+    """Group commit: the writer lingers after a batch's first record, so a burst costs one
+    write and one fsync (and one thread hand-off), not one per record."""
+    clock = Clock()
+    lingering = make_log(tmp_path / "linger", clock, linger_s=0.2)
+    eager = make_log(tmp_path / "eager", clock, linger_s=0.0)
+
+    async def burst(log: DecisionLog) -> None:
+        await log.start()
+        for i in range(20):
+            log.append(rec(i))
+            await asyncio.sleep(0.002)  # the writer gets the loop between records
+        while log.written < 20:
+            await asyncio.sleep(0.01)
+        await log.aclose()
+
+    asyncio.run(burst(lingering))
+    asyncio.run(burst(eager))
+    assert lingering.written == eager.written == 20
+    assert lingering.batches == 1
+    assert eager.batches > 1  # without lingering the first record went alone
+    assert ids(list(read_segments(tmp_path / "linger"))) == [f"req-{i}" for i in range(20)]
+
+
 def test_full_queue_drops_and_counts(tmp_path: Path) -> None:
     log = make_log(tmp_path, Clock(), queue_max=5)
     accepted = [log.append(rec(i)) for i in range(8)]
