@@ -156,6 +156,8 @@ def test_queue_stays_bounded_under_churn() -> None:
                     await asyncio.sleep(0.002)
 
         await asyncio.gather(*[worker() for _ in range(200)])
-        assert refused > 0 and max(waits) < (32 / 16 + 1) * 0.05 * 2
+        # Bounded: (queue / slots + 1) service times, with room for a slow CI machine (an
+        # unbounded queue makes the last admitted callers wait for most of the 1.5 s).
+        assert refused > 0 and max(waits) < (32 / 16 + 1) * 0.05 * 4
         assert adm.models["m"].queued == 0 and adm.models["m"].inflight == 0
     asyncio.run(run())
