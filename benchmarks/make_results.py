@@ -256,6 +256,14 @@ OVERHEAD_SCENARIOS = {
 }
 
 
+def _rounds(s: dict[str, Any]) -> str:
+    """' (median of 3: 1,402–1,611)' when the scenario ran several rounds."""
+    rounds = [x for x in (num(v) for v in s.get("gateway_rps_c32_rounds") or []) if x is not None]
+    if len(rounds) < 2:
+        return ""
+    return f" (median of {len(rounds)}: {fmt(min(rounds))}–{fmt(max(rounds))})"
+
+
 def render_overhead(doc: dict[str, Any]) -> Rendered:
     targets = doc.get("targets") if isinstance(doc.get("targets"), dict) else {}
     p50_max = num(targets.get("added_p50_ms_c1")) or 1.0
@@ -283,7 +291,7 @@ def render_overhead(doc: dict[str, Any]) -> Rendered:
         lines.append(
             f"| `{cell(name)}` | {fmt(s.get('added_p50_ms_c1'))} | {fmt(s.get('added_p99_ms_c1'))} | "
             f"{fmt(sub(s, 'gateway_c1', 'p50_ms'))} | {fmt(sub(s, 'direct_c1', 'p50_ms'))} | "
-            f"{fmt(s.get('gateway_rps_c32'))} | {fmt(sub(s, 'direct_c32', 'rps'))} | "
+            f"{fmt(s.get('gateway_rps_c32'))}{_rounds(s)} | {fmt(sub(s, 'direct_c32', 'rps'))} | "
             f"{fmt(s.get('gateway_cpu_ms_per_request'))} | {non2xx:,} | "
             f"{'—' if a is None else ('yes' if a else '**no**')} | "
             f"{'—' if b is None else ('yes' if b else '**no**')} |")

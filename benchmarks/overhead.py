@@ -1,7 +1,7 @@
 """Gateway overhead: `modgate gateway` in front of a fast stub upstream vs the stub called
 directly, one request at a time and at 32 connections (closed loop, `wrk`).
 
-    .venv/bin/python benchmarks/overhead.py [--duration 10] [--out benchmarks/results]
+    .venv/bin/python benchmarks/overhead.py [--duration 10] [--repeat 3] [--out benchmarks/results]
 
 Everything realistic is switched on: API-key auth, prompt resolution from the registry,
 sandboxed rendering, traffic assignment, verdict validation, the decision log, metrics and
@@ -13,7 +13,9 @@ tracing at 10 % sampling (exported over OTLP/HTTP to a local receiver). Scenario
 - `rollout-hanging-shadow`: the same, with the shadow target never answering.
 
 Reports per scenario: added p50/p99 latency at 1 connection, requests/s at 32 connections
-(one gateway worker), and the gateway's CPU time per request. Needs `wrk` (Debian package).
+(one gateway worker), and the gateway's CPU time per request, each the median over `--repeat`
+rounds of every scenario (the c32 throughput of every round is kept beside it). Needs `wrk`
+(Debian package).
 
 On a machine with two or more CPUs the gateway worker is pinned to the first CPU and the stub,
 wrk and this script to the rest (`--shared` turns that off), so a figure is what one worker
@@ -29,6 +31,7 @@ import platform
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -169,11 +172,31 @@ def run_scenario(name: str, tmp: Path, args: argparse.Namespace, receiver: OtlpH
         stub.wait(timeout=20)
 
 
+MEDIAN_KEYS = ("added_p50_ms_c1", "added_p99_ms_c1", "gateway_rps_c32", "gateway_cpu_ms_per_request")
+
+
+def combine(rounds: list[dict]) -> dict:
+    """One scenario over several rounds: each headline figure is the median of the rounds; the
+    wrk details are those of the round with the median c32 throughput."""
+    ordered = sorted(rounds, key=lambda r: r["gateway_rps_c32"])
+    out = dict(ordered[len(ordered) // 2])
+    for key in MEDIAN_KEYS:
+        out[key] = round(statistics.median(r[key] for r in rounds), 3)
+    out["rounds"] = len(rounds)
+    out["gateway_rps_c32_rounds"] = [r["gateway_rps_c32"] for r in rounds]
+    out["gateway_cpu_ms_per_request_rounds"] = [r["gateway_cpu_ms_per_request"] for r in rounds]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     ap.add_argument("--scenarios", default="plain,plain-trace-off,plain-trace-100,rollout,rollout-hanging-shadow")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="rounds over all scenarios (default 3); each figure is the median over the "
+                         "rounds, with the range of the c32 throughput beside it (run to run this VM "
+                         "varies by ±10-15 %%, more than most changes being measured)")
     ap.add_argument("--shared", action="store_true",
                     help="let gateway, stub and wrk share every CPU (default on 2+ CPUs: the gateway "
                          "worker pinned to CPU 0, stub, wrk and this script to the others, so the "
@@ -186,13 +209,18 @@ def main() -> None:
         os.sched_setaffinity(0, set(cpus[1:]))  # stub and wrk inherit this
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
+    if args.repeat < 1:
+        ap.error("--repeat must be 1 or more")
+    names = [n for n in args.scenarios.split(",") if n]
     receiver = OtlpHttpReceiver()
-    results = []
+    runs: dict[str, list[dict]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp_s:
-        for name in args.scenarios.split(","):
-            print(f"scenario {name} ...", file=sys.stderr)
-            results.append(run_scenario(name, Path(tmp_s), args, receiver))
+        for round_no in range(args.repeat):  # rounds, so slow drift of the machine hits every scenario
+            for name in names:
+                print(f"round {round_no + 1}/{args.repeat}: scenario {name} ...", file=sys.stderr)
+                runs[name].append(run_scenario(name, Path(tmp_s) / f"r{round_no}", args, receiver))
     receiver.close()
+    results = [combine(runs[n]) for n in names]
     from benchmarks.run_locust import git_commit
 
     commit = git_commit()  # "-dirty" when the tree differs from the commit
@@ -210,9 +238,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "overhead.json").write_text(json.dumps(doc, indent=2) + "\n")
     for r in results:
-        print(f"{r['scenario']:<24} added p50 {r['added_p50_ms_c1']:.2f} ms  p99 {r['added_p99_ms_c1']:.2f} ms  "
+        print(f"{r['scenario']:<24} (median of {r['rounds']}) added p50 {r['added_p50_ms_c1']:.2f} ms  p99 {r['added_p99_ms_c1']:.2f} ms  "
               f"{r['gateway_rps_c32']:.0f} req/s @32  {r['gateway_cpu_ms_per_request']:.2f} ms CPU/req  "
-              f"non-2xx {r['gateway_c32']['non_2xx']}")
+              f"non-2xx {r['gateway_c32']['non_2xx']}  (req/s rounds {r['gateway_rps_c32_rounds']})")
 
 
 if __name__ == "__main__":
