@@ -63,6 +63,25 @@ class RayClusterConfig(_Strict):
     http_port: int = Field(8000, ge=1, le=65535)
     app_name: str = "llm"
     start_timeout_s: float = Field(600.0, gt=0)
+    # Ray's own background work, for a cluster `modgate up` starts itself. On a CPU-only machine
+    # it runs on the cores the engine needs: issue #4's benchmark measured the handle path at
+    # 13.2 items/s with Ray's defaults and 14.1 with these (benchmarks/engine_throughput.py).
+    # A KubeRay cluster is configured in its pod spec instead (k8s/), where GPU engines do not
+    # compete with it and Ray's metrics are worth their cost.
+    metrics_collection: bool = Field(
+        False, description="Ray's own metrics agent pipeline (RAY_enable_metrics_collection); the "
+        "gateway's /metrics has the per-version figures (tokens, cached tokens, latency) either way")
+    serve_control_loop_interval_s: float = Field(
+        0.5, gt=0, le=10, description="how often the Serve controller reconciles deployments and "
+        "health (Ray's default 0.1 s); request routing does not wait on it, replica recovery and "
+        "autoscaling react up to this much later")
+    usage_stats: bool = Field(False, description="Ray's anonymous usage reporting (no internet here anyway)")
+
+    def local_env(self) -> dict[str, str]:
+        """Environment for a Ray cluster started locally (inherited by every Ray process)."""
+        return {"RAY_enable_metrics_collection": "1" if self.metrics_collection else "0",
+                "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": f"{self.serve_control_loop_interval_s:g}",
+                "RAY_USAGE_STATS_ENABLED": "1" if self.usage_stats else "0"}
 
 
 class HandleBatchConfig(_Strict):

@@ -13,6 +13,7 @@ Everything heavy is imported inside functions so that importing `serving` stays 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +43,11 @@ _CPU_ENGINE_DEFAULTS: dict[str, Any] = {
     "enforce_eager": True,
     "gpu_memory_utilization": 0.15,
     "max_model_len": 4096,
+    # vLLM's CPU defaults differ by entry point (offline LLM: 4096 tokens / 256 sequences per
+    # step; its OpenAI server and Ray Serve LLM: 2048 / 128): pinned, so every way of running
+    # the engine schedules alike, at the offline engine's budget.
+    "max_num_batched_tokens": 4096,
+    "max_num_seqs": 256,
 }
 
 
@@ -182,6 +188,8 @@ def start_serving(config: ServingConfig, base_dir: Path) -> None:
         if rc.address:
             ray.init(address=rc.address, log_to_driver=False)
         else:
+            for key, value in rc.local_env().items():  # an operator's own setting wins
+                os.environ.setdefault(key, value)
             ray.init(num_cpus=rc.num_cpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": rc.http_host, "port": rc.http_port})
     server_cls = handle_server_cls() if config.transport == "handle" else None

@@ -264,6 +264,22 @@ def test_a_prompt_version_runs_on_the_model_it_names(stack: Stack) -> None:
     assert r.status_code == 200 and r.json()["model"] == "tiny-llama"
 
 
+def test_the_local_ray_cluster_runs_lean(stack: Stack) -> None:
+    """`modgate up` starts Ray with less background work (serving/config.py RayClusterConfig:
+    no Ray metrics pipeline, a 0.5 s Serve control loop), so on a CPU machine the engine keeps
+    the cores: every process of the cluster, the Serve controller included, inherits it."""
+    import psutil
+
+    controllers = []
+    for p in psutil.process_iter(["cmdline"]):
+        if (p.info["cmdline"] or [""])[0].startswith("ray::ServeController"):
+            controllers.append(p)
+    assert controllers, "no Serve controller process found"
+    env = controllers[0].environ()
+    assert env.get("RAY_SERVE_CONTROL_LOOP_INTERVAL_S") == "0.5"
+    assert env.get("RAY_enable_metrics_collection") == "0"
+
+
 def test_cpu_engines_run_on_tcmalloc(stack: Stack) -> None:
     """vLLM's CPU engine wants tcmalloc preloaded; on glibc malloc its resident memory kept
     growing under steady load (benchmarks/soak.py). scripts/bootstrap installs it and

@@ -39,3 +39,16 @@ def test_invalid_config_names_file_and_field(tmp_path: Path, text: str, needle: 
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_local_ray_cluster_is_started_lean_unless_configured_otherwise(tmp_path: Path) -> None:
+    from serving.config import RayClusterConfig
+
+    assert RayClusterConfig().local_env() == {
+        "RAY_enable_metrics_collection": "0", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+        "RAY_USAGE_STATS_ENABLED": "0"}
+    cfg = RayClusterConfig(metrics_collection=True, serve_control_loop_interval_s=0.1)
+    assert cfg.local_env()["RAY_enable_metrics_collection"] == "1"
+    assert cfg.local_env()["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.1"
+    with pytest.raises(ValueError, match="serve_control_loop_interval_s"):
+        RayClusterConfig(serve_control_loop_interval_s=0)
