@@ -104,7 +104,8 @@ class ServingConfig(_Strict):
     mode: str = Field("ray", pattern=r"^(ray|http)$")
     transport: str = Field("http", pattern=r"^(http|handle)$", description="ray mode: reach models "
                            "over Ray Serve's HTTP proxy, or through deployment handles from this "
-                           "process (one Ray call per request, two hops fewer)")
+                           "process (no proxy and ingress hops, several requests per Ray call: see "
+                           "handle_batch; needs the gateway in the Ray cluster, as `modgate up` is)")
     # OpenAI-compatible base URL. In `ray` mode it is derived from the Ray HTTP host/port.
     base_url: str | None = None
     api_key_env: str | None = Field(None, description="env var holding the backend API key")
