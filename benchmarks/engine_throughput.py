@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -53,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -96,6 +98,9 @@ def bench_prompt(model_dir: Path, policy_tokens: int, out_dir: Path) -> tuple[Pa
     parts: list[str] = []
     while len(tok.encode("\n\n".join(parts))) < policy_tokens:  # whole paragraphs, in order
         parts.append(paragraphs[len(parts) % len(paragraphs)])
+    if len(parts) > 1 and (policy_tokens - len(tok.encode("\n\n".join(parts[:-1])))
+                           < len(tok.encode("\n\n".join(parts))) - policy_tokens):
+        parts.pop()  # the last paragraph overshoots more than leaving it out falls short
     spec["messages"][0]["content"] = "\n\n".join(parts)
     spec.pop("locales", None)  # one locale: the en-US policy text for every item
     spec.pop("evaluation", None)
@@ -281,11 +286,12 @@ async def drive(url: str, key: str, items: list[dict[str, Any]], concurrency: in
             "prompt_tokens_mean": round(prompt / max(1, statuses.get("200", 0)), 1), **cpu}
 
 
-def run_gateway(transport: str, model_dir: Path, prompts_dir: Path, warm: list[dict[str, Any]],
-                timed: dict[int, list[dict[str, Any]]], tmp: Path,
-                base_url: str | None = None) -> list[dict[str, Any]]:
-    """`modgate up` on the bench model: Ray Serve with `transport`, or (with `base_url`) only
-    the gateway in front of an OpenAI-compatible server already running there."""
+@contextlib.contextmanager
+def gateway_stack(transport: str, model_dir: Path, prompts_dir: Path, tmp: Path, in_flight: int,
+                  base_url: str | None = None) -> Iterator[Any]:
+    """`modgate up` on the bench model, started and stopped around the block: Ray Serve with
+    `transport`, or (with `base_url`) only the gateway in front of an OpenAI-compatible server
+    already running there. Yields the `run_locust.Stack` (with `start_s` set)."""
     from run_locust import Stack
 
     base = yaml.safe_load((ROOT / "configs" / "modgate.yaml").read_text(encoding="utf-8"))
@@ -297,8 +303,8 @@ def run_gateway(transport: str, model_dir: Path, prompts_dir: Path, warm: list[d
         "engine_kwargs": {k: v for k, v in engine_kwargs(model_dir).items()
                           if k in ("max_model_len", "gpu_memory_utilization")},
         "deployment": {"min_replicas": 1, "max_replicas": 1,
-                       "max_ongoing_requests": max(64, *timed)}}]
-    base["gateway"]["max_inflight_per_model"] = max(64, *timed)
+                       "max_ongoing_requests": max(64, in_flight)}}]
+    base["gateway"]["max_inflight_per_model"] = max(64, in_flight)
     base["tracing"] = {"exporter": "none", "sample_ratio": 0.1}
     cfg_path = tmp / f"bench-{transport}.yaml"
     cfg_path.write_text(yaml.safe_dump(base))
@@ -306,17 +312,54 @@ def run_gateway(transport: str, model_dir: Path, prompts_dir: Path, warm: list[d
     t0 = time.perf_counter()
     stack.start()
     try:
-        started = time.perf_counter() - t0
+        stack.start_s = round(time.perf_counter() - t0, 1)
+        yield stack
+    finally:
+        stack.stop()
+
+
+def token_counts(gateway_url: str) -> dict[tuple[str, str, str], float]:
+    """The gateway's `modgate_tokens_total` counters: (prompt, version, kind) -> tokens."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[tuple[str, str, str], float] = {}
+    text = httpx.get(f"{gateway_url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "modgate_tokens_total":
+                lb = sample.labels
+                out[(lb["prompt"], lb["version"], lb["kind"])] = sample.value
+    return out
+
+
+def hit_rates(before: dict[tuple[str, str, str], float],
+              after: dict[tuple[str, str, str], float]) -> dict[str, dict[str, Any]]:
+    """Prefix-cache hit rate per prompt version between two `token_counts` readings, as the
+    gateway reports it: cached input tokens / input tokens."""
+    per: dict[str, dict[str, float]] = {}
+    for (prompt, version, kind), value in after.items():
+        delta = value - before.get((prompt, version, kind), 0.0)
+        per.setdefault(f"{prompt}@v{version}", {})[kind] = delta
+    return {ref: {"input_tokens": int(v.get("input", 0)), "cached_input_tokens": int(v.get("cached_input", 0)),
+                  "hit_rate": round(v.get("cached_input", 0) / v["input"], 4) if v.get("input") else None}
+            for ref, v in sorted(per.items()) if v.get("input")}
+
+
+def run_gateway(transport: str, model_dir: Path, prompts_dir: Path, warm: list[dict[str, Any]],
+                timed: dict[int, list[dict[str, Any]]], tmp: Path,
+                base_url: str | None = None) -> list[dict[str, Any]]:
+    with gateway_stack(transport, model_dir, prompts_dir, tmp, max(timed), base_url) as stack:
         key = stack.api_key()
         asyncio.run(drive(stack.url, key, warm, len(warm)))
         results = []
         for c, items in timed.items():
+            before = token_counts(stack.url)
             result = asyncio.run(drive(stack.url, key, items, c))
-            result["stack_start_s"] = round(started, 1)
+            result["prefix_cache"] = hit_rates(before, token_counts(stack.url))
+            result["stack_start_s"] = stack.start_s
             results.append(result)
         return results
-    finally:
-        stack.stop()
 
 
 class VllmServer:

@@ -675,6 +675,49 @@ def render_generic(doc: Any, name: str) -> Rendered:
         consumed={k for k in d if k not in META_KEYS})
 
 
+def render_prefix_cache(doc: dict[str, Any]) -> Rendered:
+    versions = doc.get("versions") if isinstance(doc.get("versions"), dict) else {}
+    target = num(doc.get("target_hit_rate")) or 0.9
+    lines = ["| prompt version | listings | input tokens | cached input tokens | hit rate | ceiling "
+             "(shared tokens / all) | prefix reuse (cached / shared) | shared prefix (tokens) | "
+             "mean prompt (tokens) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    checks = []
+
+    def pct(v: Any) -> str:
+        x = num(v)
+        return "—" if x is None else f"{fmt(round(100 * x, 1))} %"
+
+    for ref, v in versions.items():
+        if not isinstance(v, dict):
+            continue
+        lines.append(f"| {cell(str(ref))} | {fmt(v.get('listings'))} | {fmt(v.get('input_tokens'))} | "
+                     f"{fmt(v.get('cached_input_tokens'))} | {pct(v.get('hit_rate'))} | {pct(v.get('ceiling'))} | "
+                     f"{pct(v.get('prefix_reuse'))} | {fmt(v.get('shared_prefix_tokens'))} | "
+                     f"{fmt(v.get('prompt_tokens_mean'))} |")
+        rate = num(v.get("hit_rate"))
+        checks.append(Check(f"{ref}: hit rate > {fmt(round(100 * target))} %", pct(rate),
+                            None if rate is None else rate > target))
+    statuses = doc.get("statuses") if isinstance(doc.get("statuses"), dict) else {}
+    lines += ["", f"Policy {fmt(doc.get('policy_tokens'))} tokens; {fmt(doc.get('items'))} distinct listings "
+              f"alternating between the two prompts, {fmt(doc.get('concurrency'))} in flight, gateway → Ray "
+              f"Serve over `{cell(str(doc.get('transport')))}`; answers "
+              + ", ".join(f"{k}: {fmt(v)}" for k, v in statuses.items()) + ". The ceiling is what any "
+              "prefix cache could give: the listing is never cached, so it bounds the hit rate."]
+    rates = [num(v.get("hit_rate")) for v in versions.values() if isinstance(v, dict)]
+    known = [r for r in rates if r is not None]
+    return Rendered(
+        title="Prefix-cache hit rate per prompt version",
+        what=("Two prompts with a shared policy prefix each, distinct listings alternating between them, "
+              "through the gateway and Ray Serve LLM with vLLM's prefix caching; the hit rate is the "
+              "gateway's own per-version counters (cached input tokens / input tokens)."),
+        target=f"above {fmt(round(100 * target))} % per prompt version",
+        body=lines,
+        checks=checks,
+        result=("hit rate " + ", ".join(pct(r) for r in known)) if known else "no figure",
+        consumed={"model", "transport", "policy_tokens", "items", "concurrency", "statuses",
+                  "target_hit_rate", "versions", "meets_target"})
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], Rendered]] = {
     "registry_resolve": render_registry_resolve,
     "publish_visibility": render_publish_visibility,
@@ -686,6 +729,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], Rendered]] = {
     "soak": render_soak,
     "engine_throughput": render_engine_throughput,
     "handle_hop": render_handle_hop,
+    "prefix_cache": render_prefix_cache,
 }
 
 

@@ -418,6 +418,21 @@ def test_engine_throughput_section_judges_each_gateway_run_at_the_same_batch() -
     assert r.result == "direct 20 items/s; best through the gateway 19.2 items/s (gateway_vllm, 128 in flight)"
 
 
+def test_prefix_cache_section_judges_each_version() -> None:
+    doc = {"transport": "handle", "policy_tokens": 1002, "items": 96, "concurrency": 8,
+           "statuses": {"200": 96}, "target_hit_rate": 0.9, "versions": {
+               "listing-moderation@v1": {"listings": 48, "input_tokens": 53000, "cached_input_tokens": 49000,
+                                         "hit_rate": 0.9245, "ceiling": 0.94, "prefix_reuse": 0.98,
+                                         "shared_prefix_tokens": 1040, "prompt_tokens_mean": 1104.2},
+               "listing-moderation-b@v1": {"listings": 48, "input_tokens": 53000, "cached_input_tokens": 40000,
+                                           "hit_rate": 0.7547}}}
+    r = make_results.render_prefix_cache(doc)
+    assert [(c.criterion, c.ok) for c in r.checks] == [
+        ("listing-moderation@v1: hit rate > 90 %", True), ("listing-moderation-b@v1: hit rate > 90 %", False)]
+    assert "| listing-moderation@v1 | 48 | 53,000 | 49,000 | 92.5 % | 94 % | 98 % | 1,040 | 1,104.2 |" in r.body
+    assert r.result == "hit rate 92.5 %, 75.5 %"
+
+
 def test_handle_hop_section_compares_batched_with_one_per_call() -> None:
     doc = {"duration_s": 4, "settings": [
         {"concurrency": 1, "max_size": 1, "max_wait_ms": 2, "max_hops": 4, "rps": 200, "mean_batch": 1},
