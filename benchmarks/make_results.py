@@ -254,6 +254,8 @@ OVERHEAD_SCENARIOS = {
     "rollout": "10 % canary and 5 % shadow of other versions, tracing at 10 %",
     "rollout-hanging-shadow": "the same rollout, the shadow target never answers",
 }
+# overhead.py's sampling ratio per scenario, for result files written before it recorded it
+OVERHEAD_TRACING = {"plain-trace-off": 0.0, "plain-trace-100": 1.0}
 
 
 def _rounds(s: dict[str, Any]) -> str:
@@ -285,16 +287,22 @@ def render_overhead(doc: dict[str, Any]) -> Rendered:
         a = _below(s.get("added_p50_ms_c1"), p50_max, strict=False)
         rps = num(s.get("gateway_rps_c32"))
         b = None if rps is None else rps >= rps_min
-        p50_ok.append((name, a))
-        rps_ok.append((name, b))
+        # The targets are set for tracing at 10 % sampling; the tracing-off and tracing-100 %
+        # scenarios show what tracing costs and are not judged (older files record no ratio).
+        ratio = num(s.get("tracing_sample_ratio", OVERHEAD_TRACING.get(name, 0.1)))
+        judged = ratio == 0.1
+        if judged:
+            p50_ok.append((name, a))
+            rps_ok.append((name, b))
         non2xx = sum(int(sub(s, run, "non_2xx") or 0) for run in ("gateway_c1", "gateway_c32"))
         lines.append(
             f"| `{cell(name)}` | {fmt(s.get('added_p50_ms_c1'))} | {fmt(s.get('added_p99_ms_c1'))} | "
             f"{fmt(sub(s, 'gateway_c1', 'p50_ms'))} | {fmt(sub(s, 'direct_c1', 'p50_ms'))} | "
             f"{fmt(s.get('gateway_rps_c32'))}{_rounds(s)} | {fmt(sub(s, 'direct_c32', 'rps'))} | "
             f"{fmt(s.get('gateway_cpu_ms_per_request'))} | {non2xx:,} | "
-            f"{'—' if a is None else ('yes' if a else '**no**')} | "
-            f"{'—' if b is None else ('yes' if b else '**no**')} |")
+            + (f"{'—' if a is None else ('yes' if a else '**no**')} | "
+               f"{'—' if b is None else ('yes' if b else '**no**')} |" if judged else
+               "not judged | not judged |"))
     lines.append("")
     lines.append("Scenarios: " + "; ".join(
         f"`{cell(str(s.get('scenario')))}`: {OVERHEAD_SCENARIOS.get(str(s.get('scenario')), 'see overhead.py')}"
@@ -326,12 +334,31 @@ def render_overhead(doc: dict[str, Any]) -> Rendered:
               "metrics and tracing. Added latency = gateway − direct at 1 connection; CPU time "
               "of the gateway process per request at 32 connections."),
         target=(f"added p50 ≤ {fmt(p50_max)} ms at 1 connection and ≥ {fmt(rps_min)} req/s per "
-                "worker at 32 connections, in every scenario"),
+                "worker at 32 connections, in every scenario with tracing at 10 % (the issue's "
+                "setting; tracing off and at 100 % are shown for its cost, not judged); with the "
+                "shadow target hanging, the primary's p99 unmoved"),
         body=lines,
         checks=[Check(f"added p50 ≤ {fmt(p50_max)} ms at 1 connection", t1, ok1),
-                Check(f"≥ {fmt(rps_min)} req/s per worker at 32 connections", t2, ok2)],
+                Check(f"≥ {fmt(rps_min)} req/s per worker at 32 connections", t2, ok2),
+                *[c for c in [_hanging_shadow_check(scenarios)] if c is not None]],
         result=result,
         consumed={"targets", "scenarios"})
+
+
+def _hanging_shadow_check(scenarios: list[dict[str, Any]]) -> Check | None:
+    """The issue's promise for a hanging shadow target: the primary's p99 must not move
+    (within 5 % of the same rollout with a shadow that answers, one connection)."""
+    by = {s.get("scenario"): s for s in scenarios}
+    base, hang = by.get("rollout"), by.get("rollout-hanging-shadow")
+    if not isinstance(base, dict) or not isinstance(hang, dict):
+        return None
+    p_base = num((base.get("gateway_c1") or {}).get("p99_ms"))
+    p_hang = num((hang.get("gateway_c1") or {}).get("p99_ms"))
+    if p_base is None or p_hang is None:
+        return None
+    return Check("hanging shadow target: primary p99 at 1 connection within 5 % of `rollout`'s",
+                 f"{fmt(p_hang)} ms vs {fmt(p_base)} ms ({fmt(round(100 * (p_hang / p_base - 1), 1))} %)",
+                 p_hang <= p_base * 1.05)
 
 
 def render_overload(doc: dict[str, Any]) -> Rendered:

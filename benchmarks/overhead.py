@@ -153,7 +153,7 @@ def run_scenario(name: str, tmp: Path, args: argparse.Namespace, receiver: OtlpH
         stub_url = f"http://127.0.0.1:{stub_port}/v1/chat/completions"
         gw_url = f"http://127.0.0.1:{gw_port}/v1/moderate"
         _wrk(gw_url, gw_script, 4, 2)  # warm-up
-        result: dict = {"scenario": name}
+        result: dict = {"scenario": name, "tracing_sample_ratio": ratio}
         result["direct_c1"] = _wrk(stub_url, direct_script, 1, args.duration)
         result["gateway_c1"] = _wrk(gw_url, gw_script, 1, args.duration)
         result["direct_c32"] = _wrk(stub_url, direct_script, 32, args.duration)
