@@ -14,9 +14,13 @@ Policy (no added wait when idle):
 So at low load every request travels alone and immediately; under load the number of calls in
 flight stays near `max_hops` and each carries up to `max_size` requests.
 
-Cancellation: a caller that gives up before its batch is sent is dropped from the batch; once
-sent, the request finishes on the engine (its result is discarded), because one actor call
-cannot be partly cancelled. The per-request deadline still bounds what the caller waits.
+Cancellation: a caller that gives up before its batch is sent is dropped from the batch. Once
+sent, a call is cancelled (the sender's task is cancelled, so `send` can cancel the remote
+work: the Ray handle backend cancels the Serve request, and the engine aborts) as soon as every
+request it carries has been given up. A request given up while others in its call still wait
+finishes on the engine and its result is discarded: one actor call cannot be partly cancelled.
+At low load every call carries one request, so a caller that goes away (deadline, disconnect)
+always stops its engine work there. The per-request deadline bounds what the caller waits.
 """
 
 from __future__ import annotations
@@ -44,8 +48,10 @@ class HopBatcher(Generic[In, Out]):
         self._hops = 0
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._call_of: dict[asyncio.Future[Out], tuple[asyncio.Task[None], list[asyncio.Future[Out]]]] = {}
         self.calls = 0  # actor calls made
         self.sent = 0  # requests carried by them
+        self.abandoned_calls = 0  # calls cancelled because every request in them was given up
 
     @property
     def in_flight_hops(self) -> int:
@@ -55,7 +61,21 @@ class HopBatcher(Generic[In, Out]):
         fut: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
         self._queue.append((item, fut))
         self._pump(force=False)
-        return await fut
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self._abandon(fut)
+            raise
+
+    def _abandon(self, fut: asyncio.Future[Out]) -> None:
+        """The caller waiting on `fut` gave up: cancel its call if nobody else waits on it."""
+        call = self._call_of.get(fut)
+        if call is None:  # not sent yet (dropped at dispatch) or already answered
+            return
+        task, futures = call
+        if not task.done() and all(f.done() for f in futures):
+            self.abandoned_calls += 1
+            task.cancel()
 
     def _pump(self, *, force: bool) -> None:
         while self._queue and (force or self._hops < self.max_hops or len(self._queue) >= self.max_size):
@@ -80,7 +100,16 @@ class HopBatcher(Generic[In, Out]):
         self.sent += len(batch)
         task = asyncio.ensure_future(self._run(batch))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        futures = [f for _, f in batch]
+        for f in futures:
+            self._call_of[f] = (task, futures)
+
+        def finished(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            for f in futures:
+                self._call_of.pop(f, None)
+
+        task.add_done_callback(finished)
 
     async def _run(self, batch: list[tuple[In, asyncio.Future[Out]]]) -> None:
         try:
@@ -115,4 +144,5 @@ class HopBatcher(Generic[In, Out]):
 
     def stats(self) -> dict[str, Any]:
         return {"calls": self.calls, "requests": self.sent,
-                "mean_batch": round(self.sent / self.calls, 2) if self.calls else 0.0}
+                "mean_batch": round(self.sent / self.calls, 2) if self.calls else 0.0,
+                "abandoned_calls": self.abandoned_calls}

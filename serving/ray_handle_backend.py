@@ -11,6 +11,13 @@ in `headers`, so the engine's span still joins the caller's trace. Streaming goe
 With `batch.max_size > 1` requests to one model share actor calls (`chat_json_batch`, through a
 `HopBatcher`): one call carries several requests when calls are already in flight, none wait
 when the model is idle.
+
+Abandoned work is cancelled on the replica: awaiting a Serve `DeploymentResponse` and then
+being cancelled (deadline, caller gone) does not cancel the remote call by itself in Ray 2.60
+(`DeploymentResponse.__await__` only re-raises), so every call goes through
+`_cancel_when_abandoned`, which calls `DeploymentResponse.cancel()`: Serve cancels the actor
+task, and vLLM aborts the request when the replica's coroutine is cancelled. A batched call is
+cancelled once every request in it has been given up (see serving/hop_batcher.py).
 """
 
 from __future__ import annotations
@@ -35,6 +42,15 @@ from serving.protocol import ChatChunk, ChatRequest, ChatResult
 __all__ = ["RayHandleBackend"]
 
 
+async def _cancel_when_abandoned(response: Any) -> Any:
+    """Await a Serve `DeploymentResponse`; if this await is cancelled, cancel the request too."""
+    try:
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
+
+
 class RayHandleBackend:
     def __init__(self, app_name: str, *, stream_fallback: OpenAIHttpBackend,
                  batch: HandleBatchConfig | None = None) -> None:
@@ -50,7 +66,8 @@ class RayHandleBackend:
             assert self._batch is not None
 
             async def send(items: list[tuple[dict[str, Any], dict[str, str]]]) -> list[Any]:
-                return list(await handle.chat_json_batch.remote([b for b, _ in items], [h for _, h in items]))
+                return list(await _cancel_when_abandoned(
+                    handle.chat_json_batch.remote([b for b, _ in items], [h for _, h in items])))
 
             batcher = self._batchers[model] = HopBatcher(
                 send, max_size=self._batch.max_size, max_wait_s=self._batch.max_wait_ms / 1000.0,
@@ -80,7 +97,7 @@ class RayHandleBackend:
             handle = self._handle(request.model)
             body, headers = build_chat_body(request), trace_headers()
             if self._batch is None:
-                call: Any = handle.chat_json.remote(body, headers)
+                call: Any = _cancel_when_abandoned(handle.chat_json.remote(body, headers))
             else:
                 call = self._batcher(request.model, handle).submit((body, headers))
             data = await asyncio.wait_for(call, timeout_s)

@@ -62,7 +62,7 @@ async def test_requests_queue_while_hops_are_busy_and_leave_together() -> None:
     assert await first == 10
     assert await asyncio.gather(*rest) == [20, 30, 40, 50]
     assert up.batches == [[1], [2, 3, 4, 5]]
-    assert b.stats() == {"calls": 2, "requests": 5, "mean_batch": 2.5}
+    assert b.stats() == {"calls": 2, "requests": 5, "mean_batch": 2.5, "abandoned_calls": 0}
 
 
 @sync
@@ -131,3 +131,53 @@ async def test_a_caller_that_gave_up_before_sending_is_dropped_from_the_batch() 
 def test_settings_are_checked() -> None:
     with pytest.raises(ValueError):
         HopBatcher(Upstream().send, max_size=0, max_wait_s=0.0, max_hops=1)
+
+
+class SlowUpstream:
+    """Never answers until released; records whether a call was cancelled."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.cancelled: list[list[int]] = []
+        self.release = asyncio.Event()
+
+    async def send(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(list(items))
+            raise
+        return [i * 10 for i in items]
+
+
+@sync
+async def test_a_call_whose_only_caller_gave_up_is_cancelled() -> None:
+    up = SlowUpstream()
+    b = HopBatcher(up.send, max_size=8, max_wait_s=5.0, max_hops=2)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(b.submit(1), 0.05)
+    await asyncio.sleep(0)
+    assert up.cancelled == [[1]] and b.stats()["abandoned_calls"] == 1
+    assert b.in_flight_hops == 0  # the slot is free again
+    up.release.set()
+    assert await b.submit(2) == 20
+
+
+@sync
+async def test_a_call_is_cancelled_only_when_every_caller_in_it_gave_up() -> None:
+    up = SlowUpstream()
+    b = HopBatcher(up.send, max_size=8, max_wait_s=5.0, max_hops=1)
+    busy = asyncio.ensure_future(b.submit(1))
+    await asyncio.sleep(0)
+    a, c = asyncio.ensure_future(b.submit(2)), asyncio.ensure_future(b.submit(3))
+    await asyncio.sleep(0)
+    busy.cancel()  # frees the hop: 2 and 3 leave together
+    await asyncio.sleep(0.01)
+    assert up.batches == [[1], [2, 3]] and up.cancelled == [[1]]
+    a.cancel()
+    await asyncio.sleep(0.01)
+    assert up.cancelled == [[1]]  # 3 still waits: its call goes on
+    c.cancel()
+    await asyncio.sleep(0.01)
+    assert up.cancelled == [[1], [2, 3]] and b.stats()["abandoned_calls"] == 2

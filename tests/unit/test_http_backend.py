@@ -230,3 +230,57 @@ def test_traceparent_of_the_current_span_is_sent() -> None:
     assert seen["traceparent"].startswith(f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-")
     _run(handler)  # no current span: no header
     assert seen["traceparent"] is None
+
+
+class _Response:
+    """Stands in for a Ray Serve `DeploymentResponse`: awaitable, never answers, cancellable."""
+
+    def __init__(self) -> None:
+        self.cancel_calls = 0
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        return asyncio.sleep(3600).__await__()
+
+    def cancel(self) -> None:
+        self.cancel_calls += 1
+
+
+class _Method:
+    def __init__(self) -> None:
+        self.responses: list[_Response] = []
+
+    def remote(self, *args: object) -> _Response:
+        self.responses.append(_Response())
+        return self.responses[-1]
+
+
+class _Handle:
+    def __init__(self) -> None:
+        self.chat_json = _Method()
+        self.chat_json_batch = _Method()
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_ray_handle_backend_cancels_the_serve_request_its_caller_gave_up(batched: bool) -> None:
+    """Ray 2.60's DeploymentResponse does not cancel the remote call when its awaiter is
+    cancelled; the backend must call `cancel()` so the replica (and vLLM) drop the work."""
+    from serving.config import HandleBatchConfig
+    from serving.errors import BackendTimeout
+    from serving.protocol import ChatRequest
+    from serving.ray_handle_backend import RayHandleBackend
+
+    async def run() -> _Handle:
+        backend = RayHandleBackend("llm", stream_fallback=OpenAIHttpBackend("http://127.0.0.1:9/v1"),
+                                   batch=HandleBatchConfig(max_size=16 if batched else 1))
+        handle = _Handle()
+        backend._handles["m"] = handle
+        with pytest.raises(BackendTimeout):
+            await backend.chat(ChatRequest(model="m", messages=[{"role": "user", "content": "x"}],
+                                           max_tokens=4), timeout_s=0.05)
+        await asyncio.sleep(0.01)
+        await backend.aclose()
+        return handle
+
+    handle = asyncio.run(run())
+    method = handle.chat_json_batch if batched else handle.chat_json
+    assert [r.cancel_calls for r in method.responses] == [1]
