@@ -110,11 +110,12 @@ def bench_prompt(model_dir: Path, policy_tokens: int, out_dir: Path) -> tuple[Pa
     return out_dir, len(tok.encode(spec["messages"][0]["content"]))
 
 
-def bench_version(prompts_dir: Path) -> Any:
+def bench_version(prompts_dir: Path, name: str = PROMPT.stem) -> Any:
+    """Prompt `name` from `prompts_dir` as the registry's version 1 of it."""
     from prompt_registry.loader import load_prompt_file
     from prompt_registry.models import PromptVersion
 
-    spec = load_prompt_file(prompts_dir / PROMPT.name)
+    spec = load_prompt_file(prompts_dir / f"{name}.yaml")
     return PromptVersion(spec=spec, version=1, content_hash=spec.content_hash(),
                          created_at=datetime.now(UTC), created_by="bench")
 
@@ -150,16 +151,8 @@ def cpu_snapshot() -> dict[str, tuple[str, float]]:
         times = info.get("cpu_times")
         if times is None:
             continue
-        cmd = info.get("cmdline") or []
-        joined = " ".join(cmd)
-        if info["pid"] == me:
-            role = "this process (the benchmark client; LLM.chat's front end in the direct run)"
-        elif "vllm.entrypoints.openai.api_server" in joined:
-            role = "vLLM API server"
-        elif any(Path(a).name == "modgate" for a in cmd[:2]) and "up" in cmd:
-            role = "gateway (modgate up)"
-        else:
-            role = role_of(cmd, info.get("name") or "")
+        role = ("this process (the benchmark client; LLM.chat's front end in the direct run)"
+                if info["pid"] == me else role_of(info.get("cmdline") or [], info.get("name") or ""))
         snap[f"{info['pid']}:{info['create_time']}"] = (role, times.user + times.system)
     return snap
 

@@ -50,6 +50,7 @@ import yaml  # noqa: E402
 from engine_throughput import (  # noqa: E402
     PROMPT,
     bench_prompt,
+    bench_version,
     build_model,
     drive,
     gateway_stack,
@@ -83,26 +84,15 @@ def shared_prefix(model_dir: Path, prompts_dir: Path, name: str, items: list[dic
     from transformers import AutoTokenizer
 
     from gateway.pipeline import ModerationPipeline
-    from prompt_registry.loader import load_prompt_file
-    from prompt_registry.models import PromptVersion
 
-    spec = load_prompt_file(prompts_dir / f"{name}.yaml")
-    version = PromptVersion(spec=spec, version=1, content_hash=spec.content_hash(),
-                            created_at=datetime.now(UTC), created_by="bench")
+    version = bench_version(prompts_dir, name)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     seqs = []
     for i, item in enumerate(items):
         chat = ModerationPipeline.build_chat(version, item, "en-US", request_id=str(i))[1]
         text = tok.apply_chat_template(chat.messages, tokenize=False, add_generation_prompt=True)
         seqs.append(tok.encode(text, add_special_tokens=False))
-    common = len(seqs[0])
-    for seq in seqs[1:]:
-        n = 0
-        for a, b in zip(seq[:common], seqs[0][:common], strict=False):
-            if a != b:
-                break
-            n += 1
-        common = n
+    common = len(os.path.commonprefix(seqs))  # works on any sequences, token lists included
     total = sum(len(s) for s in seqs)
     return {"shared_prefix_tokens": common, "prompt_tokens_mean": round(statistics.mean(len(s) for s in seqs), 1),
             "ceiling": round(common * len(seqs) / total, 4)}

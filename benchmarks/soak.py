@@ -305,6 +305,10 @@ def role_of(cmdline: list[str], name: str) -> str:
     joined = " ".join(cmdline)
     if "EngineCore" in joined or "EngineCore" in name:
         return "vLLM EngineCore"
+    if "vllm.entrypoints.openai.api_server" in joined:
+        return "vLLM API server"
+    if any(Path(a).name == "modgate" for a in cmdline[:2]) and "up" in cmdline:
+        return "gateway (modgate up)"
     first = cmdline[0] if cmdline else name
     if first.upper().startswith("VLLM::"):  # vLLM's processes: VLLM::Worker (the model runner)
         title = (first[6:].split() or ["?"])[0]

@@ -375,6 +375,10 @@ def test_soak_roles() -> None:
     assert role_of(["ray::ProxyActor"], "ray::ProxyActor") == "Serve HTTP proxy"
     assert role_of(["ray::IDLE"], "ray::IDLE") == "ray idle worker"
     assert role_of(["VLLM::EngineCore"], "VLLM::EngineCor") == "vLLM EngineCore"
+    assert role_of(["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model", "m"],
+                   "python") == "vLLM API server"
+    assert role_of(["/venv/bin/python", "/venv/bin/modgate", "up", "--config", "c.yaml"], "modgate") == \
+        "gateway (modgate up)"
     assert role_of(["/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet", "--x"], "raylet") == \
         "ray raylet"
     assert role_of(["/venv/bin/python", "-u", "/venv/lib/python3.11/site-packages/ray/dashboard/agent.py"],
