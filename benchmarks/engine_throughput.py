@@ -125,7 +125,7 @@ def load_items(n: int, tag: str) -> list[dict[str, Any]]:
     no two timed items anywhere in the benchmark share anything past the policy prefix (a
     repeated listing, or the same listing timed again at another concurrency, would find its
     whole prompt in the prefix cache and flatter that run)."""
-    from gateway.evaluation.dataset import read_dataset
+    from gateway.quality.evaluation.dataset import read_dataset
 
     dataset, problems = read_dataset(DATASET)
     if dataset is None:

@@ -115,7 +115,7 @@ def run_scenario(name: str, tmp: Path, args: argparse.Namespace, receiver: OtlpH
     key, record = generate_key("bench", ["moderate"], created_by="bench")
     store.put_key(record)
     if name.startswith("rollout"):
-        from gateway.rollout_ops import start_rollout
+        from gateway.rollouts.ops import start_rollout
 
         spec = store.resolve("listing-moderation", "production").spec
         v2 = store.publish(spec.model_copy(update={"description": "v2"}), actor="bench").version.version
@@ -135,7 +135,7 @@ def run_scenario(name: str, tmp: Path, args: argparse.Namespace, receiver: OtlpH
     cfg_path = tmp / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
     gw_cpus = args.gateway_cpus
-    gw = subprocess.Popen([sys.executable, "-m", "gateway.cli", "gateway", "--config", str(cfg_path)],
+    gw = subprocess.Popen([sys.executable, "-m", "gateway.cli.main", "gateway", "--config", str(cfg_path)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           preexec_fn=(lambda: os.sched_setaffinity(0, gw_cpus)) if gw_cpus else None)
     try:

@@ -65,7 +65,7 @@ def main() -> None:
         config["gateway"].update(port=gw_port, max_inflight_per_model=16, max_queued_per_model=32)
         config["serving"].update(mode="http", base_url=f"http://127.0.0.1:{stub_port}/v1")
         (tmp / "gw.yaml").write_text(yaml.safe_dump(config))
-        gw = subprocess.Popen([sys.executable, "-m", "gateway.cli", "gateway", "--config", str(tmp / "gw.yaml")],
+        gw = subprocess.Popen([sys.executable, "-m", "gateway.cli.main", "gateway", "--config", str(tmp / "gw.yaml")],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             _wait_http(f"http://127.0.0.1:{stub_port}/v1/models")

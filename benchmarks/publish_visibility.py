@@ -76,7 +76,7 @@ def main() -> None:
                 cfg = {**config, "gateway": {**config["gateway"], "port": port}}
                 cfg_path.write_text(yaml.safe_dump(cfg))
                 procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "gateway.cli", "gateway", "--config", str(cfg_path)],
+                    [sys.executable, "-m", "gateway.cli.main", "gateway", "--config", str(cfg_path)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ}))
                 urls.append(f"http://127.0.0.1:{port}")
             client = httpx.Client(headers={"x-api-key": key}, timeout=5)

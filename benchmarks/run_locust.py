@@ -143,7 +143,7 @@ def _is_stack(cmdline: list[str]) -> bool:
         nxt = cmdline[i + 1]
         if Path(arg).name == "modgate" and nxt in ("up", "serving"):
             return True
-        if arg == "gateway.cli" and nxt in ("up", "serving"):  # python -m gateway.cli up (tests)
+        if arg == "gateway.cli.main" and nxt in ("up", "serving"):  # python -m gateway.cli.main up (tests)
             return True
     return False
 
@@ -219,7 +219,7 @@ class Stack:
 
     def start(self) -> None:
         exe = ROOT / ".venv" / "bin" / "modgate"
-        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "gateway.cli"]
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "gateway.cli.main"]
         cmd += ["up", "--config", str(self.config_path)]
         log(f"starting the stack: {shlex.join(cmd)} (gateway :{self.gateway_port}, "
             f"Ray Serve :{self.serving_port}, data {self.tmp / 'data'})")

@@ -8,7 +8,7 @@ on three criteria (issue #10, item 7):
   3. a complete decision log: after the stack has stopped (the log flushes on shutdown) the
      log holds exactly one record per answered request that the gateway records, matched by
      request id: every 200 and every 5xx (4xx answers are not recorded, by design; see
-     gateway/app.py), with no request missing, none twice and no record for a request that got
+     gateway/api/app.py), with no request missing, none twice and no record for a request that got
      no such answer.
 
     .venv/bin/python benchmarks/soak.py                       # the real thing: 10 min, CPU stack
@@ -242,7 +242,7 @@ class StubStack:
             self.stub = subprocess.Popen(
                 [sys.executable, str(HERE / "stub_upstream.py"), "--port", str(self.stub_port),
                  "--delay", str(self.delay_s)], stdout=fh, stderr=subprocess.STDOUT, cwd=self.tmp)
-            cmd = [sys.executable, "-m", "gateway.cli", "gateway", "--config", str(self.config_path)]
+            cmd = [sys.executable, "-m", "gateway.cli.main", "gateway", "--config", str(self.config_path)]
             log(f"starting {shlex.join(cmd)} in front of the stub upstream (:{self.stub_port}, "
                 f"{self.delay_s:g} s per answer)")
             self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -618,7 +618,7 @@ def analyse_requests(answers: list[dict[str, Any]], t0: float, warmup_s: float, 
 
 def read_decision_log(directory: Path) -> tuple[Counter[str], int, dict[str, Any]]:
     """Records per request id (primary arms), shadow records, and what the read saw."""
-    from gateway.decision_log import ReadStats, read_segments
+    from gateway.quality.decisions import ReadStats, read_segments
 
     per_rid: Counter[str] = Counter()
     shadows = 0

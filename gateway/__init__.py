@@ -1,5 +1,5 @@
 """Gateway: the internal moderation API. The only package that knows prompts and serving."""
 
-from gateway.app import create_app
+from gateway.api.app import create_app
 
 __all__ = ["create_app"]

@@ -26,7 +26,7 @@ from starlette.responses import Response
 
 from gateway.auth import Authenticator
 from gateway.errors import ERROR_RESPONSES
-from gateway.rollout_stats import RolloutRecorder
+from gateway.rollouts.recorder import RolloutRecorder
 from gateway.verdict import Verdict
 from prompt_registry import PromptStore, StoreUnavailable
 

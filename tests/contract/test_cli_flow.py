@@ -15,8 +15,8 @@ import yaml
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner, Result
 
-from gateway.app import create_app
-from gateway.cli import app as cli
+from gateway.api.app import create_app
+from gateway.cli.main import app as cli
 from gateway.config import load_config
 from gateway.stores import open_store
 from serving.fake_backend import FakeBackend
@@ -51,7 +51,7 @@ def run(config_path: Path, *args: str) -> str:
 
 @pytest.fixture
 def gateway(config_path: Path) -> Iterator[tuple[TestClient, str]]:
-    from gateway.cli import _local_keys, _open_store
+    from gateway.cli.main import _local_keys, _open_store
 
     cfg = load_config(config_path)
     store = _open_store(cfg)  # seeds v1 and production -> v1, as `modgate up` does

@@ -18,9 +18,9 @@ import yaml
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from gateway.app import create_app
-from gateway.cli import _local_keys, _open_store
-from gateway.cli import app as cli
+from gateway.api.app import create_app
+from gateway.cli.main import _local_keys, _open_store
+from gateway.cli.main import app as cli
 from gateway.config import load_config
 from gateway.feedback import FeedbackLog
 from serving import BackendUnavailable, ChatRequest, ChatResult

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from gateway.app import create_app
+from gateway.api.app import create_app
 from gateway.config import GatewaySettings
 from gateway.limits import CallerLimitsSettings, RedisCallerLimiter, build_caller_limiter
 from gateway.telemetry import Metrics

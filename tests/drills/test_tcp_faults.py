@@ -27,7 +27,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from gateway.app import create_app
+from gateway.api.app import create_app
 from gateway.config import GatewaySettings
 from gateway.telemetry import Metrics
 from prompt_registry.keys import generate_key
@@ -118,7 +118,7 @@ async def drill(tmp_path: Path) -> AsyncIterator[Drill]:
     stub = await StubUpstream().start()
     proxy = await FaultProxy("127.0.0.1", stub.port).start()
     metrics = Metrics()
-    # As gateway/cli.py wires it: ResilientBackend(OpenAIHttpBackend(...), serving.resilience,
+    # As gateway/cli/main.py wires it: ResilientBackend(OpenAIHttpBackend(...), serving.resilience,
     # registry=metrics.registry), the default settings.
     backend = ResilientBackend(OpenAIHttpBackend(f"{proxy.url}/v1"), ResilienceSettings(),
                                registry=metrics.registry)

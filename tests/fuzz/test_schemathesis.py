@@ -45,7 +45,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from gateway.app import create_app
+from gateway.api.app import create_app
 from gateway.config import GatewaySettings
 from prompt_registry.keys import generate_key
 from prompt_registry.loader import seed_store

@@ -103,7 +103,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     log_path = tmp / "stack.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "up", "--config", str(config_path)],
+            [sys.executable, "-m", "gateway.cli.main", "up", "--config", str(config_path)],
             stdout=log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True,
         )
     stack = Stack(f"http://127.0.0.1:{gateway_port}", f"http://127.0.0.1:{serving_port}/v1", proc, log_path,

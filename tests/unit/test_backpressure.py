@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 
 from gateway.admission import AdmissionControl
-from gateway.app import create_app
+from gateway.api.app import create_app
 from gateway.config import GatewaySettings
 from gateway.errors import ApiError
 from prompt_registry.keys import generate_key

@@ -11,7 +11,7 @@ CASES = {
     "prompt_registry": ["gateway", "serving", "fastapi", "ray", "vllm", "torch", "httpx"],
     "serving": ["gateway", "prompt_registry", "ray", "vllm", "torch", "fastapi"],
     "gateway": ["vllm", "torch", "ray"],
-    "gateway.app": ["vllm", "torch", "ray"],
+    "gateway.api.app": ["vllm", "torch", "ray"],
 }
 
 

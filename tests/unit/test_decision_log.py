@@ -23,17 +23,9 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 import gateway.decision_log as dl
-from gateway.decision_log import (
-    DecisionLog,
-    DecisionLogSettings,
-    DecisionRecord,
-    ReadStats,
-    export,
-    list_segments,
-    read_segments,
-    tail,
-)
-from gateway.decisions_cli import decisions_app
+from gateway.cli.decisions import decisions_app
+from gateway.decision_log import DecisionLog, DecisionLogSettings, DecisionRecord, list_segments
+from gateway.quality.decisions import ReadStats, export, read_segments, tail
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)

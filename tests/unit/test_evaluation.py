@@ -14,9 +14,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-import gateway.eval_cli as eval_cli
-from gateway.evaluation import runner as runner_mod
-from gateway.evaluation.dataset import (
+import gateway.cli.eval as eval_cli
+from gateway.pipeline import ModerationPipeline
+from gateway.quality.evaluation import runner as runner_mod
+from gateway.quality.evaluation.dataset import (
     Dataset,
     DatasetError,
     DatasetRow,
@@ -26,10 +27,15 @@ from gateway.evaluation.dataset import (
     write_csv,
     write_jsonl,
 )
-from gateway.evaluation.report import write_comparison, write_scorecard
-from gateway.evaluation.runner import ItemResult, cache_path, run_eval
-from gateway.evaluation.scorecard import Scorecard, build_scorecard, compare, mcnemar_exact, wilson
-from gateway.pipeline import ModerationPipeline
+from gateway.quality.evaluation.report import write_comparison, write_scorecard
+from gateway.quality.evaluation.runner import ItemResult, cache_path, run_eval
+from gateway.quality.evaluation.scorecard import (
+    Scorecard,
+    build_scorecard,
+    compare,
+    mcnemar_exact,
+    wilson,
+)
 from prompt_registry import PromptSpec, PromptVersion
 from serving import BackendUnavailable, ChatRequest, ChatResult
 from serving.fake_backend import FakeBackend

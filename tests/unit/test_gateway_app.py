@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway.app import create_app
+from gateway.api.app import create_app
 from gateway.config import GatewaySettings
 from prompt_registry.keys import generate_key
 from prompt_registry.sqlite_store import SqlitePromptStore
@@ -188,7 +188,7 @@ def test_direct_route_refuses_endpoints_fastapi_would_have_to_fill_in() -> None:
     from fastapi import Request
     from starlette.responses import Response
 
-    from gateway.routing import DirectRoute
+    from gateway.api.routing import DirectRoute
 
     async def ok(request: Request) -> Response:
         return Response()

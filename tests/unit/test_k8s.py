@@ -29,8 +29,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from gateway.cli.deploy import deploy_app, render_json_schema
 from gateway.config import AppConfig, load_config
-from gateway.deploy_cli import deploy_app, render_json_schema
 from serving.config import ModelConfig, ServingConfig
 from serving.serve_config import HEADER, build_serve_config, render_serve_config_yaml
 
@@ -542,7 +542,7 @@ def test_build_serve_config_shape_and_rejections() -> None:
 
 
 def test_serve_config_and_deploy_cli_do_not_import_ray() -> None:
-    code = ("import sys, serving.serve_config, gateway.deploy_cli, gateway.cli\n"
+    code = ("import sys, serving.serve_config, gateway.cli.deploy, gateway.cli.main\n"
             "print(','.join(m for m in ('ray', 'vllm', 'torch') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=ROOT)
@@ -617,7 +617,7 @@ def test_configs_validate_against_the_json_schema(path: Path) -> None:
 
 
 def test_deploy_is_a_modgate_subcommand() -> None:
-    from gateway.cli import app
+    from gateway.cli.main import app
 
     result = runner.invoke(app, ["deploy", "--help"])
     assert result.exit_code == 0

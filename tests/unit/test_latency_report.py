@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway.app import create_app
+from gateway.api.app import create_app
+from gateway.cli.latency import _quantile, stage_percentiles
 from gateway.config import GatewaySettings
-from gateway.latency_cli import _quantile, stage_percentiles
 from prompt_registry.keys import generate_key
 from prompt_registry.loader import seed_store
 from prompt_registry.sqlite_store import SqlitePromptStore

@@ -295,7 +295,7 @@ def test_soak_section(tree: tuple[Path, Path]) -> None:
 def test_soak_section_judges_the_figures(tree: tuple[Path, Path]) -> None:
     res, out = tree
     _write(res / "soak.json", {**_soak_doc("upstream-stub", failures=3, dev=7.25, records=2396, expected=2397),
-                               "other_stacks_during_run": ["pid 42: python -m gateway.cli up --config x.yaml"]})
+                               "other_stacks_during_run": ["pid 42: python -m gateway.cli.main up --config x.yaml"]})
     _run(res, out)
     text = out.read_text(encoding="utf-8")
     section = text[text.index("## Soak: 10 min at 4 req/s, upstream stub"):text.index("## cache_warmup")]

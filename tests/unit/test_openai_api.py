@@ -11,9 +11,9 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from gateway.app import create_app
+from gateway.api.app import create_app
+from gateway.api.openai import MAX_TOKENS_LIMIT, MODERATION_CONCURRENCY
 from gateway.config import GatewaySettings
-from gateway.openai_api import MAX_TOKENS_LIMIT, MODERATION_CONCURRENCY
 from prompt_registry.keys import generate_key
 from prompt_registry.sqlite_store import SqlitePromptStore
 from serving import BackendOverloaded, BackendUnavailable

@@ -16,13 +16,13 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
+from gateway.cli.feedback import feedback_app
+from gateway.cli.report import report_app
 from gateway.decision_log import DecisionRecord
-from gateway.evaluation.dataset import read_dataset
-from gateway.evaluation.scorecard import wilson
-from gateway.feedback_cli import feedback_app
-from gateway.live_quality import FeedbackLabel, live_quality, read_feedback
-from gateway.ops_report import build_report, choose_bucket
-from gateway.report_cli import report_app
+from gateway.quality.evaluation.dataset import read_dataset
+from gateway.quality.evaluation.scorecard import wilson
+from gateway.quality.live_quality import FeedbackLabel, live_quality, read_feedback
+from gateway.quality.ops_report import build_report, choose_bucket
 
 ROOT = Path(__file__).resolve().parents[2]
 # The window of the test log: the last hour before now (registry events are stamped with the
@@ -101,7 +101,7 @@ def sources(tmp_path: Path, example_spec: Any) -> Path:
     """A configuration whose data dir holds the log above, its feedback and a registry with
     v1 in production, v2 published and a rollout of v2 started."""
     from gateway.config import load_config
-    from gateway.rollout_ops import start_rollout
+    from gateway.rollouts.ops import start_rollout
     from gateway.stores import open_store
     from prompt_registry.loader import seed_store
     from prompt_registry.rollouts import GateConfig, ShadowSpec
@@ -226,7 +226,7 @@ def test_disagreements_export_validates_and_pending_rows_say_what_is_missing(
     assert bad is None and {p.field for p in problems} >= {"title", "gold_decision"}
 
     # The export is what `eval validate` and `eval run` take.
-    from gateway.eval_cli import eval_app
+    from gateway.cli.eval import eval_app
     checked = CliRunner().invoke(eval_app, ["validate", str(out)])
     assert checked.exit_code == 0 and checked.output.startswith("ok: 2 rows")
 

@@ -268,9 +268,9 @@ def test_concurrent_move_is_a_conflict_not_a_stale_promotion(reg: SqlitePromptSt
 
 def test_eval_run_stores_scorecards_and_reports_the_gate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         example_spec: PromptSpec) -> None:
-    from gateway import eval_cli
+    from gateway.cli import eval as eval_cli
     from gateway.config import load_config
-    from gateway.evaluation.dataset import load_dataset
+    from gateway.quality.evaluation.dataset import load_dataset
     from gateway.stores import open_store
     from serving import ChatRequest
     from serving.fake_backend import FakeBackend

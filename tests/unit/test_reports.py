@@ -23,11 +23,11 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-import gateway.eval_cli as eval_cli
-from gateway.evaluation.dataset import load_dataset
-from gateway.evaluation.report import ITEM_COLUMNS, item_rows
-from gateway.evaluation.scorecard import Scorecard, build_scorecard
-from gateway.ops_report import build_report, write_ops_report
+import gateway.cli.eval as eval_cli
+from gateway.quality.evaluation.dataset import load_dataset
+from gateway.quality.evaluation.report import ITEM_COLUMNS, item_rows
+from gateway.quality.evaluation.scorecard import Scorecard, build_scorecard
+from gateway.quality.ops_report import build_report, write_ops_report
 from prompt_registry import PromptSpec
 from tests.unit.test_evaluation import SAMPLE, CountingBackend, _oracle, _small_results, _version
 from tests.unit.test_ops_report import T0, _labels, _records

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from gateway.app import create_app
+from gateway.api.app import create_app
 from gateway.config import GatewaySettings
 from gateway.telemetry import TracingSettings, build_tracer_provider
 from prompt_registry.keys import parse_key

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.traffic import assign, bucket
+from gateway.rollouts.traffic import assign, bucket
 from prompt_registry.rollouts import GateConfig, ShadowSpec, new_rollout
 
 SUBJECTS = [f"seller-{i}" for i in range(20_000)]

@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from gateway.cli.registry import store_for
 from gateway.config import AppConfig, ConfigError, load_config
-from gateway.registry_cli import store_for
 
 if TYPE_CHECKING:
-    from gateway.evaluation.dataset import Dataset
-    from gateway.evaluation.scorecard import Comparison, Scorecard
+    from gateway.quality.evaluation.dataset import Dataset
+    from gateway.quality.evaluation.scorecard import Comparison, Scorecard
     from prompt_registry import PromptVersion
     from serving import InferenceBackend
 
@@ -72,7 +72,7 @@ def _config(config: Path | None) -> AppConfig:
 
 
 def _dataset(path: Path) -> Dataset:
-    from gateway.evaluation.dataset import read_dataset
+    from gateway.quality.evaluation.dataset import read_dataset
 
     dataset, problems = read_dataset(path)
     if dataset is None:
@@ -87,7 +87,7 @@ def _default_out(cfg: AppConfig, prompt: str, dataset: Dataset) -> Path:
 
 
 def _summary(sc: Scorecard) -> list[str]:
-    from gateway.evaluation.report import _ci, _f, _pct
+    from gateway.quality.evaluation.report import _ci, _f, _pct
 
     q = sc.overall
     lines = [(f"{sc.prompt} v{sc.version} on {q.n} items (dataset sha256 {sc.dataset_sha256[:12]}, "
@@ -104,7 +104,7 @@ def _summary(sc: Scorecard) -> list[str]:
 
 
 def _comparison_line(cmp: Comparison) -> str:
-    from gateway.evaluation.report import _p
+    from gateway.quality.evaluation.report import _p
 
     return (f"v{cmp.a_version} -> v{cmp.b_version}: McNemar exact p = {_p(cmp.mcnemar_p)} "
             f"(fixed {cmp.fixed}, broken {cmp.broken}, changed {cmp.changed}; {cmp.n} items)")
@@ -113,7 +113,7 @@ def _comparison_line(cmp: Comparison) -> str:
 async def _evaluate(backend: InferenceBackend, versions: list[PromptVersion], dataset: Dataset, *,
                     concurrency: int, cache_dir: Path, priority: int, timeout_s: float,
                     progress: bool, use_cache: bool) -> list[Any]:
-    from gateway.evaluation.runner import run_eval
+    from gateway.quality.evaluation.runner import run_eval
 
     try:
         return await run_eval(versions, list(dataset.rows), backend, concurrency=concurrency,
@@ -143,9 +143,13 @@ def run_cmd(
     config: ConfigOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Evaluate one or more versions of a prompt on a labelled dataset and write scorecards."""
-    from gateway.evaluation.dataset import schema_problems
-    from gateway.evaluation.report import write_comparison, write_run_report, write_scorecard
-    from gateway.evaluation.scorecard import build_scorecard, compare
+    from gateway.quality.evaluation.dataset import schema_problems
+    from gateway.quality.evaluation.report import (
+        write_comparison,
+        write_run_report,
+        write_scorecard,
+    )
+    from gateway.quality.evaluation.scorecard import build_scorecard, compare
 
     cfg = _config(config)
     dataset = _dataset(dataset_path)
@@ -174,8 +178,8 @@ def run_cmd(
     scorecards = [build_scorecard(v, dataset, [r for r in results if r.version == v.version])
                   for v in versions]
     # The registry keeps each scorecard (prompt, version, dataset sha256): promotion gates read it.
-    from gateway.promotion import store_scorecards
-    from gateway.registry_cli import _actor
+    from gateway.cli.promotion import store_scorecards
+    from gateway.cli.registry import _actor
 
     with store_for(cfg) as store:  # with --json: `modgate prompts scorecards NAME --json`
         lines = store_scorecards(store, scorecards, actor=_actor(None), out_dir=str(out_dir),
@@ -226,7 +230,7 @@ def validate_cmd(file: Annotated[Path, typer.Argument(help="dataset (.jsonl or .
     """Check a dataset: every problem as file:line: field: reason, or its row count and hash."""
     from collections import Counter
 
-    from gateway.evaluation.dataset import read_dataset
+    from gateway.quality.evaluation.dataset import read_dataset
 
     dataset, problems = read_dataset(file)
     if as_json:
@@ -255,8 +259,8 @@ def show_cmd(prompt: PromptOpt,
                                                     "report")] = False,
              config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Print the stored scorecard of a version on a dataset (written by `eval run`)."""
-    from gateway.evaluation.report import scorecard_markdown, scorecard_paths
-    from gateway.evaluation.scorecard import Scorecard
+    from gateway.quality.evaluation.report import scorecard_markdown, scorecard_paths
+    from gateway.quality.evaluation.scorecard import Scorecard
 
     cfg = _config(config)
     dataset = _dataset(dataset_path)
@@ -302,13 +306,13 @@ def report_cmd(
           --dataset datasets/listings-sample.jsonl
       # then open <data_dir>/eval/listing-moderation/<sha>/report-v1-v2.html
     """
-    from gateway.evaluation.report import (
+    from gateway.quality.evaluation.report import (
         load_scorecard,
         write_comparison,
         write_run_report,
         write_scorecard,
     )
-    from gateway.evaluation.scorecard import compare
+    from gateway.quality.evaluation.scorecard import compare
 
     cfg = _config(config)
     dataset = _dataset(dataset_path)

@@ -12,7 +12,7 @@ log holds every verdict (gateway/decision_log.py). They join on `request_id`:
 - a label whose request is not in the decision log (outside the time window, or the log's
   retention) is not counted.
 
-The metrics are the offline scorecard's (`gateway.evaluation.scorecard.quality`): outcome labels,
+The metrics are the offline scorecard's (`gateway.quality.evaluation.scorecard.quality`): outcome labels,
 per-category TP/FP/FN, precision and recall with 95% Wilson intervals, micro average and
 "flagged vs allow". A decision that failed (backend error, no verdict) and was labelled counts
 as a miss, as offline.
@@ -34,8 +34,8 @@ from pathlib import Path
 import orjson
 
 from gateway.decision_log import DecisionRecord
-from gateway.evaluation.dataset import ALLOW, NO_CATEGORY
-from gateway.evaluation.scorecard import ItemOutcome, Quality, outcome_label, quality
+from gateway.quality.evaluation.dataset import ALLOW, NO_CATEGORY
+from gateway.quality.evaluation.scorecard import ItemOutcome, Quality, outcome_label, quality
 
 __all__ = ["FeedbackLabel", "FeedbackRead", "LiveQuality", "LiveQualityAccumulator", "gold_of",
            "labelled_request", "live_quality", "outcome", "read_feedback", "verdict_text"]

@@ -20,8 +20,8 @@ from typing import Annotated, Any
 
 import typer
 
+from gateway.cli.decisions import _progress_bar, _range, _skipped
 from gateway.config import AppConfig, ConfigError, load_config
-from gateway.decisions_cli import _progress_bar, _range, _skipped
 
 __all__ = ["feedback_app", "load_sources"]
 
@@ -61,7 +61,7 @@ def load_sources(config: Path | None) -> tuple[AppConfig, Path, Path]:
 
 
 def _stats_line(s: Any) -> str:
-    from gateway.evaluation.report import _ci
+    from gateway.quality.evaluation.report import _ci
 
     return (f"  {s.category:<22}{s.support:>8}{s.predicted:>10}  {_ci(s.precision, s.precision_ci):<20}"
             f"{_ci(s.recall, s.recall_ci):<20}")
@@ -84,8 +84,8 @@ def quality_cmd(since: SinceOpt = None, until: UntilOpt = None, prompt: PromptOp
       modgate feedback quality --since 2025-03-01 --until 2025-03-08 --prompt listing-moderation
       modgate feedback quality --since 24h --json | jq '.versions[] | {version, arm, reviewed}'
     """
-    from gateway.decision_log import ReadStats, read_segments
-    from gateway.live_quality import LiveQualityAccumulator, read_feedback
+    from gateway.quality.decisions import ReadStats, read_segments
+    from gateway.quality.live_quality import LiveQualityAccumulator, read_feedback
 
     start, end = _range(since, until)
     _, log_dir, fb_dir = load_sources(config)
@@ -167,10 +167,15 @@ def disagreements_cmd(
       # after filling in the blanks of live.pending.csv in a spreadsheet:
       modgate eval validate live.pending.csv
     """
-    from gateway.decision_log import ReadStats, read_segments
-    from gateway.disagreements import build_rows, find_disagreements, read_content, write_pending
-    from gateway.evaluation.dataset import read_dataset, write_dataset
-    from gateway.live_quality import read_feedback
+    from gateway.quality.decisions import ReadStats, read_segments
+    from gateway.quality.disagreements import (
+        build_rows,
+        find_disagreements,
+        read_content,
+        write_pending,
+    )
+    from gateway.quality.evaluation.dataset import read_dataset, write_dataset
+    from gateway.quality.live_quality import read_feedback
 
     suffix = out.suffix.lower()
     if suffix not in (".jsonl", ".ndjson", ".csv"):

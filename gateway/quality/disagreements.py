@@ -5,12 +5,12 @@ Two kinds, found in the decision log and the reviewer-feedback log over a time w
 - **feedback mismatch**: a reviewer labelled a request (`POST /v1/feedback`) and a verdict on
   it — the one the caller got, or a shadow version's — has another outcome label (the offline
   scorecard's rule: `block` and `needs_review` with the same category agree; see
-  gateway/evaluation/scorecard.py);
+  gateway/quality/evaluation/scorecard.py);
 - **shadow flip**: a shadow version's verdict differs from the verdict the caller got (another
   decision or another outcome label), the rule of the rollout's flip list.
 
 One row per item (the newest disagreeing request; earlier ones are counted in `notes`), in the
-dataset format `modgate eval validate` and `modgate eval run` read (gateway/evaluation/dataset.py).
+dataset format `modgate eval validate` and `modgate eval run` read (gateway/quality/evaluation/dataset.py).
 The gold label is the reviewer's; tags say why the row is there (`source:live`,
 `disagreement:feedback`, `disagreement:shadow-flip`, `wrong:v<N>` for every version whose
 verdict differs from the reviewer's) and `notes` what each version and the reviewer said.
@@ -34,9 +34,9 @@ from datetime import datetime
 from pathlib import Path
 
 from gateway.decision_log import DecisionRecord
-from gateway.evaluation.dataset import FIELDS, DatasetProblem, DatasetRow, _row_from_mapping
-from gateway.evaluation.scorecard import outcome_label
-from gateway.live_quality import FeedbackLabel, gold_of, verdict_text
+from gateway.quality.evaluation.dataset import FIELDS, DatasetProblem, DatasetRow, _row_from_mapping
+from gateway.quality.evaluation.scorecard import outcome_label
+from gateway.quality.live_quality import FeedbackLabel, gold_of, verdict_text
 
 __all__ = ["Disagreement", "ExportResult", "ListingContent", "build_rows", "find_disagreements",
            "read_content", "write_pending"]

@@ -18,8 +18,8 @@ from typing import Annotated, Any
 
 import typer
 
-from gateway.promotion import AdminKeyOpt, OverrideOpt, ReasonOpt
-from gateway.registry_cli import (
+from gateway.cli.promotion import AdminKeyOpt, OverrideOpt, ReasonOpt
+from gateway.cli.registry import (
     ActorOpt,
     ConfigOpt,
     JsonOpt,
@@ -31,7 +31,7 @@ from gateway.registry_cli import (
     _store_and_config,
     gate_refused,
 )
-from gateway.rollout_ops import apply_action, rollout_status, start_rollout
+from gateway.rollouts.ops import apply_action, rollout_status, start_rollout
 from prompt_registry import GateRefused
 from prompt_registry.rollouts import GateConfig, ShadowSpec
 

@@ -26,9 +26,12 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from gateway.admin import build_admin_router
 from gateway.admission import AdmissionControl
-from gateway.api_models import ErrorBody, ModerationRequest, ModerationResponse
+from gateway.api.admin import build_admin_router
+from gateway.api.models import ErrorBody, ModerationRequest, ModerationResponse
+from gateway.api.openai import build_openai_router
+from gateway.api.rollouts import build_rollout_router
+from gateway.api.routing import DirectRoute
 from gateway.auth import Authenticator
 from gateway.config import GatewaySettings
 from gateway.decision_log import DecisionLog
@@ -44,17 +47,14 @@ from gateway.errors import (
 from gateway.feedback import FeedbackLog, build_feedback_router
 from gateway.ids import new_id
 from gateway.limits import CallerLimiter, build_caller_limiter
-from gateway.openai_api import build_openai_router
 from gateway.pipeline import ModerationPipeline
 from gateway.prompt_cache import PromptCache
 from gateway.recording import decision_record, failure_record
-from gateway.rollout_api import build_rollout_router
-from gateway.rollout_controller import RolloutController
-from gateway.rollout_stats import RolloutRecorder
-from gateway.routing import DirectRoute
-from gateway.shadow import ShadowDispatcher
+from gateway.rollouts.controller import RolloutController
+from gateway.rollouts.recorder import RolloutRecorder
+from gateway.rollouts.shadow import ShadowDispatcher
+from gateway.rollouts.traffic import assign
 from gateway.telemetry import Attr, Metrics, stage
-from gateway.traffic import assign
 from prompt_registry import PromptNotFound, PromptStore, RegistryError
 from serving import BackendError, ChatRequest, InferenceBackend
 

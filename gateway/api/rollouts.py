@@ -18,8 +18,8 @@ from starlette.responses import Response
 
 from gateway.auth import Authenticator
 from gateway.errors import ERROR_RESPONSES, json_response
-from gateway.promotion import ADMIN_SCOPE, GateOverrideBody
-from gateway.rollout_ops import apply_action, rollout_status, start_rollout
+from gateway.rollouts.ops import apply_action, rollout_status, start_rollout
+from gateway.rollouts.promotion import ADMIN_SCOPE, GateOverrideBody
 from prompt_registry import GateOverride, PromptStore
 from prompt_registry.models import MAX_VERSION
 from prompt_registry.rollouts import GateConfig, ShadowSpec

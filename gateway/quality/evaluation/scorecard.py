@@ -60,8 +60,8 @@ import numpy as np
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.proportion import proportion_confint
 
-from gateway.evaluation.dataset import ALLOW, NO_CATEGORY, Dataset, DatasetRow
-from gateway.evaluation.runner import ItemResult
+from gateway.quality.evaluation.dataset import ALLOW, NO_CATEGORY, Dataset, DatasetRow
+from gateway.quality.evaluation.runner import ItemResult
 from prompt_registry import FAIL_CLOSED_DECISION, PromptVersion, ScorecardRecord
 
 __all__ = [

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from gateway.rollout_stats import flips_view, stats_view
+from gateway.rollouts.recorder import flips_view, stats_view
 from prompt_registry import GateOverride, GateRefused, GateReport, PromptNotFound, PromptStore
 from prompt_registry.gates import gate_report, move_label
 from prompt_registry.rollouts import (

@@ -23,8 +23,7 @@ from typing import Annotated, Any
 
 import typer
 
-from gateway.config import AppConfig, ConfigError, load_config
-from gateway.promotion import (
+from gateway.cli.promotion import (
     AdminKeyOpt,
     OverrideOpt,
     OverrideRefused,
@@ -32,6 +31,7 @@ from gateway.promotion import (
     cli_override,
     report_lines,
 )
+from gateway.config import AppConfig, ConfigError, load_config
 from prompt_registry import GateRefused, PromptStore, RegistryError
 from prompt_registry.gates import gate_report
 from prompt_registry.keys import SCOPES, generate_key

@@ -14,8 +14,8 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from gateway.rollout_ops import apply_action, decide
-from gateway.rollout_stats import RolloutRecorder, stats_view
+from gateway.rollouts.ops import apply_action, decide
+from gateway.rollouts.recorder import RolloutRecorder, stats_view
 from prompt_registry import PromptStore, RegistryError
 from prompt_registry.rollouts import RolloutError, evaluate_gates
 

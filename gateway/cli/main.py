@@ -19,15 +19,15 @@ from typing import Annotated, Any
 
 import typer
 
+from gateway.cli.decisions import decisions_app
+from gateway.cli.deploy import deploy_app
+from gateway.cli.eval import eval_app
+from gateway.cli.feedback import feedback_app
+from gateway.cli.latency import latency_app
+from gateway.cli.registry import keys_app, prompts_app
+from gateway.cli.report import report_app
+from gateway.cli.rollouts import rollouts_app
 from gateway.config import AppConfig, ConfigError, load_config
-from gateway.decisions_cli import decisions_app
-from gateway.deploy_cli import deploy_app
-from gateway.eval_cli import eval_app
-from gateway.feedback_cli import feedback_app
-from gateway.latency_cli import latency_app
-from gateway.registry_cli import keys_app, prompts_app
-from gateway.report_cli import report_app
-from gateway.rollouts_cli import rollouts_app
 
 app = typer.Typer(
     name="modgate",
@@ -204,7 +204,7 @@ def _run_gateway(cfg: AppConfig, store: Any, *, announce: bool, local_keys: bool
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
 
-    from gateway.app import create_app
+    from gateway.api.app import create_app
     from gateway.decision_log import DecisionLog
     from gateway.feedback import FeedbackLog
     from gateway.limits import build_caller_limiter

@@ -1,7 +1,7 @@
 """The operational report: what the gateway decided over a time window, and how well.
 
 Sources: the decision log (every verdict, primary and shadow), the reviewer-feedback log (joined
-on request id, gateway/live_quality.py) and the registry (audit log and rollout state). For each
+on request id, gateway/quality/live_quality.py) and the registry (audit log and rollout state). For each
 prompt version and arm (`stable`, `canary`, `pinned`, `shadow`):
 
 - **volume**: decisions and backend errors; for caller-facing arms, the share of the prompt's
@@ -19,7 +19,7 @@ prompt version and arm (`stable`, `canary`, `pinned`, `shadow`):
 
 `build_report` computes everything (pure, testable); `write_ops_report` writes `ops-report.md`
 with PNG plots next to it and `ops-report.html`, the same report with the plots embedded (one
-self-contained file, gateway/reporting.py).
+self-contained file, gateway/quality/reporting.py).
 """
 
 from __future__ import annotations
@@ -32,10 +32,15 @@ from pathlib import Path
 from typing import Any
 
 from gateway.decision_log import DecisionRecord
-from gateway.evaluation.report import _ci, _f, _pct, _table, pr_plot
-from gateway.evaluation.scorecard import outcome_label, wilson
-from gateway.live_quality import PRIMARY_ARMS, FeedbackLabel, LiveQuality, LiveQualityAccumulator
-from gateway.reporting import figure, html_page, markdown_html, png_data_uri
+from gateway.quality.evaluation.report import _ci, _f, _pct, _table, pr_plot
+from gateway.quality.evaluation.scorecard import outcome_label, wilson
+from gateway.quality.live_quality import (
+    PRIMARY_ARMS,
+    FeedbackLabel,
+    LiveQuality,
+    LiveQualityAccumulator,
+)
+from gateway.quality.reporting import figure, html_page, markdown_html, png_data_uri
 
 __all__ = ["OpsReport", "build_report", "choose_bucket", "ops_markdown", "write_ops_report"]
 

@@ -25,16 +25,8 @@ from typing import Annotated, Any, cast
 import typer
 
 from gateway.config import ConfigError, load_config
-from gateway.decision_log import (
-    DecisionLogSettings,
-    DecisionRecord,
-    ExportFormat,
-    ReadStats,
-    export,
-    list_segments,
-    read_segments,
-    tail,
-)
+from gateway.decision_log import DecisionLogSettings, DecisionRecord, list_segments
+from gateway.quality.decisions import ExportFormat, ReadStats, export, read_segments, tail
 
 __all__ = ["decisions_app"]
 

@@ -16,8 +16,8 @@ from typing import Annotated
 
 import typer
 
-from gateway.decisions_cli import _progress_bar, _range, _skipped
-from gateway.feedback_cli import ConfigOpt, JsonOpt, PromptOpt, QuietOpt, _fail, load_sources
+from gateway.cli.decisions import _progress_bar, _range, _skipped
+from gateway.cli.feedback import ConfigOpt, JsonOpt, PromptOpt, QuietOpt, _fail, load_sources
 
 __all__ = ["report_app"]
 
@@ -55,9 +55,9 @@ def ops_cmd(
     """
     from datetime import UTC, datetime
 
-    from gateway.decision_log import ReadStats, read_segments
-    from gateway.live_quality import read_feedback
-    from gateway.ops_report import build_report, registry_events, write_ops_report
+    from gateway.quality.decisions import ReadStats, read_segments
+    from gateway.quality.live_quality import read_feedback
+    from gateway.quality.ops_report import build_report, registry_events, write_ops_report
 
     start, end = _range(since, until)
     assert start is not None

@@ -22,7 +22,7 @@ from starlette.responses import Response
 
 from gateway.auth import Authenticator
 from gateway.errors import ERROR_RESPONSES, ApiError, json_response
-from gateway.promotion import ADMIN_SCOPE, GateOverrideBody, report_dict
+from gateway.rollouts.promotion import ADMIN_SCOPE, GateOverrideBody, report_dict
 from prompt_registry import GateOverride, PromptSpec, PromptStore
 from prompt_registry.gates import gate_report
 from prompt_registry.keys import ApiKeyRecord

@@ -22,7 +22,7 @@ from opentelemetry.trace import Link
 from gateway.decision_log import DecisionLog
 from gateway.pipeline import Evaluation, ModerationPipeline
 from gateway.recording import decision_record
-from gateway.rollout_stats import RolloutRecorder
+from gateway.rollouts.recorder import RolloutRecorder
 from gateway.telemetry import Attr
 from prompt_registry.rollouts import Rollout
 from serving.resilience import no_retries

@@ -30,8 +30,8 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
-from gateway.evaluation.dataset import DatasetRow
 from gateway.pipeline import ModerationPipeline
+from gateway.quality.evaluation.dataset import DatasetRow
 from gateway.verdict import parse_verdict
 from prompt_registry import PromptVersion
 from serving import ChatRequest, InferenceBackend

@@ -1,4 +1,4 @@
-"""Promotion gates from the gateway's side: who may override one, how a gate report reads on a
+"""Promotion gates on the command line: who may override one, how a gate report reads on a
 terminal, and storing `modgate eval run` scorecards in the registry.
 
 The gate itself (criteria, evaluation, the one label-move check) lives in
@@ -13,22 +13,20 @@ credentials can do anything; the key makes an override deliberate and attributab
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.rollouts.promotion import ADMIN_SCOPE
 from prompt_registry import GateOverride, GateReport, PromptStore, RegistryError
 from prompt_registry.gates import gate_report
 from prompt_registry.keys import parse_key, verify_secret
 
 if TYPE_CHECKING:
-    from gateway.evaluation.scorecard import Scorecard
+    from gateway.quality.evaluation.scorecard import Scorecard
 
-__all__ = ["ADMIN_SCOPE", "AdminKeyOpt", "GateOverrideBody", "OverrideOpt", "OverrideRefused",
-           "ReasonOpt", "cli_override", "report_dict", "report_lines", "store_scorecards"]
-
-ADMIN_SCOPE = "admin"
+__all__ = ["AdminKeyOpt", "OverrideOpt", "OverrideRefused", "ReasonOpt", "cli_override",
+           "report_lines", "store_scorecards"]
 
 OverrideOpt = Annotated[bool, typer.Option(
     "--override-gate", help="move production although its promotion gate fails (needs an admin "
@@ -38,15 +36,6 @@ ReasonOpt = Annotated[str | None, typer.Option("--reason", help="why the gate is
 AdminKeyOpt = Annotated[str | None, typer.Option(
     "--admin-key", envvar="MODGATE_ADMIN_KEY", show_envvar=True,
     help="an API key with the admin scope, needed by --override-gate")]
-
-
-class GateOverrideBody(BaseModel):
-    """`{"override": {"reason": "..."}}` on a production move: needs the admin scope."""
-
-    model_config = ConfigDict(extra="forbid", regex_engine="python-re")
-
-    reason: str = Field(..., min_length=1, max_length=2000, pattern=r"\S",
-                        description="why the promotion gate is overridden (recorded in the audit log)")
 
 
 class OverrideRefused(RegistryError):
@@ -100,7 +89,7 @@ def store_scorecards(store: PromptStore, scorecards: Sequence[Scorecard], *, act
                      out_dir: str = "", production_label: str = "production") -> list[str]:
     """Store `eval run` scorecards in the registry; lines saying what was stored and what the
     promotion gate of each non-production version now says."""
-    from gateway.evaluation.scorecard import registry_record
+    from gateway.quality.evaluation.scorecard import registry_record
 
     lines = []
     for sc in scorecards:
@@ -115,7 +104,3 @@ def store_scorecards(store: PromptStore, scorecards: Sequence[Scorecard], *, act
         report = gate_report(store, sc.prompt, sc.version, production_label=production_label)
         lines += report_lines(report, label=production_label)
     return lines
-
-
-def report_dict(report: GateReport | None) -> dict[str, Any] | None:
-    return None if report is None else report.as_dict()

@@ -5,7 +5,7 @@
     write_comparison(cmp, out)         compare-v<A>-v<B>.json / .md / -pr.png
     write_run_report(scs, cmps, out)   report-v<A>-v<B>....md (summary of the run) and
                                        report-v<A>-v<B>....html (self-contained: everything above,
-                                       plots embedded; see gateway.reporting)
+                                       plots embedded; see gateway.quality.reporting)
 
 The per-item tables have one row per dataset item: gold and predicted labels, correctness,
 failure, tags and, when the dataset is given, its title, description and notes. CSV is UTF-8
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.evaluation.scorecard import (
+from gateway.quality.evaluation.scorecard import (
     ALPHA,
     CategoryDelta,
     CategoryStats,
@@ -33,10 +33,10 @@ from gateway.evaluation.scorecard import (
     Quality,
     Scorecard,
 )
-from gateway.reporting import figure, figure_html, html_page, markdown_html
+from gateway.quality.reporting import figure, figure_html, html_page, markdown_html
 
 if TYPE_CHECKING:
-    from gateway.evaluation.dataset import Dataset
+    from gateway.quality.evaluation.dataset import Dataset
 
 __all__ = [
     "ITEM_COLUMNS",
