@@ -188,7 +188,7 @@ def _rate_gate(name: str, bad: int, n: int, limit: float, cfg: GateConfig,
 
 
 def evaluate_gates(rollout: Rollout, stats: dict[str, object]) -> list[GateResult]:
-    """Judge the canary from aggregated counters (see gateway.rollout_stats for the shape)."""
+    """Judge the canary from aggregated counters (see gateway.rollouts.recorder for the shape)."""
     cfg = rollout.gates
     out: list[GateResult] = []
     canary = stats.get("canary") or {}
