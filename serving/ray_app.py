@@ -25,7 +25,7 @@ from serving.config import ModelConfig, ServingConfig
 
 __all__ = [
     "build_llm_configs", "ensure_model_sources", "llm_config_kwargs", "start_serving",
-    "wait_until_serving",
+    "stop_serving", "wait_until_serving",
 ]
 
 log = logging.getLogger(__name__)
@@ -195,6 +195,17 @@ def start_serving(config: ServingConfig, base_dir: Path) -> None:
     server_cls = handle_server_cls() if config.transport == "handle" else None
     app = build_openai_app({"llm_configs": build_llm_configs(config, sources, server_cls=server_cls)})
     serve.run(app, name=rc.app_name, route_prefix="/", blocking=False)
+
+
+def stop_serving() -> None:
+    """Shut down Serve and the Ray instance this process started or joined."""
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
 
 
 def wait_until_serving(

@@ -173,13 +173,9 @@ def _start_serving(cfg: AppConfig) -> float:
 
 
 def _stop_serving() -> None:
-    import ray
-    from ray import serve
+    from serving.ray_app import stop_serving
 
-    try:
-        serve.shutdown()
-    finally:
-        ray.shutdown()
+    stop_serving()
 
 
 def _curl_example(cfg: AppConfig, key: str | None) -> str:
