@@ -10,6 +10,7 @@
   up to `max_staleness_s` after the last successful read; after that requests fail with
   StoreUnavailable rather than serve an arbitrarily old prompt.
 - The store is synchronous (SQLite or redis-py); reads run in worker threads.
+- It gets read-only facets of the store (`PromptCacheSource`): the hot path never writes.
 """
 
 from __future__ import annotations
@@ -19,14 +20,21 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
-from prompt_registry import PromptNotFound, PromptReader, PromptVersion, StoreUnavailable
+from prompt_registry import PromptNotFound, PromptVersion, StoreUnavailable
 from prompt_registry.rollouts import Rollout
-from prompt_registry.store import Subscription
+from prompt_registry.store import PromptReader, RolloutReader, Subscription
 
-__all__ = ["CacheStats", "PromptCache", "Resolved"]
+__all__ = ["CacheStats", "PromptCache", "PromptCacheSource", "Resolved"]
 
 log = logging.getLogger("modgate.prompt_cache")
+
+
+class PromptCacheSource(PromptReader, RolloutReader, Protocol):
+    """What the cache reads: labels and pinned versions, each prompt's rollout (the traffic
+    split is decided per request, so it is cached like a label), and change events. Both
+    facets are read-only, so the hot path cannot write to the registry."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +65,7 @@ class CacheStats:
 class PromptCache:
     def __init__(
         self,
-        reader: PromptReader,
+        reader: PromptCacheSource,
         *,
         refresh_s: float = 30.0,
         retry_s: float = 1.0,

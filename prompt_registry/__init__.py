@@ -25,12 +25,26 @@ from prompt_registry.models import (
     VerdictSchema,
 )
 from prompt_registry.render import render_messages
-from prompt_registry.store import AuditEntry, PromptReader, PromptStore, PublishResult
+from prompt_registry.store import (
+    AuditEntry,
+    KeyReader,
+    KeyStore,
+    MemoStore,
+    PromptReader,
+    PromptStore,
+    PromptWriter,
+    PublishResult,
+    RolloutReader,
+    RolloutStore,
+    ScorecardReader,
+    ScorecardStore,
+)
 
 __all__ = [
     "FAIL_CLOSED_DECISION", "AuditEntry", "EvaluationSpec", "GateCriterion", "GateOverride",
-    "GateRefused", "GateReport", "LabelConflict", "Message", "PolicyMeta", "PromptFileError",
-    "PromptNotFound", "PromptReader", "PromptSpec", "PromptStore", "PromptVersion",
-    "PublishResult", "RegistryError", "RenderError", "SamplingParams", "ScorecardRecord",
-    "StoreUnavailable", "TemplateRejected", "VerdictSchema", "render_messages",
+    "GateRefused", "GateReport", "KeyReader", "KeyStore", "LabelConflict", "MemoStore", "Message",
+    "PolicyMeta", "PromptFileError", "PromptNotFound", "PromptReader", "PromptSpec", "PromptStore",
+    "PromptVersion", "PromptWriter", "PublishResult", "RegistryError", "RenderError",
+    "RolloutReader", "RolloutStore", "SamplingParams", "ScorecardReader", "ScorecardRecord",
+    "ScorecardStore", "StoreUnavailable", "TemplateRejected", "VerdictSchema", "render_messages",
 ]

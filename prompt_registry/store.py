@@ -1,8 +1,28 @@
-"""Store protocols. The gateway depends on `PromptReader` only; tools that write use `PromptStore`.
+"""Store protocols, one per facet, so each consumer can be typed by what it touches.
+
+A store holds six kinds of state with different readers, writers and risks; a consumer typed by
+the whole `PromptStore` could quietly start writing anything. The facets:
+
+- `PromptReader`: versions, labels and the audit log, change events, health. The hot path
+  (prompt cache) and read-only tools.
+- `PromptWriter`: publishing and label moves (extends the reader: a compare-and-set writer must
+  read what it replaces, and every write is audited).
+- `RolloutReader` / `RolloutStore`: rollouts and their shared counters and flip records.
+- `ScorecardReader` / `ScorecardStore`: evaluation scorecards the promotion gate reads.
+- `KeyReader` / `KeyStore`: API-key records (the authenticator only ever reads).
+- `MemoStore`: short-lived request id -> verdict memos that join reviewer feedback to rollouts.
+
+`PromptStore` is all of them plus `close()`: what `gateway.stores.open_store` returns and what
+code owning a store's lifetime holds. Each write facet extends its read facet, so a consumer
+needs at most one facet per kind of state. A consumer needing facets of two kinds defines a
+protocol inheriting both, next to itself (e.g. `gateway.prompt_cache.PromptCacheSource`).
 
 Versions are immutable and numbered by the store (1, 2, ...); publishing content identical to an
 existing version returns that version. Labels (`production`, `canary`, any name) are mutable
 pointers moved by compare-and-set. Every write leaves an audit entry.
+
+All protocols are runtime-checkable, but `isinstance` only checks method names; signatures are
+checked by mypy (tests/contract/test_store_facets.py runs it over both stores).
 """
 
 from __future__ import annotations
@@ -18,7 +38,11 @@ from prompt_registry.keys import ApiKeyRecord
 from prompt_registry.models import PromptSpec, PromptVersion
 from prompt_registry.rollouts import Rollout
 
-__all__ = ["AuditEntry", "PromptReader", "PromptStore", "PublishResult", "Subscription"]
+__all__ = [
+    "AuditEntry", "KeyReader", "KeyStore", "MemoStore", "PromptReader", "PromptStore",
+    "PromptWriter", "PublishResult", "RolloutReader", "RolloutStore", "ScorecardReader",
+    "ScorecardStore", "Subscription",
+]
 
 
 class AuditEntry(BaseModel):
@@ -47,6 +71,9 @@ class Subscription(Protocol):
 
 @runtime_checkable
 class PromptReader(Protocol):
+    """Reading prompts: what the hot path and read-only tools need. Change events and `ping`
+    live here because every reader of a cached view needs them, whatever else it reads."""
+
     def resolve(self, name: str, label: str) -> PromptVersion:
         """The version *label* points at. Raises PromptNotFound."""
         ...
@@ -55,21 +82,21 @@ class PromptReader(Protocol):
         """Raises PromptNotFound."""
         ...
 
+    def versions(self, name: str) -> list[int]: ...
+
     def list_prompts(self) -> list[str]: ...
 
     def labels(self, name: str) -> dict[str, int]: ...
 
-    def get_rollout(self, prompt: str) -> Rollout | None:
-        """The prompt's current (or last) rollout."""
-        ...
-
-    def get_scorecard(self, name: str, version: int, dataset_sha256: str) -> ScorecardRecord | None:
-        """The stored scorecard of a version on a dataset, if any."""
+    def audit(self, name: str) -> list[AuditEntry]:
+        """Every write concerning the prompt (publish, label, rollout, scorecard), oldest
+        first. A read: reports and history views need it without write access."""
         ...
 
     def subscribe(self, callback: Callable[[str | None], None]) -> Subscription:
-        """Call `callback(prompt_name)` from a background thread when a prompt changes, or
-        `callback(None)` when anything may have changed (e.g. after a reconnect)."""
+        """Call `callback(prompt_name)` from a background thread when a prompt changes (its
+        versions, labels, rollout or scorecards), or `callback(None)` when anything may have
+        changed (e.g. after a reconnect)."""
         ...
 
     def ping(self) -> None:
@@ -78,7 +105,9 @@ class PromptReader(Protocol):
 
 
 @runtime_checkable
-class PromptStore(PromptReader, Protocol):
+class PromptWriter(PromptReader, Protocol):
+    """Publishing versions and moving labels (the registry's admin side)."""
+
     def publish(self, spec: PromptSpec, *, actor: str, note: str = "") -> PublishResult: ...
 
     def set_label(
@@ -90,23 +119,27 @@ class PromptStore(PromptReader, Protocol):
         LabelConflict and change nothing."""
         ...
 
-    def versions(self, name: str) -> list[int]: ...
 
-    def audit(self, name: str) -> list[AuditEntry]: ...
+@runtime_checkable
+class RolloutReader(Protocol):
+    """Reading rollouts and their counters: the traffic split on the hot path, status views,
+    the controller's judgement of a running rollout."""
+
+    def get_rollout(self, prompt: str) -> Rollout | None:
+        """The prompt's current (or last) rollout."""
+        ...
 
     def list_rollouts(self) -> list[Rollout]: ...
 
-    def put_scorecard(self, record: ScorecardRecord, *, actor: str, note: str = "") -> bool:
-        """Store the scorecard of (record.prompt, record.version) on record.dataset_sha256,
-        replacing an earlier one for the same key (last write wins); returns True when it
-        replaced one. Raises PromptNotFound for an unknown version and ScorecardMismatch when
-        `record.version_hash` is not that version's content hash. Audited as action
-        "scorecard" (to_version = the version) and announced as a change of the prompt."""
-        ...
+    def rollout_stats(self, rollout_id: str) -> dict[str, int]: ...
 
-    def list_scorecards(self, name: str, version: int | None = None) -> list[ScorecardRecord]:
-        """Stored scorecards of a prompt (or of one version), by version then creation time."""
-        ...
+    def rollout_flips(self, rollout_id: str, limit: int = 100) -> list[str]: ...
+
+
+@runtime_checkable
+class RolloutStore(RolloutReader, Protocol):
+    """Starting and stepping rollouts (compare-and-set on the revision) and adding to their
+    shared counters, which every replica does."""
 
     def put_rollout(self, rollout: Rollout, *, expected_revision: int | None, actor: str,
                     note: str = "") -> None:
@@ -121,9 +154,54 @@ class PromptStore(PromptReader, Protocol):
         newest *keep_flips*."""
         ...
 
-    def rollout_stats(self, rollout_id: str) -> dict[str, int]: ...
 
-    def rollout_flips(self, rollout_id: str, limit: int = 100) -> list[str]: ...
+@runtime_checkable
+class ScorecardReader(Protocol):
+    """Reading stored scorecards: the promotion gate and scorecard listings."""
+
+    def get_scorecard(self, name: str, version: int, dataset_sha256: str) -> ScorecardRecord | None:
+        """The stored scorecard of a version on a dataset, if any."""
+        ...
+
+    def list_scorecards(self, name: str, version: int | None = None) -> list[ScorecardRecord]:
+        """Stored scorecards of a prompt (or of one version), by version then creation time."""
+        ...
+
+
+@runtime_checkable
+class ScorecardStore(ScorecardReader, Protocol):
+    """Storing scorecards (the offline evaluation's output, which the gate then trusts)."""
+
+    def put_scorecard(self, record: ScorecardRecord, *, actor: str, note: str = "") -> bool:
+        """Store the scorecard of (record.prompt, record.version) on record.dataset_sha256,
+        replacing an earlier one for the same key (last write wins); returns True when it
+        replaced one. Raises PromptNotFound for an unknown version and ScorecardMismatch when
+        `record.version_hash` is not that version's content hash. Audited as action
+        "scorecard" (to_version = the version) and announced as a change of the prompt."""
+        ...
+
+
+@runtime_checkable
+class KeyReader(Protocol):
+    """Looking up one API key: all the authenticator may do with key records."""
+
+    def get_key(self, key_id: str) -> ApiKeyRecord | None: ...
+
+
+@runtime_checkable
+class KeyStore(KeyReader, Protocol):
+    """Creating, listing and revoking API keys (admin CLI, local bootstrap)."""
+
+    def put_key(self, record: ApiKeyRecord) -> None:
+        """Insert or replace a key record (revocation replaces it with revoked=True)."""
+        ...
+
+    def list_keys(self) -> list[ApiKeyRecord]: ...
+
+
+@runtime_checkable
+class MemoStore(Protocol):
+    """Verdict memos: written by the rollout recorder, read when reviewer feedback arrives."""
 
     def remember_verdicts(self, memos: dict[str, str], *, ttl_s: float) -> None:
         """Keep request id -> verdict memo (JSON) for *ttl_s*, so reviewer feedback arriving
@@ -132,12 +210,9 @@ class PromptStore(PromptReader, Protocol):
 
     def recall_verdict(self, request_id: str) -> str | None: ...
 
-    def get_key(self, key_id: str) -> ApiKeyRecord | None: ...
 
-    def put_key(self, record: ApiKeyRecord) -> None:
-        """Insert or replace a key record (revocation replaces it with revoked=True)."""
-        ...
-
-    def list_keys(self) -> list[ApiKeyRecord]: ...
+@runtime_checkable
+class PromptStore(PromptWriter, RolloutStore, ScorecardStore, KeyStore, MemoStore, Protocol):
+    """Every facet, plus `close()`: for code that opens a store and owns its lifetime."""
 
     def close(self) -> None: ...
