@@ -11,17 +11,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Protocol
 
 from gateway.errors import ApiError
-from prompt_registry import StoreUnavailable
+from prompt_registry import KeyReader, StoreUnavailable
 from prompt_registry.keys import ApiKeyRecord, parse_key, verify_secret
 
-__all__ = ["ANONYMOUS", "Authenticator", "KeyReader"]
-
-
-class KeyReader(Protocol):
-    def get_key(self, key_id: str) -> ApiKeyRecord | None: ...
+__all__ = ["ANONYMOUS", "Authenticator"]
 
 
 class _Anonymous:
@@ -38,6 +33,9 @@ ANONYMOUS = _Anonymous()
 
 
 class Authenticator:
+    """Checks presented keys against the store's key records. It gets only a `KeyReader`:
+    authenticating must never be able to create or revoke a key."""
+
     def __init__(self, keys: KeyReader, *, required: bool = True, cache_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._keys = keys

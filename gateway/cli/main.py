@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -28,6 +28,9 @@ from gateway.cli.registry import keys_app, prompts_app
 from gateway.cli.report import report_app
 from gateway.cli.rollouts import rollouts_app
 from gateway.config import AppConfig, ConfigError, load_config
+
+if TYPE_CHECKING:  # the store modules load on first use, not at every CLI start
+    from prompt_registry import KeyStore, PromptStore
 
 app = typer.Typer(
     name="modgate",
@@ -102,7 +105,7 @@ def _load(config: Path | None, host: str | None = None, port: int | None = None,
         raise typer.Exit(2) from None
 
 
-def _open_store(cfg: AppConfig) -> Any:
+def _open_store(cfg: AppConfig) -> PromptStore:
     from gateway.stores import open_store
     from prompt_registry import PromptFileError, RegistryError
     from prompt_registry.loader import seed_store
@@ -127,7 +130,7 @@ def _open_store(cfg: AppConfig) -> Any:
     return store
 
 
-def _local_keys(cfg: AppConfig, store: Any) -> dict[str, str]:
+def _local_keys(cfg: AppConfig, store: KeyStore) -> dict[str, str]:
     """On a store with no API keys, create a caller and an admin key for local use and keep
     them (mode 0600) in data_dir/local-keys.json, so the printed curl works out of the box."""
     from prompt_registry.keys import generate_key
@@ -189,7 +192,7 @@ def _curl_example(cfg: AppConfig, key: str | None) -> str:
             f"-H 'content-type: application/json' -d '{json.dumps(body, ensure_ascii=False)}'")
 
 
-def _run_gateway(cfg: AppConfig, store: Any, *, announce: bool, local_keys: bool = False) -> None:
+def _run_gateway(cfg: AppConfig, store: PromptStore, *, announce: bool, local_keys: bool = False) -> None:
     # Only `modgate up` (one machine) mints local keys; deployed gateways use `modgate keys`.
     keys = _local_keys(cfg, store) if local_keys else {}
     import logging

@@ -13,20 +13,27 @@ credentials can do anything; the key makes an override deliberate and attributab
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Protocol
 
 import typer
 
 from gateway.rollouts.promotion import ADMIN_SCOPE
-from prompt_registry import GateOverride, GateReport, PromptStore, RegistryError
+from prompt_registry import (
+    GateOverride,
+    GateReport,
+    KeyReader,
+    PromptReader,
+    RegistryError,
+    ScorecardStore,
+)
 from prompt_registry.gates import gate_report
 from prompt_registry.keys import parse_key, verify_secret
 
 if TYPE_CHECKING:
     from gateway.quality.evaluation.scorecard import Scorecard
 
-__all__ = ["AdminKeyOpt", "OverrideOpt", "OverrideRefused", "ReasonOpt", "cli_override",
-           "report_lines", "store_scorecards"]
+__all__ = ["AdminKeyOpt", "OverrideOpt", "OverrideRefused", "ReasonOpt", "ScorecardRegistry",
+           "cli_override", "report_lines", "store_scorecards"]
 
 OverrideOpt = Annotated[bool, typer.Option(
     "--override-gate", help="move production although its promotion gate fails (needs an admin "
@@ -42,10 +49,16 @@ class OverrideRefused(RegistryError):
     """An override asked for without what it needs (a reason, an admin key)."""
 
 
-def cli_override(store: PromptStore, *, override_gate: bool, reason: str | None,
+class ScorecardRegistry(PromptReader, ScorecardStore, Protocol):
+    """What storing scorecards touches: the scorecards, plus the labels and versions the gate
+    report reads. No label moves, rollouts or keys: storing evidence never promotes."""
+
+
+def cli_override(keys: KeyReader, *, override_gate: bool, reason: str | None,
                  admin_key: str | None, auth_required: bool = True) -> GateOverride | None:
     """The override a command-line caller asked for, or None; raises OverrideRefused when the
-    reason or the admin key is missing or not good enough."""
+    reason or the admin key is missing or not good enough. Reads the admin key's record from
+    *keys* (any `KeyReader`, normally the store)."""
     if not override_gate:
         if reason is not None:
             raise OverrideRefused("--reason is only used with --override-gate")
@@ -58,7 +71,7 @@ def cli_override(store: PromptStore, *, override_gate: bool, reason: str | None,
         raise OverrideRefused("--override-gate needs an API key with the admin scope: pass "
                               "--admin-key or set MODGATE_ADMIN_KEY")
     parsed = parse_key(admin_key)
-    record = store.get_key(parsed[0]) if parsed else None
+    record = keys.get_key(parsed[0]) if parsed else None
     if parsed is None or record is None or not verify_secret(record, parsed[1]):
         raise OverrideRefused("--admin-key is not a valid API key")
     if record.revoked:
@@ -85,7 +98,7 @@ def report_lines(report: GateReport, *, label: str = "production") -> list[str]:
     return lines
 
 
-def store_scorecards(store: PromptStore, scorecards: Sequence[Scorecard], *, actor: str,
+def store_scorecards(store: ScorecardRegistry, scorecards: Sequence[Scorecard], *, actor: str,
                      out_dir: str = "", production_label: str = "production") -> list[str]:
     """Store `eval run` scorecards in the registry; lines saying what was stored and what the
     promotion gate of each non-production version now says."""

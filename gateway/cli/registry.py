@@ -32,7 +32,7 @@ from gateway.cli.promotion import (
     report_lines,
 )
 from gateway.config import AppConfig, ConfigError, load_config
-from prompt_registry import GateRefused, PromptStore, RegistryError
+from prompt_registry import GateRefused, KeyReader, PromptStore, RegistryError
 from prompt_registry.gates import gate_report
 from prompt_registry.keys import SCOPES, generate_key
 from prompt_registry.ops import (
@@ -92,10 +92,10 @@ def gate_refused(exc: GateRefused, *, before: str = "") -> typer.Exit:
     return _fail("\n".join(lines), GATE_REFUSED_EXIT)
 
 
-def _override(store: PromptStore, cfg: AppConfig, override_gate: bool, reason: str | None,
+def _override(keys: KeyReader, cfg: AppConfig, override_gate: bool, reason: str | None,
               admin_key: str | None) -> Any:
     try:
-        return cli_override(store, override_gate=override_gate, reason=reason, admin_key=admin_key,
+        return cli_override(keys, override_gate=override_gate, reason=reason, admin_key=admin_key,
                             auth_required=cfg.gateway.auth == "required")
     except OverrideRefused as exc:
         raise _fail(str(exc), 2) from None

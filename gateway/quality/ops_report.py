@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.decision_log import DecisionRecord
 from gateway.quality.evaluation.report import _ci, _f, _pct, _table, pr_plot
@@ -41,6 +41,7 @@ from gateway.quality.live_quality import (
     LiveQualityAccumulator,
 )
 from gateway.quality.reporting import figure, html_page, markdown_html, png_data_uri
+from prompt_registry.store import PromptReader, RolloutReader
 
 __all__ = ["OpsReport", "build_report", "choose_bucket", "ops_markdown", "write_ops_report"]
 
@@ -180,7 +181,12 @@ def build_report(records: Iterable[DecisionRecord], labels: dict[str, FeedbackLa
 # -- rollout events (from the registry) --------------------------------------------------------
 
 
-def registry_events(store: Any, prompts: Sequence[str], start: datetime,
+class RegistryHistory(PromptReader, RolloutReader, Protocol):
+    """What the report reads from the registry (audit log, rollouts): read facets only, since
+    an offline report must not be able to change what it reports on."""
+
+
+def registry_events(store: RegistryHistory, prompts: Sequence[str], start: datetime,
                     end: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Audit entries of *prompts* inside [start, end), oldest first, and each prompt's current
     (or last) rollout."""
