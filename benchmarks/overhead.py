@@ -49,7 +49,7 @@ from prompt_registry.keys import generate_key  # noqa: E402
 from prompt_registry.loader import seed_store  # noqa: E402
 from prompt_registry.rollouts import GateConfig, ShadowSpec  # noqa: E402
 from prompt_registry.sqlite_store import SqlitePromptStore  # noqa: E402
-from tests.otlp_receiver import OtlpHttpReceiver  # noqa: E402
+from testsupport.otlp_receiver import OtlpHttpReceiver  # noqa: E402
 
 LISTING = {"item_id": "bench-1", "seller_id": "seller-42", "title": "Wireless earbuds, sealed box",
            "description": "Genuine product with one year warranty. Ships in two days.", "locale": "en-US"}

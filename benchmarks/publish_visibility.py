@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from prompt_registry.keys import generate_key
 from prompt_registry.loader import seed_store
 from prompt_registry.redis_store import RedisPromptStore
-from tests.redis_server import RedisServer
+from testsupport.redis_server import RedisServer
 
 TARGET_MS = 50.0
 

@@ -11,7 +11,7 @@ import pytest
 
 from prompt_registry.loader import load_prompt_file
 from prompt_registry.models import PromptSpec
-from tests.redis_server import RedisServer
+from testsupport.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_PROMPT = ROOT / "configs" / "prompts" / "listing-moderation.yaml"

@@ -20,8 +20,8 @@ from gateway.cli.main import app as cli
 from gateway.config import load_config
 from gateway.stores import open_store
 from serving.fake_backend import FakeBackend
-from tests.redis_server import RedisServer
 from tests.scorecards import store_scorecard
+from testsupport.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 LISTING = {"item_id": "item-1", "seller_id": "seller-1", "title": "Wireless earbuds"}

@@ -14,7 +14,7 @@ from prompt_registry.keys import generate_key
 from prompt_registry.loader import seed_store
 from prompt_registry.redis_store import RedisPromptStore
 from serving.fake_backend import FakeBackend
-from tests.redis_server import RedisServer
+from testsupport.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 LISTING = {"item_id": "item-1", "seller_id": "seller-1", "title": "Wireless earbuds"}

@@ -25,8 +25,8 @@ from gateway.config import load_config
 from gateway.feedback import FeedbackLog
 from serving import BackendUnavailable, ChatRequest, ChatResult
 from serving.fake_backend import FakeBackend
-from tests.redis_server import RedisServer
 from tests.scorecards import store_scorecard
+from testsupport.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = ROOT / "configs" / "prompts" / "listing-moderation.yaml"

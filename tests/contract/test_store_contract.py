@@ -14,8 +14,8 @@ from prompt_registry.loader import seed_store
 from prompt_registry.redis_store import RedisPromptStore
 from prompt_registry.sqlite_store import SqlitePromptStore
 from prompt_registry.store import PromptStore
-from tests.redis_server import RedisServer
 from tests.scorecards import SAMPLE_SHA, make_record
+from testsupport.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 StoreFactory = Callable[[], PromptStore]

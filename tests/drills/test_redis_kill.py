@@ -34,7 +34,7 @@ from prompt_registry.loader import seed_store
 from prompt_registry.redis_store import RedisPromptStore
 from serving.fake_backend import FakeBackend
 from tests.drills.live import metric, serve_asgi
-from tests.redis_server import RedisServer
+from testsupport.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "drill-prompt"

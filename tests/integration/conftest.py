@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.otlp_receiver import OtlpHttpReceiver
+from testsupport.otlp_receiver import OtlpHttpReceiver
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = float(os.environ.get("MODGATE_TEST_START_TIMEOUT", "600"))

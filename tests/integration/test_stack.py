@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.integration.conftest import ROOT, SECOND_MODEL, Stack
-from tests.otlp_receiver import OtlpHttpReceiver
+from testsupport.otlp_receiver import OtlpHttpReceiver
 
 pytestmark = pytest.mark.stack
 

@@ -26,7 +26,7 @@ from gateway.limits import (
     build_caller_limiter,
     caller_slot,
 )
-from tests.redis_server import RedisServer
+from testsupport.redis_server import RedisServer
 
 
 class FakeClock:

@@ -21,7 +21,7 @@ from gateway.telemetry import TracingSettings, build_tracer_provider
 from prompt_registry.keys import parse_key
 from prompt_registry.sqlite_store import SqlitePromptStore
 from serving.fake_backend import FakeBackend
-from tests.otlp_receiver import OtlpHttpReceiver
+from testsupport.otlp_receiver import OtlpHttpReceiver
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET_TITLE = "Rolex Daytona SECRET-LISTING-7f3a"
