@@ -27,6 +27,8 @@ from prompt_registry.models import (
 from prompt_registry.render import render_messages
 from prompt_registry.store import (
     AuditEntry,
+    GatedWriter,
+    GateReader,
     KeyReader,
     KeyStore,
     MemoStore,
@@ -42,7 +44,8 @@ from prompt_registry.store import (
 
 __all__ = [
     "FAIL_CLOSED_DECISION", "AuditEntry", "EvaluationSpec", "GateCriterion", "GateOverride",
-    "GateRefused", "GateReport", "KeyReader", "KeyStore", "LabelConflict", "MemoStore", "Message",
+    "GateReader", "GateRefused", "GateReport", "GatedWriter",
+    "KeyReader", "KeyStore", "LabelConflict", "MemoStore", "Message",
     "PolicyMeta", "PromptFileError", "PromptNotFound", "PromptReader", "PromptSpec", "PromptStore",
     "PromptVersion", "PromptWriter", "PublishResult", "RegistryError", "RenderError",
     "RolloutReader", "RolloutStore", "SamplingParams", "ScorecardReader", "ScorecardRecord",

@@ -15,7 +15,10 @@ the whole `PromptStore` could quietly start writing anything. The facets:
 `PromptStore` is all of them plus `close()`: what `gateway.stores.open_store` returns and what
 code owning a store's lifetime holds. Each write facet extends its read facet, so a consumer
 needs at most one facet per kind of state. A consumer needing facets of two kinds defines a
-protocol inheriting both, next to itself (e.g. `gateway.prompt_cache.PromptCacheSource`).
+protocol inheriting both, next to itself (e.g. `gateway.prompt_cache.PromptCacheSource`). The
+promotion gate's two are here (`GateReader`, `GatedWriter`): `prompt_registry.gates` cannot
+import this module at run time (this module imports its ScorecardRecord), and every label move
+to production, from the API, the CLI, seeding and rollouts, goes through the gate.
 
 Versions are immutable and numbered by the store (1, 2, ...); publishing content identical to an
 existing version returns that version. Labels (`production`, `canary`, any name) are mutable
@@ -39,9 +42,9 @@ from prompt_registry.models import PromptSpec, PromptVersion
 from prompt_registry.rollouts import Rollout
 
 __all__ = [
-    "AuditEntry", "KeyReader", "KeyStore", "MemoStore", "PromptReader", "PromptStore",
-    "PromptWriter", "PublishResult", "RolloutReader", "RolloutStore", "ScorecardReader",
-    "ScorecardStore", "Subscription",
+    "AuditEntry", "GateReader", "GatedWriter", "KeyReader", "KeyStore", "MemoStore",
+    "PromptReader", "PromptStore", "PromptWriter", "PublishResult", "RolloutReader",
+    "RolloutStore", "ScorecardReader", "ScorecardStore", "Subscription",
 ]
 
 
@@ -209,6 +212,18 @@ class MemoStore(Protocol):
         ...
 
     def recall_verdict(self, request_id: str) -> str | None: ...
+
+
+@runtime_checkable
+class GateReader(PromptReader, ScorecardReader, Protocol):
+    """What the promotion gate reads (`gates.gate_report`): the candidate and production
+    versions, the labels, and their stored scorecards."""
+
+
+@runtime_checkable
+class GatedWriter(PromptWriter, ScorecardReader, Protocol):
+    """Moving labels through the promotion gate (`gates.move_label`, publishing with a label,
+    seeding): a prompt writer that can also read the scorecards the gate judges by."""
 
 
 @runtime_checkable
