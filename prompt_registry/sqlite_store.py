@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
 
 import orjson
 
@@ -29,11 +30,20 @@ from prompt_registry.store import AuditEntry, PublishResult, Subscription
 __all__ = ["SqlitePromptStore"]
 
 
-def _wrap_errors(fn: Callable) -> Callable:  # type: ignore[type-arg]
-    """SQLite failures (locked past the timeout, disk gone) surface as StoreUnavailable."""
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _wrap_errors(
+    fn: Callable[Concatenate[SqlitePromptStore, _P], _R],
+) -> Callable[Concatenate[SqlitePromptStore, _P], _R]:
+    """SQLite failures (locked past the timeout, disk gone) surface as StoreUnavailable.
+
+    Typed with ParamSpec so the wrapped method keeps its signature: an untyped decorator made
+    every method `Callable[..., Any]` to mypy, which then matched any store protocol."""
 
     @functools.wraps(fn)
-    def wrapper(self: SqlitePromptStore, *args: object, **kwargs: object) -> object:
+    def wrapper(self: SqlitePromptStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return fn(self, *args, **kwargs)
         except sqlite3.Error as exc:

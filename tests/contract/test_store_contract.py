@@ -1,11 +1,23 @@
-"""One contract, every store: the embedded SQLite store and the Redis store (real server)."""
+"""One contract, every store: the embedded SQLite store and the Redis store (real server).
+
+One class per store facet (prompt_registry/store.py), so a facet's contract can be read, run
+(`-k TestKeys`) and extended on its own, and each test is typed by the facet it exercises (a
+test reaching outside its facet is a mypy error). `TestFacets` checks that both stores are
+every facet and that `PromptStore` is exactly the facets' union. Every test runs on both stores
+unless it is about one store's own mechanics.
+"""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
@@ -13,12 +25,31 @@ from prompt_registry import LabelConflict, PromptNotFound, PromptSpec, StoreUnav
 from prompt_registry.loader import seed_store
 from prompt_registry.redis_store import RedisPromptStore
 from prompt_registry.sqlite_store import SqlitePromptStore
-from prompt_registry.store import PromptStore
+from prompt_registry.store import (
+    GatedWriter,
+    GateReader,
+    KeyReader,
+    KeyStore,
+    MemoStore,
+    PromptReader,
+    PromptStore,
+    PromptWriter,
+    RolloutReader,
+    RolloutStore,
+    ScorecardReader,
+    ScorecardStore,
+)
+from tests.redis_server import RedisServer
 from tests.scorecards import SAMPLE_SHA, make_record
-from testsupport.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 StoreFactory = Callable[[], PromptStore]
+
+# Every facet, readers before the stores extending them; PromptStore is their union.
+FACETS: tuple[type, ...] = (PromptReader, PromptWriter, RolloutReader, RolloutStore,
+                            ScorecardReader, ScorecardStore, KeyReader, KeyStore, MemoStore)
+# Named combinations of facets (no methods of their own).
+COMBINATIONS: tuple[type, ...] = (GateReader, GatedWriter)
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -55,279 +86,364 @@ def _variant(spec: PromptSpec, i: int) -> PromptSpec:
     return spec.model_copy(update={"description": f"variant {i}"})
 
 
-def test_publish_numbers_versions_and_dedupes(store: PromptStore, example_spec: PromptSpec) -> None:
-    first = store.publish(example_spec, actor="alice")
-    again = store.publish(example_spec, actor="bob")
-    second = store.publish(_variant(example_spec, 1), actor="alice", note="tighten counterfeit")
-    assert (first.created, first.version.version) == (True, 1)
-    assert (again.created, again.version.version) == (False, 1)
-    assert (second.created, second.version.version) == (True, 2)
-    got = store.get_version(example_spec.name, 2)
-    assert got.spec == _variant(example_spec, 1)
-    assert got.content_hash == _variant(example_spec, 1).content_hash()
-    assert got.created_by == "alice"
-    assert store.versions(example_spec.name) == [1, 2]
-    assert store.list_prompts() == [example_spec.name]
+class TestFacets:
+    """Both stores implement every facet, and the facets cover PromptStore exactly."""
+
+    def test_every_store_is_every_facet(self, store: PromptStore) -> None:
+        # isinstance on a runtime-checkable protocol checks method names only; signatures are
+        # checked by mypy in test_facet_signatures_match_on_both_stores.
+        missing = [f.__name__ for f in (*FACETS, *COMBINATIONS, PromptStore)
+                   if not isinstance(store, f)]
+        assert not missing, f"{type(store).__name__} lacks {missing}"
+
+    def test_prompt_store_is_the_union_of_the_facets(self) -> None:
+        """A method added to PromptStore alone (outside every facet) could only be typed by
+        the whole store, and a method in two facets would blur what each grants."""
+        def own(proto: type) -> set[str]:
+            return {n for n, v in vars(proto).items() if callable(v) and not n.startswith("_")}
+
+        owners: dict[str, list[str]] = {}
+        for facet in FACETS:
+            for name in own(facet):
+                owners.setdefault(name, []).append(facet.__name__)
+        assert {n: o for n, o in owners.items() if len(o) > 1} == {}
+        assert own(PromptStore) == {"close"}
+        assert set(PromptStore.__mro__) >= set(FACETS)
+        assert {c.__name__: own(c) for c in COMBINATIONS} == {c.__name__: set() for c in COMBINATIONS}
+
+    def test_facet_signatures_match_on_both_stores(self, tmp_path: Path) -> None:
+        """mypy checks each store against every facet's signatures (argument names, keyword-
+        only markers, return types), which isinstance cannot. The drifted class is a control:
+        it proves this mypy run compares signatures rather than treating imports as Any."""
+        pytest.importorskip("mypy")
+        facets = ", ".join(f.__name__ for f in (*FACETS, *COMBINATIONS))
+        checks = "\n".join(
+            f"def {cls.lower()}_as_{f.__name__.lower()}(s: {cls}) -> {f.__name__}:\n    return s\n"
+            for cls in ("SqlitePromptStore", "RedisPromptStore")
+            for f in (*FACETS, *COMBINATIONS, PromptStore))
+        conformance = tmp_path / "conformance.py"
+        conformance.write_text(
+            "from prompt_registry.keys import ApiKeyRecord\n"
+            "from prompt_registry.redis_store import RedisPromptStore\n"
+            "from prompt_registry.sqlite_store import SqlitePromptStore\n"
+            f"from prompt_registry.store import PromptStore, {facets}\n\n\n{checks}\n\n"
+            + textwrap.dedent("""\
+                class Drifted:
+                    def get_key(self, key_id: int) -> ApiKeyRecord | None:
+                        return None
 
 
-def test_labels_resolve_and_compare_and_set(store: PromptStore, example_spec: PromptSpec) -> None:
-    name = example_spec.name
-    store.publish(example_spec, actor="a")
-    store.publish(_variant(example_spec, 1), actor="a")
-    assert store.set_label(name, "production", 1, actor="a") is None
-    assert store.resolve(name, "production").version == 1
-    with pytest.raises(LabelConflict):
-        store.set_label(name, "production", 2, expected=2, actor="a")
-    assert store.resolve(name, "production").version == 1
-    assert store.set_label(name, "production", 2, expected=1, actor="b", note="promote") == 1
-    assert store.resolve(name, "production").version == 2
-    assert store.labels(name) == {"production": 2}
-    entries = store.audit(name)
-    assert [(e.action, e.label, e.from_version, e.to_version, e.actor) for e in entries] == [
-        ("publish", None, None, 1, "a"), ("publish", None, None, 2, "a"),
-        ("label", "production", None, 1, "a"), ("label", "production", 1, 2, "b")]
-    assert entries[-1].note == "promote"
-    assert entries[0].at <= entries[-1].at
+                def drifted_as_keyreader(s: Drifted) -> KeyReader:
+                    return s  # DRIFTED
+                """))
+        drifted_line = conformance.read_text().splitlines().index("    return s  # DRIFTED") + 1
+        out = subprocess.run(
+            [sys.executable, "-m", "mypy", "--follow-imports=silent", "--no-error-summary",
+             "--cache-dir", str(tmp_path / "mypy-cache"), str(conformance)],
+            cwd=ROOT, env={**os.environ, "MYPYPATH": str(ROOT)}, capture_output=True, text=True)
+        errors = [line for line in out.stdout.splitlines() if ": error:" in line]
+        assert [e for e in errors if f":{drifted_line}:" not in e] == [], out.stdout + out.stderr
+        assert len(errors) == 1 and "Incompatible return value type" in errors[0], \
+            "the drifted control was not reported: mypy is not checking signatures\n" + out.stdout
 
 
-def test_expected_zero_means_label_must_be_unset(store: PromptStore, example_spec: PromptSpec) -> None:
-    store.publish(example_spec, actor="a")
-    store.set_label(example_spec.name, "canary", 1, expected=0, actor="a")
-    with pytest.raises(LabelConflict):
+class TestPrompts:
+    """PromptReader and PromptWriter: versions, labels, audit, change events."""
+
+    def test_publish_numbers_versions_and_dedupes(self, store: PromptWriter,
+                                                  example_spec: PromptSpec) -> None:
+        first = store.publish(example_spec, actor="alice")
+        again = store.publish(example_spec, actor="bob")
+        second = store.publish(_variant(example_spec, 1), actor="alice", note="tighten counterfeit")
+        assert (first.created, first.version.version) == (True, 1)
+        assert (again.created, again.version.version) == (False, 1)
+        assert (second.created, second.version.version) == (True, 2)
+        got = store.get_version(example_spec.name, 2)
+        assert got.spec == _variant(example_spec, 1)
+        assert got.content_hash == _variant(example_spec, 1).content_hash()
+        assert got.created_by == "alice"
+        assert store.versions(example_spec.name) == [1, 2]
+        assert store.list_prompts() == [example_spec.name]
+
+    def test_labels_resolve_and_compare_and_set(self, store: PromptWriter,
+                                                example_spec: PromptSpec) -> None:
+        name = example_spec.name
+        store.publish(example_spec, actor="a")
+        store.publish(_variant(example_spec, 1), actor="a")
+        assert store.set_label(name, "production", 1, actor="a") is None
+        assert store.resolve(name, "production").version == 1
+        with pytest.raises(LabelConflict):
+            store.set_label(name, "production", 2, expected=2, actor="a")
+        assert store.resolve(name, "production").version == 1
+        assert store.set_label(name, "production", 2, expected=1, actor="b", note="promote") == 1
+        assert store.resolve(name, "production").version == 2
+        assert store.labels(name) == {"production": 2}
+        entries = store.audit(name)
+        assert [(e.action, e.label, e.from_version, e.to_version, e.actor) for e in entries] == [
+            ("publish", None, None, 1, "a"), ("publish", None, None, 2, "a"),
+            ("label", "production", None, 1, "a"), ("label", "production", 1, 2, "b")]
+        assert entries[-1].note == "promote"
+        assert entries[0].at <= entries[-1].at
+
+    def test_expected_zero_means_label_must_be_unset(self, store: PromptWriter,
+                                                     example_spec: PromptSpec) -> None:
+        store.publish(example_spec, actor="a")
         store.set_label(example_spec.name, "canary", 1, expected=0, actor="a")
+        with pytest.raises(LabelConflict):
+            store.set_label(example_spec.name, "canary", 1, expected=0, actor="a")
 
+    def test_unknown_things_are_named(self, store: PromptWriter, example_spec: PromptSpec) -> None:
+        with pytest.raises(PromptNotFound, match="unknown prompt 'nope'"):
+            store.resolve("nope", "production")
+        with pytest.raises(PromptNotFound, match="unknown prompt 'nope'"):
+            store.get_version("nope", 1)
+        store.publish(example_spec, actor="a")
+        with pytest.raises(PromptNotFound, match="no label 'canary'"):
+            store.resolve(example_spec.name, "canary")
+        with pytest.raises(PromptNotFound, match="no version 9"):
+            store.set_label(example_spec.name, "canary", 9, actor="a")
+        assert store.labels(example_spec.name) == {}
+        assert [e.action for e in store.audit(example_spec.name)] == ["publish"]
 
-def test_unknown_things_are_named(store: PromptStore, example_spec: PromptSpec) -> None:
-    with pytest.raises(PromptNotFound, match="unknown prompt 'nope'"):
-        store.resolve("nope", "production")
-    with pytest.raises(PromptNotFound, match="unknown prompt 'nope'"):
-        store.get_version("nope", 1)
-    store.publish(example_spec, actor="a")
-    with pytest.raises(PromptNotFound, match="no label 'canary'"):
-        store.resolve(example_spec.name, "canary")
-    with pytest.raises(PromptNotFound, match="no version 9"):
-        store.set_label(example_spec.name, "canary", 9, actor="a")
-    assert store.labels(example_spec.name) == {}
-    assert [e.action for e in store.audit(example_spec.name)] == ["publish"]
+    def test_concurrent_publishers_lose_no_version(self, make_store: StoreFactory,
+                                                   example_spec: PromptSpec) -> None:
+        make_store()
+        results: list[int] = []
+        errors: list[BaseException] = []
+        workers, per_worker = 6, 5
 
+        def publish(worker: int) -> None:
+            s = make_store()
+            try:
+                for j in range(per_worker):
+                    # Every worker also republishes one shared variant: it must dedup to one version.
+                    results.append(s.publish(_variant(example_spec, worker * 100 + j), actor=f"w{worker}").version.version)
+                    s.publish(_variant(example_spec, 9999), actor=f"w{worker}")
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
 
-def test_concurrent_publishers_lose_no_version(make_store: StoreFactory, example_spec: PromptSpec) -> None:
-    make_store()
-    results: list[int] = []
-    errors: list[BaseException] = []
-    workers, per_worker = 6, 5
-
-    def publish(worker: int) -> None:
+        threads = [threading.Thread(target=publish, args=(w,)) for w in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
         s = make_store()
+        total = workers * per_worker + 1
+        assert s.versions(example_spec.name) == list(range(1, total + 1))
+        assert len(set(results)) == workers * per_worker
+        assert len([e for e in s.audit(example_spec.name) if e.action == "publish"]) == total
+
+    def test_concurrent_label_moves_exactly_one_wins(self, make_store: StoreFactory,
+                                                     example_spec: PromptSpec) -> None:
+        s = make_store()
+        for i in range(8):
+            s.publish(_variant(example_spec, i), actor="a")
+        s.set_label(example_spec.name, "production", 1, actor="a")
+        outcomes: list[str] = []
+        barrier = threading.Barrier(7)
+
+        def move(target: int) -> None:
+            client = make_store()
+            barrier.wait()
+            try:
+                client.set_label(example_spec.name, "production", target, expected=1, actor=f"m{target}")
+                outcomes.append(f"won {target}")
+            except LabelConflict:
+                outcomes.append("conflict")
+
+        threads = [threading.Thread(target=move, args=(v,)) for v in range(2, 9)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        winners = [o for o in outcomes if o.startswith("won")]
+        assert len(winners) == 1 and outcomes.count("conflict") == 6
+        assert f"won {s.resolve(example_spec.name, 'production').version}" == winners[0]
+        assert len([e for e in s.audit(example_spec.name) if e.action == "label"]) == 2
+
+    def test_change_events_reach_other_clients(self, make_store: StoreFactory,
+                                               example_spec: PromptSpec) -> None:
+        writer: PromptWriter = make_store()
+        watcher: PromptReader = make_store()
+        seen: list[str | None] = []
+        got = threading.Event()
+
+        def on_change(name: str | None) -> None:
+            seen.append(name)
+            got.set()
+
+        sub = watcher.subscribe(on_change)
         try:
-            for j in range(per_worker):
-                # Every worker also republishes one shared variant: it must dedup to one version.
-                results.append(s.publish(_variant(example_spec, worker * 100 + j), actor=f"w{worker}").version.version)
-                s.publish(_variant(example_spec, 9999), actor=f"w{worker}")
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
+            writer.publish(example_spec, actor="a")
+            assert got.wait(5), "no change event within 5 s"
+            assert seen[-1] in (example_spec.name, None)
+        finally:
+            sub.close()
 
-    threads = [threading.Thread(target=publish, args=(w,)) for w in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    s = make_store()
-    total = workers * per_worker + 1
-    assert s.versions(example_spec.name) == list(range(1, total + 1))
-    assert len(set(results)) == workers * per_worker
-    assert len([e for e in s.audit(example_spec.name) if e.action == "publish"]) == total
+    def test_seed_is_idempotent_and_never_moves_a_label(self, store: PromptStore,
+                                                        example_spec: PromptSpec) -> None:
+        seed_store(store, ROOT / "configs" / "prompts")
+        store.publish(_variant(example_spec, 1), actor="a")
+        store.set_label(example_spec.name, "production", 2, actor="a")
+        seed_store(store, ROOT / "configs" / "prompts")
+        assert store.resolve(example_spec.name, "production").version == 2
+        assert len([e for e in store.audit(example_spec.name) if e.action == "publish"]) == 2
 
-
-def test_concurrent_label_moves_exactly_one_wins(make_store: StoreFactory, example_spec: PromptSpec) -> None:
-    s = make_store()
-    for i in range(8):
-        s.publish(_variant(example_spec, i), actor="a")
-    s.set_label(example_spec.name, "production", 1, actor="a")
-    outcomes: list[str] = []
-    barrier = threading.Barrier(7)
-
-    def move(target: int) -> None:
-        client = make_store()
-        barrier.wait()
-        try:
-            client.set_label(example_spec.name, "production", target, expected=1, actor=f"m{target}")
-            outcomes.append(f"won {target}")
-        except LabelConflict:
-            outcomes.append("conflict")
-
-    threads = [threading.Thread(target=move, args=(v,)) for v in range(2, 9)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    winners = [o for o in outcomes if o.startswith("won")]
-    assert len(winners) == 1 and outcomes.count("conflict") == 6
-    assert f"won {s.resolve(example_spec.name, 'production').version}" == winners[0]
-    assert len([e for e in s.audit(example_spec.name) if e.action == "label"]) == 2
+    def test_redis_down_is_store_unavailable(self, tmp_path: Path, example_spec: PromptSpec) -> None:
+        server = RedisServer(tmp_path / "r").start()
+        s = RedisPromptStore(server.url, prefix="down", timeout_s=0.5)
+        s.publish(example_spec, actor="a")
+        server.stop()
+        with pytest.raises(StoreUnavailable, match="unreachable"):
+            s.resolve(example_spec.name, "production")
+        with pytest.raises(StoreUnavailable):
+            s.publish(_variant(example_spec, 1), actor="a")
+        s.close()
 
 
-def test_change_events_reach_other_clients(make_store: StoreFactory, example_spec: PromptSpec) -> None:
-    writer, watcher = make_store(), make_store()
-    seen: list[str | None] = []
-    got = threading.Event()
-
-    def on_change(name: str | None) -> None:
-        seen.append(name)
-        got.set()
-
-    sub = watcher.subscribe(on_change)
-    try:
-        writer.publish(example_spec, actor="a")
-        assert got.wait(5), "no change event within 5 s"
-        assert seen[-1] in (example_spec.name, None)
-    finally:
-        sub.close()
+class _RolloutsOverPrompts(PromptWriter, RolloutStore, Protocol):
+    """A rollout names published versions and is audited with them."""
 
 
-def test_seed_is_idempotent_and_never_moves_a_label(store: PromptStore, example_spec: PromptSpec) -> None:
-    seed_store(store, ROOT / "configs" / "prompts")
-    store.publish(_variant(example_spec, 1), actor="a")
-    store.set_label(example_spec.name, "production", 2, actor="a")
-    seed_store(store, ROOT / "configs" / "prompts")
-    assert store.resolve(example_spec.name, "production").version == 2
-    assert len([e for e in store.audit(example_spec.name) if e.action == "publish"]) == 2
+class TestRollouts:
+    """RolloutReader and RolloutStore: compare-and-set on the revision, shared counters."""
 
+    def test_rollouts_compare_and_set_and_stats(self, make_store: StoreFactory,
+                                                example_spec: PromptSpec) -> None:
+        from prompt_registry.rollouts import GateConfig, RolloutConflict, ShadowSpec, new_rollout
 
-def test_redis_down_is_store_unavailable(tmp_path: Path, example_spec: PromptSpec) -> None:
-    server = RedisServer(tmp_path / "r").start()
-    s = RedisPromptStore(server.url, prefix="down", timeout_s=0.5)
-    s.publish(example_spec, actor="a")
-    server.stop()
-    with pytest.raises(StoreUnavailable, match="unreachable"):
-        s.resolve(example_spec.name, "production")
-    with pytest.raises(StoreUnavailable):
+        s: _RolloutsOverPrompts = make_store()
+        s.publish(example_spec, actor="a")
         s.publish(_variant(example_spec, 1), actor="a")
-    s.close()
+        r = new_rollout(example_spec.name, stable_version=1, canary_version=2, steps=[5, 50, 100],
+                        shadows=[ShadowSpec(version=2, sample_rate=0.2)], step_hold_s=60,
+                        gates=GateConfig(), auto=True, subject_key="seller_id", started_by="maria")
+        s.put_rollout(r, expected_revision=None, actor="maria", note="start")
+        with pytest.raises(RolloutConflict):  # one active rollout per prompt
+            s.put_rollout(r, expected_revision=None, actor="x")
+        stepped = r.changed(step_index=1)
+        s.put_rollout(stepped, expected_revision=0, actor="controller", note="step")
+        with pytest.raises(RolloutConflict):  # a second writer with the old revision loses
+            s.put_rollout(r.changed(state="aborted"), expected_revision=0, actor="other")
+        other: RolloutReader = make_store()
+        got = other.get_rollout(example_spec.name)
+        assert got is not None and got.weight == 50 and got.revision == 1
+        assert [x.id for x in s.list_rollouts()] == [r.id]
+        finished = stepped.changed(state="aborted")
+        s.put_rollout(finished, expected_revision=1, actor="a")
+        again = new_rollout(example_spec.name, stable_version=1, canary_version=2, steps=[5], shadows=[],
+                            step_hold_s=0, gates=GateConfig(), auto=False, subject_key="seller_id", started_by="a")
+        s.put_rollout(again, expected_revision=None, actor="a")  # a finished rollout can be replaced
+        assert [e.action for e in s.audit(example_spec.name)][-4:] == ["rollout"] * 4
+
+        s.add_rollout_stats(r.id, {"canary:requests": 3, "pair:2:agree": 1}, flips=['{"i":1}', '{"i":2}'], keep_flips=2)
+        counter: RolloutStore = make_store()
+        counter.add_rollout_stats(r.id, {"canary:requests": 2}, flips=['{"i":3}'], keep_flips=2)
+        assert s.rollout_stats(r.id) == {"canary:requests": 5, "pair:2:agree": 1}
+        assert s.rollout_flips(r.id) == ['{"i":3}', '{"i":2}']
 
 
-def test_api_keys_are_stored_hashed(store: PromptStore) -> None:
-    from prompt_registry.keys import generate_key, parse_key, verify_secret
+class TestScorecards:
+    """ScorecardReader and ScorecardStore, and the promotion gate reading them."""
 
-    key, record = generate_key("svc-listing", ["moderate"], created_by="ops")
-    store.put_key(record)
-    key_id, secret = parse_key(key)  # type: ignore[misc]
-    got = store.get_key(key_id)
-    assert got == record and secret not in got.model_dump_json()
-    assert verify_secret(got, secret) and not verify_secret(got, secret + "x")
-    store.put_key(record.model_copy(update={"revoked": True}))
-    assert store.get_key(key_id).revoked is True  # type: ignore[union-attr]
-    assert [k.key_id for k in store.list_keys()] == [key_id]
-    assert store.get_key("000000000000") is None
+    def test_scorecards_per_version_and_dataset_last_write_wins(self, make_store: StoreFactory,
+                                                                example_spec: PromptSpec) -> None:
+        from prompt_registry.gates import ScorecardMismatch
 
+        s = make_store()
+        name = example_spec.name
+        h1 = s.publish(example_spec, actor="a").version.content_hash
+        h2 = s.publish(_variant(example_spec, 1), actor="a").version.content_hash
+        cards: ScorecardStore = s
+        first = make_record(name, 1, h1, counts={"adult": (12, 1, 4)})
+        assert cards.put_scorecard(first, actor="eval") is False
+        other: ScorecardReader = make_store()
+        assert other.get_scorecard(name, 1, SAMPLE_SHA) == first  # another client sees it
+        other_data = make_record(name, 1, h1, sha="0" * 64)
+        assert cards.put_scorecard(other_data, actor="eval") is False  # another dataset: another key
+        second = make_record(name, 2, h2)
+        cards.put_scorecard(second, actor="eval")
+        rerun = make_record(name, 1, h1)
+        assert cards.put_scorecard(rerun, actor="eval-again", note="after the model upgrade") is True
+        assert cards.get_scorecard(name, 1, SAMPLE_SHA) == rerun
+        assert cards.get_scorecard(name, 1, "f" * 64) is None
+        assert cards.get_scorecard(name, 3, SAMPLE_SHA) is None
+        assert [(r.version, r.dataset_sha256[:1]) for r in cards.list_scorecards(name)] in (
+            [(1, "0"), (1, "e"), (2, "e")], [(1, "e"), (1, "0"), (2, "e")])
+        assert {r.dataset_sha256 for r in cards.list_scorecards(name, 1)} == {SAMPLE_SHA, "0" * 64}
+        assert cards.list_scorecards(name, 2) == [second] and cards.list_scorecards("nope") == []
 
-def test_rollouts_compare_and_set_and_stats(make_store: StoreFactory, example_spec: PromptSpec) -> None:
-    from prompt_registry.rollouts import GateConfig, RolloutConflict, ShadowSpec, new_rollout
+        with pytest.raises(PromptNotFound, match="unknown prompt 'nope'"):
+            cards.put_scorecard(make_record("nope", 1, h1), actor="x")
+        with pytest.raises(PromptNotFound, match="no version 9"):
+            cards.put_scorecard(make_record(name, 9, h1), actor="x")
+        with pytest.raises(ScorecardMismatch):  # v2's content scored, stored as v1
+            cards.put_scorecard(make_record(name, 1, h2), actor="x")
+        audited = [e for e in s.audit(name) if e.action == "scorecard"]
+        assert [(e.to_version, e.actor) for e in audited] == [(1, "eval"), (1, "eval"), (2, "eval"),
+                                                               (1, "eval-again")]
+        assert audited[0].note == ("scorecard on dataset e08b6d315ed6 (194 items): micro precision "
+                                   "0.992, recall 0.969")  # 127/128, 127/131
+        assert audited[-1].note.endswith("; replaces the earlier scorecard | after the model upgrade")
 
-    s = make_store()
-    s.publish(example_spec, actor="a")
-    s.publish(_variant(example_spec, 1), actor="a")
-    r = new_rollout(example_spec.name, stable_version=1, canary_version=2, steps=[5, 50, 100],
-                    shadows=[ShadowSpec(version=2, sample_rate=0.2)], step_hold_s=60,
-                    gates=GateConfig(), auto=True, subject_key="seller_id", started_by="maria")
-    s.put_rollout(r, expected_revision=None, actor="maria", note="start")
-    with pytest.raises(RolloutConflict):  # one active rollout per prompt
-        s.put_rollout(r, expected_revision=None, actor="x")
-    stepped = r.changed(step_index=1)
-    s.put_rollout(stepped, expected_revision=0, actor="controller", note="step")
-    with pytest.raises(RolloutConflict):  # a second writer with the old revision loses
-        s.put_rollout(r.changed(state="aborted"), expected_revision=0, actor="other")
-    got = make_store().get_rollout(example_spec.name)
-    assert got is not None and got.weight == 50 and got.revision == 1
-    assert [x.id for x in s.list_rollouts()] == [r.id]
-    finished = stepped.changed(state="aborted")
-    s.put_rollout(finished, expected_revision=1, actor="a")
-    again = new_rollout(example_spec.name, stable_version=1, canary_version=2, steps=[5], shadows=[],
-                        step_hold_s=0, gates=GateConfig(), auto=False, subject_key="seller_id", started_by="a")
-    s.put_rollout(again, expected_revision=None, actor="a")  # a finished rollout can be replaced
-    assert [e.action for e in s.audit(example_spec.name)][-4:] == ["rollout"] * 4
+    def test_the_promotion_gate_reads_either_store(self, make_store: StoreFactory,
+                                                   example_spec: PromptSpec) -> None:
+        from prompt_registry import GateRefused
+        from prompt_registry.gates import move_label
+        from tests.scorecards import store_scorecard
 
-    s.add_rollout_stats(r.id, {"canary:requests": 3, "pair:2:agree": 1}, flips=['{"i":1}', '{"i":2}'], keep_flips=2)
-    make_store().add_rollout_stats(r.id, {"canary:requests": 2}, flips=['{"i":3}'], keep_flips=2)
-    assert s.rollout_stats(r.id) == {"canary:requests": 5, "pair:2:agree": 1}
-    assert s.rollout_flips(r.id) == ['{"i":3}', '{"i":2}']
-
-
-def test_verdict_memos_expire(store: PromptStore) -> None:
-    store.remember_verdicts({"r1": '{"arm":"canary"}', "r2": '{"arm":"stable"}'}, ttl_s=60)
-    assert store.recall_verdict("r1") == '{"arm":"canary"}'
-    assert store.recall_verdict("nope") is None
-    store.remember_verdicts({"r3": "{}"}, ttl_s=1)
-    assert store.recall_verdict("r3") == "{}"
-    time.sleep(2.1)  # a real expiry, on both stores
-    assert store.recall_verdict("r3") is None
-
-
-def test_sqlite_deletes_expired_memos_through_an_index(tmp_path: Path) -> None:
-    """Every flush of verdict memos also deletes the expired ones; that DELETE must not scan a
-    week of canary traffic (it did: 23 ms per flush at 200,000 memos, 0.7 ms with the index)."""
-    import sqlite3
-
-    path = tmp_path / "registry.db"
-    SqlitePromptStore(path).remember_verdicts({"r1": "{}"}, ttl_s=60)
-    with sqlite3.connect(path) as con:
-        plan = con.execute("EXPLAIN QUERY PLAN DELETE FROM verdict_memos WHERE expires_at < ?", (0.0,)).fetchall()
-    assert any("USING INDEX verdict_memos_expiry" in str(row) for row in plan), plan
+        s = make_store()
+        seed_store(s, ROOT / "configs" / "prompts")
+        s.publish(_variant(example_spec, 1), actor="a")
+        with pytest.raises(GateRefused, match="no stored scorecard of v2"):
+            move_label(s, example_spec.name, "production", 2, actor="maria")
+        store_scorecard(s, example_spec.name, 1)
+        store_scorecard(make_store(), example_spec.name, 2, parse_failures=5)  # 5/194 = 0.026
+        with pytest.raises(GateRefused, match=r"parse failure rate 0\.026 > 0\.020 \(n=194\)"):
+            move_label(s, example_spec.name, "production", 2, actor="maria")
+        store_scorecard(s, example_spec.name, 2)
+        assert move_label(s, example_spec.name, "production", 2, actor="maria")[0] == 1
+        assert s.audit(example_spec.name)[-1].note == "gate passed on dataset e08b6d315ed6 (8 checks)"
 
 
-def test_scorecards_per_version_and_dataset_last_write_wins(make_store: StoreFactory,
-                                                            example_spec: PromptSpec) -> None:
-    from prompt_registry.gates import ScorecardMismatch
+class TestKeys:
+    """KeyReader and KeyStore: records stored hashed, revocation replaces the record."""
 
-    s = make_store()
-    name = example_spec.name
-    h1 = s.publish(example_spec, actor="a").version.content_hash
-    h2 = s.publish(_variant(example_spec, 1), actor="a").version.content_hash
-    first = make_record(name, 1, h1, counts={"adult": (12, 1, 4)})
-    assert s.put_scorecard(first, actor="eval") is False
-    assert make_store().get_scorecard(name, 1, SAMPLE_SHA) == first  # another client sees it
-    other_data = make_record(name, 1, h1, sha="0" * 64)
-    assert s.put_scorecard(other_data, actor="eval") is False  # another dataset: another key
-    second = make_record(name, 2, h2)
-    s.put_scorecard(second, actor="eval")
-    rerun = make_record(name, 1, h1)
-    assert s.put_scorecard(rerun, actor="eval-again", note="after the model upgrade") is True
-    assert s.get_scorecard(name, 1, SAMPLE_SHA) == rerun
-    assert s.get_scorecard(name, 1, "f" * 64) is None and s.get_scorecard(name, 3, SAMPLE_SHA) is None
-    assert [(r.version, r.dataset_sha256[:1]) for r in s.list_scorecards(name)] in (
-        [(1, "0"), (1, "e"), (2, "e")], [(1, "e"), (1, "0"), (2, "e")])
-    assert {r.dataset_sha256 for r in s.list_scorecards(name, 1)} == {SAMPLE_SHA, "0" * 64}
-    assert s.list_scorecards(name, 2) == [second] and s.list_scorecards("nope") == []
+    def test_api_keys_are_stored_hashed(self, store: KeyStore) -> None:
+        from prompt_registry.keys import generate_key, parse_key, verify_secret
 
-    with pytest.raises(PromptNotFound, match="unknown prompt 'nope'"):
-        s.put_scorecard(make_record("nope", 1, h1), actor="x")
-    with pytest.raises(PromptNotFound, match="no version 9"):
-        s.put_scorecard(make_record(name, 9, h1), actor="x")
-    with pytest.raises(ScorecardMismatch):  # v2's content scored, stored as v1
-        s.put_scorecard(make_record(name, 1, h2), actor="x")
-    cards = [e for e in s.audit(name) if e.action == "scorecard"]
-    assert [(e.to_version, e.actor) for e in cards] == [(1, "eval"), (1, "eval"), (2, "eval"),
-                                                         (1, "eval-again")]
-    assert cards[0].note == ("scorecard on dataset e08b6d315ed6 (194 items): micro precision 0.992, "
-                             "recall 0.969")  # 127/128, 127/131
-    assert cards[-1].note.endswith("; replaces the earlier scorecard | after the model upgrade")
+        key, record = generate_key("svc-listing", ["moderate"], created_by="ops")
+        store.put_key(record)
+        key_id, secret = parse_key(key)  # type: ignore[misc]
+        got = store.get_key(key_id)
+        assert got == record and secret not in got.model_dump_json()
+        assert verify_secret(got, secret) and not verify_secret(got, secret + "x")
+        store.put_key(record.model_copy(update={"revoked": True}))
+        assert store.get_key(key_id).revoked is True  # type: ignore[union-attr]
+        assert [k.key_id for k in store.list_keys()] == [key_id]
+        assert store.get_key("000000000000") is None
 
 
-def test_the_promotion_gate_reads_either_store(make_store: StoreFactory, example_spec: PromptSpec) -> None:
-    from prompt_registry import GateRefused
-    from prompt_registry.gates import move_label
-    from tests.scorecards import store_scorecard
+class TestMemos:
+    """MemoStore: request id -> verdict memo, expiring."""
 
-    s = make_store()
-    seed_store(s, ROOT / "configs" / "prompts")
-    s.publish(_variant(example_spec, 1), actor="a")
-    with pytest.raises(GateRefused, match="no stored scorecard of v2"):
-        move_label(s, example_spec.name, "production", 2, actor="maria")
-    store_scorecard(s, example_spec.name, 1)
-    store_scorecard(make_store(), example_spec.name, 2, parse_failures=5)  # 5/194 = 0.026
-    with pytest.raises(GateRefused, match=r"parse failure rate 0\.026 > 0\.020 \(n=194\)"):
-        move_label(s, example_spec.name, "production", 2, actor="maria")
-    store_scorecard(s, example_spec.name, 2)
-    assert move_label(s, example_spec.name, "production", 2, actor="maria")[0] == 1
-    assert s.audit(example_spec.name)[-1].note == "gate passed on dataset e08b6d315ed6 (8 checks)"
+    def test_verdict_memos_expire(self, store: MemoStore) -> None:
+        store.remember_verdicts({"r1": '{"arm":"canary"}', "r2": '{"arm":"stable"}'}, ttl_s=60)
+        assert store.recall_verdict("r1") == '{"arm":"canary"}'
+        assert store.recall_verdict("nope") is None
+        store.remember_verdicts({"r3": "{}"}, ttl_s=1)
+        assert store.recall_verdict("r3") == "{}"
+        time.sleep(2.1)  # a real expiry, on both stores
+        assert store.recall_verdict("r3") is None
+
+    def test_sqlite_deletes_expired_memos_through_an_index(self, tmp_path: Path) -> None:
+        """Every flush of verdict memos also deletes the expired ones; that DELETE must not scan a
+        week of canary traffic (it did: 23 ms per flush at 200,000 memos, 0.7 ms with the index)."""
+        import sqlite3
+
+        path = tmp_path / "registry.db"
+        SqlitePromptStore(path).remember_verdicts({"r1": "{}"}, ttl_s=60)
+        with sqlite3.connect(path) as con:
+            plan = con.execute("EXPLAIN QUERY PLAN DELETE FROM verdict_memos WHERE expires_at < ?", (0.0,)).fetchall()
+        assert any("USING INDEX verdict_memos_expiry" in str(row) for row in plan), plan
