@@ -39,8 +39,8 @@ from prompt_registry.store import (
     ScorecardReader,
     ScorecardStore,
 )
-from tests.redis_server import RedisServer
 from tests.scorecards import SAMPLE_SHA, make_record
+from testsupport.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 StoreFactory = Callable[[], PromptStore]
