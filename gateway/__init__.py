@@ -1,5 +1,5 @@
-"""Gateway: the internal moderation API. The only package that knows prompts and serving."""
+"""Gateway: the internal moderation API. The only package that knows prompts and serving.
 
-from gateway.api.app import create_app
-
-__all__ = ["create_app"]
+`gateway.api` holds the HTTP adapters, `gateway.moderation` the one moderation path,
+`gateway.bootstrap` the composition root; `gateway.cli` (the command line) and
+`gateway.quality` (the offline tool-chain) are separate programs the server never imports."""

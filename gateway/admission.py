@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from gateway.errors import ApiError
+from gateway.problems import ModelSaturated, QueueTimeout
 
 __all__ = ["AdmissionControl", "ModelSlots"]
 
@@ -54,15 +54,15 @@ class AdmissionControl:
             # its slot, `inflight` dips below the limit while the slot is already spoken for.
             if not wait or s.queued >= s.max_queued:
                 s.shed += 1
-                raise ApiError(429, "overloaded", f"model {model!r} is saturated ({s.inflight} in flight, "
-                               f"{s.queued} queued); retry later", retryable=True,
-                               retry_after_s=self.retry_after_s)
+                raise ModelSaturated(f"model {model!r} is saturated ({s.inflight} in flight, "
+                                     f"{s.queued} queued); retry later",
+                                     retry_after_s=self.retry_after_s)
             s.queued += 1
             try:
                 await asyncio.wait_for(s._sem.acquire(), timeout=max(0.001, timeout_s))
             except TimeoutError:
-                raise ApiError(504, "queue_timeout", f"no free slot for model {model!r} within the "
-                               "request deadline", retryable=True) from None
+                raise QueueTimeout(f"no free slot for model {model!r} within the request "
+                                   "deadline") from None
             finally:
                 s.queued -= 1
         else:

@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from gateway.errors import ApiError
+from gateway.problems import Forbidden, Unauthenticated
 from prompt_registry import KeyReader, StoreUnavailable
 from prompt_registry.keys import ApiKeyRecord, parse_key, verify_secret
 
@@ -53,17 +53,17 @@ class Authenticator:
             if scheme.lower() == "bearer":
                 presented = token.strip()
         if not presented:
-            raise ApiError(401, "unauthenticated",
-                           "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'")
+            raise Unauthenticated(
+                "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'")
         parsed = parse_key(presented)
         if parsed is None:
-            raise ApiError(401, "unauthenticated", "malformed API key")
+            raise Unauthenticated("malformed API key")
         key_id, secret = parsed
         record = await self._record(key_id)
         if record is None or not verify_secret(record, secret):
-            raise ApiError(401, "unauthenticated", "invalid API key")
+            raise Unauthenticated("invalid API key")
         if record.revoked:
-            raise ApiError(401, "unauthenticated", "API key revoked")
+            raise Unauthenticated("API key revoked")
         return record
 
     async def _record(self, key_id: str) -> ApiKeyRecord | None:
@@ -85,4 +85,4 @@ class Authenticator:
     @staticmethod
     def require(principal: ApiKeyRecord | _Anonymous, scope: str) -> None:
         if not principal.allows(scope):
-            raise ApiError(403, "forbidden", f"API key {principal.name!r} lacks the {scope!r} scope")
+            raise Forbidden(f"API key {principal.name!r} lacks the {scope!r} scope")

@@ -73,7 +73,9 @@ __all__ = ["FIELDS", "DecisionLog", "DecisionLogSettings", "DecisionRecord", "Se
 
 log = logging.getLogger("modgate.decision_log")
 
-Arm = Literal["stable", "canary", "shadow", "pinned"]
+Arm = Literal["stable", "canary", "shadow", "pinned", "raw"]
+Kind = Literal["moderation", "raw_chat"]
+FrontDoor = Literal["moderate", "moderations", "chat"]
 ExportFormat = Literal["parquet", "csv"]
 Clock = Callable[[], datetime]
 
@@ -101,11 +103,14 @@ class DecisionRecord(BaseModel):
     model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
 
     ts: datetime = Field(..., description="when the decision was made (UTC)")
+    kind: Kind = Field("moderation", description="moderation (a registry prompt's verdict) or "
+                       "raw_chat (a chat completion with the caller's own messages: no prompt, "
+                       "no verdict, no content kept)")
     request_id: str
     item_id: str
     subject: str = Field(..., description="seller id or other traffic-stickiness key")
-    prompt_name: str
-    prompt_version: int
+    prompt_name: str | None
+    prompt_version: int | None
     label: str | None = None
     arm: Arm
     shadow_of: str | None = None
@@ -120,6 +125,10 @@ class DecisionRecord(BaseModel):
     completion_tokens: int | None = None
     locale: str | None = None
     trace_id: str | None = None
+    front_door: FrontDoor | None = Field(None, description="the API that was called: moderate "
+                                         "(/v1/moderate), moderations (/v1/moderations), chat "
+                                         "(/v1/chat/completions); null for shadows and old records")
+    caller: str | None = Field(None, description="name of the API key that called")
 
     @field_validator("ts")
     @classmethod
@@ -131,6 +140,14 @@ class DecisionRecord(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> DecisionRecord:
+        if self.kind == "raw_chat":
+            if self.decision is not None or self.arm != "raw":
+                raise ValueError("a raw_chat record has arm 'raw' and no decision")
+            return self
+        if self.prompt_name is None or self.prompt_version is None:
+            raise ValueError("a moderation record names its prompt_name and prompt_version")
+        if self.arm == "raw":
+            raise ValueError("arm 'raw' is only for raw_chat records")
         if (self.decision is None) == (self.error_type is None):
             raise ValueError("exactly one of decision and error_type must be set")
         if (self.shadow_of is not None) != (self.arm == "shadow"):

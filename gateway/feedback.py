@@ -24,8 +24,8 @@ from fastapi import APIRouter, Header
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
+from gateway.api.edge import ERROR_RESPONSES
 from gateway.auth import Authenticator
-from gateway.errors import ERROR_RESPONSES
 from gateway.rollouts.recorder import RolloutRecorder
 from gateway.verdict import Verdict
 from prompt_registry import PromptStore, StoreUnavailable

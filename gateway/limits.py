@@ -16,8 +16,9 @@ Usage (one lease per request; release on success, error and cancellation alike):
     finally:
         await lease.release()
 
-`acquire` raises `ApiError(429, "rate_limited" | "concurrency_limited", retryable=True,
-retry_after_s=...)`; the gateway's error table turns that into a 429 with `Retry-After`.
+`acquire` raises `CallerRateLimited` or `CallerConcurrencyLimited` (with `retry_after_s`); the
+gateway's one error table turns them into a 429 `rate_limited` / `concurrency_limited` with
+`Retry-After`.
 
 Keys and overrides. Counters are keyed by the API key id (`ApiKeyRecord.key_id`; `-` is the
 anonymous caller when auth is disabled, so all anonymous traffic shares one bucket). Overrides
@@ -70,8 +71,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 import redis
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.errors import ApiError
 from gateway.ids import new_id
+from gateway.problems import CallerConcurrencyLimited, CallerRateLimited
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -169,7 +170,7 @@ class Lease(Protocol):
 @runtime_checkable
 class CallerLimiter(Protocol):
     async def acquire(self, caller_id: str, request_id: str, *, name: str | None = None) -> Lease:
-        """Admit one request of *caller_id* (an API key id) or raise `ApiError(429)`.
+        """Admit one request of *caller_id* (an API key id) or raise `CallerLimited` (429 at the edge).
         *name* (the key's name) selects the per-caller override."""
         ...
 
@@ -207,18 +208,17 @@ class _Metrics:
             self.fallback.inc()
 
 
-def _rate_limited(caller: str, limit: CallerLimit, retry_after_s: float) -> ApiError:
-    return ApiError(429, "rate_limited",
-                    f"API key {caller!r} exceeded its rate limit of {limit.rate_per_s:g} requests/s "
-                    f"(burst {limit.burst}); retry after {retry_after_s:.2f}s",
-                    retryable=True, retry_after_s=retry_after_s)
+def _rate_limited(caller: str, limit: CallerLimit, retry_after_s: float) -> CallerRateLimited:
+    return CallerRateLimited(
+        f"API key {caller!r} exceeded its rate limit of {limit.rate_per_s:g} requests/s "
+        f"(burst {limit.burst}); retry after {retry_after_s:.2f}s", retry_after_s=retry_after_s)
 
 
-def _concurrency_limited(caller: str, limit: CallerLimit, retry_after_s: float) -> ApiError:
-    return ApiError(429, "concurrency_limited",
-                    f"API key {caller!r} already has {limit.max_concurrent} requests in progress "
-                    "(its concurrency quota); retry when one finishes",
-                    retryable=True, retry_after_s=retry_after_s)
+def _concurrency_limited(caller: str, limit: CallerLimit,
+                         retry_after_s: float) -> CallerConcurrencyLimited:
+    return CallerConcurrencyLimited(
+        f"API key {caller!r} already has {limit.max_concurrent} requests in progress "
+        "(its concurrency quota); retry when one finishes", retry_after_s=retry_after_s)
 
 
 # -- no limits ------------------------------------------------------------------------------

@@ -9,13 +9,14 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from gateway.admission import AdmissionControl
-from gateway.errors import ApiError
+from gateway.problems import ModelSaturated
 from gateway.prompt_cache import PromptCache, Resolved
 from gateway.telemetry import Attr, Metrics, stage
 from gateway.verdict import Verdict, parse_verdict
@@ -82,9 +83,12 @@ class ModerationPipeline:
 
     async def evaluate(self, resolved: Resolved, variables: Mapping[str, object], locale: str | None, *,
                        request_id: str, timeout_s: float, label: str | None, arm: str = "stable",
-                       priority: int = 0, queue: bool = True) -> Evaluation:
+                       priority: int = 0, queue: bool = True,
+                       sampling: Mapping[str, Any] | None = None) -> Evaluation:
         """Evaluate *resolved* on *variables*. `queue=False` refuses (429) instead of waiting
-        when the model is saturated: for traffic that must never wait (shadow)."""
+        when the model is saturated: for traffic that must never wait (shadow). `sampling`
+        overrides the version's sampling parameters (already clamped by the caller's adapter);
+        the output stays constrained to the verdict shape whatever they say."""
         start = time.perf_counter()
         deadline = start + timeout_s
         version = resolved.version
@@ -93,6 +97,8 @@ class ModerationPipeline:
         with stage(self.tracer, self.metrics, "prompt.render", labels, {Attr.PROMPT_NAME: version.name}):
             used_locale, chat = self.build_chat(version, variables, locale, request_id=request_id,
                                                 priority=priority)
+            if sampling:
+                chat = replace(chat, **sampling)
         span_attrs = {
             Attr.GEN_AI_OPERATION: "chat", Attr.GEN_AI_PROVIDER: "vllm",
             Attr.GEN_AI_REQUEST_MODEL: chat.model, Attr.GEN_AI_REQUEST_MAX_TOKENS: chat.max_tokens,
@@ -103,10 +109,9 @@ class ModerationPipeline:
         try:
             async with self.admission.slot(chat.model, timeout_s=deadline - queued, wait=queue):
                 self.metrics.child(self.metrics.stage_seconds, stage="queue", **labels).observe(time.perf_counter() - queued)
-                result = await self._call(chat, span_attrs, labels, deadline)
-        except ApiError as exc:
-            if exc.status == 429:
-                self.metrics.child(self.metrics.shed, model=chat.model).inc()
+                result = await self.call_backend(chat, labels, deadline, span_attrs)
+        except ModelSaturated:
+            self.metrics.child(self.metrics.shed, model=chat.model).inc()
             raise
         with stage(self.tracer, self.metrics, "verdict.validate", labels) as span:
             verdict = parse_verdict(result.text, result.finish_reason, spec.verdict)
@@ -116,9 +121,16 @@ class ModerationPipeline:
                 span.set_attribute(Attr.FAIL_REASON, verdict.fail_reason)
         return self._finish(version, label, arm, used_locale, resolved.stale, verdict, result, labels)
 
-    async def _call(self, chat: ChatRequest, span_attrs: dict[str, object], labels: dict[str, str],
-                    deadline: float) -> ChatResult:
+    async def call_backend(self, chat: ChatRequest, labels: dict[str, str], deadline: float,
+                           span_attrs: dict[str, object] | None = None) -> ChatResult:
+        """One backend call as a client span, with the in-flight gauge and the `backend` stage
+        histogram; the caller holds the admission slot."""
         called = time.perf_counter()
+        if span_attrs is None:
+            span_attrs = {Attr.GEN_AI_OPERATION: "chat", Attr.GEN_AI_PROVIDER: "vllm",
+                          Attr.GEN_AI_REQUEST_MODEL: chat.model,
+                          Attr.GEN_AI_REQUEST_MAX_TOKENS: chat.max_tokens,
+                          Attr.TRAFFIC_ARM: labels["arm"]}
         self.metrics.child(self.metrics.inflight, model=chat.model).inc()
         parent = trace.get_current_span()
         with (self.tracer.start_as_current_span(f"chat {chat.model}", kind=SpanKind.CLIENT, attributes=span_attrs)

@@ -20,8 +20,9 @@ from fastapi import APIRouter, Header, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
+from gateway.api.edge import ERROR_RESPONSES, json_response
 from gateway.auth import Authenticator
-from gateway.errors import ERROR_RESPONSES, ApiError, json_response
+from gateway.problems import ApiError
 from gateway.rollouts.promotion import ADMIN_SCOPE, GateOverrideBody, report_dict
 from prompt_registry import GateOverride, PromptSpec, PromptStore
 from prompt_registry.gates import gate_report

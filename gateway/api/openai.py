@@ -6,12 +6,18 @@ to a modgate key with the `moderate` scope):
 - `/v1/chat/completions` with `model` + `messages` is passed through to a model the gateway
   serves. With the extension field `prompt: {name, label | version, variables, locale}` the
   messages come from the registry prompt (rendered in the sandbox; the caller's messages are not
-  used), the output is constrained to the prompt's verdict shape, and the answer carries an
-  extension object `modgate: {prompt, verdict}` (verdict validated, fail closed). In prompt mode
+  used), the output is constrained to the prompt's verdict shape, the request goes through the
+  moderation service exactly like `/v1/moderate` (rollouts, decision log, metrics), and
+  `message.content` is the *validated* verdict JSON (never the model's raw text: fail closed on
+  the standard field too), with the extension object `modgate: {prompt, verdict, arm,
+  request_id}`. A stream sends the verdict only after validation, in one delta. In prompt mode
   the prompt version decides the model (`model` is not used) and its sampling parameters apply
   unless the caller sends `max_tokens`/`temperature`/`top_p`/`seed` (clamped like any caller's).
 - `/v1/moderations` answers the OpenAI moderation shape from a registry prompt's verdict, so a
-  caller using a moderation client switches by changing the base URL.
+  caller using a moderation client switches by changing the base URL; each input is one
+  moderation through the same service.
+- Raw chat (the caller's own messages) also goes through admission, the caller's limits,
+  spans and metrics, and is logged as `kind: raw_chat` without content.
 
 Caller sampling parameters are clamped (`max_tokens` to [1, MAX_TOKENS_LIMIT], `temperature` to
 [0, 2], `top_p` to (0, 1]); `n != 1`, tools and any other unknown field are rejected with a 400.
@@ -22,32 +28,36 @@ backend URL. Errors use OpenAI's shape `{"error": {"message", "type", "param", "
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import replace
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
+from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
-from gateway.auth import Authenticator
-from gateway.config import GatewaySettings
-from gateway.errors import ERROR_RESPONSES, ApiError, map_exception, read_json_object
+from gateway.api.edge import (
+    ERROR_RESPONSES,
+    openai_error_response,
+    openai_sse_error,
+    problem_of,
+    read_json_object,
+    request_id_of,
+    serve,
+    unless_disconnected,
+)
 from gateway.ids import new_id
-from gateway.limits import CallerLimiter
-from gateway.pipeline import Evaluation, ModerationPipeline
-from gateway.prompt_cache import Resolved
-from gateway.verdict import Verdict, parse_verdict
-from prompt_registry import PromptNotFound, PromptVersion
-from serving import BackendTimeout, ChatRequest
+from gateway.moderation import Caller, Moderation, ModerationCall, ModerationService
+from gateway.problems import ApiError
+from gateway.telemetry import Attr, Metrics
+from gateway.verdict import Verdict
+from serving import ChatRequest
 from serving.protocol import ChatChunk
 
 __all__ = [
@@ -71,8 +81,9 @@ DEFAULT_MODERATION_LOCALE = "en-US"
 # Model names OpenAI moderation clients send; they mean "the gateway's default prompt".
 _OPENAI_MODERATION_MODELS = re.compile(r"^(omni|text)-moderation(-.*)?$")
 _PINNED = re.compile(r"^(?P<name>[a-z0-9][a-z0-9._-]{0,63})@v(?P<version>[1-9][0-9]{0,8})$")
+_PROMPT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _LOCALE = r"^[a-z]{2,3}(-[A-Z][A-Za-z]{1,3})?$"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 _CHAT_FIELDS = frozenset({
     "model", "messages", "prompt", "stream", "stream_options", "max_tokens",
@@ -92,64 +103,12 @@ _MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "as
 _MODERATION_FIELDS = frozenset({"input", "model", "locale"})
 
 
-# -- errors ---------------------------------------------------------------------------------
-
-def _openai_type(status: int) -> str:
-    if status == 401:
-        return "authentication_error"
-    if status == 403:
-        return "permission_error"
-    if status == 404:
-        return "not_found_error"
-    if status == 409:
-        return "conflict_error"
-    if status == 429:
-        return "rate_limit_error"
-    if status >= 500:
-        return "api_error"
-    return "invalid_request_error"
-
-
 def _invalid(message: str, param: str | None, code: str = "invalid_value", status: int = 400) -> ApiError:
     return ApiError(status, code, message,
                     fields=[{"field": param, "problem": message}] if param else None)
 
 
-def _error_response(err: ApiError, rid: str) -> Response:
-    status = 400 if err.status == 422 else err.status  # OpenAI answers validation errors with 400
-    param = err.fields[0]["field"] if err.fields else None
-    headers = {"x-request-id": rid}
-    if err.retry_after_s is not None:
-        headers["retry-after"] = str(max(1, round(err.retry_after_s)))
-    body = {"error": {"message": err.message, "type": _openai_type(status), "param": param,
-                      "code": err.type}}
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json",
-                    headers=headers)
-
-
-def _as_api_error(exc: Exception, rid: str) -> ApiError:
-    err = map_exception(exc)
-    if err is None:
-        log.error("unhandled error on OpenAI route (request %s)", rid, exc_info=exc)
-        return ApiError(500, "internal_error", "internal error; see gateway logs")
-    if err.status >= 500:
-        log.warning("request %s failed: %s: %s", rid, err.type, err.message)
-    return err
-
-
-async def _guard(rid: str, handler: Callable[[], Awaitable[Response]]) -> Response:
-    try:
-        return await handler()
-    except Exception as exc:  # noqa: BLE001 - every error is answered in the OpenAI shape
-        return _error_response(_as_api_error(exc, rid), rid)
-
-
 # -- request parsing ------------------------------------------------------------------------
-
-def _request_id(request: Request) -> str:
-    rid = request.headers.get("x-request-id")
-    return rid if rid and _REQUEST_ID.match(rid) else new_id()
-
 
 
 
@@ -312,7 +271,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _moderation_result(ev: Evaluation) -> dict[str, Any]:
+def _moderation_result(result: Moderation) -> dict[str, Any]:
     """One OpenAI moderation result from a prompt verdict.
 
     Mapping (fail closed):
@@ -327,9 +286,9 @@ def _moderation_result(ev: Evaluation) -> dict[str, Any]:
       every other category. It is the model's confidence in its decision, not a calibrated
       probability.
     """
-    verdict = ev.verdict
+    verdict = result.verdict
     flagged = verdict.decision != "allow"
-    names = [c for c in ev.version.spec.verdict.categories if c != "none"]
+    names = [c for c in result.version.spec.verdict.categories if c != "none"]
     hit = verdict.category if flagged else None
     score = verdict.confidence if verdict.confidence is not None else 1.0
     return {
@@ -337,72 +296,47 @@ def _moderation_result(ev: Evaluation) -> dict[str, Any]:
         "categories": {c: c == hit for c in names},
         "category_scores": {c: score if c == hit else 0.0 for c in names},
         "category_applied_input_types": {c: ["text"] for c in names},
-        "modgate": {**_verdict_dict(verdict), "prompt": ev.prompt_ref()},
+        "modgate": {**_verdict_dict(verdict), "prompt": result.evaluation.prompt_ref(),
+                    "arm": result.arm, "request_id": result.request_id},
     }
+
+
+def _modgate_extension(result: Moderation) -> dict[str, Any]:
+    return {"prompt": result.evaluation.prompt_ref(), "verdict": _verdict_dict(result.verdict),
+            "arm": result.arm, "request_id": result.request_id}
+
+
+def _id_variable(variables: dict[str, Any], key: str) -> str | None:
+    value = variables.get(key)
+    return value if isinstance(value, str) and _ID.match(value) else None
 
 
 # -- router ---------------------------------------------------------------------------------
 
-def build_openai_router(pipeline: ModerationPipeline, auth: Authenticator,
-                        settings: GatewaySettings, models: list[str],
-                        limiter: CallerLimiter | None = None) -> APIRouter:
+def build_openai_router(service: ModerationService, tracer: trace.Tracer, metrics: Metrics,
+                        models: list[str]) -> APIRouter:
     """The OpenAI-compatible routes. `models` are the model names the gateway serves (from
-    config); raw chat completions may only name one of them. Every route needs `moderate`."""
+    config); raw chat completions may only name one of them. Every route needs `moderate`;
+    every route renders its errors in OpenAI's shape, from the same problem table."""
     router = APIRouter(tags=["OpenAI-compatible"], responses=ERROR_RESPONSES)
     served = list(dict.fromkeys(models))
     created_at = int(time.time())
-
-    async def authorize(request: Request, *, limited: bool = False) -> None:
-        principal = await auth.authenticate(request.headers.get("authorization"),
-                                            request.headers.get("x-api-key"))
-        auth.require(principal, "moderate")
-        if limited and limiter is not None:
-            # the caller's rate and concurrency quota, released by _release_after
-            request.state.lease = await limiter.acquire(principal.key_id, _request_id(request),
-                                                        name=principal.name)
-
-    async def _release_after(request: Request, response: Response) -> Response:
-        lease = getattr(request.state, "lease", None)
-        if lease is None:
-            return response
-        if isinstance(response, StreamingResponse):
-            previous = response.background
-
-            async def release_then_previous() -> None:
-                await lease.release()
-                if previous is not None:
-                    await previous()
-            response.background = BackgroundTask(release_then_previous)
-        else:
-            await lease.release()
-        return response
-
-    def remaining(start: float) -> float:
-        left = settings.request_timeout_s - (time.perf_counter() - start)
-        if left <= 0:
-            raise BackendTimeout(f"request deadline of {settings.request_timeout_s:.1f}s exceeded")
-        return left
-
-    async def resolve(name: str, *, label: str | None, version: int | None) -> Resolved:
-        try:
-            return await pipeline.resolve(name, label=label, version=version)
-        except PromptNotFound as exc:
-            raise ApiError(404, "unknown_prompt", str(exc)) from None
+    settings = service.settings
 
     # -- GET /v1/models -------------------------------------------------------------------
     @router.get("/v1/models")
     async def list_models(request: Request) -> Response:
         """The models this gateway serves (OpenAI list shape). Needs `moderate`."""
-        rid = _request_id(request)
-
-        async def handle() -> Response:
-            await authorize(request)
-            data = [{"id": m, "object": "model", "created": created_at, "owned_by": "modgate"}
-                    for m in served]
-            return Response(orjson.dumps({"object": "list", "data": data}),
-                            media_type="application/json", headers={"x-request-id": rid})
-
-        return await _guard(rid, handle)
+        rid = request_id_of(request)
+        try:
+            await service.authenticate(request.headers.get("authorization"),
+                                       request.headers.get("x-api-key"), scope="moderate")
+        except Exception as exc:  # noqa: BLE001 - every error is answered in the OpenAI shape
+            return openai_error_response(problem_of(exc, rid, "/v1/models"), rid)
+        data = [{"id": m, "object": "model", "created": created_at, "owned_by": "modgate"}
+                for m in served]
+        return Response(orjson.dumps({"object": "list", "data": data}),
+                        media_type="application/json", headers={"x-request-id": rid})
 
     # -- POST /v1/chat/completions --------------------------------------------------------
     @router.post("/v1/chat/completions", openapi_extra={"requestBody": {"required": True, "content": {
@@ -410,20 +344,13 @@ def build_openai_router(pipeline: ModerationPipeline, auth: Authenticator,
                              "request, or `prompt: {name, label | version, variables, locale}`"}}}}})
     async def chat_completions(request: Request) -> Response:
         """OpenAI chat completions: raw `model` + `messages`, or a registry `prompt` (extension
-        field) whose answer carries `modgate: {prompt, verdict}`. Supports `stream: true`.
-        Needs `moderate`."""
-        rid = _request_id(request)
-        try:
-            response = await _guard(rid, lambda: _chat(request, rid))
-        except BaseException:
-            if getattr(request.state, "lease", None) is not None:
-                await request.state.lease.release()
-            raise
-        return await _release_after(request, response)
+        field) whose answer carries `modgate: {prompt, verdict, arm, request_id}` and whose
+        `message.content` is the validated verdict. Supports `stream: true`. Needs `moderate`."""
+        return await serve(request, route="/v1/chat/completions", service=service, tracer=tracer,
+                           metrics=metrics, work=_chat, render_error=openai_error_response)
 
-    async def _chat(request: Request, rid: str) -> Response:
-        start = time.perf_counter()
-        await authorize(request, limited=True)
+    async def _chat(request: Request, caller: Caller, rid: str, started: float,
+                    root: trace.Span) -> Response:
         payload = await read_json_object(request, settings.max_body_bytes)
         _reject_unknown(payload, _CHAT_FIELDS)
         n = payload.get("n")
@@ -440,9 +367,9 @@ def build_openai_router(pipeline: ModerationPipeline, auth: Authenticator,
         if user is not None and not isinstance(user, str):
             raise _invalid("'user' must be a string", "user")
         sampling = _sampling(payload)
+        completion_id = f"chatcmpl-{new_id()}"
+        created = int(time.time())
 
-        version: PromptVersion | None = None
-        prompt_info: dict[str, Any] | None = None
         if payload.get("prompt") is not None:
             if payload.get("messages"):
                 raise _invalid("with 'prompt' the messages come from the registry prompt; send "
@@ -452,56 +379,93 @@ def build_openai_router(pipeline: ModerationPipeline, auth: Authenticator,
                     raise _invalid(f"{key!r} cannot be combined with 'prompt': the output is "
                                    "constrained to the prompt's verdict", key)
             ref = _prompt_ref(payload["prompt"], settings.max_description_chars)
-            label = None if ref.version is not None else (ref.label or settings.default_label)
-            resolved = await resolve(ref.name, label=label, version=ref.version)
-            version = resolved.version
-            variables: dict[str, object] = dict(ref.variables)
-            variables.setdefault("locale", ref.locale or version.spec.default_locale)
-            used_locale, chat = ModerationPipeline.build_chat(version, variables, ref.locale,
-                                                              request_id=rid)
-            chat = replace(chat, **sampling)
-            prompt_info = {"name": version.name, "version": version.version, "label": label,
-                           "locale": used_locale, "stale": resolved.stale}
-        else:
-            model = payload.get("model")
-            if not isinstance(model, str) or not model:
-                raise _invalid("'model' is required (one of GET /v1/models), or send a "
-                               "registry 'prompt'", "model")
-            if model not in served:
-                raise _invalid(f"the model {model!r} does not exist on this gateway; "
-                               f"available: {served}", "model", code="model_not_found", status=404)
-            chat = ChatRequest(
-                model=model, messages=_messages(payload.get("messages")),
-                max_tokens=sampling.get("max_tokens", DEFAULT_MAX_TOKENS),
-                temperature=sampling.get("temperature", 1.0), top_p=sampling.get("top_p", 1.0),
-                seed=sampling.get("seed"), stop=_stop(payload.get("stop")),
-                response_format=_response_format(payload.get("response_format")),
-                request_id=rid)
+            variables: dict[str, Any] = dict(ref.variables)
+            call = ModerationCall(
+                front_door="chat", request_id=rid, item_id=_id_variable(variables, "item_id") or rid,
+                variables=variables, locale=ref.locale, prompt=ref.name, version=ref.version,
+                label=ref.label, subject=_id_variable(variables, "subject"),
+                seller_id=_id_variable(variables, "seller_id"), sampling=sampling,
+                caller=caller.name, prompt_field="prompt.name")
+            # Streaming or not, the verdict is validated before any of it is sent: a stream
+            # carries one content delta, the validated verdict (bounded by max_tokens anyway).
+            result = await unless_disconnected(request, service.moderate(call, started=started))
+            root.set_attribute(Attr.PROMPT_NAME, result.version.name)
+            root.set_attribute(Attr.PROMPT_VERSION, result.version.version)
+            root.set_attribute(Attr.TRAFFIC_ARM, result.arm)
+            root.set_attribute(Attr.DECISION, result.verdict.decision)
+            if stream:
+                return _verdict_stream(result, rid, completion_id, created, include_usage)
+            usage = result.evaluation.result
+            body: dict[str, Any] = {
+                "id": completion_id, "object": "chat.completion", "created": created,
+                "model": usage.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.content()},
+                             "finish_reason": "stop", "logprobs": None}],
+                "usage": _usage(usage.prompt_tokens, usage.completion_tokens),
+                "modgate": _modgate_extension(result),
+            }
+            return Response(orjson.dumps(body), media_type="application/json",
+                            headers={"x-request-id": rid})
 
-        completion_id = f"chatcmpl-{new_id()}"
-        created = int(time.time())
+        model = payload.get("model")
+        if not isinstance(model, str) or not model:
+            raise _invalid("'model' is required (one of GET /v1/models), or send a "
+                           "registry 'prompt'", "model")
+        if model not in served:
+            raise _invalid(f"the model {model!r} does not exist on this gateway; "
+                           f"available: {served}", "model", code="model_not_found", status=404)
+        chat = ChatRequest(
+            model=model, messages=_messages(payload.get("messages")),
+            max_tokens=sampling.get("max_tokens", DEFAULT_MAX_TOKENS),
+            temperature=sampling.get("temperature", 1.0), top_p=sampling.get("top_p", 1.0),
+            seed=sampling.get("seed"), stop=_stop(payload.get("stop")),
+            response_format=_response_format(payload.get("response_format")),
+            request_id=rid)
         if stream:
-            return await _stream(chat, version, prompt_info, rid, completion_id, created,
-                                 include_usage, remaining(start))
-        result = await pipeline.backend.chat(chat, timeout_s=remaining(start))
-        body: dict[str, Any] = {
+            return await _raw_stream(chat, rid, completion_id, created, include_usage, started,
+                                     caller.name)
+        result_ = await unless_disconnected(request, service.raw_chat(chat, started=started,
+                                                                      caller=caller.name))
+        raw_body: dict[str, Any] = {
             "id": completion_id, "object": "chat.completion", "created": created,
-            "model": result.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "finish_reason": result.finish_reason or "stop", "logprobs": None}],
-            "usage": _usage(result.prompt_tokens, result.completion_tokens),
+            "model": result_.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result_.text},
+                         "finish_reason": result_.finish_reason or "stop", "logprobs": None}],
+            "usage": _usage(result_.prompt_tokens, result_.completion_tokens),
         }
-        if version is not None and prompt_info is not None:
-            verdict = parse_verdict(result.text, result.finish_reason, version.spec.verdict)
-            _log_verdict(rid, verdict)
-            body["modgate"] = {"prompt": prompt_info, "verdict": _verdict_dict(verdict)}
-        return Response(orjson.dumps(body), media_type="application/json",
+        return Response(orjson.dumps(raw_body), media_type="application/json",
                         headers={"x-request-id": rid})
 
-    async def _stream(chat: ChatRequest, version: PromptVersion | None,
-                      prompt_info: dict[str, Any] | None, rid: str, completion_id: str,
-                      created: int, include_usage: bool, timeout_s: float) -> Response:
-        chunks = pipeline.backend.stream_chat(chat, timeout_s=timeout_s)
+    def _chunk(completion_id: str, created: int, model: str, delta: dict[str, Any],
+               finish: str | None = None, **extra: Any) -> bytes:
+        return _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                     "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                                  "logprobs": None}], **extra})
+
+    def _usage_chunk(completion_id: str, created: int, model: str, usage: tuple[int, int]) -> bytes:
+        return _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                     "model": model, "choices": [], "usage": _usage(*usage)})
+
+    def _verdict_stream(result: Moderation, rid: str, completion_id: str, created: int,
+                        include_usage: bool) -> Response:
+        model = result.evaluation.result.model
+        usage = (result.evaluation.result.prompt_tokens, result.evaluation.result.completion_tokens)
+
+        async def events() -> AsyncIterator[bytes]:
+            yield _chunk(completion_id, created, model, {"role": "assistant", "content": ""})
+            yield _chunk(completion_id, created, model, {"content": result.content()})
+            yield _chunk(completion_id, created, model, {}, "stop", modgate=_modgate_extension(result))
+            if include_usage:
+                yield _usage_chunk(completion_id, created, model, usage)
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"x-request-id": rid, "cache-control": "no-cache",
+                                          "x-accel-buffering": "no"})
+
+    async def _raw_stream(chat: ChatRequest, rid: str, completion_id: str, created: int,
+                          include_usage: bool, started: float, caller: str) -> Response:
+        chunks = service.raw_stream(chat, started=started, caller=caller)
         # Wait for the first chunk here, so errors before streaming starts get a real status.
         try:
             first: ChatChunk | None = await anext(chunks)
@@ -511,42 +475,25 @@ def build_openai_router(pipeline: ModerationPipeline, auth: Authenticator,
             await chunks.aclose()
             raise
 
-        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-            return _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                         "model": chat.model, "choices": [{"index": 0, "delta": delta,
-                                                            "finish_reason": finish,
-                                                            "logprobs": None}], **extra})
-
         async def events() -> AsyncIterator[bytes]:
             async with aclosing(chunks):
                 try:
-                    yield chunk({"role": "assistant", "content": ""})
-                    text: list[str] = []
+                    yield _chunk(completion_id, created, chat.model, {"role": "assistant", "content": ""})
                     finish: str | None = None
                     usage = (0, 0)
                     item = first
                     while item is not None:
                         if item.text_delta:
-                            text.append(item.text_delta)
-                            yield chunk({"content": item.text_delta})
+                            yield _chunk(completion_id, created, chat.model, {"content": item.text_delta})
                         finish = item.finish_reason or finish
                         if item.prompt_tokens is not None or item.completion_tokens is not None:
                             usage = (item.prompt_tokens or 0, item.completion_tokens or 0)
                         item = await anext(chunks, None)
-                    extra: dict[str, Any] = {}
-                    if version is not None and prompt_info is not None:
-                        verdict = parse_verdict("".join(text), finish, version.spec.verdict)
-                        _log_verdict(rid, verdict)
-                        extra["modgate"] = {"prompt": prompt_info, "verdict": _verdict_dict(verdict)}
-                    yield chunk({}, finish or "stop", **extra)
+                    yield _chunk(completion_id, created, chat.model, {}, finish or "stop")
                     if include_usage:
-                        yield _sse({"id": completion_id, "object": "chat.completion.chunk",
-                                    "created": created, "model": chat.model, "choices": [],
-                                    "usage": _usage(*usage)})
+                        yield _usage_chunk(completion_id, created, chat.model, usage)
                 except Exception as exc:  # noqa: BLE001 - reported in-band: headers are sent
-                    err = _as_api_error(exc, rid)
-                    yield _sse({"error": {"message": err.message, "type": _openai_type(err.status),
-                                          "param": None, "code": err.type}})
+                    yield openai_sse_error(problem_of(exc, rid, "/v1/chat/completions"))
                 yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream",
@@ -559,23 +506,17 @@ def build_openai_router(pipeline: ModerationPipeline, auth: Authenticator,
             "input": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
             "model": {"type": ["string", "null"]}, "locale": {"type": ["string", "null"]}}}}}}})
     async def moderations(request: Request) -> Response:
-        """OpenAI moderations, answered by a registry prompt's `production` version (the
-        gateway's default prompt; `model` may name another registry prompt, or `name@vN` for a
-        pinned version). Each input is the listing title (empty description); `locale` is an
-        extension field (default en-US). See `_moderation_result` for the verdict mapping.
-        Needs `moderate`."""
-        rid = _request_id(request)
-        try:
-            response = await _guard(rid, lambda: _moderate(request, rid))
-        except BaseException:
-            if getattr(request.state, "lease", None) is not None:
-                await request.state.lease.release()
-            raise
-        return await _release_after(request, response)
+        """OpenAI moderations, answered by a registry prompt (the gateway's default prompt;
+        `model` may name another registry prompt, or `name@vN` for a pinned version), through
+        the same rollouts, decision log and metrics as `/v1/moderate`. Each input is one
+        moderation: the listing title (empty description), with request and item id
+        `<request id>-<index>`; `locale` is an extension field (default en-US). See
+        `_moderation_result` for the verdict mapping. Needs `moderate`."""
+        return await serve(request, route="/v1/moderations", service=service, tracer=tracer,
+                           metrics=metrics, work=_moderations, render_error=openai_error_response)
 
-    async def _moderate(request: Request, rid: str) -> Response:
-        start = time.perf_counter()
-        await authorize(request, limited=True)
+    async def _moderations(request: Request, caller: Caller, rid: str, started: float,
+                           root: trace.Span) -> Response:
         payload = await read_json_object(request, settings.max_body_bytes)
         _reject_unknown(payload, _MODERATION_FIELDS)
         inputs = _moderation_inputs(payload.get("input"), settings.max_description_chars)
@@ -587,40 +528,30 @@ def build_openai_router(pipeline: ModerationPipeline, auth: Authenticator,
         model = payload.get("model")
         if model is not None and not isinstance(model, str):
             raise _invalid("'model' must be a string", "model")
-
-        label: str | None = settings.default_label
-        pinned = _PINNED.match(model or "")
-        if not model or _OPENAI_MODERATION_MODELS.match(model):
-            resolved = await resolve(settings.default_prompt, label=label, version=None)
-        else:
-            name, version = (pinned["name"], int(pinned["version"])) if pinned else (model, None)
-            label = None if version is not None else label
-            try:
-                resolved = await pipeline.resolve(name, label=label, version=version)
-            except PromptNotFound:
-                raise _invalid(f"the model {model!r} is neither a registry prompt (with a "
-                               f"{settings.default_label!r} label) nor an OpenAI moderation model",
-                               "model", code="model_not_found", status=404) from None
-
-        semaphore = asyncio.Semaphore(MODERATION_CONCURRENCY)
-
-        async def one(i: int, text: str) -> Evaluation:
-            async with semaphore:
-                return await pipeline.evaluate(
-                    resolved, {"title": text, "description": "", "locale": locale}, locale,
-                    request_id=f"{rid}-{i}", timeout_s=remaining(start), label=label)
-
-        try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(one(i, text)) for i, text in enumerate(inputs)]
-        except BaseExceptionGroup as eg:
-            raise eg.exceptions[0] from None  # the first failure decides the answer
-        evaluations = [t.result() for t in tasks]
-        for ev in evaluations:
-            _log_verdict(rid, ev.verdict)
-        version = resolved.version
-        body = {"id": f"modr-{new_id()}", "model": f"{version.name}@v{version.version}",
-                "results": [_moderation_result(ev) for ev in evaluations]}
+        name: str | None = None
+        version: int | None = None
+        if model and not _OPENAI_MODERATION_MODELS.match(model):
+            pinned = _PINNED.match(model)
+            if pinned:
+                name, version = pinned["name"], int(pinned["version"])
+            elif _PROMPT_NAME.match(model):
+                name = model
+            else:
+                raise _invalid(f"the model {model!r} is neither a registry prompt name (or "
+                               "name@vN) nor an OpenAI moderation model", "model",
+                               code="unknown_prompt", status=404)
+        calls = [ModerationCall(
+            front_door="moderations", request_id=f"{rid}-{i}", item_id=f"{rid}-{i}",
+            variables={"title": text, "description": "", "locale": locale}, locale=locale,
+            prompt=name, version=version, caller=caller.name, prompt_field="model")
+            for i, text in enumerate(inputs)]
+        results = await unless_disconnected(request, service.moderate_many(
+            calls, started=started, concurrency=MODERATION_CONCURRENCY))
+        first = results[0].version
+        root.set_attribute(Attr.PROMPT_NAME, first.name)
+        root.set_attribute(Attr.PROMPT_VERSION, first.version)
+        body = {"id": f"modr-{rid}", "model": f"{first.name}@v{first.version}",
+                "results": [_moderation_result(r) for r in results]}
         return Response(orjson.dumps(body), media_type="application/json",
                         headers={"x-request-id": rid})
 
@@ -645,9 +576,3 @@ def _moderation_inputs(raw: Any, max_chars: int) -> list[str]:
                            code="content_too_long")
         out.append(item)
     return out
-
-
-def _log_verdict(rid: str, verdict: Verdict) -> None:
-    if verdict.fail_reason:
-        log.warning("request %s: model output rejected (%s); answering %s", rid,
-                    verdict.fail_reason, verdict.decision)

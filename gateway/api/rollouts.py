@@ -16,8 +16,8 @@ from fastapi import APIRouter, Header, Path
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
+from gateway.api.edge import ERROR_RESPONSES, json_response
 from gateway.auth import Authenticator
-from gateway.errors import ERROR_RESPONSES, json_response
 from gateway.rollouts.ops import apply_action, rollout_status, start_rollout
 from gateway.rollouts.promotion import ADMIN_SCOPE, GateOverrideBody
 from prompt_registry import GateOverride, PromptStore

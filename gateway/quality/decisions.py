@@ -103,8 +103,13 @@ def read_segments(
     *,
     stats: ReadStats | None = None,
     progress: Callable[[int, int], None] | None = None,
+    kinds: tuple[str, ...] | None = ("moderation",),
 ) -> Iterator[DecisionRecord]:
     """Every record with `since <= ts < until` (naive datetimes are UTC), oldest first.
+
+    By default only moderations (verdicts of a registry prompt): raw chat completions are
+    logged as `kind: raw_chat` with no prompt and no verdict, and every quality reader would
+    otherwise have to skip them. `kinds=None` reads everything (the export does).
 
     `directory` is the log root (one sub-directory per replica) or one replica directory.
     Each replica's segments are read in write order and the replicas are merged by `ts`. A
@@ -126,7 +131,8 @@ def read_segments(
     def stream(segs: list[Segment]) -> Iterator[DecisionRecord]:
         for seg in segs:
             for rec in _read_segment(seg, stats, on_bytes):
-                if (since is None or rec.ts >= since) and (until is None or rec.ts < until):
+                if ((since is None or rec.ts >= since) and (until is None or rec.ts < until)
+                        and (kinds is None or rec.kind in kinds)):
                     yield rec
 
     streams = [stream(g) for g in groups]
@@ -185,7 +191,7 @@ def tail(directory: Path | str, n: int = 20) -> list[DecisionRecord]:
 
 _STRING_FIELDS = ("request_id", "item_id", "subject", "prompt_name", "label", "arm", "shadow_of",
                   "decision", "category", "fail_reason", "error_type", "model", "locale",
-                  "trace_id")
+                  "trace_id", "kind", "front_door", "caller")
 
 
 def arrow_schema() -> Any:
@@ -253,7 +259,7 @@ def export(
     try:
         # Only the field dicts of one batch are alive at a time.
         buf: list[dict[str, Any]] = []
-        for rec in read_segments(directory, since, until, stats=stats, progress=progress):
+        for rec in read_segments(directory, since, until, stats=stats, progress=progress, kinds=None):
             buf.append(rec.__dict__)
             if len(buf) >= batch_rows:
                 writer.write_batch(_batch(buf, schema, fmt))

@@ -113,15 +113,15 @@ class Gateway:
         """Wait for in-flight shadows, then flush the evidence to the store."""
         async def drain() -> None:
             for _ in range(500):
-                if self.app.state.shadows.pending == 0:
+                if self.app.state.gateway.shadows.pending == 0:
                     break
                 await asyncio.sleep(0.01)
-            await self.app.state.recorder.flush()
+            await self.app.state.gateway.recorder.flush()
         self.client.portal.call(drain)
 
     def tick(self) -> list:
         self.settle()
-        return self.client.portal.call(self.app.state.controller.tick)
+        return self.client.portal.call(self.app.state.gateway.controller.tick)
 
 
 @pytest.fixture
@@ -236,7 +236,7 @@ def test_shadow_never_touches_the_primary(config_path: Path, tmp_path: Path, mod
         baseline = [gw.moderate(i) for i in range(60)]
         v2 = _publish_variant(config_path, tmp_path, "Version 2")
         run(config_path, "rollouts", "start", "listing-moderation", "--shadow", f"{v2}:1.0", "--manual")
-        shadows = gw.app.state.shadows
+        shadows = gw.app.state.gateway.shadows
         deadline = time.monotonic() + 5
         while shadows.submitted == 0:  # the gateway hears of the rollout through a change event
             assert time.monotonic() < deadline

@@ -15,7 +15,7 @@ import uvicorn
 from gateway.admission import AdmissionControl
 from gateway.api.app import create_app
 from gateway.config import GatewaySettings
-from gateway.errors import ApiError
+from gateway.problems import GatewayError, problem_for
 from prompt_registry.keys import generate_key
 from prompt_registry.loader import seed_store
 from prompt_registry.sqlite_store import SqlitePromptStore
@@ -58,23 +58,23 @@ def test_admission_queue_then_shed() -> None:
         await asyncio.sleep(0.01)
         assert (adm.models["m"].inflight, adm.models["m"].queued) == (2, 1)
         start = time.perf_counter()
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(GatewayError) as info:
             async with adm.slot("m", timeout_s=5):
                 pass
-        assert info.value.status == 429 and info.value.retry_after_s == 1.0
+        assert problem_for(info.value).status == 429 and info.value.retry_after_s == 1.0
         assert time.perf_counter() - start < 0.05  # refused at once, not after a wait
-        with pytest.raises(ApiError) as info:  # shadow traffic never queues
+        with pytest.raises(GatewayError) as info:  # shadow traffic never queues
             async with adm.slot("m", timeout_s=5, wait=False):
                 pass
-        assert info.value.status == 429
+        assert problem_for(info.value).status == 429
         gate.set()
         await asyncio.gather(*holders)
         assert (adm.models["m"].inflight, adm.models["m"].queued, adm.models["m"].shed) == (0, 0, 2)
-        with pytest.raises(ApiError) as info:  # a queued request waits no longer than its deadline
+        with pytest.raises(GatewayError) as info:  # a queued request waits no longer than its deadline
             async with adm.slot("m", timeout_s=5), adm.slot("m", timeout_s=5):
                 async with adm.slot("m", timeout_s=0.05):
                     pass
-        assert info.value.status == 504
+        assert problem_for(info.value).status == 504
     asyncio.run(run())
 
 
@@ -124,7 +124,7 @@ def test_overload_gives_fast_429_and_disconnect_cancels_engine_work(tmp_path: Pa
                     break
                 await asyncio.sleep(0.02)
             assert backend.cancelled == cancelled_before + 1
-            assert app.state.admission.models["tiny-llama"].inflight == 0
+            assert app.state.gateway.admission.models["tiny-llama"].inflight == 0
             metrics = (await client.get("/metrics")).text
             assert 'modgate_shed_requests_total{model="tiny-llama"} 1.0' in metrics
         server.should_exit = True
@@ -151,7 +151,7 @@ def test_queue_stays_bounded_under_churn() -> None:
                     async with adm.slot("m", timeout_s=30):
                         waits.append(time.perf_counter() - t)
                         await asyncio.sleep(0.05)
-                except ApiError:
+                except GatewayError:
                     refused += 1
                     await asyncio.sleep(0.002)
 

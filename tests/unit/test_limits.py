@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from gateway.errors import ApiError, error_response
+from gateway.api.edge import error_response
 from gateway.limits import (
     CallerLimiter,
     CallerLimitsSettings,
@@ -26,6 +26,7 @@ from gateway.limits import (
     build_caller_limiter,
     caller_slot,
 )
+from gateway.problems import CallerLimited, Problem, problem_for
 from testsupport.redis_server import RedisServer
 
 
@@ -81,10 +82,13 @@ async def _admit(limiter: CallerLimiter, n: int, caller: str = "k1", name: str |
         await lease.release()
 
 
-async def _refused(limiter: CallerLimiter, caller: str = "k1", name: str | None = None) -> ApiError:
-    with pytest.raises(ApiError) as info:
+async def _refused(limiter: CallerLimiter, caller: str = "k1", name: str | None = None) -> Problem:
+    """The refusal as a caller gets it: the limiter's domain exception through the one table."""
+    with pytest.raises(CallerLimited) as info:
         await limiter.acquire(caller, "refused", name=name)
-    return info.value
+    problem = problem_for(info.value)
+    assert problem is not None
+    return problem
 
 
 # -- the contract, for both implementations ---------------------------------------------------

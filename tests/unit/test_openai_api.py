@@ -156,7 +156,7 @@ def test_unparseable_prompt_output_fails_closed(client: openai.OpenAI, backend: 
         ({"prompt": {**PROMPT, "label": "production", "version": 1}}, openai.BadRequestError, "prompt.version"),
         ({"prompt": {**PROMPT, "labels": "x"}}, openai.BadRequestError, "prompt.labels"),
         ({"prompt": {"name": "listing-moderation", "variables": {"title": "x"}}}, openai.BadRequestError, None),
-        ({"prompt": {**PROMPT, "name": "no-such-prompt"}}, openai.NotFoundError, None),
+        ({"prompt": {**PROMPT, "name": "no-such-prompt"}}, openai.NotFoundError, "prompt.name"),
         ({"prompt": PROMPT, "stop": ["}"]}, openai.BadRequestError, "stop"),
     ],
 )
@@ -177,18 +177,22 @@ def test_caller_messages_cannot_be_mixed_with_a_prompt(client: openai.OpenAI, ba
 
 # -- streaming -------------------------------------------------------------------------------
 
-def test_streamed_text_equals_the_non_streamed_text(client: openai.OpenAI) -> None:
+def test_streamed_verdict_equals_the_non_streamed_verdict(client: openai.OpenAI) -> None:
+    """Prompt mode streams the verdict only after validation: one content delta, equal to the
+    non-streamed `message.content`, which is the validated verdict."""
     full = client.chat.completions.create(model=MODEL, messages=[], extra_body={"prompt": PROMPT})
     stream = client.chat.completions.create(model=MODEL, messages=[], extra_body={"prompt": PROMPT},
                                             stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content
-    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) == 1
     assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].object == "chat.completion.chunk"
     finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finishing) == 1 and finishing[0].choices[0].finish_reason == "stop"
-    assert finishing[0].model_extra["modgate"] == full.model_extra["modgate"]  # type: ignore[index]
+    ext = finishing[0].model_extra["modgate"]  # type: ignore[index]
+    assert ext["verdict"] == full.model_extra["modgate"]["verdict"]  # type: ignore[index]
+    assert ext["prompt"] == full.model_extra["modgate"]["prompt"]  # type: ignore[index]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.model_dump() == full.usage.model_dump()  # type: ignore[union-attr]
 
@@ -204,7 +208,7 @@ def test_raw_stream_without_usage(client: openai.OpenAI, backend: FakeBackend) -
 
 def test_error_mid_stream_is_surfaced_by_the_client(client: openai.OpenAI, backend: FakeBackend) -> None:
     backend.stream_error = BackendUnavailable("engine died mid-answer")
-    stream = client.chat.completions.create(model=MODEL, messages=[], extra_body={"prompt": PROMPT},
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                             stream=True)
     received = []
     with pytest.raises(openai.APIError) as info:
@@ -213,6 +217,17 @@ def test_error_mid_stream_is_surfaced_by_the_client(client: openai.OpenAI, backe
     assert "engine died" in info.value.message
     assert info.value.body["code"] == "model_unavailable"  # type: ignore[index]
     assert "".join(received)  # the first piece arrived before the error
+
+
+def test_prompt_stream_failure_is_a_real_status_with_nothing_streamed(client: openai.OpenAI,
+                                                                      backend: FakeBackend) -> None:
+    """In prompt mode nothing is streamed before the verdict is validated, so a broken model
+    call is an HTTP error, never an `allow` delta followed by an error event."""
+    backend.error = BackendUnavailable("engine died")
+    with pytest.raises(openai.APIStatusError) as info:
+        list(client.chat.completions.create(model=MODEL, messages=[], stream=True,
+                                            extra_body={"prompt": PROMPT}))
+    assert info.value.status_code == 503 and info.value.code == "model_unavailable"
 
 
 def test_error_before_streaming_gets_a_real_status(http: TestClient, client: openai.OpenAI,
@@ -314,7 +329,8 @@ def test_moderation_with_a_registry_prompt_as_model(client: openai.OpenAI) -> No
     assert client.moderations.create(input="x", model="listing-moderation@v1").model == "listing-moderation@v1"
     with pytest.raises(openai.NotFoundError) as info:
         client.moderations.create(input="x", model="no-such-prompt")
-    assert info.value.code == "model_not_found"
+    assert info.value.code == "unknown_prompt"  # the same type as on every other route
+    assert info.value.param == "model"  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,89 @@
+"""Operational routes: liveness, readiness, Prometheus metrics and the prompt-cache snapshot."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.responses import Response
+
+from gateway.api.edge import ERROR_RESPONSES, json_response
+from gateway.ids import new_id
+from gateway.moderation import ModerationService
+from prompt_registry import RegistryError
+from serving import BackendError, ChatRequest, InferenceBackend
+
+__all__ = ["build_ops_router"]
+
+
+def build_ops_router(service: ModerationService, backend: InferenceBackend,
+                     preload_keys: list[tuple[str, str]]) -> APIRouter:
+    router = APIRouter()
+    cache, metrics, settings = service.cache, service.metrics, service.settings
+
+    @router.get("/v1/cache/prompts", tags=["prompt registry"], responses=ERROR_RESPONSES)
+    async def cache_snapshot(request: Request) -> Response:
+        """Which version of each prompt label this replica is serving, how old, and whether it
+        is last-known-good (store unreachable). Needs `prompts:read`."""
+        await service.authenticate(request.headers.get("authorization"),
+                                   request.headers.get("x-api-key"), scope="prompts:read")
+        stats = cache.stats
+        return json_response({"entries": cache.snapshot(), "stats": {
+            "hits": stats.hits, "misses": stats.misses, "refreshes": stats.refreshes,
+            "refresh_failures": stats.refresh_failures, "stale_served": stats.stale_served,
+            "events": stats.events}})
+
+    @router.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        """Prometheus exposition (unauthenticated, like most scrape targets: keep the port
+        cluster-internal; see k8s NetworkPolicy)."""
+        for e in cache.snapshot():
+            metrics.cache_age.labels(prompt=e["prompt"], label=e["label"]).set(e["age_s"])
+            metrics.cache_stale.labels(prompt=e["prompt"], label=e["label"]).set(1 if e["stale"] else 0)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @router.get("/healthz")
+    async def healthz() -> Response:
+        """Process is alive (no dependency checks)."""
+        return json_response({"status": "ok"})
+
+    @router.get("/readyz")
+    async def readyz() -> Response:
+        """Ready when the default prompt resolves and its model answers a 1-token probe."""
+        checks: dict[str, Any] = {}
+        ok = True
+        version = None
+        prompts: dict[str, Any] = {}
+        for name, label in preload_keys:
+            try:
+                resolved = await cache.resolve(name, label)
+                prompts[f"{name}:{label}"] = {"ok": True, "version": resolved.version.version,
+                                              "stale": resolved.stale}
+                version = version or resolved.version
+            except RegistryError as exc:
+                ok = False
+                prompts[f"{name}:{label}"] = {"ok": False, "error": str(exc)}
+        checks["prompts"] = prompts
+        try:
+            health = await asyncio.wait_for(backend.check_health(), settings.readiness_probe_timeout_s)
+            checks["backend"] = {"ok": True, **health}
+        except (BackendError, TimeoutError) as exc:
+            ok = False
+            checks["backend"] = {"ok": False, "error": str(exc) or type(exc).__name__}
+        else:
+            if version is not None:
+                model = version.spec.model
+                probe = ChatRequest(model=model, messages=[{"role": "user", "content": "ping"}],
+                                    max_tokens=1, request_id=f"readyz-{new_id()}")
+                try:
+                    await backend.chat(probe, timeout_s=settings.readiness_probe_timeout_s)
+                    checks["model"] = {"ok": True, "name": model}
+                except BackendError as exc:
+                    ok = False
+                    checks["model"] = {"ok": False, "name": model, "error": str(exc)}
+        return json_response({"status": "ready" if ok else "not_ready", "checks": checks},
+                             200 if ok else 503)
+
+    return router

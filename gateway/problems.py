@@ -1,0 +1,180 @@
+"""Failures inside the gateway, and the one table that says how each is answered.
+
+Layers below the HTTP adapters (auth, caller limits, admission, the moderation service, the
+registry, the serving backends) raise *domain* exceptions that carry no HTTP status. The edge
+turns any exception into a `Problem` with `problem_for`, which looks the exception's class up
+along its method resolution order in `PROBLEM_TABLE`, so a subclass inherits its parent's
+answer unless it has a row of its own. Each surface then renders the same `Problem` in its
+own wire format (`gateway.api.edge`: ours, OpenAI's JSON and OpenAI's SSE error event), so a
+failure has the same `type` and status on every route. `docs/failure-semantics.md` is checked
+against this table by a test, so the documented failures cannot drift from the real ones.
+
+Anything not in the table is a bug, answered as a 500 `internal_error` whose body says
+nothing more (the exception is logged). In particular `ValueError` is *not* mapped: a
+`ValueError` escaping a handler is our bug, not the caller's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prompt_registry import (
+    LabelConflict,
+    PromptFileError,
+    PromptNotFound,
+    RenderError,
+    StoreUnavailable,
+    TemplateRejected,
+)
+from prompt_registry.gates import GateRefused
+from prompt_registry.ops import NothingToRollBack
+from prompt_registry.rollouts import RolloutConflict, RolloutError
+from serving import (
+    BackendBadRequest,
+    BackendOverloaded,
+    BackendProtocolError,
+    BackendTimeout,
+    BackendUnavailable,
+)
+
+__all__ = [
+    "PROBLEM_TABLE", "ApiError", "CallerConcurrencyLimited", "CallerLimited", "CallerRateLimited",
+    "ClientDisconnected", "Forbidden", "GatewayError", "ModelSaturated", "Problem", "ProblemSpec",
+    "QueueTimeout", "Unauthenticated", "UnknownPrompt", "problem_for",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """A failure as the caller sees it, whatever the wire format."""
+
+    status: int
+    type: str
+    message: str
+    retryable: bool = False
+    retry_after_s: float | None = None
+    fields: tuple[dict[str, str], ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProblemSpec:
+    status: int
+    type: str
+    retryable: bool
+    summary: str
+
+
+class GatewayError(Exception):
+    """Base of the gateway's own domain exceptions (no HTTP status inside). `field` names the
+    request field at fault, as the caller spelt it, when there is one."""
+
+    retry_after_s: float | None = None
+
+    def __init__(self, message: str = "", *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class Unauthenticated(GatewayError):
+    """No API key, a malformed or unknown one, or a revoked one."""
+
+
+class Forbidden(GatewayError):
+    """The key is valid but lacks the scope the operation needs."""
+
+
+class CallerLimited(GatewayError):
+    """The calling key is over one of its own limits."""
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class CallerRateLimited(CallerLimited):
+    """The key's request rate is over its limit."""
+
+
+class CallerConcurrencyLimited(CallerLimited):
+    """The key has as many requests in flight as it may."""
+
+
+class ModelSaturated(GatewayError):
+    """Every engine slot of the model is busy and its queue is full (or the caller may not
+    queue): refused at once so the caller can retry elsewhere or later."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class QueueTimeout(GatewayError):
+    """No engine slot came free within the request's deadline."""
+
+
+class UnknownPrompt(GatewayError):
+    """A caller named a prompt (or version, or label) the registry does not have."""
+
+
+class ClientDisconnected(GatewayError):
+    """The caller went away before the answer; the work was aborted."""
+
+
+@dataclass
+class ApiError(Exception):
+    """An error that already is a `Problem`: raised by the HTTP adapters for what only they
+    can judge (a malformed body, an unknown field, a wrong content type)."""
+
+    status: int
+    type: str
+    message: str
+    fields: list[dict[str, str]] | None = None
+    retryable: bool = False
+    retry_after_s: float | None = None
+
+
+# The one table. Order does not matter: the most specific class on the exception's MRO wins.
+PROBLEM_TABLE: dict[type[BaseException], ProblemSpec] = {
+    Unauthenticated: ProblemSpec(401, "unauthenticated", False, "missing, malformed, unknown or revoked API key"),
+    Forbidden: ProblemSpec(403, "forbidden", False, "the key lacks the scope the route needs"),
+    UnknownPrompt: ProblemSpec(404, "unknown_prompt", False, "the named prompt, version or label does not exist"),
+    PromptNotFound: ProblemSpec(404, "not_found", False, "a registry object does not exist (admin API)"),
+    LabelConflict: ProblemSpec(409, "label_conflict", False, "a label moved since it was read (compare-and-set lost)"),
+    GateRefused: ProblemSpec(409, "promotion_gate_failed", False, "the promotion gate refused a production move"),
+    NothingToRollBack: ProblemSpec(409, "nothing_to_roll_back", False, "the label has no earlier version"),
+    RolloutConflict: ProblemSpec(409, "rollout_conflict", False, "another rollout of the prompt is active"),
+    RolloutError: ProblemSpec(409, "rollout_state", False, "the rollout's state does not allow the action"),
+    PromptFileError: ProblemSpec(422, "invalid_prompt", False, "a published prompt fails validation"),
+    TemplateRejected: ProblemSpec(422, "template_rejected", False, "a template uses what the sandbox forbids"),
+    RenderError: ProblemSpec(422, "render_error", False, "the prompt could not be rendered with these variables"),
+    CallerRateLimited: ProblemSpec(429, "rate_limited", True, "the key's request rate is over its limit"),
+    CallerConcurrencyLimited: ProblemSpec(429, "concurrency_limited", True, "the key has its maximum of requests in flight"),
+    ModelSaturated: ProblemSpec(429, "overloaded", True, "the model's gateway queue is full"),
+    BackendOverloaded: ProblemSpec(429, "model_overloaded", True, "the model server refused the request as overloaded"),
+    ClientDisconnected: ProblemSpec(499, "client_disconnected", False, "the caller went away; the work was aborted"),
+    BackendBadRequest: ProblemSpec(502, "model_rejected_request", False, "the model server rejected the request"),
+    BackendProtocolError: ProblemSpec(502, "model_protocol_error", True, "the model server's answer broke the protocol"),
+    StoreUnavailable: ProblemSpec(503, "registry_unavailable", True, "the registry is unreachable and nothing is cached"),
+    BackendUnavailable: ProblemSpec(503, "model_unavailable", True, "the model server is unreachable or its breaker is open"),
+    QueueTimeout: ProblemSpec(504, "queue_timeout", True, "no engine slot came free within the deadline"),
+    BackendTimeout: ProblemSpec(504, "model_timeout", True, "the model did not answer within the deadline"),
+}
+
+
+def problem_for(exc: BaseException) -> Problem | None:
+    """The caller-facing problem for *exc*, or None when it is not an error we raise on
+    purpose (then it is a bug: answer 500 and log it)."""
+    if isinstance(exc, ApiError):
+        return Problem(exc.status, exc.type, exc.message, exc.retryable, exc.retry_after_s,
+                       tuple(exc.fields) if exc.fields is not None else None)
+    for cls in type(exc).__mro__:
+        spec = PROBLEM_TABLE.get(cls)
+        if spec is not None:
+            retry_after = getattr(exc, "retry_after_s", None)
+            if spec.status == 429 and retry_after is None:
+                retry_after = 1.0
+            field = getattr(exc, "field", None)
+            message = str(exc) or spec.summary
+            fields = ({"field": field, "problem": message},) if field else None
+            return Problem(spec.status, spec.type, message, spec.retryable, retry_after, fields)
+    return None
