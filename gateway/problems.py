@@ -38,9 +38,9 @@ from serving import (
 )
 
 __all__ = [
-    "PROBLEM_TABLE", "ApiError", "CallerConcurrencyLimited", "CallerLimited", "CallerRateLimited",
+    "EDGE_PROBLEMS", "PROBLEM_TABLE", "ApiError", "CallerConcurrencyLimited", "CallerLimited", "CallerRateLimited",
     "ClientDisconnected", "Forbidden", "GatewayError", "ModelSaturated", "Problem", "ProblemSpec",
-    "QueueTimeout", "Unauthenticated", "UnknownPrompt", "problem_for",
+    "QueueTimeout", "Unauthenticated", "UnknownPrompt", "error_types_markdown", "problem_for",
 ]
 
 
@@ -178,3 +178,41 @@ def problem_for(exc: BaseException) -> Problem | None:
             fields = ({"field": field, "problem": message},) if field else None
             return Problem(spec.status, spec.type, message, spec.retryable, retry_after, fields)
     return None
+
+
+# Problems only an HTTP adapter can judge (raised there as `ApiError`), with the statuses they
+# may have: OpenAI's surface answers validation errors with 400 where ours says 422.
+EDGE_PROBLEMS: dict[str, tuple[frozenset[int], str]] = {
+    "malformed_json": (frozenset({400}), "the body is not JSON, or not a JSON object"),
+    "malformed_body": (frozenset({400}), "a prompt file body is not UTF-8"),
+    "malformed_request": (frozenset({400}), "the framework could not read the request"),
+    "invalid_request": (frozenset({400, 422}), "missing, wrong-typed or unknown fields (`fields` names them)"),
+    "invalid_value": (frozenset({400}), "an OpenAI-route parameter has a value the gateway does not take"),
+    "unsupported_parameter": (frozenset({400}), "an OpenAI parameter the gateway does not support (tools, n > 1, ...)"),
+    "unsupported_content": (frozenset({400}), "non-text content parts or inputs"),
+    "content_too_long": (frozenset({400, 422}), "listing text over `max_title_chars` / `max_description_chars`"),
+    "model_not_found": (frozenset({404}), "a raw chat completion names a model the gateway does not serve"),
+    "not_found": (frozenset({404}), "no such route, or a registry object that does not exist"),
+    "method_not_allowed": (frozenset({405}), "the route exists with other methods (`Allow` lists them)"),
+    "body_too_large": (frozenset({413}), "the body is over its limit (checked before parsing)"),
+    "unsupported_media_type": (frozenset({415}), "a content type other than JSON"),
+    "internal_error": (frozenset({500}), "a bug in the gateway (logged; the body says nothing more)"),
+}
+
+
+def error_types_markdown() -> str:
+    """The table of every error `type` the gateway answers, for docs/failure-semantics.md
+    (generated, and checked by a test: `python -m gateway.problems` prints it)."""
+    rows = [(spec.status, spec.type, "yes" if spec.retryable else "no", spec.summary, "raised inside")
+            for spec in PROBLEM_TABLE.values()]
+    rows += [(min(statuses), kind, "no", summary,
+              "HTTP adapter" + (f" ({' or '.join(str(s) for s in sorted(statuses))})" if len(statuses) > 1 else ""))
+             for kind, (statuses, summary) in EDGE_PROBLEMS.items() if kind not in {r[1] for r in rows}]
+    lines = ["| status | type | retryable | when | decided by |", "|---|---|---|---|---|"]
+    lines += [f"| {status} | `{kind}` | {retry} | {summary} | {where} |"
+              for status, kind, retry, summary, where in sorted(rows)]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(error_types_markdown(), end="")
