@@ -195,41 +195,11 @@ def _curl_example(cfg: AppConfig, key: str | None) -> str:
 def _run_gateway(cfg: AppConfig, store: PromptStore, *, announce: bool, local_keys: bool = False) -> None:
     # Only `modgate up` (one machine) mints local keys; deployed gateways use `modgate keys`.
     keys = _local_keys(cfg, store) if local_keys else {}
-    import logging
-
     import uvicorn
 
-    # Ray turns the root logger to INFO; one line per backend call is noise and costs latency.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    from gateway.bootstrap import build_gateway
 
-    from gateway.api.app import create_app
-    from gateway.decision_log import DecisionLog
-    from gateway.feedback import FeedbackLog
-    from gateway.limits import build_caller_limiter
-    from gateway.telemetry import Metrics, build_tracer_provider
-    from serving.http_backend import OpenAIHttpBackend
-    from serving.resilience import ResilientBackend
-
-    metrics = Metrics()
-    api_key = os.environ.get(cfg.serving.api_key_env) if cfg.serving.api_key_env else None
-    inner: Any = OpenAIHttpBackend(cfg.serving.resolved_base_url(), api_key=api_key)
-    if cfg.serving.mode == "ray" and cfg.serving.transport == "handle":
-        from serving.ray_handle_backend import RayHandleBackend
-
-        inner = RayHandleBackend(cfg.serving.ray.app_name, stream_fallback=inner,
-                                 batch=cfg.serving.handle_batch)
-    backend = ResilientBackend(inner, cfg.serving.resilience, registry=metrics.registry)
-    redis_url = ((cfg.registry.redis_url or os.environ.get(cfg.registry.redis_url_env))
-                 if cfg.registry.store == "redis" else None)
-    limiter = build_caller_limiter(cfg.gateway.caller_limits, redis_url=redis_url,
-                                   key_prefix=cfg.registry.redis_key_prefix, registry=metrics.registry)
-    fastapi_app = create_app(cfg.gateway, store, backend,
-                             tracer_provider=build_tracer_provider(cfg.tracing),
-                             metrics=metrics, limiter=limiter,
-                             models=[m.name for m in cfg.serving.models],
-                             decision_log=DecisionLog.from_settings(cfg.decision_log, cfg.data_path()),
-                             feedback_log=FeedbackLog(cfg.data_path() / "feedback"))
+    fastapi_app = build_gateway(cfg, store)
     server = uvicorn.Server(uvicorn.Config(
         fastapi_app, host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning",
         access_log=False, loop="auto", http="auto", timeout_graceful_shutdown=10,
