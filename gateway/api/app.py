@@ -25,6 +25,7 @@ from starlette.responses import Response
 from gateway.admission import AdmissionControl
 from gateway.api.admin import build_admin_router
 from gateway.api.edge import error_response, http_error_headers, problem_of, request_id_of
+from gateway.api.feedback import build_feedback_router
 from gateway.api.moderate import add_moderate_route
 from gateway.api.openai import build_openai_router
 from gateway.api.ops import build_ops_router
@@ -32,7 +33,7 @@ from gateway.api.rollouts import build_rollout_router
 from gateway.auth import Authenticator
 from gateway.config import GatewaySettings
 from gateway.decision_log import DecisionLog
-from gateway.feedback import FeedbackLog, build_feedback_router
+from gateway.feedback import FeedbackLog
 from gateway.limits import CallerLimiter, build_caller_limiter
 from gateway.moderation import ModerationService
 from gateway.pipeline import ModerationPipeline
