@@ -105,7 +105,7 @@ def diff_versions(a: PromptVersion, b: PromptVersion) -> str:
 
 
 def summarize(store: PromptReader, name: str) -> PromptSummary:
-    versions = store.versions(name)  # type: ignore[attr-defined]
+    versions = store.versions(name)
     if not versions:
         raise PromptNotFound(f"unknown prompt {name!r}")
     return PromptSummary(name=name, versions=versions, labels=store.labels(name))
