@@ -373,8 +373,7 @@ def _judge(crit: GateCriterion, category: str | None, cand: ScorecardRecord,
     if value is None:
         if each:
             return None
-        limit = crit.min if crit.min is not None else crit.max
-        return result("fail", f"{name} undefined ({why})", limit)
+        return result("fail", f"{name} undefined ({why})", crit.min if crit.min is not None else crit.max)
     if crit.min is not None:
         ok = value + _EPS >= crit.min
         return result("pass" if ok else "fail",
@@ -392,13 +391,17 @@ def evaluate_gate(spec: EvaluationSpec, candidate: ScorecardRecord | None,
     *production* is the current production version's scorecard on the same dataset (needed by
     `max_drop_vs_production`). Pure: no store access."""
     sha = spec.dataset.sha256
-    base = {"prompt": prompt, "version": version, "production_version": production_version,
-            "declared_by": declared_by, "dataset_sha256": sha, "dataset_path": spec.dataset.path}
+    relative = any(c.max_drop_vs_production is not None for c in spec.criteria)
+
+    def report(items: int | None, results: list[CriterionResult]) -> GateReport:
+        return GateReport(prompt=prompt, version=version, production_version=production_version,
+                          declared_by=declared_by, dataset_sha256=sha, dataset_path=spec.dataset.path,
+                          items=items, results=results, relative=relative)
+
     if candidate is None:
         missing = CriterionResult("scorecard", "scorecard", None, None, None, None, 0, "fail",
                                   f"no stored scorecard of v{version} on dataset {sha[:12]}")
-        return GateReport(**base, items=None, results=[missing],
-                          relative=any(c.max_drop_vs_production is not None for c in spec.criteria))
+        return report(None, [missing])
     if candidate.dataset_sha256 != sha:
         raise ValueError("the candidate scorecard is for another dataset")
     results: list[CriterionResult] = []
@@ -421,8 +424,7 @@ def evaluate_gate(spec: EvaluationSpec, candidate: ScorecardRecord | None,
             r = _judge(crit, crit.category, candidate, production, production_version, False)
             assert r is not None
             results.append(r)
-    return GateReport(**base, items=candidate.items, results=results,
-                      relative=any(c.max_drop_vs_production is not None for c in spec.criteria))
+    return report(candidate.items, results)
 
 
 # -- store-backed check ------------------------------------------------------------------------
