@@ -25,6 +25,7 @@ from prompt_registry.models import (
     VerdictSchema,
 )
 from prompt_registry.render import render_messages
+from prompt_registry.rollout_stats import RolloutStats, build_rollout_stats
 from prompt_registry.store import (
     AuditEntry,
     GatedWriter,
@@ -48,6 +49,7 @@ __all__ = [
     "KeyReader", "KeyStore", "LabelConflict", "MemoStore", "Message",
     "PolicyMeta", "PromptFileError", "PromptNotFound", "PromptReader", "PromptSpec", "PromptStore",
     "PromptVersion", "PromptWriter", "PublishResult", "RegistryError", "RenderError",
-    "RolloutReader", "RolloutStore", "SamplingParams", "ScorecardReader", "ScorecardRecord",
-    "ScorecardStore", "StoreUnavailable", "TemplateRejected", "VerdictSchema", "render_messages",
+    "RolloutReader", "RolloutStats", "RolloutStore", "SamplingParams", "ScorecardReader",
+    "ScorecardRecord", "ScorecardStore", "StoreUnavailable", "TemplateRejected", "VerdictSchema",
+    "build_rollout_stats", "render_messages",
 ]

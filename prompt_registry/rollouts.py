@@ -14,10 +14,12 @@ State machine:
        v  |
      paused
 
-Gates (`evaluate_gates`) turn counters into a decision. No decision is taken below
-`min_samples`; rates are judged by their Wilson score interval, so a canary is aborted only
-when the *lower* bound of its failure rate is above the limit, and promoted only when the
-*upper* bound is below it (and likewise for agreement and flag-rate drift).
+Gates (`evaluate_gates`) turn the rollout's statistics (`prompt_registry.rollout_stats`, typed
+so that the gates do not depend on how the gateway spells its counters) into a decision. No
+decision is taken below `min_samples`; rates are judged by their Wilson score interval, so a
+canary is aborted only when the *lower* bound of its failure rate is above the limit, and
+promoted only when the *upper* bound is below it (and likewise for agreement and flag-rate
+drift).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prompt_registry.errors import RegistryError
+from prompt_registry.rollout_stats import RolloutStats
 
 __all__ = [
     "GateConfig", "GateResult", "Rollout", "RolloutConflict", "RolloutError", "ShadowSpec",
@@ -187,54 +190,44 @@ def _rate_gate(name: str, bad: int, n: int, limit: float, cfg: GateConfig,
     return GateResult(name, value, lo, hi, limit, n, verdict)
 
 
-def evaluate_gates(rollout: Rollout, stats: dict[str, object]) -> list[GateResult]:
-    """Judge the canary from aggregated counters (see gateway.rollouts.recorder for the shape)."""
+def evaluate_gates(rollout: Rollout, stats: RolloutStats) -> list[GateResult]:
+    """Judge the canary from the rollout's aggregated statistics (`build_rollout_stats` of the
+    store's counters)."""
     cfg = rollout.gates
     out: list[GateResult] = []
-    canary = stats.get("canary") or {}
-    stable = stats.get("stable") or {}
-    assert isinstance(canary, dict) and isinstance(stable, dict)
-    n = int(canary.get("requests", 0))
-    verdicts = int(canary.get("verdicts", 0))
-    out.append(_rate_gate("error_rate", int(canary.get("errors", 0)), n, cfg.max_error_rate, cfg))
-    out.append(_rate_gate("parse_failure_rate", int(canary.get("parse_failures", 0)), verdicts,
+    canary, stable = stats.canary, stats.stable
+    verdicts = canary.verdicts
+    out.append(_rate_gate("error_rate", canary.errors, canary.requests, cfg.max_error_rate, cfg))
+    out.append(_rate_gate("parse_failure_rate", canary.parse_failures, verdicts,
                           cfg.max_parse_failure_rate, cfg))
     if cfg.max_p95_latency_ms is not None:
-        p95 = canary.get("p95_ms")
-        value = float(p95) if isinstance(p95, int | float) else None
-        if verdicts < cfg.min_samples or value is None:
+        p95 = canary.p95_ms
+        if verdicts < cfg.min_samples or p95 is None:
             v: Literal["pass", "fail", "wait"] = "wait"
         else:
-            v = "pass" if value <= cfg.max_p95_latency_ms else "fail"
-        out.append(GateResult("p95_latency_ms", value, None, None, cfg.max_p95_latency_ms, verdicts, v))
+            v = "pass" if p95 <= cfg.max_p95_latency_ms else "fail"
+        out.append(GateResult("p95_latency_ms", p95, None, None, cfg.max_p95_latency_ms, verdicts, v))
     if cfg.min_agreement is not None and rollout.canary_version is not None:
-        pair = (stats.get("pairs") or {}).get(str(rollout.canary_version)) or {}  # type: ignore[union-attr]
-        pn = int(pair.get("n", 0))
-        disagree = pn - int(pair.get("agree", 0))
-        out.append(_rate_gate("disagreement_rate", disagree, pn, 1.0 - cfg.min_agreement, cfg))
+        pair = stats.pair(rollout.canary_version)
+        out.append(_rate_gate("disagreement_rate", pair.n - pair.agree, pair.n, 1.0 - cfg.min_agreement, cfg))
     if cfg.max_flag_rate_drift is not None:
-        cats = set(canary.get("flags") or {}) | set(stable.get("flags") or {})  # type: ignore[arg-type]
-        sn = int(stable.get("verdicts", 0))
         worst: GateResult | None = None
-        for cat in sorted(cats):
-            a = int((canary.get("flags") or {}).get(cat, 0))  # type: ignore[union-attr]
-            b = int((stable.get("flags") or {}).get(cat, 0))  # type: ignore[union-attr]
-            g = _drift_gate(f"flag_rate_drift[{cat}]", a, verdicts, b, sn, cfg)
+        for cat in sorted(set(canary.flags) | set(stable.flags)):
+            g = _drift_gate(f"flag_rate_drift[{cat}]", canary.flags.get(cat, 0), verdicts,
+                            stable.flags.get(cat, 0), stable.verdicts, cfg)
             if worst is None or _rank(g) > _rank(worst):
                 worst = g
         out.append(worst or GateResult("flag_rate_drift", None, None, None, cfg.max_flag_rate_drift,
                                        verdicts, "wait" if verdicts < cfg.min_samples else "pass"))
-    cfb = ((canary.get("feedback") or {}).get("categories") or {})  # type: ignore[union-attr]
-    sfb = ((stable.get("feedback") or {}).get("categories") or {})  # type: ignore[union-attr]
+    cfb, sfb = canary.feedback, stable.feedback
     if cfg.min_precision is not None:
-        for cat, c in sorted(cfb.items()):
-            out.append(_rate_gate(f"imprecision[{cat}]", int(c["fp"]), int(c["tp"]) + int(c["fp"]),
-                                  1.0 - cfg.min_precision, cfg, cfg.min_feedback))
+        for cat, c in sorted(cfb.categories.items()):
+            out.append(_rate_gate(f"imprecision[{cat}]", c.fp, c.tp + c.fp, 1.0 - cfg.min_precision, cfg,
+                                  cfg.min_feedback))
     if cfg.max_recall_drop is not None:
-        for cat in sorted(set(cfb) | set(sfb)):
-            c, st = cfb.get(cat, {}), sfb.get(cat, {})
-            out.append(_drop_gate(f"recall_drop[{cat}]", int(st.get("tp", 0)), int(st.get("tp", 0)) + int(st.get("fn", 0)),
-                                  int(c.get("tp", 0)), int(c.get("tp", 0)) + int(c.get("fn", 0)), cfg))
+        for cat in sorted(set(cfb.categories) | set(sfb.categories)):
+            c, st = cfb.category(cat), sfb.category(cat)
+            out.append(_drop_gate(f"recall_drop[{cat}]", st.tp, st.tp + st.fn, c.tp, c.tp + c.fn, cfg))
     return out
 
 

@@ -15,8 +15,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from gateway.rollouts.ops import apply_action, decide
-from gateway.rollouts.recorder import RolloutRecorder, stats_view
+from gateway.rollouts.recorder import RolloutRecorder
 from prompt_registry import PromptStore, RegistryError
+from prompt_registry.rollout_stats import build_rollout_stats
 from prompt_registry.rollouts import RolloutError, evaluate_gates
 
 __all__ = ["RolloutController"]
@@ -63,8 +64,8 @@ class RolloutController:
             if r.state != "running" or not r.auto:
                 continue
             try:
-                view = stats_view(await asyncio.to_thread(self._store.rollout_stats, r.id))
-                gates = evaluate_gates(r, view)
+                stats = build_rollout_stats(await asyncio.to_thread(self._store.rollout_stats, r.id))
+                gates = evaluate_gates(r, stats)
                 action = decide(r, gates, self._clock())
                 if action is None:
                     continue

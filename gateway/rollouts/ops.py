@@ -19,9 +19,10 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from gateway.rollouts.recorder import flips_view, stats_view
+from gateway.rollouts.recorder import flips_view
 from prompt_registry import GateOverride, GateRefused, GateReport, PromptNotFound, PromptStore
 from prompt_registry.gates import gate_report, move_label
+from prompt_registry.rollout_stats import build_rollout_stats
 from prompt_registry.rollouts import (
     GateConfig,
     GateResult,
@@ -143,8 +144,8 @@ def rollout_status(store: PromptStore, prompt: str, *, flips: int = 20,
     """The rollout with its evidence; `promotion_gate` is what the promotion gate says of the
     canary version now (None without an active canary)."""
     r = _current(store, prompt)
-    view = stats_view(store.rollout_stats(r.id))
-    gates = evaluate_gates(r, view)
+    stats = build_rollout_stats(store.rollout_stats(r.id))
+    gates = evaluate_gates(r, stats)
     next_step = None
     if r.active and r.canary_version is not None:
         next_step = (r.step_started_at + timedelta(seconds=r.step_hold_s)).isoformat(timespec="seconds")
@@ -154,10 +155,10 @@ def rollout_status(store: PromptStore, prompt: str, *, flips: int = 20,
     return {
         "rollout": r.model_dump(mode="json"),
         "weight": r.weight,
-        "stats": view,
+        "stats": stats.as_dict(),
         "gates": [g.as_dict() for g in gates],
         "next_step_not_before": next_step,
         "would_decide": decide(r, gates, datetime.now(UTC)),
         "promotion_gate": promotion,
-        "flips": flips_view(store.rollout_flips(r.id, flips)),
+        "flips": [f.as_dict() for f in flips_view(store.rollout_flips(r.id, flips))],
     }

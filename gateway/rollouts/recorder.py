@@ -1,35 +1,48 @@
 """Evidence for rollouts: counters per arm and per (stable, candidate) pair, shared by every
-gateway replica through the registry store, and the view that gates and `status` read.
+gateway replica through the registry store, and the typed view that gates and `status` read.
 
 Counters are accumulated in memory and flushed to the store once a second (one small write,
-off the request path); on a store failure they stay in memory and are retried. Flat keys:
-
-    <arm>:requests | errors | verdicts | parse_failures      arm = stable | canary
-    <arm>:flag:<category>                                    decisions other than allow
-    <arm>:lat:<bucket_ms>                                    latency histogram
-    pair:<v>:n | agree | errors | dropped                    shadow comparisons of version v
-    pair:<v>:cm:<stable_category>:<candidate_category>       confusion matrix (category, 'none' when allowed)
-    pair:<v>:sflag:<category> | cflag:<category>            flags on each side of the pair
+off the request path); on a store failure they stay in memory and are retried. Every key is a
+typed counter of `prompt_registry.rollout_stats` encoded by that module's codec (`encode_key`),
+the one place that spells the stored keys (the format is listed there). Readers (the
+controller, `status`) turn what the store returns into `RolloutStats` with
+`build_rollout_stats`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Protocol
 
 import orjson
 
 from gateway.verdict import Verdict
-from prompt_registry import PromptStore, StoreUnavailable
+from prompt_registry import MemoStore, RolloutStore, StoreUnavailable
+from prompt_registry.rollout_stats import (
+    ArmCount,
+    ArmFlag,
+    ArmLatency,
+    CounterKey,
+    FeedbackCount,
+    FeedbackOutcome,
+    Flip,
+    FlipVerdict,
+    PairConfusion,
+    PairCount,
+    PairFlag,
+    as_arm,
+    encode_key,
+    latency_bucket,
+)
 
-__all__ = ["LATENCY_BUCKETS_MS", "RolloutRecorder", "cohen_kappa", "flips_view", "stats_view"]
+__all__ = ["RecorderStore", "RolloutRecorder", "flips_view"]
 
 log = logging.getLogger("modgate.rollouts")
-LATENCY_BUCKETS_MS = (25, 50, 100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600)
 
 
 def _label(v: Verdict) -> str:
@@ -37,15 +50,26 @@ def _label(v: Verdict) -> str:
     return "none" if v.decision == "allow" else (v.category or "none")
 
 
-def _lat_bucket(ms: float) -> str:
-    for b in LATENCY_BUCKETS_MS:
-        if ms <= b:
-            return str(b)
-    return "inf"
+def _not_an_arm(arm: str, what: str) -> None:
+    # Only stable and canary carry statistics. The callers check, but a bad arm (say from a
+    # damaged verdict memo) must cost a log line, not the request or the feedback call.
+    log.warning("rollout %s for arm %r not counted: not a rollout arm", what, arm)
+
+
+@functools.lru_cache(maxsize=8192)
+def _key(make: Callable[..., CounterKey], *args: Hashable) -> str:
+    """The stored key of counter `make(*args)`. Encoded once per distinct counter: building and
+    validating a counter on every increment cost ~7 us per request on the request path; the
+    set of counters is small (arms x categories x buckets, versions x categories^2)."""
+    return encode_key(make(*args))
+
+
+class RecorderStore(RolloutStore, MemoStore, Protocol):
+    """What the recorder writes: rollout counters and flips, and verdict memos."""
 
 
 class RolloutRecorder:
-    def __init__(self, store: PromptStore, *, flush_s: float = 1.0, keep_flips: int = 500,
+    def __init__(self, store: RecorderStore, *, flush_s: float = 1.0, keep_flips: int = 500,
                  memo_ttl_s: float = 7 * 86400) -> None:
         self._store = store
         self._flush_s = flush_s
@@ -61,17 +85,20 @@ class RolloutRecorder:
 
     def primary(self, rollout_id: str, arm: str, verdict: Verdict | None, latency_ms: float) -> None:
         """A caller request served by *arm* (verdict None: the request failed)."""
-        c = self._c(rollout_id)
-        c[f"{arm}:requests"] += 1
-        if verdict is None:
-            c[f"{arm}:errors"] += 1
+        if (which := as_arm(arm)) is None:
+            _not_an_arm(arm, "request")
             return
-        c[f"{arm}:verdicts"] += 1
-        c[f"{arm}:lat:{_lat_bucket(latency_ms)}"] += 1
+        c = self._c(rollout_id)
+        c[_key(ArmCount, which, "requests")] += 1
+        if verdict is None:
+            c[_key(ArmCount, which, "errors")] += 1
+            return
+        c[_key(ArmCount, which, "verdicts")] += 1
+        c[_key(ArmLatency, which, latency_bucket(latency_ms))] += 1
         if verdict.fail_reason:
-            c[f"{arm}:parse_failures"] += 1
+            c[_key(ArmCount, which, "parse_failures")] += 1
         if verdict.decision != "allow":
-            c[f"{arm}:flag:{verdict.category or 'none'}"] += 1
+            c[_key(ArmFlag, which, verdict.category or "none")] += 1
 
     def memo(self, request_id: str, rollout_id: str, arm: str, prompt: str, version: int, verdict: Verdict) -> None:
         """Remember what a request under a rollout was answered, for feedback that comes later."""
@@ -81,46 +108,46 @@ class RolloutRecorder:
 
     def feedback(self, rollout_id: str, arm: str, predicted: Verdict, gold: Verdict) -> None:
         """A reviewer's label for a request answered by *arm*: true/false positives per category."""
+        if (which := as_arm(arm)) is None:
+            _not_an_arm(arm, "feedback")
+            return
         c = self._c(rollout_id)
-        c[f"fb:{arm}:n"] += 1
+        c[_key(FeedbackCount, which)] += 1
         p, g = _label(predicted), _label(gold)
         if p == g:
             if g != "none":
-                c[f"fb:{arm}:tp:{g}"] += 1
+                c[_key(FeedbackOutcome, which, "tp", g)] += 1
         else:
             if p != "none":
-                c[f"fb:{arm}:fp:{p}"] += 1
+                c[_key(FeedbackOutcome, which, "fp", p)] += 1
             if g != "none":
-                c[f"fb:{arm}:fn:{g}"] += 1
+                c[_key(FeedbackOutcome, which, "fn", g)] += 1
 
     def pair(self, rollout_id: str, version: int, stable: Verdict, candidate: Verdict | None, *,
              request_id: str, item_id: str, stable_version: int) -> None:
         """A shadow evaluation of *version* next to the verdict the caller got."""
         c = self._c(rollout_id)
-        p = f"pair:{version}"
         if candidate is None:
-            c[f"{p}:errors"] += 1
+            c[_key(PairCount, version, "errors")] += 1
             return
-        c[f"{p}:n"] += 1
+        c[_key(PairCount, version, "n")] += 1
         a, b = _label(stable), _label(candidate)
-        c[f"{p}:cm:{a}:{b}"] += 1
+        c[_key(PairConfusion, version, a, b)] += 1
         if stable.decision == candidate.decision:
-            c[f"{p}:agree"] += 1
+            c[_key(PairCount, version, "agree")] += 1
         if stable.decision != "allow":
-            c[f"{p}:sflag:{a}"] += 1
+            c[_key(PairFlag, version, "stable", a)] += 1
         if candidate.decision != "allow":
-            c[f"{p}:cflag:{b}"] += 1
+            c[_key(PairFlag, version, "candidate", b)] += 1
         if stable.decision != candidate.decision or a != b:
-            self._flips.setdefault(rollout_id, []).append(orjson.dumps({
-                "at": datetime.now(UTC).isoformat(timespec="seconds"), "request_id": request_id,
-                "item_id": item_id, "stable": {"version": stable_version, "decision": stable.decision,
-                                               "category": stable.category},
-                "candidate": {"version": version, "decision": candidate.decision,
-                              "category": candidate.category, "fail_reason": candidate.fail_reason},
-            }).decode())
+            self._flips.setdefault(rollout_id, []).append(Flip(
+                at=datetime.now(UTC).isoformat(timespec="seconds"), request_id=request_id, item_id=item_id,
+                stable=FlipVerdict(stable_version, stable.decision, stable.category),
+                candidate=FlipVerdict(version, candidate.decision, candidate.category, candidate.fail_reason),
+            ).to_json())
 
     def dropped(self, rollout_id: str, version: int) -> None:
-        self._c(rollout_id)[f"pair:{version}:dropped"] += 1
+        self._c(rollout_id)[_key(PairCount, version, "dropped")] += 1
 
     # -- flushing -------------------------------------------------------------------------
     def start(self) -> None:
@@ -160,84 +187,14 @@ class RolloutRecorder:
         await self.flush()
 
 
-def cohen_kappa(matrix: Mapping[str, Mapping[str, int]]) -> float | None:
-    labels = set(matrix) | {b for row in matrix.values() for b in row}
-    n = sum(v for row in matrix.values() for v in row.values())
-    if n == 0:
-        return None
-    po = sum(matrix.get(k, {}).get(k, 0) for k in labels) / n
-    pe = sum((sum(matrix.get(k, {}).values()) / n) * (sum(row.get(k, 0) for row in matrix.values()) / n)
-             for k in labels)
-    if pe >= 1.0:
-        return 1.0 if po >= 1.0 else 0.0
-    return (po - pe) / (1 - pe)
-
-
-def _p95(hist: Mapping[str, int]) -> float | None:
-    total = sum(hist.values())
-    if total == 0:
-        return None
-    need = 0.95 * total
-    seen = 0
-    for b in [*map(str, LATENCY_BUCKETS_MS), "inf"]:
-        seen += hist.get(b, 0)
-        if seen >= need:
-            return float("inf") if b == "inf" else float(b)
-    return None
-
-
-def _arm() -> dict[str, Any]:
-    return {"requests": 0, "errors": 0, "verdicts": 0, "parse_failures": 0, "flags": {},
-            "latency_ms_hist": {}, "feedback": {"n": 0, "categories": {}}}
-
-
-def stats_view(flat: Mapping[str, int]) -> dict[str, Any]:
-    """Nested view of the flat counters: per arm, per pair (agreement, kappa, confusion)."""
-    arms: dict[str, dict[str, Any]] = {}
-    pairs: dict[str, dict[str, Any]] = {}
-    for key, value in flat.items():
-        parts = key.split(":")
-        if parts[0] == "fb":
-            a = arms.setdefault(parts[1], _arm())
-            fb = a["feedback"]
-            if parts[2] == "n":
-                fb["n"] = value
-            else:
-                fb["categories"].setdefault(parts[3], {"tp": 0, "fp": 0, "fn": 0})[parts[2]] = value
-            continue
-        if parts[0] == "pair":
-            p = pairs.setdefault(parts[1], {"n": 0, "agree": 0, "errors": 0, "dropped": 0, "confusion": {},
-                                             "stable_flags": {}, "candidate_flags": {}})
-            if parts[2] == "cm":
-                p["confusion"].setdefault(parts[3], {})[parts[4]] = value
-            elif parts[2] == "sflag":
-                p["stable_flags"][parts[3]] = value
-            elif parts[2] == "cflag":
-                p["candidate_flags"][parts[3]] = value
-            else:
-                p[parts[2]] = value
+def flips_view(raw: list[str]) -> list[Flip]:
+    """The stored flips, newest first as the store returns them; a damaged record is skipped
+    (and logged) rather than hiding the others."""
+    out = []
+    for r in raw:
+        flip = Flip.from_json(r)
+        if flip is None:
+            log.warning("unreadable rollout flip record skipped: %.200s", r)
         else:
-            a = arms.setdefault(parts[0], _arm())
-            if parts[1] == "flag":
-                a["flags"][parts[2]] = value
-            elif parts[1] == "lat":
-                a["latency_ms_hist"][parts[2]] = value
-            else:
-                a[parts[1]] = value
-    for a in arms.values():
-        for cat in a["feedback"]["categories"].values():
-            cat["precision"] = cat["tp"] / (cat["tp"] + cat["fp"]) if cat["tp"] + cat["fp"] else None
-            cat["recall"] = cat["tp"] / (cat["tp"] + cat["fn"]) if cat["tp"] + cat["fn"] else None
-        a["p95_ms"] = _p95(a["latency_ms_hist"])
-        n = a["verdicts"]
-        a["flag_rates"] = {k: v / n for k, v in a["flags"].items()} if n else {}
-    for p in pairs.values():
-        p["agreement"] = p["agree"] / p["n"] if p["n"] else None
-        p["kappa"] = cohen_kappa(p["confusion"])
-    return {"stable": arms.get("stable", {}), "canary": arms.get("canary", {}), "pairs": pairs}
-
-
-def flips_view(raw: list[str]) -> list[dict[str, Any]]:
-    return [orjson.loads(r) for r in raw]
-
-
+            out.append(flip)
+    return out
