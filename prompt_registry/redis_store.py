@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import redis
@@ -331,6 +331,17 @@ class RedisPromptStore:
         self._r.close()
 
 
+class _PubSub(Protocol):
+    """What _RedisSubscription uses of redis-py's sync PubSub, whose methods are unannotated."""
+
+    def subscribe(self, *channels: str) -> None: ...
+
+    def get_message(self, ignore_subscribe_messages: bool = False,
+                    timeout: float = 0.0) -> dict[str, Any] | None: ...
+
+    def close(self) -> None: ...
+
+
 class _RedisSubscription:
     def __init__(self, client: redis.Redis, channel: str,
                  callback: Callable[[str | None], None]) -> None:
@@ -339,7 +350,7 @@ class _RedisSubscription:
         self._callback = callback
         self._stop = threading.Event()
         # Subscribe before returning, so no change made after subscribe() can be missed.
-        self._pubsub: Any = None
+        self._pubsub: _PubSub | None = None
         try:
             self._pubsub = self._connect()
         except (redis.ConnectionError, redis.TimeoutError, OSError):
@@ -347,8 +358,9 @@ class _RedisSubscription:
         self._thread = threading.Thread(target=self._run, name="modgate-registry-events", daemon=True)
         self._thread.start()
 
-    def _connect(self) -> Any:
-        pubsub = self._client.pubsub(ignore_subscribe_messages=False)
+    def _connect(self) -> _PubSub:
+        # redis-py annotates the asyncio client's pubsub() but not the sync client's.
+        pubsub: _PubSub = self._client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
         pubsub.subscribe(self._channel)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:  # wait for the server's confirmation

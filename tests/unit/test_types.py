@@ -15,15 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-STRICT_PATHS = [
-    "serving",
-    "prompt_registry/errors.py",
-    "prompt_registry/keys.py",
-    "prompt_registry/loader.py",
-    "prompt_registry/models.py",
-    "prompt_registry/ops.py",
-    "prompt_registry/render.py",
-]
+STRICT_PATHS = ["serving", "prompt_registry"]
 
 
 def test_strict_paths_exist() -> None:
