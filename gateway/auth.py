@@ -37,8 +37,9 @@ class Authenticator:
     authenticating must never be able to create or revoke a key."""
 
     def __init__(self, keys: KeyReader, *, required: bool = True, cache_s: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, failure_delay_s: float = 0.1) -> None:
         self._keys = keys
+        self.failure_delay_s = failure_delay_s
         self.required = required
         self._cache_s = cache_s
         self._clock = clock
@@ -47,24 +48,40 @@ class Authenticator:
     async def authenticate(self, authorization: str | None, x_api_key: str | None) -> ApiKeyRecord | _Anonymous:
         if not self.required:
             return ANONYMOUS
-        presented = x_api_key
-        if presented is None and authorization:
+        # One key, from either header; an empty header counts as absent (an empty x-api-key
+        # must not mask a valid bearer token), two different keys are refused (which one
+        # speaks for the caller would be a guess).
+        bearer = None
+        if authorization:
             scheme, _, token = authorization.partition(" ")
-            if scheme.lower() == "bearer":
-                presented = token.strip()
+            if scheme.lower() == "bearer" and token.strip():
+                bearer = token.strip()
+        header = x_api_key.strip() if x_api_key else None
+        if bearer and header and bearer != header:
+            raise Unauthenticated("two different API keys sent ('Authorization' and 'x-api-key'); "
+                                  "send one")
+        presented = header or bearer
         if not presented:
             raise Unauthenticated(
                 "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'")
         parsed = parse_key(presented)
         if parsed is None:
+            await self._slow_down()
             raise Unauthenticated("malformed API key")
         key_id, secret = parsed
         record = await self._record(key_id)
         if record is None or not verify_secret(record, secret):
+            await self._slow_down()
             raise Unauthenticated("invalid API key")
         if record.revoked:
             raise Unauthenticated("API key revoked")
         return record
+
+    async def _slow_down(self) -> None:
+        """A wrong key costs its sender `failure_delay_s` before the answer: a flood of guessed
+        keys proceeds at the pace of its connections, not of the CPU."""
+        if self.failure_delay_s > 0:
+            await asyncio.sleep(self.failure_delay_s)
 
     async def _record(self, key_id: str) -> ApiKeyRecord | None:
         now = self._clock()

@@ -68,6 +68,16 @@ class GatewaySettings(_Strict):
     rollout_tick_s: float = Field(5.0, gt=0, description="how often the rollout controller runs")
     caller_limits: CallerLimitsSettings = Field(default_factory=CallerLimitsSettings)
     readiness_probe_timeout_s: float = Field(10.0, gt=0)
+    readiness_cache_s: float = Field(5.0, ge=0, description="/readyz answers from a health check "
+                                     "at most this old (one model probe per interval, whatever "
+                                     "the probe rate)")
+    max_moderation_inputs: int = Field(32, ge=1, le=1024, description="inputs per /v1/moderations "
+                                       "call; each counts against the caller's rate and "
+                                       "concurrency limits")
+    body_timeout_s: float = Field(10.0, gt=0, description="a request body must arrive within this "
+                                  "(slow clients); the request deadline also covers reading it")
+    max_connections: int | None = Field(None, ge=1, description="open connections this gateway "
+                                        "process accepts (uvicorn limit_concurrency; beyond, 503)")
     max_inflight_per_model: int = Field(256, ge=1, description="concurrent engine calls per model "
                                         "from this gateway process")
     max_queued_per_model: int = Field(512, ge=0, description="requests waiting for a slot; beyond "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,19 +57,23 @@ __all__ = ["Caller", "FrontDoor", "Moderation", "ModerationCall", "ModerationSer
 log = logging.getLogger("modgate.gateway")
 
 FrontDoor = Literal["moderate", "moderations", "chat"]
+PROMPT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")  # the registry's name rule
 _NO_PROMPT = {"prompt": "-", "version": "-", "arm": "-"}
 
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """An authenticated caller holding its own quota for one HTTP request."""
+    """An authenticated caller holding units of its own quota for one HTTP request (one per
+    moderation it asked for)."""
 
     key_id: str
     name: str
-    lease: Lease
+    leases: list[Lease]
 
     async def release(self) -> None:
-        await self.lease.release()
+        leases, self.leases[:] = list(self.leases), []
+        for lease in leases:
+            await lease.release()
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +167,22 @@ class ModerationService:
         with `Caller.release`). Raises `Unauthenticated`, `Forbidden` or `CallerLimited`."""
         principal = await self.authenticate(authorization, x_api_key, scope=scope)
         lease = await self.limiter.acquire(principal.key_id, request_id, name=principal.name)
-        return Caller(principal.key_id, principal.name, lease)
+        return Caller(principal.key_id, principal.name, [lease])
+
+    async def charge(self, caller: Caller, units: int, *, request_id: str) -> None:
+        """Take *units* of the caller's quota in all (it holds one from `admit`): a request that
+        asks for N moderations counts N against its rate and concurrency limits. All or
+        nothing: on a refusal the extra units taken are given back before it propagates."""
+        taken: list[Lease] = []
+        try:
+            for i in range(1, units):
+                taken.append(await self.limiter.acquire(caller.key_id, f"{request_id}-{i}",
+                                                        name=caller.name))
+        except BaseException:
+            for lease in taken:
+                await lease.release()
+            raise
+        caller.leases.extend(taken)
 
     async def authenticate(self, authorization: str | None, x_api_key: str | None, *,
                            scope: str) -> ApiKeyRecord | _Anonymous:
@@ -214,8 +234,17 @@ class ModerationService:
     async def _moderate(self, call: ModerationCall, started: float, progress: _Progress) -> Moderation:
         settings = self.settings
         name = call.prompt or settings.default_prompt
+        if not PROMPT_NAME.match(name):
+            raise UnknownPrompt(f"{name[:64]!r}… is not a prompt name" if len(name) > 64 else
+                                f"{name!r} is not a prompt name", field=call.prompt_field)
         label_pin = call.label if call.label not in (None, settings.default_label) else None
         pinned = call.version is not None or label_pin is not None
+        if not pinned:
+            # The prompt must exist before its name keys any per-name state (the rollout cache).
+            try:
+                await self.cache.resolve(name, settings.default_label)
+            except PromptNotFound as exc:
+                raise UnknownPrompt(str(exc), field=call.prompt_field) from None
         rollout = None if pinned else await self.cache.rollout(name)
         if rollout is not None and not rollout.active:
             rollout = None

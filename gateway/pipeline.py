@@ -56,8 +56,11 @@ class ModerationPipeline:
     async def resolve(self, name: str, *, label: str | None = None, version: int | None = None,
                       arm: str = "stable") -> Resolved:
         """A label (from the hot cache) or a pinned version (immutable, cached for good)."""
-        with stage(self.tracer, self.metrics, "prompt.resolve",
-                   {"prompt": name, "version": "-", "arm": arm},
+        # The histogram is labelled with the prompt only once the registry has it: a name as
+        # sent by a caller must never become a metric label (a flood of made-up names would
+        # grow every /metrics scrape without bound).
+        labels = {"prompt": "-", "version": "-", "arm": arm}
+        with stage(self.tracer, self.metrics, "prompt.resolve", labels,
                    {Attr.PROMPT_NAME: name, Attr.PROMPT_LABEL: label or "", Attr.TRAFFIC_ARM: arm}) as span:
             if version is not None:
                 resolved = await self.cache.get_version(name, version)
@@ -65,6 +68,7 @@ class ModerationPipeline:
                 resolved = await self.cache.resolve(name, label)
             else:
                 raise ValueError("resolve needs a label or a version")
+            labels["prompt"] = resolved.version.name
             span.set_attribute(Attr.PROMPT_VERSION, resolved.version.version)
             span.set_attribute(Attr.PROMPT_STALE, resolved.stale)
             return resolved

@@ -26,6 +26,7 @@ from gateway.admission import AdmissionControl
 from gateway.api.admin import build_admin_router
 from gateway.api.edge import error_response, http_error_headers, problem_of, request_id_of
 from gateway.api.feedback import build_feedback_router
+from gateway.api.guard import RequestGuard
 from gateway.api.moderate import add_moderate_route
 from gateway.api.openai import build_openai_router
 from gateway.api.ops import build_ops_router
@@ -47,6 +48,10 @@ from prompt_registry import PromptStore
 from serving import InferenceBackend
 
 __all__ = ["Gateway", "create_app"]
+
+# The front doors authenticate before reading and bound their own bodies (gateway.api.edge).
+SELF_GUARDED = frozenset({"/v1/moderate", "/v1/moderations", "/v1/chat/completions"})
+ADMIN_MAX_BODY_BYTES = 1 << 20  # publishing a prompt file
 
 log = logging.getLogger("modgate.gateway")
 
@@ -132,6 +137,10 @@ def create_app(
         version="0.1.0",
         lifespan=lifespan,
     )
+    app.router.redirect_slashes = False  # a redirect would be built from the caller's Host header
+    app.add_middleware(RequestGuard, auth=auth, self_guarded=SELF_GUARDED,
+                       max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s,
+                       body_limits={"/v1/prompts": ADMIN_MAX_BODY_BYTES})
     app.state.gateway = Gateway(service=service, admission=admission, recorder=recorder,
                                 shadows=shadows, controller=controller, cache=cache, metrics=metrics)
     _install_error_edge(app)
@@ -168,14 +177,14 @@ def _install_error_edge(app: FastAPI) -> None:
                         "problem": "unknown field" if e["type"] == "extra_forbidden" else e["msg"]}
                        for e in exc.errors())
         return error_response(Problem(422, "invalid_request", "request failed validation",
-                                      fields=fields), request.headers.get("x-request-id"))
+                                      fields=fields), request_id_of(request))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         kind = {400: "malformed_request", 404: "not_found", 405: "method_not_allowed"}.get(
             exc.status_code, "http_error")
         response = error_response(Problem(exc.status_code, kind, str(exc.detail)),
-                                  request.headers.get("x-request-id"))
+                                  request_id_of(request))
         for key, value in http_error_headers(request, exc).items():
             response.headers[key] = value
         return response

@@ -56,7 +56,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
 }
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed *limit* bytes
     (from Content-Length, or while streaming): never buffered past the limit."""
     declared = request.headers.get("content-length")
@@ -64,24 +64,28 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise ApiError(413, "body_too_large", f"request body is {declared} bytes; the limit is {limit}")
     size = 0
     chunks = []
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g}s") from None
     return b"".join(chunks)
 
 
 _JSON_TYPES = ("application/json",)
 
 
-async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
+async def read_json_object(request: Request, limit: int, timeout_s: float | None = None) -> dict[str, Any]:
     """A JSON object body: 415 for a non-JSON content type, 413 past *limit*, 400 when the body
     is not JSON or not an object."""
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if ctype and ctype not in _JSON_TYPES and not ctype.endswith("+json"):
         raise ApiError(415, "unsupported_media_type", f"expected application/json, got {ctype}")
-    raw = await read_body(request, limit)
+    raw = await read_body(request, limit, timeout_s)
     try:
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

@@ -57,7 +57,7 @@ def add_moderate_route(app: FastAPI, service: ModerationService, tracer: trace.T
 
     async def work(request: Request, caller: Caller, rid: str, started: float,
                    root: trace.Span) -> Response:
-        payload = await read_json_object(request, settings.max_body_bytes)
+        payload = await read_json_object(request, settings.max_body_bytes, settings.body_timeout_s)
         try:
             req = ModerationRequest.model_validate(payload)
         except ValidationError as exc:

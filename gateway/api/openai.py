@@ -62,7 +62,6 @@ from serving.protocol import ChatChunk
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
-    "MAX_MODERATION_INPUTS",
     "MAX_TOKENS_LIMIT",
     "MODERATION_CONCURRENCY",
     "build_openai_router",
@@ -75,7 +74,6 @@ DEFAULT_MAX_TOKENS = 256  # raw completions that do not say
 TEMPERATURE_MAX = 2.0
 TOP_P_MIN = 0.01  # top_p is clamped to [TOP_P_MIN, 1]: engines reject 0
 MAX_STOP_SEQUENCES = 4
-MAX_MODERATION_INPUTS = 32
 MODERATION_CONCURRENCY = 8
 DEFAULT_MODERATION_LOCALE = "en-US"
 # Model names OpenAI moderation clients send; they mean "the gateway's default prompt".
@@ -351,7 +349,7 @@ def build_openai_router(service: ModerationService, tracer: trace.Tracer, metric
 
     async def _chat(request: Request, caller: Caller, rid: str, started: float,
                     root: trace.Span) -> Response:
-        payload = await read_json_object(request, settings.max_body_bytes)
+        payload = await read_json_object(request, settings.max_body_bytes, settings.body_timeout_s)
         _reject_unknown(payload, _CHAT_FIELDS)
         n = payload.get("n")
         if n is not None and (isinstance(n, bool) or n != 1):
@@ -517,9 +515,10 @@ def build_openai_router(service: ModerationService, tracer: trace.Tracer, metric
 
     async def _moderations(request: Request, caller: Caller, rid: str, started: float,
                            root: trace.Span) -> Response:
-        payload = await read_json_object(request, settings.max_body_bytes)
+        payload = await read_json_object(request, settings.max_body_bytes, settings.body_timeout_s)
         _reject_unknown(payload, _MODERATION_FIELDS)
-        inputs = _moderation_inputs(payload.get("input"), settings.max_description_chars)
+        inputs = _moderation_inputs(payload.get("input"), settings.max_description_chars,
+                                    settings.max_moderation_inputs)
         locale = payload.get("locale")
         if locale is None:
             locale = DEFAULT_MODERATION_LOCALE
@@ -540,6 +539,7 @@ def build_openai_router(service: ModerationService, tracer: trace.Tracer, metric
                 raise _invalid(f"the model {model!r} is neither a registry prompt name (or "
                                "name@vN) nor an OpenAI moderation model", "model",
                                code="unknown_prompt", status=404)
+        await service.charge(caller, len(inputs), request_id=rid)
         calls = [ModerationCall(
             front_door="moderations", request_id=f"{rid}-{i}", item_id=f"{rid}-{i}",
             variables={"title": text, "description": "", "locale": locale}, locale=locale,
@@ -558,12 +558,12 @@ def build_openai_router(service: ModerationService, tracer: trace.Tracer, metric
     return router
 
 
-def _moderation_inputs(raw: Any, max_chars: int) -> list[str]:
+def _moderation_inputs(raw: Any, max_chars: int, max_inputs: int) -> list[str]:
     items = [raw] if isinstance(raw, str) else raw
     if not isinstance(items, list) or not items:
         raise _invalid("'input' must be a string or a non-empty list of strings", "input")
-    if len(items) > MAX_MODERATION_INPUTS:
-        raise _invalid(f"at most {MAX_MODERATION_INPUTS} inputs per request", "input")
+    if len(items) > max_inputs:
+        raise _invalid(f"at most {max_inputs} inputs per request", "input")
     out = []
     for i, item in enumerate(items):
         if isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -12,16 +13,72 @@ from starlette.responses import Response
 from gateway.api.edge import ERROR_RESPONSES, json_response
 from gateway.ids import new_id
 from gateway.moderation import ModerationService
+from gateway.problems import GatewayError
 from prompt_registry import RegistryError
 from serving import BackendError, ChatRequest, InferenceBackend
 
 __all__ = ["build_ops_router"]
 
 
+class _HealthCache:
+    """The readiness check, run at most once per `readiness_cache_s` and once at a time."""
+
+    def __init__(self, service: ModerationService, backend: InferenceBackend,
+                 preload_keys: list[tuple[str, str]]) -> None:
+        self._service, self._backend, self._keys = service, backend, preload_keys
+        self._result: tuple[bool, dict[str, Any]] | None = None
+        self._checked_at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> tuple[bool, dict[str, Any]]:
+        max_age = self._service.settings.readiness_cache_s
+        async with self._lock:
+            now = time.monotonic()
+            if self._result is None or now - self._checked_at >= max_age:
+                self._result = await self._check()
+                self._checked_at = time.monotonic()
+            return self._result
+
+    async def _check(self) -> tuple[bool, dict[str, Any]]:
+        cache, settings, backend = self._service.cache, self._service.settings, self._backend
+        checks: dict[str, Any] = {}
+        ok = True
+        version = None
+        prompts: dict[str, Any] = {}
+        for name, label in self._keys:
+            try:
+                resolved = await cache.resolve(name, label)
+                prompts[f"{name}:{label}"] = {"ok": True, "version": resolved.version.version,
+                                              "stale": resolved.stale}
+                version = version or resolved.version
+            except RegistryError as exc:
+                ok = False
+                prompts[f"{name}:{label}"] = {"ok": False, "error": str(exc)}
+        checks["prompts"] = prompts
+        try:
+            health = await asyncio.wait_for(backend.check_health(), settings.readiness_probe_timeout_s)
+            checks["backend"] = {"ok": True, **health}
+        except (BackendError, TimeoutError) as exc:
+            ok = False
+            checks["backend"] = {"ok": False, "error": str(exc) or type(exc).__name__}
+        else:
+            if version is not None:
+                model = version.spec.model
+                probe = ChatRequest(model=model, messages=[{"role": "user", "content": "ping"}],
+                                    max_tokens=1, request_id=f"readyz-{new_id()}")
+                try:
+                    await backend.chat(probe, timeout_s=settings.readiness_probe_timeout_s)
+                    checks["model"] = {"ok": True, "name": model}
+                except BackendError as exc:
+                    ok = False
+                    checks["model"] = {"ok": False, "name": model, "error": str(exc)}
+        return ok, checks
+
+
 def build_ops_router(service: ModerationService, backend: InferenceBackend,
                      preload_keys: list[tuple[str, str]]) -> APIRouter:
     router = APIRouter()
-    cache, metrics, settings = service.cache, service.metrics, service.settings
+    cache, metrics = service.cache, service.metrics
 
     @router.get("/v1/cache/prompts", tags=["prompt registry"], responses=ERROR_RESPONSES)
     async def cache_snapshot(request: Request) -> Response:
@@ -49,41 +106,23 @@ def build_ops_router(service: ModerationService, backend: InferenceBackend,
         """Process is alive (no dependency checks)."""
         return json_response({"status": "ok"})
 
+    health = _HealthCache(service, backend, preload_keys)
+
     @router.get("/readyz")
-    async def readyz() -> Response:
-        """Ready when the default prompt resolves and its model answers a 1-token probe."""
-        checks: dict[str, Any] = {}
-        ok = True
-        version = None
-        prompts: dict[str, Any] = {}
-        for name, label in preload_keys:
+    async def readyz(request: Request) -> Response:
+        """Ready when the default prompt resolves and its model answers a 1-token probe. The
+        check runs at most once per `readiness_cache_s` (probes never turn into model load);
+        anonymous callers get only ready or not (no backend URL, no error texts), any valid
+        key the checks."""
+        ok, checks = await health.get()
+        body: dict[str, Any] = {"status": "ready" if ok else "not_ready"}
+        if request.headers.get("authorization") or request.headers.get("x-api-key"):
             try:
-                resolved = await cache.resolve(name, label)
-                prompts[f"{name}:{label}"] = {"ok": True, "version": resolved.version.version,
-                                              "stale": resolved.stale}
-                version = version or resolved.version
-            except RegistryError as exc:
-                ok = False
-                prompts[f"{name}:{label}"] = {"ok": False, "error": str(exc)}
-        checks["prompts"] = prompts
-        try:
-            health = await asyncio.wait_for(backend.check_health(), settings.readiness_probe_timeout_s)
-            checks["backend"] = {"ok": True, **health}
-        except (BackendError, TimeoutError) as exc:
-            ok = False
-            checks["backend"] = {"ok": False, "error": str(exc) or type(exc).__name__}
-        else:
-            if version is not None:
-                model = version.spec.model
-                probe = ChatRequest(model=model, messages=[{"role": "user", "content": "ping"}],
-                                    max_tokens=1, request_id=f"readyz-{new_id()}")
-                try:
-                    await backend.chat(probe, timeout_s=settings.readiness_probe_timeout_s)
-                    checks["model"] = {"ok": True, "name": model}
-                except BackendError as exc:
-                    ok = False
-                    checks["model"] = {"ok": False, "name": model, "error": str(exc)}
-        return json_response({"status": "ready" if ok else "not_ready", "checks": checks},
-                             200 if ok else 503)
+                await service.auth.authenticate(request.headers.get("authorization"),
+                                                request.headers.get("x-api-key"))
+                body["checks"] = checks
+            except GatewayError:
+                pass  # an invalid key sees what anonymous callers see: ready or not
+        return json_response(body, 200 if ok else 503)
 
     return router

@@ -1,5 +1,10 @@
 """The `modgate` command line. Not imported by the server (checked by the boundary test)."""
 
-from gateway.cli.main import main
-
 __all__ = ["main"]
+
+
+def main() -> None:
+    """The `modgate` entry point (imported lazily, so `python -m gateway.cli.main` runs clean)."""
+    from gateway.cli.main import main as run
+
+    run()

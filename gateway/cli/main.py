@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -182,12 +183,17 @@ def _stop_serving() -> None:
 
 
 def _curl_example(cfg: AppConfig, key: str | None) -> str:
+    """A curl to paste. The key itself is never printed (banners end up in captured logs): the
+    command reads it from the 0600 keys file, and the banner shows only its prefix."""
     host = "127.0.0.1" if cfg.gateway.host in ("0.0.0.0", "::") else cfg.gateway.host
     body = {"item_id": "item-1001", "seller_id": "seller-42",
             "title": "Designer sneakers AAA replica 1:1 mirror quality",
             "description": "Same as the original, logo included. WhatsApp me to pay by bank transfer.",
             "locale": "en-US"}
-    auth = f"-H 'authorization: Bearer {key}' " if key else ""
+    keys_file = cfg.data_path() / "local-keys.json"
+    reader = (f"$({shlex.quote(sys.executable)} -c 'import json,sys; "
+              f"print(json.load(open(sys.argv[1]))[\"local-caller\"])' {shlex.quote(str(keys_file))})")
+    auth = f'-H "authorization: Bearer {reader}" ' if key else ""
     return (f"curl -s http://{host}:{cfg.gateway.port}/v1/moderate {auth}"
             f"-H 'content-type: application/json' -d '{json.dumps(body, ensure_ascii=False)}'")
 
@@ -203,6 +209,7 @@ def _run_gateway(cfg: AppConfig, store: PromptStore, *, announce: bool, local_ke
     server = uvicorn.Server(uvicorn.Config(
         fastapi_app, host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning",
         access_log=False, loop="auto", http="auto", timeout_graceful_shutdown=10,
+        limit_concurrency=cfg.gateway.max_connections,
         proxy_headers=False))  # nothing reads the client address; saves a middleware per request
 
     async def serve() -> None:
@@ -212,7 +219,11 @@ def _run_gateway(cfg: AppConfig, store: PromptStore, *, announce: bool, local_ke
         if server.started and announce:
             typer.echo(f"gateway: listening on http://{cfg.gateway.host}:{cfg.gateway.port} "
                        "(Ctrl-C to stop). Try:\n")
-            typer.echo(_curl_example(cfg, keys.get("local-caller")) + "\n", color=False)
+            caller = keys.get("local-caller")
+            if caller:
+                typer.echo(f"auth: caller key {caller[:12]}… (full key in "
+                           f"{cfg.data_path() / 'local-keys.json'}, mode 0600)")
+            typer.echo(_curl_example(cfg, caller) + "\n", color=False)
             sys.stdout.flush()
         await task
 

@@ -35,7 +35,7 @@ def test_gateway_rides_out_a_redis_outage(tmp_path: Path) -> None:
     admin, admin_record = generate_key("admin", ["admin"], created_by="t")
     store.put_key(record)
     store.put_key(admin_record)
-    settings = GatewaySettings(prompt_refresh_s=0.2, prompt_max_staleness_s=3600)
+    settings = GatewaySettings(prompt_refresh_s=0.2, prompt_max_staleness_s=3600, readiness_cache_s=0)
     try:
         with TestClient(create_app(settings, store, FakeBackend()),
                         headers={"authorization": f"Bearer {key}"}) as client:

@@ -265,7 +265,8 @@ def test_gateway_serves_from_its_cache_through_kill_9(tmp_path: Path) -> None:
     # (generous: the drill checks they neither fail open nor fail requests while Redis is dead).
     limits = CallerLimitsSettings(enabled=True, backend="redis", rate_per_s=1000, burst=1000,
                                   max_concurrent=64, redis_retry_s=0.5, redis_timeout_s=2.0)
-    settings = GatewaySettings(prompt_refresh_s=0.2, prompt_max_staleness_s=600, caller_limits=limits)
+    settings = GatewaySettings(prompt_refresh_s=0.2, prompt_max_staleness_s=600, caller_limits=limits,
+                               readiness_cache_s=0)
     metrics = Metrics()
     workers_n = 4
     answers: list[Answer] = []

@@ -88,6 +88,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     config["data_dir"] = str(tmp / "data")
     config["registry"]["seed_dir"] = str(ROOT / "configs" / "prompts")
     config["gateway"]["port"] = gateway_port
+    config["gateway"]["readiness_cache_s"] = 0  # the destructive test reads readiness right after a kill
     config["serving"]["ray"]["http_port"] = serving_port
     config["serving"]["transport"] = request.param
     # Tracing end to end: the gateway and the engine export to the same receiver.

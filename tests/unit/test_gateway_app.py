@@ -22,7 +22,8 @@ LISTING = {"item_id": "item-1", "seller_id": "seller-1", "title": "Wireless earb
 
 @pytest.fixture
 def client(store: SqlitePromptStore, backend: FakeBackend, caller_key: str) -> Iterator[TestClient]:
-    settings = GatewaySettings(max_body_bytes=4096, max_title_chars=100, max_description_chars=1000)
+    settings = GatewaySettings(max_body_bytes=4096, max_title_chars=100, max_description_chars=1000,
+                               readiness_cache_s=0)
     with TestClient(create_app(settings, store, backend), raise_server_exceptions=False,
                     headers={"authorization": f"Bearer {caller_key}"}) as c:
         yield c

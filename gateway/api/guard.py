@@ -1,0 +1,137 @@
+"""An ASGI layer in front of every route: what must hold before any route code runs.
+
+- **Authentication before bodies.** Routes whose body FastAPI parses (admin, rollouts,
+  feedback) would read and parse a body of any size before the route checks the key. Here
+  every request that carries a body to such a route must present a valid key first (401
+  without reading a byte); the route still checks the scope.
+- **Bodies limited while they stream in**: a declared `Content-Length` over the limit is a
+  413 at once, a body that grows past it is cut off with a 413 without reading the rest, and a
+  body must arrive within `body_timeout_s` (408, slow clients). The front doors read their
+  bodies through `gateway.api.edge.read_body`, which applies the same rules, so they pass
+  through untouched here apart from the headers.
+- **Security headers on every response**: `X-Content-Type-Options: nosniff`,
+  `Cache-Control: no-store`, and a CSP that forbids everything (JSON APIs need nothing;
+  `/docs` is left alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import MutableMapping
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.api.edge import error_response
+from gateway.auth import Authenticator
+from gateway.problems import ApiError, ClientDisconnected, Problem, problem_for
+
+__all__ = ["RequestGuard"]
+
+_SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store")]
+_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
+_DOCS = ("/docs", "/redoc", "/openapi.json")
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class RequestGuard:
+    def __init__(self, app: ASGIApp, *, auth: Authenticator, self_guarded: frozenset[str],
+                 max_body_bytes: int, body_timeout_s: float,
+                 body_limits: dict[str, int] | None = None) -> None:
+        """`self_guarded`: paths that authenticate before reading and limit their own bodies
+        (the front doors). `body_limits`: larger limits for some paths (publishing a prompt)."""
+        self.app, self.auth, self.self_guarded = app, auth, self_guarded
+        self.max_body_bytes, self.body_timeout_s = max_body_bytes, body_timeout_s
+        self.body_limits = body_limits or {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        send = self._with_headers(send, csp=not path.startswith(_DOCS))
+        if scope["method"] not in _BODY_METHODS or path in self.self_guarded:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        try:
+            await self.auth.authenticate(_text(headers.get(b"authorization")),
+                                         _text(headers.get(b"x-api-key")))
+            limit = self.body_limits.get(path, self.max_body_bytes)
+            declared = headers.get(b"content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                raise ApiError(413, "body_too_large", f"request body is {int(declared)} bytes; "
+                               f"the limit is {limit}")
+        except Exception as exc:  # noqa: BLE001 - answered through the one table
+            await self._refuse(scope, send, exc)
+            return
+        try:
+            body = await self._read(receive, limit)
+        except Exception as exc:  # noqa: BLE001 - answered through the one table
+            await self._refuse(scope, send, exc)
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _read(self, receive: Receive, limit: int) -> bytes:
+        """The whole body, at most *limit* bytes and within `body_timeout_s`. These routes are
+        admin routes with small bodies: reading here, then replaying, keeps the limit out of
+        FastAPI's body parsing (which turns any error while reading into a 400)."""
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise ClientDisconnected("the caller went away while sending the body")
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        raise ApiError(413, "body_too_large",
+                                       f"request body exceeds the limit of {limit} bytes")
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+        except TimeoutError:
+            raise ApiError(408, "body_timeout", f"the request body did not arrive within "
+                           f"{self.body_timeout_s:g}s") from None
+
+    @staticmethod
+    def _with_headers(send: Send, *, csp: bool) -> Send:
+        async def sending(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += _SECURITY_HEADERS
+                if csp:
+                    headers.append(_CSP)
+                message["headers"] = headers
+            await send(message)
+
+        return sending
+
+    @staticmethod
+    async def _refuse(scope: Scope, send: Send, exc: Exception) -> None:
+        problem = problem_for(exc) or Problem(500, "internal_error", "internal error; see gateway logs")
+
+        async def no_body() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        response = error_response(problem, None)
+        await response(scope, no_body, send)
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode("latin-1") if value is not None else None
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # after the body: wait for the disconnect, as the server would
+
+    return replay
