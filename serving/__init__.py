@@ -6,15 +6,17 @@ server). Knows nothing about prompts. Heavy imports (ray, vllm, torch) live only
 from serving.errors import (
     BackendBadRequest,
     BackendError,
+    BackendModelNotFound,
     BackendOverloaded,
     BackendProtocolError,
+    BackendRejectedInput,
     BackendTimeout,
     BackendUnavailable,
 )
 from serving.protocol import ChatChunk, ChatRequest, ChatResult, InferenceBackend, Timings
 
 __all__ = [
-    "BackendBadRequest", "BackendError", "BackendOverloaded", "BackendProtocolError",
-    "BackendTimeout", "BackendUnavailable", "ChatChunk", "ChatRequest", "ChatResult", "InferenceBackend",
-    "Timings",
+    "BackendBadRequest", "BackendError", "BackendModelNotFound", "BackendOverloaded", "BackendProtocolError",
+    "BackendRejectedInput", "BackendTimeout", "BackendUnavailable", "ChatChunk", "ChatRequest", "ChatResult",
+    "InferenceBackend", "Timings",
 ]

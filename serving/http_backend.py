@@ -3,6 +3,12 @@
 Uses one pooled `aiohttp` client session. Output constraints travel as vLLM's `structured_outputs`
 extension (regex) or the standard `response_format` (JSON schema). `stream_chat` reads the
 server-sent events of a `stream: true` completion.
+
+Failures become `serving.errors` exceptions whose messages are our own: an upstream error body
+is classified (`upstream_error`) but never quoted - it can carry the caller's regex or schema
+back - and is logged only as its length and hash (its text only at DEBUG, truncated; see
+serving/errors.py). Transport exceptions are not chained (`from None`); their class name is
+kept as the error's `cause`.
 """
 
 from __future__ import annotations
@@ -17,14 +23,18 @@ from opentelemetry import propagate
 
 from serving.errors import (
     BackendBadRequest,
+    BackendError,
+    BackendModelNotFound,
     BackendOverloaded,
     BackendProtocolError,
+    BackendRejectedInput,
     BackendTimeout,
     BackendUnavailable,
+    report_upstream,
 )
 from serving.protocol import ChatChunk, ChatRequest, ChatResult, Timings
 
-__all__ = ["OpenAIHttpBackend", "build_chat_body", "parse_completion"]
+__all__ = ["OpenAIHttpBackend", "build_chat_body", "error_status", "parse_completion", "upstream_error"]
 
 
 def build_chat_body(req: ChatRequest) -> dict[str, Any]:
@@ -94,19 +104,25 @@ class OpenAIHttpBackend:
                                            headers=trace_headers(), timeout=self._timeout(timeout_s)) as resp:
                 raw = await resp.read()
                 status, headers = resp.status, resp.headers
-        except TimeoutError as exc:
-            raise BackendTimeout(f"no answer from {self.base_url} within {timeout_s:.1f}s") from exc
+        except TimeoutError:
+            raise self._report(BackendTimeout(f"no answer from the model server within {timeout_s:.1f}s",
+                                              cause="TimeoutError")) from None
         except aiohttp.ClientError as exc:
-            raise BackendUnavailable(f"cannot reach {self.base_url}: {type(exc).__name__}") from exc
+            raise self._report(BackendUnavailable("cannot reach the model server", kind="connection_failed",
+                                                  cause=exc), str(exc)) from None
         total_ms = (time.perf_counter() - start) * 1000.0
         if status != 200:
-            _raise_for_status(status, headers, raw)
+            raise self._report(_status_error(status, headers, raw, request.model), raw)
         try:
             data = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise BackendProtocolError(
-                f"{self.base_url} answered 200 with a body that is not a chat completion") from exc
+        except orjson.JSONDecodeError:
+            raise self._report(BackendProtocolError(
+                "the model server answered HTTP 200 with a body that is not a chat completion",
+                upstream_status=200, upstream_body=raw), raw) from None
         return parse_completion(data, request.model, total_ms, self.base_url)
+
+    def _report(self, exc: BackendError, upstream_text: bytes | str | None = None) -> BackendError:
+        return report_upstream(exc, upstream_text, where=self.base_url)
 
     async def stream_chat(self, request: ChatRequest, *, timeout_s: float) -> AsyncIterator[ChatChunk]:
         """Stream a completion. `timeout_s` bounds the whole stream, not only each read.
@@ -124,7 +140,8 @@ class OpenAIHttpBackend:
             async with self._client().post(f"{self.base_url}/chat/completions", data=orjson.dumps(body),
                                            headers=trace_headers(), timeout=self._timeout(timeout_s)) as resp:
                 if resp.status != 200:
-                    _raise_for_status(resp.status, resp.headers, await resp.read())
+                    raw = await resp.read()
+                    raise self._report(_status_error(resp.status, resp.headers, raw, request.model), raw)
                 started = True
                 finished = False
                 async for data in _sse_data(resp.content):
@@ -135,28 +152,39 @@ class OpenAIHttpBackend:
                         finished = finished or chunk.finish_reason is not None
                         yield chunk
                     if time.perf_counter() > deadline:
-                        raise BackendTimeout(
-                            f"stream from {self.base_url} not finished within {timeout_s:.1f}s")
+                        raise self._report(BackendTimeout(
+                            f"the model server's stream did not finish within {timeout_s:.1f}s"))
                 if not finished:
-                    raise BackendUnavailable(
-                        f"stream from {self.base_url} ended before the completion finished")
-        except TimeoutError as exc:
-            raise BackendTimeout(f"no answer from {self.base_url} within {timeout_s:.1f}s") from exc
+                    raise self._report(BackendUnavailable(
+                        "the model server's stream ended before the completion finished",
+                        kind="stream_incomplete"))
+        except TimeoutError:
+            raise self._report(BackendTimeout(f"no answer from the model server within {timeout_s:.1f}s",
+                                              cause="TimeoutError")) from None
+        except UnicodeDecodeError:
+            raise self._report(BackendProtocolError("the model server streamed an event that is not UTF-8",
+                                                    cause="UnicodeDecodeError")) from None
         except aiohttp.ClientError as exc:
-            where = "stream broke mid-answer from" if started else "cannot reach"
-            raise BackendUnavailable(f"{where} {self.base_url}: {type(exc).__name__}") from exc
+            error = (BackendUnavailable("the model server's stream broke mid-answer", kind="stream_broken",
+                                        cause=exc) if started else
+                     BackendUnavailable("cannot reach the model server", kind="connection_failed", cause=exc))
+            raise self._report(error, str(exc)) from None
 
     def _parse_stream_event(self, data: str) -> ChatChunk | None:
         try:
             event = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise BackendProtocolError(f"{self.base_url} streamed an event that is not JSON") from exc
+        except orjson.JSONDecodeError:
+            raise self._report(BackendProtocolError("the model server streamed an event that is not JSON",
+                                                    upstream_body=data), data) from None
         if not isinstance(event, dict):
-            raise BackendProtocolError(f"{self.base_url} streamed an event that is not an object")
+            raise self._report(BackendProtocolError("the model server streamed an event that is not an object",
+                                                    upstream_body=data), data)
         if event.get("error") is not None:
             err = event["error"]
-            msg = err.get("message") if isinstance(err, dict) else err
-            raise BackendUnavailable(f"{self.base_url} failed mid-stream: {str(msg)[:500]}")
+            raise self._report(BackendUnavailable(
+                "the model server failed mid-answer", kind="stream_error",
+                upstream_status=error_status(err.get("code") if isinstance(err, dict) else None),
+                upstream_body=data), data)
         try:
             choices = event.get("choices") or []
             text, finish = "", None
@@ -176,25 +204,31 @@ class OpenAIHttpBackend:
                 completion_tokens=int(completion_tokens) if completion_tokens is not None else None,
             )
         except (AttributeError, IndexError, TypeError, ValueError) as exc:
-            raise BackendProtocolError(
-                f"{self.base_url} streamed an event that is not a chat completion chunk") from exc
+            raise self._report(BackendProtocolError(
+                "the model server streamed an event that is not a chat completion chunk", cause=exc,
+                upstream_body=data), data) from None
         if not chunk.text_delta and chunk.finish_reason is None and chunk.prompt_tokens is None:
             return None  # e.g. the first chunk, which only carries the role
         return chunk
 
     async def check_health(self) -> dict[str, Any]:
+        """Not logged: a readiness probe reports (and repeats) its own result."""
         try:
             async with self._client().get(f"{self.base_url}/models", timeout=self._timeout(3.0)) as resp:
                 raw = await resp.read()
                 status = resp.status
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise BackendUnavailable(f"cannot reach {self.base_url}: {type(exc).__name__}") from exc
+            raise BackendUnavailable("cannot reach the model server", kind="connection_failed",
+                                     cause=exc) from None
         if status != 200:
-            raise BackendUnavailable(f"{self.base_url}/models answered HTTP {status}")
+            raise BackendUnavailable(f"the model server's model list answered HTTP {status}",
+                                     kind="server_error", upstream_status=status, upstream_body=raw)
         try:
             models = [m["id"] for m in orjson.loads(raw)["data"]]
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            raise BackendUnavailable(f"{self.base_url}/models answered an unexpected body") from exc
+            raise BackendUnavailable("the model server's model list is not an OpenAI model list",
+                                     kind="protocol_error", upstream_status=200, upstream_body=raw,
+                                     cause=exc) from None
         return {"models": models}
 
     async def aclose(self) -> None:
@@ -204,7 +238,8 @@ class OpenAIHttpBackend:
 
 
 def parse_completion(data: Any, model: str, total_ms: float, source: str) -> ChatResult:
-    """A `ChatResult` from an OpenAI chat completion (a decoded JSON object)."""
+    """A `ChatResult` from an OpenAI chat completion (a decoded JSON object). *source* names
+    the server in the log line of a failure, never in the error's message."""
     try:
         choice = data["choices"][0]
         text = choice["message"]["content"] or ""
@@ -220,7 +255,10 @@ def parse_completion(data: Any, model: str, total_ms: float, source: str) -> Cha
             cached_prompt_tokens=details.get("cached_tokens"),
         )
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
-        raise BackendProtocolError(f"{source} answered with a body that is not a chat completion") from exc
+        body = _dumps(data)
+        raise report_upstream(BackendProtocolError(
+            "the model server answered with a body that is not a chat completion", cause=exc,
+            upstream_body=body), body, where=source) from None
 
 
 async def _sse_data(content: aiohttp.StreamReader) -> AsyncIterator[str]:
@@ -251,22 +289,68 @@ def trace_headers() -> dict[str, str]:
     return headers
 
 
-def _raise_for_status(code: int, headers: Mapping[str, str], raw: bytes) -> None:
-    message = _error_message(raw)
-    if code == 429:
-        retry_after = headers.get("retry-after")
-        raise BackendOverloaded(f"model overloaded: {message}",
-                                float(retry_after) if retry_after and retry_after.isdigit() else None)
-    if code >= 500:
-        raise BackendUnavailable(f"server error HTTP {code}: {message}")
-    raise BackendBadRequest(f"server rejected the request with HTTP {code}: {message}")
+def upstream_error(status: int, body: Any, raw: bytes | str, model: str, *,
+                   retry_after_s: float | None = None) -> BackendError:
+    """The `BackendError` for a model server's error answer: HTTP *status*, the decoded body
+    (None when it is not JSON; an OpenAI `{"error": {...}}`, a FastAPI `{"detail": ...}` or
+    vLLM's error object itself) and the *raw* body (hashed, never quoted). The body is read
+    only to classify: a model the server does not serve, and the parameter at fault."""
+    err = body.get("error", body) if isinstance(body, dict) else None
+    if not isinstance(err, dict):
+        err = {"message": err} if isinstance(err, str) else {}
+    fields: dict[str, Any] = {"upstream_status": status, "upstream_body": raw}
+    if status == 429:
+        return BackendOverloaded("the model server is overloaded (HTTP 429)", retry_after_s, **fields)
+    if status >= 500:
+        return BackendUnavailable(f"the model server failed (HTTP {status})", kind="server_error", **fields)
+    if status < 400:
+        return BackendProtocolError(f"the model server answered HTTP {status} instead of a chat completion",
+                                    **fields)
+    if _names_missing_model(status, err):
+        return BackendModelNotFound(model, **fields)
+    if status in (400, 413, 422):
+        return BackendRejectedInput(param=err.get("param"), **fields)
+    return BackendBadRequest(f"the model server rejected the request (HTTP {status})", **fields)
 
 
-def _error_message(raw: bytes) -> str:
+_MODEL_NOT_FOUND_TYPES = frozenset({"model_not_found", "NotFoundError", "InvalidModel"})
+
+
+def _names_missing_model(status: int, err: dict[str, Any]) -> bool:
+    """OpenAI's `code: model_not_found` (any 4xx), or a 404 that is about a model: vLLM's
+    `NotFoundError` ("The model `x` does not exist."), Ray Serve LLM's `InvalidModel` or its
+    "Could not find model ..." detail. A 404 about anything else (a wrong base URL) is not."""
+    if err.get("code") == "model_not_found" or err.get("type") == "model_not_found":
+        return True
+    if status != 404:
+        return False
+    text = err.get("message") or err.get("detail")
+    return err.get("type") in _MODEL_NOT_FOUND_TYPES or (isinstance(text, str) and "model" in text.lower())
+
+
+def _status_error(status: int, headers: Mapping[str, str], raw: bytes, model: str) -> BackendError:
+    retry_after = headers.get("retry-after")
     try:
-        data = orjson.loads(raw)
-        err = data.get("error", data)
-        msg = err.get("message") if isinstance(err, dict) else str(err)
-        return str(msg)[:500]
-    except (orjson.JSONDecodeError, AttributeError):
-        return raw[:200].decode("utf-8", "replace")
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
+    return upstream_error(status, body, raw, model,
+                          retry_after_s=float(retry_after) if retry_after and retry_after.isdigit() else None)
+
+
+def error_status(code: object) -> int | None:
+    """An HTTP status from an error object's `code` (an int, or digits), else None."""
+    if isinstance(code, bool):
+        return None
+    if isinstance(code, int):
+        return code if 100 <= code <= 599 else None
+    if isinstance(code, str) and code.isdigit() and len(code) == 3:
+        return int(code)
+    return None
+
+
+def _dumps(data: Any) -> bytes:
+    try:
+        return orjson.dumps(data)
+    except TypeError:
+        return repr(data).encode("utf-8", "replace")

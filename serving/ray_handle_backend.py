@@ -18,6 +18,11 @@ being cancelled (deadline, caller gone) does not cancel the remote call by itsel
 `_cancel_when_abandoned`, which calls `DeploymentResponse.cancel()`: Serve cancels the actor
 task, and vLLM aborts the request when the replica's coroutine is cancelled. A batched call is
 cancelled once every request in it has been given up (see serving/hop_batcher.py).
+
+Failures carry our own messages (serving/errors.py): a Ray exception's class name and text
+(which hold Ray's internal request ids and, in a task error, the replica's traceback) and the
+engine's error message (which can quote the caller's regex or schema) never reach `str(exc)`;
+Ray exceptions are not chained. The class name is kept as the error's `cause` and logged.
 """
 
 from __future__ import annotations
@@ -27,16 +32,28 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
+
 from serving.config import HandleBatchConfig
 from serving.errors import (
-    BackendBadRequest,
+    BackendError,
+    BackendModelNotFound,
     BackendOverloaded,
     BackendProtocolError,
     BackendTimeout,
     BackendUnavailable,
+    model_label,
+    report_upstream,
 )
 from serving.hop_batcher import HopBatcher
-from serving.http_backend import OpenAIHttpBackend, build_chat_body, parse_completion, trace_headers
+from serving.http_backend import (
+    OpenAIHttpBackend,
+    build_chat_body,
+    error_status,
+    parse_completion,
+    trace_headers,
+    upstream_error,
+)
 from serving.protocol import ChatChunk, ChatRequest, ChatResult
 
 __all__ = ["RayHandleBackend"]
@@ -82,15 +99,17 @@ class RayHandleBackend:
             try:
                 names = list(serve.status().applications[self.app_name].deployments)
             except KeyError:
-                raise BackendUnavailable(f"Ray Serve application {self.app_name!r} is not running") from None
+                raise self._report(BackendUnavailable("the model server's Ray Serve application is not running",
+                                                      kind="deployment_missing")) from None
             name = next((n for n in names if n.endswith(f":{model}")), None)
             if name is None:
-                raise BackendBadRequest(f"model {model!r} is not deployed in {self.app_name!r}")
+                raise self._report(BackendModelNotFound(model, kind="model_not_found"))
             handle = self._handles[model] = serve.get_deployment_handle(name, app_name=self.app_name)
         return handle
 
     async def chat(self, request: ChatRequest, *, timeout_s: float) -> ChatResult:
         from ray.exceptions import RayError
+        from ray.serve.exceptions import RayServeException
 
         start = time.perf_counter()
         try:
@@ -101,27 +120,28 @@ class RayHandleBackend:
             else:
                 call = self._batcher(request.model, handle).submit((body, headers))
             data = await asyncio.wait_for(call, timeout_s)
-        except TimeoutError as exc:
-            raise BackendTimeout(f"no answer from deployment of {request.model!r} within {timeout_s:.1f}s") from exc
-        except RayError as exc:  # actor died, replica unavailable, serve backpressure ...
-            name = type(exc).__name__
-            if "BackPressure" in name:
-                raise BackendOverloaded(f"deployment of {request.model!r} is saturated: {name}") from exc
-            raise BackendUnavailable(f"deployment of {request.model!r} failed: {name}") from exc
+        except TimeoutError:
+            raise self._report(BackendTimeout(
+                f"no answer from the deployment of model {model_label(request.model)} within {timeout_s:.1f}s",
+                cause="TimeoutError")) from None
+        except (RayError, RayServeException) as exc:  # actor died, replica unavailable, back-pressure ...
+            # (Serve's BackPressureError, DeploymentUnavailableError and ReplicaUnavailableError
+            # are RayServeExceptions, not RayErrors.)
+            raise self._report(ray_error(exc, request.model), str(exc)) from None
         if not isinstance(data, dict):
-            raise BackendProtocolError("the deployment answered something that is not a chat completion")
+            raise self._report(BackendProtocolError(
+                "the model deployment answered something that is not a chat completion",
+                cause=type(data).__name__))
         error = data.get("error")
         if error is not None:
-            code = error.get("code") if isinstance(error, dict) else None
-            message = str(error.get("message") if isinstance(error, dict) else error)[:500]
-            code = int(code) if isinstance(code, int) or (isinstance(code, str) and code.isdigit()) else 500
-            if code == 429:
-                raise BackendOverloaded(f"model overloaded: {message}")
-            if code >= 500:
-                raise BackendUnavailable(f"engine error {code}: {message}")
-            raise BackendBadRequest(f"engine rejected the request ({code}): {message}")
+            status = error_status(error.get("code") if isinstance(error, dict) else None) or 500
+            raw = _dumps(error)
+            raise self._report(upstream_error(status, data, raw, request.model), raw)
         return parse_completion(data, request.model, (time.perf_counter() - start) * 1000.0,
-                                f"deployment of {request.model!r}")
+                                f"ray-serve:{self.app_name}")
+
+    def _report(self, exc: BackendError, upstream_text: bytes | str | None = None) -> BackendError:
+        return report_upstream(exc, upstream_text, where=f"ray-serve:{self.app_name}")
 
     def batch_stats(self) -> dict[str, dict[str, Any]]:
         """Per model: Ray calls made, requests they carried, mean requests per call."""
@@ -137,14 +157,34 @@ class RayHandleBackend:
         try:
             app = serve.status().applications[self.app_name]
         except Exception as exc:  # noqa: BLE001 - any failure to read status means not healthy
-            raise BackendUnavailable(f"Ray Serve application {self.app_name!r}: {exc}") from None
+            raise BackendUnavailable("the model server's Ray Serve application is not running",
+                                     kind="deployment_missing", cause=exc) from None
         models = [n.split(":", 1)[1] for n, d in app.deployments.items()
                   if ":" in n and str(d.status).endswith("HEALTHY")]
         if not models:
-            raise BackendUnavailable(f"no healthy model deployment in {self.app_name!r}")
+            raise BackendUnavailable("no healthy model deployment in the model server's Ray Serve application",
+                                     kind="deployment_failed")
         return {"models": models, "transport": "handle"}
 
     async def aclose(self) -> None:
         for batcher in self._batchers.values():
             await batcher.aclose()
         await self._fallback.aclose()
+
+
+def ray_error(exc: BaseException, model: str) -> BackendError:
+    """Our error for a Ray exception raised by a call to *model*'s deployment: overloaded for
+    Serve's back-pressure, unavailable otherwise. Only the class name is kept (as `cause`),
+    never the exception's text, which holds Ray's request ids and the replica's traceback."""
+    name = type(exc).__name__
+    label = model_label(model)
+    if "BackPressure" in name:
+        return BackendOverloaded(f"the deployment of model {label} is saturated", kind="overloaded", cause=name)
+    return BackendUnavailable(f"the deployment of model {label} failed", kind="deployment_failed", cause=name)
+
+
+def _dumps(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return repr(value).encode("utf-8", "replace")

@@ -35,7 +35,9 @@
   which the README promises are never retried); they still feed and obey the breaker.
 
 Every decision is counted in `stats` and, given a prometheus_client `CollectorRegistry`, in
-`modgate_backend_*` metrics. Clock, sleep and RNG are injectable for tests. This module must
+`modgate_backend_*` metrics. Log lines name an error by its class and safe fields (kind,
+reference id, upstream status, body length and hash: `BackendError.log_fields`), never by
+upstream text. Clock, sleep and RNG are injectable for tests. This module must
 not import `gateway` or `prompt_registry` (serving is the lower layer).
 """
 
@@ -98,6 +100,8 @@ _STATE_VALUE = {"closed": 0, "half_open": 1, "open": 2}
 
 class CircuitOpen(BackendUnavailable):
     """The model's circuit is open: failed fast, the backend was not called."""
+
+    default_kind = "circuit_open"
 
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
@@ -430,7 +434,7 @@ class ResilientBackend:
             return False
         self.stats.retries += 1
         self._metrics.inc("retries", model=model)
-        log.info("retrying model %r in %.3fs after: %s", model, backoff, exc)
+        log.info("retrying model %r in %.3fs after %s %s", model, backoff, type(exc).__name__, exc.log_fields())
         await self._sleep(backoff)
         return True
 

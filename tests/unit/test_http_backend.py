@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import httpx
 import orjson
@@ -10,8 +11,10 @@ import pytest
 
 from serving import (
     BackendBadRequest,
+    BackendModelNotFound,
     BackendOverloaded,
     BackendProtocolError,
+    BackendRejectedInput,
     BackendUnavailable,
     ChatRequest,
 )
@@ -65,7 +68,8 @@ def test_request_carries_constraint_and_auth() -> None:
         (httpx.Response(503, text="down"), BackendUnavailable),
         (httpx.Response(500, json={"error": {"message": "EngineDeadError"}}), BackendUnavailable),
         (httpx.Response(400, json={"error": {"message": "bad regex"}}), BackendBadRequest),
-        (httpx.Response(404, json={"error": {"message": "model not found"}}), BackendBadRequest),
+        (httpx.Response(404, json={"error": {"message": "model not found"}}), BackendModelNotFound),
+        (httpx.Response(403, json={"error": {"message": "forbidden"}}), BackendBadRequest),
         (httpx.Response(200, text="<html>"), BackendProtocolError),
         (httpx.Response(200, json={"choices": []}), BackendProtocolError),
     ],
@@ -156,7 +160,8 @@ def test_stream_error_event_mid_stream_raises_unavailable() -> None:
                                         "code": 500}}, b"[DONE]")
     chunks, exc = _stream(lambda _req: httpx.Response(200, content=body))
     assert [c.text_delta for c in chunks] == ["{"]
-    assert isinstance(exc, BackendUnavailable) and "EngineDeadError" in str(exc)
+    assert isinstance(exc, BackendUnavailable) and "EngineDeadError" not in str(exc)
+    assert "failed mid-answer" in str(exc) and exc.kind == "stream_error" and exc.upstream_status == 500
 
 
 def test_stream_broken_connection_mid_stream_raises_unavailable() -> None:
@@ -284,3 +289,219 @@ def test_ray_handle_backend_cancels_the_serve_request_its_caller_gave_up(batched
     handle = asyncio.run(run())
     method = handle.chat_json_batch if batched else handle.chat_json
     assert [r.cancel_calls for r in method.responses] == [1]
+
+
+# -- upstream text stays upstream (issue 18) ------------------------------------------------
+# The model server's error text can quote what the caller sent (vLLM echoes a rejected regex or
+# JSON schema) and Ray's internals (exception classes, request ids). None of it may reach
+# str(exc) (the caller's message and the gateway's WARNING log), repr(exc), exc.args, a
+# formatted traceback (the span's exception event) or a log record at INFO or above.
+
+MARKER = "SECRET-MARKER-4c1d"
+RAY_TEXT = (f"ray.exceptions.RayTaskError(ValueError): ray::ServeReplica:llm:LLMServer:m.chat_json() "
+            f"(pid=4242, ip=10.0.0.7, actor_id=7d3c0ffee, request_id=9c1f2e7a-5b1d) {MARKER}")
+RAY_BITS = ("RayTaskError", "ServeReplica", "request_id", "9c1f2e7a", "actor_id")
+UPSTREAM_LOG = "modgate.serving.upstream"
+
+
+def _assert_clean(exc: BaseException, caplog: pytest.LogCaptureFixture) -> None:
+    import re
+    import traceback
+
+    from serving import BackendError
+
+    assert isinstance(exc, BackendError)
+    for text in (str(exc), repr(exc), repr(exc.args), "".join(traceback.format_exception(exc))):
+        assert MARKER not in text, text
+    for bit in RAY_BITS:
+        assert bit not in str(exc)
+    assert exc.__cause__ is None and (exc.__context__ is None or exc.__suppress_context__)  # nothing chained
+    assert re.fullmatch(r"ref-[0-9a-f]{12}", exc.reference) and exc.reference in str(exc)
+    assert exc.args == (exc.message,) and len(str(exc)) < 200
+    loud = [r for r in caplog.records if r.levelno >= logging.INFO]
+    for record in loud:
+        assert MARKER not in record.getMessage()
+        assert record.exc_info is None or MARKER not in "".join(traceback.format_exception(record.exc_info[1]))
+    assert any(exc.reference in r.getMessage() for r in loud), "the failure is logged with its reference"
+
+
+def _error_body(message: str, *, type_: str = "BadRequestError", code: object = 400,
+                param: object = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _raised(handler, caplog: pytest.LogCaptureFixture, request: ChatRequest = REQ) -> BaseException:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.DEBUG, logger=UPSTREAM_LOG)
+    with pytest.raises(Exception) as info:
+        _run(handler, request)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("response", "exc", "kind"),
+    [
+        (httpx.Response(400, json=_error_body(f"Invalid regex {MARKER}(a|b")), BackendRejectedInput,
+         "rejected_input"),
+        (httpx.Response(400, json=_error_body(f"json_schema invalid: {{'title': '{MARKER}'}}",
+                                              param="response_format")), BackendRejectedInput, "rejected_input"),
+        (httpx.Response(422, json={"detail": [{"msg": MARKER, "loc": ["body", "messages"]}]}),
+         BackendRejectedInput, "rejected_input"),
+        (httpx.Response(401, json=_error_body(f"bad key {MARKER}", code=401)), BackendBadRequest, "rejected"),
+        (httpx.Response(404, json={"detail": f"Not Found {MARKER}"}), BackendBadRequest, "rejected"),
+        (httpx.Response(500, json=_error_body(RAY_TEXT, type_="InternalServerError", code=500)),
+         BackendUnavailable, "server_error"),
+        (httpx.Response(503, text=f"upstream connect error {MARKER}"), BackendUnavailable, "server_error"),
+        (httpx.Response(429, json=_error_body(f"queue full {MARKER}", code=429)), BackendOverloaded,
+         "overloaded"),
+        (httpx.Response(200, text=f"<html>{MARKER}</html>"), BackendProtocolError, "protocol_error"),
+        (httpx.Response(200, json={"choices": [{"message": MARKER}], "model": MARKER}), BackendProtocolError,
+         "protocol_error"),
+        (httpx.Response(200, json={"choices": [{"message": {"content": "x"}}], "usage": {"prompt_tokens": MARKER}}),
+         BackendProtocolError, "protocol_error"),
+    ],
+)
+def test_upstream_error_text_never_leaves_the_backend(response: httpx.Response, exc: type[Exception], kind: str,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    import hashlib
+
+    raised = _raised(lambda _req: response, caplog)
+    assert type(raised) is exc and raised.kind == kind  # type: ignore[attr-defined]
+    _assert_clean(raised, caplog)
+    if response.status_code != 200 or kind == "protocol_error" and response.text.startswith("<"):
+        assert raised.upstream_length == len(response.content)  # type: ignore[attr-defined]
+        assert raised.upstream_sha256 == hashlib.sha256(response.content).hexdigest()[:16]  # type: ignore[attr-defined]
+    if response.status_code != 200:
+        assert raised.upstream_status == response.status_code  # type: ignore[attr-defined]
+        assert f"HTTP {response.status_code}" in str(raised)
+
+
+def test_rejected_input_names_a_known_parameter_only(caplog: pytest.LogCaptureFixture) -> None:
+    known = _raised(lambda _req: httpx.Response(400, json=_error_body(f"bad schema {MARKER}",
+                                                                       param="response_format")), caplog)
+    assert isinstance(known, BackendRejectedInput) and known.param == "response_format"
+    assert str(known).startswith("the model server rejected the request's 'response_format' (HTTP 400)")
+    unknown = _raised(lambda _req: httpx.Response(400, json=_error_body("bad", param=MARKER)), caplog)
+    assert isinstance(unknown, BackendRejectedInput) and unknown.param is None
+    assert str(unknown).startswith("the model server rejected the request (HTTP 400)")
+    _assert_clean(unknown, caplog)
+
+
+MODEL_REQ = ChatRequest(model="moderation-small", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        # vLLM's OpenAI server
+        httpx.Response(404, json=_error_body(f"The model `{MARKER}` does not exist.", type_="NotFoundError",
+                                             code=404)),
+        # OpenAI's own shape
+        httpx.Response(404, json={"error": {"message": f"The model {MARKER} does not exist",
+                                            "type": "invalid_request_error", "code": "model_not_found"}}),
+        # Ray Serve LLM's ingress
+        httpx.Response(404, json={"detail": f'Could not find model with id "{MARKER}".'}),
+        httpx.Response(404, json=_error_body(f"Unable to find {MARKER}.", type_="InvalidModel", code=404)),
+    ],
+)
+def test_model_not_found_is_its_own_error_naming_only_our_model(response: httpx.Response,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    raised = _raised(lambda _req: response, caplog, MODEL_REQ)
+    assert isinstance(raised, BackendModelNotFound) and isinstance(raised, BackendBadRequest)
+    assert not isinstance(raised, BackendRejectedInput)
+    assert raised.model == "moderation-small" and raised.kind == "model_not_found"
+    assert str(raised).startswith("the model server does not serve model 'moderation-small' [ref-")
+    _assert_clean(raised, caplog)
+    assert any(r.levelno == logging.WARNING and raised.reference in r.getMessage() for r in caplog.records)
+
+
+def test_upstream_text_is_logged_only_at_debug_and_truncated(caplog: pytest.LogCaptureFixture) -> None:
+    from serving.errors import DEBUG_EXCERPT_CHARS
+
+    early = f"vLLM says: {MARKER} "
+    body = early + "x" * 400 + f" LATE-{MARKER}"
+    raised = _raised(lambda _req: httpx.Response(500, text=body), caplog)
+    _assert_clean(raised, caplog)
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG and r.name == UPSTREAM_LOG]
+    assert len(debug) == 1 and raised.reference in debug[0]  # type: ignore[attr-defined]
+    assert MARKER in debug[0] and f"LATE-{MARKER}" not in debug[0]
+    assert len(debug[0]) < DEBUG_EXCERPT_CHARS + 200
+
+
+def test_upstream_text_is_not_even_formatted_without_debug(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=UPSTREAM_LOG)
+    with pytest.raises(BackendUnavailable):
+        _run(lambda _req: httpx.Response(500, text=MARKER))
+    assert caplog.records and all(MARKER not in r.getMessage() for r in caplog.records)
+
+
+def test_transport_errors_keep_only_the_cause_class(caplog: pytest.LogCaptureFixture) -> None:
+    def handler(req: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=req)
+
+    raised = _raised(handler, caplog)
+    assert isinstance(raised, BackendUnavailable) and raised.kind == "connection_failed"
+    assert raised.cause is not None and "cannot reach the model server" in str(raised)
+    assert "127.0.0.1" not in str(raised)  # the server's address is for our logs, not the caller
+    _assert_clean(raised, caplog)
+
+
+@pytest.mark.parametrize(
+    ("body", "exc", "kind"),
+    [
+        (_sse(_chunk("{"), _error_body(RAY_TEXT, type_="InternalServerError", code=500)), BackendUnavailable,
+         "stream_error"),
+        (_sse(_chunk("{"), f"<html>{MARKER}".encode()), BackendProtocolError, "protocol_error"),
+        (_sse(_chunk("{"), [MARKER]), BackendProtocolError, "protocol_error"),
+        (_sse(_chunk("{"), {"choices": [{"delta": {"content": [MARKER]}}]}), BackendProtocolError,
+         "protocol_error"),
+    ],
+)
+def test_stream_failures_keep_upstream_text_out(body: bytes, exc: type[Exception], kind: str,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=UPSTREAM_LOG)
+    chunks, raised = _stream(lambda _req: httpx.Response(200, content=body))
+    assert [c.text_delta for c in chunks] == ["{"]
+    assert type(raised) is exc and raised.kind == kind  # type: ignore[union-attr]
+    assert raised is not None
+    _assert_clean(raised, caplog)
+
+
+def test_stream_rejection_before_the_first_event_is_typed_and_clean(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=UPSTREAM_LOG)
+    response = httpx.Response(404, json=_error_body(f"The model `{MARKER}` does not exist.",
+                                                    type_="NotFoundError", code=404))
+    chunks, raised = _stream(lambda _req: response, MODEL_REQ)
+    assert chunks == [] and isinstance(raised, BackendModelNotFound) and raised.model == "moderation-small"
+    _assert_clean(raised, caplog)
+
+
+def test_resilience_logs_retries_without_upstream_text(caplog: pytest.LogCaptureFixture) -> None:
+    from serving.resilience import ResilienceSettings, ResilientBackend, RetrySettings
+
+    caplog.set_level(logging.DEBUG, logger=UPSTREAM_LOG)
+    caplog.set_level(logging.INFO, logger="modgate.serving.resilience")
+    calls: list[int] = []
+
+    def handler(_req: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(500, json=_error_body(RAY_TEXT, type_="InternalServerError", code=500))
+
+    async def go() -> BaseException:
+        async with HandlerServer(handler) as server:
+            backend = ResilientBackend(OpenAIHttpBackend(server.base_url),
+                                       ResilienceSettings(retry=RetrySettings(base_backoff_s=0.001,
+                                                                              max_backoff_s=0.002)))
+            try:
+                await backend.chat(REQ, timeout_s=5)
+            except BackendUnavailable as exc:
+                return exc
+            finally:
+                await backend.aclose()
+        raise AssertionError("no error")
+
+    raised = asyncio.run(go())
+    assert len(calls) == 3
+    _assert_clean(raised, caplog)
+    retries = [r.getMessage() for r in caplog.records if r.name == "modgate.serving.resilience"]
+    assert len(retries) == 2 and all("kind=server_error" in m and "ref-" in m and "status=500" in m
+                                     for m in retries)
