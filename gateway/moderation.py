@@ -38,7 +38,7 @@ from gateway.config import GatewaySettings
 from gateway.decision_log import DecisionLog, DecisionRecord
 from gateway.limits import CallerLimiter, Lease
 from gateway.pipeline import Evaluation, ModerationPipeline
-from gateway.problems import UnknownPrompt, problem_for
+from gateway.problems import Forbidden, UnknownPrompt, problem_for
 from gateway.prompt_cache import PromptCache, Resolved
 from gateway.recording import decision_record, failure_record
 from gateway.rollouts.recorder import RolloutRecorder
@@ -59,6 +59,7 @@ log = logging.getLogger("modgate.gateway")
 FrontDoor = Literal["moderate", "moderations", "chat"]
 PROMPT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")  # the registry's name rule
 _NO_PROMPT = {"prompt": "-", "version": "-", "arm": "-"}
+PIN_SCOPE = "moderate:pin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,7 @@ class Caller:
     key_id: str
     name: str
     leases: list[Lease]
+    may_pin: bool = False  # holds `moderate:pin`: may ask for a version or label by name
 
     async def release(self) -> None:
         leases, self.leases[:] = list(self.leases), []
@@ -92,7 +94,9 @@ class ModerationCall:
     seller_id: str | None = None
     sampling: Mapping[str, Any] | None = None  # caller overrides, already clamped (chat only)
     caller: str | None = None  # the API key's name, for the decision log
+    may_pin: bool = False  # the caller holds `moderate:pin` (version/label pins are refused without)
     prompt_field: str = "prompt"  # the wire field that named the prompt, for error messages
+    pin_field: str = "prompt_version"  # the wire field that pinned, for error messages
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +171,7 @@ class ModerationService:
         with `Caller.release`). Raises `Unauthenticated`, `Forbidden` or `CallerLimited`."""
         principal = await self.authenticate(authorization, x_api_key, scope=scope)
         lease = await self.limiter.acquire(principal.key_id, request_id, name=principal.name)
-        return Caller(principal.key_id, principal.name, [lease])
+        return Caller(principal.key_id, principal.name, [lease], principal.allows(PIN_SCOPE))
 
     async def charge(self, caller: Caller, units: int, *, request_id: str) -> None:
         """Take *units* of the caller's quota in all (it holds one from `admit`): a request that
@@ -239,6 +243,11 @@ class ModerationService:
                                 f"{name!r} is not a prompt name", field=call.prompt_field)
         label_pin = call.label if call.label not in (None, settings.default_label) else None
         pinned = call.version is not None or label_pin is not None
+        if pinned and not call.may_pin:
+            # A pin bypasses the rollout (and its gates): serving an unpromoted version to live
+            # traffic is a privilege of its own, not part of `moderate`.
+            raise Forbidden(f"API key {call.caller!r} lacks the {PIN_SCOPE!r} scope needed to "
+                            "pin a prompt version or label", field=call.pin_field)
         if not pinned:
             # The prompt must exist before its name keys any per-name state (the rollout cache).
             try:

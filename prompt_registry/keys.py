@@ -18,10 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["SCOPES", "ApiKeyRecord", "generate_key", "parse_key", "verify_secret"]
 
-Scope = Literal["moderate", "feedback", "prompts:read", "prompts:publish", "labels:write",
-                "labels:protected", "admin"]
-SCOPES: tuple[str, ...] = ("moderate", "feedback", "prompts:read", "prompts:publish", "labels:write",
-                           "labels:protected", "admin")
+# `moderate:pin`: be served a version or label other than one's traffic assignment (testing a
+# candidate on live input); without it a caller gets what the rollout assigns, nothing else.
+Scope = Literal["moderate", "moderate:pin", "feedback", "prompts:read", "prompts:publish",
+                "labels:write", "labels:protected", "admin"]
+SCOPES: tuple[str, ...] = ("moderate", "moderate:pin", "feedback", "prompts:read", "prompts:publish",
+                           "labels:write", "labels:protected", "admin")
 
 
 class ApiKeyRecord(BaseModel):

@@ -138,7 +138,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.router.redirect_slashes = False  # a redirect would be built from the caller's Host header
-    app.add_middleware(RequestGuard, auth=auth, self_guarded=SELF_GUARDED,
+    app.add_middleware(RequestGuard, auth=auth, routes=app.router.routes, self_guarded=SELF_GUARDED,
                        max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s,
                        body_limits={"/v1/prompts": ADMIN_MAX_BODY_BYTES})
     app.state.gateway = Gateway(service=service, admission=admission, recorder=recorder,

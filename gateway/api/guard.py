@@ -17,9 +17,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import MutableMapping
+from collections.abc import MutableMapping, Sequence
 from typing import Any
 
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api.edge import error_response
@@ -35,12 +36,14 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, *, auth: Authenticator, self_guarded: frozenset[str],
-                 max_body_bytes: int, body_timeout_s: float,
+    def __init__(self, app: ASGIApp, *, auth: Authenticator, routes: Sequence[BaseRoute],
+                 self_guarded: frozenset[str], max_body_bytes: int, body_timeout_s: float,
                  body_limits: dict[str, int] | None = None) -> None:
-        """`self_guarded`: paths that authenticate before reading and limit their own bodies
-        (the front doors). `body_limits`: larger limits for some paths (publishing a prompt)."""
-        self.app, self.auth, self.self_guarded = app, auth, self_guarded
+        """`routes`: the app's routes (only a request some route would take is checked here;
+        anything else gets the router's own 404 or 405). `self_guarded`: paths that
+        authenticate before reading and limit their own bodies (the front doors).
+        `body_limits`: larger limits for some paths (publishing a prompt)."""
+        self.app, self.auth, self.self_guarded, self.routes = app, auth, self_guarded, routes
         self.max_body_bytes, self.body_timeout_s = max_body_bytes, body_timeout_s
         self.body_limits = body_limits or {}
 
@@ -50,7 +53,8 @@ class RequestGuard:
             return
         path: str = scope["path"]
         send = self._with_headers(send, csp=not path.startswith(_DOCS))
-        if scope["method"] not in _BODY_METHODS or path in self.self_guarded:
+        if (scope["method"] not in _BODY_METHODS or path in self.self_guarded
+                or not any(route.matches(scope)[0] is Match.FULL for route in self.routes)):
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])

@@ -75,7 +75,7 @@ def add_moderate_route(app: FastAPI, service: ModerationService, tracer: trace.T
         call = ModerationCall(
             front_door="moderate", request_id=rid, item_id=req.item_id, variables=req.model_dump(),
             locale=req.locale, prompt=req.prompt, version=req.prompt_version, subject=req.subject,
-            seller_id=req.seller_id, caller=caller.name)
+            seller_id=req.seller_id, caller=caller.name, may_pin=caller.may_pin)
         result = await unless_disconnected(request, service.moderate(call, started=started))
         root.set_attribute(Attr.PROMPT_NAME, result.version.name)
         root.set_attribute(Attr.PROMPT_VERSION, result.version.version)

@@ -383,7 +383,8 @@ def build_openai_router(service: ModerationService, tracer: trace.Tracer, metric
                 variables=variables, locale=ref.locale, prompt=ref.name, version=ref.version,
                 label=ref.label, subject=_id_variable(variables, "subject"),
                 seller_id=_id_variable(variables, "seller_id"), sampling=sampling,
-                caller=caller.name, prompt_field="prompt.name")
+                caller=caller.name, may_pin=caller.may_pin, prompt_field="prompt.name",
+                pin_field="prompt.version" if ref.version is not None else "prompt.label")
             # Streaming or not, the verdict is validated before any of it is sent: a stream
             # carries one content delta, the validated verdict (bounded by max_tokens anyway).
             result = await unless_disconnected(request, service.moderate(call, started=started))
@@ -543,7 +544,8 @@ def build_openai_router(service: ModerationService, tracer: trace.Tracer, metric
         calls = [ModerationCall(
             front_door="moderations", request_id=f"{rid}-{i}", item_id=f"{rid}-{i}",
             variables={"title": text, "description": "", "locale": locale}, locale=locale,
-            prompt=name, version=version, caller=caller.name, prompt_field="model")
+            prompt=name, version=version, caller=caller.name, may_pin=caller.may_pin,
+            prompt_field="model", pin_field="model")
             for i, text in enumerate(inputs)]
         results = await unless_disconnected(request, service.moderate_many(
             calls, started=started, concurrency=MODERATION_CONCURRENCY))

@@ -204,3 +204,18 @@ def test_direct_route_refuses_endpoints_fastapi_would_have_to_fill_in() -> None:
     for endpoint in (needs_body, not_async):
         with pytest.raises(TypeError, match="async def f"):
             DirectRoute("/bad", endpoint, methods=["POST"])
+
+
+def test_pinning_a_version_needs_the_pin_scope(client: TestClient, store: SqlitePromptStore,
+                                               backend: FakeBackend) -> None:
+    """A pin bypasses the rollout and its gates: a plain `moderate` key may not pin."""
+    r = client.post("/v1/moderate", json={**LISTING, "prompt_version": 1})
+    assert r.status_code == 403 and r.json()["error"]["type"] == "forbidden"
+    assert r.json()["error"]["fields"][0]["field"] == "prompt_version"
+    assert backend.requests == []
+    key, record = generate_key("svc-tester", ["moderate", "moderate:pin"], created_by="test")
+    store.put_key(record)
+    r = client.post("/v1/moderate", json={**LISTING, "prompt_version": 1},
+                    headers={"authorization": f"Bearer {key}"})
+    assert r.status_code == 200 and r.json()["arm"] == "pinned"
+

@@ -132,7 +132,30 @@ def test_registry_prompt_completion_reports_version_and_verdict(client: openai.O
     assert "Rolex Submariner" in sent.messages[1]["content"] and "en-US market" in sent.messages[1]["content"]
 
 
-def test_registry_prompt_pinned_version_and_locale(client: openai.OpenAI, backend: FakeBackend) -> None:
+@pytest.fixture
+def pin_client(http: TestClient, store: SqlitePromptStore) -> openai.OpenAI:
+    """A caller that may pin versions (`moderate:pin`)."""
+    key, record = generate_key("svc-tester", ["moderate", "moderate:pin"], created_by="test")
+    store.put_key(record)
+    return _client(http, key)
+
+
+def test_pinning_needs_its_own_scope(client: openai.OpenAI, backend: FakeBackend) -> None:
+    with pytest.raises(openai.PermissionDeniedError) as info:
+        client.chat.completions.create(model=MODEL, messages=[],
+                                       extra_body={"prompt": {**PROMPT, "version": 1}})
+    assert info.value.code == "forbidden" and "moderate:pin" in info.value.message
+    assert info.value.param == "prompt.version"  # type: ignore[attr-defined]
+    with pytest.raises(openai.PermissionDeniedError):
+        client.chat.completions.create(model=MODEL, messages=[],
+                                       extra_body={"prompt": {**PROMPT, "label": "canary"}})
+    with pytest.raises(openai.PermissionDeniedError):
+        client.moderations.create(input="x", model="listing-moderation@v1")
+    assert backend.requests == []
+
+
+def test_registry_prompt_pinned_version_and_locale(pin_client: openai.OpenAI, backend: FakeBackend) -> None:
+    client = pin_client
     prompt = {**PROMPT, "version": 1, "locale": "zh-CN"}
     r = client.chat.completions.create(model=MODEL, messages=[], extra_body={"prompt": prompt},
                                        max_tokens=5000)
@@ -324,9 +347,9 @@ def test_unparseable_moderation_output_is_flagged(client: openai.OpenAI, backend
                                                                           "truncated_output"}
 
 
-def test_moderation_with_a_registry_prompt_as_model(client: openai.OpenAI) -> None:
+def test_moderation_with_a_registry_prompt_as_model(client: openai.OpenAI, pin_client: openai.OpenAI) -> None:
     assert client.moderations.create(input="x", model="listing-moderation").model == "listing-moderation@v1"
-    assert client.moderations.create(input="x", model="listing-moderation@v1").model == "listing-moderation@v1"
+    assert pin_client.moderations.create(input="x", model="listing-moderation@v1").model == "listing-moderation@v1"
     with pytest.raises(openai.NotFoundError) as info:
         client.moderations.create(input="x", model="no-such-prompt")
     assert info.value.code == "unknown_prompt"  # the same type as on every other route

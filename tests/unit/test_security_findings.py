@@ -66,7 +66,7 @@ def test_made_up_prompt_names_never_become_metric_labels(client: TestClient, met
 # 2. bodies read before authentication -------------------------------------------------------
 
 @pytest.mark.parametrize("path", ["/v1/feedback", "/v1/prompts/listing-moderation/labels/canary",
-                                  "/v1/rollouts/listing-moderation", "/v1/prompts"])
+                                  "/v1/prompts/listing-moderation/rollout", "/v1/prompts"])
 def test_anonymous_bodies_are_refused_before_they_are_read(client: TestClient, path: str) -> None:
     received = 0
 
