@@ -6,7 +6,7 @@ store sums across replicas (`add_rollout_stats`: a hash in Redis, rows in SQLite
 gates in `prompt_registry.rollouts` judge them. The statistics are defined here, in the
 registry, so that the gates read typed attributes and depend on nothing the gateway spells:
 
-- a counter is a small frozen dataclass (`ArmCount`, `ArmFlag`, `ArmLatency`, `FeedbackCount`,
+- a counter is a small frozen dataclass (`ArmCount`, `ArmFlag`, `ArmLatencySketch`, `ArmLatency`, `FeedbackCount`,
   `FeedbackOutcome`, `PairCount`, `PairConfusion`, `PairFlag`); `encode_key` and `decode_key`
   are the only place that knows the key strings. They are a bijection between counters and
   well-formed keys. The format is a contract with the counters already stored (changing it
@@ -14,7 +14,9 @@ registry, so that the gates read typed attributes and depend on nothing the gate
 
       <arm>:requests | errors | verdicts | parse_failures      arm = stable | canary
       <arm>:flag:<category>                                    decisions other than allow
-      <arm>:lat:<bucket_ms>                                    latency histogram (or "inf")
+      <arm>:ms:<index> | <arm>:ms:z                            latency sketch bucket (z: <= 1 us)
+      <arm>:lat:<bucket_ms>                                    old latency histogram (or "inf"):
+                                                               read, no longer written
       fb:<arm>:n                                               reviewer labels received
       fb:<arm>:tp|fp|fn:<category>                             reviewer-judged outcomes
       pair:<v>:n | agree | errors | dropped                    shadow comparisons of version v
@@ -28,24 +30,31 @@ registry, so that the gates read typed attributes and depend on nothing the gate
 - `build_rollout_stats` turns the raw counter mapping a store returns into `RolloutStats`
   (per-arm, feedback and pair statistics with their derived rates), which the gates read by
   attribute; `RolloutStats.as_dict` is the JSON the status view has always printed.
+- Latency is a mergeable log-bucket sketch (DDSketch-style): a latency x > 0 ms counts in
+  bucket ceil(log(x) / log(gamma)), gamma = (1 + a) / (1 - a), a = `LATENCY_RELATIVE_ERROR`
+  (1 %), so replicas merge by adding counters and every quantile is within 1 % of the exact
+  one. `quantile_of` is *the* quantile (linear interpolation between order statistics, numpy's
+  default): the sketch, the latency gate, the status view and the ops report (which has the
+  raw latencies) all use it. Counters of the old fixed-bucket histogram still decode; their
+  samples count at their bucket's upper bound (an upper estimate, flagged in the status).
 - `Flip` is one shadow comparison whose verdicts differed, kept (as JSON) for people to look at.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar, assert_never
 
 import orjson
 
 __all__ = [
-    "ARMS", "LATENCY_BUCKETS_MS", "Arm", "ArmCount", "ArmFlag", "ArmLatency", "ArmStats",
-    "CategoryFeedback", "CounterKey", "FeedbackCount", "FeedbackOutcome", "FeedbackStats", "Flip",
-    "FlipVerdict", "LatencyHistogram", "PairConfusion", "PairCount", "PairFlag", "PairStats",
-    "RolloutStats", "as_arm", "build_rollout_stats", "cohen_kappa", "decode_key", "encode_key",
-    "latency_bucket",
+    "ARMS", "LATENCY_GAMMA", "LATENCY_RELATIVE_ERROR", "Arm", "ArmCount", "ArmFlag", "ArmLatency",
+    "ArmLatencySketch", "ArmStats", "CategoryFeedback", "CounterKey", "FeedbackCount",
+    "FeedbackOutcome", "FeedbackStats", "Flip", "FlipVerdict", "LatencySketch", "PairConfusion",
+    "PairCount", "PairFlag", "PairStats", "RolloutStats", "as_arm", "build_rollout_stats",
+    "cohen_kappa", "decode_key", "encode_key", "quantile_of", "sketch_index", "sketch_value",
 ]
 
 Arm = Literal["stable", "canary"]
@@ -65,12 +74,16 @@ _OUTCOME: dict[str, Outcome] = {o: o for o in OUTCOMES}
 _PAIR_FIELD: dict[str, PairField] = {f: f for f in PAIR_FIELDS}
 _K = TypeVar("_K")
 
-# Upper bounds (ms) of the latency histogram's buckets; above the last one is the overflow
-# bucket, None here and "inf" in keys. Changing them keeps old data readable: any canonical
-# positive integer decodes, and quantiles are taken over the buckets present.
-LATENCY_BUCKETS_MS: tuple[int, ...] = (25, 50, 100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600)
+# The latency sketch: relative accuracy a, bucket ratio gamma. Changing them is a data
+# migration (the bucket index is in the stored keys).
+LATENCY_RELATIVE_ERROR = 0.01
+LATENCY_GAMMA = (1 + LATENCY_RELATIVE_ERROR) / (1 - LATENCY_RELATIVE_ERROR)
+_LOG_GAMMA = math.log(LATENCY_GAMMA)
+_SKETCH_MIN_MS = 1e-3   # at or below (and anything not a positive number): the zero bucket
+_SKETCH_MAX_MS = 1e9    # above: counted here (11.6 days; no request waits that long)
 _SEP = ":"
-_OVERFLOW = "inf"
+_OVERFLOW = "inf"   # the old histogram's overflow bucket
+_ZERO = "z"         # the sketch's zero bucket
 
 
 def as_arm(value: str) -> Arm | None:
@@ -125,9 +138,23 @@ class ArmFlag:
 
 
 @dataclass(frozen=True, slots=True)
+class ArmLatencySketch:
+    """A verdict of the arm whose latency fell in sketch bucket `index` (`sketch_index`; None:
+    the zero bucket)."""
+
+    arm: Arm
+    index: int | None
+
+    def __post_init__(self) -> None:
+        _check_arm(self.arm)
+        if self.index is not None and (isinstance(self.index, bool) or not isinstance(self.index, int)):
+            raise ValueError(f"latency sketch index must be an integer or None, not {self.index!r}")
+
+
+@dataclass(frozen=True, slots=True)
 class ArmLatency:
-    """A verdict of the arm whose latency fell in the bucket ending at `upper_ms` (None: above
-    the last bucket)."""
+    """The old fixed-bucket histogram (no longer written, still read): a verdict of the arm
+    whose latency fell in the bucket ending at `upper_ms` (None: above the last bucket)."""
 
     arm: Arm
     upper_ms: int | None
@@ -206,15 +233,25 @@ class PairFlag:
         _check_category(self.category)
 
 
-CounterKey = ArmCount | ArmFlag | ArmLatency | FeedbackCount | FeedbackOutcome | PairCount | PairConfusion | PairFlag
+CounterKey = (ArmCount | ArmFlag | ArmLatencySketch | ArmLatency | FeedbackCount | FeedbackOutcome
+              | PairCount | PairConfusion | PairFlag)
 
 
-def latency_bucket(ms: float) -> int | None:
-    """The histogram bucket (upper bound in ms) a latency falls in; None above the last."""
-    for upper in LATENCY_BUCKETS_MS:
-        if ms <= upper:
-            return upper
-    return None
+def sketch_index(ms: float) -> int | None:
+    """The sketch bucket a latency (ms) counts in: ceil(log(ms) / log(gamma)); None for the
+    zero bucket (at most 1 us, or not a positive number)."""
+    if not ms > _SKETCH_MIN_MS:  # also NaN
+        return None
+    return math.ceil(math.log(min(ms, _SKETCH_MAX_MS)) / _LOG_GAMMA)
+
+
+def sketch_value(index: int | None) -> float:
+    """The value a bucket stands for: within `LATENCY_RELATIVE_ERROR` of every latency in it
+    (bucket i holds (gamma^(i-1), gamma^i]; 2 gamma^i / (gamma + 1) is a relative distance
+    a = (gamma - 1) / (gamma + 1) from both ends)."""
+    if index is None:
+        return 0.0
+    return 2 * LATENCY_GAMMA ** index / (LATENCY_GAMMA + 1)
 
 
 # -- the codec ----------------------------------------------------------------------------
@@ -226,6 +263,8 @@ def encode_key(counter: CounterKey) -> str:
             return f"{arm}:{name}"
         case ArmFlag(arm, category):
             return f"{arm}:flag:{category}"
+        case ArmLatencySketch(arm, index):
+            return f"{arm}:ms:{_ZERO if index is None else index}"
         case ArmLatency(arm, upper):
             return f"{arm}:lat:{_OVERFLOW if upper is None else upper}"
         case FeedbackCount(arm):
@@ -250,6 +289,14 @@ def _positive_int(text: str) -> int | None:
     return int(text)
 
 
+def _int(text: str) -> int | None:
+    """The (possibly negative) integer *text* spells in canonical form, else None."""
+    if text.startswith("-"):
+        n = _positive_int(text[1:])
+        return None if n is None else -n
+    return 0 if text == "0" else _positive_int(text)
+
+
 def _category(text: str) -> str | None:
     return text or None
 
@@ -263,6 +310,11 @@ def decode_key(key: str) -> CounterKey | None:
             return ArmCount(arm, name)
         if n == 3 and parts[1] == "flag" and (cat := _category(parts[2])):
             return ArmFlag(arm, cat)
+        if n == 3 and parts[1] == "ms":
+            if parts[2] == _ZERO:
+                return ArmLatencySketch(arm, None)
+            if (index := _int(parts[2])) is not None:
+                return ArmLatencySketch(arm, index)
         if n == 3 and parts[1] == "lat":
             if parts[2] == _OVERFLOW:
                 return ArmLatency(arm, None)
@@ -292,34 +344,65 @@ def _ratio(num: int, den: int) -> float | None:
     return num / den if den else None
 
 
+def quantile_of(values: Sequence[float], q: float) -> float | None:
+    """*The* q-quantile (0 <= q <= 1) of *values*: linear interpolation between the order
+    statistics at ranks floor(h) and ceil(h), h = (n - 1) q (numpy's default method). None
+    without values. The rollout sketch computes the same thing from its buckets."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    lo, hi, frac = _ranks(q, len(ordered))
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * frac
+
+
+def _ranks(q: float, n: int) -> tuple[int, int, float]:
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile {q!r} is not between 0 and 1")
+    h = (n - 1) * q
+    lo = math.floor(h)
+    return lo, min(lo + 1, n - 1), h - lo
+
+
 @dataclass(frozen=True, slots=True)
-class LatencyHistogram:
-    """Verdict latencies by bucket upper bound in ms (None: above the last bucket)."""
+class LatencySketch:
+    """Verdict latencies (ms) as sketch bucket counts (`sketch_index`; None: the zero bucket),
+    mergeable by adding counts. `legacy` samples came from the old fixed-bucket histogram and
+    count at their bucket's upper bound (`overflow` of them above its last bucket: +inf)."""
 
     counts: Mapping[int | None, int] = field(default_factory=dict)
+    overflow: int = 0
+    legacy: int = 0
 
     @property
     def total(self) -> int:
-        return sum(self.counts.values())
+        return sum(self.counts.values()) + self.overflow
 
-    def _ordered(self) -> list[tuple[int | None, int]]:
-        return sorted(self.counts.items(), key=lambda kv: math.inf if kv[0] is None else kv[0])
+    def _value_at(self, rank: int) -> float:
+        """The value of the order statistic at *rank* (0-based)."""
+        seen = 0
+        for index in sorted(self.counts, key=lambda i: -math.inf if i is None else i):
+            seen += self.counts[index]
+            if rank < seen:
+                return sketch_value(index)
+        return math.inf
 
     def quantile(self, q: float) -> float | None:
-        """The upper bound of the bucket holding the q-quantile (inf for the overflow bucket),
-        None without data: an upper estimate, which is what a latency limit needs."""
+        """`quantile_of` the recorded latencies, within 1 % (`LATENCY_RELATIVE_ERROR`): each
+        order statistic is its bucket's value, and so is their interpolation. None without
+        data; inf when it falls among the old histogram's overflow samples."""
         total = self.total
         if total == 0:
             return None
-        seen = 0
-        for upper, count in self._ordered():
-            seen += count
-            if seen >= q * total:
-                return math.inf if upper is None else float(upper)
-        return None
+        lo, hi, frac = _ranks(q, total)
+        a, b = self._value_at(lo), self._value_at(hi)
+        if frac == 0.0 or a == b:
+            return a
+        return a + (b - a) * frac
 
-    def as_dict(self) -> dict[str, int]:
-        return {(_OVERFLOW if upper is None else str(upper)): count for upper, count in self._ordered()}
+    def as_dict(self) -> dict[str, object]:
+        return {"n": self.total, "p50": self.quantile(0.5), "p95": self.quantile(0.95),
+                "p99": self.quantile(0.99), "relative_error": LATENCY_RELATIVE_ERROR,
+                "from_old_buckets": self.legacy}
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,13 +450,21 @@ class ArmStats:
     verdicts: int = 0
     parse_failures: int = 0
     flags: Mapping[str, int] = field(default_factory=dict)
-    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    latency: LatencySketch = field(default_factory=LatencySketch)
     feedback: FeedbackStats = field(default_factory=FeedbackStats)
     recorded: bool = False  # any counter of this arm exists (the status view prints only those)
 
     @property
+    def p50_ms(self) -> float | None:
+        return self.latency.quantile(0.5)
+
+    @property
     def p95_ms(self) -> float | None:
         return self.latency.quantile(0.95)
+
+    @property
+    def p99_ms(self) -> float | None:
+        return self.latency.quantile(0.99)
 
     @property
     def flag_rates(self) -> dict[str, float]:
@@ -387,7 +478,7 @@ class ArmStats:
             return {}
         return {"requests": self.requests, "errors": self.errors, "verdicts": self.verdicts,
                 "parse_failures": self.parse_failures, "flags": dict(self.flags),
-                "latency_ms_hist": self.latency.as_dict(), "feedback": self.feedback.as_dict(),
+                "latency_ms": self.latency.as_dict(), "feedback": self.feedback.as_dict(),
                 "p95_ms": self.p95_ms, "flag_rates": self.flag_rates}
 
 
@@ -460,6 +551,8 @@ class _ArmAcc:
     counts: dict[ArmField, int] = field(default_factory=dict)
     flags: dict[str, int] = field(default_factory=dict)
     latency: dict[int | None, int] = field(default_factory=dict)
+    overflow: int = 0
+    legacy: int = 0
     fb_n: int = 0
     fb: dict[str, dict[Outcome, int]] = field(default_factory=dict)
     recorded: bool = False
@@ -468,7 +561,7 @@ class _ArmAcc:
         return ArmStats(
             requests=self.counts.get("requests", 0), errors=self.counts.get("errors", 0),
             verdicts=self.counts.get("verdicts", 0), parse_failures=self.counts.get("parse_failures", 0),
-            flags=self.flags, latency=LatencyHistogram(self.latency),
+            flags=self.flags, latency=LatencySketch(self.latency, self.overflow, self.legacy),
             feedback=FeedbackStats(self.fb_n, {c: CategoryFeedback(o.get("tp", 0), o.get("fp", 0), o.get("fn", 0))
                                                for c, o in self.fb.items()}),
             recorded=self.recorded)
@@ -509,8 +602,15 @@ def build_rollout_stats(counters: Mapping[str, int] | Iterable[tuple[str, int]])
                 _add(arms[arm].counts, name, value)
             case ArmFlag(arm, category):
                 _add(arms[arm].flags, category, value)
-            case ArmLatency(arm, upper):
-                _add(arms[arm].latency, upper, value)
+            case ArmLatencySketch(arm, index):
+                _add(arms[arm].latency, index, value)
+            case ArmLatency(arm, upper):  # the old histogram: its upper bound, an upper estimate
+                acc = arms[arm]
+                acc.legacy += value
+                if upper is None:
+                    acc.overflow += value
+                else:
+                    _add(acc.latency, sketch_index(upper), value)
             case FeedbackCount(arm):
                 arms[arm].fb_n += value
             case FeedbackOutcome(arm, outcome, category):

@@ -11,7 +11,8 @@ prompt version and arm (`stable`, `canary`, `pinned`, `shadow`):
 - **review rate**: the share of verdicts that are `needs_review` (with 95% Wilson interval),
   which includes unusable model output (the gateway fails closed), and the parse-failure rate;
 - **precision and recall from reviewer feedback**, per category, with 95% Wilson intervals;
-- **latency**: p50/p95/p99 of the answered requests (numpy percentiles, linear interpolation;
+- **latency**: p50/p95/p99 of the answered requests (`prompt_registry.rollout_stats.quantile_of`,
+  the quantile the rollout gates and `modgate rollouts status` read from their sketch;
   `latency_ms` as the decision log has it: the whole request for callers, the evaluation for
   shadows);
 - **rollout events**: publishes, label moves and rollout transitions from the registry's audit
@@ -41,6 +42,7 @@ from gateway.quality.live_quality import (
     LiveQualityAccumulator,
 )
 from gateway.quality.reporting import figure, html_page, markdown_html, png_data_uri
+from prompt_registry.rollout_stats import quantile_of
 from prompt_registry.store import PromptReader, RolloutReader
 
 __all__ = ["OpsReport", "build_report", "choose_bucket", "ops_markdown", "write_ops_report"]
@@ -119,7 +121,6 @@ def build_report(records: Iterable[DecisionRecord], labels: dict[str, FeedbackLa
                  start: datetime, end: datetime, prompt: str | None = None,
                  now: datetime | None = None) -> OpsReport:
     """Every number of the report from the decision records of the window and reviewer labels."""
-    import numpy as np
     import pandas as pd
 
     acc = LiveQualityAccumulator(labels)
@@ -157,12 +158,10 @@ def build_report(records: Iterable[DecisionRecord], labels: dict[str, FeedbackLa
             review.append({"prompt": p, "version": int(v), "arm": arm, "answered": a,
                            "needs_review": nr, "rate": nr / a if a else None, "ci": wilson(nr, a),
                            "parse_failures": pf, "parse_failure_rate": pf / a if a else None})
-            lat = answered["latency_ms"].to_numpy(dtype=float)
-            q = np.percentile(lat, [50, 95, 99]) if len(lat) else [None] * 3
+            lat = answered["latency_ms"].to_numpy(dtype=float).tolist()
             latency.append({"prompt": p, "version": int(v), "arm": arm, "n": len(lat),
-                            "p50_ms": None if q[0] is None else float(q[0]),
-                            "p95_ms": None if q[1] is None else float(q[1]),
-                            "p99_ms": None if q[2] is None else float(q[2])})
+                            "p50_ms": quantile_of(lat, 0.5), "p95_ms": quantile_of(lat, 0.95),
+                            "p99_ms": quantile_of(lat, 0.99)})
         for table in (volume, mix, review, latency):
             table.sort(key=_key)
         seen = set(df["outcome"])
@@ -476,8 +475,8 @@ def _plot_latency(rep: OpsReport) -> Any:
                                  key=lambda kv: (kv[0][0], kv[0][1], _ARM_ORDER.get(kv[0][2], 9))):
         by = g.groupby("bucket")["latency_ms"]
         name = _series_name(p, v, arm, many)
-        p50 = by.median().reindex(_all_buckets(rep))
-        p95 = by.quantile(0.95).reindex(_all_buckets(rep))
+        p50 = by.agg(lambda x: quantile_of(x.tolist(), 0.5)).reindex(_all_buckets(rep))
+        p95 = by.agg(lambda x: quantile_of(x.tolist(), 0.95)).reindex(_all_buckets(rep))
         line, = ax.plot(p50.index, p50.to_numpy(), marker="o", markersize=3, label=f"{name} p50")
         ax.plot(p95.index, p95.to_numpy(), linestyle="--", marker=".", markersize=3,
                 color=line.get_color(), label=f"{name} p95")

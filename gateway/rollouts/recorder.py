@@ -26,7 +26,7 @@ from prompt_registry import MemoStore, RolloutStore, StoreUnavailable
 from prompt_registry.rollout_stats import (
     ArmCount,
     ArmFlag,
-    ArmLatency,
+    ArmLatencySketch,
     CounterKey,
     FeedbackCount,
     FeedbackOutcome,
@@ -37,7 +37,7 @@ from prompt_registry.rollout_stats import (
     PairFlag,
     as_arm,
     encode_key,
-    latency_bucket,
+    sketch_index,
 )
 
 __all__ = ["RecorderStore", "RolloutRecorder", "flips_view"]
@@ -60,7 +60,8 @@ def _not_an_arm(arm: str, what: str) -> None:
 def _key(make: Callable[..., CounterKey], *args: Hashable) -> str:
     """The stored key of counter `make(*args)`. Encoded once per distinct counter: building and
     validating a counter on every increment cost ~7 us per request on the request path; the
-    set of counters is small (arms x categories x buckets, versions x categories^2)."""
+    set of counters is small (arms x categories x sketch buckets, versions x categories^2; a
+    latency sketch spans ~115 buckets per factor of 10 in latency)."""
     return encode_key(make(*args))
 
 
@@ -94,7 +95,7 @@ class RolloutRecorder:
             c[_key(ArmCount, which, "errors")] += 1
             return
         c[_key(ArmCount, which, "verdicts")] += 1
-        c[_key(ArmLatency, which, latency_bucket(latency_ms))] += 1
+        c[_key(ArmLatencySketch, which, sketch_index(latency_ms))] += 1
         if verdict.fail_reason:
             c[_key(ArmCount, which, "parse_failures")] += 1
         if verdict.decision != "allow":

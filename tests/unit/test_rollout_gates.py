@@ -12,10 +12,11 @@ from prompt_registry.rollout_stats import (
     ArmStats,
     CategoryFeedback,
     FeedbackStats,
-    LatencyHistogram,
+    LatencySketch,
     PairStats,
     RolloutStats,
     build_rollout_stats,
+    sketch_index,
 )
 from prompt_registry.rollouts import (
     GateConfig,
@@ -86,13 +87,25 @@ def test_flag_drift_reports_the_worst_category() -> None:
     assert g["flag_rate_drift[scam]"].value == pytest.approx(0.29)
 
 
-def test_p95_latency_gate_reads_the_histogram() -> None:
-    slow = ArmStats(requests=200, verdicts=200, latency=LatencyHistogram({100: 150, None: 50}), recorded=True)
-    fast = ArmStats(requests=200, verdicts=200, latency=LatencyHistogram({100: 200}), recorded=True)
+def _sketch(**ms_counts: int) -> LatencySketch:
+    return LatencySketch({sketch_index(float(ms.removeprefix("ms"))): n for ms, n in ms_counts.items()})
+
+
+def test_p95_latency_gate_reads_the_sketch() -> None:
+    slow = ArmStats(requests=200, verdicts=200, latency=_sketch(ms100=150, ms5000=50), recorded=True)
+    fast = ArmStats(requests=200, verdicts=200, latency=_sketch(ms100=200), recorded=True)
     r = _rollout(max_p95_latency_ms=400.0)
     assert _by_name(evaluate_gates(r, RolloutStats(canary=slow)))["p95_latency_ms"].verdict == "fail"
-    assert _by_name(evaluate_gates(r, RolloutStats(canary=fast)))["p95_latency_ms"].value == 100.0
+    assert _by_name(evaluate_gates(r, RolloutStats(canary=fast)))["p95_latency_ms"].value == pytest.approx(100.0, rel=0.01)
     assert _by_name(evaluate_gates(r, RolloutStats(canary=fast)))["p95_latency_ms"].verdict == "pass"
+
+
+def test_p95_gate_judges_the_true_p95_not_a_bucket_edge() -> None:
+    """Finding: with histogram buckets 200/400 a true p95 of 287 ms read as 400 ms, so a 350 ms
+    limit failed a canary that meets it."""
+    canary = ArmStats(requests=200, verdicts=200, latency=_sketch(ms150=185, ms287=15), recorded=True)
+    g = _by_name(evaluate_gates(_rollout(max_p95_latency_ms=350.0), RolloutStats(canary=canary)))["p95_latency_ms"]
+    assert g.verdict == "pass" and g.value == pytest.approx(287.0, rel=0.01)
 
 
 def test_feedback_gates_per_category() -> None:

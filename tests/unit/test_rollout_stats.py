@@ -20,10 +20,10 @@ from gateway.verdict import Verdict
 from prompt_registry import StoreUnavailable
 from prompt_registry.rollout_stats import (
     ARMS,
-    LATENCY_BUCKETS_MS,
     ArmCount,
     ArmFlag,
     ArmLatency,
+    ArmLatencySketch,
     CounterKey,
     FeedbackCount,
     FeedbackOutcome,
@@ -35,7 +35,9 @@ from prompt_registry.rollout_stats import (
     build_rollout_stats,
     decode_key,
     encode_key,
-    latency_bucket,
+    quantile_of,
+    sketch_index,
+    sketch_value,
 )
 
 # -- the codec ----------------------------------------------------------------------------
@@ -47,7 +49,11 @@ STORED_FORMAT: list[tuple[CounterKey, str]] = [
     (ArmCount("canary", "parse_failures"), "canary:parse_failures"),
     (ArmFlag("canary", "spam"), "canary:flag:spam"),
     (ArmFlag("stable", "none"), "stable:flag:none"),
-    (ArmLatency("canary", 25), "canary:lat:25"),
+    (ArmLatencySketch("canary", 171), "canary:ms:171"),
+    (ArmLatencySketch("stable", -34), "stable:ms:-34"),
+    (ArmLatencySketch("stable", 0), "stable:ms:0"),
+    (ArmLatencySketch("canary", None), "canary:ms:z"),
+    (ArmLatency("canary", 25), "canary:lat:25"),  # the old histogram: still read
     (ArmLatency("stable", None), "stable:lat:inf"),
     (FeedbackCount("canary"), "fb:canary:n"),
     (FeedbackOutcome("canary", "tp", "spam"), "fb:canary:tp:spam"),
@@ -77,7 +83,8 @@ def _every_counter() -> list[CounterKey]:
     for arm in ARMS:
         out += [ArmCount(arm, f) for f in ("requests", "errors", "verdicts", "parse_failures")]
         out += [ArmFlag(arm, c) for c in cats]
-        out += [ArmLatency(arm, b) for b in (*LATENCY_BUCKETS_MS, 7, None)]
+        out += [ArmLatency(arm, b) for b in (25, 400, 25600, 7, None)]
+        out += [ArmLatencySketch(arm, i) for i in (-340, -1, 0, 1, 171, 1037, None)]
         out += [FeedbackCount(arm)]
         out += [FeedbackOutcome(arm, o, c) for o in ("tp", "fp", "fn") for c in cats]
     for v in versions:
@@ -102,6 +109,8 @@ def test_every_counter_round_trips_to_a_distinct_key() -> None:
     "fb:canary:tp:", "pair", "pair:2", "pair:0:n", "pair:02:n", "pair:-1:n", "pair:x:n",
     "pair:2:bogus", "pair:2:cm:spam", "pair:2:cm::spam", "pair:2:cm:a:b:c", "pair:2:sflag",
     "pair:2:xflag:spam", "pair:2:sflag:a:b", "pair:2:n:extra",
+    "canary:ms:", "canary:ms:-0", "canary:ms:01", "canary:ms:-01", "canary:ms:+1", "canary:ms:1.5",
+    "canary:ms:Z", "canary:ms:zero", "canary:ms:--1", "canary:ms:1:2",
 ])
 def test_malformed_keys_decode_to_none(key: str) -> None:
     assert decode_key(key) is None
@@ -130,6 +139,8 @@ def test_no_key_near_a_valid_one_crashes_the_decoder() -> None:
     lambda: ArmFlag("canary", "a:b"),
     lambda: ArmFlag("canary", ""),
     lambda: ArmLatency("canary", 0),
+    lambda: ArmLatencySketch("canary", 1.5),  # type: ignore[arg-type]
+    lambda: ArmLatencySketch("canary", True),
     lambda: FeedbackOutcome("canary", "tn", "spam"),  # type: ignore[arg-type]
     lambda: PairCount(0, "n"),
     lambda: PairCount(True, "n"),
@@ -141,10 +152,80 @@ def test_counters_that_would_not_round_trip_are_refused(make: Callable[[], objec
         make()
 
 
-@pytest.mark.parametrize(("ms", "bucket"), [(0.0, 25), (25.0, 25), (25.01, 50), (25600.0, 25600),
-                                             (25600.5, None), (1e9, None)])
-def test_latency_buckets(ms: float, bucket: int | None) -> None:
-    assert latency_bucket(ms) == bucket
+@pytest.mark.parametrize(("ms", "index"), [(30.0, 171), (30000.0, 516), (10.0, 116), (1.0, 0), (0.5, -34),
+                                            (0.001, None), (0.0, None), (-3.0, None), (math.nan, None),
+                                            (1e12, 1037), (math.inf, 1037)])
+def test_sketch_index(ms: float, index: int | None) -> None:
+    assert sketch_index(ms) == index
+
+
+def test_every_latency_is_within_one_percent_of_its_bucket_value() -> None:
+    for k in range(-2000, 4000):
+        x = 1.0037 ** k * 0.37
+        if x > 0.0011:
+            assert abs(sketch_value(sketch_index(x)) - x) <= 0.01 * x * (1 + 1e-9), x
+
+
+def test_sketch_quantiles_are_within_one_percent_of_the_exact_ones() -> None:
+    """p50/p95/p99 from the sketch's counters (as replicas add them) against `quantile_of` the
+    raw latencies: within 1 %, in every shape, also split over two replicas."""
+    import random
+
+    rng = random.Random(7)
+    shapes = {
+        "lognormal": [rng.lognormvariate(5.5, 0.6) for _ in range(5000)],
+        "bimodal": [rng.gauss(40, 5) if rng.random() < 0.9 else rng.gauss(900, 80) for _ in range(3000)],
+        "few": [287.0, 120.0, 210.0, 390.0, 205.0],
+        "one": [287.0],
+    }
+    for name, xs in shapes.items():
+        xs = [max(x, 0.5) for x in xs]
+        replicas: list[dict[str, int]] = [{}, {}]
+        for i, x in enumerate(xs):
+            key = encode_key(ArmLatencySketch("canary", sketch_index(x)))
+            replicas[i % 2][key] = replicas[i % 2].get(key, 0) + 1
+        merged: dict[str, int] = {}
+        for r in replicas:
+            for k, v in r.items():
+                merged[k] = merged.get(k, 0) + v
+        arm = build_rollout_stats(merged).canary
+        assert arm.latency.total == len(xs)
+        for q, got in ((0.5, arm.p50_ms), (0.95, arm.p95_ms), (0.99, arm.p99_ms)):
+            exact = quantile_of(xs, q)
+            assert exact is not None and got is not None
+            assert abs(got - exact) <= 0.01 * exact, (name, q, got, exact)
+
+
+def test_p95_is_not_a_bucket_edge() -> None:
+    """Finding: with the old 200/400 ms buckets a true p95 of 287 ms read as 400 ms."""
+    xs = [150.0] * 90 + [287.0] * 10
+    counters: dict[str, int] = {}
+    for x in xs:
+        key = encode_key(ArmLatencySketch("canary", sketch_index(x)))
+        counters[key] = counters.get(key, 0) + 1
+    p95 = build_rollout_stats(counters).canary.p95_ms
+    assert p95 is not None and abs(p95 - 287.0) <= 2.87
+
+
+def test_quantile_of_is_numpys_default() -> None:
+    import numpy as np
+
+    xs = [3.0, 1.0, 4.0, 1.5, 9.0, 2.6, 5.0]
+    for q in (0.0, 0.25, 0.5, 0.95, 0.99, 1.0):
+        assert quantile_of(xs, q) == pytest.approx(float(np.percentile(xs, q * 100)))
+    assert quantile_of([], 0.5) is None
+    with pytest.raises(ValueError):
+        quantile_of(xs, 1.5)
+
+
+def test_old_histogram_counters_still_read_as_upper_estimates() -> None:
+    s = build_rollout_stats({"canary:lat:200": 90, "canary:lat:400": 10, "stable:lat:inf": 3})
+    assert s.canary.latency.legacy == 100
+    assert s.canary.p50_ms == pytest.approx(200.0, rel=0.01)
+    assert s.canary.p95_ms == pytest.approx(400.0, rel=0.01)
+    assert s.stable.p95_ms == math.inf
+    mixed = build_rollout_stats({"canary:lat:200": 1, "canary:ms:171": 3})  # upgraded mid-rollout
+    assert mixed.canary.latency.total == 4 and mixed.canary.p50_ms == pytest.approx(30.27, rel=0.01)
 
 
 # -- building RolloutStats ----------------------------------------------------------------
@@ -152,8 +233,8 @@ def test_latency_buckets(ms: float, bucket: int | None) -> None:
 RAW = {
     "canary:requests": 110, "canary:errors": 10, "canary:verdicts": 100, "canary:parse_failures": 4,
     "canary:flag:spam": 20, "canary:flag:none": 4,
-    "canary:lat:25": 50, "canary:lat:100": 44, "canary:lat:inf": 6,
-    "stable:requests": 900, "stable:verdicts": 900, "stable:flag:spam": 90, "stable:lat:50": 900,
+    "canary:ms:116": 50, "canary:ms:171": 44, "canary:ms:516": 6,
+    "stable:requests": 900, "stable:verdicts": 900, "stable:flag:spam": 90, "stable:ms:171": 900,
     "fb:canary:n": 30, "fb:canary:tp:spam": 12, "fb:canary:fp:spam": 4, "fb:canary:fn:spam": 2,
     "fb:canary:fn:scam": 1, "fb:stable:n": 5, "fb:stable:tp:spam": 5,
     "pair:2:n": 40, "pair:2:agree": 30, "pair:2:errors": 1, "pair:2:dropped": 2,
@@ -170,10 +251,14 @@ def test_build_reads_every_counter() -> None:
     assert (c.requests, c.errors, c.verdicts, c.parse_failures) == (110, 10, 100, 4)
     assert c.flags == {"spam": 20, "none": 4}
     assert c.flag_rates == {"spam": 0.2, "none": 0.04}
-    assert c.latency.total == 100
-    assert c.p95_ms == math.inf  # 94 of 100 within 100 ms: the 95th is in the overflow bucket
-    assert c.latency.quantile(0.5) == 25.0 and c.latency.quantile(0.9) == 100.0
-    assert s.stable.p95_ms == 50.0 and s.stable.errors == 0
+    assert c.latency.total == 100 and c.latency.legacy == 0
+    # 50 at ~10 ms, 44 at ~30 ms, 6 at ~30 s (ranks 0-49, 50-93, 94-99)
+    v10, v30, v30k = sketch_value(116), sketch_value(171), sketch_value(516)
+    assert c.p95_ms == v30k  # rank 94.05: both neighbours are 30 s
+    assert c.latency.quantile(0.94) == pytest.approx(v30 + (v30k - v30) * 0.06)  # rank 93.06
+    assert c.latency.quantile(0.6) == v30 and c.latency.quantile(0.4) == v10
+    assert c.p50_ms == pytest.approx((v10 + v30) / 2)  # rank 49.5
+    assert s.stable.p95_ms == v30 and s.stable.errors == 0
     assert c.feedback.n == 30
     spam = c.feedback.category("spam")
     assert (spam.tp, spam.fp, spam.fn) == (12, 4, 2)
@@ -196,21 +281,22 @@ def test_build_reads_every_counter() -> None:
 def test_status_json_shape() -> None:
     """`stats` in `modgate rollouts status --json` and the admin API, as it was when the
     gateway built it from nested dicts: an arm without counters is {}, pairs keyed by str."""
+    ONE = sketch_value(0)  # bucket 0: (0.98, 1] ms
     d = build_rollout_stats({"canary:requests": 2, "canary:verdicts": 2, "canary:flag:spam": 1,
-                             "canary:lat:50": 2, "fb:canary:tp:spam": 1, "pair:4:n": 2,
+                             "canary:ms:0": 2, "fb:canary:tp:spam": 1, "pair:4:n": 2,
                              "pair:4:agree": 2, "pair:4:cm:spam:spam": 2}).as_dict()
     assert d == {
         "stable": {},
         "canary": {"requests": 2, "errors": 0, "verdicts": 2, "parse_failures": 0, "flags": {"spam": 1},
-                   "latency_ms_hist": {"50": 2},
+                   "latency_ms": {"n": 2, "p50": ONE, "p95": ONE, "p99": ONE, "relative_error": 0.01,
+                                  "from_old_buckets": 0},
                    "feedback": {"n": 0, "categories": {"spam": {"tp": 1, "fp": 0, "fn": 0, "precision": 1.0,
                                                                 "recall": 1.0}}},
-                   "p95_ms": 50.0, "flag_rates": {"spam": 0.5}},
+                   "p95_ms": ONE, "flag_rates": {"spam": 0.5}},
         "pairs": {"4": {"n": 2, "agree": 2, "errors": 0, "dropped": 0, "confusion": {"spam": {"spam": 2}},
                         "stable_flags": {}, "candidate_flags": {}, "agreement": 1.0, "kappa": 1.0}},
     }
-    assert orjson.loads(orjson.dumps(build_rollout_stats(RAW).as_dict()))["canary"]["latency_ms_hist"] == {
-        "25": 50, "100": 44, "inf": 6}
+    assert orjson.loads(orjson.dumps(build_rollout_stats(RAW).as_dict()))["canary"]["latency_ms"]["n"] == 100
 
 
 def test_empty_counters_give_zero_stats() -> None:
@@ -266,8 +352,8 @@ def _record(rec: RolloutRecorder) -> None:
 
 EXPECTED_KEYS = {
     "canary:requests": 3, "canary:verdicts": 2, "canary:errors": 1, "canary:parse_failures": 1,
-    "canary:lat:50": 1, "canary:lat:inf": 1, "canary:flag:spam": 1, "canary:flag:none": 1,
-    "stable:requests": 1, "stable:verdicts": 1, "stable:lat:25": 1,
+    "canary:ms:171": 1, "canary:ms:516": 1, "canary:flag:spam": 1, "canary:flag:none": 1,
+    "stable:requests": 1, "stable:verdicts": 1, "stable:ms:116": 1,
     "fb:canary:n": 2, "fb:canary:fp:spam": 1, "fb:canary:tp:spam": 1, "fb:stable:n": 1, "fb:stable:fn:spam": 1,
     "pair:2:n": 2, "pair:2:agree": 1, "pair:2:errors": 1, "pair:2:dropped": 1,
     "pair:2:cm:none:spam": 1, "pair:2:cm:spam:spam": 1, "pair:2:cflag:spam": 2, "pair:2:sflag:spam": 1,
