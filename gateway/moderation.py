@@ -38,7 +38,7 @@ from gateway.config import GatewaySettings
 from gateway.decision_log import DecisionLog, DecisionRecord
 from gateway.limits import CallerLimiter, Lease
 from gateway.pipeline import Evaluation, ModerationPipeline
-from gateway.problems import Forbidden, UnknownPrompt, problem_for
+from gateway.problems import Forbidden, ModelRejectedInput, UnknownPrompt, problem_for
 from gateway.prompt_cache import PromptCache, Resolved
 from gateway.recording import decision_record, failure_record
 from gateway.rollouts.recorder import RolloutRecorder
@@ -49,7 +49,7 @@ from gateway.verdict import Verdict
 from prompt_registry import PromptNotFound, PromptVersion
 from prompt_registry.keys import ApiKeyRecord
 from prompt_registry.rollouts import Rollout
-from serving import BackendError, BackendTimeout, ChatRequest, ChatResult
+from serving import BackendError, BackendRejectedInput, BackendTimeout, ChatRequest, ChatResult
 from serving.protocol import ChatChunk
 
 __all__ = ["Caller", "FrontDoor", "Moderation", "ModerationCall", "ModerationService", "verdict_content"]
@@ -342,6 +342,10 @@ class ModerationService:
                 result = await self.pipeline.call_backend(
                     chat, {"prompt": "-", "version": "-", "arm": "raw"}, deadline)
             return result
+        except BackendRejectedInput as exc:
+            rejected = ModelRejectedInput(str(exc), field=exc.param)
+            error = _error_type(rejected)
+            raise rejected from None
         except Exception as exc:
             error = _error_type(exc)
             raise
@@ -363,6 +367,10 @@ class ModerationService:
                     if chunk.finish_reason or chunk.prompt_tokens is not None:
                         chunks.append(chunk)
                     yield chunk
+            except BackendRejectedInput as exc:
+                rejected = ModelRejectedInput(str(exc), field=exc.param)
+                error = _error_type(rejected)
+                raise rejected from None
             except Exception as exc:
                 error = _error_type(exc)
                 raise

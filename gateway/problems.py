@@ -31,6 +31,7 @@ from prompt_registry.ops import NothingToRollBack
 from prompt_registry.rollouts import RolloutConflict, RolloutError
 from serving import (
     BackendBadRequest,
+    BackendModelNotFound,
     BackendOverloaded,
     BackendProtocolError,
     BackendTimeout,
@@ -39,7 +40,7 @@ from serving import (
 
 __all__ = [
     "EDGE_PROBLEMS", "PROBLEM_TABLE", "ApiError", "CallerConcurrencyLimited", "CallerLimited", "CallerRateLimited",
-    "ClientDisconnected", "Forbidden", "GatewayError", "ModelSaturated", "Problem", "ProblemSpec",
+    "ClientDisconnected", "Forbidden", "GatewayError", "ModelRejectedInput", "ModelSaturated", "Problem", "ProblemSpec",
     "QueueTimeout", "Unauthenticated", "UnknownPrompt", "error_types_markdown", "problem_for",
 ]
 
@@ -116,6 +117,11 @@ class UnknownPrompt(GatewayError):
     """A caller named a prompt (or version, or label) the registry does not have."""
 
 
+class ModelRejectedInput(GatewayError):
+    """The model server refused a raw chat completion's own parameters (an upstream 400/413/422
+    on the caller's messages or response_format): the caller's request is at fault, not ours."""
+
+
 class ClientDisconnected(GatewayError):
     """The caller went away before the answer; the work was aborted."""
 
@@ -152,6 +158,8 @@ PROBLEM_TABLE: dict[type[BaseException], ProblemSpec] = {
     ModelSaturated: ProblemSpec(429, "overloaded", True, "the model's gateway queue is full"),
     BackendOverloaded: ProblemSpec(429, "model_overloaded", True, "the model server refused the request as overloaded"),
     ClientDisconnected: ProblemSpec(499, "client_disconnected", False, "the caller went away; the work was aborted"),
+    ModelRejectedInput: ProblemSpec(400, "model_rejected_input", False, "the model server refused a raw chat completion's parameters (e.g. its response_format schema)"),
+    BackendModelNotFound: ProblemSpec(502, "model_not_served", False, "the model server does not serve the model a prompt version names (a configuration error)"),
     BackendBadRequest: ProblemSpec(502, "model_rejected_request", False, "the model server rejected the request"),
     BackendProtocolError: ProblemSpec(502, "model_protocol_error", True, "the model server's answer broke the protocol"),
     StoreUnavailable: ProblemSpec(503, "registry_unavailable", True, "the registry is unreachable and nothing is cached"),

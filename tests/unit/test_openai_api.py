@@ -418,3 +418,29 @@ def test_body_over_the_limit_is_413(http: TestClient, caller_key: str) -> None:
     r = http.post("/v1/chat/completions", headers={"authorization": f"Bearer {caller_key}"},
                   json={"model": MODEL, "messages": [{"role": "user", "content": "x" * 9000}]})
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+
+def test_upstream_refusal_of_raw_parameters_is_the_callers_400(client: openai.OpenAI,
+                                                               backend: FakeBackend) -> None:
+    """A model server 400 on a raw completion's own response_format is the caller's error (our
+    message, naming the parameter), not a 502 with the upstream's text."""
+    from serving import BackendRejectedInput
+
+    backend.error = BackendRejectedInput(param="response_format", upstream_status=400,
+                                         upstream_body="SECRET upstream text about the schema")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       response_format={"type": "json_object"})
+    assert info.value.code == "model_rejected_input"
+    assert info.value.param == "response_format"  # type: ignore[attr-defined]
+    assert "SECRET" not in str(info.value.body)
+
+
+def test_a_prompt_naming_an_unserved_model_is_a_clear_502(client: openai.OpenAI, backend: FakeBackend) -> None:
+    from serving import BackendModelNotFound
+
+    backend.error = BackendModelNotFound("qwen-does-not-exist", upstream_status=404)
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model=MODEL, messages=[], extra_body={"prompt": PROMPT})
+    assert info.value.status_code == 502 and info.value.code == "model_not_served"
+    assert "qwen-does-not-exist" in info.value.message
