@@ -37,8 +37,34 @@ The same thread rotates segments when one would exceed `segment_max_bytes` or is
 this replica's directory and in sibling replica directories (replicas that are gone), and the
 oldest closed segments of this replica beyond `retention_max_bytes` in total.
 
+Durability (`durability:`): in `buffered` mode (the default, above) an answer leaves before
+its record is on disk, so a `kill -9` loses what was still queued (at most about `linger_ms` of
+answers plus one write). In `durable` mode the request path awaits
+`DecisionLog.append_durable(record)`, which returns only once the batch holding the record has
+been written and fsynced (group commit still applies: every request waiting on one batch shares
+its one write and fsync, and pays up to `linger_ms` plus that write). It raises
+`DecisionLogUnavailable` instead of returning when the record is not on disk within
+`durable_timeout_s` (a full queue is waited on, not dropped; a slow disk), when the write of its
+batch fails, or when the log is closed. An acknowledged record is never lost to a crash of the
+process (nor of the machine with `fsync: true`); the converse does not hold: a record whose
+caller got the error may still reach the log later (its batch is retried, or its write finished
+after the timeout), so the log can hold a decision whose request was answered with an error.
+
+End markers: when the writer closes a segment (rotation, `rotate()`, `aclose()`) it writes a
+sidecar `<segment>.end` (`END_SUFFIX`) next to it: one JSON object, `SegmentEnd`, `{"kind":
+"segment_end", "segment", "replica", "records", "bytes", "closed_at", "reason": "rotated" |
+"shutdown"}`, written to a temporary name, fsynced, renamed, directory fsynced. A segment
+without a valid marker (missing, unreadable, or whose `bytes` is not the segment's size) is one
+the writer never closed: the replica crashed (`kill -9`, OOM, power loss), a write error cut it,
+or it is the segment a running replica is writing now. A sidecar, not a last line, so that
+nothing that reads `decisions-*.jsonl` (older modgate readers that validate every line as a
+`DecisionRecord`, `duckdb read_json`, `jq`, the soak's record count) sees anything new:
+`gateway.quality.decisions.read_segments` reports the ends in `ReadStats.unclean_ends` and
+`ReadStats.ended_cleanly`. Retention deletes a segment's marker with it.
+
 Failures: a write error (disk full, permissions, a vanished directory) is counted
-(`write_errors`) and logged, and never reaches the request path. The batch being written stays
+(`write_errors`) and logged, and never reaches the request path in buffered mode (in durable
+mode the requests waiting on the failed batch get `DecisionLogUnavailable`). The batch being written stays
 in memory and is retried with backoff; what was written of it but not yet synced is truncated
 away first, so a retry does not duplicate lines. Meanwhile new records queue up to `queue_max`,
 then are dropped and counted. If even the truncation fails, a retried batch may be written
@@ -68,8 +94,8 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["FIELDS", "DecisionLog", "DecisionLogSettings", "DecisionRecord", "Segment",
-           "list_segments"]
+__all__ = ["END_SUFFIX", "FIELDS", "DecisionLog", "DecisionLogSettings", "DecisionLogUnavailable",
+           "DecisionRecord", "Segment", "SegmentEnd", "list_segments", "read_segment_end"]
 
 log = logging.getLogger("modgate.decision_log")
 
@@ -78,9 +104,13 @@ Kind = Literal["moderation", "raw_chat"]
 FrontDoor = Literal["moderate", "moderations", "chat"]
 ExportFormat = Literal["parquet", "csv"]
 Clock = Callable[[], datetime]
+Durability = Literal["buffered", "durable"]
+EndReason = Literal["rotated", "shutdown"]
 
 _SEGMENT = re.compile(r"^decisions-(\d{8}T\d{6})-(\d+)\.jsonl$")
 _SEGMENT_GLOB = "decisions-*.jsonl"
+END_SUFFIX = ".end"  # a closed segment's marker: <segment>.jsonl.end (never matches the glob)
+_END_GLOB = "decisions-*.jsonl" + END_SUFFIX
 # Records can be appended (and so written) a little after a segment opens; when pruning by time
 # allow this much clock disagreement between the caller's `ts` and the writer's clock.
 _PRUNE_SLACK = timedelta(minutes=5)
@@ -89,6 +119,14 @@ _MIB = 1024 * 1024
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+class DecisionLogUnavailable(Exception):
+    """Durable mode: the record is not on disk, so the answer must not leave. Raised by
+    `DecisionLog.append_durable` when the write (or fsync) of the record's batch failed (the
+    `OSError` is the `__cause__`), when it was not on disk within `durable_timeout_s` (waiting
+    for room in a full queue included), or when the log is closed. Retryable: a later request
+    may find the disk writable again."""
 
 
 class DecisionRecord(BaseModel):
@@ -179,6 +217,13 @@ class DecisionLogSettings(BaseModel):
     linger_ms: float = Field(5.0, ge=0, le=1000, description="how long the writer waits after "
                              "the first record of a batch for more to join it (one write and fsync "
                              "per batch); 0 writes at once")
+    durability: Durability = Field("buffered", description="buffered: answers leave before their "
+                                   "record is written (a crash loses the last few ms of records); "
+                                   "durable: the request waits until its record is written and "
+                                   "fsynced (append_durable) and fails if it cannot be")
+    durable_timeout_s: float = Field(5.0, gt=0, le=300, description="durable mode: how long a "
+                                     "request waits for its record to be on disk (room in a full "
+                                     "queue included) before it fails with DecisionLogUnavailable")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +237,31 @@ class Segment:
     start: datetime
     seq: int
     size: int
+
+
+class SegmentEnd(BaseModel):
+    """The end marker of a segment the writer closed (the sidecar `<segment>.end`)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    kind: Literal["segment_end"] = "segment_end"
+    segment: str = Field(..., description="the segment's file name")
+    replica: str
+    records: int = Field(..., ge=0, description="lines in the segment")
+    bytes: int = Field(..., ge=0, description="the segment's size when it was closed")
+    closed_at: datetime
+    reason: EndReason = Field(..., description="rotated (by size, age or rotate()) or shutdown "
+                              "(aclose: the replica stopped cleanly)")
+
+
+def read_segment_end(segment: Path) -> SegmentEnd | None:
+    """The end marker of `segment`, or None when there is none (or it is unreadable)."""
+    try:
+        data = segment.with_name(segment.name + END_SUFFIX).read_bytes()
+        end = SegmentEnd.model_validate_json(data)
+    except (OSError, ValueError):
+        return None
+    return end if end.segment == segment.name else None
 
 
 def _parse_segment(path: Path) -> Segment | None:
@@ -264,8 +334,10 @@ class _WriteFailed(Exception):
 class _SegmentWriter:
     """The open segment of one replica directory. Used from worker threads, one at a time."""
 
-    def __init__(self, directory: Path, *, max_bytes: int, max_age: timedelta, fsync: bool) -> None:
+    def __init__(self, directory: Path, *, max_bytes: int, max_age: timedelta, fsync: bool,
+                 replica: str = "") -> None:
         self.directory = directory
+        self.replica = replica
         self.max_bytes = max_bytes
         self.max_age = max_age
         self.fsync = fsync
@@ -274,6 +346,7 @@ class _SegmentWriter:
         self.opened_at: datetime | None = None
         self.size = 0
         self.committed = 0
+        self.lines = 0  # committed lines of the open segment
         self._next_seq: int | None = None
 
     def _open(self, now: datetime) -> None:
@@ -297,13 +370,42 @@ class _SegmentWriter:
                 path.unlink(missing_ok=True)
                 raise
         self.fd, self.path, self.opened_at = fd, path, now
-        self.size = self.committed = 0
+        self.size = self.committed = self.lines = 0
 
-    def close(self) -> None:
+    def close(self, now: datetime, reason: EndReason = "rotated") -> None:
+        """Close the open segment and mark its end (best effort: without the marker the
+        segment reads as one the writer never closed)."""
         if self.fd is not None:
             fd, self.fd = self.fd, None
             os.close(fd)
+            if self.path is not None and self.size == self.committed:
+                self._mark_end(self.path, now, reason)
         self.path = self.opened_at = None
+
+    def _mark_end(self, path: Path, now: datetime, reason: EndReason) -> None:
+        end = path.with_name(path.name + END_SUFFIX)
+        tmp = path.with_name(f".{end.name}.tmp")
+        marker = SegmentEnd(segment=path.name, replica=self.replica, records=self.lines,
+                            bytes=self.committed, closed_at=now, reason=reason)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+            try:
+                _write_all(fd, orjson.dumps(marker.model_dump(mode="json"),
+                                            option=orjson.OPT_APPEND_NEWLINE))
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, end)
+            if self.fsync:
+                _fsync_dir(self.directory)
+        except OSError as exc:
+            log.warning("decision log: could not mark the end of %s (%s); it will read as a "
+                        "segment that was never closed", path, exc)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
 
     def abort(self) -> None:
         """After a failed write: cut what was not synced and close; the next write opens a new
@@ -331,7 +433,7 @@ class _SegmentWriter:
 
     def rotate_if_old(self, now: datetime) -> bool:
         if self.fd is not None and self.opened_at is not None and now - self.opened_at >= self.max_age:
-            self.close()
+            self.close(now)
             return True
         return False
 
@@ -361,9 +463,10 @@ class _SegmentWriter:
                     if self.fsync:
                         os.fsync(self.fd)
                     self.committed = size
+                    self.lines += len(chunk)
                     done = i
                 if self.size >= self.max_bytes or i < len(lines):
-                    self.close()
+                    self.close(now)
         except OSError as exc:
             self.abort()
             raise _WriteFailed(done, exc) from exc
@@ -374,12 +477,32 @@ class _SegmentWriter:
 # ---------------------------------------------------------------------------------------------
 
 
+_Waiter = asyncio.Future[None]
+_Entry = tuple[DecisionRecord, _Waiter | None]
+
+
+def _settle(waiters: list[_Waiter], error: str | None, cause: BaseException | None) -> None:
+    """Resolve durable appends (on their event loop): None means on disk."""
+    for fut in waiters:
+        if fut.done():  # the caller timed out (cancelled) or it was settled already
+            continue
+        if error is None:
+            fut.set_result(None)
+        else:
+            exc = DecisionLogUnavailable(error)
+            exc.__cause__ = cause
+            fut.set_exception(exc)
+
+
 class DecisionLog:
     """Append decisions from the request path; a background task makes them durable.
 
     Use from one event loop: `await log.start()` at start-up, `log.append(record)` per
     decision (never blocks, never raises), `await log.aclose()` at shutdown. `await
     log.flush()` writes everything appended so far (raises `OSError` if the disk refuses).
+    In durable mode (`log.durable`) the request path awaits `log.append_durable(record)`
+    instead, which returns once the record is written and fsynced and raises
+    `DecisionLogUnavailable` otherwise.
     """
 
     def __init__(
@@ -398,10 +521,14 @@ class DecisionLog:
         idle_s: float = 1.0,
         retention_interval_s: float = 600.0,
         close_timeout_s: float = 5.0,
+        durable: bool = False,
+        durable_timeout_s: float = 5.0,
         clock: Clock | None = None,
     ) -> None:
         if queue_max < 1 or batch_max < 1:
             raise ValueError("queue_max and batch_max must be at least 1")
+        if durable_timeout_s <= 0:
+            raise ValueError("durable_timeout_s must be positive")
         self.root = Path(root)
         self.replica = _replica_name(replica)
         self.directory = self.root / self.replica
@@ -414,18 +541,24 @@ class DecisionLog:
         self.idle_s = idle_s
         self.retention_interval = timedelta(seconds=retention_interval_s)
         self.close_timeout_s = close_timeout_s
+        self.durable = durable  # the configured mode: the request path should use append_durable
+        self.durable_timeout_s = durable_timeout_s
         self.clock: Clock = clock or _utc_now
         self.written = 0
         self.batches = 0  # successful writes (each one write + fsync)
         self.dropped = 0
         self.write_errors = 0
         self.retention_deleted = 0
+        self.durable_failures = 0  # append_durable calls that raised DecisionLogUnavailable
         self._accepted = 0
-        self._queue: deque[DecisionRecord] = deque()
-        self._pending: list[DecisionRecord] = []
+        self._queue: deque[_Entry] = deque()
+        self._pending: list[_Entry] = []
+        self._room: asyncio.Event | None = None  # set when the writer takes a batch off the queue
+        self._room_waiters = 0
         self._io_lock = threading.Lock()
         self._writer = _SegmentWriter(self.directory, max_bytes=segment_max_bytes,
-                                      max_age=timedelta(seconds=segment_max_age_s), fsync=fsync)
+                                      max_age=timedelta(seconds=segment_max_age_s), fsync=fsync,
+                                      replica=self.replica)
         self._wake: asyncio.Event | None = None
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -444,7 +577,9 @@ class DecisionLog:
                    segment_max_age_s=settings.segment_max_age_s,
                    retention_days=settings.retention_days,
                    retention_max_bytes=settings.retention_max_bytes, fsync=settings.fsync,
-                   linger_s=settings.linger_ms / 1000.0, **kwargs)
+                   linger_s=settings.linger_ms / 1000.0,
+                   durable=settings.durability == "durable",
+                   durable_timeout_s=settings.durable_timeout_s, **kwargs)
 
     # -- request path ------------------------------------------------------------------------
 
@@ -459,13 +594,82 @@ class DecisionLog:
                                 "closed" if self._closed else f"queue full ({self.queue_max})",
                                 self.dropped)
                 return False
-            self._queue.append(record)
+            self._queue.append((record, None))
             self._accepted += 1
             self._notify()
             return True
         except Exception:  # pragma: no cover - defensive: the request path must not fail here
             log.exception("decision log: append failed")
             return False
+
+    async def append_durable(self, record: DecisionRecord) -> None:
+        """Queue `record` and return once the batch holding it has been written and fsynced
+        (group commit: concurrent callers share one write and one fsync).
+
+        Raises `DecisionLogUnavailable` when the write of its batch fails, when it is not on
+        disk within `durable_timeout_s` (a full queue is waited on, within the same time), or
+        when the log is closed. Starts the writer if `start()` was not called yet."""
+        if self._closed:
+            self.durable_failures += 1
+            raise DecisionLogUnavailable("the decision log is closed")
+        if self._task is None:
+            await self.start()
+        fut: _Waiter = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(self.durable_timeout_s):
+                while len(self._queue) >= self.queue_max and not self._closed:
+                    await self._wait_for_room()
+                if self._closed:
+                    raise DecisionLogUnavailable("the decision log is closed")
+                self._queue.append((record, fut))
+                self._accepted += 1
+                self._notify()
+                await fut
+        except TimeoutError:
+            self.durable_failures += 1
+            queued = fut.cancelled()
+            raise DecisionLogUnavailable(
+                f"the decision record was not on disk within {self.durable_timeout_s:g} s"
+                + (" (it stays queued and may still be written)" if queued else
+                   f" (the queue stayed full: {self.queue_max})")) from None
+        except DecisionLogUnavailable:
+            self.durable_failures += 1
+            raise
+
+    async def _wait_for_room(self) -> None:
+        if self._room is None:
+            self._room = asyncio.Event()
+        self._room.clear()
+        self._room_waiters += 1
+        try:
+            # Check again now that the writer thread can see us waiting: it may have emptied
+            # the queue in between and, seeing no waiter, not signalled.
+            if len(self._queue) < self.queue_max or self._closed:
+                return
+            await self._room.wait()
+        finally:
+            self._room_waiters -= 1
+
+    def _signal_room(self) -> None:
+        """From the writer thread: a batch left the queue, waiting durable appends may enter."""
+        room, loop = self._room, self._loop
+        if room is None or loop is None or not self._room_waiters:
+            return
+        try:
+            loop.call_soon_threadsafe(room.set)
+        except RuntimeError:  # the loop is closed
+            pass
+
+    @staticmethod
+    def _resolve(waiters: list[_Waiter], error: str | None = None,
+                 cause: BaseException | None = None) -> None:
+        """Settle durable appends from any thread, on their own event loop."""
+        if not waiters:
+            return
+        try:
+            waiters[0].get_loop().call_soon_threadsafe(_settle, waiters, error, cause)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
 
     def _notify(self) -> None:
         wake, loop = self._wake, self._loop
@@ -487,7 +691,8 @@ class DecisionLog:
 
     def stats(self) -> dict[str, int]:
         return {"written": self.written, "dropped": self.dropped, "write_errors": self.write_errors,
-                "queued": self.queued, "retention_deleted": self.retention_deleted}
+                "queued": self.queued, "retention_deleted": self.retention_deleted,
+                "durable_failures": self.durable_failures}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -537,7 +742,11 @@ class DecisionLog:
         if self.queued:
             log.error("decision log: %d decisions could not be written before shutdown and are "
                       "lost", self.queued)
-        await asyncio.to_thread(self._close_segment)
+            self._resolve([f for _, f in (*self._pending, *self._queue) if f is not None],
+                          "the decision log closed before the record was written")
+        if self._room is not None:
+            self._room.set()  # durable appends waiting for room see the log closed
+        await asyncio.to_thread(self._close_segment, "shutdown")
 
     async def flush(self) -> None:
         """Write and sync everything appended before this call. Raises the `OSError` if the
@@ -548,7 +757,7 @@ class DecisionLog:
 
     async def rotate(self) -> None:
         """Close the current segment now (the next record opens a new one)."""
-        await asyncio.to_thread(self._close_segment)
+        await asyncio.to_thread(self._close_segment, "rotated")
 
     async def enforce_retention(self) -> int:
         """Apply retention now; returns how many segments were deleted."""
@@ -605,20 +814,32 @@ class DecisionLog:
             if not self._pending:
                 take = min(self.batch_max, len(self._queue))
                 self._pending = [self._queue.popleft() for _ in range(take)]
+                if take:
+                    self._signal_room()
             if not self._pending:
                 return 0
             batch = self._pending
-            lines = [orjson.dumps(r.model_dump(), option=orjson.OPT_APPEND_NEWLINE) for r in batch]
+            lines = [orjson.dumps(r.model_dump(), option=orjson.OPT_APPEND_NEWLINE)
+                     for r, _ in batch]
             try:
                 self._writer.write(lines, self.clock())
             except _WriteFailed as failed:
+                synced = [f for _, f in batch[:failed.committed] if f is not None]
                 del batch[:failed.committed]
+                # The callers waiting on the rest get the error; their records stay in memory
+                # and are retried like any other (at-least-once, see the module docstring).
+                refused = [f for _, f in batch if f is not None]
+                self._pending = [(r, None) for r, _ in batch]
                 self.written += failed.committed
                 self.write_errors += 1
                 if not self._failing:
                     log.error("decision log: writing to %s failed: %s; %d decisions kept in memory "
                               "and retried", self.directory, failed.cause, self.queued)
                 self._failing = True
+                # Counters first: a caller that sees the outcome sees them updated.
+                self._resolve(synced)
+                self._resolve(refused, f"writing the decision log failed: {failed.cause}",
+                              failed.cause)
                 raise failed.cause from None
             self.written += len(batch)
             self.batches += 1
@@ -626,6 +847,7 @@ class DecisionLog:
             if self._failing:
                 self._failing = False
                 log.warning("decision log: writing to %s works again", self.directory)
+            self._resolve([f for _, f in batch if f is not None])
             return len(batch)
 
     def _rotate_if_old(self) -> None:
@@ -636,10 +858,10 @@ class DecisionLog:
             except OSError as exc:
                 log.warning("decision log: closing a segment failed: %s", exc)
 
-    def _close_segment(self) -> None:
+    def _close_segment(self, reason: EndReason) -> None:
         with self._io_lock:
             try:
-                self._writer.close()
+                self._writer.close(self.clock(), reason)
             except OSError as exc:
                 log.warning("decision log: closing a segment failed: %s", exc)
 
@@ -662,6 +884,7 @@ class DecisionLog:
                 log.warning("decision log: retention could not delete %s: %s", seg.path, exc)
                 return False
             deleted += 1
+            _unlink_quietly(seg.path.with_name(seg.path.name + END_SUFFIX))
             return True
 
         if self.retention_days is not None:
@@ -672,6 +895,7 @@ class DecisionLog:
                 for seg in segs:
                     if seg.path != current and seg.start < cutoff:
                         delete(seg)
+                _sweep_orphan_ends(directory)
                 if directory != self.directory and directory != self.root:
                     try:
                         directory.rmdir()  # a replica that is gone; only if now empty
@@ -691,3 +915,21 @@ class DecisionLog:
             self.retention_deleted += deleted
             log.info("decision log: retention deleted %d segment(s)", deleted)
         return deleted
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("decision log: retention could not delete %s: %s", path, exc)
+
+
+def _sweep_orphan_ends(directory: Path) -> None:
+    """End markers whose segment is gone (deleted by a modgate that did not know markers)."""
+    try:
+        ends = list(directory.glob(_END_GLOB))
+    except OSError:
+        return
+    for end in ends:
+        if not end.with_name(end.name[: -len(END_SUFFIX)]).exists():
+            _unlink_quietly(end)

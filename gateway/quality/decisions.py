@@ -1,6 +1,26 @@
 """Reading and exporting the decision log (`gateway.decision_log` writes it): merged reads over
 every replica's segments, the last N records, and typed Parquet / spreadsheet CSV exports.
-Offline only: the server never reads its own log."""
+Offline only: the server never reads its own log.
+
+How a segment ended. Every line of a segment is a `DecisionRecord`; nothing else is ever
+written into one. When the writer closes a segment it puts an end marker beside it, the sidecar
+`<segment>.end` (`gateway.decision_log.SegmentEnd`: records, bytes, closed_at, reason
+`rotated` or `shutdown`), so readers that validate every line as a record (this module's
+older versions, `duckdb read_json('*/*.jsonl')`) see the same lines and count no new bad ones.
+`read_segments` checks the markers of the segments it reads:
+
+* a segment without a valid marker (none, unreadable, or `bytes` differs from the segment's
+  size) is listed in `ReadStats.unclean_ends`: its writer stopped without closing it (the
+  replica was killed or crashed, a write error cut the segment, or it is the segment a running
+  replica is writing now). Records acknowledged by a durable-mode gateway are all in it; a
+  buffered-mode gateway may have lost its last few milliseconds of records there;
+* `ReadStats.ended_cleanly[replica]` says whether the replica's newest segment has a
+  `shutdown` marker, i.e. the replica's log ends with a clean stop. A running replica reads as
+  False (its newest segment is still open), as do logs written before markers existed.
+
+A crash can tear at most the last line of the segment being written (a writer never appends to
+an old segment): that line, without its newline, is skipped and counted in `torn_lines`.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +36,15 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from gateway.decision_log import _MIB, _PRUNE_SLACK, FIELDS, DecisionRecord, Segment, list_segments
+from gateway.decision_log import (
+    _MIB,
+    _PRUNE_SLACK,
+    FIELDS,
+    DecisionRecord,
+    Segment,
+    list_segments,
+    read_segment_end,
+)
 
 __all__ = ["ExportFormat", "ReadStats", "arrow_schema", "export", "read_segments", "tail"]
 
@@ -38,6 +66,10 @@ class ReadStats:
     torn_lines: int = 0
     bad_lines: int = 0
     torn_segments: list[str] = field(default_factory=list)
+    # Segments (paths) the writer never closed: no valid end marker (see the module docstring).
+    unclean_ends: list[str] = field(default_factory=list)
+    # Replica directory name -> its newest segment carries a `shutdown` end marker.
+    ended_cleanly: dict[str, bool] = field(default_factory=dict)
 
 
 def _as_utc(value: datetime | None) -> datetime | None:
@@ -58,6 +90,19 @@ def _selected(segs: list[Segment], since: datetime | None) -> list[Segment]:
             continue
         keep.append(seg)
     return keep
+
+
+def _check_ends(segs: list[Segment], stats: ReadStats) -> None:
+    """Record which of one replica's segments (in write order) ended without a marker."""
+    last_clean = False
+    for seg in segs:
+        end = read_segment_end(seg.path)
+        clean = end is not None and end.bytes == seg.size
+        if not clean:
+            stats.unclean_ends.append(str(seg.path))
+        last_clean = clean and end is not None and end.reason == "shutdown"
+    if segs:
+        stats.ended_cleanly[segs[-1].path.parent.name] = last_clean
 
 
 def _read_segment(seg: Segment, stats: ReadStats, on_bytes: Callable[[int], None]) -> Iterator[DecisionRecord]:
@@ -114,7 +159,10 @@ def read_segments(
     `directory` is the log root (one sub-directory per replica) or one replica directory.
     Each replica's segments are read in write order and the replicas are merged by `ts`. A
     line torn by a crash (the last one of a segment, without its newline) is skipped and
-    counted in `stats.torn_lines`; an unreadable complete line in `stats.bad_lines`.
+    counted in `stats.torn_lines`; an unreadable complete line in `stats.bad_lines`. End
+    markers are checked before the first record: segments read that the writer never closed
+    are in `stats.unclean_ends`, and `stats.ended_cleanly` says per replica whether its newest
+    segment was closed by a clean shutdown (module docstring).
     `progress(bytes_read, bytes_total)` is called as segments are read.
     """
     since, until = _as_utc(since), _as_utc(until)
@@ -122,6 +170,8 @@ def read_segments(
     groups = [_selected(segs, since) for segs in list_segments(directory).values()]
     stats.segments = sum(len(g) for g in groups)
     stats.bytes_total = sum(s.size for g in groups for s in g)
+    for g in groups:
+        _check_ends(g, stats)
 
     def on_bytes(n: int) -> None:
         stats.bytes_read += n

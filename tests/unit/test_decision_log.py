@@ -8,6 +8,12 @@ import csv
 import errno
 import json
 import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
 import tracemalloc
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -278,6 +284,323 @@ def test_start_on_an_unusable_directory_does_not_raise(tmp_path: Path) -> None:
 
     asyncio.run(run())
     assert log.write_errors >= 1 and log.written == 0
+
+
+# -- durable mode ---------------------------------------------------------------------------------
+
+
+class FsyncSpy:
+    """Stands in for `os.fsync`: records what was synced ("file" or "dir") and, while `gate` is
+    closed, holds data fsyncs (regular files) in the writer thread."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.kinds: list[str] = []
+        self.events: list[str] = []
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, fd: int) -> None:
+        kind = "file" if stat.S_ISREG(os.fstat(fd).st_mode) else "dir"
+        if kind == "file":
+            self.entered.set()
+            assert self.gate.wait(10), "the test never opened the fsync gate"
+        self.real(fd)
+        self.kinds.append(kind)
+        if kind == "file":
+            self.events.append("fsynced")
+
+
+def durable_log(root: Path, **kw: Any) -> DecisionLog:
+    kw.setdefault("linger_s", 0.0)
+    return make_log(root, Clock(), durable=True, **kw)
+
+
+def test_durable_append_returns_only_after_its_batch_is_fsynced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = FsyncSpy(os.fsync)
+    monkeypatch.setattr(os, "fsync", spy)
+    log = durable_log(tmp_path)
+
+    async def run() -> None:
+        await log.start()
+        spy.gate.clear()
+        task = asyncio.create_task(log.append_durable(rec(0)))
+        assert await asyncio.to_thread(spy.entered.wait, 10)  # the writer is inside fsync
+        await asyncio.sleep(0)
+        assert not task.done()                                # ... so the answer waits
+        assert log.written == 0
+        spy.gate.set()
+        await task
+        spy.events.append("acknowledged")
+        assert log.written == 1
+        await log.aclose()
+
+    asyncio.run(run())
+    assert spy.events[:2] == ["fsynced", "acknowledged"]
+    assert ids(list(read_segments(tmp_path))) == ["req-0"]
+
+
+def test_concurrent_durable_appends_share_one_write_and_fsync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = FsyncSpy(os.fsync)
+    monkeypatch.setattr(os, "fsync", spy)
+    writes: list[int] = []
+    real_write = dl._write_all
+
+    def counting_write(fd: int, data: bytes) -> None:
+        writes.append(data.count(b"\n"))
+        real_write(fd, data)
+
+    monkeypatch.setattr(dl, "_write_all", counting_write)
+    log = durable_log(tmp_path)
+
+    async def run() -> None:
+        await log.start()
+        # All 50 enter the queue before the writer task runs again: one batch.
+        await asyncio.gather(*(log.append_durable(rec(i)) for i in range(50)))
+        assert (log.written, log.batches) == (50, 1)
+        assert writes == [50]
+        assert spy.kinds == ["dir", "file"]  # the new segment's entry, then one data fsync
+        await log.aclose()
+
+    asyncio.run(run())
+    assert log.dropped == log.durable_failures == 0
+    assert ids(list(read_segments(tmp_path))) == [f"req-{i}" for i in range(50)]
+
+
+def test_durable_write_failure_reaches_every_waiting_caller(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = durable_log(tmp_path)
+    real_write = dl._write_all
+
+    def disk_full(fd: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def run() -> None:
+        await log.start()
+        monkeypatch.setattr(dl, "_write_all", disk_full)
+        results = await asyncio.gather(*(log.append_durable(rec(i)) for i in range(5)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, dl.DecisionLogUnavailable) for r in results), results
+        first = results[0]
+        assert isinstance(first, BaseException) and "No space left" in str(first)
+        assert isinstance(first.__cause__, OSError) and first.__cause__.errno == errno.ENOSPC
+        assert log.durable_failures == 5 and log.write_errors >= 1 and log.written == 0
+        # The records stay in memory and are written once the disk recovers (at-least-once:
+        # the log may hold a decision whose caller got the error).
+        monkeypatch.setattr(dl, "_write_all", real_write)
+        await log.flush()
+        await log.append_durable(rec(5))  # works again
+        await log.aclose()
+
+    asyncio.run(run())
+    assert ids(list(read_segments(tmp_path))) == [f"req-{i}" for i in range(6)]
+
+
+def test_durable_append_waits_for_room_in_a_full_queue(tmp_path: Path) -> None:
+    log = durable_log(tmp_path, queue_max=1, batch_max=1)
+
+    async def run() -> None:
+        await log.start()
+        await asyncio.gather(*(log.append_durable(rec(i)) for i in range(6)))
+        await log.aclose()
+
+    asyncio.run(run())
+    assert (log.written, log.dropped, log.durable_failures) == (6, 0, 0)
+    assert ids(list(read_segments(tmp_path))) == [f"req-{i}" for i in range(6)]
+
+
+def test_durable_append_times_out_with_the_same_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = FsyncSpy(os.fsync)
+    monkeypatch.setattr(os, "fsync", spy)
+    log = durable_log(tmp_path, queue_max=1, durable_timeout_s=0.2)
+
+    async def run() -> None:
+        await log.start()
+        spy.gate.clear()                                      # the disk hangs in fsync
+        first = asyncio.create_task(log.append_durable(rec(0)))
+        assert await asyncio.to_thread(spy.entered.wait, 10)  # req-0 is being written
+        queued = asyncio.create_task(log.append_durable(rec(1)))     # fits in the queue
+        no_room = asyncio.create_task(log.append_durable(rec(2)))    # waits for room
+        with pytest.raises(dl.DecisionLogUnavailable, match="queue stayed full"):
+            await no_room
+        with pytest.raises(dl.DecisionLogUnavailable, match="stays queued"):
+            await queued
+        with pytest.raises(dl.DecisionLogUnavailable, match="not on disk within 0.2 s"):
+            await first
+        assert log.durable_failures == 3 and log.dropped == 0
+        spy.gate.set()
+        await log.aclose()
+
+    asyncio.run(run())
+    # Timed out is not "not written": what was queued reaches the log after the disk recovers.
+    assert ids(list(read_segments(tmp_path))) == ["req-0", "req-1"]
+
+
+def test_closed_log_refuses_durable_appends(tmp_path: Path) -> None:
+    log = durable_log(tmp_path)
+
+    async def run() -> None:
+        await log.append_durable(rec(0))  # starts the writer itself
+        await log.aclose()
+        with pytest.raises(dl.DecisionLogUnavailable, match="closed"):
+            await log.append_durable(rec(1))
+
+    asyncio.run(run())
+    assert log.durable_failures == 1
+    assert ids(list(read_segments(tmp_path))) == ["req-0"]
+
+
+def test_settings_choose_the_durability(tmp_path: Path) -> None:
+    assert DecisionLogSettings().durability == "buffered"
+    buffered = DecisionLog.from_settings(DecisionLogSettings(), tmp_path)
+    assert buffered is not None and buffered.durable is False
+    s = DecisionLogSettings.model_validate({"durability": "durable", "durable_timeout_s": 2})
+    durable = DecisionLog.from_settings(s, tmp_path)
+    assert durable is not None and durable.durable is True and durable.durable_timeout_s == 2.0
+    with pytest.raises(ValidationError):
+        DecisionLogSettings.model_validate({"durability": "sometimes"})
+
+
+# -- how a segment ended -----------------------------------------------------------------------------
+
+
+def test_clean_close_marks_the_end_and_readers_see_it(tmp_path: Path) -> None:
+    clock = Clock()
+
+    async def run() -> None:
+        log = make_log(tmp_path, clock, segment_max_age_s=3600)
+        for i in range(3):
+            log.append(rec(i, clock.now))
+        await log.flush()
+        clock.advance(hours=1)
+        log.append(rec(3, clock.now))  # rotates by age: the first segment is marked "rotated"
+        await log.aclose()             # the second one "shutdown"
+
+    asyncio.run(run())
+    segs = list_segments(tmp_path)[tmp_path / "gw-0"]
+    assert len(segs) == 2
+    ends = [dl.read_segment_end(s.path) for s in segs]
+    assert [e.reason if e else None for e in ends] == ["rotated", "shutdown"]
+    first, last = ends
+    assert first is not None and last is not None
+    assert (first.records, first.bytes, first.replica) == (3, segs[0].size, "gw-0")
+    assert (last.records, last.bytes, last.closed_at) == (1, segs[1].size, T0 + timedelta(hours=1))
+    stats = ReadStats()
+    assert ids(list(read_segments(tmp_path, stats=stats))) == ["req-0", "req-1", "req-2", "req-3"]
+    assert stats.unclean_ends == [] and stats.ended_cleanly == {"gw-0": True}
+    assert stats.bad_lines == stats.torn_lines == 0
+    # What older readers see is unchanged: every line of every segment is a record, and the
+    # marker does not match the segment glob (nor duckdb's '*/*.jsonl').
+    for seg in segs:
+        for line in seg.path.read_bytes().splitlines():
+            DecisionRecord.model_validate_json(line)
+    assert sorted(p.name for p in (tmp_path / "gw-0").glob("*.jsonl")) == [s.path.name for s in segs]
+    assert sorted(p.name for p in (tmp_path / "gw-0").iterdir()) == sorted(
+        [s.path.name for s in segs] + [s.path.name + ".end" for s in segs])
+    assert duckdb.sql(f"select count(*) from read_json('{tmp_path}/*/*.jsonl')").fetchall() == [(4,)]
+
+
+def test_a_log_that_was_not_closed_reads_as_unclean(tmp_path: Path) -> None:
+    clock = Clock()
+
+    async def crashed() -> None:
+        log = make_log(tmp_path, clock)
+        for i in range(3):
+            log.append(rec(i, clock.now))
+        await log.flush()  # on disk, but the process "dies" here: no aclose
+
+    asyncio.run(crashed())
+    seg = list_segments(tmp_path)[tmp_path / "gw-0"][0]
+    assert dl.read_segment_end(seg.path) is None
+    stats = ReadStats()
+    assert ids(list(read_segments(tmp_path, stats=stats))) == ["req-0", "req-1", "req-2"]
+    assert stats.unclean_ends == [str(seg.path)] and stats.ended_cleanly == {"gw-0": False}
+
+    clock.advance(minutes=1)
+    _segment_at(clock, tmp_path, 3)  # restarted and stopped cleanly: the crash stays visible
+    stats = ReadStats()
+    assert ids(list(read_segments(tmp_path, stats=stats))) == ["req-0", "req-1", "req-2", "req-3"]
+    assert stats.unclean_ends == [str(seg.path)] and stats.ended_cleanly == {"gw-0": True}
+
+    # A marker that does not match its segment (cut or grown after it was closed) is no marker.
+    last = list_segments(tmp_path)[tmp_path / "gw-0"][-1]
+    with open(last.path, "ab") as fh:
+        fh.write(orjson.dumps(rec(4, clock.now).model_dump()) + b"\n")
+    stats = ReadStats()
+    assert len(list(read_segments(tmp_path, stats=stats))) == 5
+    assert stats.unclean_ends == [str(seg.path), str(last.path)]
+    assert stats.ended_cleanly == {"gw-0": False}
+
+
+def test_retention_deletes_a_segment_with_its_end_marker(tmp_path: Path) -> None:
+    clock = Clock()
+    _segment_at(clock, tmp_path, 0)
+    (tmp_path / "gw-0" / "decisions-20250101T000000-000009.jsonl.end").write_text("{}\n")  # orphan
+    clock.advance(days=40)
+    log = make_log(tmp_path, clock, retention_days=30)
+    assert asyncio.run(log.enforce_retention()) == 1
+    assert list((tmp_path / "gw-0").iterdir()) == []
+
+
+_KILLED_WRITER = """
+import asyncio, os, sys
+from datetime import UTC, datetime
+from gateway.decision_log import DecisionLog, DecisionRecord
+
+async def main() -> None:
+    log = DecisionLog(sys.argv[1], replica="gw-0", durable=True, linger_s=0.002)
+    await log.start()
+    counter = iter(range(10**9))
+
+    async def worker() -> None:
+        for i in counter:
+            await log.append_durable(DecisionRecord(
+                ts=datetime.now(UTC), request_id=f"req-{i}", item_id=f"item-{i}", subject="s",
+                prompt_name="listing-moderation", prompt_version=1, arm="stable",
+                decision="allow", model="tiny-llama", latency_ms=1.0))
+            os.write(1, f"req-{i}\\n".encode())  # the answer leaves only now
+
+    await asyncio.gather(*(worker() for _ in range(16)))
+
+asyncio.run(main())
+"""
+
+
+def test_kill_9_keeps_every_acknowledged_record_in_durable_mode(tmp_path: Path) -> None:
+    """The audit promise: in durable mode every answered request has its record on disk, even
+    when the gateway is killed with SIGKILL in the middle of writing."""
+    root = tmp_path / "log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(root)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    acked: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 20
+        while len(acked) < 400 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            acked.append(line.decode().strip())
+        proc.kill()  # SIGKILL while appends are in flight
+        proc.wait(10)
+        rest, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    acked += rest.decode().split()  # answers that left before the kill
+    assert len(acked) >= 400, err.decode()[-2000:]
+    assert proc.returncode == -signal.SIGKILL
+    stats = ReadStats()
+    logged = set(ids(list(read_segments(root, stats=stats))))
+    missing = [a for a in acked if a not in logged]
+    assert missing == [], f"{len(missing)} acknowledged record(s) missing, e.g. {missing[:5]}"
+    assert stats.ended_cleanly == {"gw-0": False} and len(stats.unclean_ends) == 1
+    assert stats.bad_lines == 0
 
 
 # -- records and reading ---------------------------------------------------------------------------
