@@ -150,7 +150,9 @@ def create_app(
     app.include_router(build_admin_router(store, auth, protected_labels=settings.protected_labels,
                                           production_label=settings.default_label,
                                           on_change=cache.refresh_now))
-    app.include_router(build_feedback_router(store, auth, recorder, feedback_log))
+    app.include_router(build_feedback_router(store, auth, recorder, feedback_log, cache=cache,
+                                             default_prompt=settings.default_prompt,
+                                             default_label=settings.default_label))
     app.include_router(build_rollout_router(store, auth, production_label=settings.default_label,
                                             on_change=cache.refresh_now))
     app.include_router(build_ops_router(service, backend, preload_keys))

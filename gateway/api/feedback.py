@@ -1,27 +1,51 @@
 """`POST /v1/feedback`: reviewers give the correct label for a request the gateway answered.
 
-The label goes to the feedback log (`gateway.feedback`) and, for a request answered under a
-rollout, to the rollout's evidence through the verdict memo (see `gateway.rollouts.recorder`).
+Labels are the ground truth precision is measured against, and they decide rollout gates, so
+they are checked before they count:
+
+- the decision and category must exist in the answering version's verdict schema (the
+  default prompt's production version when the request was not answered under a rollout),
+  and make sense together: `allow` has no category (or `none`), `block` names one;
+  `needs_review` is not a label (a reviewer decides). A 422 names the field;
+- the reviewer is the API key (its name); a `reviewer` in the body is only a display name;
+- one label per (request, reviewer): the same label again is a no-op, a changed one replaces
+  the earlier one; the rollout evidence counts each *request* once, with its latest label
+  (an earlier label's counts are retracted), which is the rule `modgate feedback quality`
+  applies to the feedback log too;
+- an `Idempotency-Key` header makes a retry a no-op that answers what the first call did;
+- a request id the gateway has no verdict memo for (answered outside a rollout, older than the
+  memo TTL, or never answered) is kept in the feedback log with `matched_rollout: false`: the
+  offline tools join it with the decision log, where an id that never existed matches nothing
+  and is reported as unmatched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from datetime import UTC, datetime
 from typing import Annotated
 
 import orjson
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from gateway.api.edge import ERROR_RESPONSES
 from gateway.auth import Authenticator
 from gateway.feedback import FeedbackLog
+from gateway.problems import ApiError
+from gateway.prompt_cache import PromptCache
 from gateway.rollouts.recorder import RolloutRecorder
 from gateway.verdict import Verdict
-from prompt_registry import PromptStore, StoreUnavailable
+from prompt_registry import (
+    FAIL_CLOSED_DECISION,
+    MemoStore,
+    PromptNotFound,
+    StoreUnavailable,
+    VerdictSchema,
+)
 
 __all__ = ["FeedbackRequest", "build_feedback_router"]
 
@@ -35,44 +59,113 @@ class FeedbackRequest(BaseModel):
 
     request_id: str = Field(..., pattern=r"^[A-Za-z0-9._:-]{1,128}$",
                             description="the request_id of the moderation being reviewed")
-    decision: str = Field(..., pattern=_IDENT, description="the correct decision")
-    category: str | None = Field(None, pattern=_IDENT, description="the correct category")
-    reviewer: str = Field("", max_length=128)
+    decision: str = Field(..., pattern=_IDENT, description="the correct decision: allow or block "
+                          "(as the answering prompt's verdict schema names them)")
+    category: str | None = Field(None, pattern=_IDENT, description="the correct category (none, "
+                                 "or omitted, with allow)")
+    reviewer: str = Field("", max_length=128, description="display name only: the reviewer is "
+                          "the API key")
     note: str = Field("", max_length=2000)
 
 
-def build_feedback_router(store: PromptStore, auth: Authenticator, recorder: RolloutRecorder,
-                          feedback_log: FeedbackLog | None) -> APIRouter:
+_IDEMPOTENCY = r"^[A-Za-z0-9._:-]{1,128}$"
+_MEMO_TTL_S = 30 * 24 * 3600.0
+
+
+def _invalid(field: str, problem: str) -> ApiError:
+    return ApiError(422, "invalid_label", problem, fields=[{"field": field, "problem": problem}])
+
+
+def check_label(schema: VerdictSchema, decision: str, category: str | None) -> str | None:
+    """The label's category as counted (None for allow), or raise a 422 naming the field."""
+    if decision not in schema.decisions:
+        raise _invalid("decision", f"{decision!r} is not a decision of this prompt "
+                       f"({', '.join(schema.decisions)})")
+    if decision == FAIL_CLOSED_DECISION:
+        raise _invalid("decision", f"{decision!r} is not a label: a reviewer decides (allow or block)")
+    if category is not None and category not in schema.categories:
+        raise _invalid("category", f"{category!r} is not a category of this prompt "
+                       f"({', '.join(schema.categories)})")
+    if decision == "allow":
+        if category not in (None, "none"):
+            raise _invalid("category", f"allow with category {category!r} contradicts itself: "
+                           "allow has no category")
+        return None
+    if category in (None, "none"):
+        raise _invalid("category", f"{decision} needs the category that applies")
+    return category
+
+
+def build_feedback_router(store: MemoStore, auth: Authenticator, recorder: RolloutRecorder,
+                          feedback_log: FeedbackLog | None, *, cache: PromptCache,
+                          default_prompt: str, default_label: str) -> APIRouter:
     router = APIRouter(tags=["feedback"], responses=ERROR_RESPONSES)
 
+    async def recall(key: str) -> dict[str, object] | None:
+        raw = await asyncio.to_thread(store.recall_verdict, key)
+        return orjson.loads(raw) if raw else None  # type: ignore[no-any-return]
+
+    async def remember(memos: dict[str, str]) -> None:
+        await asyncio.to_thread(store.remember_verdicts, memos, ttl_s=_MEMO_TTL_S)
+
     @router.post("/v1/feedback", status_code=202)
-    async def feedback(body: FeedbackRequest, authorization: AuthHeader = None,
+    async def feedback(body: FeedbackRequest, request: Request, authorization: AuthHeader = None,
                        x_api_key: AuthHeader = None) -> Response:
-        """Record a reviewer's correct label for a moderated request (scope `feedback`)."""
+        """Record a reviewer's correct label for a moderated request (scope `feedback`). Send an
+        `Idempotency-Key` header to make retries safe."""
         principal = await auth.authenticate(authorization, x_api_key)
         auth.require(principal, "feedback")
-        memo = None
+        idem = request.headers.get("idempotency-key")
+        if idem is not None and not re.match(_IDEMPOTENCY, idem):
+            raise ApiError(400, "invalid_value", "Idempotency-Key must be 1-128 characters of "
+                           "[A-Za-z0-9._:-]", fields=[{"field": "Idempotency-Key", "problem": "malformed"}])
+        idem_key = f"feedback-idem:{principal.key_id}:{idem}" if idem else None
         try:
-            raw = await asyncio.to_thread(store.recall_verdict, body.request_id)
-            memo = orjson.loads(raw) if raw else None
+            if idem_key is not None and (done := await recall(idem_key)) is not None:
+                return Response(orjson.dumps(done), status_code=202, media_type="application/json")
+            memo = await recall(body.request_id)
+            previous = await recall(f"feedback:{body.request_id}")
         except StoreUnavailable as exc:
-            log.warning("feedback for %s not matched to a rollout: %s", body.request_id, exc)
-        record: dict[str, object] = {
-            "ts": datetime.now(UTC).isoformat(), "request_id": body.request_id,
-            "decision": body.decision, "category": body.category,
-            "reviewer": body.reviewer or principal.name, "note": body.note,
-            "rollout_id": memo.get("rollout_id") if memo else None,
-            "arm": memo.get("arm") if memo else None,
-            "prompt_name": memo.get("prompt") if memo else None,
-            "prompt_version": memo.get("version") if memo else None,
-        }
-        if feedback_log is not None:
-            await feedback_log.append(record)
-        if memo:
-            recorder.feedback(memo["rollout_id"], memo["arm"],
-                              Verdict(memo["decision"], memo["category"], None),
-                              Verdict(body.decision, body.category, None))
-        return Response(orjson.dumps({"request_id": body.request_id, "matched_rollout": bool(memo)}),
-                        status_code=202, media_type="application/json")
+            log.warning("feedback for %s: registry unreachable: %s", body.request_id, exc)
+            raise
+        try:
+            version = (await cache.get_version(str(memo["prompt"]), int(memo["version"]))  # type: ignore[call-overload]
+                       if memo else await cache.resolve(default_prompt, default_label)).version
+        except PromptNotFound:
+            version = (await cache.resolve(default_prompt, default_label)).version
+        category = check_label(version.spec.verdict, body.decision, body.category)
+        reviewer = principal.name
+        same = (previous is not None and previous.get("reviewer") == reviewer
+                and previous.get("decision") == body.decision and previous.get("category") == category)
+        answer: dict[str, object] = {"request_id": body.request_id, "matched_rollout": bool(memo),
+                                     "reviewer": reviewer, "duplicate": same,
+                                     "replaced": previous is not None and not same}
+        if not same:
+            record: dict[str, object] = {
+                "ts": datetime.now(UTC).isoformat(), "request_id": body.request_id,
+                "decision": body.decision, "category": category, "reviewer": reviewer,
+                "display_name": body.reviewer or None, "note": body.note,
+                "rollout_id": memo.get("rollout_id") if memo else None,
+                "arm": memo.get("arm") if memo else None,
+                "prompt_name": memo.get("prompt") if memo else None,
+                "prompt_version": memo.get("version") if memo else None,
+                "matched_rollout": bool(memo),
+            }
+            if feedback_log is not None:
+                await feedback_log.append(record)
+            memos = {f"feedback:{body.request_id}": orjson.dumps(
+                {"reviewer": reviewer, "decision": body.decision, "category": category}).decode()}
+            await remember(memos)
+            if memo:
+                answered = Verdict(str(memo["decision"]), memo.get("category"), None)  # type: ignore[arg-type]
+                rid, arm = str(memo["rollout_id"]), str(memo["arm"])
+                if previous is not None:  # the request's earlier label stops counting
+                    recorder.feedback(rid, arm, answered, Verdict(str(previous["decision"]),
+                                                                   previous.get("category"), None),  # type: ignore[arg-type]
+                                      weight=-1)
+                recorder.feedback(rid, arm, answered, Verdict(body.decision, category, None))
+        if idem_key is not None:
+            await remember({idem_key: orjson.dumps(answer).decode()})
+        return Response(orjson.dumps(answer), status_code=202, media_type="application/json")
 
     return router

@@ -107,22 +107,25 @@ class RolloutRecorder:
             "rollout_id": rollout_id, "arm": arm, "prompt": prompt, "version": version,
             "decision": verdict.decision, "category": verdict.category}).decode()
 
-    def feedback(self, rollout_id: str, arm: str, predicted: Verdict, gold: Verdict) -> None:
-        """A reviewer's label for a request answered by *arm*: true/false positives per category."""
+    def feedback(self, rollout_id: str, arm: str, predicted: Verdict, gold: Verdict, *,
+                 weight: int = 1) -> None:
+        """A reviewer's label for a request answered by *arm*: true/false positives per category.
+        `weight=-1` retracts a label counted before (a request's newer label replaces it), so
+        every request counts once, with its latest label."""
         if (which := as_arm(arm)) is None:
             _not_an_arm(arm, "feedback")
             return
         c = self._c(rollout_id)
-        c[_key(FeedbackCount, which)] += 1
+        c[_key(FeedbackCount, which)] += weight
         p, g = _label(predicted), _label(gold)
         if p == g:
             if g != "none":
-                c[_key(FeedbackOutcome, which, "tp", g)] += 1
+                c[_key(FeedbackOutcome, which, "tp", g)] += weight
         else:
             if p != "none":
-                c[_key(FeedbackOutcome, which, "fp", p)] += 1
+                c[_key(FeedbackOutcome, which, "fp", p)] += weight
             if g != "none":
-                c[_key(FeedbackOutcome, which, "fn", g)] += 1
+                c[_key(FeedbackOutcome, which, "fn", g)] += weight
 
     def pair(self, rollout_id: str, version: int, stable: Verdict, candidate: Verdict | None, *,
              request_id: str, item_id: str, stable_version: int) -> None:

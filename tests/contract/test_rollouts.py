@@ -337,4 +337,5 @@ def test_reviewer_feedback_drives_precision_gate(config_path: Path, tmp_path: Pa
         assert failing and failing[0]["gate"].startswith("imprecision[")
         lines = [json.loads(x) for f in (load_config(config_path).data_path() / "feedback").glob("*.jsonl")
                  for x in f.read_text().splitlines()]
-        assert len(lines) == len(canary) + 1 and {x["reviewer"] for x in lines} == {"ana", "local-admin"}
+        assert len(lines) == len(canary) + 1 and {x["reviewer"] for x in lines} == {"local-admin"}
+        assert {x.get("display_name") for x in lines} == {"ana", None}  # the key is the reviewer
