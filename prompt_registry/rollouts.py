@@ -38,7 +38,8 @@ from prompt_registry.rollout_stats import RolloutStats
 
 __all__ = [
     "GateConfig", "GateResult", "Rollout", "RolloutConflict", "RolloutError", "ShadowSpec",
-    "evaluate_gates", "new_rollout", "wilson_interval",
+    "canary_verdicts_needed", "evaluate_gates", "new_rollout", "sample_needs", "samples_to_pass",
+    "wilson_interval",
 ]
 
 State = Literal["running", "paused", "promoted", "aborted"]
@@ -65,11 +66,14 @@ class ShadowSpec(_Strict):
 class GateConfig(_Strict):
     min_samples: int = Field(200, ge=1, description="no decision with fewer canary (or shadow) samples")
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
-    max_error_rate: float = Field(0.02, ge=0, le=1, description="backend errors / requests")
-    max_parse_failure_rate: float = Field(0.02, ge=0, le=1, description="unusable outputs / verdicts")
+    max_error_rate: float | None = Field(0.02, ge=0, le=1, description="backend errors / requests "
+                                         "(null: gate off)")
+    max_parse_failure_rate: float | None = Field(0.02, ge=0, le=1, description="unusable outputs / "
+                                                 "verdicts (null: gate off)")
     max_p95_latency_ms: float | None = Field(None, gt=0, description="canary p95 must stay below")
     min_agreement: float | None = Field(0.80, ge=0, le=1, description="decision agreement with stable "
-                                        "(from shadow comparisons of the canary version)")
+                                        "(from shadow comparisons of the canary version; skipped "
+                                        "when the canary version is not shadowed)")
     max_flag_rate_drift: float | None = Field(0.10, ge=0, le=1, description="|flag rate canary - stable| "
                                               "per category")
     min_feedback: int = Field(50, ge=1, description="reviewer labels per category needed before the "
@@ -158,58 +162,145 @@ def _z(confidence: float) -> float:
     return NormalDist().inv_cdf(0.5 + confidence / 2)
 
 
+Verdict = Literal["pass", "fail", "wait", "skip"]
+
+
 @dataclass(frozen=True)
 class GateResult:
+    """One gate's judgement. `needs`: samples (of what `samples` counts) the gate must have
+    before it can pass at all at the configured confidence, i.e. with a perfect record (None:
+    it never can, e.g. a limit of 0); `note` says why a gate waits or is skipped."""
+
     name: str
     value: float | None
     low: float | None
     high: float | None
     limit: float | None
     samples: int
-    verdict: Literal["pass", "fail", "wait"]
+    verdict: Verdict
+    needs: int | None = None
+    note: str = ""
+
+    @property
+    def more(self) -> int | None:
+        """How many more samples before the gate can decide in favour (0: enough already)."""
+        return None if self.needs is None else max(0, self.needs - self.samples)
 
     def as_dict(self) -> dict[str, object]:
         return {"gate": self.name, "value": self.value, "interval": [self.low, self.high],
-                "limit": self.limit, "samples": self.samples, "verdict": self.verdict}
+                "limit": self.limit, "samples": self.samples, "verdict": self.verdict,
+                "needs": self.needs, "more": self.more, "note": self.note}
+
+
+def samples_to_pass(limit: float, confidence: float) -> int | None:
+    """The smallest n at which a perfect record (0 bad of n) passes a rate gate with *limit*:
+    the Wilson upper bound of 0/n, z^2 / (n + z^2), at or below the limit. The same n serves
+    the two-sample gates (flag-rate drift, recall drop), whose Newcombe bound with equal,
+    perfect proportions is that same Wilson bound. None when no n suffices (limit 0)."""
+    if limit >= 1.0:
+        return 1
+    if limit <= 0.0:
+        return None
+    z2 = _z(confidence) ** 2
+    n = max(1, math.ceil(z2 * (1.0 - limit) / limit) - 1)
+    while wilson_interval(0, n, confidence)[1] > limit:  # float rounding at the boundary
+        n += 1
+    return n
+
+
+def _at_least(floor: int, n: int | None) -> int | None:
+    return None if n is None else max(floor, n)
+
+
+def sample_needs(cfg: GateConfig) -> dict[str, int | None]:
+    """Per gate that is switched on: the samples it needs before it can pass (a perfect record,
+    the configured confidence, and `min_samples` / `min_feedback`). Error and parse-failure
+    rates count canary requests and verdicts; latency and flag-rate drift count canary (and
+    stable) verdicts; agreement counts shadow comparisons of the canary version; precision and
+    recall count reviewer labels per category."""
+    c = cfg.confidence
+    out: dict[str, int | None] = {}
+    if cfg.max_error_rate is not None:
+        out["error_rate"] = _at_least(cfg.min_samples, samples_to_pass(cfg.max_error_rate, c))
+    if cfg.max_parse_failure_rate is not None:
+        out["parse_failure_rate"] = _at_least(cfg.min_samples, samples_to_pass(cfg.max_parse_failure_rate, c))
+    if cfg.max_p95_latency_ms is not None:
+        out["p95_latency_ms"] = cfg.min_samples
+    if cfg.min_agreement is not None:
+        out["disagreement_rate"] = _at_least(cfg.min_samples, samples_to_pass(1.0 - cfg.min_agreement, c))
+    if cfg.max_flag_rate_drift is not None:
+        out["flag_rate_drift"] = _at_least(cfg.min_samples, samples_to_pass(cfg.max_flag_rate_drift, c))
+    if cfg.min_precision is not None:
+        out["imprecision"] = _at_least(cfg.min_feedback, samples_to_pass(1.0 - cfg.min_precision, c))
+    if cfg.max_recall_drop is not None:
+        out["recall_drop"] = _at_least(cfg.min_feedback, samples_to_pass(cfg.max_recall_drop, c))
+    return out
+
+
+def canary_verdicts_needed(cfg: GateConfig) -> int | None:
+    """Canary samples (requests, verdicts) before every canary-counted gate can pass: what a
+    step waits for at the least, whatever the hold time (None: some gate never passes)."""
+    needs = sample_needs(cfg)
+    counted = [needs[k] for k in ("error_rate", "parse_failure_rate", "p95_latency_ms", "flag_rate_drift")
+               if k in needs]
+    if any(n is None for n in counted):
+        return None
+    return max([n for n in counted if n is not None], default=cfg.min_samples)
 
 
 def _rate_gate(name: str, bad: int, n: int, limit: float, cfg: GateConfig,
                min_samples: int | None = None) -> GateResult:
     """Pass when the upper bound of the bad rate is below the limit, fail when the lower bound
     is above it; otherwise (or with too few samples) wait for more evidence."""
+    floor = min_samples or cfg.min_samples
     lo, hi = wilson_interval(bad, n, cfg.confidence)
     value = bad / n if n else None
-    if n < (min_samples or cfg.min_samples):
-        verdict: Literal["pass", "fail", "wait"] = "wait"
+    needs = _at_least(floor, samples_to_pass(limit, cfg.confidence))
+    note = ""
+    if n < floor:
+        verdict: Verdict = "wait"
+        note = f"no decision below {floor} samples"
     elif lo > limit:
         verdict = "fail"
     elif hi <= limit:
         verdict = "pass"
     else:
         verdict = "wait"
-    return GateResult(name, value, lo, hi, limit, n, verdict)
+        note = "the interval straddles the limit: more samples narrow it"
+    return GateResult(name, value, lo, hi, limit, n, verdict, needs, note)
 
 
 def evaluate_gates(rollout: Rollout, stats: RolloutStats) -> list[GateResult]:
     """Judge the canary from the rollout's aggregated statistics (`build_rollout_stats` of the
-    store's counters)."""
+    store's counters). A gate switched off (its limit None) is absent; a gate that cannot be
+    measured in this rollout (agreement when the canary version is not shadowed) is listed
+    with verdict "skip" and the reason, and does not hold the rollout."""
     cfg = rollout.gates
     out: list[GateResult] = []
     canary, stable = stats.canary, stats.stable
     verdicts = canary.verdicts
-    out.append(_rate_gate("error_rate", canary.errors, canary.requests, cfg.max_error_rate, cfg))
-    out.append(_rate_gate("parse_failure_rate", canary.parse_failures, verdicts,
-                          cfg.max_parse_failure_rate, cfg))
+    if cfg.max_error_rate is not None:
+        out.append(_rate_gate("error_rate", canary.errors, canary.requests, cfg.max_error_rate, cfg))
+    if cfg.max_parse_failure_rate is not None:
+        out.append(_rate_gate("parse_failure_rate", canary.parse_failures, verdicts,
+                              cfg.max_parse_failure_rate, cfg))
     if cfg.max_p95_latency_ms is not None:
         p95 = canary.p95_ms
         if verdicts < cfg.min_samples or p95 is None:
-            v: Literal["pass", "fail", "wait"] = "wait"
+            v: Verdict = "wait"
         else:
             v = "pass" if p95 <= cfg.max_p95_latency_ms else "fail"
-        out.append(GateResult("p95_latency_ms", p95, None, None, cfg.max_p95_latency_ms, verdicts, v))
+        out.append(GateResult("p95_latency_ms", p95, None, None, cfg.max_p95_latency_ms, verdicts, v,
+                              cfg.min_samples, f"no decision below {cfg.min_samples} samples" if v == "wait" else ""))
     if cfg.min_agreement is not None and rollout.canary_version is not None:
-        pair = stats.pair(rollout.canary_version)
-        out.append(_rate_gate("disagreement_rate", pair.n - pair.agree, pair.n, 1.0 - cfg.min_agreement, cfg))
+        limit = 1.0 - cfg.min_agreement
+        if rollout.canary_version in {s.version for s in rollout.shadows}:
+            pair = stats.pair(rollout.canary_version)
+            out.append(_rate_gate("disagreement_rate", pair.n - pair.agree, pair.n, limit, cfg))
+        else:
+            out.append(GateResult("disagreement_rate", None, None, None, limit, 0, "skip", None,
+                                  f"v{rollout.canary_version} is not shadowed, so agreement with stable "
+                                  f"is not measured (shadow it: --shadow {rollout.canary_version}:RATE)"))
     if cfg.max_flag_rate_drift is not None:
         worst: GateResult | None = None
         for cat in sorted(set(canary.flags) | set(stable.flags)):
@@ -217,32 +308,49 @@ def evaluate_gates(rollout: Rollout, stats: RolloutStats) -> list[GateResult]:
                             stable.flags.get(cat, 0), stable.verdicts, cfg)
             if worst is None or _rank(g) > _rank(worst):
                 worst = g
-        out.append(worst or GateResult("flag_rate_drift", None, None, None, cfg.max_flag_rate_drift,
-                                       verdicts, "wait" if verdicts < cfg.min_samples else "pass"))
+        if worst is None:
+            n = min(verdicts, stable.verdicts)
+            needs = _at_least(cfg.min_samples, samples_to_pass(cfg.max_flag_rate_drift, cfg.confidence))
+            waiting = needs is None or n < needs
+            worst = GateResult("flag_rate_drift", None, None, None, cfg.max_flag_rate_drift, n,
+                               "wait" if waiting else "pass", needs,
+                               "no flags in either arm yet" if waiting else "no flags in either arm")
+        out.append(worst)
     cfb, sfb = canary.feedback, stable.feedback
     if cfg.min_precision is not None:
+        limit = 1.0 - cfg.min_precision
         for cat, c in sorted(cfb.categories.items()):
-            out.append(_rate_gate(f"imprecision[{cat}]", c.fp, c.tp + c.fp, 1.0 - cfg.min_precision, cfg,
-                                  cfg.min_feedback))
+            out.append(_rate_gate(f"imprecision[{cat}]", c.fp, c.tp + c.fp, limit, cfg, cfg.min_feedback))
+        if not cfb.categories:
+            out.append(GateResult("imprecision", None, None, None, limit, 0, "wait",
+                                  _at_least(cfg.min_feedback, samples_to_pass(limit, cfg.confidence)),
+                                  "no reviewer labels for the canary yet"))
     if cfg.max_recall_drop is not None:
-        for cat in sorted(set(cfb.categories) | set(sfb.categories)):
+        cats = sorted(set(cfb.categories) | set(sfb.categories))
+        for cat in cats:
             c, st = cfb.category(cat), sfb.category(cat)
             out.append(_drop_gate(f"recall_drop[{cat}]", st.tp, st.tp + st.fn, c.tp, c.tp + c.fn, cfg))
+        if not cats:
+            out.append(GateResult("recall_drop", None, None, None, cfg.max_recall_drop, 0, "wait",
+                                  _at_least(cfg.min_feedback, samples_to_pass(cfg.max_recall_drop, cfg.confidence)),
+                                  "no reviewer labels yet"))
     return out
 
 
 def _drop_gate(name: str, a: int, na: int, b: int, nb: int, cfg: GateConfig) -> GateResult:
     """How far proportion b (canary) falls below a (stable), Newcombe interval; one-sided."""
     limit = cfg.max_recall_drop or 0.0
+    needs = _at_least(cfg.min_feedback, samples_to_pass(limit, cfg.confidence))
     if na < cfg.min_feedback or nb < cfg.min_feedback:
-        return GateResult(name, None, None, None, limit, min(na, nb), "wait")
+        return GateResult(name, None, None, None, limit, min(na, nb), "wait", needs,
+                          f"no decision below {cfg.min_feedback} labelled positives in each arm")
     d, lo, hi = newcombe_interval(a, na, b, nb, cfg.confidence)
-    verdict: Literal["pass", "fail", "wait"] = "fail" if lo > limit else "pass" if hi <= limit else "wait"
-    return GateResult(name, d, lo, hi, limit, min(na, nb), verdict)
+    verdict: Verdict = "fail" if lo > limit else "pass" if hi <= limit else "wait"
+    return GateResult(name, d, lo, hi, limit, min(na, nb), verdict, needs)
 
 
 def _rank(g: GateResult) -> int:
-    return {"pass": 0, "wait": 1, "fail": 2}[g.verdict]
+    return {"skip": 0, "pass": 0, "wait": 1, "fail": 2}[g.verdict]
 
 
 def newcombe_interval(a: int, na: int, b: int, nb: int, confidence: float) -> tuple[float, float, float]:
@@ -257,13 +365,15 @@ def newcombe_interval(a: int, na: int, b: int, nb: int, confidence: float) -> tu
 def _drift_gate(name: str, a: int, na: int, b: int, nb: int, cfg: GateConfig) -> GateResult:
     """Difference of two proportions with a Newcombe (Wilson-based) interval; two-sided."""
     limit = cfg.max_flag_rate_drift or 0.0
+    needs = _at_least(cfg.min_samples, samples_to_pass(limit, cfg.confidence))
     if na < cfg.min_samples or nb < cfg.min_samples:
-        return GateResult(name, None, None, None, limit, min(na, nb), "wait")
+        return GateResult(name, None, None, None, limit, min(na, nb), "wait", needs,
+                          f"no decision below {cfg.min_samples} verdicts in each arm")
     d, lo, hi = newcombe_interval(a, na, b, nb, cfg.confidence)
     if lo > limit or hi < -limit:
-        verdict: Literal["pass", "fail", "wait"] = "fail"
+        verdict: Verdict = "fail"
     elif -limit <= lo and hi <= limit:
         verdict = "pass"
     else:
         verdict = "wait"
-    return GateResult(name, d, lo, hi, limit, min(na, nb), verdict)
+    return GateResult(name, d, lo, hi, limit, min(na, nb), verdict, needs)

@@ -33,7 +33,7 @@ from gateway.cli.registry import (
 )
 from gateway.rollouts.ops import apply_action, rollout_status, start_rollout
 from prompt_registry import GateRefused
-from prompt_registry.rollouts import GateConfig, ShadowSpec
+from prompt_registry.rollouts import GateConfig, ShadowSpec, canary_verdicts_needed, sample_needs
 
 __all__ = ["rollouts_app"]
 
@@ -66,12 +66,74 @@ def _shadow(text: str) -> ShadowSpec:
         raise typer.BadParameter(f"{text!r} is not VERSION:RATE like 3:0.2") from None
 
 
+# --gate NAME=VALUE: short name -> (GateConfig field, type, can be switched off)
+GATE_OPTIONS: dict[str, tuple[str, type, bool]] = {
+    "error_rate": ("max_error_rate", float, True),
+    "parse_failure_rate": ("max_parse_failure_rate", float, True),
+    "p95_ms": ("max_p95_latency_ms", float, True),
+    "agreement": ("min_agreement", float, True),
+    "flag_drift": ("max_flag_rate_drift", float, True),
+    "precision": ("min_precision", float, True),
+    "recall_drop": ("max_recall_drop", float, True),
+    "min_samples": ("min_samples", int, False),
+    "min_feedback": ("min_feedback", int, False),
+    "confidence": ("confidence", float, False),
+}
+
+
+def _gate_setting(text: str) -> tuple[str, float | int | None]:
+    """`NAME=VALUE` or `NAME=off` of --gate as (GateConfig field, value)."""
+    name, sep, raw = text.partition("=")
+    fields = {field: (field, kind, off) for field, kind, off in GATE_OPTIONS.values()}
+    spec = GATE_OPTIONS.get(name.strip()) or fields.get(name.strip())
+    if not sep or spec is None:
+        raise typer.BadParameter(f"{text!r}: expected NAME=VALUE or NAME=off, NAME one of "
+                                 f"{', '.join(GATE_OPTIONS)}")
+    field, kind, off = spec
+    raw = raw.strip().lower()
+    if raw in ("off", "none", "no"):
+        if not off:
+            raise typer.BadParameter(f"{name} cannot be switched off")
+        return field, None
+    try:
+        return field, kind(raw)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: {raw!r} is not a {kind.__name__}") from None
+
+
+def defaults_help() -> str:
+    """What the default gates are and what they need, computed from GateConfig."""
+    d = GateConfig()
+    needs = sample_needs(d)
+    canary = canary_verdicts_needed(d)
+    bare = sample_needs(GateConfig(min_samples=1))
+    per5 = "-" if canary is None else f"{canary / 0.05:,.0f}"
+    return (f"Defaults: error_rate {d.max_error_rate}, parse_failure_rate {d.max_parse_failure_rate}, "
+            f"agreement {d.min_agreement} (only when the canary version is shadowed), flag_drift "
+            f"{d.max_flag_rate_drift}, p95_ms off, precision off, recall_drop off, min_samples "
+            f"{d.min_samples}, min_feedback {d.min_feedback}, confidence {d.confidence}. "
+            f"A rate gate passes only when the upper {d.confidence:.0%} Wilson bound is under its "
+            f"limit, so even a perfect canary needs samples: {bare.get('error_rate')} at a "
+            f"{d.max_error_rate} limit, whatever --min-samples says. With the defaults a step waits "
+            f"for at least {canary} canary verdicts (about {per5} requests at a 5% step; "
+            f"error_rate {needs.get('error_rate')}, parse_failure_rate {needs.get('parse_failure_rate')}, "
+            f"flag_drift {needs.get('flag_rate_drift')}, agreement {needs.get('disagreement_rate')} "
+            "shadow comparisons). `rollouts status` shows what each gate still needs.")
+
+
 def _fmt(x: Any, digits: int = 3) -> str:
     if x is None:
         return "-"
     if isinstance(x, float):
         return f"{x:.{digits}f}"
     return str(x)
+
+
+def _latency(lat: dict[str, Any]) -> str:
+    if not lat.get("n"):
+        return "latency -"
+    text = " ".join(f"{q} {_fmt(lat.get(q), 0)}" for q in ("p50", "p95", "p99")) + " ms"
+    return text + (" (incl. old histogram buckets: upper estimates)" if lat.get("from_old_buckets") else "")
 
 
 def _print_status(st: dict[str, Any]) -> None:
@@ -89,12 +151,17 @@ def _print_status(st: dict[str, Any]) -> None:
         a = s.get(arm) or {}
         if a:
             typer.echo(f"  {arm:<7} requests {a['requests']:<7} verdicts {a['verdicts']:<7} errors {a['errors']:<5} "
-                       f"parse failures {a['parse_failures']:<5} p95 {_fmt(a.get('p95_ms'), 0)} ms")
+                       f"parse failures {a['parse_failures']:<5} {_latency(a.get('latency_ms') or {})}")
     typer.echo("  gates:")
     for g in st["gates"]:
         lo, hi = g["interval"]
+        more = g.get("more")
+        need = "" if g["verdict"] in ("pass", "fail", "skip") else (
+            "  (can never pass at this limit)" if g.get("needs") is None and g["verdict"] == "wait"
+            else f"  needs {more} more" if more else "")
+        note = f"  {g['note']}" if g.get("note") and g["verdict"] in ("wait", "skip") else ""
         typer.echo(f"    {g['gate']:<34} {_fmt(g['value']):>7}  [{_fmt(lo)}, {_fmt(hi)}]  limit {_fmt(g['limit'])}"
-                   f"  n={g['samples']:<6} {g['verdict'].upper()}")
+                   f"  n={g['samples']:<6} {g['verdict'].upper()}{need}{note}")
     for version, p in sorted(s.get("pairs", {}).items()):
         typer.echo(f"  shadow v{version}: n={p['n']} agreement {_fmt(p['agreement'])} kappa {_fmt(p['kappa'])} "
                    f"(errors {p['errors']}, dropped {p['dropped']})")
@@ -114,31 +181,44 @@ def _print_status(st: dict[str, Any]) -> None:
                        f"v{b['version']} {b['decision']}/{b['category']}")
 
 
-@rollouts_app.command("start")
+@rollouts_app.command("start", help="Start a rollout of NAME from its production version.\n\n"
+                      "The gates judge the canary at every step; set or switch them off with "
+                      "--gate NAME=VALUE|off. " + defaults_help())
 def start_cmd(
     name: str,
     canary: Annotated[int | None, typer.Option("--canary", help="candidate version served to a sticky share of callers")] = None,
     steps: Annotated[str, typer.Option("--steps", help="canary weights in %, comma-separated")] = "5,25,50,100",
     shadow: Annotated[list[str] | None, typer.Option("--shadow", help="VERSION:RATE evaluated off the request path; repeatable")] = None,
     hold: Annotated[str, typer.Option("--hold", help="minimum time at each step (90s, 30m, 1h)")] = "1h",
-    min_samples: Annotated[int, typer.Option("--min-samples", help="no automatic decision below this many samples")] = 200,
-    max_parse_failure_rate: Annotated[float, typer.Option(help="abort above this (upper-bounded by a Wilson interval)")] = 0.02,
-    max_error_rate: Annotated[float, typer.Option(help="abort above this")] = 0.02,
-    min_agreement: Annotated[float, typer.Option(help="with the canary version shadowed: decision agreement needed")] = 0.8,
-    max_flag_rate_drift: Annotated[float, typer.Option(help="largest allowed change in any category's flag rate")] = 0.1,
-    max_p95_ms: Annotated[float | None, typer.Option("--max-p95-ms", help="canary p95 latency limit")] = None,
+    gate: Annotated[list[str] | None, typer.Option(
+        "--gate", metavar="NAME=VALUE|off",
+        help="set or switch off a gate; repeatable. NAME: error_rate, parse_failure_rate, p95_ms, "
+             "agreement, flag_drift, precision, recall_drop (each a limit, or `off`), min_samples, "
+             "min_feedback, confidence. E.g. --gate p95_ms=350 --gate agreement=off --gate "
+             "precision=0.9")] = None,
+    min_samples: Annotated[int | None, typer.Option("--min-samples", help="no automatic decision below this many samples (same as --gate min_samples=N)")] = None,
+    max_parse_failure_rate: Annotated[float | None, typer.Option(help="same as --gate parse_failure_rate=X")] = None,
+    max_error_rate: Annotated[float | None, typer.Option(help="same as --gate error_rate=X")] = None,
+    min_agreement: Annotated[float | None, typer.Option(help="same as --gate agreement=X (judged only when the canary version is shadowed)")] = None,
+    max_flag_rate_drift: Annotated[float | None, typer.Option(help="same as --gate flag_drift=X: largest allowed change in any category's flag rate")] = None,
+    max_p95_ms: Annotated[float | None, typer.Option("--max-p95-ms", help="same as --gate p95_ms=X: canary p95 latency limit")] = None,
     subject_key: Annotated[str, typer.Option(help="stickiness: seller_id, item_id or subject")] = "seller_id",
     manual: Annotated[bool, typer.Option("--manual", help="never step/promote/abort automatically")] = False,
     note: NoteOpt = "", actor: ActorOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False,
 ) -> None:
-    """Start a rollout of NAME from its production version."""
     try:
         weights = [int(w) for w in steps.split(",") if w.strip()]
     except ValueError:
         raise _fail(f"--steps {steps!r}: expected comma-separated integers like 5,25,50,100", 2) from None
-    gates = GateConfig(min_samples=min_samples, max_error_rate=max_error_rate,
-                       max_parse_failure_rate=max_parse_failure_rate, min_agreement=min_agreement,
-                       max_flag_rate_drift=max_flag_rate_drift, max_p95_latency_ms=max_p95_ms)
+    settings: dict[str, Any] = {k: v for k, v in (
+        ("min_samples", min_samples), ("max_error_rate", max_error_rate),
+        ("max_parse_failure_rate", max_parse_failure_rate), ("min_agreement", min_agreement),
+        ("max_flag_rate_drift", max_flag_rate_drift), ("max_p95_latency_ms", max_p95_ms)) if v is not None}
+    settings.update(_gate_setting(g) for g in gate or [])
+    try:
+        gates = GateConfig(**settings)
+    except ValueError as exc:
+        raise _fail(f"--gate: {exc}", 2) from None
     if subject_key not in ("seller_id", "item_id", "subject"):
         raise _fail("--subject-key must be seller_id, item_id or subject", 2)
     with _store_and_config(config) as (store, cfg):

@@ -134,7 +134,7 @@ def decide(rollout: Rollout, gates: list[GateResult], now: datetime) -> str | No
         return "abort"
     if rollout.canary_version is None:
         return None  # shadow-only: evidence for people, no automatic action
-    if all(g.verdict == "pass" for g in gates) and now - rollout.step_started_at >= timedelta(seconds=rollout.step_hold_s):
+    if all(g.verdict in ("pass", "skip") for g in gates) and now - rollout.step_started_at >= timedelta(seconds=rollout.step_hold_s):
         return "promote" if rollout.step_index + 1 >= len(rollout.steps) else "step"
     return None
 

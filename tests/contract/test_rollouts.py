@@ -339,3 +339,41 @@ def test_reviewer_feedback_drives_precision_gate(config_path: Path, tmp_path: Pa
                  for x in f.read_text().splitlines()]
         assert len(lines) == len(canary) + 1 and {x["reviewer"] for x in lines} == {"local-admin"}
         assert {x.get("display_name") for x in lines} == {"ana", None}  # the key is the reviewer
+
+
+def test_a_canary_without_a_shadow_steps_and_promotes_itself(config_path: Path, gateway: Gateway,
+                                                             tmp_path: Path) -> None:
+    """#16: the agreement gate waited at n = 0 forever for a canary that is not shadowed (the
+    example in `modgate rollouts --help`), and the CLI could not switch a gate off."""
+    v2 = _publish_variant(config_path, tmp_path, "Version 2: same policy, clearer wording.")
+    store_scorecard(gateway.store, "listing-moderation", 1)
+    store_scorecard(gateway.store, "listing-moderation", v2)
+    run(config_path, "rollouts", "start", "listing-moderation", "--canary", str(v2), "--steps", "20,50,100",
+        "--hold", "0s", "--gate", "min_samples=30", "--gate", "error_rate=0.2",
+        "--gate", "parse_failure_rate=0.2", "--gate", "flag_drift=off", "--gate", "p95_ms=60000")
+    status = json.loads(run(config_path, "rollouts", "status", "listing-moderation", "--json"))
+    gates = {g["gate"]: g for g in status["gates"]}
+    assert set(gates) == {"error_rate", "parse_failure_rate", "p95_latency_ms", "disagreement_rate"}
+    assert gates["disagreement_rate"]["verdict"] == "skip"
+    assert gates["error_rate"]["needs"] == 30 and gates["error_rate"]["more"] == 30
+    human = run(config_path, "rollouts", "status", "listing-moderation")
+    assert "SKIP" in human and "not shadowed" in human and "needs 30 more" in human
+    taken: list = []
+    i = 0
+    while ("listing-moderation", "promote") not in taken:
+        assert i < 3000, taken
+        for _ in range(150):
+            gateway.moderate(i)
+            i += 1
+        taken += gateway.tick()
+    assert [a for _, a in taken] == ["step", "step", "promote"]
+    assert gateway.store.labels("listing-moderation")["production"] == v2
+
+
+def test_gate_options_are_checked(config_path: Path, gateway: Gateway, tmp_path: Path) -> None:
+    v2 = _publish_variant(config_path, tmp_path, "Version 2")
+    for args, needle in [(("--gate", "bogus=1"), "NAME one of"), (("--gate", "min_samples=off"), "cannot be switched off"),
+                         (("--gate", "error_rate=2"), "less than or equal to 1")]:
+        result = CliRunner().invoke(cli, ["rollouts", "start", "--config", str(config_path), "listing-moderation",
+                                          "--canary", str(v2), *args])
+        assert result.exit_code == 2 and needle in result.output, result.output

@@ -23,8 +23,12 @@ from prompt_registry.rollouts import (
     GateResult,
     Rollout,
     ShadowSpec,
+    canary_verdicts_needed,
     evaluate_gates,
     new_rollout,
+    sample_needs,
+    samples_to_pass,
+    wilson_interval,
 )
 
 
@@ -119,3 +123,59 @@ def test_feedback_gates_per_category() -> None:
     # scam: stable found 60 of 60, the canary was never labelled on scam: wait, not a crash
     assert g["recall_drop[scam]"].verdict == "wait" and g["recall_drop[scam]"].samples == 0
     assert "imprecision[scam]" not in g  # precision is judged on the canary's own flags
+
+
+# -- gates that cannot be measured, gates switched off, samples needed (#16 item 3) ---------
+
+def _unshadowed(**gates: object) -> Rollout:
+    return new_rollout("p", stable_version=1, canary_version=2, steps=[50, 100], shadows=[],
+                       step_hold_s=0, gates=GateConfig(**{"min_samples": 100, **gates}), auto=True,  # type: ignore[arg-type]
+                       subject_key="seller_id", started_by="test")
+
+
+def test_a_canary_that_is_not_shadowed_skips_agreement_and_steps() -> None:
+    """Finding: the agreement gate waited at n = 0 forever when the canary version was not
+    shadowed, so such a canary never moved."""
+    r = _unshadowed()
+    raw = {k: v for k, v in _healthy().items() if not k.startswith("pair:")}
+    g = _by_name(evaluate_gates(r, build_rollout_stats(raw)))
+    assert g["disagreement_rate"].verdict == "skip"
+    assert "not shadowed" in g["disagreement_rate"].note
+    assert decide(r, list(g.values()), datetime.now(UTC)) == "step"
+
+
+def test_every_gate_can_be_switched_off() -> None:
+    off = dict(max_error_rate=None, max_parse_failure_rate=None, min_agreement=None, max_flag_rate_drift=None,
+               max_p95_latency_ms=None, min_precision=None, max_recall_drop=None)
+    assert evaluate_gates(_rollout(**off), build_rollout_stats(_healthy())) == []
+    on = _by_name(evaluate_gates(_rollout(max_p95_latency_ms=500.0, min_precision=0.9, max_recall_drop=0.1),
+                                 build_rollout_stats(_healthy())))
+    # precision and recall gates with no reviewer label yet: visible, waiting, with their needs
+    assert on["imprecision"].verdict == "wait" and on["imprecision"].needs == 50
+    assert on["recall_drop"].verdict == "wait" and on["recall_drop"].needs == 50
+
+
+def test_samples_to_pass_is_the_smallest_n_a_perfect_record_passes() -> None:
+    for limit in (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.001):
+        for conf in (0.9, 0.95, 0.99):
+            n = samples_to_pass(limit, conf)
+            assert n is not None
+            assert wilson_interval(0, n, conf)[1] <= limit
+            assert n == 1 or wilson_interval(0, n - 1, conf)[1] > limit
+    assert samples_to_pass(0.02, 0.95) == 189
+    assert samples_to_pass(0.0, 0.95) is None and samples_to_pass(1.0, 0.95) == 1
+
+
+def test_status_says_how_many_more_samples_each_gate_needs() -> None:
+    """Finding: with the default 0.02 limits a gate needs ~189 canary samples whatever
+    --min-samples says, and status only said WAIT."""
+    r = _unshadowed(min_samples=30)
+    raw = {"canary:requests": 50, "canary:verdicts": 50, "stable:requests": 50, "stable:verdicts": 50}
+    g = _by_name(evaluate_gates(r, build_rollout_stats(raw)))
+    assert g["error_rate"].verdict == "wait" and g["error_rate"].needs == 189 and g["error_rate"].more == 139
+    assert g["error_rate"].as_dict()["more"] == 139
+    assert sample_needs(r.gates)["parse_failure_rate"] == 189
+    assert sample_needs(GateConfig()) == {"error_rate": 200, "parse_failure_rate": 200,
+                                          "disagreement_rate": 200, "flag_rate_drift": 200}
+    assert canary_verdicts_needed(GateConfig(min_samples=30)) == 189
+    assert canary_verdicts_needed(GateConfig(max_error_rate=0.0)) is None
