@@ -289,18 +289,24 @@ class ModerationService:
             log.warning("moderation %s: model output rejected (%s); answering %s", call.request_id,
                         verdict.fail_reason, verdict.decision)
         latency_ms = (self.clock() - started) * 1000.0
+        trace_id = _trace_id()
+        if self.decision_log is not None:
+            record = decision_record(
+                ev, request_id=call.request_id, item_id=call.item_id, subject=subject,
+                arm=arm, latency_ms=latency_ms, trace_id=trace_id,
+                front_door=call.front_door, caller=call.caller)
+            if self.decision_log.durable:
+                # durable mode: no answer leaves before its record is on disk (and none is
+                # counted as evidence either: DecisionLogUnavailable fails the request here)
+                await self.decision_log.append_durable(record)
+            else:
+                self.decision_log.append(record)
         if rollout is not None and arm in ("stable", "canary"):
             self.recorder.primary(rollout.id, arm, verdict, latency_ms)
             self.recorder.memo(call.request_id, rollout.id, arm, name, ev.version.version, verdict)
             for version in assignment.shadows:
                 self.shadows.submit(rollout, version, ev, variables, call.locale,
                                     request_id=call.request_id, item_id=call.item_id, subject=subject)
-        trace_id = _trace_id()
-        if self.decision_log is not None:
-            self.decision_log.append(decision_record(
-                ev, request_id=call.request_id, item_id=call.item_id, subject=subject,
-                arm=arm, latency_ms=latency_ms, trace_id=trace_id,
-                front_door=call.front_door, caller=call.caller))
         self.metrics.child(self.metrics.stage_seconds, stage="total", prompt=ev.version.name,
                            version=str(ev.version.version), arm=arm).observe(
             latency_ms / 1000.0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gateway.decision_log import DecisionLogUnavailable
 from prompt_registry import (
     LabelConflict,
     PromptFileError,
@@ -164,6 +165,7 @@ PROBLEM_TABLE: dict[type[BaseException], ProblemSpec] = {
     BackendProtocolError: ProblemSpec(502, "model_protocol_error", True, "the model server's answer broke the protocol"),
     StoreUnavailable: ProblemSpec(503, "registry_unavailable", True, "the registry is unreachable and nothing is cached"),
     BackendUnavailable: ProblemSpec(503, "model_unavailable", True, "the model server is unreachable or its breaker is open"),
+    DecisionLogUnavailable: ProblemSpec(503, "decision_log_unavailable", True, "durable mode: the verdict's record could not be written, so no verdict is answered"),
     QueueTimeout: ProblemSpec(504, "queue_timeout", True, "no engine slot came free within the deadline"),
     BackendTimeout: ProblemSpec(504, "model_timeout", True, "the model did not answer within the deadline"),
 }
@@ -198,6 +200,7 @@ EDGE_PROBLEMS: dict[str, tuple[frozenset[int], str]] = {
     "invalid_value": (frozenset({400}), "an OpenAI-route parameter has a value the gateway does not take"),
     "unsupported_parameter": (frozenset({400}), "an OpenAI parameter the gateway does not support (tools, n > 1, ...)"),
     "unsupported_content": (frozenset({400}), "non-text content parts or inputs"),
+    "invalid_label": (frozenset({422}), "a reviewer label outside the answering prompt's verdict schema, or contradicting itself"),
     "content_too_long": (frozenset({400, 422}), "listing text over `max_title_chars` / `max_description_chars`"),
     "model_not_found": (frozenset({404}), "a raw chat completion names a model the gateway does not serve"),
     "not_found": (frozenset({404}), "no such route, or a registry object that does not exist"),

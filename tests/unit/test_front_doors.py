@@ -197,3 +197,27 @@ def test_raw_chat_is_admitted_metered_and_logged_without_content(stack: Stack) -
     assert b'route="/v1/chat/completions"' in generate_latest(stack.metrics.registry)
     roots = [s for s in stack.exporter.get_finished_spans() if s.parent is None]
     assert [s.name for s in roots] == ["POST /v1/chat/completions"]
+
+
+def test_durable_mode_answers_only_what_is_on_disk(store: SqlitePromptStore, caller_key: str,
+                                                   tmp_path: Path) -> None:
+    """decision_log.durability: durable: the verdict leaves only after its record is written;
+    when the write fails the caller gets 503 decision_log_unavailable, not a verdict."""
+    log = DecisionLog(tmp_path / "decisions", replica="gw-0", durable=True, durable_timeout_s=2)
+    app = create_app(GatewaySettings(), store, FakeBackend(), decision_log=log)
+    with TestClient(app, headers={"authorization": f"Bearer {caller_key}"}) as client:
+        r = client.post("/v1/moderate", json={"item_id": "d-1", "seller_id": SELLER, "title": TITLE})
+        assert r.status_code == 200, r.text
+        assert [rec.request_id for rec in read_segments(tmp_path / "decisions")] == [r.json()["request_id"]]
+
+        def broken(fd: int, data: bytes) -> None:
+            raise OSError(28, "No space left on device")
+
+        import gateway.decision_log as dl
+        original, dl._write_all = dl._write_all, broken  # type: ignore[attr-defined]
+        try:
+            r = client.post("/v1/moderate", json={"item_id": "d-2", "seller_id": SELLER, "title": TITLE})
+        finally:
+            dl._write_all = original  # type: ignore[attr-defined]
+        assert r.status_code == 503 and r.json()["error"]["type"] == "decision_log_unavailable"
+        assert "decision" not in r.json()
