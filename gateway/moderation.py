@@ -38,7 +38,7 @@ from gateway.config import GatewaySettings
 from gateway.decision_log import DecisionLog, DecisionRecord
 from gateway.limits import CallerLimiter, Lease
 from gateway.pipeline import Evaluation, ModerationPipeline
-from gateway.problems import Forbidden, ModelRejectedInput, UnknownPrompt, problem_for
+from gateway.problems import Forbidden, ModelRejectedInput, UnknownModel, UnknownPrompt, problem_for
 from gateway.prompt_cache import PromptCache, Resolved
 from gateway.recording import decision_record, failure_record
 from gateway.rollouts.recorder import RolloutRecorder
@@ -46,7 +46,7 @@ from gateway.rollouts.shadow import ShadowDispatcher
 from gateway.rollouts.traffic import assign
 from gateway.telemetry import Metrics, stage
 from gateway.verdict import Verdict
-from prompt_registry import PromptNotFound, PromptVersion
+from prompt_registry import PromptNotFound, PromptSpec, PromptVersion
 from prompt_registry.keys import ApiKeyRecord
 from prompt_registry.rollouts import Rollout
 from serving import BackendError, BackendRejectedInput, BackendTimeout, ChatRequest, ChatResult
@@ -161,6 +161,7 @@ class ModerationService:
     shadows: ShadowDispatcher
     metrics: Metrics
     decision_log: DecisionLog | None = None
+    served_models: tuple[str, ...] = ()  # the models the serving layer runs (empty: not checked)
     clock: Callable[[], float] = field(default=time.perf_counter)
 
     # -- who may call ------------------------------------------------------------------------
@@ -333,6 +334,40 @@ class ModerationService:
                 subject=progress.subject, arm=progress.arm, error_type=problem.type,
                 latency_ms=latency_ms, trace_id=_trace_id(), front_door=call.front_door,
                 caller=call.caller))
+
+    # -- drafts ---------------------------------------------------------------------------------
+
+    async def try_draft(self, spec: PromptSpec, listings: Sequence[Mapping[str, object]], *,
+                        locale: str | None, started: float, request_id: str,
+                        caller: str | None) -> list[Evaluation]:
+        """Evaluate an unpublished prompt spec on a handful of listings (the console's
+        playground): the same render, admission, backend call and fail-closed validation as a
+        moderation, but no version is published, no rollout is touched and nothing goes to the
+        decision log (a draft's verdicts are not decisions). Metrics carry `arm="draft"`,
+        `version="0"`. The caller's quota was charged one unit per listing by the adapter."""
+        if self.served_models and spec.model not in self.served_models:
+            raise UnknownModel(f"the draft names model {spec.model!r}, which this gateway does not "
+                               f"serve (served: {', '.join(self.served_models)})", field="model")
+        version = PromptVersion.model_construct(spec=spec, version=0, content_hash=spec.content_hash(),
+                                                created_at=datetime.now(UTC), created_by=caller or "")
+        resolved = Resolved(version, stale=False)
+        deadline = self.deadline(started)
+        semaphore = asyncio.Semaphore(4)
+
+        async def one(i: int, listing: Mapping[str, object]) -> Evaluation:
+            async with semaphore:
+                variables = {**listing}
+                variables.setdefault("locale", locale or spec.default_locale)
+                return await self.pipeline.evaluate(
+                    resolved, variables, locale, request_id=f"{request_id}-{i}",
+                    timeout_s=self.remaining(deadline), label=None, arm="draft")
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(i, listing)) for i, listing in enumerate(listings)]
+        except BaseExceptionGroup as eg:
+            raise eg.exceptions[0] from None
+        return [t.result() for t in tasks]
 
     # -- raw chat ------------------------------------------------------------------------------
 

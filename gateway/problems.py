@@ -42,7 +42,7 @@ from serving import (
 __all__ = [
     "EDGE_PROBLEMS", "PROBLEM_TABLE", "ApiError", "CallerConcurrencyLimited", "CallerLimited", "CallerRateLimited",
     "ClientDisconnected", "Forbidden", "GatewayError", "ModelRejectedInput", "ModelSaturated", "Problem", "ProblemSpec",
-    "QueueTimeout", "Unauthenticated", "UnknownPrompt", "error_types_markdown", "problem_for",
+    "QueueTimeout", "Unauthenticated", "UnknownModel", "UnknownPrompt", "error_types_markdown", "problem_for",
 ]
 
 
@@ -123,6 +123,10 @@ class ModelRejectedInput(GatewayError):
     on the caller's messages or response_format): the caller's request is at fault, not ours."""
 
 
+class UnknownModel(GatewayError):
+    """A prompt (version or draft) names a model the serving layer does not run."""
+
+
 class ClientDisconnected(GatewayError):
     """The caller went away before the answer; the work was aborted."""
 
@@ -145,6 +149,7 @@ PROBLEM_TABLE: dict[type[BaseException], ProblemSpec] = {
     Unauthenticated: ProblemSpec(401, "unauthenticated", False, "missing, malformed, unknown or revoked API key"),
     Forbidden: ProblemSpec(403, "forbidden", False, "the key lacks the scope the route needs"),
     UnknownPrompt: ProblemSpec(404, "unknown_prompt", False, "the named prompt, version or label does not exist"),
+    UnknownModel: ProblemSpec(422, "unknown_model", False, "a prompt names a model the serving layer does not run (the message lists the served ones)"),
     PromptNotFound: ProblemSpec(404, "not_found", False, "a registry object does not exist (admin API)"),
     LabelConflict: ProblemSpec(409, "label_conflict", False, "a label moved since it was read (compare-and-set lost)"),
     GateRefused: ProblemSpec(409, "promotion_gate_failed", False, "the promotion gate refused a production move"),

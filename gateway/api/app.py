@@ -103,7 +103,7 @@ def create_app(
                                    production_label=settings.default_label)
     service = ModerationService(settings=settings, cache=cache, pipeline=pipeline, auth=auth,
                                 limiter=limiter, recorder=recorder, shadows=shadows, metrics=metrics,
-                                decision_log=decision_log)
+                                decision_log=decision_log, served_models=tuple(models or ()))
     preload_keys = [(name, settings.default_label)
                     for name in dict.fromkeys([settings.default_prompt, *settings.preload_prompts])]
 

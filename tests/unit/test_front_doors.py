@@ -221,3 +221,23 @@ def test_durable_mode_answers_only_what_is_on_disk(store: SqlitePromptStore, cal
             dl._write_all = original  # type: ignore[attr-defined]
         assert r.status_code == 503 and r.json()["error"]["type"] == "decision_log_unavailable"
         assert "decision" not in r.json()
+
+
+def test_a_draft_is_tried_through_the_same_checks_and_logged_nowhere(stack: Stack,
+                                                                     example_spec: Any) -> None:
+    service = stack.client.app.state.gateway.service  # type: ignore[attr-defined]
+    draft = example_spec.model_copy(update={"description": "a draft nobody published"})
+    stack.backend.responder = lambda _req: '{"decision":"allow","category":"none","confidence":0.9'
+    stack.backend.finish_reason = "length"
+    evs = stack.client.portal.call(lambda: service.try_draft(
+        draft, [{"title": TITLE, "description": ""}, {"title": "kids bike", "description": ""}],
+        locale="zh-CN", started=__import__("time").perf_counter(), request_id="draft-1", caller="ops"))
+    assert [ev.verdict.decision for ev in evs] == ["needs_review", "needs_review"]  # fail closed
+    assert evs[0].locale == "zh-CN" and evs[0].version.version == 0
+    assert not [r for r in _records(stack) if r.request_id.startswith("draft-1")]
+    bad = draft.model_copy(update={"model": "qwen-does-not-exist"})
+    with pytest.raises(Exception) as info:
+        stack.client.portal.call(lambda: service.try_draft(
+            bad, [{"title": "x"}], locale=None, started=__import__("time").perf_counter(),
+            request_id="draft-2", caller="ops"))
+    assert type(info.value).__name__ == "UnknownModel" and "qwen-does-not-exist" in str(info.value)
