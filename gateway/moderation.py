@@ -279,7 +279,7 @@ class ModerationService:
             raise UnknownPrompt(str(exc), field=call.prompt_field) from None
         progress.version = resolved.version
         variables = call.variables
-        if "locale" not in variables:  # templates may show the locale; default to the prompt's
+        if variables.get("locale") is None:  # templates may show the locale; default: the prompt's
             variables = {**variables, "locale": call.locale or resolved.version.spec.default_locale}
         ev = await self.pipeline.evaluate(
             resolved, variables, call.locale, request_id=call.request_id,
@@ -357,7 +357,8 @@ class ModerationService:
         async def one(i: int, listing: Mapping[str, object]) -> Evaluation:
             async with semaphore:
                 variables = {**listing}
-                variables.setdefault("locale", locale or spec.default_locale)
+                if variables.get("locale") is None:
+                    variables["locale"] = locale or spec.default_locale
                 return await self.pipeline.evaluate(
                     resolved, variables, locale, request_id=f"{request_id}-{i}",
                     timeout_s=self.remaining(deadline), label=None, arm="draft")

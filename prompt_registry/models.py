@@ -18,6 +18,8 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from prompt_registry.locales import match_locale
+
 __all__ = [
     "EACH_CATEGORY",
     "FAIL_CLOSED_DECISION",
@@ -105,7 +107,7 @@ class VerdictSchema(_Strict):
         return _verdict_regex(tuple(self.decisions), tuple(self.categories), self.confidence)
 
 
-_LOCALE = r"^[a-z]{2,3}(-[A-Z][A-Za-z]{1,3})?$"
+_LOCALE = r"^[a-z]{2,3}(-[A-Z][a-z]{3})?(-([A-Z]{2}|[0-9]{3}))?$"  # canonical BCP 47 (locales.py)
 
 
 class LocaleVariant(_Strict):
@@ -255,17 +257,10 @@ class PromptSpec(_Strict):
         return self
 
     def select_locale(self, locale: str | None) -> tuple[str, list[Message]]:
-        """Messages for a caller's locale: the exact variant, else the default locale if it is
-        the same language, else another variant of the same language, else the default."""
-        if locale and locale != self.default_locale:
-            if locale in self.locales:
-                return locale, self.locales[locale].messages
-            lang = locale.split("-")[0]
-            if lang != self.default_locale.split("-")[0]:
-                for loc in sorted(self.locales):
-                    if loc.split("-")[0] == lang:
-                        return loc, self.locales[loc].messages
-        return self.default_locale, self.messages
+        """Messages for a caller's locale, matched as `prompt_registry.locales.match_locale`
+        says (exact, same language and script, same language, default)."""
+        used = match_locale(locale, self.locales, self.default_locale)
+        return used, (self.messages if used == self.default_locale else self.locales[used].messages)
 
     def content_hash(self) -> str:
         """Hash of what changes behaviour, or how a version is judged; the change note and

@@ -10,6 +10,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from prompt_registry.locales import normalize_locale
 from prompt_registry.models import MAX_VERSION
 
 __all__ = ["ErrorBody", "ErrorDetail", "ModerationRequest", "ModerationResponse", "PromptRef", "Usage"]
@@ -32,6 +33,15 @@ def _json_integer(value: object) -> object:
 VersionNumber = Annotated[int, Field(ge=1, le=MAX_VERSION), BeforeValidator(_json_integer)]
 
 
+def _locale(value: object) -> object:
+    return normalize_locale(value) if isinstance(value, str) else value
+
+
+# The pattern documents (and lets schema-driven clients generate) what normalize_locale takes.
+Locale = Annotated[str, Field(pattern=r"^[A-Za-z]{2,3}([-_][A-Za-z]{4})?([-_]([A-Za-z]{2}|[0-9]{3}))?$"),
+                   BeforeValidator(_locale)]
+
+
 class ModerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
 
@@ -39,7 +49,9 @@ class ModerationRequest(BaseModel):
     seller_id: str = Field(..., pattern=_ID, description="seller id (traffic stickiness key)")
     title: str = Field(..., min_length=1)
     description: str = ""
-    locale: str = Field("en-US", pattern=r"^[a-z]{2,3}(-[A-Z][A-Za-z]{1,3})?$")
+    locale: Locale | None = Field(None, description="BCP 47 (`zh-CN`, `zh_CN`, `zh-Hant-TW`, "
+                                  "`es-419` ...): picks the prompt's locale variant; omitted: the "
+                                  "prompt's default locale")
     prompt: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
                                description="prompt name; the gateway default when omitted")
     prompt_version: VersionNumber | None = Field(None,

@@ -52,11 +52,13 @@ from gateway.api.edge import (
     serve,
     unless_disconnected,
 )
+from gateway.api.models import Locale
 from gateway.ids import new_id
 from gateway.moderation import Caller, Moderation, ModerationCall, ModerationService
 from gateway.problems import ApiError
 from gateway.telemetry import Attr, Metrics
 from gateway.verdict import Verdict
+from prompt_registry.locales import LocaleError, guess_locale, normalize_locale
 from serving import ChatRequest
 from serving.protocol import ChatChunk
 
@@ -75,13 +77,11 @@ TEMPERATURE_MAX = 2.0
 TOP_P_MIN = 0.01  # top_p is clamped to [TOP_P_MIN, 1]: engines reject 0
 MAX_STOP_SEQUENCES = 4
 MODERATION_CONCURRENCY = 8
-DEFAULT_MODERATION_LOCALE = "en-US"
 # Model names OpenAI moderation clients send; they mean "the gateway's default prompt".
 _OPENAI_MODERATION_MODELS = re.compile(r"^(omni|text)-moderation(-.*)?$")
 _PINNED = re.compile(r"^(?P<name>[a-z0-9][a-z0-9._-]{0,63})@v(?P<version>[1-9][0-9]{0,8})$")
 _PROMPT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-_LOCALE = r"^[a-z]{2,3}(-[A-Z][A-Za-z]{1,3})?$"
 
 _CHAT_FIELDS = frozenset({
     "model", "messages", "prompt", "stream", "stream_options", "max_tokens",
@@ -231,7 +231,7 @@ class _PromptRef(BaseModel):
     label: str | None = Field(None, min_length=1, max_length=64)
     version: int | None = Field(None, ge=1, le=2**31 - 1)
     variables: dict[str, str | int | float | bool | None] = Field(default_factory=dict)
-    locale: str | None = Field(None, pattern=_LOCALE)
+    locale: Locale | None = None
 
 
 def _prompt_ref(raw: Any, max_chars: int) -> _PromptRef:
@@ -521,10 +521,14 @@ def build_openai_router(service: ModerationService, tracer: trace.Tracer, metric
         inputs = _moderation_inputs(payload.get("input"), settings.max_description_chars,
                                     settings.max_moderation_inputs)
         locale = payload.get("locale")
-        if locale is None:
-            locale = DEFAULT_MODERATION_LOCALE
-        elif not isinstance(locale, str) or not re.match(_LOCALE, locale):
-            raise _invalid("'locale' must be a locale like 'en-US' or 'zh-CN'", "locale")
+        if locale is not None:
+            try:
+                locale = normalize_locale(locale) if isinstance(locale, str) else None
+            except LocaleError:
+                locale = None
+            if locale is None:
+                raise _invalid("'locale' must be a locale like 'en-US', 'zh-CN' or 'zh-Hant-TW'",
+                               "locale")
         model = payload.get("model")
         if model is not None and not isinstance(model, str):
             raise _invalid("'model' must be a string", "model")
@@ -543,7 +547,7 @@ def build_openai_router(service: ModerationService, tracer: trace.Tracer, metric
         await service.charge(caller, len(inputs), request_id=rid)
         calls = [ModerationCall(
             front_door="moderations", request_id=f"{rid}-{i}", item_id=f"{rid}-{i}",
-            variables={"title": text, "description": "", "locale": locale}, locale=locale,
+            variables={"title": text, "description": ""}, locale=locale or guess_locale(text),
             prompt=name, version=version, caller=caller.name, may_pin=caller.may_pin,
             prompt_field="model", pin_field="model")
             for i, text in enumerate(inputs)]

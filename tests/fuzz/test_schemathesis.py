@@ -219,6 +219,22 @@ ACCEPTED: list[KnownBug] = [
         "422 (not a mapping, template outside the sandbox, undeclared variable, ...)",
         lambda case, response, f: isinstance(f, RejectedPositiveData) and response.status_code == 422
         and case.operation.label == "POST /v1/prompts"),
+    KnownBug(
+        "gate-policy-semantic-validation",
+        "PUT /v1/prompts/{name}/gate-policy documents its evaluation block by EvaluationSpec's "
+        "JSON schema, which cannot say 'exactly one of min, max, max_drop_vs_production' or which "
+        "metrics take a category; a schema-valid body can still be rejected with the documented 422",
+        lambda case, response, f: isinstance(f, RejectedPositiveData) and response.status_code == 422
+        and case.operation.label == "PUT /v1/prompts/{name}/gate-policy"),
+    KnownBug(
+        "feedback-semantic-validation",
+        "POST /v1/feedback checks a label against the verdict schema of the prompt version that "
+        "answered the request (allow/block and that prompt's categories, no contradictory pairs); "
+        "the document can only say 'an identifier', so a schema-valid label can get the "
+        "documented 422 invalid_label",
+        lambda case, response, f: isinstance(f, RejectedPositiveData) and response.status_code == 422
+        and case.operation.label == "POST /v1/feedback"
+        and '"invalid_label"' in response.text),
 ]
 
 
