@@ -24,6 +24,7 @@ from starlette.responses import Response
 
 from gateway.admission import AdmissionControl
 from gateway.api.admin import build_admin_router
+from gateway.api.console import mount_offline_docs
 from gateway.api.edge import error_response, http_error_headers, problem_of, request_id_of
 from gateway.api.feedback import build_feedback_router
 from gateway.api.guard import RequestGuard
@@ -136,6 +137,8 @@ def create_app(
         summary="Content-moderation gateway: versioned prompts served on vLLM via Ray Serve",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # /docs is served offline (gateway.api.console.docs); ReDoc needs a CDN
+        redoc_url=None,
     )
     app.router.redirect_slashes = False  # a redirect would be built from the caller's Host header
     app.add_middleware(RequestGuard, auth=auth, routes=app.router.routes, self_guarded=SELF_GUARDED,
@@ -156,6 +159,7 @@ def create_app(
     app.include_router(build_rollout_router(store, auth, production_label=settings.default_label,
                                             on_change=cache.refresh_now))
     app.include_router(build_ops_router(service, backend, preload_keys))
+    mount_offline_docs(app)
     return app
 
 
