@@ -26,9 +26,18 @@ if TYPE_CHECKING:
 
     from prompt_registry.models import Message
 
-__all__ = ["ALLOWED_FILTERS", "check_messages", "check_template", "render_messages"]
+__all__ = ["ALLOWED_FILTERS", "MAX_NESTING", "MAX_RENDERED_CHARS", "MAX_VARIABLE_CHARS",
+           "check_messages", "check_renders", "check_template", "render_messages"]
 
 ALLOWED_FILTERS = frozenset({"trim", "upper", "lower", "default", "truncate", "length", "tojson"})
+
+# A rendered prompt (all messages) may not exceed this many characters: a template that repeats
+# a caller's text 200 times must not turn a 20 KB request into a 4 MB model request. Publishing
+# refuses a template whose worst case (every variable at MAX_VARIABLE_CHARS) exceeds it, and
+# rendering enforces it for every request (422 render_error naming the cap).
+MAX_RENDERED_CHARS = 256 * 1024
+MAX_VARIABLE_CHARS = 20_000  # the gateway's default max_description_chars
+MAX_NESTING = 24  # nested ifs / operators in one template expression tree
 
 _ALLOWED_NODES: tuple[type[nodes.Node], ...] = (
     nodes.Template, nodes.Output, nodes.TemplateData, nodes.Name, nodes.Const, nodes.If,
@@ -57,12 +66,29 @@ def _describe(node: nodes.Node) -> str:
     }.get(type(node).__name__, type(node).__name__)
 
 
+def _depth(node: nodes.Node, limit: int) -> int:
+    """Nesting depth of *node*'s tree, stopping (iteratively) once past *limit*."""
+    deepest = 0
+    stack: list[tuple[nodes.Node, int]] = [(node, 1)]
+    while stack:
+        current, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        stack.extend((child, depth + 1) for child in current.iter_child_nodes())
+    return deepest
+
+
 def check_template(source: str, declared: Sequence[str], *, where: str = "template") -> set[str]:
     """Reject unsafe or undeclared constructs; return the variable names the template uses."""
     try:
         ast = _env.parse(source)
     except TemplateSyntaxError as exc:
         raise TemplateRejected(f"{where}: syntax error on line {exc.lineno}: {exc.message}") from None
+    except RecursionError:
+        raise TemplateRejected(f"{where}: the template nests too deeply") from None
+    if _depth(ast, MAX_NESTING + 2) > MAX_NESTING + 2:  # Template and Output wrap every body
+        raise TemplateRejected(f"{where}: the template nests more than {MAX_NESTING} levels deep")
     used: set[str] = set()
     for node in ast.find_all(nodes.Node):
         if not isinstance(node, _ALLOWED_NODES):
@@ -102,18 +128,56 @@ def _compile(source: str) -> Template:
 
 
 def render_messages(
-    messages: Sequence[Message], declared: Sequence[str], values: Mapping[str, object]
+    messages: Sequence[Message], declared: Sequence[str], values: Mapping[str, object], *,
+    max_chars: int = MAX_RENDERED_CHARS,
 ) -> list[dict[str, str]]:
-    """Render templates into chat messages using only the declared variables."""
+    """Render templates into chat messages using only the declared variables. Any failure of
+    a template on these values (a filter given the wrong type, a comparison of a string with a
+    number) is a `RenderError` naming the message, never an internal error; so is a rendered
+    prompt longer than *max_chars*. The error never quotes the values."""
     missing = [v for v in declared if v not in values or values[v] is None]
     if missing:
         raise RenderError(f"prompt needs variable(s) {missing} that the request did not provide")
     ctx = {v: values[v] for v in declared}
     out = []
-    for msg in messages:
+    total = 0
+    for i, msg in enumerate(messages):
         try:
             text = _compile(msg.content).render(ctx)
         except UndefinedError as exc:  # pragma: no cover - guarded by the declared check above
             raise RenderError(str(exc)) from None
+        except RecursionError:
+            raise RenderError(f"messages[{i}] ({msg.role}) nests too deeply to render") from None
+        except Exception as exc:  # noqa: BLE001 - a template failing on a value is the caller's 4xx
+            raise RenderError(f"messages[{i}] ({msg.role}) cannot be rendered with these variables "
+                              f"({type(exc).__name__})") from None
+        total += len(text)
+        if total > max_chars:
+            raise RenderError(f"the rendered prompt exceeds the cap of {max_chars} characters")
         out.append({"role": msg.role, "content": text})
     return out
+
+
+def check_renders(messages: Sequence[Message], declared: Sequence[str], *, where: str = "",
+                  max_chars: int = MAX_RENDERED_CHARS,
+                  max_variable_chars: int = MAX_VARIABLE_CHARS) -> None:
+    """Publish-time proof that the templates render: with sample values (a short word, a
+    number-like string) they must render, and their worst case, every variable at
+    *max_variable_chars*, must stay under *max_chars*. Refuses with `TemplateRejected`."""
+    for sample in ("sample", "12345"):
+        try:
+            render_messages(messages, declared, dict.fromkeys(declared, sample), max_chars=10**9)
+        except RenderError as exc:
+            raise TemplateRejected(f"{where}templates do not render with a sample value: {exc}") from None
+    base = render_messages(messages, declared, dict.fromkeys(declared, ""), max_chars=10**9)
+    worst = sum(len(m["content"]) for m in base)
+    for var in declared:
+        probe = render_messages(messages, declared, {**dict.fromkeys(declared, ""), var: "x" * 64},
+                                max_chars=10**9)
+        grown = sum(len(m["content"]) for m in probe) - sum(len(m["content"]) for m in base)
+        copies = max(0, grown) / 64
+        worst += int(copies * max_variable_chars)
+    if worst > max_chars:
+        raise TemplateRejected(
+            f"{where}templates can render to {worst} characters (every variable at "
+            f"{max_variable_chars} characters); the cap is {max_chars}: use each variable fewer times")

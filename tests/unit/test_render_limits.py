@@ -1,0 +1,83 @@
+"""Renders that cannot blow up or 500 (issue #18 items 3 and 4)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from gateway.api.app import create_app
+from gateway.config import GatewaySettings
+from prompt_registry.errors import RenderError, TemplateRejected
+from prompt_registry.models import Message, PromptSpec
+from prompt_registry.render import (
+    MAX_RENDERED_CHARS,
+    check_renders,
+    check_template,
+    render_messages,
+)
+from prompt_registry.sqlite_store import SqlitePromptStore
+from serving.fake_backend import FakeBackend
+
+
+def _user(content: str) -> list[Message]:
+    return [Message(role="system", content="policy"), Message(role="user", content=content)]
+
+
+@pytest.mark.parametrize("template", [
+    "{{ title|truncate(1) }}",       # jinja's truncate asserts length >= len("..."): fails at render
+    "{{ title < 5 }}",               # str < int
+    "{{ title|length + title }}",    # int + str
+])
+def test_templates_failing_on_a_value_are_a_render_error(template: str) -> None:
+    with pytest.raises(RenderError) as info:
+        render_messages(_user(template), ["title"], {"title": "Rolex"})
+    assert "Rolex" not in str(info.value)  # never quotes the caller's value
+    with pytest.raises(TemplateRejected, match="sample value"):  # and publishing refuses it
+        check_renders(_user(template), ["title"])
+
+
+def test_a_template_nested_too_deeply_is_refused_at_publish() -> None:
+    deep = "{% if title %}" * 120 + "x" + "{% endif %}" * 120
+    with pytest.raises(TemplateRejected, match="nests"):
+        check_template(deep, ["title"])
+    parens = "{{ " + "(" * 100 + "title" + ")" * 100 + " }}"
+    with pytest.raises(TemplateRejected):
+        check_template(parens, ["title"])
+    nots = "{{ " + "not " * 1000 + "title }}"
+    with pytest.raises(TemplateRejected):
+        check_template(nots, ["title"])
+
+
+def test_the_rendered_prompt_is_capped() -> None:
+    template = "{{ description }}" * 200
+    with pytest.raises(RenderError, match="cap"):
+        render_messages(_user(template), ["description"], {"description": "d" * 20_000})
+    with pytest.raises(TemplateRejected, match="use each variable fewer times"):
+        check_renders(_user(template), ["description"])
+    check_renders(_user("{{ description }}"), ["description"])  # one copy is fine
+    assert MAX_RENDERED_CHARS >= 200_000
+
+
+@pytest.fixture
+def client(store: SqlitePromptStore, caller_key: str, example_spec: PromptSpec) -> Iterator[TestClient]:
+    """A prompt whose user message pipes an integer-able variable into a filter that breaks."""
+    spec = example_spec.model_copy(update={"name": "broken-filter", "messages": _user(
+        "{{ title|truncate(1) }} {{ description }}"), "locales": {}, "evaluation": None})
+    store.publish(spec, actor="test")
+    store.set_label("broken-filter", "production", 1, actor="test")
+    with TestClient(create_app(GatewaySettings(), store, FakeBackend()), raise_server_exceptions=False,
+                    headers={"authorization": f"Bearer {caller_key}"}) as c:
+        yield c
+
+
+def test_a_render_failure_is_a_422_not_a_500(client: TestClient) -> None:
+    r = client.post("/v1/moderate", json={"item_id": "i", "seller_id": "s", "title": "Rolex watch",
+                                          "prompt": "broken-filter"})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["type"] == "render_error"
+    r = client.post("/v1/chat/completions", json={
+        "model": "m", "messages": [], "prompt": {"name": "broken-filter",
+                                                 "variables": {"title": 12345, "description": ""}}})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "render_error", r.text
