@@ -150,6 +150,66 @@ def crd_errors(doc: Doc) -> list[str]:
             for e in _rayservice_validator().iter_errors(doc)]
 
 
+# The Prometheus Operator's kinds (k8s/components/monitoring), validated like the RayService
+# but against schemas written here: the fields of monitoring.coreos.com/v1 PrometheusRule and
+# PodMonitor that the manifests may use, typed and patterned as in the operator's CRDs, strict
+# (anything else is an error).
+_DURATION = {"type": "string",
+             "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+_STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}
+_METADATA = {"type": "object", "required": ["name"], "additionalProperties": False,
+             "properties": {"name": {"type": "string", "minLength": 1}, "namespace": {"type": "string"},
+                            "labels": _STRINGS, "annotations": _STRINGS}}
+_RULE = {"type": "object", "required": ["expr"], "additionalProperties": False,
+         "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+         "properties": {"alert": {"type": "string", "minLength": 1}, "record": {"type": "string"},
+                        "expr": {"anyOf": [{"type": "integer"}, {"type": "string"}]},
+                        "for": _DURATION, "keep_firing_for": _DURATION, "labels": _STRINGS,
+                        "annotations": _STRINGS}}
+_GROUP = {"type": "object", "required": ["name"], "additionalProperties": False,
+          "properties": {"name": {"type": "string", "minLength": 1}, "interval": _DURATION,
+                         "query_offset": _DURATION, "limit": {"type": "integer"}, "labels": _STRINGS,
+                         "partial_response_strategy": {"type": "string"},
+                         "rules": {"type": "array", "items": _RULE}}}
+_SELECTOR = {"type": "object", "additionalProperties": False,
+             "properties": {"matchLabels": _STRINGS, "matchExpressions": {"type": "array", "items": {
+                 "type": "object", "required": ["key", "operator"], "additionalProperties": False,
+                 "properties": {"key": {"type": "string"}, "operator": {"type": "string"},
+                                "values": {"type": "array", "items": {"type": "string"}}}}}}}
+_ENDPOINT = {"type": "object", "additionalProperties": False,
+             "properties": {"port": {"type": "string"}, "path": {"type": "string"},
+                            "scheme": {"enum": ["http", "https"]}, "interval": _DURATION,
+                            "scrapeTimeout": _DURATION, "honorLabels": {"type": "boolean"}}}
+
+
+def _kind_schema(kind: str, spec: Doc) -> Doc:
+    return {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+            "additionalProperties": False,
+            "properties": {"apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": kind},
+                           "metadata": _METADATA, "spec": spec}}
+
+
+MONITORING_SCHEMAS: dict[str, Doc] = {
+    "PrometheusRule": _kind_schema("PrometheusRule", {
+        "type": "object", "required": ["groups"], "additionalProperties": False,
+        "properties": {"groups": {"type": "array", "minItems": 1, "items": _GROUP}}}),
+    "PodMonitor": _kind_schema("PodMonitor", {
+        "type": "object", "required": ["selector", "podMetricsEndpoints"], "additionalProperties": False,
+        "properties": {"selector": _SELECTOR, "jobLabel": {"type": "string"},
+                       "namespaceSelector": {"type": "object", "additionalProperties": False, "properties": {
+                           "any": {"type": "boolean"},
+                           "matchNames": {"type": "array", "items": {"type": "string"}}}},
+                       "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT}}}),
+}
+
+
+def monitoring_errors(doc: Doc) -> list[str]:
+    schema = MONITORING_SCHEMAS[doc["kind"]]
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in jsonschema.Draft202012Validator(schema).iter_errors(doc)]
+
+
 overlays = pytest.mark.parametrize("overlay", sorted(OVERLAYS))
 
 
@@ -165,10 +225,13 @@ def test_overlay_builds_and_every_builtin_object_validates(overlay: str) -> None
     for d in docs:
         if d["kind"] == "RayService":
             continue
-        try:
-            kubernetes_validate.validate(d, K8S_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{d['kind']}/{d['metadata']['name']}: {exc.message}")
+        if d["kind"] in MONITORING_SCHEMAS:  # Prometheus Operator kinds (components/monitoring)
+            assert monitoring_errors(d) == [], f"{d['kind']}/{d['metadata']['name']}"
+        else:
+            try:
+                kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{d['kind']}/{d['metadata']['name']}: {exc.message}")
         if d["kind"] != "Namespace":
             assert d["metadata"].get("namespace") == NAMESPACE, d["metadata"]["name"]
 
@@ -665,3 +728,182 @@ def test_dockerfile_matches_the_deployment() -> None:
     assert installs and not any("[cpu" in i or "[gpu" in i or "vllm" in i for i in installs)
     pod = one(build("prod-gpu"), "Deployment", "modgate-gateway")["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsUser"] == 10001 == pod["securityContext"]["runAsGroup"]
+
+
+# -- alerts (components/monitoring) ------------------------------------------------------------
+
+MONITORING = K8S / "components" / "monitoring"
+PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
+                   "unless", "offset", "bool", "inf", "nan"}
+PROMQL_FUNCTIONS = {"sum", "max", "min", "avg", "count", "rate", "increase", "irate", "delta",
+                    "time", "abs", "clamp_min", "clamp_max", "histogram_quantile", "absent",
+                    "changes", "max_over_time", "min_over_time", "avg_over_time", "vector"}
+
+
+def _promql_refs(expr: str) -> tuple[dict[str, set[str]], set[str], set[str]]:
+    """(metric name -> label names its selectors match on, grouping labels of by/on/...,
+    functions called) of a PromQL expression. A small lexer for the constructs the rules use,
+    not a full parser: what it cannot read ends up as an unknown metric or function name."""
+    import re
+
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    text = re.sub(r"\[[^\]]*\]", " ", text)                      # range selectors
+    text = re.sub(r"\boffset\s+\w+", " ", text)
+    grouping: set[str] = set()
+
+    def _group(m: re.Match[str]) -> str:
+        grouping.update(x.strip() for x in m.group(2).split(",") if x.strip())
+        return " "
+
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", _group, text)
+    metrics: dict[str, set[str]] = {}
+
+    def _selector(m: re.Match[str]) -> str:
+        labels = set(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)", m.group(2)))
+        metrics.setdefault(m.group(1), set()).update(labels)
+        return " "
+
+    text = re.sub(r"([A-Za-z_:][A-Za-z0-9_:]*)\s*\{([^}]*)\}", _selector, text)
+    functions = {f for f in re.findall(r"([A-Za-z_][A-Za-z0-9_]*)\s*\(", text)
+                 if f.lower() not in PROMQL_KEYWORDS}
+    for name in re.findall(r"(?<![\w.])([A-Za-z_:][A-Za-z0-9_:]*)\b(?!\s*\()", text):
+        if name.lower() not in PROMQL_KEYWORDS:
+            metrics.setdefault(name, set())
+    return metrics, grouping, functions
+
+
+@functools.cache
+def _exported_metrics() -> dict[str, frozenset[str]]:
+    """Every sample name the gateway exports at /metrics, with its label names: the telemetry
+    Metrics, plus the rollout gauges and webhook metrics of gateway/webhooks.py on the same
+    registry (as the app wires them)."""
+    import tempfile
+
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from gateway.telemetry import Metrics
+    from gateway.webhooks import (
+        RolloutMetrics,
+        WebhookDispatcher,
+        WebhookSettings,
+        WebhookSubscriber,
+    )
+    from prompt_registry.loader import seed_store
+    from prompt_registry.rollouts import GateConfig, ShadowSpec, new_rollout
+    from prompt_registry.sqlite_store import SqlitePromptStore
+
+    metrics = Metrics()
+    rollouts = RolloutMetrics(metrics.registry)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SqlitePromptStore(Path(tmp) / "r.db")
+        try:
+            seed_store(store, ROOT / "configs" / "prompts")
+            # a rollout with every kind of evidence, so every rollout gauge has samples
+            spec = store.get_version("listing-moderation", 1).spec
+            store.publish(spec.model_copy(update={"description": "v2"}), actor="t")
+            store.publish(spec.model_copy(update={"description": "v3"}), actor="t")
+            r = new_rollout("listing-moderation", stable_version=1, canary_version=2, steps=[5],
+                            shadows=[ShadowSpec(version=3, sample_rate=0.5)], step_hold_s=0,
+                            gates=GateConfig(), auto=False, subject_key="seller_id", started_by="t")
+            store.put_rollout(r, expected_revision=None, actor="t")
+            store.add_rollout_stats(r.id, {"pair:3:n": 2, "pair:3:agree": 1})
+            rollouts.refresh(store)
+            hooks = WebhookDispatcher(
+                WebhookSettings(subscribers=[WebhookSubscriber(name="h", url="http://127.0.0.1:9/h",
+                                                               secret_env="S")]),
+                store, Path(tmp), registry=metrics.registry, environ={"S": "x" * 32})
+        finally:
+            store.close()
+    # labelled metrics export nothing before their first child: make one of each
+    for owner in (metrics, hooks):
+        for metric in vars(owner).values():
+            if isinstance(metric, MetricWrapperBase) and metric._labelnames:  # noqa: SLF001
+                metric.labels(*["x"] * len(metric._labelnames))  # noqa: SLF001
+    out: dict[str, set[str]] = {}
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            out.setdefault(sample.name, set()).update(k for k in sample.labels if k != "le")
+    return {k: frozenset(v) for k, v in out.items()}
+
+
+def _rule_problems(expr: str, annotations: dict[str, str]) -> list[str]:
+    import re
+
+    exported = _exported_metrics()
+    metrics, grouping, functions = _promql_refs(expr)
+    problems = [f"unknown function {f}()" for f in sorted(functions - PROMQL_FUNCTIONS)]
+    if not metrics:
+        problems.append("no metric in the expression")
+    known_labels: set[str] = set()
+    for name, labels in sorted(metrics.items()):
+        if name not in exported:
+            problems.append(f"{name} is not exported by the gateway")
+            continue
+        known_labels |= exported[name]
+        problems += [f"{name} has no label {label!r}" for label in sorted(labels - exported[name])]
+    problems += [f"grouping by unknown label {label!r}" for label in sorted(grouping - known_labels)]
+    for text in annotations.values():
+        for label in re.findall(r"\$labels\.([A-Za-z_][A-Za-z0-9_]*)", text):
+            if label not in grouping:
+                problems.append(f"annotation uses $labels.{label}, which the alert does not carry")
+    if expr.count("(") != expr.count(")") or expr.count("{") != expr.count("}"):
+        problems.append("unbalanced brackets")
+    return problems
+
+
+def _alert_rules() -> list[Doc]:
+    (rule,) = by_kind(build("prod-gpu"), "PrometheusRule")
+    return [r for g in rule["spec"]["groups"] for r in g["rules"]]
+
+
+def test_monitoring_component_builds_into_prod_with_the_alerts_asked_for() -> None:
+    docs = build("prod-gpu")
+    rule = one(docs, "PrometheusRule", "modgate-alerts")
+    assert monitoring_errors(rule) == []
+    groups = [g["name"] for g in rule["spec"]["groups"]]
+    assert len(groups) == len(set(groups))
+    alerts = {r["alert"]: r for r in _alert_rules()}
+    assert len(alerts) == sum(len(g["rules"]) for g in rule["spec"]["groups"]), "alert names repeat"
+    # what issue 16 asks for: an aborted or paused rollout, a jump in the review rate, a
+    # parse-failure spike
+    assert {"ModgateRolloutAborted", "ModgateRolloutPaused", "ModgateReviewRateJump",
+            "ModgateParseFailureSpike"} <= alerts.keys()
+    assert 'state="aborted"' in alerts["ModgateRolloutAborted"]["expr"]
+    assert 'state="paused"' in alerts["ModgateRolloutPaused"]["expr"]
+    assert 'decision="needs_review"' in alerts["ModgateReviewRateJump"]["expr"]
+    assert "modgate_verdict_failures_total" in alerts["ModgateParseFailureSpike"]["expr"]
+    for name, r in alerts.items():
+        assert r["labels"]["severity"] in ("critical", "warning", "info"), name
+        assert r["annotations"]["summary"] and r["annotations"]["description"], name
+
+    monitor = one(docs, "PodMonitor", "modgate-gateway")
+    dep = one(docs, "Deployment", "modgate-gateway")
+    pod = dep["spec"]["template"]
+    assert selects(monitor["spec"]["selector"]["matchLabels"], pod["metadata"]["labels"])
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    ports = {p["name"] for p in container(pod["spec"], "gateway")["ports"]}
+    assert endpoint["port"] in ports
+    assert endpoint["path"] == pod["metadata"]["annotations"]["prometheus.io/path"]
+    # dev-cpu leaves it out (clusters without the Prometheus Operator's CRDs)
+    assert not by_kind(build("dev-cpu"), "PrometheusRule")
+
+
+def test_alert_rules_only_use_metrics_and_labels_the_gateway_exports() -> None:
+    problems = {r["alert"]: _rule_problems(str(r["expr"]), r.get("annotations", {}))
+                for r in _alert_rules()}
+    assert {k: v for k, v in problems.items() if v} == {}
+
+
+def test_the_alert_rule_check_catches_mistakes() -> None:
+    assert _rule_problems('sum by (prompt) (rate(modgate_verdicts_total{arm!="shadow"}[5m]))', {}) == []
+    assert _rule_problems("rate(modgate_verdict_failure_total[5m])", {}) == [
+        "modgate_verdict_failure_total is not exported by the gateway"]
+    assert _rule_problems('modgate_rollout_state{stage="paused"}', {}) == [
+        "modgate_rollout_state has no label 'stage'"]
+    assert _rule_problems("max by (promt) (modgate_rollout_weight_percent)", {}) == [
+        "grouping by unknown label 'promt'"]
+    assert _rule_problems("rat(modgate_requests_total[5m])", {}) == ["unknown function rat()"]
+    assert _rule_problems("max(modgate_rollout_weight_percent)", {"summary": "{{ $labels.prompt }}"}) == [
+        "annotation uses $labels.prompt, which the alert does not carry"]
+    assert _rule_problems("sum(rate(modgate_requests[5m])", {}) == [
+        "modgate_requests is not exported by the gateway", "unbalanced brackets"]
