@@ -11,6 +11,7 @@ evaluate, and only user messages may reference variables: system messages are fi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
 __all__ = ["ALLOWED_FILTERS", "MAX_NESTING", "MAX_RENDERED_CHARS", "MAX_VARIABLE_CHARS",
            "check_messages", "check_renders", "check_template", "render_messages"]
 
-ALLOWED_FILTERS = frozenset({"trim", "upper", "lower", "default", "truncate", "length", "tojson"})
+ALLOWED_FILTERS = frozenset({"trim", "upper", "lower", "default", "truncate", "length", "tojson",
+                             "json"})
 
 # A rendered prompt (all messages) may not exceed this many characters: a template that repeats
 # a caller's text 200 times must not turn a 20 KB request into a 4 MB model request. Publishing
@@ -48,6 +50,17 @@ _ALLOWED_NODES: tuple[type[nodes.Node], ...] = (
 _env = SandboxedEnvironment(
     undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True, trim_blocks=False
 )
+
+
+def _json_string(value: object) -> str:
+    """`{{ title|json }}`: the value as one JSON string literal, quotes, backslashes and
+    newlines escaped, so seller text placed in a JSON object can never end its string or the
+    object (a delimiter a seller could type, like `LISTING>>>`, can be forged; this cannot).
+    Unlike `tojson` it keeps non-ASCII text readable (a Chinese title stays Chinese)."""
+    return json.dumps(value if isinstance(value, str) else str(value), ensure_ascii=False)
+
+
+_env.filters["json"] = _json_string
 
 
 def _describe(node: nodes.Node) -> str:

@@ -489,7 +489,8 @@ def _oracle(error_rate_by_version: dict[str, float]) -> Callable[[ChatRequest], 
         system, user = request.messages[0]["content"], request.messages[-1]["content"]
         marker = "v2" if system.startswith("STRICT") else "v1"
         for row in rows:
-            if f"{row.title}\n" in user and row.description in user:
+            if json.dumps({"title": row.title, "description": row.description},
+                          ensure_ascii=False) in user:
                 rng = random.Random(f"{marker}:{row.item_id}")
                 if rng.random() < error_rate_by_version[marker]:
                     return _verdict("allow", "none") if row.gold_flagged else _verdict("block", "adult")

@@ -57,4 +57,4 @@ def test_example_prompt_covers_the_policy(example_spec: PromptSpec) -> None:
     # The policy text is a fixed system prefix; caller content sits in the user message.
     assert example_spec.messages[0].role == "system"
     assert "{{" not in example_spec.messages[0].content
-    assert "{{ title }}" in example_spec.messages[-1].content
+    assert "{{ title|json }}" in example_spec.messages[-1].content

@@ -290,7 +290,8 @@ def test_moderation_of_one_string(client: openai.OpenAI, backend: FakeBackend) -
     ext = _check_result(r.results[0])
     assert ext["prompt"]["name"] == "listing-moderation" and ext["prompt"]["version"] == 1
     sent = backend.requests[-1]
-    assert "Title: Rolex Submariner 1:1 replica" in sent.messages[1]["content"] and sent.regex
+    assert '{"title": "Rolex Submariner 1:1 replica", "description": ""}' in sent.messages[1]["content"]
+    assert sent.regex
 
 
 def test_moderation_of_a_list_runs_every_input(client: openai.OpenAI, backend: FakeBackend) -> None:
@@ -299,7 +300,7 @@ def test_moderation_of_a_list_runs_every_input(client: openai.OpenAI, backend: F
     assert len(r.results) == 12
     for result in r.results:
         assert _check_result(result)["prompt"]["locale"] == "zh-CN"
-    assert sorted(m.messages[1]["content"].split("标题：")[1].split("\n")[0]
+    assert sorted(m.messages[1]["content"].split('{"title": "')[1].split('"')[0]
                   for m in backend.requests) == sorted(inputs)
 
 
