@@ -4,6 +4,8 @@ Knows nothing of HTTP, Ray or vLLM.
 """
 
 from prompt_registry.errors import (
+    GatePolicyConflict,
+    GatePolicyInvalid,
     LabelConflict,
     PromptFileError,
     PromptNotFound,
@@ -11,8 +13,16 @@ from prompt_registry.errors import (
     RenderError,
     StoreUnavailable,
     TemplateRejected,
+    UnservedModel,
 )
-from prompt_registry.gates import GateOverride, GateRefused, GateReport, ScorecardRecord
+from prompt_registry.gates import (
+    GateOverride,
+    GatePolicy,
+    GateRefused,
+    GateReport,
+    PolicyInForce,
+    ScorecardRecord,
+)
 from prompt_registry.models import (
     FAIL_CLOSED_DECISION,
     EvaluationSpec,
@@ -24,11 +34,14 @@ from prompt_registry.models import (
     SamplingParams,
     VerdictSchema,
 )
+from prompt_registry.ops import check_model_served
 from prompt_registry.render import render_messages
 from prompt_registry.rollout_stats import RolloutStats, build_rollout_stats
 from prompt_registry.store import (
     AuditEntry,
     GatedWriter,
+    GatePolicyReader,
+    GatePolicyStore,
     GateReader,
     KeyReader,
     KeyStore,
@@ -45,7 +58,9 @@ from prompt_registry.store import (
 
 __all__ = [
     "FAIL_CLOSED_DECISION", "AuditEntry", "EvaluationSpec", "GateCriterion", "GateOverride",
-    "GateReader", "GateRefused", "GateReport", "GatedWriter",
+    "GatePolicy", "GatePolicyConflict", "GatePolicyInvalid", "GatePolicyReader", "GatePolicyStore",
+    "GateReader", "GateRefused", "GateReport", "GatedWriter", "PolicyInForce", "UnservedModel",
+    "check_model_served",
     "KeyReader", "KeyStore", "LabelConflict", "MemoStore", "Message",
     "PolicyMeta", "PromptFileError", "PromptNotFound", "PromptReader", "PromptSpec", "PromptStore",
     "PromptVersion", "PromptWriter", "PublishResult", "RegistryError", "RenderError",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 __all__ = [
+    "GatePolicyConflict",
+    "GatePolicyInvalid",
     "LabelConflict",
     "PromptFileError",
     "PromptNotFound",
@@ -10,6 +12,7 @@ __all__ = [
     "RenderError",
     "StoreUnavailable",
     "TemplateRejected",
+    "UnservedModel",
 ]
 
 
@@ -39,3 +42,28 @@ class PromptFileError(RegistryError):
 
 class StoreUnavailable(RegistryError):
     """The backing store cannot be reached."""
+
+
+class UnservedModel(PromptFileError, ValueError):
+    """A prompt version names a `model:` the configured serving layer does not serve (at
+    publish time, or when a version is about to take traffic). The message names the model and
+    the served ones. A kind of PromptFileError: the version fails validation against the
+    deployment."""
+
+    def __init__(self, model: str, served: list[str], *, prompt: str = "",
+                 version: int | None = None) -> None:
+        what = f"{prompt} v{version}" if prompt and version is not None else (prompt or "the prompt")
+        listed = ", ".join(served) if served else "none"
+        super().__init__(f"{what} names model {model!r}, which the serving layer does not serve "
+                         f"(served: {listed})")
+        self.model = model
+        self.served = list(served)
+
+
+class GatePolicyInvalid(PromptFileError, ValueError):
+    """A gate policy does not fit its prompt (e.g. a criterion names a category the prompt's
+    verdict schema does not have); the message names the field."""
+
+
+class GatePolicyConflict(LabelConflict):
+    """A compare-and-set write of a prompt's gate policy lost against a concurrent write."""

@@ -17,20 +17,38 @@ Three parts:
   build one for the admin scope) is given; the gate's verdict, or the override with who and
   why, is written into the label move's audit entry in the same atomic store write.
 
-Which criteria apply: the candidate version's `evaluation` block; when the candidate has none
-but the current production version has one, production's block applies (deleting the block
-is not a way around the gate). A prompt where neither declares one has no gate. Moving the
-label to the version it already points at is not a move and is not judged. Rolling back
-(`ops.rollback`) is not gated either: it returns to the version that held the label before,
-and in an incident nothing may stand between an operator and the previous version.
+Which criteria apply: the gate policy *in force* for the prompt, never criteria or a dataset
+the candidate brings along. In force is, in this order:
+
+1. the prompt's gate policy kept in the registry (`GatePolicy`, one record per prompt, set only
+   by the protected, audited `ops.set_gate_policy`: `modgate prompts gate-policy set`, `PUT
+   /v1/prompts/{name}/gate-policy`, scope `gates:write` or `admin`); its `evaluation` may be
+   None, an explicit "no gate";
+2. else the current production version's `evaluation` block;
+3. else nothing. Only then does the candidate's own block apply (a prompt with no production
+   version, or an ungated one): it can only add a gate, never loosen one.
+
+A candidate whose own block differs from the policy in force is judged by the policy in force;
+the report says whether its block is the same, stricter (`at_least_as_strict`) or not. When the
+policy in force is production's block and the candidate's is not at least as strict (looser,
+on another dataset, or dropped), moving production to it would quietly make its block the
+policy for every later move, so the move first keeps production's block in force as the
+registry policy (audited, in the same operation). Every production move's audit entry names
+the policy that judged it (its source and hash) and the dataset hash.
+
+Moving the label to the version it already points at is not a move and is not judged. Rolling
+back (`ops.rollback`) is not gated either: it returns to the version that held the label
+before, and in an incident nothing may stand between an operator and the previous version.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prompt_registry.errors import LabelConflict, RegistryError
@@ -38,12 +56,13 @@ from prompt_registry.models import AGGREGATES, EACH_CATEGORY, EvaluationSpec, Ga
 from prompt_registry.rollouts import wilson_interval
 
 if TYPE_CHECKING:
-    from prompt_registry.store import PromptStore
+    from prompt_registry.store import GateReader, PromptStore
 
 __all__ = [
-    "GateOverride", "GateRefused", "GateReport", "CriterionResult", "MetricCounts", "RateCount",
-    "ScorecardRecord", "ScorecardMismatch", "check_scorecard_version", "evaluate_gate",
-    "gate_report", "move_label", "scorecard_audit_note",
+    "GateOverride", "GatePolicy", "GateRefused", "GateReport", "CriterionResult", "MetricCounts",
+    "PolicyInForce", "RateCount", "ScorecardRecord", "ScorecardMismatch", "at_least_as_strict",
+    "check_scorecard_version", "compare_blocks", "evaluate_gate", "evaluation_hash", "gate_report",
+    "move_label", "policy_in_force", "scorecard_audit_note",
 ]
 
 CONFIDENCE = 0.95
@@ -184,6 +203,118 @@ class GateOverride(_Strict):
         return v.strip()
 
 
+def evaluation_hash(spec: EvaluationSpec | None) -> str:
+    """sha256 of an evaluation block's canonical JSON (sorted keys); of `null` for "no gate".
+    Names a gate policy in audit entries and reports."""
+    data = None if spec is None else spec.model_dump(mode="json")
+    return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+class GatePolicy(_Strict):
+    """A prompt's promotion gate policy kept in the registry. Once stored it is the policy in
+    force for the prompt, whatever the versions' own `evaluation` blocks say. Written only by
+    the protected, audited `ops.set_gate_policy` (or kept in force by a production move, see
+    `move_label`); every write is a compare-and-set on `revision`."""
+
+    prompt: str = Field(..., min_length=1)
+    revision: int = Field(..., ge=1, description="1 for the first record, +1 per change")
+    evaluation: EvaluationSpec | None = Field(..., description="dataset and criteria; null: no gate")
+    set_by: str = Field(..., min_length=1)
+    set_at: datetime
+    reason: str = ""
+
+    @property
+    def sha256(self) -> str:
+        return evaluation_hash(self.evaluation)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"prompt": self.prompt, "revision": self.revision, "sha256": self.sha256,
+                "evaluation": None if self.evaluation is None else self.evaluation.model_dump(mode="json"),
+                "set_by": self.set_by, "set_at": self.set_at.isoformat(), "reason": self.reason}
+
+
+PolicySource = Literal["registry", "production", "candidate", "none"]
+
+
+@dataclass(frozen=True)
+class PolicyInForce:
+    """Which gate policy judges a production move, and where it comes from."""
+
+    source: PolicySource
+    evaluation: EvaluationSpec | None
+    version: int | None = None    # production / candidate: the version whose block it is
+    revision: int | None = None   # registry: the record's revision
+
+    @property
+    def sha256(self) -> str:
+        return evaluation_hash(self.evaluation)
+
+    def describe(self) -> str:
+        if self.source == "registry":
+            what = "" if self.evaluation is not None else ": no gate"
+            return f"registry gate policy r{self.revision}{what}"
+        if self.source == "production":
+            return f"production v{self.version}'s evaluation block"
+        if self.source == "candidate":
+            return f"v{self.version}'s own evaluation block (no policy in force)"
+        return "no gate policy in force"
+
+    def label(self) -> str:
+        """e.g. "production v1's evaluation block (policy 3f2a1b4c5d6e)"."""
+        if self.source == "none":
+            return self.describe()
+        return f"{self.describe()} (policy {self.sha256[:12]})"
+
+    def as_dict(self) -> dict[str, Any]:
+        ev = self.evaluation
+        return {"source": self.source, "version": self.version, "revision": self.revision,
+                "sha256": None if self.source == "none" else self.sha256,
+                "description": self.label(),
+                "evaluation": None if ev is None else ev.model_dump(mode="json")}
+
+
+BlockRelation = Literal["absent", "same", "stricter", "not_stricter"]
+
+# For a `min`, a bound reading a lower value is at least as hard to meet; for a `max`, a higher.
+_MIN_HARDNESS = {"upper": 0, "estimate": 1, "lower": 2}
+_MAX_HARDNESS = {"lower": 0, "estimate": 1, "upper": 2}
+
+
+def _implies(c: GateCriterion, p: GateCriterion) -> bool:
+    """Whether meeting criterion *c* guarantees meeting *p* (conservatively: False when unsure)."""
+    if c.metric != p.metric or c.category != p.category:
+        return False
+    if p.max_drop_vs_production is not None:
+        return (c.max_drop_vs_production is not None
+                and c.max_drop_vs_production <= p.max_drop_vs_production)
+    if p.min is not None:
+        return (c.min is not None and c.min >= p.min
+                and _MIN_HARDNESS[c.bound] >= _MIN_HARDNESS[p.bound])
+    assert p.max is not None
+    return c.max is not None and c.max <= p.max and _MAX_HARDNESS[c.bound] >= _MAX_HARDNESS[p.bound]
+
+
+def at_least_as_strict(candidate: EvaluationSpec | None, policy: EvaluationSpec | None) -> bool:
+    """Whether every version passing *candidate* would also pass *policy*: the same dataset,
+    and each of the policy's criteria implied by one of the candidate's (same metric and
+    category; a higher `min`, lower `max` or smaller allowed drop, on a bound at least as hard).
+    Extra criteria only add. No policy is met by anything; no candidate block meets none."""
+    if policy is None:
+        return True
+    if candidate is None or candidate.dataset.sha256 != policy.dataset.sha256:
+        return False
+    return all(any(_implies(c, p) for c in candidate.criteria) for p in policy.criteria)
+
+
+def compare_blocks(candidate: EvaluationSpec | None, in_force: EvaluationSpec | None) -> BlockRelation:
+    """How a candidate's own `evaluation` block relates to the policy in force."""
+    if candidate is None:
+        return "same" if in_force is None else "absent"
+    if candidate == in_force:
+        return "same"
+    return "stricter" if at_least_as_strict(candidate, in_force) else "not_stricter"
+
+
 Verdict = Literal["pass", "fail"]
 
 
@@ -212,16 +343,20 @@ class GateReport:
     prompt: str
     version: int
     production_version: int | None
-    declared_by: int | None          # the version whose evaluation block applies; None: no gate
-    dataset_sha256: str | None
+    declared_by: int | None          # the version whose evaluation block applies (None: the
+                                     # registry's policy, or no gate)
+    dataset_sha256: str | None       # None: no gate
     dataset_path: str
     items: int | None                # items in the candidate's scorecard
     results: list[CriterionResult] = field(default_factory=list)
     relative: bool = False           # some criterion compares with production's scorecard
+    policy: PolicyInForce | None = None          # what judged (None: a bare evaluate_gate call)
+    candidate_block: BlockRelation = "same"      # the candidate's own block vs the policy
+    candidate_evaluation: EvaluationSpec | None = None
 
     @property
     def verdict(self) -> Literal["pass", "fail", "none"]:
-        if self.declared_by is None:
+        if self.dataset_sha256 is None:
             return "none"
         return "fail" if any(r.verdict == "fail" for r in self.results) else "pass"
 
@@ -236,18 +371,40 @@ class GateReport:
                               f"{self.items} items" if self.items is not None else "") if p]
         return f"dataset {sha}" + (f" ({', '.join(extras)})" if extras else "")
 
+    def policy_label(self) -> str:
+        return self.policy.label() if self.policy is not None else "no gate declared"
+
+    def candidate_note(self) -> str:
+        """What became of the candidate's own `evaluation` block, when it is not what judged."""
+        own = self.candidate_evaluation
+        if self.policy is None or self.policy.source in ("candidate", "none"):
+            return ""
+        if self.candidate_block == "absent":
+            return f"v{self.version} declares no evaluation block; the policy in force still applies"
+        if self.candidate_block != "not_stricter" or own is None:
+            return ""
+        n = len(own.criteria)
+        return (f"v{self.version}'s own evaluation block (dataset {own.dataset.sha256[:12]}, {n} "
+                f"criteri{'on' if n == 1 else 'a'}) is not at least as strict as the policy in "
+                "force and does not apply; changing the policy is its own protected step "
+                "(modgate prompts gate-policy set, scope gates:write)")
+
     def message(self) -> str:
-        """Why the gate refuses (or passes), naming each failed criterion with its numbers."""
+        """Why the gate refuses (or passes), naming the policy in force and each failed
+        criterion with its numbers."""
         where = self.dataset_label()
         if self.verdict == "none":
-            return f"{self.prompt} v{self.version}: no promotion gate declared"
+            return f"{self.prompt} v{self.version}: no promotion gate ({self.policy_label()})"
         if self.verdict == "pass":
             return (f"{self.prompt} v{self.version} passes its promotion gate "
-                    f"({len(self.results)} check(s) on {where})")
+                    f"({len(self.results)} check(s) on {where}; judged by {self.policy_label()})")
         fails = self.failures
         head = (f"{self.prompt} v{self.version} fails its promotion gate: {len(fails)} of "
                 f"{len(self.results)} check(s) failed on {where}")
-        lines = [head, *(f"  - {r.detail}" for r in fails)]
+        lines = [head, f"  policy in force: {self.policy_label()}",
+                 *(f"  - {r.detail}" for r in fails)]
+        if self.candidate_note():
+            lines.append(f"  {self.candidate_note()}")
         if self.hint():
             lines.append(f"  {self.hint()}")
         return "\n".join(lines)
@@ -265,17 +422,21 @@ class GateReport:
                 f"--dataset {self.dataset_path or 'FILE'}")
 
     def summary(self) -> str:
-        """One line for an audit note."""
+        """One line for an audit note: the verdict, the dataset hash and the policy (source and
+        hash) that judged."""
         if self.verdict == "none":
-            return "no gate declared"
+            return self.policy_label()
         sha = (self.dataset_sha256 or "")[:12]
+        policy = f" [policy: {self.policy_label()}]"
         if self.verdict == "pass":
-            return f"gate passed on dataset {sha} ({len(self.results)} checks)"
-        return f"gate failed on dataset {sha}: " + "; ".join(r.detail for r in self.failures)
+            return f"gate passed on dataset {sha} ({len(self.results)} checks){policy}"
+        return f"gate failed on dataset {sha}: " + "; ".join(r.detail for r in self.failures) + policy
 
     def as_dict(self) -> dict[str, Any]:
         return {"prompt": self.prompt, "version": self.version,
                 "production_version": self.production_version, "declared_by": self.declared_by,
+                "policy": self.policy.as_dict() if self.policy is not None else None,
+                "candidate_block": self.candidate_block,
                 "dataset": {"sha256": self.dataset_sha256, "path": self.dataset_path,
                             "items": self.items},
                 "verdict": self.verdict, "message": self.message(),
@@ -386,17 +547,21 @@ def _judge(crit: GateCriterion, category: str | None, cand: ScorecardRecord,
 
 def evaluate_gate(spec: EvaluationSpec, candidate: ScorecardRecord | None,
                   production: ScorecardRecord | None, *, prompt: str, version: int,
-                  production_version: int | None, declared_by: int) -> GateReport:
-    """Judge *candidate* (the scorecard of *version* on the declared dataset) by *spec*;
+                  production_version: int | None, declared_by: int | None,
+                  policy: PolicyInForce | None = None, candidate_block: BlockRelation = "same",
+                  candidate_evaluation: EvaluationSpec | None = None) -> GateReport:
+    """Judge *candidate* (the scorecard of *version* on the policy's dataset) by *spec*;
     *production* is the current production version's scorecard on the same dataset (needed by
-    `max_drop_vs_production`). Pure: no store access."""
+    `max_drop_vs_production`). *policy* says where *spec* comes from (for the report). Pure: no
+    store access."""
     sha = spec.dataset.sha256
     relative = any(c.max_drop_vs_production is not None for c in spec.criteria)
 
     def report(items: int | None, results: list[CriterionResult]) -> GateReport:
         return GateReport(prompt=prompt, version=version, production_version=production_version,
                           declared_by=declared_by, dataset_sha256=sha, dataset_path=spec.dataset.path,
-                          items=items, results=results, relative=relative)
+                          items=items, results=results, relative=relative, policy=policy,
+                          candidate_block=candidate_block, candidate_evaluation=candidate_evaluation)
 
     if candidate is None:
         missing = CriterionResult("scorecard", "scorecard", None, None, None, None, 0, "fail",
@@ -429,25 +594,66 @@ def evaluate_gate(spec: EvaluationSpec, candidate: ScorecardRecord | None,
 
 # -- store-backed check ------------------------------------------------------------------------
 
-def gate_report(store: PromptStore, name: str, version: int, *,
+def policy_in_force(store: GateReader, name: str, production: int | None) -> PolicyInForce:
+    """The gate policy in force for *name* while *production* holds the production label: the
+    registry's record, else production's `evaluation` block, else none."""
+    record = store.get_gate_policy(name)
+    if record is not None:
+        return PolicyInForce("registry", record.evaluation, revision=record.revision)
+    if production is not None:
+        block = store.get_version(name, production).spec.evaluation
+        if block is not None:
+            return PolicyInForce("production", block, version=production)
+    return PolicyInForce("none", None)
+
+
+def gate_report(store: GateReader, name: str, version: int, *,
                 production_label: str = "production") -> GateReport:
     """The promotion gate's verdict for making *version* of *name* production now."""
     production = store.labels(name).get(production_label)
     return _report(store, name, version, production)
 
 
-def _report(store: PromptStore, name: str, version: int, production: int | None) -> GateReport:
-    candidate = store.get_version(name, version)
-    spec, declared_by = candidate.spec.evaluation, version
-    if spec is None and production is not None:
-        spec, declared_by = store.get_version(name, production).spec.evaluation, production
+def _report(store: GateReader, name: str, version: int, production: int | None) -> GateReport:
+    own = store.get_version(name, version).spec.evaluation
+    in_force = policy_in_force(store, name, production)
+    policy = in_force
+    if in_force.source == "none" and own is not None:
+        # Nothing is in force (no production version yet, or an ungated prompt): the
+        # candidate's own block can only add a gate here, never loosen one.
+        policy = PolicyInForce("candidate", own, version=version)
+    relation = compare_blocks(own, in_force.evaluation)
+    declared_by = policy.version
+    spec = policy.evaluation
     if spec is None:
-        return GateReport(name, version, production, None, None, "", None)
+        return GateReport(name, version, production, declared_by, None, "", None, policy=policy,
+                          candidate_block=relation, candidate_evaluation=own)
     sha = spec.dataset.sha256
     cand = store.get_scorecard(name, version, sha)
     prod = store.get_scorecard(name, production, sha) if production is not None else None
     return evaluate_gate(spec, cand, prod, prompt=name, version=version,
-                         production_version=production, declared_by=declared_by)
+                         production_version=production, declared_by=declared_by, policy=policy,
+                         candidate_block=relation, candidate_evaluation=own)
+
+
+def _keep_in_force(store: PromptStore, report: GateReport, *, actor: str) -> str:
+    """When production's own block is the policy in force and the candidate's block is not at
+    least as strict, moving production to the candidate would make its block the policy for
+    every later move: a loosening nobody approved. Keep production's block in force as the
+    registry's policy (compare-and-set: no record may exist yet; audited). Returns a note for
+    the label move's audit entry ("" when nothing needed keeping)."""
+    policy = report.policy
+    if policy is None or policy.source != "production" or report.candidate_block in ("same", "stricter"):
+        return ""
+    record = GatePolicy(prompt=report.prompt, revision=1, evaluation=policy.evaluation,
+                        set_by=actor, set_at=datetime.now(UTC),
+                        reason=f"kept in force when production moved to v{report.version}")
+    why = ("declares no evaluation block" if report.candidate_block == "absent"
+           else "has an evaluation block that is not at least as strict")
+    store.put_gate_policy(record, expected_revision=0, actor=actor, note=(
+        f"r1 (policy {record.sha256[:12]}): {policy.describe()} kept in force as the registry's "
+        f"gate policy: production moves to v{report.version}, which {why}"))
+    return f"{policy.describe()} kept in force as registry gate policy r1"
 
 
 def move_label(store: PromptStore, name: str, label: str, version: int, *,
@@ -459,13 +665,16 @@ def move_label(store: PromptStore, name: str, label: str, version: int, *,
 
     The gate is judged against the production version read here, and the move is a
     compare-and-set against that same version (when *expected* is None), so a concurrent move
-    makes this fail with LabelConflict rather than promote on a stale comparison.
+    makes this fail with LabelConflict rather than promote on a stale comparison. The audit
+    entry of a production move names the policy that judged it (source and hash) and the
+    dataset's hash.
     """
     if label != production_label:
         return store.set_label(name, label, version, expected=expected, actor=actor, note=note), None
     current = store.labels(name).get(label)
     if expected is not None and (current or 0) != expected:
         raise LabelConflict(f"label {label!r} of {name!r} points at {current}, not {expected}")
+    kept = ""
     if current == version:
         report = None
         gate_note = "already production; not judged"
@@ -475,10 +684,9 @@ def move_label(store: PromptStore, name: str, label: str, version: int, *,
             if override is None:
                 raise GateRefused(report)
             gate_note = f"GATE OVERRIDDEN by {override.by}: {override.reason} ({report.summary()})"
-        elif report.verdict == "pass":
-            gate_note = report.summary()
         else:
-            gate_note = ""
-    full = " | ".join(p for p in (note, gate_note) if p)
+            gate_note = report.summary()
+        kept = _keep_in_force(store, report, actor=actor)
+    full = " | ".join(p for p in (note, gate_note, kept) if p)
     previous = store.set_label(name, label, version, expected=current or 0, actor=actor, note=full)
     return previous, report

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from prompt_registry.errors import LabelConflict, PromptFileError
+from prompt_registry.errors import GatePolicyInvalid, LabelConflict, PromptFileError, UnservedModel
 from prompt_registry.gates import GateOverride, move_label
-from prompt_registry.models import PromptSpec
+from prompt_registry.models import EvaluationSpec, PromptSpec
 from prompt_registry.store import PromptStore
 
-__all__ = ["BOOTSTRAP_REASON", "format_validation_error", "load_prompt_file", "parse_prompt_text",
-           "seed_store"]
+__all__ = ["BOOTSTRAP_REASON", "format_validation_error", "load_gate_policy_file",
+           "load_prompt_file", "parse_gate_policy_text", "parse_prompt_text", "seed_store"]
 
 BOOTSTRAP_REASON = ("bootstrap: first production version of a prompt seeded from a file "
                     "(no scorecard can exist before a version is published)")
@@ -57,6 +58,33 @@ def parse_prompt_text(text: str, *, source: str, markdown: bool = False) -> Prom
         return PromptSpec.model_validate(data)
     except ValidationError as exc:
         raise PromptFileError(format_validation_error(exc, source)) from None
+
+
+def load_gate_policy_file(path: Path) -> EvaluationSpec:
+    """Read a gate policy: a YAML file holding an evaluation block (`dataset:` and
+    `criteria:`), or a prompt file (YAML or Markdown front matter) whose `evaluation:` is
+    taken. Errors name the file and the field."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise GatePolicyInvalid(f"{path}: cannot read: {exc.strerror}") from None
+    return parse_gate_policy_text(text, source=str(path))
+
+
+def parse_gate_policy_text(text: str, *, source: str) -> EvaluationSpec:
+    if text.lstrip().startswith("---"):  # Markdown prompt: the front matter holds the block
+        lines = text.lstrip().splitlines(keepends=True)
+        end = next((i for i in range(1, len(lines)) if lines[i].strip() == "---"), len(lines))
+        text = "".join(lines[1:end])
+    data = _load_yaml(text, source)
+    if "evaluation" in data:
+        data = data["evaluation"]
+        if not isinstance(data, dict):
+            raise GatePolicyInvalid(f"{source}: 'evaluation' is not a mapping")
+    try:
+        return EvaluationSpec.model_validate(data)
+    except ValidationError as exc:
+        raise GatePolicyInvalid(format_validation_error(exc, source)) from None
 
 
 def _load_yaml(text: str, source: str, offset: int = 0) -> dict[str, Any]:
@@ -105,11 +133,15 @@ def _parse_markdown(text: str, source: str) -> dict[str, Any]:
     return data
 
 
-def seed_store(store: PromptStore, prompt_dir: Path, *, label: str = "production") -> list[str]:
+def seed_store(store: PromptStore, prompt_dir: Path, *, label: str = "production",
+               served_models: Collection[str] | None = None) -> list[str]:
     """Publish every `*.yaml` prompt in *prompt_dir*; point *label* at it if the label is unset.
 
     Idempotent: identical content is not re-published, and an existing label is never moved
     (a seed must not undo a rollback someone did through the registry).
+
+    With *served_models*, every file is checked first: one naming a model the serving layer
+    does not serve raises UnservedModel (a PromptFileError) and nothing is seeded.
 
     The first version of a prompt cannot have a scorecard yet (scorecards are stored per
     published version), so when its promotion gate fails, the initial label is set as an
@@ -118,8 +150,12 @@ def seed_store(store: PromptStore, prompt_dir: Path, *, label: str = "production
     """
     seeded = []
     paths = sorted([*prompt_dir.glob("*.yaml"), *prompt_dir.glob("*.yml"), *prompt_dir.glob("*.md")])
-    for path in paths:
-        spec = load_prompt_file(path)
+    specs = [(path, load_prompt_file(path)) for path in paths]
+    if served_models is not None:
+        for path, spec in specs:
+            if spec.model not in served_models:
+                raise UnservedModel(spec.model, sorted(served_models), prompt=f"{path}: {spec.name}")
+    for path, spec in specs:
         result = store.publish(spec, actor="seed", note=f"seeded from {path.name}")
         if label not in store.labels(spec.name):
             try:

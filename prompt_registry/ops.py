@@ -1,23 +1,50 @@
 """Registry operations shared by the CLI and the admin API: publish from files, label moves,
-rollback, diff and summaries. Each operation is one atomic store write or none."""
+rollback, diff and summaries, the check that a version's model is served, and changing a
+prompt's gate policy. Each operation is one atomic store write or none (a production move to a
+version with a weaker `evaluation` block may first keep the policy in force: see
+`gates.move_label`)."""
 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Collection
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from prompt_registry.errors import PromptNotFound, RegistryError
-from prompt_registry.gates import GateOverride, GateReport, move_label
+from prompt_registry.errors import (
+    GatePolicyConflict,
+    GatePolicyInvalid,
+    PromptNotFound,
+    RegistryError,
+    UnservedModel,
+)
+from prompt_registry.gates import (
+    GateOverride,
+    GatePolicy,
+    GateReport,
+    PolicyInForce,
+    compare_blocks,
+    move_label,
+    policy_in_force,
+)
 from prompt_registry.loader import load_prompt_file
-from prompt_registry.models import PromptVersion
-from prompt_registry.store import PromptReader, PromptStore, PublishResult
+from prompt_registry.models import (
+    AGGREGATES,
+    EACH_CATEGORY,
+    NO_CATEGORY,
+    EvaluationSpec,
+    PromptSpec,
+    PromptVersion,
+)
+from prompt_registry.store import GateReader, PromptReader, PromptStore, PublishResult
 
-__all__ = ["NothingToRollBack", "PromptSummary", "diff_versions", "publish_file", "rollback",
-           "set_label", "spec_as_yaml", "summarize"]
+__all__ = ["GatePolicyChange", "NothingToRollBack", "PromptSummary", "check_model_served",
+           "diff_versions", "gate_policy_diff", "gate_policy_view", "policy_changes",
+           "publish_file", "rollback", "set_gate_policy", "set_label", "spec_as_yaml", "summarize"]
 
 
 class NothingToRollBack(RegistryError):
@@ -35,14 +62,29 @@ class PromptSummary:
                 "labels": self.labels}
 
 
+def check_model_served(version: PromptVersion | PromptSpec, served: Collection[str] | None) -> None:
+    """Raise UnservedModel (naming the model and the served ones) when *version*'s `model:` is
+    not one the serving layer serves. *served* None: nothing known, no check (tests, tools
+    without a serving configuration). For publishing, production moves and rollout starts."""
+    if served is None:
+        return
+    spec = version.spec if isinstance(version, PromptVersion) else version
+    if spec.model not in served:
+        number = version.version if isinstance(version, PromptVersion) else None
+        raise UnservedModel(spec.model, sorted(served), prompt=spec.name, version=number)
+
+
 def publish_file(store: PromptStore, path: Path, *, actor: str, note: str = "",
                  label: str | None = None, expected: int | None = None,
                  override: GateOverride | None = None, production_label: str = "production",
+                 served_models: Collection[str] | None = None,
                  ) -> tuple[PublishResult, int | None]:
     """Publish a YAML or Markdown prompt file; optionally point *label* at the result (through
     the promotion gate when it is the production label: the version stays published when the
-    gate refuses the label move)."""
+    gate refuses the label move). A file whose `model:` is not in *served_models* (when given)
+    is refused before anything is written."""
     spec = load_prompt_file(path)
+    check_model_served(spec, served_models)
     result = store.publish(spec, actor=actor, note=note)
     previous = None
     if label is not None:
@@ -54,8 +96,12 @@ def publish_file(store: PromptStore, path: Path, *, actor: str, note: str = "",
 
 def set_label(store: PromptStore, name: str, label: str, version: int, *, actor: str,
               expected: int | None = None, note: str = "", override: GateOverride | None = None,
-              production_label: str = "production") -> tuple[int | None, GateReport | None]:
-    """Move a label by hand; the production label goes through the promotion gate."""
+              production_label: str = "production",
+              served_models: Collection[str] | None = None) -> tuple[int | None, GateReport | None]:
+    """Move a label by hand; the production label goes through the promotion gate, and may
+    not point at a version whose model is not served (when *served_models* is given)."""
+    if label == production_label:
+        check_model_served(store.get_version(name, version), served_models)
     return move_label(store, name, label, version, expected=expected, actor=actor, note=note,
                       override=override, production_label=production_label)
 
@@ -109,3 +155,126 @@ def summarize(store: PromptReader, name: str) -> PromptSummary:
     if not versions:
         raise PromptNotFound(f"unknown prompt {name!r}")
     return PromptSummary(name=name, versions=versions, labels=store.labels(name))
+
+
+# -- gate policy ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GatePolicyChange:
+    """A gate policy change: what was in force, the new record, and the difference."""
+
+    before: PolicyInForce
+    after: GatePolicy
+    diff: str               # unified diff of the two policies as YAML ("" when identical)
+    changes: list[str]      # one line per change (dataset, criteria added or removed)
+    written: bool           # False for a dry run
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"before": self.before.as_dict(), "after": self.after.as_dict(), "diff": self.diff,
+                "changes": self.changes, "written": self.written}
+
+
+def _policy_yaml(evaluation: EvaluationSpec | None) -> str:
+    if evaluation is None:
+        return "# no gate\n"
+    return yaml.dump(evaluation.model_dump(mode="json", exclude_none=True), Dumper=_BlockDumper,
+                     sort_keys=False, allow_unicode=True, width=100)
+
+
+def gate_policy_diff(before: EvaluationSpec | None, after: EvaluationSpec | None, *,
+                     before_name: str = "in force", after_name: str = "proposed") -> str:
+    """Unified diff of two gate policies as YAML (empty when they are the same)."""
+    if before == after:
+        return ""
+    return "".join(difflib.unified_diff(
+        _policy_yaml(before).splitlines(keepends=True), _policy_yaml(after).splitlines(keepends=True),
+        fromfile=before_name, tofile=after_name))
+
+
+def policy_changes(before: EvaluationSpec | None, after: EvaluationSpec | None) -> list[str]:
+    """What changes from *before* to *after*, one line each, for audit notes and terminals."""
+    if before == after:
+        return []
+    if before is None:
+        assert after is not None
+        return [f"gate added: dataset {after.dataset.sha256[:12]}, "
+                + ", ".join(c.describe() for c in after.criteria)]
+    if after is None:
+        return ["gate removed: no gate"]
+    out = []
+    if before.dataset.sha256 != after.dataset.sha256:
+        out.append(f"dataset {before.dataset.sha256[:12]} -> {after.dataset.sha256[:12]}")
+    elif before.dataset.path != after.dataset.path:
+        out.append(f"dataset path {before.dataset.path!r} -> {after.dataset.path!r}")
+    out += [f"- {c.describe()}" for c in before.criteria if c not in after.criteria]
+    out += [f"+ {c.describe()}" for c in after.criteria if c not in before.criteria]
+    return out
+
+
+def _check_categories(store: PromptReader, name: str, evaluation: EvaluationSpec | None,
+                      production: int | None) -> None:
+    """A policy's categories must be the prompt's (production's verdict schema, else the
+    latest version's)."""
+    if evaluation is None:
+        return
+    versions = store.versions(name)
+    schema = store.get_version(name, production if production is not None else versions[-1]).spec.verdict
+    known = [c for c in schema.categories if c != NO_CATEGORY]
+    for i, crit in enumerate(evaluation.criteria):
+        cat = crit.category
+        if cat is not None and cat not in known and cat != EACH_CATEGORY and cat not in AGGREGATES:
+            raise GatePolicyInvalid(
+                f"criteria.{i}.category: {cat!r} is not a violation category of {name}; one of "
+                f"{', '.join(known)}, '*', 'micro', 'flagged'")
+
+
+def set_gate_policy(store: PromptStore, name: str, evaluation: EvaluationSpec | None, *,
+                    actor: str, reason: str, expected_revision: int | None = None,
+                    dry_run: bool = False, production_label: str = "production") -> GatePolicyChange:
+    """Make *evaluation* (None: explicitly no gate) the gate policy in force for *name*, as
+    the registry's record. A protected change: the callers require the `gates:write` (or
+    `admin`) scope first. Needs a reason; compare-and-set on the record's revision
+    (*expected_revision*, when given, must be the current one: 0 for none); audited with the
+    changes, the old and new policy hashes and the reason. *dry_run* computes the change
+    without writing it."""
+    if not reason.strip():
+        raise GatePolicyInvalid("a gate policy change needs a reason (recorded in the audit log)")
+    summarize(store, name)  # PromptNotFound for an unknown prompt
+    production = store.labels(name).get(production_label)
+    _check_categories(store, name, evaluation, production)
+    record = store.get_gate_policy(name)
+    current = record.revision if record is not None else 0
+    if expected_revision is not None and expected_revision != current:
+        raise GatePolicyConflict(f"the gate policy of {name!r} is at revision {current}, not "
+                                 f"{expected_revision}")
+    before = policy_in_force(store, name, production)
+    after = GatePolicy(prompt=name, revision=current + 1, evaluation=evaluation, set_by=actor,
+                       set_at=datetime.now(UTC), reason=reason.strip())
+    changes = policy_changes(before.evaluation, evaluation)
+    diff = gate_policy_diff(before.evaluation, evaluation, before_name=before.label(),
+                            after_name=f"registry gate policy r{after.revision} "
+                                       f"(policy {after.sha256[:12]})")
+    if not dry_run:
+        what = "; ".join(changes) if changes else "no change of criteria or dataset"
+        store.put_gate_policy(after, expected_revision=current, actor=actor, note=(
+            f"r{after.revision} (policy {after.sha256[:12]}) replaces {before.label()}: {what} "
+            f"| {after.reason}"))
+    return GatePolicyChange(before=before, after=after, diff=diff, changes=changes,
+                            written=not dry_run)
+
+
+def gate_policy_view(store: GateReader, name: str, *,
+                     production_label: str = "production") -> dict[str, Any]:
+    """The policy in force for *name*, the registry's record (if any), and how the production
+    and latest versions' own blocks relate to the policy in force."""
+    versions = summarize(store, name).versions
+    production = store.labels(name).get(production_label)
+    in_force = policy_in_force(store, name, production)
+    record = store.get_gate_policy(name)
+    blocks = {}
+    for v in sorted({versions[-1], *([production] if production is not None else [])}):
+        own = store.get_version(name, v).spec.evaluation
+        blocks[str(v)] = {"declares_block": own is not None,
+                          "relation": compare_blocks(own, in_force.evaluation)}
+    return {"name": name, "production_version": production, "in_force": in_force.as_dict(),
+            "record": record.as_dict() if record is not None else None, "versions": blocks}

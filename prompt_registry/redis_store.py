@@ -9,6 +9,8 @@ Key schema (prefix `P`, default "modgate"; `N` is a prompt name):
     P:prompt:N:labels      hash   label -> version number
     P:prompt:N:audit       list   audit entries (JSON), oldest first
     P:prompt:N:scorecards  hash   "<version>:<dataset sha256>" -> scorecard record (JSON)
+    P:prompt:N:gate_policy string the prompt's gate policy record (JSON)
+    P:prompt:N:gate_policy_rev string its revision (compare-and-set)
     P:prompt:N:rollout     string the prompt's current (or last) rollout (JSON)
     P:prompt:N:rollout_rev string its revision (compare-and-set)
     P:rollouts             set    prompts that have a rollout
@@ -17,12 +19,13 @@ Key schema (prefix `P`, default "modgate"; `N` is a prompt name):
     P:memo:REQUEST_ID      string verdict memo of a request under a rollout (JSON, with TTL)
     P:keys                 hash   API key id -> key record (JSON; secret stored hashed)
     P:events               pub/sub channel: {"prompt": N, "kind": "publish"|"label"|"rollout"|
-                           "scorecard"}
+                           "scorecard"|"gate_policy"}
 
 Writes are Lua scripts, so each is atomic: a publish dedups, numbers, stores the record,
 appends the audit entry and announces the change in one step; a label move checks the version
 exists, compares-and-sets, audits and announces in one step; a scorecard write stores (or
-replaces) the record and audits it in one step. Nothing is ever half written.
+replaces) the record and audits it in one step; a gate policy write compares-and-sets its
+revision, stores, audits and announces in one step. Nothing is ever half written.
 
 Durability: run Redis with `appendonly yes` and `appendfsync always` for no lost acknowledged
 write (or `everysec` to risk at most one second of writes on power loss), on a persistent
@@ -41,8 +44,18 @@ from typing import Any, Protocol
 import orjson
 import redis
 
-from prompt_registry.errors import LabelConflict, PromptNotFound, StoreUnavailable
-from prompt_registry.gates import ScorecardRecord, check_scorecard_version, scorecard_audit_note
+from prompt_registry.errors import (
+    GatePolicyConflict,
+    LabelConflict,
+    PromptNotFound,
+    StoreUnavailable,
+)
+from prompt_registry.gates import (
+    GatePolicy,
+    ScorecardRecord,
+    check_scorecard_version,
+    scorecard_audit_note,
+)
 from prompt_registry.keys import ApiKeyRecord
 from prompt_registry.models import PromptSpec, PromptVersion
 from prompt_registry.rollouts import Rollout, RolloutConflict
@@ -87,6 +100,19 @@ redis.call('PUBLISH', KEYS[3], ARGV[5])
 return existed
 """
 
+# KEYS: gate_policy, gate_policy_rev, audit, prompts set, events
+# ARGV: record, expected revision, new revision, audit entry, prompt name, event
+_PUT_GATE_POLICY = """
+if redis.call('SISMEMBER', KEYS[4], ARGV[5]) == 0 then return {-1, ''} end
+local rev = redis.call('GET', KEYS[2]) or '0'
+if rev ~= ARGV[2] then return {-2, rev} end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[3])
+redis.call('RPUSH', KEYS[3], ARGV[4])
+redis.call('PUBLISH', KEYS[5], ARGV[6])
+return {1, rev}
+"""
+
 # KEYS: rollout, rollout_rev, audit, rollouts set, events
 # ARGV: record, expected "<id>:<revision>" or "", new "<id>:<revision>", audit entry,
 #       "1" if the stored rollout is active, prompt name, event
@@ -123,6 +149,7 @@ class RedisPromptStore:
         self._set_label = self._r.register_script(_SET_LABEL)
         self._put_rollout = self._r.register_script(_PUT_ROLLOUT)
         self._put_scorecard = self._r.register_script(_PUT_SCORECARD)
+        self._put_gate_policy = self._r.register_script(_PUT_GATE_POLICY)
         self._events = f"{prefix}:events"
 
     def _k(self, name: str, part: str) -> str:
@@ -272,6 +299,31 @@ class RedisPromptStore:
         records = [ScorecardRecord.model_validate_json(v) for k, v in raw.items()
                    if version is None or k.decode().split(":", 1)[0] == str(version)]
         return sorted(records, key=lambda r: (r.version, r.created_at, r.dataset_sha256))
+
+    def get_gate_policy(self, name: str) -> GatePolicy | None:
+        raw = self._call(lambda: self._r.get(self._k(name, "gate_policy")))
+        return GatePolicy.model_validate_json(raw) if raw else None
+
+    def put_gate_policy(self, policy: GatePolicy, *, expected_revision: int, actor: str,
+                        note: str = "") -> None:
+        name = policy.prompt
+        if policy.revision != expected_revision + 1:
+            raise GatePolicyConflict(f"gate policy revision {policy.revision} does not follow "
+                                     f"revision {expected_revision}")
+        audit = orjson.dumps({"at": _now().isoformat(), "actor": actor, "action": "gate_policy",
+                              "prompt": name, "label": "gate-policy", "from_version": None,
+                              "to_version": None, "note": note})
+        event = orjson.dumps({"prompt": name, "kind": "gate_policy"})
+        keys = [self._k(name, "gate_policy"), self._k(name, "gate_policy_rev"),
+                self._k(name, "audit"), f"{self._prefix}:prompts", self._events]
+        status, current = self._call(lambda: self._put_gate_policy(keys=keys, args=[
+            policy.model_dump_json(), str(expected_revision), str(policy.revision), audit, name,
+            event]))
+        if status == -1:
+            raise PromptNotFound(f"unknown prompt {name!r}")
+        if status == -2:
+            raise GatePolicyConflict(f"the gate policy of {name!r} is at revision "
+                                     f"{int(current)}, not {expected_revision} (changed concurrently)")
 
     def add_rollout_stats(self, rollout_id: str, counters: dict[str, int],
                           flips: list[str] | None = None, *, keep_flips: int = 500) -> None:

@@ -2,7 +2,7 @@
 
 One file (WAL mode) holds the tables `versions` (name, version, content hash, spec JSON),
 `labels` (name, label → version), `scorecards` ((name, version, dataset sha256) → record),
-rollouts, API keys and `audit`. Every write is one `BEGIN IMMEDIATE` transaction,
+`gate_policies` (name → gate policy record, revision), rollouts, API keys and `audit`. Every write is one `BEGIN IMMEDIATE` transaction,
 so version numbering, the version row and its audit entry land together or not at all, and label
 compare-and-set is atomic across processes sharing the file.
 """
@@ -20,8 +20,18 @@ from typing import Concatenate, ParamSpec, TypeVar
 
 import orjson
 
-from prompt_registry.errors import LabelConflict, PromptNotFound, StoreUnavailable
-from prompt_registry.gates import ScorecardRecord, check_scorecard_version, scorecard_audit_note
+from prompt_registry.errors import (
+    GatePolicyConflict,
+    LabelConflict,
+    PromptNotFound,
+    StoreUnavailable,
+)
+from prompt_registry.gates import (
+    GatePolicy,
+    ScorecardRecord,
+    check_scorecard_version,
+    scorecard_audit_note,
+)
 from prompt_registry.keys import ApiKeyRecord
 from prompt_registry.models import PromptSpec, PromptVersion
 from prompt_registry.rollouts import Rollout, RolloutConflict
@@ -81,6 +91,9 @@ CREATE TABLE IF NOT EXISTS scorecards (
     name TEXT NOT NULL, version INTEGER NOT NULL, dataset_sha256 TEXT NOT NULL,
     record TEXT NOT NULL, created_at TEXT NOT NULL,
     PRIMARY KEY (name, version, dataset_sha256)
+);
+CREATE TABLE IF NOT EXISTS gate_policies (
+    name TEXT PRIMARY KEY, record TEXT NOT NULL, revision INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS api_keys (
     key_id TEXT PRIMARY KEY, record TEXT NOT NULL
@@ -320,6 +333,35 @@ class SqlitePromptStore:
                                        (name, version)).fetchall()
         records = [ScorecardRecord.model_validate_json(r[0]) for r in rows]
         return sorted(records, key=lambda r: (r.version, r.created_at, r.dataset_sha256))
+
+    @_wrap_errors
+    def get_gate_policy(self, name: str) -> GatePolicy | None:
+        row = self._con().execute("SELECT record FROM gate_policies WHERE name=?", (name,)).fetchone()
+        return GatePolicy.model_validate_json(row[0]) if row else None
+
+    @_wrap_errors
+    def put_gate_policy(self, policy: GatePolicy, *, expected_revision: int, actor: str,
+                        note: str = "") -> None:
+        name = policy.prompt
+        if policy.revision != expected_revision + 1:
+            raise GatePolicyConflict(f"gate policy revision {policy.revision} does not follow "
+                                     f"revision {expected_revision}")
+        with self._tx() as con:
+            if not self._exists(name):
+                raise PromptNotFound(f"unknown prompt {name!r}")
+            row = con.execute("SELECT revision FROM gate_policies WHERE name=?", (name,)).fetchone()
+            current = row[0] if row else 0
+            if current != expected_revision:
+                raise GatePolicyConflict(f"the gate policy of {name!r} is at revision {current}, "
+                                         f"not {expected_revision} (changed concurrently)")
+            con.execute("INSERT INTO gate_policies VALUES (?,?,?) ON CONFLICT(name) DO UPDATE SET "
+                        "record=excluded.record, revision=excluded.revision",
+                        (name, policy.model_dump_json(), policy.revision))
+            con.execute(
+                "INSERT INTO audit (at, actor, action, name, label, from_version, to_version, note) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (_now().isoformat(), actor, "gate_policy", name, "gate-policy", None, None, note))
+        self._notify(name)
 
     @_wrap_errors
     def add_rollout_stats(self, rollout_id: str, counters: dict[str, int],

@@ -1,6 +1,6 @@
 """Store protocols, one per facet, so each consumer can be typed by what it touches.
 
-A store holds six kinds of state with different readers, writers and risks; a consumer typed by
+A store holds seven kinds of state with different readers, writers and risks; a consumer typed by
 the whole `PromptStore` could quietly start writing anything. The facets:
 
 - `PromptReader`: versions, labels and the audit log, change events, health. The hot path
@@ -9,6 +9,8 @@ the whole `PromptStore` could quietly start writing anything. The facets:
   read what it replaces, and every write is audited).
 - `RolloutReader` / `RolloutStore`: rollouts and their shared counters and flip records.
 - `ScorecardReader` / `ScorecardStore`: evaluation scorecards the promotion gate reads.
+- `GatePolicyReader` / `GatePolicyStore`: each prompt's promotion gate policy kept in the
+  registry (`gates.GatePolicy`), which the gate reads before any version's own block.
 - `KeyReader` / `KeyStore`: API-key records (the authenticator only ever reads).
 - `MemoStore`: short-lived request id -> verdict memos that join reviewer feedback to rollouts.
 
@@ -36,13 +38,14 @@ from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
-from prompt_registry.gates import ScorecardRecord
+from prompt_registry.gates import GatePolicy, ScorecardRecord
 from prompt_registry.keys import ApiKeyRecord
 from prompt_registry.models import PromptSpec, PromptVersion
 from prompt_registry.rollouts import Rollout
 
 __all__ = [
-    "AuditEntry", "GateReader", "GatedWriter", "KeyReader", "KeyStore", "MemoStore",
+    "AuditEntry", "GatePolicyReader", "GatePolicyStore", "GateReader", "GatedWriter", "KeyReader",
+    "KeyStore", "MemoStore",
     "PromptReader", "PromptStore", "PromptWriter", "PublishResult", "RolloutReader",
     "RolloutStore", "ScorecardReader", "ScorecardStore", "Subscription",
 ]
@@ -53,7 +56,7 @@ class AuditEntry(BaseModel):
 
     at: datetime
     actor: str
-    action: str  # "publish" | "label" | "rollout" | "scorecard"
+    action: str  # "publish" | "label" | "rollout" | "scorecard" | "gate_policy"
     prompt: str
     label: str | None = None
     from_version: int | None = None
@@ -185,6 +188,30 @@ class ScorecardStore(ScorecardReader, Protocol):
 
 
 @runtime_checkable
+class GatePolicyReader(Protocol):
+    """Reading a prompt's gate policy record: the promotion gate and policy views."""
+
+    def get_gate_policy(self, name: str) -> GatePolicy | None:
+        """The prompt's gate policy kept in the registry, if one was ever set."""
+        ...
+
+
+@runtime_checkable
+class GatePolicyStore(GatePolicyReader, Protocol):
+    """Setting a prompt's gate policy: a protected change (callers check the `gates:write` or
+    `admin` scope before calling)."""
+
+    def put_gate_policy(self, policy: GatePolicy, *, expected_revision: int, actor: str,
+                        note: str = "") -> None:
+        """Store *policy* when the stored record has revision *expected_revision* (0: none may
+        exist yet) and `policy.revision == expected_revision + 1`; raise GatePolicyConflict
+        otherwise and PromptNotFound for an unknown prompt. Audited as action "gate_policy"
+        (label "gate-policy", from/to version None) with *note*, and announced as a change of
+        the prompt, in the same atomic write."""
+        ...
+
+
+@runtime_checkable
 class KeyReader(Protocol):
     """Looking up one API key: all the authenticator may do with key records."""
 
@@ -215,19 +242,21 @@ class MemoStore(Protocol):
 
 
 @runtime_checkable
-class GateReader(PromptReader, ScorecardReader, Protocol):
+class GateReader(PromptReader, ScorecardReader, GatePolicyReader, Protocol):
     """What the promotion gate reads (`gates.gate_report`): the candidate and production
-    versions, the labels, and their stored scorecards."""
+    versions, the labels, the gate policy record and the stored scorecards."""
 
 
 @runtime_checkable
-class GatedWriter(PromptWriter, ScorecardReader, Protocol):
+class GatedWriter(PromptWriter, ScorecardReader, GatePolicyStore, Protocol):
     """Moving labels through the promotion gate (`gates.move_label`, publishing with a label,
-    seeding): a prompt writer that can also read the scorecards the gate judges by."""
+    seeding): a prompt writer that can also read the scorecards the gate judges by, and keep a
+    gate policy in force when production moves to a version with a weaker block."""
 
 
 @runtime_checkable
-class PromptStore(PromptWriter, RolloutStore, ScorecardStore, KeyStore, MemoStore, Protocol):
+class PromptStore(PromptWriter, RolloutStore, ScorecardStore, GatePolicyStore, KeyStore,
+                  MemoStore, Protocol):
     """Every facet, plus `close()`: for code that opens a store and owns its lifetime."""
 
     def close(self) -> None: ...

@@ -8,6 +8,15 @@ version whose prompt declares an `evaluation` block needs a stored scorecard mee
 move is refused with 409 `promotion_gate_failed` naming each failed criterion with its numbers.
 `{"override": {"reason": "..."}}` moves it anyway; it needs the `admin` scope (403 otherwise)
 and is recorded, with the key's name and the reason, in the label move's audit entry.
+
+The gate judges by the policy in force for the prompt (the registry's gate policy, else
+production's `evaluation` block), never by a block the candidate brings along. `GET
+/v1/prompts/{name}/gate-policy` shows it; `PUT` changes it: a protected change (scope
+`gates:write` or `admin`) with a reason, answered with the diff and audited.
+
+With `served_models`, publishing a version (and moving production to one) whose `model:` the
+serving layer does not serve is refused (`UnservedModel`, 422), naming the model and the
+served ones.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.responses import Response
 
 from gateway.api.edge import ERROR_RESPONSES, json_response
@@ -28,10 +37,20 @@ from prompt_registry import GateOverride, PromptSpec, PromptStore
 from prompt_registry.gates import gate_report
 from prompt_registry.keys import ApiKeyRecord
 from prompt_registry.loader import format_validation_error, parse_prompt_text
-from prompt_registry.models import MAX_VERSION
-from prompt_registry.ops import diff_versions, rollback, set_label, summarize
+from prompt_registry.models import MAX_VERSION, EvaluationSpec
+from prompt_registry.ops import (
+    check_model_served,
+    diff_versions,
+    gate_policy_view,
+    rollback,
+    set_gate_policy,
+    set_label,
+    summarize,
+)
 
-__all__ = ["build_admin_router"]
+__all__ = ["GATES_SCOPE", "build_admin_router"]
+
+GATES_SCOPE = "gates:write"
 
 _LABEL = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 AuthHeader = Annotated[str | None, Header()]
@@ -50,6 +69,29 @@ class LabelMove(BaseModel):
         "(needs the admin scope; the reason is recorded in the audit log)")
 
 
+class GatePolicyChangeBody(BaseModel):
+    """`PUT /v1/prompts/{name}/gate-policy`: the new policy (`evaluation`, null for "no gate", or
+    `from_version` to adopt that version's block), why, and optionally the revision it replaces
+    (compare-and-set; 0: no registry policy yet) or a dry run (the diff, nothing written)."""
+
+    model_config = ConfigDict(extra="forbid", regex_engine="python-re")
+
+    evaluation: EvaluationSpec | None = Field(
+        None, description="dataset and criteria; null (and no from_version): no gate")
+    from_version: int | None = Field(None, ge=1, le=MAX_VERSION,
+                                     description="adopt this version's evaluation block")
+    reason: str = Field(..., min_length=1, max_length=2000, pattern=r"\S",
+                        description="why the policy changes (recorded in the audit log)")
+    expected_revision: int | None = Field(None, ge=0, le=1_000_000)
+    dry_run: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> GatePolicyChangeBody:
+        if self.from_version is not None and self.evaluation is not None:
+            raise ValueError("give evaluation or from_version, not both")
+        return self
+
+
 class RollbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -66,7 +108,10 @@ def _version_dict(v: Any) -> dict[str, Any]:
 
 def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_labels: list[str],
                        production_label: str = "production", max_body_bytes: int = 1 << 20,
-                       on_change: Callable[[str], Awaitable[None]] | None = None) -> APIRouter:
+                       on_change: Callable[[str], Awaitable[None]] | None = None,
+                       served_models: list[str] | None = None) -> APIRouter:
+    """*served_models*: the models the serving layer serves; publishing (or moving production
+    to) a version naming another is refused. None: no check (tests, back-compat)."""
     async def changed(name: str) -> None:
         if on_change is not None:
             await on_change(name)
@@ -131,6 +176,7 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
         else:
             raise ApiError(415, "unsupported_media_type",
                            "send application/json, application/yaml or text/markdown")
+        check_model_served(spec, served_models)
         result = await asyncio.to_thread(store.publish, spec, actor=p.name, note=note)
         return json_response({"created": result.created, **_version_dict(result.version)},
                      201 if result.created else 200)
@@ -151,7 +197,8 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
             override = GateOverride(reason=body.override.reason, by=p.name)
         previous, report = await asyncio.to_thread(
             set_label, store, name, label, body.version, expected=body.expected_version,
-            actor=p.name, note=body.note, override=override, production_label=production_label)
+            actor=p.name, note=body.note, override=override, production_label=production_label,
+            served_models=served_models)
         await changed(name)
         return json_response({"name": name, "label": label, "from_version": previous,
                               "to_version": body.version, "gate": report_dict(report)})
@@ -190,6 +237,38 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
         report = await asyncio.to_thread(gate_report, store, name, version,
                                          production_label=production_label)
         return json_response(report.as_dict())
+
+    @router.get("/{name}/gate-policy")
+    async def show_gate_policy(name: str, authorization: AuthHeader = None,
+                               x_api_key: AuthHeader = None) -> Response:
+        """The promotion gate policy in force for the prompt (source: the registry's policy or
+        production's `evaluation` block, with its hash), the registry's record if any, and how
+        the production and latest versions' own blocks relate to it."""
+        await principal(authorization, x_api_key, "prompts:read")
+        view = await asyncio.to_thread(gate_policy_view, store, name, production_label=production_label)
+        return json_response(view)
+
+    @router.put("/{name}/gate-policy")
+    async def change_gate_policy(name: str, body: GatePolicyChangeBody, authorization: AuthHeader = None,
+                                 x_api_key: AuthHeader = None) -> Response:
+        """Change the prompt's gate policy (scope `gates:write` or `admin`): the registry's
+        record becomes the policy in force for every later production move. Answers with the
+        policy before and after and their diff; audited with the key's name and the reason.
+        409 when `expected_revision` is not the current revision."""
+        p = await principal(authorization, x_api_key, GATES_SCOPE)
+
+        def work() -> dict[str, Any]:
+            evaluation = body.evaluation
+            if body.from_version is not None:
+                evaluation = store.get_version(name, body.from_version).spec.evaluation
+            change = set_gate_policy(store, name, evaluation, actor=p.name, reason=body.reason,
+                                     expected_revision=body.expected_revision, dry_run=body.dry_run,
+                                     production_label=production_label)
+            return {"name": name, **change.as_dict()}
+        result = await asyncio.to_thread(work)
+        if not body.dry_run:
+            await changed(name)
+        return json_response(result)
 
     @router.get("/{name}/diff")
     async def diff(name: str, from_version: Annotated[int, Query(alias="from", ge=1, le=MAX_VERSION)],

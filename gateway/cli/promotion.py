@@ -20,6 +20,7 @@ import typer
 from gateway.rollouts.promotion import ADMIN_SCOPE
 from prompt_registry import (
     GateOverride,
+    GatePolicyReader,
     GateReport,
     KeyReader,
     PromptReader,
@@ -32,8 +33,10 @@ from prompt_registry.keys import parse_key, verify_secret
 if TYPE_CHECKING:
     from gateway.quality.evaluation.scorecard import Scorecard
 
-__all__ = ["AdminKeyOpt", "OverrideOpt", "OverrideRefused", "ReasonOpt", "ScorecardRegistry",
-           "cli_override", "report_lines", "store_scorecards"]
+__all__ = ["AdminKeyOpt", "GATES_SCOPE", "OverrideOpt", "OverrideRefused", "ReasonOpt",
+           "ScorecardRegistry", "cli_key_holder", "cli_override", "report_lines", "store_scorecards"]
+
+GATES_SCOPE = "gates:write"
 
 OverrideOpt = Annotated[bool, typer.Option(
     "--override-gate", help="move production although its promotion gate fails (needs an admin "
@@ -49,9 +52,31 @@ class OverrideRefused(RegistryError):
     """An override asked for without what it needs (a reason, an admin key)."""
 
 
-class ScorecardRegistry(PromptReader, ScorecardStore, Protocol):
-    """What storing scorecards touches: the scorecards, plus the labels and versions the gate
-    report reads. No label moves, rollouts or keys: storing evidence never promotes."""
+class ScorecardRegistry(PromptReader, ScorecardStore, GatePolicyReader, Protocol):
+    """What storing scorecards touches: the scorecards, plus the labels, versions and gate
+    policy the gate report reads. No label moves, rollouts or keys: storing evidence never
+    promotes."""
+
+
+def cli_key_holder(keys: KeyReader, key: str | None, *, scope: str, what: str,
+                   auth_required: bool = True) -> str:
+    """Who holds *key*, an API key with *scope* (or `admin`), as "key NAME" for the audit log;
+    raises OverrideRefused naming what is missing. *what* says what the key is needed for."""
+    if not auth_required:
+        return "anonymous (auth disabled)"
+    if not key:
+        raise OverrideRefused(f"{what} needs an API key with the {scope!r} (or 'admin') scope: "
+                              "pass --admin-key or set MODGATE_ADMIN_KEY")
+    parsed = parse_key(key)
+    record = keys.get_key(parsed[0]) if parsed else None
+    if parsed is None or record is None or not verify_secret(record, parsed[1]):
+        raise OverrideRefused("--admin-key is not a valid API key")
+    if record.revoked:
+        raise OverrideRefused(f"API key {record.name!r} is revoked")
+    if not record.allows(scope):
+        raise OverrideRefused(f"API key {record.name!r} lacks the {scope!r} (or 'admin') scope "
+                              f"needed for {what}")
+    return f"key {record.name}"
 
 
 def cli_override(keys: KeyReader, *, override_gate: bool, reason: str | None,
@@ -85,14 +110,15 @@ def cli_override(keys: KeyReader, *, override_gate: bool, reason: str | None,
 def report_lines(report: GateReport, *, label: str = "production") -> list[str]:
     """A gate report for a terminal: the verdict, then every check with its numbers."""
     if report.verdict == "none":
-        return [f"promotion gate of v{report.version} -> {label}: none declared (no "
-                "`evaluation` block); any version may be promoted"]
-    inherited = (f", declared by production v{report.declared_by}"
-                 if report.declared_by != report.version else "")
-    lines = [f"promotion gate of v{report.version} -> {label}: {report.verdict.upper()} on "
-             f"{report.dataset_label()}{inherited}"]
-    for r in report.results:
-        lines.append(f"  {r.verdict.upper():<5} {r.detail}")
+        lines = [f"promotion gate of v{report.version} -> {label}: none ({report.policy_label()}); "
+                 "any version may be promoted"]
+    else:
+        lines = [f"promotion gate of v{report.version} -> {label}: {report.verdict.upper()} on "
+                 f"{report.dataset_label()}", f"  policy in force: {report.policy_label()}"]
+        for r in report.results:
+            lines.append(f"  {r.verdict.upper():<5} {r.detail}")
+    if report.candidate_note():
+        lines.append(f"  {report.candidate_note()}")
     if report.hint():
         lines.append(f"  {report.hint()}")
     return lines

@@ -9,6 +9,12 @@ when the version's stored scorecard does not meet the criteria its prompt declar
 prints each failed criterion with its numbers and exits with status 3; `--override-gate
 --reason "..." --admin-key KEY` moves it anyway and records who and why in the audit log.
 `prompts scorecards NAME` shows the stored scorecards and what the gate says of a version.
+
+The gate judges by the policy in force for the prompt (the registry's gate policy, else
+production's `evaluation` block), never by a block the candidate brings along: `prompts
+gate-policy show|diff|set` shows and changes it (`set` needs an API key with `gates:write` or
+`admin`, a reason, and is audited). Publishing (and moving production to) a version whose
+`model:` the configured serving layer (`serving.models`) does not serve is refused.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ from typing import Annotated, Any
 import typer
 
 from gateway.cli.promotion import (
+    GATES_SCOPE,
     AdminKeyOpt,
     OverrideOpt,
     OverrideRefused,
     ReasonOpt,
+    cli_key_holder,
     cli_override,
     report_lines,
 )
@@ -35,21 +43,30 @@ from gateway.config import AppConfig, ConfigError, load_config
 from prompt_registry import GateRefused, KeyReader, PromptStore, RegistryError
 from prompt_registry.gates import gate_report
 from prompt_registry.keys import SCOPES, generate_key
+from prompt_registry.loader import load_gate_policy_file
+from prompt_registry.models import EvaluationSpec
 from prompt_registry.ops import (
     diff_versions,
+    gate_policy_diff,
+    gate_policy_view,
     publish_file,
     rollback,
+    set_gate_policy,
     set_label,
     spec_as_yaml,
     summarize,
 )
 
-__all__ = ["keys_app", "prompts_app"]
+__all__ = ["gate_policy_app", "keys_app", "prompts_app"]
 
 prompts_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                           help="Publish, label, roll back, diff and audit prompt versions.")
 keys_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                        help="Create, list and revoke API keys (stored hashed; shown once).")
+gate_policy_app = typer.Typer(
+    no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+    help="Show, diff and set the promotion gate policy in force for a prompt.")
+prompts_app.add_typer(gate_policy_app, name="gate-policy")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", envvar="MODGATE_CONFIG",
                                                help="configuration file (default: configs/modgate.yaml)")]
@@ -118,6 +135,11 @@ def store_for(cfg: AppConfig) -> Iterator[PromptStore]:
         store.close()
 
 
+def _served(cfg: AppConfig) -> list[str]:
+    """The models the configured serving layer serves."""
+    return [m.name for m in cfg.serving.models]
+
+
 def _actor(actor: str | None) -> str:
     """Who to record: --actor, else MODGATE_ACTOR, else the login name."""
     actor = actor or os.environ.get("MODGATE_ACTOR")
@@ -183,8 +205,8 @@ def publish_cmd(
 ) -> None:
     """Publish a new immutable version. Identical content returns the existing version.
 
-    The file is validated first (schema, sandboxed templates, declared variables); nothing is
-    written if it is invalid. With `--label production` the label move goes through the
+    The file is validated first (schema, sandboxed templates, declared variables, a `model:`
+    the configured serving layer serves); nothing is written if it is invalid. With `--label production` the label move goes through the
     promotion gate; when the gate refuses, the version stays published and production is not
     moved (exit status 3).
     """
@@ -193,7 +215,8 @@ def publish_cmd(
         try:
             result, previous = publish_file(store, file, actor=_actor(actor), note=note, label=label,
                                             expected=expected, override=override,
-                                            production_label=cfg.gateway.default_label)
+                                            production_label=cfg.gateway.default_label,
+                                            served_models=_served(cfg))
         except GateRefused as exc:
             v = exc.report.version
             raise gate_refused(exc, before=f"published {exc.report.prompt} v{v}, but {label} was "
@@ -229,7 +252,8 @@ def label_cmd(
         try:
             previous, report = set_label(store, name, label, version, expected=expected,
                                          actor=_actor(actor), note=note, override=override,
-                                         production_label=cfg.gateway.default_label)
+                                         production_label=cfg.gateway.default_label,
+                                         served_models=_served(cfg))
         except GateRefused as exc:
             raise gate_refused(exc) from None
 
@@ -278,6 +302,8 @@ def audit_cmd(name: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> 
                 what = f"published v{e.to_version}"
             elif e.action == "scorecard":
                 what = f"scorecard of v{e.to_version}"
+            elif e.action == "gate_policy":
+                what = "gate policy"
             elif e.action == "rollout":
                 what = f"rollout {e.label}: stable v{e.from_version}, canary v{e.to_version}"
             else:
@@ -350,6 +376,122 @@ def scorecards_cmd(
         if report is not None:
             typer.echo("\n".join(report_lines(report, label=label)))
     _out(as_json, data, human)
+
+
+FileOpt = Annotated[Path | None, typer.Option(
+    "--file", "-f", help="a YAML evaluation block (dataset, criteria), or a prompt file whose "
+    "`evaluation:` is taken")]
+FromVersionOpt = Annotated[int | None, typer.Option("--from-version", help="adopt this version's "
+                                                    "evaluation block")]
+NoGateOpt = Annotated[bool, typer.Option("--no-gate", help="the policy is: no promotion gate")]
+
+
+def _proposed(store: PromptStore, name: str, file: Path | None, from_version: int | None,
+              no_gate: bool) -> EvaluationSpec | None:
+    given = [o for o, v in (("--file", file is not None), ("--from-version", from_version is not None),
+                            ("--no-gate", no_gate)) if v]
+    if len(given) != 1:
+        raise _fail("give exactly one of --file, --from-version, --no-gate"
+                    + (f" (got {', '.join(given)})" if given else ""), 2)
+    if file is not None:
+        return load_gate_policy_file(file)
+    if from_version is not None:
+        block = store.get_version(name, from_version).spec.evaluation
+        if block is None:
+            raise _fail(f"{name} v{from_version} declares no evaluation block (use --no-gate "
+                        "for a policy without a gate)", 2)
+        return block
+    return None
+
+
+def _policy_lines(view: dict[str, Any]) -> list[str]:
+    in_force = view["in_force"]
+    lines = [f"{view['name']}: gate policy in force: {in_force['description']}"]
+    ev = in_force["evaluation"]
+    if ev is not None:
+        lines.append(f"  dataset {ev['dataset']['sha256']} ({ev['dataset']['path'] or 'path unknown'})")
+        lines += [f"  - {EvaluationSpec.model_validate(ev).criteria[i].describe()}"
+                  for i in range(len(ev["criteria"]))]
+    record = view["record"]
+    if record is not None:
+        lines.append(f"  registry record r{record['revision']} set by {record['set_by']} at "
+                     f"{record['set_at'][:19]}: {record['reason']}")
+    for v, b in view["versions"].items():
+        role = " (production)" if int(v) == view["production_version"] else ""
+        block = {"absent": "declares no evaluation block", "same": "its own block is the same",
+                 "stricter": "its own block is at least as strict",
+                 "not_stricter": "its own block is NOT at least as strict (not applied)"}[b["relation"]]
+        if not b["declares_block"] and b["relation"] == "same":
+            block = "declares no evaluation block"
+        lines.append(f"  v{v}{role}: {block}")
+    return lines
+
+
+@gate_policy_app.command("show")
+def gate_policy_show(name: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """The gate policy in force for NAME (the registry's policy, else production's evaluation
+    block), its hash, dataset and criteria, and how the versions' own blocks relate to it."""
+    with _store_and_config(config) as (store, cfg):
+        view = gate_policy_view(store, name, production_label=cfg.gateway.default_label)
+    _out(as_json, view, lambda: typer.echo("\n".join(_policy_lines(view))))
+
+
+@gate_policy_app.command("diff")
+def gate_policy_diff_cmd(name: str, file: FileOpt = None, from_version: FromVersionOpt = None,
+                         no_gate: NoGateOpt = False, config: ConfigOpt = None,
+                         as_json: JsonOpt = False) -> None:
+    """Diff the policy in force against a proposed one (--file, --from-version or --no-gate).
+    Writes nothing."""
+    with _store_and_config(config) as (store, cfg):
+        proposed = _proposed(store, name, file, from_version, no_gate)
+        view = gate_policy_view(store, name, production_label=cfg.gateway.default_label)
+    in_force = view["in_force"]
+    current = EvaluationSpec.model_validate(in_force["evaluation"]) if in_force["evaluation"] else None
+    text = gate_policy_diff(current, proposed, before_name=in_force["description"])
+    _out(as_json, {"name": name, "in_force": in_force, "diff": text},
+         lambda: typer.echo(text or "no differences", nl=not text))
+
+
+@gate_policy_app.command("set")
+def gate_policy_set(
+    name: str, file: FileOpt = None, from_version: FromVersionOpt = None, no_gate: NoGateOpt = False,
+    reason: Annotated[str | None, typer.Option("--reason", help="why (required; recorded in the "
+                                               "audit log)")] = None,
+    expected_revision: Annotated[int | None, typer.Option(
+        "--expected-revision", help="only if the registry's policy is at this revision now (0: none)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the diff, write nothing")] = False,
+    admin_key: AdminKeyOpt = None, actor: ActorOpt = None, config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make a gate policy the one in force for NAME (kept in the registry; every later
+    production move is judged by it, whatever the versions' own blocks say).
+
+    A protected change: needs an API key with the `gates:write` (or `admin`) scope
+    (--admin-key or MODGATE_ADMIN_KEY) and --reason; prints the diff against the policy in
+    force and records who, why and both policies' hashes in the audit log.
+    """
+    if not reason or not reason.strip():
+        raise _fail("gate-policy set needs --reason \"why\" (recorded in the audit log)", 2)
+    with _store_and_config(config) as (store, cfg):
+        proposed = _proposed(store, name, file, from_version, no_gate)
+        if not dry_run:
+            try:
+                holder = cli_key_holder(store, admin_key, scope=GATES_SCOPE,
+                                        what="changing a gate policy",
+                                        auth_required=cfg.gateway.auth == "required")
+            except OverrideRefused as exc:
+                raise _fail(str(exc), 2) from None
+            reason = f"{reason.strip()} (by {holder})"
+        change = set_gate_policy(store, name, proposed, actor=_actor(actor), reason=reason,
+                                 expected_revision=expected_revision, dry_run=dry_run,
+                                 production_label=cfg.gateway.default_label)
+
+    def human() -> None:
+        typer.echo(change.diff or "no differences in criteria or dataset", nl=not change.diff)
+        verb = "would set" if dry_run else "set"
+        typer.echo(f"{name}: {verb} registry gate policy r{change.after.revision} "
+                   f"(policy {change.after.sha256[:12]}), replacing {change.before.label()}")
+    _out(as_json, {"name": name, **change.as_dict()}, human)
 
 
 @keys_app.command("create")

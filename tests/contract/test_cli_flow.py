@@ -189,6 +189,96 @@ def test_promotion_gate_from_the_cli(config_path: Path, gateway: tuple[TestClien
     assert "scorecard of v2  # scorecard on dataset e08b6d315ed6 (194 items)" in human
 
 
+def test_a_version_cannot_define_its_own_gate_from_the_cli(config_path: Path, gateway: tuple[TestClient, str],
+                                                           tmp_path: Path) -> None:
+    """Issue 16, finding 1: a v2 whose `evaluation:` block names a 20-item dataset and one lax
+    criterion does not become production by passing it; changing the policy is its own
+    protected, audited step."""
+    client, admin_key = gateway
+    keys = json.loads((load_config(config_path).data_path() / "local-keys.json").read_text())
+    v2 = yaml.safe_load((ROOT / "configs" / "prompts" / "listing-moderation.yaml").read_text())
+    v2["description"] = "brings its own gate"
+    v2["evaluation"] = {"dataset": {"sha256": "1" * 64, "path": "datasets/tiny.jsonl"},
+                        "criteria": [{"metric": "parse_failure_rate", "max": 0.02}]}
+    v2_file = tmp_path / "v2.yaml"
+    v2_file.write_text(yaml.safe_dump(v2, allow_unicode=True, sort_keys=False))
+    run(config_path, "prompts", "publish", str(v2_file))
+    store = open_store(load_config(config_path))
+    store_scorecard(store, "listing-moderation", 2, items=20, sha="1" * 64)  # meets its own block
+    store.close()
+
+    def cli_result(*args: str, env: dict[str, str] | None = None) -> Result:
+        return CliRunner().invoke(cli, [*args, "--config", str(config_path)],
+                                  env={"MODGATE_ACTOR": "maria", **(env or {})}, catch_exceptions=False)
+
+    def policy_cmd(*args: str) -> str:
+        result = cli_result("prompts", "gate-policy", *args)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    promote = ("prompts", "label", "listing-moderation", "production", "2")
+    refused = cli_result(*promote)
+    assert refused.exit_code == 3, refused.output
+    assert "policy in force: production v1's evaluation block (policy " in refused.output
+    assert "no stored scorecard of v2 on dataset e08b6d315ed6" in refused.output
+    assert "v2's own evaluation block (dataset 111111111111, 1 criterion) is not at least as strict" \
+        in refused.output
+    assert _served_version(client) == 1
+
+    shown = policy_cmd("show", "listing-moderation")
+    assert "listing-moderation: gate policy in force: production v1's evaluation block (policy " in shown
+    assert "  - counterfeit precision lower bound >= 0.750" in shown
+    assert "v2: its own block is NOT at least as strict (not applied)" in shown
+    diff = policy_cmd("diff", "listing-moderation", "--from-version", "2")
+    assert "-  sha256: e08b6d315ed6" in diff and "+  path: datasets/tiny.jsonl" in diff
+
+    adopt = ("prompts", "gate-policy", "set", "listing-moderation", "--from-version", "2")
+    for args, env, needle in [
+        (adopt, None, "needs --reason"),
+        ((*adopt, "--reason", "new market"), None, "needs an API key with the 'gates:write' (or 'admin') scope"),
+        ((*adopt, "--reason", "new market"), {"MODGATE_ADMIN_KEY": keys["local-caller"]},
+         "API key 'local-caller' lacks the 'gates:write' (or 'admin') scope"),
+        (("prompts", "gate-policy", "set", "listing-moderation", "--reason", "x"), None, "give exactly one of"),
+    ]:
+        result = cli_result(*args, env=env)
+        assert result.exit_code == 2 and needle in result.output, (args, result.output)
+    store = open_store(load_config(config_path))
+    assert store.get_gate_policy("listing-moderation") is None
+    store.close()
+
+    done = cli_result(*adopt, "--reason", "the 20-item set is all we have for the new market",
+                      "--expected-revision", "0", env={"MODGATE_ADMIN_KEY": admin_key})
+    assert done.exit_code == 0, done.output
+    assert "-  sha256: e08b6d315ed6" in done.output
+    assert "listing-moderation: set registry gate policy r1 (policy " in done.output
+    moved = run(config_path, *promote)
+    assert "production: v1 -> v2" in moved and "promotion gate: PASS" in moved
+    _wait_for_version(client, 2)
+    audit = json.loads(run(config_path, "prompts", "audit", "listing-moderation", "--json"))["entries"]
+    policy_entry = [e for e in audit if e["action"] == "gate_policy"][-1]
+    assert policy_entry["actor"] == "maria"
+    assert policy_entry["note"].endswith(
+        "| the 20-item set is all we have for the new market (by key local-admin)")
+    assert "[policy: registry gate policy r1 (policy " in audit[-1]["note"]
+    assert "gate policy  # r1 (policy " in run(config_path, "prompts", "audit", "listing-moderation")
+
+
+def test_publishing_a_model_that_is_not_served_is_refused(config_path: Path, gateway: tuple[TestClient, str],
+                                                          tmp_path: Path) -> None:
+    """Issue 16, finding 5: the CLI checks `model:` against the configured serving models."""
+    data = yaml.safe_load((ROOT / "configs" / "prompts" / "listing-moderation.yaml").read_text())
+    data["model"] = "qwen-does-not-exist"
+    path = tmp_path / "unserved.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    result = CliRunner().invoke(cli, ["prompts", "publish", "--config", str(config_path), str(path)])
+    assert result.exit_code == 1, result.output
+    assert ("listing-moderation names model 'qwen-does-not-exist', which the serving layer does not "
+            "serve (served: tiny-llama)") in result.output
+    store = open_store(load_config(config_path))
+    assert store.versions("listing-moderation") == [1]
+    store.close()
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [

@@ -27,6 +27,8 @@ from prompt_registry.redis_store import RedisPromptStore
 from prompt_registry.sqlite_store import SqlitePromptStore
 from prompt_registry.store import (
     GatedWriter,
+    GatePolicyReader,
+    GatePolicyStore,
     GateReader,
     KeyReader,
     KeyStore,
@@ -47,7 +49,8 @@ StoreFactory = Callable[[], PromptStore]
 
 # Every facet, readers before the stores extending them; PromptStore is their union.
 FACETS: tuple[type, ...] = (PromptReader, PromptWriter, RolloutReader, RolloutStore,
-                            ScorecardReader, ScorecardStore, KeyReader, KeyStore, MemoStore)
+                            ScorecardReader, ScorecardStore, GatePolicyReader, GatePolicyStore,
+                            KeyReader, KeyStore, MemoStore)
 # Named combinations of facets (no methods of their own).
 COMBINATIONS: tuple[type, ...] = (GateReader, GatedWriter)
 
@@ -404,7 +407,80 @@ class TestScorecards:
             move_label(s, example_spec.name, "production", 2, actor="maria")
         store_scorecard(s, example_spec.name, 2)
         assert move_label(s, example_spec.name, "production", 2, actor="maria")[0] == 1
-        assert s.audit(example_spec.name)[-1].note == "gate passed on dataset e08b6d315ed6 (8 checks)"
+        assert s.audit(example_spec.name)[-1].note.startswith(
+            "gate passed on dataset e08b6d315ed6 (8 checks) [policy: production v1's evaluation block")
+
+
+class _PoliciesOverPrompts(PromptWriter, GatePolicyStore, Protocol):
+    """A gate policy belongs to a published prompt and is audited with it."""
+
+
+class TestGatePolicies:
+    """GatePolicyReader and GatePolicyStore: one record per prompt, compare-and-set on its
+    revision, audited and announced; and the promotion gate judging by the policy in force,
+    never by the candidate's own block (issue 16, finding 1), on either store."""
+
+    def test_gate_policy_compare_and_set_and_audit(self, make_store: StoreFactory,
+                                                   example_spec: PromptSpec) -> None:
+        from datetime import UTC, datetime
+
+        from prompt_registry import GatePolicy, GatePolicyConflict
+
+        s: _PoliciesOverPrompts = make_store()
+        name = example_spec.name
+
+        def policy(revision: int, evaluation: object = example_spec.evaluation) -> GatePolicy:
+            return GatePolicy(prompt=name, revision=revision, evaluation=evaluation,  # type: ignore[arg-type]
+                              set_by="lead", set_at=datetime.now(UTC), reason="why")
+
+        with pytest.raises(PromptNotFound, match="unknown prompt"):
+            s.put_gate_policy(policy(1), expected_revision=0, actor="lead")
+        s.publish(example_spec, actor="a")
+        assert s.get_gate_policy(name) is None
+        s.put_gate_policy(policy(1), expected_revision=0, actor="lead", note="first")
+        other: GatePolicyReader = make_store()
+        assert other.get_gate_policy(name) == policy(1).model_copy(
+            update={"set_at": s.get_gate_policy(name).set_at})  # type: ignore[union-attr]
+        with pytest.raises(GatePolicyConflict):  # a second writer that read revision 0 loses
+            s.put_gate_policy(policy(1, None), expected_revision=0, actor="other")
+        with pytest.raises(GatePolicyConflict):  # the revision must follow the expected one
+            s.put_gate_policy(policy(3, None), expected_revision=1, actor="other")
+        s.put_gate_policy(policy(2, None), expected_revision=1, actor="lead", note="no gate")
+        got = s.get_gate_policy(name)
+        assert got is not None and got.revision == 2 and got.evaluation is None
+        audited = [e for e in s.audit(name) if e.action == "gate_policy"]
+        assert [(e.actor, e.label, e.from_version, e.to_version, e.note) for e in audited] == [
+            ("lead", "gate-policy", None, None, "first"), ("lead", "gate-policy", None, None, "no gate")]
+
+    def test_a_version_cannot_bring_its_own_gate_on_either_store(self, make_store: StoreFactory,
+                                                                 example_spec: PromptSpec) -> None:
+        from prompt_registry import EvaluationSpec, GateRefused
+        from prompt_registry.gates import move_label
+        from tests.scorecards import store_scorecard
+
+        s = make_store()
+        name = example_spec.name
+        seed_store(s, ROOT / "configs" / "prompts")
+        lax = EvaluationSpec.model_validate({"dataset": {"sha256": "1" * 64},
+                                             "criteria": [{"metric": "parse_failure_rate", "max": 0.02}]})
+        v2 = s.publish(example_spec.model_copy(update={"evaluation": lax, "description": "lax"}),
+                       actor="mallory").version.version
+        store_scorecard(s, name, v2, items=20, sha="1" * 64)
+        with pytest.raises(GateRefused, match="policy in force: production v1's evaluation block"):
+            move_label(s, name, "production", v2, actor="mallory")
+        assert s.labels(name)["production"] == 1
+        # passing the policy in force moves it, and keeps v1's block in force for later moves
+        store_scorecard(s, name, 1)
+        store_scorecard(make_store(), name, v2)
+        move_label(s, name, "production", v2, actor="maria")
+        kept = make_store().get_gate_policy(name)
+        assert kept is not None and kept.evaluation == example_spec.evaluation
+        assert [e.action for e in s.audit(name)][-2:] == ["gate_policy", "label"]
+        v3 = s.publish(example_spec.model_copy(update={"evaluation": lax, "description": "lax 3"}),
+                       actor="mallory").version.version
+        store_scorecard(s, name, v3, items=20, sha="1" * 64)
+        with pytest.raises(GateRefused, match="policy in force: registry gate policy r1"):
+            move_label(s, name, "production", v3, actor="mallory")
 
 
 class TestKeys:

@@ -19,6 +19,7 @@ from prompt_registry import GateOverride, GateRefused, PromptFileError, PromptSp
 from prompt_registry.gates import (
     ScorecardMismatch,
     evaluate_gate,
+    evaluation_hash,
     gate_report,
     move_label,
 )
@@ -219,7 +220,9 @@ def test_refused_then_passing_then_override(reg: SqlitePromptStore) -> None:
     store_scorecard(reg, NAME, 2)  # replaces the failing one
     previous, report = move_label(reg, NAME, "production", 2, actor="maria")
     assert report is not None and report.verdict == "pass" and previous == 1
-    assert _notes(reg)[-1] == "gate passed on dataset e08b6d315ed6 (8 checks)"
+    policy = evaluation_hash(reg.get_version(NAME, 1).spec.evaluation)[:12]
+    assert _notes(reg)[-1] == (f"gate passed on dataset e08b6d315ed6 (8 checks) [policy: production "
+                               f"v1's evaluation block (policy {policy})]")
 
 
 def test_gate_is_only_on_the_production_label_and_not_on_no_op_moves(reg: SqlitePromptStore) -> None:
@@ -233,6 +236,7 @@ def test_dropping_the_evaluation_block_does_not_drop_the_gate(reg: SqlitePromptS
     v3 = reg.publish(example_spec.model_copy(update={"evaluation": None, "description": "v3"}), actor="t").version
     report = gate_report(reg, NAME, v3.version)
     assert report.declared_by == 1 and report.verdict == "fail"  # production's block applies
+    assert report.policy is not None and report.policy.source == "production"
     with pytest.raises(GateRefused):
         move_label(reg, NAME, "production", v3.version, actor="maria")
 
@@ -245,7 +249,7 @@ def test_prompts_without_an_evaluation_block_have_no_gate(tmp_path: Path, exampl
     move_label(s, NAME, "production", 1, actor="t")
     previous, report = move_label(s, NAME, "production", 2, actor="t")
     assert previous == 1 and report is not None and report.verdict == "none"
-    assert _notes(s)[-1] == ""
+    assert _notes(s)[-1] == "no gate policy in force"
     s.close()
 
 
