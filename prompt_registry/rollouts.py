@@ -38,12 +38,14 @@ from prompt_registry.rollout_stats import RolloutStats
 
 __all__ = [
     "GateConfig", "GateResult", "Rollout", "RolloutConflict", "RolloutError", "ShadowSpec",
-    "canary_verdicts_needed", "evaluate_gates", "new_rollout", "sample_needs", "samples_to_pass",
+    "UNPROVEN_MAX_WEIGHT", "canary_verdicts_needed", "check_unproven_steps", "evaluate_gates",
+    "new_rollout", "sample_needs", "samples_to_pass",
     "wilson_interval",
 ]
 
 State = Literal["running", "paused", "promoted", "aborted"]
 ACTIVE: tuple[str, ...] = ("running", "paused")
+UNPROVEN_MAX_WEIGHT = 50  # default: % of traffic a version without a passing promotion gate may get
 
 
 class RolloutError(RegistryError):
@@ -104,6 +106,14 @@ class Rollout(_Strict):
     updated_at: datetime
     started_by: str = ""
     last_decision: str = ""
+    unproven_max_weight: int = Field(
+        UNPROVEN_MAX_WEIGHT, ge=0, le=99, description="the most traffic (%) a canary version that has "
+        "not passed its promotion gate may get; past it, the next step is the promotion itself")
+    on_promotion_refused: Literal["last_safe", "zero"] = Field(
+        "last_safe", description="where the canary weight goes when the promotion gate refuses the "
+        "promotion: the last step within unproven_max_weight, or 0")
+    held_weight: int | None = Field(None, ge=0, le=99, description="set after a refused promotion "
+                                    "or a fallback: the canary's weight until resumed")
 
     @model_validator(mode="after")
     def _check(self) -> Rollout:
@@ -124,7 +134,29 @@ class Rollout(_Strict):
         """Current canary share of traffic, in percent."""
         if self.canary_version is None or self.state not in ("running", "paused"):
             return 0
+        if self.held_weight is not None:
+            return self.held_weight
         return self.steps[self.step_index]
+
+    @property
+    def next_weight(self) -> int | None:
+        """The weight of the next step; None at the last one (next comes the promotion)."""
+        return self.steps[self.step_index + 1] if self.step_index + 1 < len(self.steps) else None
+
+    def safe_step(self) -> int | None:
+        """The index of the last step reached whose weight an unproven canary may have."""
+        for i in range(self.step_index, -1, -1):
+            if self.steps[i] <= self.unproven_max_weight:
+                return i
+        return None
+
+    def fallen_back(self, why: str) -> Rollout:
+        """Paused at the last safe weight (or 0, per `on_promotion_refused`), saying why."""
+        safe = self.safe_step()
+        zero = self.on_promotion_refused == "zero" or safe is None
+        new = self.changed(state="paused", step_index=self.step_index if safe is None else safe,
+                           held_weight=0 if zero else None)
+        return new.model_copy(update={"last_decision": f"{why}; canary back to {new.weight}%"})
 
     @property
     def active(self) -> bool:
@@ -137,13 +169,28 @@ class Rollout(_Strict):
 
 def new_rollout(prompt: str, *, stable_version: int, canary_version: int | None, steps: list[int],
                 shadows: list[ShadowSpec], step_hold_s: float, gates: GateConfig, auto: bool,
-                subject_key: str, started_by: str) -> Rollout:
+                subject_key: str, started_by: str, unproven_max_weight: int = UNPROVEN_MAX_WEIGHT,
+                on_promotion_refused: str = "last_safe") -> Rollout:
     now = datetime.now(UTC)
     return Rollout(id=uuid.uuid4().hex[:12], prompt=prompt, stable_version=stable_version,
                    canary_version=canary_version, steps=steps, shadows=shadows,
                    step_hold_s=step_hold_s, gates=gates, auto=auto, subject_key=subject_key,  # type: ignore[arg-type]
                    salt=uuid.uuid4().hex, started_at=now, step_started_at=now, updated_at=now,
-                   started_by=started_by)
+                   started_by=started_by, unproven_max_weight=unproven_max_weight,
+                   on_promotion_refused=on_promotion_refused)  # type: ignore[arg-type]
+
+
+def check_unproven_steps(rollout: Rollout) -> None:
+    """Refuse steps an unproven canary may not take: every weight at most
+    `unproven_max_weight`, except a last step of 100, which is the promotion itself."""
+    cap = rollout.unproven_max_weight
+    served = rollout.steps[:-1] if rollout.steps and rollout.steps[-1] == 100 else rollout.steps
+    if not served or any(w > cap for w in served):
+        raise RolloutError(
+            f"v{rollout.canary_version} has not passed its promotion gate, so it may serve at most "
+            f"{cap}% of traffic: steps {','.join(map(str, rollout.steps))} go past that (a last step of "
+            f"100 is the promotion itself, through the gate); use steps within {cap}%, e.g. "
+            f"5,25,{cap},100")
 
 
 def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:

@@ -1,9 +1,13 @@
-"""Admin API for rollouts: start, status, step, pause, resume, promote, abort.
+"""Admin API for rollouts: start, status, step, pause, resume, promote, abort, history.
 
-Reading needs `prompts:read`; changing a rollout needs `labels:protected`, because a rollout
-can move `production` (by promotion) on its own. Promotion goes through the promotion gate:
-409 `promotion_gate_failed` naming the failed criteria, unless the body carries
-`{"override": {"reason": "..."}}` from a key with the `admin` scope.
+Reading needs `prompts:read`; starting or changing a rollout needs what moving `production`
+needs (`labels:write` and `labels:protected`), because a rollout puts a version in front of
+production traffic and can move `production` (by promotion) on its own. The promotion gate
+guards the traffic as well as the label: starting a rollout of a canary version whose gate
+fails answers 409 `promotion_gate_failed` unless the body carries `{"override": {"reason":
+"..."}}` from a key with the `admin` scope (recorded in the audit log), and a canary that has
+not passed its gate never gets more than `max_unproven_weight` % of traffic (409
+`rollout_state` for steps past it). Promotion goes through the gate the same way.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ from gateway.rollouts.ops import apply_action, rollout_status, start_rollout
 from gateway.rollouts.promotion import ADMIN_SCOPE, GateOverrideBody
 from prompt_registry import GateOverride, PromptStore
 from prompt_registry.models import MAX_VERSION
-from prompt_registry.rollouts import GateConfig, ShadowSpec
+from prompt_registry.rollouts import UNPROVEN_MAX_WEIGHT, GateConfig, ShadowSpec
+
+# What a rollout change needs: what moving the production label needs (gateway.api.admin).
+CHANGE_SCOPES = ("labels:write", "labels:protected")
 
 __all__ = ["RolloutStart", "build_rollout_router"]
 
@@ -40,6 +47,14 @@ class RolloutStart(BaseModel):
     auto: bool = True
     subject_key: Literal["seller_id", "item_id", "subject"] = "seller_id"
     note: str = Field("", max_length=2000)
+    max_unproven_weight: int = Field(
+        UNPROVEN_MAX_WEIGHT, ge=0, le=99, description="the most traffic (%) the canary gets while it has "
+        "not passed its promotion gate; past it, the next step is the promotion itself")
+    on_promotion_refused: Literal["last_safe", "zero"] = Field(
+        "last_safe", description="where the canary weight goes when the gate refuses its promotion")
+    override: GateOverrideBody | None = Field(
+        None, description="start although the canary version fails its promotion gate (needs the "
+        "admin scope; recorded in the audit log). It still gets at most max_unproven_weight %.")
 
 
 class RolloutAction(BaseModel):
@@ -62,11 +77,12 @@ def build_rollout_router(store: PromptStore, auth: Authenticator, *, production_
     router = APIRouter(prefix="/v1/prompts/{name}/rollout", tags=["rollouts"], responses=ERROR_RESPONSES)
 
     async def who(authorization: str | None, x_api_key: str | None, scope: str) -> str:
-        return (await principal(authorization, x_api_key, scope)).name
+        return str((await principal(authorization, x_api_key, scope)).name)
 
-    async def principal(authorization: str | None, x_api_key: str | None, scope: str) -> Any:
+    async def principal(authorization: str | None, x_api_key: str | None, *scopes: str) -> Any:
         p = await auth.authenticate(authorization, x_api_key)
-        auth.require(p, scope)
+        for scope in scopes:
+            auth.require(p, scope)
         return p
 
     def status_of(name: str) -> dict[str, Any]:
@@ -76,11 +92,17 @@ def build_rollout_router(store: PromptStore, auth: Authenticator, *, production_
     async def start(name: str, body: RolloutStart, authorization: AuthHeader = None,
                     x_api_key: AuthHeader = None) -> Response:
         """Start a rollout: a canary version at the first weight step, and/or shadow versions."""
-        actor = await who(authorization, x_api_key, "labels:protected")
+        p = await principal(authorization, x_api_key, *CHANGE_SCOPES)
+        override = None
+        if body.override is not None:
+            auth.require(p, ADMIN_SCOPE)
+            override = GateOverride(reason=body.override.reason, by=p.name)
         await asyncio.to_thread(
             start_rollout, store, name, canary_version=body.canary_version, steps=body.steps,
             shadows=body.shadows, step_hold_s=body.step_hold_s, gates=body.gates, auto=body.auto,
-            subject_key=body.subject_key, actor=actor, production_label=production_label, note=body.note)
+            subject_key=body.subject_key, actor=p.name, production_label=production_label, note=body.note,
+            override=override, unproven_max_weight=body.max_unproven_weight,
+            on_promotion_refused=body.on_promotion_refused)
         await changed(name)
         return json_response(await asyncio.to_thread(status_of, name), 201)
 
@@ -96,7 +118,7 @@ def build_rollout_router(store: PromptStore, auth: Authenticator, *, production_
                   x_api_key: AuthHeader = None) -> Response:
         """Apply a transition. `promote` moves production through the promotion gate (409
         `promotion_gate_failed` when it fails, unless an admin overrides it)."""
-        p = await principal(authorization, x_api_key, "labels:protected")
+        p = await principal(authorization, x_api_key, *CHANGE_SCOPES)
         override = None
         if action == "promote" and body is not None and body.override is not None:
             auth.require(p, ADMIN_SCOPE)

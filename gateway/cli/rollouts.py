@@ -33,7 +33,13 @@ from gateway.cli.registry import (
 )
 from gateway.rollouts.ops import apply_action, rollout_status, start_rollout
 from prompt_registry import GateRefused
-from prompt_registry.rollouts import GateConfig, ShadowSpec, canary_verdicts_needed, sample_needs
+from prompt_registry.rollouts import (
+    UNPROVEN_MAX_WEIGHT,
+    GateConfig,
+    ShadowSpec,
+    canary_verdicts_needed,
+    sample_needs,
+)
 
 __all__ = ["rollouts_app"]
 
@@ -182,6 +188,10 @@ def _print_status(st: dict[str, Any]) -> None:
 
 
 @rollouts_app.command("start", help="Start a rollout of NAME from its production version.\n\n"
+                      "A canary version that fails its promotion gate does not start without an admin "
+                      "override (--override-gate --reason --admin-key; exit status 3 otherwise), and "
+                      "one that has not passed it never gets more than --max-unproven-weight (50%) of "
+                      "traffic: only the promotion, through the gate, gives it all.\n\n"
                       "The gates judge the canary at every step; set or switch them off with "
                       "--gate NAME=VALUE|off. " + defaults_help())
 def start_cmd(
@@ -204,6 +214,14 @@ def start_cmd(
     max_p95_ms: Annotated[float | None, typer.Option("--max-p95-ms", help="same as --gate p95_ms=X: canary p95 latency limit")] = None,
     subject_key: Annotated[str, typer.Option(help="stickiness: seller_id, item_id or subject")] = "seller_id",
     manual: Annotated[bool, typer.Option("--manual", help="never step/promote/abort automatically")] = False,
+    max_unproven_weight: Annotated[int, typer.Option(
+        "--max-unproven-weight", min=0, max=99,
+        help="the most traffic (%) the canary gets while it has not passed its promotion gate; "
+             "past it the next step is the promotion itself, through the gate")] = UNPROVEN_MAX_WEIGHT,
+    on_refused: Annotated[str, typer.Option(
+        "--on-promotion-refused", help="where the canary goes when the gate refuses its "
+        "promotion: last_safe (the last step within --max-unproven-weight) or zero")] = "last_safe",
+    override_gate: OverrideOpt = False, reason: ReasonOpt = None, admin_key: AdminKeyOpt = None,
     note: NoteOpt = "", actor: ActorOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False,
 ) -> None:
     try:
@@ -221,12 +239,19 @@ def start_cmd(
         raise _fail(f"--gate: {exc}", 2) from None
     if subject_key not in ("seller_id", "item_id", "subject"):
         raise _fail("--subject-key must be seller_id, item_id or subject", 2)
+    if on_refused not in ("last_safe", "zero"):
+        raise _fail("--on-promotion-refused must be last_safe or zero", 2)
     with _store_and_config(config) as (store, cfg):
         label = cfg.gateway.default_label
-        start_rollout(store, name, canary_version=canary, steps=weights,
-                      shadows=[_shadow(s) for s in shadow or []], step_hold_s=_duration(hold), gates=gates,
-                      auto=not manual, subject_key=subject_key, actor=_actor(actor), note=note,
-                      production_label=label)
+        override = _override(store, cfg, override_gate, reason, admin_key)
+        try:
+            start_rollout(store, name, canary_version=canary, steps=weights,
+                          shadows=[_shadow(s) for s in shadow or []], step_hold_s=_duration(hold), gates=gates,
+                          auto=not manual, subject_key=subject_key, actor=_actor(actor), note=note,
+                          production_label=label, override=override,
+                          unproven_max_weight=max_unproven_weight, on_promotion_refused=on_refused)
+        except GateRefused as exc:
+            raise gate_refused(exc, before=f"rollout of {name} v{canary} not started:") from None
         st = rollout_status(store, name, production_label=label)
     _out(as_json, st, lambda: _print_status(st))
 

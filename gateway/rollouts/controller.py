@@ -4,8 +4,12 @@ revision makes sure only one replica acts on a given state (the others see a con
 re-read).
 
 A promotion the promotion gate refuses (no passing stored scorecard for the canary version) is
-not forced: the rollout is paused with the gate's findings (action "hold" in the audit log,
-`last_decision` in the status), for an operator to score the version, promote by hand or abort."""
+not forced: the rollout is paused at its last safe weight (within `unproven_max_weight`, or 0)
+with the gate's findings (action "hold" in the audit log, `last_decision` in the status), for
+an operator to score the version, promote by hand or abort. A canary that has not passed its
+gate is promoted, not stepped, past `unproven_max_weight`; one that serves more than that and
+whose gate stops passing (say a new scorecard) is put back ("fallback") on every tick, whether
+the rollout is automatic, manual or paused."""
 
 from __future__ import annotations
 
@@ -14,9 +18,10 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from gateway.rollouts.ops import apply_action, decide
+from gateway.rollouts.ops import apply_action, decide, needs_fallback
 from gateway.rollouts.recorder import RolloutRecorder
 from prompt_registry import PromptStore, RegistryError
+from prompt_registry.gates import gate_report
 from prompt_registry.rollout_stats import build_rollout_stats
 from prompt_registry.rollouts import RolloutError, evaluate_gates
 
@@ -61,12 +66,32 @@ class RolloutController:
             log.warning("rollout controller: store unavailable: %s", exc)
             return []
         for r in rollouts:
+            try:
+                if r.active and (refused := await asyncio.to_thread(needs_fallback, self._store, r, self._label)):
+                    await asyncio.to_thread(
+                        apply_action, self._store, r.prompt, "fallback", actor="rollout-controller",
+                        expected=r, production_label=self._label, gate=refused,
+                        why=f"v{r.canary_version} serves {r.weight}% but does not pass its promotion "
+                            f"gate ({refused.summary()})")
+                    log.warning("rollout %s of %s: fallback: v%s does not pass its promotion gate",
+                                r.id, r.prompt, r.canary_version)
+                    taken.append((r.prompt, "fallback"))
+                    continue
+            except (RolloutError, RegistryError) as exc:
+                log.info("rollout %s of %s: no fallback this tick: %s", r.id, r.prompt, exc)
+                continue
             if r.state != "running" or not r.auto:
                 continue
             try:
                 stats = build_rollout_stats(await asyncio.to_thread(self._store.rollout_stats, r.id))
                 gates = evaluate_gates(r, stats)
-                action = decide(r, gates, self._clock())
+                proven = True
+                nxt = r.next_weight
+                if r.canary_version is not None and nxt is not None and nxt > r.unproven_max_weight:
+                    report = await asyncio.to_thread(gate_report, self._store, r.prompt, r.canary_version,
+                                                     production_label=self._label)
+                    proven = report.verdict == "pass"
+                action = decide(r, gates, self._clock(), proven=proven)
                 if action is None:
                     continue
                 evidence = [g.as_dict() for g in gates]

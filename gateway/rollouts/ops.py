@@ -7,8 +7,19 @@ same state. Promotion moves the `production` label with compare-and-set against 
 version, so it cannot overwrite a label someone moved meanwhile, and through the promotion gate
 (`prompt_registry.gates`), like every production move: a manual promote is refused
 (`GateRefused`) unless an admin overrides it; an automatic one (`hold_on_gate`) pauses the
-rollout instead, with the gate's findings in `last_decision` and in the audit entry, so an
-operator sees why it stopped (the canary keeps its weight; abort to send traffic back).
+rollout instead at its last safe weight (or 0: `on_promotion_refused`), with the gate's
+findings in `last_decision` and in the audit entry, so an operator sees why it stopped.
+
+The promotion gate guards traffic, not only the label: a canary version whose gate fails does
+not start without an admin override, and one that has not passed its gate never serves more
+than `unproven_max_weight` (default 50 %) of traffic: its steps above that are refused at
+start, `step` refuses to go past it, the controller promotes instead of stepping past it, and
+a canary above it whose gate stops passing is put back (`fallback`). Only a promotion, through
+the gate, gives it all the traffic.
+
+Every transition's audit note is JSON with the rollout as stored after it, so every rollout,
+finished ones included, can be listed and shown with its transitions and evidence
+(`rollout_history`, `rollout_detail`).
 """
 
 from __future__ import annotations
@@ -24,23 +35,31 @@ from prompt_registry import GateOverride, GateRefused, GateReport, PromptNotFoun
 from prompt_registry.gates import gate_report, move_label
 from prompt_registry.rollout_stats import build_rollout_stats
 from prompt_registry.rollouts import (
+    UNPROVEN_MAX_WEIGHT,
     GateConfig,
     GateResult,
     Rollout,
     RolloutError,
     ShadowSpec,
+    check_unproven_steps,
     evaluate_gates,
     new_rollout,
 )
 
-__all__ = ["ACTIONS", "apply_action", "decide", "rollout_status", "start_rollout"]
+__all__ = ["ACTIONS", "apply_action", "decide", "needs_fallback", "rollout_status", "start_rollout"]
 
 ACTIONS = ("step", "pause", "resume", "promote", "abort")
 
 
 def start_rollout(store: PromptStore, prompt: str, *, canary_version: int | None, steps: list[int],
                   shadows: list[ShadowSpec], step_hold_s: float, gates: GateConfig, auto: bool,
-                  subject_key: str, actor: str, production_label: str = "production", note: str = "") -> Rollout:
+                  subject_key: str, actor: str, production_label: str = "production", note: str = "",
+                  override: GateOverride | None = None, unproven_max_weight: int = UNPROVEN_MAX_WEIGHT,
+                  on_promotion_refused: str = "last_safe") -> Rollout:
+    """Start a rollout. A canary version whose promotion gate fails is refused (GateRefused)
+    unless an admin *override* is given (recorded in the audit entry); one that has not passed
+    its gate (failed and overridden, or no gate declared) may only take steps within
+    *unproven_max_weight* (RolloutError otherwise): its last step is the promotion itself."""
     stable = store.labels(prompt).get(production_label)
     if stable is None:
         raise PromptNotFound(f"prompt {prompt!r} has no {production_label!r} label to roll out from")
@@ -50,13 +69,42 @@ def start_rollout(store: PromptStore, prompt: str, *, canary_version: int | None
     try:
         rollout = new_rollout(prompt, stable_version=stable, canary_version=canary_version, steps=steps,
                               shadows=shadows, step_hold_s=step_hold_s, gates=gates, auto=auto,
-                              subject_key=subject_key, started_by=actor)
+                              subject_key=subject_key, started_by=actor,
+                              unproven_max_weight=unproven_max_weight,
+                              on_promotion_refused=on_promotion_refused)
     except ValidationError as exc:
         raise RolloutError("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from None
+    gate_note = ""
+    report: GateReport | None = None
+    if canary_version is not None and canary_version != stable:
+        report = gate_report(store, prompt, canary_version, production_label=production_label)
+        if report.verdict == "fail":
+            if override is None:
+                raise GateRefused(report)
+            gate_note = f"GATE OVERRIDDEN by {override.by}: {override.reason} ({report.summary()})"
+        else:
+            gate_note = report.summary()
+        if report.verdict != "pass":
+            check_unproven_steps(rollout)
+    summary = (note or f"start: canary v{canary_version} at {rollout.weight}%, shadows "
+               + (", ".join(f"v{s.version}@{s.sample_rate:.0%}" for s in shadows) or "none"))
     store.put_rollout(rollout, expected_revision=None, actor=actor,
-                      note=note or f"start: canary v{canary_version} at {rollout.weight}%, shadows "
-                      + (", ".join(f"v{s.version}@{s.sample_rate:.0%}" for s in shadows) or "none"))
+                      note=_note("start", rollout, note=summary, gate=report, extra={"gate_note": gate_note}))
     return rollout
+
+
+def _note(action: str, rollout: Rollout, *, note: str = "", evidence: list[dict[str, Any]] | None = None,
+          gate: GateReport | None = None, extra: dict[str, Any] | None = None) -> str:
+    """The audit note of a rollout transition: JSON with the action, the weight, the rollout
+    as stored after it (the history view reads it back) and the evidence."""
+    detail: dict[str, Any] = {"action": action, "weight": rollout.weight, "note": note}
+    if evidence is not None:
+        detail["evidence"] = evidence
+    if gate is not None:
+        detail["gate"] = gate.as_dict()
+    detail.update(extra or {})
+    detail["rollout"] = rollout.model_dump(mode="json")
+    return orjson.dumps(detail).decode()
 
 
 def _current(store: PromptStore, prompt: str) -> Rollout:
@@ -66,18 +114,26 @@ def _current(store: PromptStore, prompt: str) -> Rollout:
     return rollout
 
 
+def _proven(store: PromptStore, r: Rollout, production_label: str) -> GateReport:
+    assert r.canary_version is not None
+    return gate_report(store, r.prompt, r.canary_version, production_label=production_label)
+
+
 def apply_action(store: PromptStore, prompt: str, action: str, *, actor: str, note: str = "",
                  evidence: list[dict[str, Any]] | None = None, expected: Rollout | None = None,
                  production_label: str = "production", override: GateOverride | None = None,
-                 hold_on_gate: bool = False) -> Rollout:
+                 hold_on_gate: bool = False, why: str = "", gate: GateReport | None = None) -> Rollout:
     """Apply one transition; raise RolloutError when the state does not allow it.
 
-    `promote` goes through the promotion gate: GateRefused when it fails (unless *override*),
-    or, with *hold_on_gate* (the automatic controller), the rollout is paused instead and the
-    refusal recorded."""
+    `step` past `unproven_max_weight` needs a canary that passes its promotion gate now
+    (RolloutError otherwise: promote instead). `promote` goes through the promotion gate:
+    GateRefused when it fails (unless *override*), or, with *hold_on_gate* (the automatic
+    controller), the rollout is paused at its last safe weight and the refusal recorded.
+    `fallback` (the controller's, not offered to people) does the same when a canary above the
+    unproven share no longer passes its gate (*why*)."""
     r = expected or _current(store, prompt)
     now = datetime.now(UTC)
-    if action not in ACTIONS:
+    if action not in (*ACTIONS, "fallback"):
         raise RolloutError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
     if not r.active:
         raise RolloutError(f"rollout {r.id} of {prompt!r} is already {r.state}")
@@ -85,9 +141,17 @@ def apply_action(store: PromptStore, prompt: str, action: str, *, actor: str, no
     if action == "step":
         if r.canary_version is None:
             raise RolloutError("a shadow-only rollout has no canary weight to step")
-        if r.step_index + 1 >= len(r.steps):
+        nxt = r.next_weight
+        if nxt is None:
             raise RolloutError(f"already at the last step ({r.weight}%); promote or abort")
-        new = r.changed(step_index=r.step_index + 1, step_started_at=now, last_decision="step")
+        if nxt > r.unproven_max_weight:
+            report = _proven(store, r, production_label)
+            if report.verdict != "pass":
+                raise RolloutError(
+                    f"v{r.canary_version} has not passed its promotion gate ({report.summary()}), so it "
+                    f"may serve at most {r.unproven_max_weight}% of traffic: the next step ({nxt}%) is "
+                    "the promotion itself; promote (through the gate) or abort")
+        new = r.changed(step_index=r.step_index + 1, step_started_at=now, last_decision="step", held_weight=None)
     elif action == "pause":
         if r.state == "paused":
             raise RolloutError("already paused")
@@ -95,7 +159,10 @@ def apply_action(store: PromptStore, prompt: str, action: str, *, actor: str, no
     elif action == "resume":
         if r.state != "paused":
             raise RolloutError("not paused")
-        new = r.changed(state="running", step_started_at=now, last_decision="resume")
+        new = r.changed(state="running", step_started_at=now, last_decision="resume", held_weight=None)
+    elif action == "fallback":
+        report = gate
+        new = r.fallen_back(f"fallback: {why}")
     elif action == "promote":
         if r.canary_version is None:
             raise RolloutError("a shadow-only rollout has no canary to promote")
@@ -109,25 +176,31 @@ def apply_action(store: PromptStore, prompt: str, action: str, *, actor: str, no
                 raise
             report = exc.report
             action = "hold"
-            new = r.changed(state="paused", last_decision=f"hold: promotion refused by the gate: "
-                            f"{report.summary()}")
+            new = r.fallen_back(f"hold: promotion refused by the gate: {report.summary()}")
         else:
-            new = r.changed(state="promoted", last_decision="promote")
+            new = r.changed(state="promoted", last_decision="promote", held_weight=None)
     else:
         new = r.changed(state="aborted", last_decision="abort")
-    detail: dict[str, Any] = {"action": action, "weight": new.weight, "note": note}
-    if evidence is not None:
-        detail["evidence"] = evidence
-    if report is not None:
-        detail["gate"] = report.as_dict()
     store.put_rollout(new, expected_revision=r.revision, actor=actor,
-                      note=orjson.dumps(detail).decode())
+                      note=_note(action, new, note=note, evidence=evidence, gate=report,
+                                 extra={"override": override.model_dump()} if override and action == "promote" else None))
     return new
 
 
-def decide(rollout: Rollout, gates: list[GateResult], now: datetime) -> str | None:
+def needs_fallback(store: PromptStore, r: Rollout, production_label: str = "production") -> GateReport | None:
+    """The failing (or absent) gate report when *r* serves its canary above the unproven share
+    although the canary does not pass its promotion gate (any more); None when all is well."""
+    if not r.active or r.canary_version is None or r.weight <= r.unproven_max_weight:
+        return None
+    report = _proven(store, r, production_label)
+    return None if report.verdict == "pass" else report
+
+
+def decide(rollout: Rollout, gates: list[GateResult], now: datetime, *, proven: bool = True) -> str | None:
     """What the gates say to do now: abort on any failing gate; step (or promote at the last
-    step) when every gate passes and the step's hold time is over; otherwise nothing."""
+    step) when every gate passes or is skipped and the step's hold time is over; otherwise
+    nothing. With *proven* False (the canary has not passed its promotion gate), a step past
+    `unproven_max_weight` is replaced by the promotion itself."""
     if rollout.state != "running" or not rollout.auto:
         return None
     if any(g.verdict == "fail" for g in gates):
@@ -135,7 +208,10 @@ def decide(rollout: Rollout, gates: list[GateResult], now: datetime) -> str | No
     if rollout.canary_version is None:
         return None  # shadow-only: evidence for people, no automatic action
     if all(g.verdict in ("pass", "skip") for g in gates) and now - rollout.step_started_at >= timedelta(seconds=rollout.step_hold_s):
-        return "promote" if rollout.step_index + 1 >= len(rollout.steps) else "step"
+        nxt = rollout.next_weight
+        if nxt is None or (not proven and nxt > rollout.unproven_max_weight):
+            return "promote"
+        return "step"
     return None
 
 

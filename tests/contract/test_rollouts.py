@@ -133,6 +133,8 @@ def gateway(config_path: Path) -> Iterator[Gateway]:
 def test_canary_with_shadow_promotes_itself(config_path: Path, gateway: Gateway, tmp_path: Path) -> None:
     v2 = _publish_variant(config_path, tmp_path, "Version 2: same policy, clearer wording.")
     v3 = _publish_variant(config_path, tmp_path, "Version 3: experimental.")
+    store_scorecard(gateway.store, "listing-moderation", 1)  # offline evidence: the promotion gate
+    store_scorecard(gateway.store, "listing-moderation", v2)
     out = run(config_path, "rollouts", "start", "listing-moderation", "--canary", str(v2), "--steps", "5,50,100",
               "--shadow", f"{v2}:1.0", "--shadow", f"{v3}:0.2", "--hold", "0s", "--min-samples", "30",
               "--max-flag-rate-drift", "0.5", "--max-parse-failure-rate", "0.2", "--max-error-rate", "0.2")
@@ -157,8 +159,6 @@ def test_canary_with_shadow_promotes_itself(config_path: Path, gateway: Gateway,
         gateway.moderate(i)
     assert gateway.tick() == [("listing-moderation", "step")]  # 50 % -> 100 %
     gateway.moderate(1000)
-    store_scorecard(gateway.store, "listing-moderation", 1)  # offline evidence: the promotion gate
-    store_scorecard(gateway.store, "listing-moderation", v2)
     assert gateway.tick() == [("listing-moderation", "promote")]
     assert gateway.store.labels("listing-moderation")["production"] == v2
 
@@ -166,55 +166,85 @@ def test_canary_with_shadow_promotes_itself(config_path: Path, gateway: Gateway,
     assert "(promoted, auto)" in human and "PASS" in human
     audit = json.loads(run(config_path, "prompts", "audit", "listing-moderation", "--json"))["entries"]
     rollout_notes = [json.loads(e["note"]) for e in audit if e["action"] == "rollout" and e["note"].startswith("{")]
-    assert [n["action"] for n in rollout_notes] == ["step", "step", "promote"]
-    assert all(any(g["gate"] == "parse_failure_rate" for g in n["evidence"]) for n in rollout_notes)
+    assert [n["action"] for n in rollout_notes] == ["start", "step", "step", "promote"]
+    assert all(any(g["gate"] == "parse_failure_rate" for g in n["evidence"]) for n in rollout_notes[1:])
+    assert [n["rollout"]["step_index"] for n in rollout_notes] == [0, 1, 2, 2]
     assert any(e["action"] == "label" and e["to_version"] == v2 and e["actor"] == "rollout-controller" for e in audit)
     assert rollout_notes[-1]["gate"]["verdict"] == "pass"
     assert audit[-2]["note"].startswith(
         f"promoted by rollout {status['rollout']['id']} | gate passed on dataset e08b6d315ed6 (8 checks)")
 
 
-def test_the_promotion_gate_holds_an_automatic_promotion(config_path: Path, gateway: Gateway,
-                                                         tmp_path: Path) -> None:
+def _admin_key(config_path: Path) -> str:
+    return json.loads((load_config(config_path).data_path() / "local-keys.json").read_text())["local-admin"]
+
+
+def _override(config_path: Path) -> list[str]:
+    """Start a version without a scorecard (its gate fails) anyway: an admin's override."""
+    return ["--override-gate", "--reason", "test: no scorecard", "--admin-key", _admin_key(config_path)]
+
+
+def test_a_gate_failing_version_starts_only_with_an_override_and_never_takes_all_traffic(
+        config_path: Path, gateway: Gateway, tmp_path: Path) -> None:
+    """#16: `rollouts start` printed "promotion gate: FAIL" and started anyway; the controller
+    stepped to 100 %, the promotion was refused, and every request kept going to v2 while
+    production still said v1. Now the start needs an admin override, the canary stays within
+    50 % until the promotion itself, and a refused promotion falls back to the last safe step."""
     v2 = _publish_variant(config_path, tmp_path, "Version 2: same policy, clearer wording.")
-    run(config_path, "rollouts", "start", "listing-moderation", "--canary", str(v2), "--steps", "50,100",
-        "--shadow", f"{v2}:1.0", "--hold", "0s", "--min-samples", "30", "--max-flag-rate-drift", "0.5",
-        "--max-parse-failure-rate", "0.2", "--max-error-rate", "0.2")
+    args = ["rollouts", "start", "--config", str(config_path), "listing-moderation", "--canary", str(v2),
+            "--steps", "50,100", "--shadow", f"{v2}:1.0", "--hold", "0s", "--min-samples", "30",
+            "--max-flag-rate-drift", "0.5", "--max-parse-failure-rate", "0.2", "--max-error-rate", "0.2"]
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code == 3, refused.output
+    assert f"rollout of listing-moderation v{v2} not started" in refused.output
+    assert f"no stored scorecard of v{v2}" in refused.output and "--override-gate" in refused.output
+    assert gateway.store.get_rollout("listing-moderation") is None
+    over = ["--override-gate", "--reason", "legal sign-off", "--admin-key", _admin_key(config_path)]
+    too_far = CliRunner().invoke(cli, [*args[:8], "25,75,100", *args[9:], *over])
+    assert too_far.exit_code != 0 and "at most 50%" in too_far.output
+    out = run(config_path, *args[:2], *args[4:], *over)
+    assert f"canary v{v2} at 50%" in out
+    audit = gateway.store.audit("listing-moderation")
+    assert "GATE OVERRIDDEN by admin key local-admin: legal sign-off" in audit[-1].note
+
     for i in range(400):
         gateway.moderate(i)
-    assert gateway.tick() == [("listing-moderation", "step")]
-    gateway.moderate(400)
-    # every live gate passes, but v2 has no stored scorecard: the gate refuses, the rollout holds
+    # every live gate passes; the next step (100 %) is the promotion, which the gate refuses
     assert gateway.tick() == [("listing-moderation", "hold")]
     assert gateway.store.labels("listing-moderation")["production"] == 1
     assert gateway.tick() == []  # paused: the controller leaves it to people
     status = json.loads(run(config_path, "rollouts", "status", "listing-moderation", "--json"))
-    assert status["rollout"]["state"] == "paused" and status["weight"] == 100
+    assert status["rollout"]["state"] == "paused" and status["weight"] == 50
     assert status["rollout"]["last_decision"].startswith(
         f"hold: promotion refused by the gate: gate failed on dataset e08b6d315ed6: no stored scorecard of v{v2}")
+    assert status["rollout"]["last_decision"].endswith("canary back to 50%")
     assert status["promotion_gate"]["verdict"] == "fail"
     human = run(config_path, "rollouts", "status", "listing-moderation")
     assert "paused: hold: promotion refused by the gate" in human
     assert f"promotion gate (canary v{v2} -> production): FAIL" in human
-    audit = json.loads(run(config_path, "prompts", "audit", "listing-moderation", "--json"))["entries"]
-    hold = json.loads(audit[-1]["note"])
-    assert audit[-1]["action"] == "rollout" and audit[-1]["label"] == "paused"
+    audit_json = json.loads(run(config_path, "prompts", "audit", "listing-moderation", "--json"))["entries"]
+    hold = json.loads(audit_json[-1]["note"])
+    assert audit_json[-1]["action"] == "rollout" and audit_json[-1]["label"] == "paused"
     assert hold["action"] == "hold" and hold["gate"]["verdict"] == "fail"
     assert any(g["gate"] == "parse_failure_rate" for g in hold["evidence"])
+    arms = [gateway.moderate(i)["arm"] for i in range(1000, 1200)]
+    assert 60 < arms.count("canary") < 140  # ~50 %, never all
 
+    refused = CliRunner().invoke(cli, ["rollouts", "step", "--config", str(config_path), "listing-moderation"])
+    assert refused.exit_code != 0 and "the promotion itself" in refused.output
     refused = CliRunner().invoke(cli, ["rollouts", "promote", "--config", str(config_path), "listing-moderation"])
     assert refused.exit_code == 3 and f"no stored scorecard of v{v2}" in refused.output
     store_scorecard(gateway.store, "listing-moderation", 1)
     store_scorecard(gateway.store, "listing-moderation", v2)
     out = run(config_path, "rollouts", "promote", "listing-moderation", "-m", "scored offline")
-    assert "(promoted, auto)" in out
+    assert "promoted" in out
     assert gateway.store.labels("listing-moderation")["production"] == v2
 
 
 def test_parse_failure_spike_aborts_the_canary(config_path: Path, gateway: Gateway, tmp_path: Path) -> None:
     v2 = _publish_variant(config_path, tmp_path, "BROKEN template that confuses the model")
     run(config_path, "rollouts", "start", "listing-moderation", "--canary", str(v2), "--steps", "50,100",
-        "--hold", "0s", "--min-samples", "20")
+        "--hold", "0s", "--min-samples", "20", *_override(config_path))
     for i in range(15):
         gateway.moderate(i)
     assert gateway.tick() == []  # below min samples: no decision, even with failures
@@ -265,7 +295,7 @@ def test_two_gateways_sharing_a_store_agree(config_path: Path, tmp_path: Path) -
     with Gateway(config_path, MarkerBackend()) as a, Gateway(config_path, MarkerBackend()) as b:
         v2 = _publish_variant(config_path, tmp_path, "Version 2")
         run(config_path, "rollouts", "start", "listing-moderation", "--canary", str(v2), "--steps", "30,100",
-            "--manual")
+            "--manual", *_override(config_path))
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:  # both see the rollout (change events)
             if a.moderate(0, "probe")["arm"] != "pinned" and any(
@@ -302,7 +332,7 @@ def test_reviewer_feedback_drives_precision_gate(config_path: Path, tmp_path: Pa
         admin = json.loads((load_config(config_path).data_path() / "local-keys.json").read_text())["local-admin"]
         v2 = _publish_variant(config_path, tmp_path, "Version 2")
         run(config_path, "rollouts", "start", "listing-moderation", "--canary", str(v2), "--steps", "50,100",
-            "--hold", "0s", "--min-samples", "1000", "--max-flag-rate-drift", "1.0")
+            "--hold", "0s", "--min-samples", "1000", "--max-flag-rate-drift", "1.0", *_override(config_path))
         status = json.loads(run(config_path, "rollouts", "status", "listing-moderation", "--json"))
         rollout_id = status["rollout"]["id"]
         # tighten the gate through the store: precision of canary flags must be at least 90 %

@@ -103,6 +103,7 @@ def sources(tmp_path: Path, example_spec: Any) -> Path:
     from gateway.config import load_config
     from gateway.rollouts.ops import start_rollout
     from gateway.stores import open_store
+    from prompt_registry import GateOverride
     from prompt_registry.loader import seed_store
     from prompt_registry.rollouts import GateConfig, ShadowSpec
 
@@ -120,7 +121,8 @@ def sources(tmp_path: Path, example_spec: Any) -> Path:
         store.publish(type(example_spec).model_validate(data), actor="test")
         start_rollout(store, "listing-moderation", canary_version=2, steps=[5, 50, 100],
                       shadows=[ShadowSpec(version=2, sample_rate=0.5)], step_hold_s=60,
-                      gates=GateConfig(), auto=True, subject_key="seller_id", actor="alice")
+                      gates=GateConfig(), auto=True, subject_key="seller_id", actor="alice",
+                      override=GateOverride(reason="no scorecard yet", by="admin"))
     finally:
         store.close()
     return path
