@@ -19,7 +19,7 @@ from gateway.limits import CallerLimitsSettings
 from gateway.telemetry import TracingSettings
 from serving.config import ServingConfig
 
-__all__ = ["AppConfig", "ConfigError", "GatewaySettings", "RegistrySettings", "load_config"]
+__all__ = ["AppConfig", "ConfigError", "ConsoleSettings", "GatewaySettings", "RegistrySettings", "load_config"]
 
 DEFAULT_CONFIG = Path("configs/modgate.yaml")
 
@@ -38,6 +38,21 @@ class ShadowSettings(_Strict):
     timeout_s: float = Field(10.0, gt=0)
     priority: int = Field(0, description="vLLM priority for shadow requests (higher = later); "
                           "needs engine scheduling_policy: priority when non-zero")
+
+
+class ConsoleSettings(_Strict):
+    """The web console at /console (`gateway.api.console`)."""
+
+    enabled: bool = Field(True, description="serve the console at /console")
+    idle_timeout_s: float = Field(1800.0, gt=0, le=86400.0, description="a console session ends "
+                                  "after this long without a request")
+    max_sessions: int = Field(1000, ge=1, le=100_000, description="sessions held by this process "
+                              "(each replica has its own); the least recently used goes first")
+    secure_cookie: Literal["auto", "always"] = Field(
+        "auto", description="auto: the session cookie is Secure when the request came over https "
+        "(behind a TLS-terminating proxy, run uvicorn with proxy headers or say always)")
+    max_playground_listings: int = Field(8, ge=1, le=32, description="listings per playground run "
+                                         "(each is one unit of the caller's quota)")
 
 
 class GatewaySettings(_Strict):
@@ -82,6 +97,7 @@ class GatewaySettings(_Strict):
                                         "from this gateway process")
     max_queued_per_model: int = Field(512, ge=0, description="requests waiting for a slot; beyond "
                                       "this the gateway answers 429 at once")
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
 
 
 class RegistrySettings(_Strict):

@@ -24,7 +24,7 @@ from starlette.responses import Response
 
 from gateway.admission import AdmissionControl
 from gateway.api.admin import build_admin_router
-from gateway.api.console import mount_offline_docs
+from gateway.api.console import CONSOLE_WRITES, build_console_router, mount_offline_docs
 from gateway.api.edge import error_response, http_error_headers, problem_of, request_id_of
 from gateway.api.feedback import build_feedback_router
 from gateway.api.guard import RequestGuard
@@ -51,7 +51,8 @@ from serving import InferenceBackend
 __all__ = ["Gateway", "create_app"]
 
 # The front doors authenticate before reading and bound their own bodies (gateway.api.edge).
-SELF_GUARDED = frozenset({"/v1/moderate", "/v1/moderations", "/v1/chat/completions"})
+# The console's writes authenticate (session + CSRF token) before reading and bound their bodies.
+SELF_GUARDED = frozenset({"/v1/moderate", "/v1/moderations", "/v1/chat/completions", *CONSOLE_WRITES})
 ADMIN_MAX_BODY_BYTES = 1 << 20  # publishing a prompt file
 
 log = logging.getLogger("modgate.gateway")
@@ -160,6 +161,9 @@ def create_app(
                                             on_change=cache.refresh_now))
     app.include_router(build_ops_router(service, backend, preload_keys))
     mount_offline_docs(app)
+    if settings.console.enabled:
+        app.include_router(build_console_router(app, store, auth, service, settings, recorder=recorder,
+                                                feedback_log=feedback_log))
     return app
 
 

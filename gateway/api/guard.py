@@ -11,7 +11,9 @@
   through untouched here apart from the headers.
 - **Security headers on every response**: `X-Content-Type-Options: nosniff`,
   `Cache-Control: no-store`, and a CSP that forbids everything (JSON APIs need nothing;
-  `/docs` is left alone).
+  `/docs` is left alone). The console (`/console`) gets one that allows only its own origin:
+  its scripts and styles are files the gateway serves (no inline script, no CDN), and no page
+  may frame it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ __all__ = ["RequestGuard"]
 
 _SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store")]
 _CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
+_CONSOLE_CSP = (b"content-security-policy",
+                b"default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 _DOCS = ("/docs", "/redoc", "/openapi.json")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -52,7 +56,9 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        send = self._with_headers(send, csp=not path.startswith(_DOCS))
+        console = path == "/console" or path.startswith("/console/")
+        send = self._with_headers(send, csp=None if path.startswith(_DOCS) else
+                                  _CONSOLE_CSP if console else _CSP)
         if (scope["method"] not in _BODY_METHODS or path in self.self_guarded
                 or not any(route.matches(scope)[0] is Match.FULL for route in self.routes)):
             await self.app(scope, receive, send)
@@ -101,13 +107,13 @@ class RequestGuard:
                            f"{self.body_timeout_s:g}s") from None
 
     @staticmethod
-    def _with_headers(send: Send, *, csp: bool) -> Send:
+    def _with_headers(send: Send, *, csp: tuple[bytes, bytes] | None) -> Send:
         async def sending(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
                 headers += _SECURITY_HEADERS
-                if csp:
-                    headers.append(_CSP)
+                if csp is not None:
+                    headers.append(csp)
                 message["headers"] = headers
             await send(message)
 

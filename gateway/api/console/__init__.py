@@ -7,5 +7,7 @@ and `docs` (offline Swagger UI).
 """
 
 from gateway.api.console.docs import mount_offline_docs
+from gateway.api.console.routes import CONSOLE_WRITES, build_console_router
+from gateway.api.console.sessions import SessionStore
 
-__all__ = ["mount_offline_docs"]
+__all__ = ["CONSOLE_WRITES", "SessionStore", "build_console_router", "mount_offline_docs"]
