@@ -286,7 +286,8 @@ def test_eval_run_stores_scorecards_and_reports_the_gate(tmp_path: Path, monkeyp
         """The gold verdict, except v2 (marked STRICT, en-US only) calls counterfeits 'allow'."""
         strict = request.messages[0]["content"].startswith("STRICT")
         user = request.messages[-1]["content"]
-        row = next(r for r in rows if f"{r.title}\n" in user and r.description in user)
+        row = next(r for r in rows if json.dumps(r.title, ensure_ascii=False) in user
+                   and json.dumps(r.description, ensure_ascii=False) in user)
         decision, category = row.gold_decision, row.gold_category
         if strict and category == "counterfeit":
             decision, category = "allow", "none"
