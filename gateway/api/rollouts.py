@@ -1,4 +1,5 @@
-"""Admin API for rollouts: start, status, step, pause, resume, promote, abort, history.
+"""Admin API for rollouts: start, status, step, pause, resume, promote, abort, and the
+history (`GET /v1/prompts/{name}/rollouts`, `GET /v1/prompts/{name}/rollouts/{id}`).
 
 Reading needs `prompts:read`; starting or changing a rollout needs what moving `production`
 needs (`labels:write` and `labels:protected`), because a rollout puts a version in front of
@@ -22,7 +23,13 @@ from starlette.responses import Response
 
 from gateway.api.edge import ERROR_RESPONSES, json_response
 from gateway.auth import Authenticator
-from gateway.rollouts.ops import apply_action, rollout_status, start_rollout
+from gateway.rollouts.ops import (
+    apply_action,
+    rollout_detail,
+    rollout_history,
+    rollout_status,
+    start_rollout,
+)
 from gateway.rollouts.promotion import ADMIN_SCOPE, GateOverrideBody
 from prompt_registry import GateOverride, PromptStore
 from prompt_registry.models import MAX_VERSION
@@ -129,4 +136,24 @@ def build_rollout_router(store: PromptStore, auth: Authenticator, *, production_
         await changed(name)
         return json_response(await asyncio.to_thread(status_of, name))
 
-    return router
+    history = APIRouter(prefix="/v1/prompts/{name}/rollouts", tags=["rollouts"], responses=ERROR_RESPONSES)
+
+    @history.get("")
+    async def list_rollouts(name: str, authorization: AuthHeader = None, x_api_key: AuthHeader = None) -> Response:
+        """Every rollout of the prompt, finished ones included, newest first."""
+        await who(authorization, x_api_key, "prompts:read")
+        items = await asyncio.to_thread(rollout_history, store, name, production_label=production_label)
+        return json_response({"name": name, "rollouts": items})
+
+    @history.get("/{rollout_id}")
+    async def show_rollout(name: str, rollout_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")],
+                           authorization: AuthHeader = None, x_api_key: AuthHeader = None) -> Response:
+        """One rollout by id: what happened, what serves now, every transition with its evidence."""
+        await who(authorization, x_api_key, "prompts:read")
+        return json_response(await asyncio.to_thread(rollout_detail, store, name, rollout_id,
+                                                     production_label=production_label))
+
+    outer = APIRouter()
+    outer.include_router(router)
+    outer.include_router(history)
+    return outer

@@ -31,7 +31,14 @@ from gateway.cli.registry import (
     _store_and_config,
     gate_refused,
 )
-from gateway.rollouts.ops import apply_action, rollout_status, start_rollout
+from gateway.rollouts.ops import (
+    apply_action,
+    find_rollout,
+    rollout_detail,
+    rollout_history,
+    rollout_status,
+    start_rollout,
+)
 from prompt_registry import GateRefused
 from prompt_registry.rollouts import (
     UNPROVEN_MAX_WEIGHT,
@@ -48,7 +55,8 @@ rollouts_app = typer.Typer(
     help="Canary and shadow rollouts of a new prompt version.\n\n\b\n"
          "  modgate rollouts start listing-moderation --canary 2 --steps 5,25,50,100 --shadow 3:0.2\n"
          "  modgate rollouts status listing-moderation [--watch 5]\n"
-         "  modgate rollouts step|pause|resume|promote|abort listing-moderation\n\n"
+         "  modgate rollouts step|pause|resume|promote|abort listing-moderation\n"
+         "  modgate rollouts list [listing-moderation]; modgate rollouts show ID\n\n"
          "A running gateway judges the rollout by its gates and steps, promotes or aborts it by "
          "itself (--manual turns that off); every change, with its evidence, is in "
          "`modgate prompts audit`.")
@@ -142,22 +150,39 @@ def _latency(lat: dict[str, Any]) -> str:
     return text + (" (incl. old histogram buckets: upper estimates)" if lat.get("from_old_buckets") else "")
 
 
-def _print_status(st: dict[str, Any]) -> None:
-    r = st["rollout"]
-    canary = f"canary v{r['canary_version']} at {st['weight']}% (step {r['step_index'] + 1}/{len(r['steps'])})" \
-        if r["canary_version"] else "no canary"
-    typer.echo(f"{r['prompt']} rollout {r['id']} ({r['state']}, {'auto' if r['auto'] else 'manual'}): "
-               f"stable v{r['stable_version']}, {canary}")
-    if st["next_step_not_before"] and r["state"] == "running":
-        typer.echo(f"  next step not before {st['next_step_not_before']}; gates say: {st['would_decide'] or 'wait'}")
-    if r["state"] == "paused" and r.get("last_decision"):
-        typer.echo(f"  paused: {r['last_decision']}")
+def _print_arms(st: dict[str, Any]) -> None:
     s = st["stats"]
     for arm in ("stable", "canary"):
         a = s.get(arm) or {}
         if a:
             typer.echo(f"  {arm:<7} requests {a['requests']:<7} verdicts {a['verdicts']:<7} errors {a['errors']:<5} "
                        f"parse failures {a['parse_failures']:<5} {_latency(a.get('latency_ms') or {})}")
+
+
+def _print_status(st: dict[str, Any]) -> None:
+    r = st["rollout"]
+    if r["state"] not in ("running", "paused"):
+        typer.echo(f"{r['prompt']} rollout {r['id']} ({r['state']}): {st['outcome']}")
+        typer.echo(f"  started {r['started_at'][:19]} by {r['started_by'] or '-'}: stable v{r['stable_version']}, "
+                   f"canary {'v' + str(r['canary_version']) if r['canary_version'] else '-'}; "
+                   f"last decision: {r['last_decision'] or '-'}")
+        _print_arms(st)
+        final = st.get("final_evidence") or []
+        if final:
+            typer.echo("  gates at the last transition: "
+                       + ", ".join(f"{g['gate']} {g['verdict'].upper()}" for g in final))
+        return
+    canary = f"canary v{r['canary_version']} at {st['weight']}% (step {r['step_index'] + 1}/{len(r['steps'])})" \
+        if r["canary_version"] else "no canary"
+    typer.echo(f"{r['prompt']} rollout {r['id']} ({r['state']}, {'auto' if r['auto'] else 'manual'}): "
+               f"stable v{r['stable_version']}, {canary}")
+    typer.echo("  serving: " + ", ".join(f"v{x['version']} ({x['arm']}) {x['share']}%" for x in st["serving"]))
+    if st["next_step_not_before"] and r["state"] == "running":
+        typer.echo(f"  next step not before {st['next_step_not_before']}; gates say: {st['would_decide'] or 'wait'}")
+    if r["state"] == "paused" and r.get("last_decision"):
+        typer.echo(f"  paused: {r['last_decision']}")
+    _print_arms(st)
+    s = st["stats"]
     typer.echo("  gates:")
     for g in st["gates"]:
         lo, hi = g["interval"]
@@ -311,3 +336,48 @@ def promote_cmd(name: str, note: NoteOpt = "", actor: ActorOpt = None,
         st = rollout_status(store, name, production_label=label)
     _out(as_json, st, lambda: _print_status(st))
 
+
+
+@rollouts_app.command("list")
+def list_cmd(name: Annotated[str | None, typer.Argument(help="one prompt (default: every prompt)")] = None,
+             config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Every rollout, finished ones included, newest first: id, versions, state, when, by whom."""
+    with _store_and_config(config) as (store, cfg):
+        names = [name] if name else store.list_prompts()
+        label = cfg.gateway.default_label
+        rows = [{"prompt": n, **x} for n in names for x in rollout_history(store, n, production_label=label)]
+
+    def human() -> None:
+        if not rows:
+            typer.echo("no rollouts")
+        for x in rows:
+            canary = f"canary v{x['canary_version']}" if x["canary_version"] else "shadows only"
+            typer.echo(f"{x['id']:<14} {x['prompt']:<24} {x['state']:<9} stable v{x['stable_version']}, {canary}"
+                       f"  started {x['started_at'][:19]} by {x['started_by']}, {x['transitions']} transition(s)"
+                       f", last: {x['last_decision'] or '-'}")
+    _out(as_json, {"rollouts": rows}, human)
+
+
+@rollouts_app.command("show")
+def show_cmd(rollout_id: str,
+             prompt: Annotated[str | None, typer.Option("--prompt", help="the rollout's prompt (default: searched)")] = None,
+             config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """One rollout by id (`rollouts list`): what happened, what serves now, and every transition
+    with its gates."""
+    with _store_and_config(config) as (store, cfg):
+        name = prompt or find_rollout(store, rollout_id)
+        d = rollout_detail(store, name, rollout_id, production_label=cfg.gateway.default_label)
+
+    def human() -> None:
+        if d.get("rollout") is not None:
+            _print_status(d)
+        typer.echo("  transitions:")
+        for t in d["transitions"]:
+            gates = t.get("evidence") or []
+            verdicts = ", ".join(f"{g['gate']} {g['verdict']}" for g in gates)
+            gate = t.get("gate") or {}
+            typer.echo(f"    {t['at'][:19]} {t['actor']:<20} {t.get('action', '?'):<9} -> {t.get('state')}"
+                       f" at {t.get('weight', '-')}%" + (f"  [{verdicts}]" if verdicts else "")
+                       + (f"  promotion gate {gate.get('verdict')}" if gate else "")
+                       + (f"  {t['note']}" if t.get("note") else ""))
+    _out(as_json, d, human)

@@ -33,6 +33,7 @@ from pydantic import ValidationError
 from gateway.rollouts.recorder import flips_view
 from prompt_registry import GateOverride, GateRefused, GateReport, PromptNotFound, PromptStore
 from prompt_registry.gates import gate_report, move_label
+from prompt_registry.ops import summarize
 from prompt_registry.rollout_stats import build_rollout_stats
 from prompt_registry.rollouts import (
     UNPROVEN_MAX_WEIGHT,
@@ -46,7 +47,8 @@ from prompt_registry.rollouts import (
     new_rollout,
 )
 
-__all__ = ["ACTIONS", "apply_action", "decide", "needs_fallback", "rollout_status", "start_rollout"]
+__all__ = ["ACTIONS", "apply_action", "decide", "find_rollout", "needs_fallback", "rollout_detail",
+           "rollout_history", "rollout_status", "rollout_view", "start_rollout"]
 
 ACTIONS = ("step", "pause", "resume", "promote", "abort")
 
@@ -215,26 +217,184 @@ def decide(rollout: Rollout, gates: list[GateResult], now: datetime, *, proven: 
     return None
 
 
+def _serving(r: Rollout, production: int | None) -> list[dict[str, Any]]:
+    """Who answers callers now: version, arm and share of traffic (%)."""
+    if r.active and r.canary_version is not None and r.weight > 0:
+        return [{"version": r.stable_version, "arm": "stable", "share": 100 - r.weight},
+                {"version": r.canary_version, "arm": "canary", "share": r.weight}]
+    version = r.stable_version if r.active else production
+    return [] if version is None else [{"version": version, "arm": "stable", "share": 100}]
+
+
+def _outcome(store: PromptStore, r: Rollout, production: int | None, production_label: str) -> str:
+    """One sentence: what happened to the rollout and what serves now."""
+    if r.active:
+        if r.canary_version is None:
+            return f"{r.state}: shadows only; production v{r.stable_version} serves all traffic"
+        text = (f"{r.state}: canary v{r.canary_version} serves {r.weight}% of traffic, production "
+                f"v{r.stable_version} the rest")
+        return text + (f" ({r.last_decision})" if r.state == "paused" and r.last_decision else "")
+    when = r.updated_at.isoformat(timespec="seconds")
+    if r.state == "promoted":
+        text = f"promoted v{r.canary_version} to {production_label} at {when}"
+        if production == r.canary_version:
+            return f"{text}; v{production} serves all traffic"
+    else:
+        text = f"aborted at {when}; the canary got no more traffic"
+        if production == r.stable_version:
+            return f"{text}; production v{production} serves all traffic"
+    moves = [e for e in store.audit(r.prompt) if e.action == "label" and e.label == production_label
+             and e.at >= r.updated_at]
+    how = f" ({moves[-1].note or 'moved'} by {moves[-1].actor} at {moves[-1].at.isoformat(timespec='seconds')})" \
+        if moves else ""
+    return f"{text}; {production_label} has since moved to v{production}{how}, which serves all traffic"
+
+
 def rollout_status(store: PromptStore, prompt: str, *, flips: int = 20,
                    production_label: str = "production") -> dict[str, Any]:
-    """The rollout with its evidence; `promotion_gate` is what the promotion gate says of the
-    canary version now (None without an active canary)."""
-    r = _current(store, prompt)
+    """The prompt's current (or last) rollout with its evidence (`rollout_view`)."""
+    return rollout_view(store, _current(store, prompt), flips=flips, production_label=production_label)
+
+
+def rollout_view(store: PromptStore, r: Rollout, *, flips: int = 20,
+                 production_label: str = "production") -> dict[str, Any]:
+    """A rollout with its evidence. An active one: gates with what each still needs, the next
+    step, what the gates would decide, the promotion gate's verdict on the canary now. A
+    finished one: no live gates (nothing is decided any more); `outcome` says what happened
+    and `serving` what answers callers now, `final_evidence` the gates at its last transition."""
     stats = build_rollout_stats(store.rollout_stats(r.id))
-    gates = evaluate_gates(r, stats)
+    production = store.labels(prompt := r.prompt).get(production_label)
+    gates = evaluate_gates(r, stats) if r.active else []
     next_step = None
-    if r.active and r.canary_version is not None:
-        next_step = (r.step_started_at + timedelta(seconds=r.step_hold_s)).isoformat(timespec="seconds")
     promotion = None
     if r.active and r.canary_version is not None:
+        next_step = (r.step_started_at + timedelta(seconds=r.step_hold_s)).isoformat(timespec="seconds")
         promotion = gate_report(store, prompt, r.canary_version, production_label=production_label).as_dict()
+    final = None
+    if not r.active:
+        for t in reversed(_transitions(store, prompt, r.id)):
+            if t.get("evidence") is not None:
+                final = t["evidence"]
+                break
     return {
         "rollout": r.model_dump(mode="json"),
         "weight": r.weight,
+        "outcome": _outcome(store, r, production, production_label),
+        "serving": _serving(r, production),
         "stats": stats.as_dict(),
         "gates": [g.as_dict() for g in gates],
+        "final_evidence": final,
         "next_step_not_before": next_step,
-        "would_decide": decide(r, gates, datetime.now(UTC)),
+        "would_decide": decide(r, gates, datetime.now(UTC)) if r.active else None,
         "promotion_gate": promotion,
         "flips": [f.as_dict() for f in flips_view(store.rollout_flips(r.id, flips))],
     }
+
+
+# -- history ------------------------------------------------------------------------------
+
+def _rollout_entries(store: PromptStore, prompt: str) -> list[tuple[str | None, dict[str, Any]]]:
+    """Every rollout audit entry of *prompt* as (rollout id or None, transition). Entries
+    written before the notes carried the rollout have no id; a plain-text note starts one."""
+    out: list[tuple[str | None, dict[str, Any]]] = []
+    for e in store.audit(prompt):
+        if e.action != "rollout":
+            continue
+        try:
+            d = orjson.loads(e.note) if e.note.startswith("{") else None
+        except orjson.JSONDecodeError:
+            d = None
+        if not isinstance(d, dict):
+            d = {"action": "start", "note": e.note}
+        snapshot = d.get("rollout")
+        rid = snapshot.get("id") if isinstance(snapshot, dict) else None
+        t = {"at": e.at.isoformat(timespec="seconds"), "actor": e.actor, "state": e.label,
+             "stable_version": e.from_version, "canary_version": e.to_version, **d}
+        out.append((rid if isinstance(rid, str) else None, t))
+    return out
+
+
+def _grouped(store: PromptStore, prompt: str) -> dict[str, list[dict[str, Any]]]:
+    """Transitions per rollout id, oldest first. Old entries without an id are grouped from
+    one start to the next under "legacy-N"; the current rollout claims the last such group
+    when its own start predates the JSON notes."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    legacy = 0
+    current_legacy: str | None = None
+    for rid, t in _rollout_entries(store, prompt):
+        if rid is None:
+            if t.get("action") == "start" or current_legacy is None:
+                legacy += 1
+                current_legacy = f"legacy-{legacy}"
+            rid = current_legacy
+        else:
+            current_legacy = None
+        groups.setdefault(rid, []).append(t)
+    current = store.get_rollout(prompt)
+    if current is not None and current.id not in groups and legacy:
+        groups[current.id] = groups.pop(f"legacy-{legacy}")
+    return groups
+
+
+def _transitions(store: PromptStore, prompt: str, rollout_id: str) -> list[dict[str, Any]]:
+    return _grouped(store, prompt).get(rollout_id, [])
+
+
+def _snapshot(store: PromptStore, prompt: str, rollout_id: str,
+              transitions: list[dict[str, Any]]) -> Rollout | None:
+    current = store.get_rollout(prompt)
+    if current is not None and current.id == rollout_id:
+        return current
+    for t in reversed(transitions):
+        try:
+            return Rollout.model_validate(t["rollout"])
+        except (KeyError, ValidationError):
+            continue
+    return None
+
+
+def rollout_history(store: PromptStore, prompt: str, *, production_label: str = "production") -> list[dict[str, Any]]:
+    """Every rollout of *prompt*, newest first: id, versions, state, when and by whom, the
+    last decision and the number of transitions (`rollout_detail` shows one in full)."""
+    summarize(store, prompt)  # PromptNotFound for an unknown prompt
+    out = []
+    for rid, ts in _grouped(store, prompt).items():
+        r = _snapshot(store, prompt, rid, ts)
+        first, last = ts[0], ts[-1]
+        out.append({
+            "id": rid, "state": r.state if r else last.get("state"),
+            "stable_version": r.stable_version if r else first.get("stable_version"),
+            "canary_version": r.canary_version if r else first.get("canary_version"),
+            "shadows": [s.version for s in r.shadows] if r else [],
+            "started_at": first["at"], "started_by": first["actor"], "updated_at": last["at"],
+            "last_decision": r.last_decision if r else last.get("action", ""),
+            "weight": r.weight if r else 0, "transitions": len(ts),
+        })
+    return out[::-1]
+
+
+def rollout_detail(store: PromptStore, prompt: str, rollout_id: str, *, flips: int = 20,
+                   production_label: str = "production") -> dict[str, Any]:
+    """One rollout by id, finished ones included: its view (`rollout_view`) and every
+    transition with its evidence and gate verdicts."""
+    transitions = _transitions(store, prompt, rollout_id)
+    r = _snapshot(store, prompt, rollout_id, transitions)
+    if r is None:
+        if not transitions:
+            raise PromptNotFound(f"prompt {prompt!r} has no rollout {rollout_id!r}")
+        return {"rollout": None, "transitions": _public(transitions)}
+    return {**rollout_view(store, r, flips=flips, production_label=production_label),
+            "transitions": _public(transitions)}
+
+
+def find_rollout(store: PromptStore, rollout_id: str) -> str:
+    """The prompt a rollout id belongs to (for `modgate rollouts show ID`)."""
+    for prompt in store.list_prompts():
+        if rollout_id in _grouped(store, prompt):
+            return prompt
+    raise PromptNotFound(f"no rollout {rollout_id!r}")
+
+
+def _public(transitions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Transitions without the full rollout snapshot each carries (the view has the final one)."""
+    return [{k: v for k, v in t.items() if k != "rollout"} for t in transitions]

@@ -163,7 +163,16 @@ def test_canary_with_shadow_promotes_itself(config_path: Path, gateway: Gateway,
     assert gateway.store.labels("listing-moderation")["production"] == v2
 
     human = run(config_path, "rollouts", "status", "listing-moderation")
-    assert "(promoted, auto)" in human and "PASS" in human
+    assert f"(promoted): promoted v{v2} to production at" in human and f"v{v2} serves all traffic" in human
+    assert "WAIT" not in human and "gates at the last transition: error_rate PASS" in human
+    # history: every rollout, by id, with its transitions (#16)
+    rid = status["rollout"]["id"]
+    listed = json.loads(run(config_path, "rollouts", "list", "listing-moderation", "--json"))["rollouts"]
+    assert [(x["id"], x["state"], x["transitions"]) for x in listed] == [(rid, "promoted", 4)]
+    shown = json.loads(run(config_path, "rollouts", "show", rid, "--json"))
+    assert [t["action"] for t in shown["transitions"]] == ["start", "step", "step", "promote"]
+    assert shown["transitions"][-1]["gate"]["verdict"] == "pass"
+    assert "transitions:" in run(config_path, "rollouts", "show", rid)
     audit = json.loads(run(config_path, "prompts", "audit", "listing-moderation", "--json"))["entries"]
     rollout_notes = [json.loads(e["note"]) for e in audit if e["action"] == "rollout" and e["note"].startswith("{")]
     assert [n["action"] for n in rollout_notes] == ["start", "step", "step", "promote"]
@@ -173,6 +182,11 @@ def test_canary_with_shadow_promotes_itself(config_path: Path, gateway: Gateway,
     assert rollout_notes[-1]["gate"]["verdict"] == "pass"
     assert audit[-2]["note"].startswith(
         f"promoted by rollout {status['rollout']['id']} | gate passed on dataset e08b6d315ed6 (8 checks)")
+    # production rolled back: the status says so, and what serves now
+    run(config_path, "prompts", "rollback", "listing-moderation", "production")
+    after = json.loads(run(config_path, "rollouts", "status", "listing-moderation", "--json"))
+    assert "production has since moved to v1" in after["outcome"] and "rollback" in after["outcome"]
+    assert after["serving"] == [{"version": 1, "arm": "stable", "share": 100}]
 
 
 def _admin_key(config_path: Path) -> str:
@@ -255,7 +269,11 @@ def test_parse_failure_spike_aborts_the_canary(config_path: Path, gateway: Gatew
     assert gateway.store.labels("listing-moderation")["production"] == 1
     status = json.loads(run(config_path, "rollouts", "status", "listing-moderation", "--json"))
     assert status["rollout"]["state"] == "aborted" and status["weight"] == 0
-    failing = [g for g in status["gates"] if g["verdict"] == "fail"]
+    assert status["gates"] == [] and status["would_decide"] is None  # finished: nothing to decide
+    assert status["outcome"].startswith("aborted at") and status["outcome"].endswith(
+        "production v1 serves all traffic")
+    assert status["serving"] == [{"version": 1, "arm": "stable", "share": 100}]
+    failing = [g for g in status["final_evidence"] if g["verdict"] == "fail"]
     assert failing and failing[0]["gate"] == "parse_failure_rate" and failing[0]["interval"][0] > 0.02
     assert all(gateway.moderate(i)["arm"] == "stable" for i in range(200, 230))
 
@@ -363,7 +381,7 @@ def test_reviewer_feedback_drives_precision_gate(config_path: Path, tmp_path: Pa
         assert gw.tick() == [("listing-moderation", "abort")]
         status = json.loads(run(config_path, "rollouts", "status", "listing-moderation", "--json"))
         assert status["rollout"]["id"] == rollout_id
-        failing = [g for g in status["gates"] if g["verdict"] == "fail"]
+        failing = [g for g in status["final_evidence"] if g["verdict"] == "fail"]
         assert failing and failing[0]["gate"].startswith("imprecision[")
         lines = [json.loads(x) for f in (load_config(config_path).data_path() / "feedback").glob("*.jsonl")
                  for x in f.read_text().splitlines()]

@@ -117,3 +117,26 @@ def test_a_canary_above_the_cap_whose_gate_stops_passing_is_put_back(env: Env) -
     st = client.get(URL, headers=keys["lead"]).json()
     assert st["weight"] == 20 and st["rollout"]["state"] == "paused"
     assert "does not pass its promotion gate" in st["rollout"]["last_decision"]
+
+
+def test_every_rollout_is_kept_and_shown_by_id(env: Env) -> None:
+    """#16: earlier rollouts survived only as JSON notes in the audit log, and status after a
+    finished rollout still showed WAIT gates."""
+    client, keys, store = env
+    ids = []
+    for _ in range(2):
+        r = client.post(URL, json={"canary_version": 2, "steps": [10, 50], "override": {"reason": "r"}},
+                        headers=keys["admin"])
+        ids.append(r.json()["rollout"]["id"])
+        assert client.post(f"{URL}/abort", json={"note": "enough"}, headers=keys["lead"]).status_code == 200
+    listed = client.get("/v1/prompts/listing-moderation/rollouts", headers=keys["lead"]).json()["rollouts"]
+    assert [(x["id"], x["state"], x["transitions"]) for x in listed] == [(ids[1], "aborted", 2), (ids[0], "aborted", 2)]
+    shown = client.get(f"/v1/prompts/listing-moderation/rollouts/{ids[0]}", headers=keys["lead"]).json()
+    assert shown["rollout"]["id"] == ids[0] and shown["gates"] == [] and shown["would_decide"] is None
+    assert [(t["action"], t["state"], t["actor"]) for t in shown["transitions"]] == [
+        ("start", "running", "admin"), ("abort", "aborted", "lead")]
+    assert shown["transitions"][1]["note"] == "enough"
+    assert "GATE OVERRIDDEN by admin" in shown["transitions"][0]["gate_note"]
+    assert shown["serving"] == [{"version": 1, "arm": "stable", "share": 100}]
+    assert client.get("/v1/prompts/listing-moderation/rollouts/nope", headers=keys["lead"]).status_code == 404
+    assert client.get("/v1/prompts/listing-moderation/rollouts", headers=keys["caller"]).status_code == 403
