@@ -491,7 +491,7 @@ class FileCursorStore:
 
     def save(self, data: bytes) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -566,6 +566,8 @@ class WebhookDispatcher:
         self._subscription: Any = None
         self._session: aiohttp.ClientSession | None = None
         self._scan_lock: asyncio.Lock | None = None
+        self._save_lock = asyncio.Lock()
+        self._saving: asyncio.Future[None] | None = None  # the cursor write in progress
         self._registry = r = registry if registry is not None else CollectorRegistry()
         self._m_events = Counter("modgate_webhook_events", "Events read from the audit log, by type",
                                  ["type"], registry=r)
@@ -844,17 +846,33 @@ class WebhookDispatcher:
         return True
 
     async def _save_cursor(self) -> None:
-        if not self._cursor_dirty:
-            return
-        self._cursor_dirty = False
+        """Write the cursor if it moved. One write at a time and in order, and a write whose
+        waiter was cancelled (shutdown) is waited for before the next one, so an older cursor
+        can never land after a newer one, nor after aclose() returned."""
+        async with self._save_lock:
+            if self._saving is not None:  # its waiter was cancelled: wait here instead
+                try:
+                    await asyncio.shield(self._saving)
+                except Exception:
+                    self._cursor_dirty = True
+                self._saving = None
+            if not self._cursor_dirty:
+                return
+            self._cursor_dirty = False
+            await self._write_cursor()
+
+    async def _write_cursor(self) -> None:
         data = orjson.dumps({"format": _CURSOR_FORMAT, "prompts": {
             name: {"consumed": c.consumed, "digest": c.digest}
             for name, c in sorted(self._cursors.items())}}, option=orjson.OPT_INDENT_2)
+        self._saving = saving = asyncio.ensure_future(
+            self._read(functools.partial(self._cursor_store.save, data)))
         try:
-            await self._read(functools.partial(self._cursor_store.save, data))
+            await asyncio.shield(saving)  # cancelled: the write goes on, the next save waits
         except (OSError, RegistryError, TimeoutError):
             self._cursor_dirty = True
             log.exception("webhooks: cursor not saved")
+        self._saving = None
 
     # -- delivering ------------------------------------------------------------------------
 
