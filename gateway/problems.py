@@ -20,12 +20,15 @@ from dataclasses import dataclass
 
 from gateway.decision_log import DecisionLogUnavailable
 from prompt_registry import (
+    GatePolicyConflict,
+    GatePolicyInvalid,
     LabelConflict,
     PromptFileError,
     PromptNotFound,
     RenderError,
     StoreUnavailable,
     TemplateRejected,
+    UnservedModel,
 )
 from prompt_registry.gates import GateRefused
 from prompt_registry.ops import NothingToRollBack
@@ -152,11 +155,14 @@ PROBLEM_TABLE: dict[type[BaseException], ProblemSpec] = {
     UnknownModel: ProblemSpec(422, "unknown_model", False, "a prompt names a model the serving layer does not run (the message lists the served ones)"),
     PromptNotFound: ProblemSpec(404, "not_found", False, "a registry object does not exist (admin API)"),
     LabelConflict: ProblemSpec(409, "label_conflict", False, "a label moved since it was read (compare-and-set lost)"),
+    GatePolicyConflict: ProblemSpec(409, "gate_policy_conflict", False, "the prompt's gate policy changed since it was read (compare-and-set lost)"),
     GateRefused: ProblemSpec(409, "promotion_gate_failed", False, "the promotion gate refused a production move"),
     NothingToRollBack: ProblemSpec(409, "nothing_to_roll_back", False, "the label has no earlier version"),
     RolloutConflict: ProblemSpec(409, "rollout_conflict", False, "another rollout of the prompt is active"),
     RolloutError: ProblemSpec(409, "rollout_state", False, "the rollout's state does not allow the action"),
     PromptFileError: ProblemSpec(422, "invalid_prompt", False, "a published prompt fails validation"),
+    UnservedModel: ProblemSpec(422, "unknown_model", False, "a prompt names a model the serving layer does not run (the message lists the served ones)"),
+    GatePolicyInvalid: ProblemSpec(422, "invalid_gate_policy", False, "a gate policy fails validation"),
     TemplateRejected: ProblemSpec(422, "template_rejected", False, "a template uses what the sandbox forbids"),
     RenderError: ProblemSpec(422, "render_error", False, "the prompt could not be rendered with these variables"),
     CallerRateLimited: ProblemSpec(429, "rate_limited", True, "the key's request rate is over its limit"),
@@ -220,8 +226,9 @@ EDGE_PROBLEMS: dict[str, tuple[frozenset[int], str]] = {
 def error_types_markdown() -> str:
     """The table of every error `type` the gateway answers, for docs/failure-semantics.md
     (generated, and checked by a test: `python -m gateway.problems` prints it)."""
-    rows = [(spec.status, spec.type, "yes" if spec.retryable else "no", spec.summary, "raised inside")
-            for spec in PROBLEM_TABLE.values()]
+    by_type = {spec.type: (spec.status, spec.type, "yes" if spec.retryable else "no", spec.summary,
+                           "raised inside") for spec in reversed(PROBLEM_TABLE.values())}
+    rows = list(by_type.values())
     rows += [(min(statuses), kind, "no", summary,
               "HTTP adapter" + (f" ({' or '.join(str(s) for s in sorted(statuses))})" if len(statuses) > 1 else ""))
              for kind, (statuses, summary) in EDGE_PROBLEMS.items() if kind not in {r[1] for r in rows}]

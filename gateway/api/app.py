@@ -153,7 +153,8 @@ def create_app(
     app.include_router(build_openai_router(service, tracer, metrics, list(models or [])))
     app.include_router(build_admin_router(store, auth, protected_labels=settings.protected_labels,
                                           production_label=settings.default_label,
-                                          on_change=cache.refresh_now))
+                                          on_change=cache.refresh_now,
+                                          served_models=list(models) if models else None))
     app.include_router(build_feedback_router(store, auth, recorder, feedback_log, cache=cache,
                                              default_prompt=settings.default_prompt,
                                              default_label=settings.default_label))

@@ -119,7 +119,8 @@ def _open_store(cfg: AppConfig) -> PromptStore:
     seed = cfg.seed_path()
     if seed is not None:
         try:
-            names = seed_store(store, seed, label=cfg.gateway.default_label)
+            names = seed_store(store, seed, label=cfg.gateway.default_label,
+                               served_models=[m.name for m in cfg.serving.models])
         except PromptFileError as exc:
             _err(str(exc))
             raise typer.Exit(2) from None

@@ -313,27 +313,18 @@ def test_a_version_cannot_define_its_own_gate(env: tuple[TestClient, dict, Sqlit
                     f"policy r1 (policy {done['after']['sha256'][:12]})]")
 
 
-def test_publishing_a_model_the_serving_layer_does_not_serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from functools import partial
-
-    import gateway.api.app as app_module
-    from gateway.api.admin import build_admin_router
-
-    # create_app passes the configured models once the lead wires it; here the router gets them
-    monkeypatch.setattr(app_module, "build_admin_router",
-                        partial(build_admin_router, served_models=["tiny-llama"]))
+def test_publishing_a_model_the_serving_layer_does_not_serve(tmp_path: Path) -> None:
     store = SqlitePromptStore(tmp_path / "r.db")
     seed_store(store, ROOT / "configs" / "prompts")
     key, record = generate_key("author", ["prompts:publish"], created_by="test")
     store.put_key(record)
     data = yaml.safe_load(PROMPT.read_text())
     data["model"] = "qwen-does-not-exist"
-    with TestClient(create_app(GatewaySettings(), store, FakeBackend())) as client:
+    with TestClient(create_app(GatewaySettings(), store, FakeBackend(), models=["tiny-llama"])) as client:
         r = client.post("/v1/prompts", content=yaml.safe_dump(data, allow_unicode=True),
                         headers={"authorization": f"Bearer {key}", "content-type": "application/yaml"})
     assert r.status_code == 422, r.text
-    # gateway.problems will name it unknown_model; until then a prompt failing validation
-    assert r.json()["error"]["type"] in ("unknown_model", "invalid_prompt")
+    assert r.json()["error"]["type"] == "unknown_model"
     assert r.json()["error"]["message"] == (
         "listing-moderation names model 'qwen-does-not-exist', which the serving layer does not "
         "serve (served: tiny-llama)")
