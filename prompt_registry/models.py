@@ -262,6 +262,17 @@ class PromptSpec(_Strict):
         used = match_locale(locale, self.locales, self.default_locale)
         return used, (self.messages if used == self.default_locale else self.locales[used].messages)
 
+    def check_renders(self) -> None:
+        """Publish-time proof that every locale's templates render with sample values and stay
+        under the rendered-size cap in their worst case (`render.check_renders`); raises
+        TemplateRejected. Not a validator: a version stored before the check existed must
+        still load (and is capped at render time like any other)."""
+        from prompt_registry.render import check_renders
+
+        check_renders(self.messages, self.variables)
+        for loc, variant in self.locales.items():
+            check_renders(variant.messages, self.variables, where=f"locales.{loc}.")
+
     def content_hash(self) -> str:
         """Hash of what changes behaviour, or how a version is judged; the change note and
         author do not count. A spec without an evaluation block hashes as it did before the

@@ -205,6 +205,7 @@ class RedisPromptStore:
 
     # -- writer ---------------------------------------------------------------------------
     def publish(self, spec: PromptSpec, *, actor: str, note: str = "") -> PublishResult:
+        spec.check_renders()  # publish-time only: versions already stored keep loading
         digest = spec.content_hash()
         now = _now()
         record = orjson.dumps({"content_hash": digest, "spec": spec.model_dump(mode="json"),

@@ -199,6 +199,7 @@ class SqlitePromptStore:
     # -- writer ---------------------------------------------------------------------------
     @_wrap_errors
     def publish(self, spec: PromptSpec, *, actor: str, note: str = "") -> PublishResult:
+        spec.check_renders()  # publish-time only: versions already stored keep loading
         digest = spec.content_hash()
         with self._tx() as con:
             row = con.execute(

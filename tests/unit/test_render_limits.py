@@ -61,11 +61,15 @@ def test_the_rendered_prompt_is_capped() -> None:
 
 
 @pytest.fixture
-def client(store: SqlitePromptStore, caller_key: str, example_spec: PromptSpec) -> Iterator[TestClient]:
-    """A prompt whose user message pipes an integer-able variable into a filter that breaks."""
+def client(store: SqlitePromptStore, caller_key: str, example_spec: PromptSpec,
+           monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    """A stored version whose template breaks at render: one published before publishing
+    checked renders (the check is switched off here to store it), as registries may hold."""
     spec = example_spec.model_copy(update={"name": "broken-filter", "messages": _user(
         "{{ title|truncate(1) }} {{ description }}"), "locales": {}, "evaluation": None})
-    store.publish(spec, actor="test")
+    with monkeypatch.context() as m:
+        m.setattr(PromptSpec, "check_renders", lambda self: None)
+        store.publish(spec, actor="test")
     store.set_label("broken-filter", "production", 1, actor="test")
     with TestClient(create_app(GatewaySettings(), store, FakeBackend()), raise_server_exceptions=False,
                     headers={"authorization": f"Bearer {caller_key}"}) as c:
@@ -98,3 +102,13 @@ def test_seller_text_cannot_close_its_block(example_spec: PromptSpec, locale: st
     obj = json.loads(user[user.index("{"):user.rindex("}") + 1])
     assert obj == {"title": evil, "description": "描述 \\ \" }"}
     assert "描述" in user  # non-ASCII stays readable for the model
+
+
+def test_publishing_refuses_a_template_that_cannot_render(store: SqlitePromptStore,
+                                                          example_spec: PromptSpec) -> None:
+    for template in ("{{ title|truncate(1) }}", "{{ description }}" * 200):
+        spec = example_spec.model_copy(update={"name": "bad-template", "locales": {},
+                                               "evaluation": None, "messages": _user(template)})
+        with pytest.raises(TemplateRejected):
+            store.publish(spec, actor="test")
+    assert "bad-template" not in store.list_prompts()
