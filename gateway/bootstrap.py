@@ -33,11 +33,12 @@ def build_backend(cfg: AppConfig, metrics: Metrics) -> InferenceBackend:
     from serving.resilience import ResilientBackend
 
     api_key = os.environ.get(cfg.serving.api_key_env) if cfg.serving.api_key_env else None
-    inner: InferenceBackend = OpenAIHttpBackend(cfg.serving.resolved_base_url(), api_key=api_key)
+    http = OpenAIHttpBackend(cfg.serving.resolved_base_url(), api_key=api_key)
+    inner: InferenceBackend = http
     if cfg.serving.mode == "ray" and cfg.serving.transport == "handle":
         from serving.ray_handle_backend import RayHandleBackend
 
-        inner = RayHandleBackend(cfg.serving.ray.app_name, stream_fallback=inner,
+        inner = RayHandleBackend(cfg.serving.ray.app_name, stream_fallback=http,
                                  batch=cfg.serving.handle_batch)
     return ResilientBackend(inner, cfg.serving.resilience, registry=metrics.registry)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.util.types import AnyValue
 
 from gateway.admission import AdmissionControl
 from gateway.problems import ModelSaturated
@@ -103,7 +104,7 @@ class ModerationPipeline:
                                                 priority=priority)
             if sampling:
                 chat = replace(chat, **sampling)
-        span_attrs = {
+        span_attrs: dict[str, AnyValue] = {
             Attr.GEN_AI_OPERATION: "chat", Attr.GEN_AI_PROVIDER: "vllm",
             Attr.GEN_AI_REQUEST_MODEL: chat.model, Attr.GEN_AI_REQUEST_MAX_TOKENS: chat.max_tokens,
             Attr.GEN_AI_REQUEST_TEMPERATURE: chat.temperature, Attr.PROMPT_NAME: version.name,
@@ -126,7 +127,7 @@ class ModerationPipeline:
         return self._finish(version, label, arm, used_locale, resolved.stale, verdict, result, labels)
 
     async def call_backend(self, chat: ChatRequest, labels: dict[str, str], deadline: float,
-                           span_attrs: dict[str, object] | None = None) -> ChatResult:
+                           span_attrs: Mapping[str, AnyValue] | None = None) -> ChatResult:
         """One backend call as a client span, with the in-flight gauge and the `backend` stage
         histogram; the caller holds the admission slot."""
         called = time.perf_counter()

@@ -16,11 +16,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypedDict
 
 from prompt_registry import PromptNotFound, PromptVersion, StoreUnavailable
 from prompt_registry.rollouts import Rollout
@@ -60,6 +61,15 @@ class CacheStats:
     refresh_failures: int = 0
     stale_served: int = 0
     events: int = 0
+
+
+class CacheEntryInfo(TypedDict):
+    """One cached prompt label as `PromptCache.snapshot` reports it (/v1/ops/prompt-cache)."""
+    prompt: str
+    label: str
+    version: int
+    age_s: float
+    stale: bool
 
 
 class PromptCache:
@@ -166,7 +176,7 @@ class PromptCache:
         if fut is None:
             fut = asyncio.ensure_future(self._fetch_rollout(name))
             self._rollout_inflight[name] = fut
-            fut.add_done_callback(lambda f, n=name: self._rollout_done(n, f))
+            fut.add_done_callback(functools.partial(self._rollout_done, name))
         return fut
 
     def _rollout_done(self, name: str, fut: asyncio.Future[Rollout | None]) -> None:
@@ -195,7 +205,7 @@ class PromptCache:
         if fut is None:
             fut = asyncio.ensure_future(self._fetch(key))
             self._inflight[key] = fut
-            fut.add_done_callback(lambda f, k=key: self._done(k, f))
+            fut.add_done_callback(functools.partial(self._done, key))
         return fut
 
     def _done(self, key: tuple[str, str], fut: asyncio.Future[PromptVersion]) -> None:
@@ -254,7 +264,8 @@ class PromptCache:
         process (admin API), its next request must already see the change."""
         self.on_change(name)
         for _ in range(5):  # a read already in flight when the write landed is read again
-            futures = [f for k, f in self._inflight.items() if k[0] == name]
+            futures: list[Awaitable[object]] = [
+                f for k, f in self._inflight.items() if k[0] == name]
             if name in self._rollout_inflight:
                 futures.append(self._rollout_inflight[name])
             if not futures:
@@ -266,7 +277,7 @@ class PromptCache:
             if name in self._rollout_dirty:
                 self._refresh_rollout(name)
 
-    def snapshot(self) -> list[dict[str, object]]:
+    def snapshot(self) -> list[CacheEntryInfo]:
         now = self._clock()
         return [{"prompt": k[0], "label": k[1], "version": e.version.version,
                  "age_s": round(now - e.fetched_at, 3), "stale": e.failing}

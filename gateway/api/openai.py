@@ -217,7 +217,8 @@ def _response_format(raw: Any) -> dict[str, Any] | None:
         return {"type": "json_object"}
     if kind == "json_schema" and isinstance(raw.get("json_schema"), dict) \
             and isinstance(raw["json_schema"].get("schema"), dict):
-        return raw
+        schema_format: dict[str, Any] = raw
+        return schema_format
     raise _invalid("'response_format' must be {type: text | json_object | json_schema} "
                    "(json_schema with a 'schema' object)", "response_format")
 

@@ -66,7 +66,10 @@ class _Verdict:
         return f"v{self.version} {self.arm} {verdict_text(self.decision, self.category, self.error_type)}"
 
 
-def _verdict(rec: DecisionRecord) -> _Verdict:
+def _verdict(rec: DecisionRecord) -> _Verdict | None:
+    """The verdict of a moderation record; None for a raw_chat record (no prompt, no verdict)."""
+    if rec.prompt_name is None or rec.prompt_version is None:
+        return None
     return _Verdict(ts=rec.ts, request_id=rec.request_id, item_id=rec.item_id,
                     prompt=rec.prompt_name, version=rec.prompt_version, arm=rec.arm,
                     decision=rec.decision, category=rec.category, error_type=rec.error_type,
@@ -103,10 +106,13 @@ def find_disagreements(records: Iterable[DecisionRecord], labels: dict[str, Feed
         if prompt is not None and rec.prompt_name != prompt:
             continue
         n += 1
+        verdict = _verdict(rec)
+        if verdict is None:
+            continue
         if rec.arm == "shadow" and rec.shadow_of:
-            shadows.setdefault(rec.shadow_of, []).append(_verdict(rec))
+            shadows.setdefault(rec.shadow_of, []).append(verdict)
         else:
-            primaries[rec.request_id] = _verdict(rec)
+            primaries[rec.request_id] = verdict
     by_item: dict[str, Disagreement] = {}
     counts: dict[str, int] = {}
     for rid in dict.fromkeys([*primaries, *shadows]):
@@ -197,19 +203,20 @@ def read_content(path: Path) -> tuple[dict[str, ListingContent], list[str]]:
         return {}, [f"{path}: unknown format: use .csv (with a header row) or .jsonl"]
     content: dict[str, ListingContent] = {}
     for n, data in records:
-        values = {k: data.get(k) for k in CONTENT_FIELDS}
-        bad = [k for k, v in values.items() if v is not None and not isinstance(v, str)]
+        raw = {k: data.get(k) for k in CONTENT_FIELDS}
+        bad = [k for k, v in raw.items() if v is not None and not isinstance(v, str)]
         if bad:
             problems.append((n, f"{path}:{n}: {', '.join(bad)}: must be text"))
             continue
-        item_id = (values["item_id"] or "").strip()  # type: ignore[union-attr]
+        values = {k: v for k, v in raw.items() if isinstance(v, str)}  # absent or null: missing
+        item_id = values.get("item_id", "").strip()
         if not item_id:
             problems.append((n, f"{path}:{n}: item_id: required, but empty or missing"))
             continue
         content[item_id] = ListingContent(
-            item_id=item_id, title=str(values["title"] or ""),
-            description=str(values["description"] or ""),
-            locale=str(values["locale"] or "").strip(), seller_id=str(values["seller_id"] or "").strip())
+            item_id=item_id, title=values.get("title", ""),
+            description=values.get("description", ""),
+            locale=values.get("locale", "").strip(), seller_id=values.get("seller_id", "").strip())
     return content, [text for _, text in sorted(problems, key=lambda p: p[0])]
 
 

@@ -155,6 +155,8 @@ class LiveQualityAccumulator:
         self.matched: set[str] = set()
 
     def add(self, rec: DecisionRecord) -> None:
+        if rec.prompt_name is None or rec.prompt_version is None:
+            return  # a raw_chat record: no prompt, no verdict, nothing to score
         key = (rec.prompt_name, rec.prompt_version, rec.arm)
         self.totals[key] = self.totals.get(key, 0) + 1
         rid = labelled_request(rec)

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict, cast
 
 from gateway.decision_log import DecisionRecord
 from gateway.quality.evaluation.report import _ci, _f, _pct, _table, pr_plot
@@ -84,7 +84,7 @@ class OpsReport:
     live: list[LiveQuality]
     feedback_labels: int                  # labels read
     feedback_matched: int                 # of which for a request in the window
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[RegistryEvent] = field(default_factory=list)
     rollouts: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)   # what the reader must know (skipped lines...)
     frame: Any = None                     # pandas DataFrame of the decisions (for the plots)
@@ -142,7 +142,8 @@ def build_report(records: Iterable[DecisionRecord], labels: dict[str, FeedbackLa
     if len(df):
         df["ts"] = pd.to_datetime(df["ts"], utc=True)
         caller = df[df["arm"] != "shadow"].groupby("prompt").size().to_dict()
-        for (p, v, arm), g in df.groupby(["prompt", "version", "arm"], sort=False):
+        for key, g in df.groupby(["prompt", "version", "arm"], sort=False):
+            p, v, arm = cast(tuple[str, int, str], key)  # the values of the grouping columns
             n = len(g)
             answered = g[g["decision"].notna()]
             errors = n - len(answered)
@@ -180,16 +181,28 @@ def build_report(records: Iterable[DecisionRecord], labels: dict[str, FeedbackLa
 # -- rollout events (from the registry) --------------------------------------------------------
 
 
+class RegistryEvent(TypedDict):
+    """One audit entry of the window as the report shows it (see `registry_events`)."""
+    at: datetime  # always timezone-aware
+    prompt: str
+    action: str
+    label: str | None
+    from_version: int | None
+    to_version: int | None
+    actor: str
+    note: str
+
+
 class RegistryHistory(PromptReader, RolloutReader, Protocol):
     """What the report reads from the registry (audit log, rollouts): read facets only, since
     an offline report must not be able to change what it reports on."""
 
 
 def registry_events(store: RegistryHistory, prompts: Sequence[str], start: datetime,
-                    end: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                    end: datetime) -> tuple[list[RegistryEvent], list[dict[str, Any]]]:
     """Audit entries of *prompts* inside [start, end), oldest first, and each prompt's current
     (or last) rollout."""
-    events: list[dict[str, Any]] = []
+    events: list[RegistryEvent] = []
     rollouts: list[dict[str, Any]] = []
     for name in prompts:
         for e in store.audit(name):
@@ -210,7 +223,7 @@ def registry_events(store: RegistryHistory, prompts: Sequence[str], start: datet
     return events, rollouts
 
 
-def _event_text(e: dict[str, Any]) -> str:
+def _event_text(e: RegistryEvent) -> str:
     if e["action"] == "publish":
         return f"published v{e['to_version']}"
     if e["action"] == "label":
@@ -378,9 +391,9 @@ def _time_axis(ax: Any, rep: OpsReport) -> None:
     import matplotlib.dates as mdates
 
     ax.set_xlim(rep.start, rep.end)
-    locator = mdates.AutoDateLocator()
+    locator = mdates.AutoDateLocator()  # type: ignore[no-untyped-call]  # matplotlib.dates is unannotated
     ax.xaxis.set_major_locator(locator)
-    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
     for at, text in _event_marks(rep):
         ax.axvline(at, color="#555", linestyle="--", linewidth=0.8)
         ax.annotate(text, (at, 0.98), xycoords=("data", "axes fraction"), rotation=90,

@@ -80,7 +80,8 @@ def markdown_html(text: str, *, shift_headings: int = 0) -> str:
             if tok.type in ("heading_open", "heading_close"):
                 level = min(6, int(tok.tag[1]) + shift_headings)
                 tok.tag = f"h{level}"
-    return md.renderer.render(tokens, md.options, {})
+    out: str = md.renderer.render(tokens, md.options, {})
+    return out
 
 
 def html_page(title: str, body: str, *, nav: Sequence[tuple[str, str]] = ()) -> str:

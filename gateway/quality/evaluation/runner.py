@@ -150,18 +150,22 @@ async def _call(backend: InferenceBackend, chat: ChatRequest, timeout_s: float) 
 
 
 def _result(version: PromptVersion, row: DatasetRow, prompt_locale: str, answer: _Answer) -> ItemResult:
-    common = {"prompt": version.name, "version": version.version, "version_hash": version.content_hash,
-              "item_id": row.item_id, "input_hash": row.input_hash, "locale": row.locale,
-              "prompt_locale": prompt_locale, "latency_ms": answer.latency_ms,
-              "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-              "cached": answer.cached}
-    if answer.error_type is not None:
-        return ItemResult(decision=None, category=None, confidence=None, fail_reason=None,
-                          error_type=answer.error_type, error=answer.error, **common)
-    verdict = parse_verdict(answer.text, answer.finish_reason, version.spec.verdict)
-    return ItemResult(decision=verdict.decision, category=verdict.category,
-                      confidence=verdict.confidence, fail_reason=verdict.fail_reason,
-                      error_type=None, error=None, **common)
+    decision: str | None = None
+    category: str | None = None
+    confidence: float | None = None
+    fail_reason: str | None = None
+    if answer.error_type is None:
+        verdict = parse_verdict(answer.text, answer.finish_reason, version.spec.verdict)
+        decision, category = verdict.decision, verdict.category
+        confidence, fail_reason = verdict.confidence, verdict.fail_reason
+    return ItemResult(prompt=version.name, version=version.version, version_hash=version.content_hash,
+                      item_id=row.item_id, input_hash=row.input_hash, locale=row.locale,
+                      prompt_locale=prompt_locale, decision=decision, category=category,
+                      confidence=confidence, fail_reason=fail_reason,
+                      error_type=answer.error_type,
+                      error=answer.error if answer.error_type is not None else None,
+                      latency_ms=answer.latency_ms, prompt_tokens=answer.prompt_tokens,
+                      completion_tokens=answer.completion_tokens, cached=answer.cached)
 
 
 def _progress_enabled(progress: bool) -> bool:

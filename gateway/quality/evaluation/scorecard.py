@@ -216,8 +216,8 @@ def quality(outcomes: Sequence[ItemOutcome], categories: Sequence[str]) -> Quali
         stats.append(CategoryStats.from_counts(cat, tp, fp, fn))
     supported = [s for s in stats if s.support > 0]
     if supported:
-        macro_p = statistics.fmean(s.precision or 0.0 for s in supported)
-        macro_r = statistics.fmean(s.recall or 0.0 for s in supported)
+        macro_p: float | None = statistics.fmean(s.precision or 0.0 for s in supported)
+        macro_r: float | None = statistics.fmean(s.recall or 0.0 for s in supported)
         macro_f1: float | None = statistics.fmean(s.f1 or 0.0 for s in supported)
     else:
         macro_p = macro_r = macro_f1 = None
@@ -467,11 +467,14 @@ def compare(a: Scorecard, b: Scorecard) -> Comparison:
         stat, p = float(test.statistic), float(test.pvalue)
     else:
         stat, p = 0.0, 1.0
-    deltas = [_paired(cat, qa.category(cat), qb.category(cat), answered,
-                      gold=lambda o, c=cat: o.gold_positive(c),
-                      hit=lambda o, c=cat: o.predicted_positive(c),
-                      fp=lambda o, c=cat: o.predicted_positive(c) and not o.gold_positive(c))
-              for cat in categories]
+
+    def category_delta(cat: str) -> CategoryDelta:
+        return _paired(cat, qa.category(cat), qb.category(cat), answered,
+                       gold=lambda o: o.gold_positive(cat),
+                       hit=lambda o: o.predicted_positive(cat),
+                       fp=lambda o: o.predicted_positive(cat) and not o.gold_positive(cat))
+
+    deltas = [category_delta(cat) for cat in categories]
 
     def micro_hit(o: ItemOutcome) -> bool:
         return o.predicted_flagged and o.gold_flagged and o.category == o.gold_category
