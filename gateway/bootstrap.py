@@ -21,6 +21,7 @@ from gateway.decision_log import DecisionLog
 from gateway.feedback import FeedbackLog
 from gateway.limits import build_caller_limiter
 from gateway.telemetry import Metrics, build_tracer_provider
+from gateway.webhooks import RolloutMetrics, WebhookDispatcher
 from prompt_registry import PromptStore
 from serving import InferenceBackend
 
@@ -51,6 +52,9 @@ def build_gateway(cfg: AppConfig, store: PromptStore, *,
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     metrics = Metrics()
+    # Built even with no subscribers: its loop also refreshes the rollout gauges.
+    webhooks = WebhookDispatcher(cfg.webhooks, store, cfg.data_path(), registry=metrics.registry,
+                                 rollout_metrics=RolloutMetrics(metrics.registry))
     redis_url = ((cfg.registry.redis_url or os.environ.get(cfg.registry.redis_url_env))
                  if cfg.registry.store == "redis" else None)
     limiter = build_caller_limiter(cfg.gateway.caller_limits, redis_url=redis_url,
@@ -59,4 +63,4 @@ def build_gateway(cfg: AppConfig, store: PromptStore, *,
                       tracer_provider=build_tracer_provider(cfg.tracing), metrics=metrics,
                       limiter=limiter, models=[m.name for m in cfg.serving.models],
                       decision_log=DecisionLog.from_settings(cfg.decision_log, cfg.data_path()),
-                      feedback_log=FeedbackLog(cfg.data_path() / "feedback"))
+                      feedback_log=FeedbackLog(cfg.data_path() / "feedback"), webhooks=webhooks)

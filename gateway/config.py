@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gateway.decision_log import DecisionLogSettings
 from gateway.limits import CallerLimitsSettings
 from gateway.telemetry import TracingSettings
+from gateway.webhooks import WebhookSettings
 from serving.config import ServingConfig
 
 __all__ = ["AppConfig", "ConfigError", "ConsoleSettings", "GatewaySettings", "RegistrySettings", "load_config"]
@@ -116,6 +117,7 @@ class AppConfig(_Strict):
     serving: ServingConfig
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     decision_log: DecisionLogSettings = Field(default_factory=DecisionLogSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     # Directory of the config file; set by load_config, used to resolve relative paths.
     base_dir: Path = Field(default=Path("."), exclude=True)
 

@@ -45,6 +45,7 @@ from gateway.rollouts.controller import RolloutController
 from gateway.rollouts.recorder import RolloutRecorder
 from gateway.rollouts.shadow import ShadowDispatcher
 from gateway.telemetry import Metrics
+from gateway.webhooks import WebhookDispatcher
 from prompt_registry import PromptStore
 from serving import InferenceBackend
 
@@ -84,6 +85,7 @@ def create_app(
     decision_log: DecisionLog | None = None,
     feedback_log: FeedbackLog | None = None,
     limiter: CallerLimiter | None = None,
+    webhooks: WebhookDispatcher | None = None,
 ) -> FastAPI:
     """Build the gateway app. The caller owns `store`; the app closes `backend` on shutdown
     (and shuts down `tracer_provider`, flushing spans)."""
@@ -115,6 +117,8 @@ def create_app(
         recorder.start()
         if settings.rollout_controller:
             controller.start()
+        if webhooks is not None:
+            webhooks.start()
         if decision_log is not None:
             await decision_log.start()
         failures = {k: e for k, e in (await cache.preload(preload_keys)).items() if e}
@@ -128,6 +132,8 @@ def create_app(
             await recorder.aclose()
             if decision_log is not None:
                 await decision_log.aclose()
+            if webhooks is not None:
+                await webhooks.aclose()
             await cache.aclose()
             await backend.aclose()
             await limiter.aclose()
