@@ -31,6 +31,7 @@ from gateway.quality.decisions import ExportFormat, ReadStats, export, read_segm
 __all__ = ["decisions_app"]
 
 decisions_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+                            context_settings={"help_option_names": ["-h", "--help"]},
                             help="Export, tail and summarise the decision log (every verdict "
                                  "the gateway produced).")
 
@@ -139,10 +140,14 @@ def export_cmd(
     since: SinceOpt = None, until: UntilOpt = None, config: ConfigOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
-    """Export decisions to Parquet (typed, for DuckDB) or CSV (for spreadsheets).
+    """Export decisions to Parquet (typed, for DuckDB) or CSV (for spreadsheets). Times are UTC.
 
-    Example: duckdb -c "select arm, decision, count(*) from 'out.parquet' group by all".
-    Times are UTC.
+    DuckDB comes as a Python module (no `duckdb` command): query the file with the
+    virtualenv's python (.venv/bin/python), e.g.
+
+    \b
+      modgate decisions export --out out.parquet --since 7d
+      python -c "import duckdb; duckdb.sql(\\"select arm, decision, count(*) from 'out.parquet' group by all\\").show()"
     """
     if fmt is None:
         fmt = out.suffix.lower().lstrip(".")

@@ -24,6 +24,7 @@ deploy_app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help=("Kubernetes deployment helpers: generate the RayService serveConfigV2 and the config "
           "JSON Schema. See k8s/README.md."),
 )

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["eval_app", "make_backend"]
 
 eval_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+                       context_settings={"help_option_names": ["-h", "--help"]},
                        help="Evaluate prompt versions on a labelled dataset: scorecards with "
                             "confidence intervals, and paired comparisons of two versions.")
 

@@ -27,6 +27,7 @@ __all__ = ["feedback_app", "load_sources"]
 
 feedback_app = typer.Typer(
     no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Reviewer feedback joined with the decision log: live precision and recall per prompt "
          "version, and disagreements exported as dataset rows for the next evaluation.")
 

@@ -19,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 __all__ = ["latency_app", "stage_percentiles"]
 
-latency_app = typer.Typer(add_completion=False, rich_markup_mode=None)
+latency_app = typer.Typer(add_completion=False, rich_markup_mode=None,
+                          context_settings={"help_option_names": ["-h", "--help"]})
 
 Key = tuple[str, str, str, str]  # stage, prompt, version, arm
 

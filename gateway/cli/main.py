@@ -33,6 +33,8 @@ from gateway.config import AppConfig, ConfigError, load_config
 if TYPE_CHECKING:  # the store modules load on first use, not at every CLI start
     from prompt_registry import KeyStore, PromptStore
 
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+
 app = typer.Typer(
     name="modgate",
     help=(
@@ -58,6 +60,7 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
+    context_settings=HELP_OPTIONS,  # inherited by every sub-command: -h works everywhere
 )
 
 app.add_typer(prompts_app, name="prompts")

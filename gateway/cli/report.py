@@ -22,6 +22,7 @@ from gateway.cli.feedback import ConfigOpt, JsonOpt, PromptOpt, QuietOpt, _fail,
 __all__ = ["report_app"]
 
 report_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+                         context_settings={"help_option_names": ["-h", "--help"]},
                          help="Reports for a time window: what was decided, by which prompt "
                               "version, how well, and what changed.")
 
