@@ -7,7 +7,7 @@
 The directory comes from the configuration (`decision_log.dir`, relative to `data_dir`); all
 replica sub-directories are read. Times are UTC: `--since`/`--until` take ISO 8601
 (`2025-01-31`, `2025-01-31T12:00:00Z`, `2025-01-31T14:00+02:00`) or a duration before now
-(`90m`, `24h`, `7d`); `--since` is inclusive, `--until` exclusive.
+(`90m`, `24h`, `7d`); `--since` (or `--from`) is inclusive, `--until` (or `--to`) exclusive.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", envvar="MODGAT
                                                help="configuration file (default: configs/modgate.yaml)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 SinceOpt = Annotated[str | None, typer.Option(
-    "--since", help="from this time (inclusive): ISO 8601 in UTC unless an offset is given, "
+    "--since", "--from", help="from this time (inclusive): ISO 8601 in UTC unless an offset is given, "
                     "or a duration before now such as 90m, 24h, 7d")]
 UntilOpt = Annotated[str | None, typer.Option(
-    "--until", help="up to this time (exclusive); same forms as --since")]
+    "--until", "--to", help="up to this time (exclusive); same forms as --since")]
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -208,7 +208,12 @@ def tail_cmd(
 @decisions_app.command("stats")
 def stats_cmd(since: SinceOpt = None, until: UntilOpt = None, config: ConfigOpt = None,
               as_json: JsonOpt = False) -> None:
-    """Counts by prompt version x arm x decision (errors as error:<type>), and fail reasons."""
+    """Counts by prompt version x arm x decision (errors as error:<type>), and fail reasons.
+
+    `share` is the row's share of all decisions in the range (primary and shadow); `of arm` is
+    its share of its own prompt version and arm (so an arm that answers one decision reads
+    100% there).
+    """
     start, end = _range(since, until)
     directory = _log_dir(config)
     stats = ReadStats()
@@ -223,8 +228,10 @@ def stats_cmd(since: SinceOpt = None, until: UntilOpt = None, config: ConfigOpt 
             fail_reasons[r.fail_reason] += 1
         first = r.ts if first is None or r.ts < first else first
         last = r.ts if last is None or r.ts > last else last
+    total = sum(groups.values())
     rows = [{"prompt_name": k[0], "prompt_version": k[1], "arm": k[2], "decision": k[3],
-             "error_type": k[4], "count": c, "share": c / arms[k[:3]]}
+             "error_type": k[4], "count": c, "share": c / total,
+             "arm_share": c / arms[k[:3]]}
             for k, c in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2],
                                                                -kv[1], str(kv[0][3])))]
     data: dict[str, Any] = {
@@ -244,11 +251,13 @@ def stats_cmd(since: SinceOpt = None, until: UntilOpt = None, config: ConfigOpt 
     assert first is not None and last is not None
     typer.echo(f"{stats.records} decision(s) from {_fmt_ts(first)} to {_fmt_ts(last)}"
                f"{_skipped(stats)}\n")
-    typer.echo(f"{'prompt':<28} {'version':>7}  {'arm':<7} {'outcome':<28} {'count':>9} {'share':>7}")
+    typer.echo(f"{'prompt':<28} {'version':>7}  {'arm':<7} {'outcome':<28} {'count':>9} {'share':>7}"
+               f" {'of arm':>7}")
     for row in rows:
         outcome = row["decision"] if row["error_type"] is None else f"error:{row['error_type']}"
         typer.echo(f"{row['prompt_name']:<28} {'v' + str(row['prompt_version']):>7}  "
-                   f"{row['arm']:<7} {outcome:<28} {row['count']:>9} {row['share']:>7.1%}")
+                   f"{row['arm']:<7} {outcome:<28} {row['count']:>9} {row['share']:>7.1%}"
+                   f" {row['arm_share']:>7.1%}")
     if fail_reasons:
         typer.echo("\nfail_reason")
         for reason, count in fail_reasons.most_common():

@@ -856,7 +856,8 @@ def test_cli_export_tail_stats(cli_config: Path, tmp_path: Path) -> None:
     assert sum(g["count"] for g in data["groups"]) == 12
     canary = [g for g in data["groups"] if g["arm"] == "canary"]
     assert {g["prompt_version"] for g in canary} == {2}
-    assert sum(g["share"] for g in canary) == pytest.approx(1.0)
+    assert sum(g["arm_share"] for g in canary) == pytest.approx(1.0)
+    assert sum(g["share"] for g in data["groups"]) == pytest.approx(1.0)
     assert data["fail_reasons"] == {"unparseable_output": 4}
 
 
@@ -876,3 +877,31 @@ def test_cli_usage_errors(cli_config: Path, args: tuple[str, ...], message: str)
 def test_cli_bad_config_is_a_usage_error(tmp_path: Path) -> None:
     r = _cli("tail", "--config", str(tmp_path / "missing.yaml"))
     assert r.exit_code == 2 and "config file not found" in r.output
+
+
+def test_cli_stats_share_is_of_all_decisions_not_of_the_row_itself(cli_config: Path, tmp_path: Path) -> None:
+    """Every arm answering one decision used to read 100.0 % on every row."""
+    async def run() -> None:
+        log = make_log(tmp_path / "data" / "decisions", Clock(), fsync=False)
+        for i in range(10):  # 6 stable, 4 canary; one decision each
+            log.append(rec(i, arm="stable" if i < 6 else "canary", decision="needs_review",
+                           category=None, fail_reason=None))
+        await log.aclose()
+    asyncio.run(run())
+    data = json.loads(_cli("stats", "--config", str(cli_config), "--json").output)
+    shares = {g["arm"]: (g["share"], g["arm_share"]) for g in data["groups"]}
+    assert shares == {"stable": (pytest.approx(0.6), 1.0), "canary": (pytest.approx(0.4), 1.0)}
+    r = _cli("stats", "--config", str(cli_config))
+    assert "60.0%" in r.output and "40.0%" in r.output, r.output
+
+
+def test_cli_export_takes_from_and_to_like_feedback_and_report(cli_config: Path, tmp_path: Path) -> None:
+    _write_log(tmp_path / "data" / "decisions", 40)
+    out_csv = tmp_path / "window.csv"
+    r = _cli("export", "--config", str(cli_config), "--out", str(out_csv),
+             "--from", "2025-03-01T12:00:10Z", "--to", "2025-03-01 12:00:20", "-q")
+    assert r.exit_code == 0, r.output
+    with open(out_csv, newline="", encoding="utf-8") as fh:
+        assert [row["request_id"] for row in csv.DictReader(fh)] == [f"req-{i}" for i in range(10, 20)]
+    r = _cli("stats", "--config", str(cli_config), "--json", "--from", "2025-03-01T12:00:30Z")
+    assert json.loads(r.output)["records"] == 10
