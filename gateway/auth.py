@@ -83,6 +83,11 @@ class Authenticator:
         if self.failure_delay_s > 0:
             await asyncio.sleep(self.failure_delay_s)
 
+    async def record(self, key_id: str) -> ApiKeyRecord | None:
+        """The key record by id, through the same cache as `authenticate` (a session re-checks
+        its key with it, so revoking the key ends the session within `cache_s`)."""
+        return await self._record(key_id)
+
     async def _record(self, key_id: str) -> ApiKeyRecord | None:
         now = self._clock()
         cached = self._cache.get(key_id)

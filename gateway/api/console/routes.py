@@ -212,7 +212,7 @@ def build_console_router(app: FastAPI, store: PromptStore, auth: Authenticator,
         deleted keys end the session."""
         if not auth.required:
             return ANONYMOUS
-        record = await auth._record(session.key_id)  # same cache and fallback as API keys
+        record = await auth.record(session.key_id)  # same cache and fallback as API keys
         if record is None or record.revoked:
             sessions.drop_key(session.key_id)
             raise Unauthenticated("the API key of this console session was revoked; sign in again")
