@@ -395,7 +395,8 @@ def repro_allow_header_incomplete(c: TestClient) -> None:
     """A 405 lists in `Allow` exactly the methods the path documents - on every path, including
     /v1/prompts and /v1/prompts/{name}/rollout, where GET and POST are separate routes (Starlette
     alone answers from the first route matching the path and lists only its methods)."""
-    params = {"name": "listing-moderation", "version": 1, "label": "canary", "action": "pause"}
+    params = {"name": "listing-moderation", "version": 1, "label": "canary", "action": "pause",
+              "rollout_id": "0123456789ab"}
     for path, operations in DOC["paths"].items():
         url = path.format(**params)
         r = c.options(url)
