@@ -94,6 +94,8 @@ def _load_yaml(text: str, source: str, offset: int = 0) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1 + offset}, column {mark.column + 1}" if mark else ""
         raise PromptFileError(f"{source}:{where} malformed YAML: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:  # YAML nested thousands deep: a refusal, not an internal error
+        raise PromptFileError(f"{source}: the YAML nests too deeply") from None
     if not isinstance(data, dict):
         raise PromptFileError(f"{source}: expected a mapping at the top level")
     return data

@@ -112,3 +112,12 @@ def test_publishing_refuses_a_template_that_cannot_render(store: SqlitePromptSto
         with pytest.raises(TemplateRejected):
             store.publish(spec, actor="test")
     assert "bad-template" not in store.list_prompts()
+
+
+def test_yaml_nested_thousands_deep_is_a_clear_refusal(store: SqlitePromptStore, caller_key: str) -> None:
+    from prompt_registry.errors import PromptFileError
+    from prompt_registry.loader import parse_prompt_text
+
+    deep = "name: x\nextra: " + "[" * 3000 + "]" * 3000 + "\n"
+    with pytest.raises(PromptFileError, match="nests too deeply"):
+        parse_prompt_text(deep, source="deep.yaml")
