@@ -217,6 +217,7 @@ EDGE_PROBLEMS: dict[str, tuple[frozenset[int], str]] = {
     "not_found": (frozenset({404}), "no such route, or a registry object that does not exist"),
     "method_not_allowed": (frozenset({405}), "the route exists with other methods (`Allow` lists them)"),
     "body_timeout": (frozenset({408}), "the body did not arrive within `body_timeout_s` (slow client)"),
+    "headers_too_large": (frozenset({431}), "more than 100 headers or 32 KiB of them"),
     "body_too_large": (frozenset({413}), "the body is over its limit (checked before parsing)"),
     "unsupported_media_type": (frozenset({415}), "a content type other than JSON"),
     "internal_error": (frozenset({500}), "a bug in the gateway (logged; the body says nothing more)"),

@@ -9,6 +9,7 @@
   body must arrive within `body_timeout_s` (408, slow clients). The front doors read their
   bodies through `gateway.api.edge.read_body`, which applies the same rules, so they pass
   through untouched here apart from the headers.
+- **Header limits**: more than `MAX_HEADERS` headers or `MAX_HEADER_BYTES` of them is a 431.
 - **Security headers on every response**: `X-Content-Type-Options: nosniff`,
   `Cache-Control: no-store`, and a CSP that forbids everything (JSON APIs need nothing;
   `/docs` is left alone). The console (`/console`) gets one that allows only its own origin:
@@ -37,6 +38,10 @@ _CONSOLE_CSP = (b"content-security-policy",
                 b"default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 _DOCS = ("/docs", "/redoc", "/openapi.json")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Headers a request may carry (the HTTP parser in front accepts far more: a 1 MB header and
+# 2,000 headers got through). Refused with 431 before any route runs.
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 32 * 1024
 
 
 class RequestGuard:
@@ -59,6 +64,12 @@ class RequestGuard:
         console = path == "/console" or path.startswith("/console/")
         send = self._with_headers(send, csp=None if path.startswith(_DOCS) else
                                   _CONSOLE_CSP if console else _CSP)
+        raw_headers = scope["headers"]
+        if len(raw_headers) > MAX_HEADERS or sum(len(k) + len(v) for k, v in raw_headers) > MAX_HEADER_BYTES:
+            await self._refuse(scope, send, ApiError(
+                431, "headers_too_large", f"at most {MAX_HEADERS} headers and {MAX_HEADER_BYTES} "
+                "bytes of headers per request"))
+            return
         if (scope["method"] not in _BODY_METHODS or path in self.self_guarded
                 or not any(route.matches(scope)[0] is Match.FULL for route in self.routes)):
             await self.app(scope, receive, send)

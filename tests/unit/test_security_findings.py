@@ -225,3 +225,12 @@ def test_unknown_routes_answer_our_json_not_a_500(client: TestClient) -> None:
     r = client.get("/v1/moderate")
     assert r.status_code == 405 and r.json()["error"]["type"] == "method_not_allowed"
     assert httpx.codes.is_client_error(client.get("/nope").status_code)
+
+
+def test_too_many_or_too_large_headers_are_refused(client: TestClient) -> None:
+    many = {f"x-h{i}": "v" for i in range(150)}
+    r = client.post("/v1/moderate", json=LISTING, headers=many)
+    assert r.status_code == 431 and r.json()["error"]["type"] == "headers_too_large"
+    r = client.get("/healthz", headers={"x-big": "a" * 64 * 1024})
+    assert r.status_code == 431
+    assert client.post("/v1/moderate", json=LISTING).status_code == 200
