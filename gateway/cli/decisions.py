@@ -217,8 +217,8 @@ def stats_cmd(since: SinceOpt = None, until: UntilOpt = None, config: ConfigOpt 
     start, end = _range(since, until)
     directory = _log_dir(config)
     stats = ReadStats()
-    groups: Counter[tuple[str, int, str, str | None, str | None]] = Counter()
-    arms: Counter[tuple[str, int, str]] = Counter()
+    groups: Counter[tuple[str | None, int | None, str, str | None, str | None]] = Counter()
+    arms: Counter[tuple[str | None, int | None, str]] = Counter()
     fail_reasons: Counter[str] = Counter()
     first = last = None
     for r in read_segments(directory, start, end, stats=stats):

@@ -1,6 +1,7 @@
 """`modgate feedback ...`: close the loop between reviewers, live traffic and the labelled set.
 
     modgate feedback quality --since 7d
+    modgate feedback import labels.csv --key "$MODGATE_API_KEY"
     modgate feedback disagreements --since 7d --out datasets/live-week12.jsonl \\
         --content listings-week12.csv --exclude-dataset datasets/listings-sample.jsonl
 
@@ -14,22 +15,37 @@ dataset rows for `modgate eval validate` and `modgate eval run`. Times are UTC; 
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
 import json
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from gateway.cli.decisions import _progress_bar, _range, _skipped
 from gateway.config import AppConfig, ConfigError, load_config
 
-__all__ = ["feedback_app", "load_sources"]
+if TYPE_CHECKING:
+    import httpx
+
+    from gateway.decision_log import DecisionRecord
+    from gateway.quality.agreement import PairAgreement
+    from prompt_registry import PromptStore, VerdictSchema
+
+__all__ = ["MISSING", "feedback_app", "http_client", "load_sources", "read_label_file"]
+
+MISSING = "undefined"  # how every CLI table spells a metric that cannot be computed
 
 feedback_app = typer.Typer(
     no_args_is_help=True, add_completion=False, rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
-    help="Reviewer feedback joined with the decision log: live precision and recall per prompt "
-         "version, and disagreements exported as dataset rows for the next evaluation.")
+    help="Reviewer feedback: import a review tool's labels; joined with the decision log, live "
+         "precision and recall per prompt version and agreement between reviewers; "
+         "disagreements exported as dataset rows for the next evaluation.")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", envvar="MODGATE_CONFIG",
                                                help="configuration file (default: configs/modgate.yaml)")]
@@ -61,9 +77,13 @@ def load_sources(config: Path | None) -> tuple[AppConfig, Path, Path]:
     return cfg, log_dir, cfg.data_path() / "feedback"
 
 
-def _stats_line(s: Any) -> str:
-    from gateway.quality.evaluation.report import _ci
+def _ci(value: float | None, ci: Any) -> str:
+    if value is None:
+        return MISSING
+    return f"{value:.2f} ({ci[0]:.2f}–{ci[1]:.2f})" if ci else f"{value:.2f}"
 
+
+def _stats_line(s: Any) -> str:
     return (f"  {s.category:<22}{s.support:>8}{s.predicted:>10}  {_ci(s.precision, s.precision_ci):<20}"
             f"{_ci(s.recall, s.recall_ci):<20}")
 
@@ -78,6 +98,11 @@ def quality_cmd(since: SinceOpt = None, until: UntilOpt = None, prompt: PromptOp
     Metrics and intervals (95% Wilson) are the offline scorecard's. Recall is only meaningful
     when reviewers also see a fair sample of allowed listings; the output says how many
     decisions of each version were reviewed.
+
+    When two reviewers labelled the same requests, their agreement follows: Cohen's kappa per
+    pair of reviewers on the requests both labelled (a reviewer is the API key, with the
+    display name a `feedback import` sent for it). Kappa is "undefined" when both gave one and
+    the same label to every common request.
 
     \b
     Examples:
@@ -98,6 +123,9 @@ def quality_cmd(since: SinceOpt = None, until: UntilOpt = None, prompt: PromptOp
             if prompt is None or rec.prompt_name == prompt:
                 acc.add(rec)
     results = acc.results()
+    from gateway.quality.agreement import pair_agreement, read_reviewer_labels
+
+    pairs = pair_agreement(read_reviewer_labels(fb_dir, start), acc.matched)
     if as_json:
         def st(s: Any) -> dict[str, Any]:
             return {"category": s.category, "support": s.support, "predicted": s.predicted,
@@ -111,6 +139,9 @@ def quality_cmd(since: SinceOpt = None, until: UntilOpt = None, prompt: PromptOp
                           "decisions": q.decisions, "reviewed": q.reviewed,
                           "micro": st(q.quality.micro), "flagged": st(q.quality.flagged),
                           "categories": [st(s) for s in q.quality.categories]} for q in results],
+            "reviewer_agreement": [{"reviewers": [x.a, x.b], "common": x.common,
+                                    "agreement": x.agreement, "kappa": x.kappa}
+                                   for x in pairs],
         }, indent=2, ensure_ascii=False))
         return
     typer.echo(f"{stats.records} decision(s) read{_skipped(stats)}; {len(fb.labels)} reviewer "
@@ -128,6 +159,17 @@ def quality_cmd(since: SinceOpt = None, until: UntilOpt = None, prompt: PromptOp
         for s in [*q.quality.categories, q.quality.micro, q.quality.flagged]:
             if s.support or s.predicted or s.category in ("micro", "flagged"):
                 typer.echo(_stats_line(s))
+    _agreement_lines(pairs)
+
+
+def _agreement_lines(pairs: list[PairAgreement]) -> None:
+    if not pairs:
+        return
+    typer.echo("\nagreement between reviewers (requests both labelled)")
+    typer.echo(f"  {'reviewers':<44}{'common':>8}{'agreement':>11}{'kappa':>11}")
+    for x in pairs:
+        kappa = MISSING if x.kappa is None else f"{x.kappa:.3f}"
+        typer.echo(f"  {x.a + ' / ' + x.b:<44}{x.common:>8}{x.agreement:>11.1%}{kappa:>11}")
 
 
 @feedback_app.command("disagreements")
@@ -193,9 +235,9 @@ def disagreements_cmd(
             raise _fail(f"--content {content}: {len(problems)} problem(s)", 2)
     exclude: set[str] = set()
     for path in exclude_dataset or []:
-        ds, problems = read_dataset(path)
+        ds, ds_problems = read_dataset(path)
         if ds is None:
-            raise _fail(f"--exclude-dataset {path}: {problems[0] if problems else 'unreadable'}", 2)
+            raise _fail(f"--exclude-dataset {path}: {ds_problems[0] if ds_problems else 'unreadable'}", 2)
         exclude |= {r.item_id for r in ds.rows}
     start, end = _range(since, until)
     _, log_dir, fb_dir = load_sources(config)
@@ -207,9 +249,9 @@ def disagreements_cmd(
     result = build_rows(found, listing, exclude=exclude)
     if result.rows:
         write_dataset(result.rows, out)
-        check, problems = read_dataset(out)
+        check, out_problems = read_dataset(out)
         if check is None:  # a bug here, not the user's: say so rather than leave a broken file
-            raise _fail(f"{out} does not validate: {problems[0]}")
+            raise _fail(f"{out} does not validate: {out_problems[0]}")
     if result.pending:
         write_pending(result.pending, pending_path)
     feedback_n = sum(1 for d in found if d.feedback)
@@ -246,3 +288,294 @@ def disagreements_cmd(
             why.append(f"{result.invalid} not valid as they are")
         typer.echo(f"wrote {len(result.pending)} row(s) to fill in to {pending_path}: "
                    + ", ".join(why))
+
+
+# -- modgate feedback import ----------------------------------------------------------------------
+
+_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_COLUMNS = ("request_id", "item_id", "decision", "category", "reviewer", "note")
+_PRIMARY_ARMS = ("stable", "canary", "pinned")
+
+
+@dataclass
+class LabelRow:
+    row: int                      # spreadsheet row (the header is row 1) or JSON Lines line
+    request_id: str | None
+    item_id: str | None
+    decision: str
+    category: str | None
+    reviewer: str
+    note: str
+    problems: list[str] = field(default_factory=list)
+
+
+def _cell(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def read_label_file(path: Path) -> tuple[list[LabelRow], list[str], bytes]:
+    """The rows of a review tool's export (CSV with or without a BOM, or JSON Lines), the
+    problems of the file as a whole, and its bytes (their hash names the import)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        return [], [f"{path}: cannot read: {exc.strerror or exc}"], b""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return [], [f"{path}: not UTF-8 (save the file as UTF-8)"], raw
+    suffix = path.suffix.lower()
+    records: list[tuple[int, dict[str, Any]]] = []
+    problems: list[str] = []
+    if suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        header = [h.strip().lower() for h in reader.fieldnames or []]
+        if not header:
+            return [], [f"{path}: empty file"], raw
+        reader.fieldnames = header
+        unknown = [h for h in header if h and h not in _COLUMNS]
+        if unknown:
+            problems.append(f"{path}: unknown column(s) {', '.join(unknown)} (columns: "
+                            f"{', '.join(_COLUMNS)})")
+        try:
+            for d in reader:
+                records.append((reader.line_num, dict(d)))
+        except csv.Error as exc:
+            problems.append(f"{path}: row {reader.line_num}: malformed CSV: {exc}")
+    elif suffix in (".jsonl", ".ndjson"):
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except ValueError as exc:
+                problems.append(f"row {n}: not valid JSON: {exc}")
+                continue
+            if not isinstance(d, dict):
+                problems.append(f"row {n}: each line must be a JSON object")
+                continue
+            unknown = sorted(k for k in d if k not in _COLUMNS)
+            if unknown:
+                problems.append(f"row {n}: unknown field(s) {', '.join(unknown)}")
+            records.append((n, d))
+    else:
+        return [], [f"{path}: use a .csv or .jsonl file (a review tool's export)"], raw
+    rows = [LabelRow(row=n, request_id=_cell(d.get("request_id")), item_id=_cell(d.get("item_id")),
+                     decision=(_cell(d.get("decision")) or "").lower(),
+                     category=(c.lower() if (c := _cell(d.get("category"))) else None),
+                     reviewer=_cell(d.get("reviewer")) or "", note=_cell(d.get("note")) or "")
+            for n, d in records]
+    if not rows and not problems:
+        problems.append(f"{path}: no rows")
+    return rows, problems, raw
+
+
+def _latest_decisions(log_dir: Path, items: set[str]) -> dict[str, DecisionRecord]:
+    """The newest decision the caller got (not a shadow's, not an error) for each item."""
+    from gateway.quality.decisions import read_segments
+
+    found: dict[str, DecisionRecord] = {}
+    for rec in read_segments(log_dir):
+        if rec.item_id in items and rec.arm in _PRIMARY_ARMS:
+            old = found.get(rec.item_id)
+            if old is None or rec.ts >= old.ts:
+                found[rec.item_id] = rec
+    return found
+
+
+def _decisions_by_request(log_dir: Path, requests: set[str]) -> dict[str, DecisionRecord]:
+    from gateway.quality.decisions import read_segments
+
+    return {r.request_id: r for r in read_segments(log_dir)
+            if r.request_id in requests and r.arm in _PRIMARY_ARMS}
+
+
+def http_client(url: str) -> httpx.Client:
+    """The client `import` posts with (tests replace it)."""
+    import httpx
+
+    return httpx.Client(base_url=url, timeout=30.0)
+
+
+def _check_rows(rows: list[LabelRow], store: PromptStore, log_dir: Path | None,
+                default: tuple[str, str]) -> None:
+    """Fill each row's problems: ids, item_id resolution, and the label checked as
+    POST /v1/feedback checks it (against the verdict schema of the version that answered)."""
+    from gateway.api.feedback import check_label  # FastAPI loads only for this command
+    from gateway.problems import ApiError
+
+    by_item: dict[str, DecisionRecord] = {}
+    by_request: dict[str, DecisionRecord] = {}
+    items = {r.item_id for r in rows if r.request_id is None and r.item_id}
+    if log_dir is not None:
+        by_item = _latest_decisions(log_dir, items) if items else {}
+        by_request = _decisions_by_request(log_dir, {r.request_id for r in rows if r.request_id})
+    schemas: dict[tuple[str, int], VerdictSchema] = {}
+
+    def schema(name: str, version: int | None) -> VerdictSchema:
+        pv = store.get_version(name, version) if version else store.resolve(name, default[1])
+        key = (name, pv.version)
+        if key not in schemas:
+            schemas[key] = pv.spec.verdict
+        return schemas[key]
+
+    for r in rows:
+        rec: DecisionRecord | None = None
+        if r.request_id is not None:
+            if not _ID.match(r.request_id):
+                r.problems.append(f"request_id {r.request_id!r}: 1-128 characters of [A-Za-z0-9._:-]")
+            rec = by_request.get(r.request_id)
+        elif r.item_id is not None:
+            if not _ID.match(r.item_id):
+                r.problems.append(f"item_id {r.item_id!r}: 1-128 characters of [A-Za-z0-9._:-]")
+            elif log_dir is None:
+                r.problems.append(f"item_id {r.item_id}: resolving an item needs the decision log")
+            elif (rec := by_item.get(r.item_id)) is None:
+                r.problems.append(f"item_id {r.item_id}: no decision for this item in the "
+                                  f"decision log ({log_dir})")
+            else:
+                r.request_id = rec.request_id
+        else:
+            r.problems.append("request_id or item_id: one is required")
+        if not r.decision:
+            r.problems.append("decision: required")
+            continue
+        if len(r.reviewer) > 128:
+            r.problems.append("reviewer: at most 128 characters")
+        if len(r.note) > 2000:
+            r.problems.append("note: at most 2000 characters")
+        try:
+            if rec is not None and rec.prompt_name:
+                sch = schema(rec.prompt_name, rec.prompt_version)
+            else:
+                sch = schema(default[0], None)
+            check_label(sch, r.decision, r.category)
+        except ApiError as exc:
+            where = exc.fields[0]["field"] if exc.fields else "label"
+            r.problems.append(f"{where}: {exc.message}")
+        except Exception as exc:  # the registry could not say which schema applies
+            r.problems.append(f"cannot check the label: {exc}")
+
+
+@feedback_app.command("import")
+def import_cmd(
+    file: Annotated[Path, typer.Argument(help="a review tool's export: .csv (UTF-8, with or "
+                                         "without a BOM) or .jsonl")],
+    url: Annotated[str | None, typer.Option(
+        "--url", help="the gateway's base URL (default: http://<gateway.host>:<gateway.port>)")] = None,
+    key: Annotated[str | None, typer.Option(
+        "--key", envvar="MODGATE_API_KEY", help="API key with the feedback scope; the labels are "
+                                                "recorded under its name")] = None,
+    skip_invalid: Annotated[bool, typer.Option(
+        "--skip-invalid", help="import the valid rows of a file that has invalid ones (by "
+                               "default a file with any problem imports nothing)")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="check every row and send nothing")] = False,
+    config: ConfigOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Import reviewer labels from a review tool's export (CSV or JSON Lines).
+
+    Columns: request_id or item_id, decision, category, reviewer, note (other columns are
+    refused; a header row is needed in CSV). A row with an item_id and no request_id is
+    resolved to the newest decision that item got (the caller's, not a shadow's), so this
+    needs read access to the decision log of the configuration (decision_log.dir under
+    data_dir), as `feedback quality` does. Every row is checked as POST /v1/feedback checks
+    it (ids; the decision and category against the verdict schema of the version that
+    answered, or the default prompt's); problems are reported with the row number (the
+    spreadsheet's, the header being row 1; the line in JSON Lines), and a file with any
+    problem imports nothing unless --skip-invalid is given.
+
+    Each label is POSTed to the gateway's /v1/feedback with the key (--key or
+    MODGATE_API_KEY; the reviewer is the key, the file's reviewer column its display name)
+    and an Idempotency-Key made of the file's sha256 and the row number, so running the
+    same import again records nothing twice.
+
+    \b
+    Examples:
+      modgate feedback import labels.csv --dry-run
+      MODGATE_API_KEY=mgk_... modgate feedback import labels.csv --url http://gateway:8080
+      modgate feedback import week12.jsonl --skip-invalid --key "$REVIEW_KEY"
+    """
+    from gateway.cli.registry import store_for
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+    rows, file_problems, raw = read_label_file(file)
+    if not rows and file_problems:
+        for p in file_problems:
+            typer.echo(p, err=True)
+        raise _fail(f"{file}: nothing to import", 2)
+    if not dry_run and not key:
+        raise _fail("an API key with the feedback scope is needed: --key or MODGATE_API_KEY", 2)
+    log_dir = cfg.data_path() / cfg.decision_log.dir
+    with store_for(cfg) as store:
+        _check_rows(rows, store, log_dir if log_dir.is_dir() else None,
+                    (cfg.gateway.default_prompt, cfg.gateway.default_label))
+    bad = [r for r in rows if r.problems]
+    for p in file_problems:
+        typer.echo(p, err=True)
+    for r in bad:
+        for p in r.problems:
+            typer.echo(f"{file}: row {r.row}: {p}", err=True)
+    summary: dict[str, Any] = {"file": str(file), "rows": len(rows), "invalid": len(bad),
+                               "file_problems": file_problems, "sent": 0, "recorded": 0,
+                               "duplicates": 0, "replaced": 0, "refused": 0, "dry_run": dry_run}
+    if (bad or file_problems) and not skip_invalid:
+        raise _fail(f"{file}: {len(bad)} invalid row(s) of {len(rows)}"
+                    + (f", {len(file_problems)} file problem(s)" if file_problems else "")
+                    + "; nothing imported (fix them, or pass --skip-invalid to import the rest)")
+    good = [r for r in rows if not r.problems]
+    if dry_run:
+        _import_summary(summary, as_json, f"{len(good)} row(s) valid; --dry-run: nothing sent")
+        return
+    digest = hashlib.sha256(raw).hexdigest()[:32]
+    host = "127.0.0.1" if cfg.gateway.host in ("0.0.0.0", "::") else cfg.gateway.host
+    base = url or f"http://{host}:{cfg.gateway.port}"
+    import httpx
+
+    with http_client(base.rstrip("/")) as client:
+        for r in good:
+            body = {"request_id": r.request_id, "decision": r.decision, "category": r.category,
+                    "reviewer": r.reviewer, "note": r.note}
+            try:
+                resp = client.post("/v1/feedback", json=body, headers={
+                    "authorization": f"Bearer {key}", "idempotency-key": f"import-{digest}-{r.row}"})
+            except httpx.HTTPError as exc:
+                _import_summary(summary, as_json, "")
+                raise _fail(f"cannot reach {base}: {exc}; {summary['sent']} label(s) sent "
+                            "(run the same import again: sent rows are not recorded twice)") from None
+            summary["sent"] += 1
+            if resp.status_code == 202:
+                answer = resp.json()
+                summary["duplicates" if answer.get("duplicate") else "recorded"] += 1
+                summary["replaced"] += bool(answer.get("replaced"))
+                continue
+            try:
+                err = resp.json().get("error", {})
+            except ValueError:
+                err = {}
+            message = f"{resp.status_code} {err.get('type', '')}: {err.get('message', resp.text[:200])}"
+            if resp.status_code in (401, 403) or resp.status_code >= 500:
+                _import_summary(summary, as_json, "")
+                raise _fail(f"{file}: row {r.row}: the gateway answered {message}; stopped "
+                            f"after {summary['sent'] - 1} label(s) (re-running is safe)")
+            summary["refused"] += 1
+            typer.echo(f"{file}: row {r.row}: the gateway refused the label: {message}", err=True)
+    _import_summary(summary, as_json, f"{summary['recorded']} label(s) recorded, "
+                    f"{summary['duplicates']} already there, {summary['refused']} refused"
+                    + (f", {len(bad)} invalid row(s) skipped" if bad else "")
+                    + f" (from {len(rows)} row(s) of {file})")
+    if summary["refused"]:
+        raise typer.Exit(1)
+
+
+def _import_summary(summary: dict[str, Any], as_json: bool, text: str) -> None:
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    elif text:
+        typer.echo(text)

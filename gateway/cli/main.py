@@ -50,7 +50,7 @@ app = typer.Typer(
         "  modgate keys ...           create, list and revoke API keys\n"
         "  modgate decisions ...      export (Parquet/CSV), tail and summarise every verdict\n"
         "  modgate eval ...           score prompt versions on a labelled dataset; compare two\n"
-        "  modgate feedback ...       live precision/recall from reviewers; export disagreements as dataset rows\n"
+        "  modgate feedback ...       import reviewer labels; live precision/recall and reviewer agreement; disagreements as dataset rows\n"
         "  modgate report ops         HTML/Markdown operational report of a time window, with plots\n"
         "  modgate latency            p50/p95/p99 per request stage over a time window\n"
         "  modgate deploy ...         generate the KubeRay serveConfigV2 and the config JSON Schema\n"
@@ -70,8 +70,9 @@ app.add_typer(decisions_app, name="decisions", help="Export, tail and summarise 
               "(every verdict, for DuckDB or a spreadsheet).")
 app.add_typer(eval_app, name="eval", help="Evaluate prompt versions on a labelled dataset: "
               "scorecards with confidence intervals and paired comparisons.")
-app.add_typer(feedback_app, name="feedback", help="Reviewer feedback joined with the decision "
-              "log: live precision and recall per version; disagreements as dataset rows.")
+app.add_typer(feedback_app, name="feedback", help="Reviewer feedback: import a review tool's "
+              "labels; joined with the decision log, live precision and recall per version and "
+              "agreement between reviewers; disagreements as dataset rows.")
 app.add_typer(report_app, name="report", help="Operational report of a time window (HTML and "
               "Markdown, with plots).")
 app.add_typer(latency_app)

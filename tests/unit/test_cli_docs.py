@@ -40,6 +40,8 @@ NOT_RUN: dict[str, str] = {
     "modgate eval run": "calls the model stack",
     "modgate prompts gate-policy diff listing-moderation --file policy.yaml": "needs the user's policy file",
     "modgate prompts gate-policy set": "needs an admin key and a v3",
+    "modgate feedback import": "posts to a running gateway with a feedback key "
+                               "(tests/unit/test_feedback_import.py covers it)",
     "modgate feedback disagreements": "needs the user's listing content export (--content)",
     "modgate eval validate live.jsonl": "needs the file `feedback disagreements` writes",
 }
