@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol, TypedDict, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, cast
 
 from gateway.decision_log import DecisionRecord
 from gateway.quality.evaluation.report import _ci, _f, _pct, _table, pr_plot
@@ -44,6 +44,9 @@ from gateway.quality.live_quality import (
 from gateway.quality.reporting import figure, html_page, markdown_html, png_data_uri
 from prompt_registry.rollout_stats import quantile_of
 from prompt_registry.store import PromptReader, RolloutReader
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["OpsReport", "build_report", "choose_bucket", "ops_markdown", "write_ops_report"]
 
@@ -415,7 +418,7 @@ def _all_buckets(rep: OpsReport) -> Any:
     return pd.date_range(first, pd.Timestamp(rep.end), freq=rep.bucket, inclusive="left")
 
 
-def _plot_volume(rep: OpsReport) -> Any:
+def _plot_volume(rep: OpsReport) -> Figure:
     df = _grouped(rep)
     many = len(rep.prompts) > 1
     fig = figure(10, 4)
@@ -432,7 +435,7 @@ def _plot_volume(rep: OpsReport) -> Any:
     return fig
 
 
-def _plot_mix(rep: OpsReport) -> Any:
+def _plot_mix(rep: OpsReport) -> Figure:
     df = _grouped(rep)
     df = df[df["arm"] != "shadow"]
     prompts = sorted(set(df["prompt"]))
@@ -458,7 +461,7 @@ def _plot_mix(rep: OpsReport) -> Any:
     return fig
 
 
-def _plot_review(rep: OpsReport) -> Any:
+def _plot_review(rep: OpsReport) -> Figure:
     df = _grouped(rep)
     df = df[df["decision"].notna()]
     many = len(rep.prompts) > 1
@@ -478,7 +481,7 @@ def _plot_review(rep: OpsReport) -> Any:
     return fig
 
 
-def _plot_latency(rep: OpsReport) -> Any:
+def _plot_latency(rep: OpsReport) -> Figure:
     df = _grouped(rep)
     df = df[df["decision"].notna()]
     many = len(rep.prompts) > 1

@@ -15,7 +15,10 @@ import base64
 import html
 import io
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["figure", "figure_html", "html_page", "markdown_html", "png_bytes", "png_data_uri"]
 
@@ -43,7 +46,7 @@ nav a { margin-right: 1rem; }
 """
 
 
-def figure(width: float, height: float) -> Any:
+def figure(width: float, height: float) -> Figure:
     """A matplotlib Figure on the Agg canvas, with constrained layout."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -53,7 +56,7 @@ def figure(width: float, height: float) -> Any:
     return fig
 
 
-def png_bytes(fig: Any, dpi: int = 110) -> bytes:
+def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()

@@ -20,8 +20,9 @@ Plots use matplotlib's object API on the Agg canvas (no pyplot, no display, no g
 from __future__ import annotations
 
 import csv
+import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -555,7 +556,7 @@ def run_html(scorecards: Sequence[Scorecard], comparisons: Sequence[Comparison],
     return html_page(_title(scorecards), "\n".join(parts), nav=nav)
 
 
-def _png(path: Path, render: Any) -> bytes:
+def _png(path: Path, render: Callable[[Path], object]) -> bytes:
     if not path.is_file():
         render(path)
     return path.read_bytes()
@@ -570,11 +571,11 @@ def write_run_report(scorecards: Sequence[Scorecard], comparisons: Sequence[Comp
     images: dict[str, bytes] = {}
     for sc in scorecards:
         p = scorecard_paths(out_dir, sc.version)
-        images[f"v{sc.version}-pr"] = _png(p["pr_png"], lambda path, sc=sc: pr_plot(
-            [(f"v{sc.version}", [*sc.overall.categories, sc.overall.micro])], path,
-            f"{sc.prompt} v{sc.version}: precision and recall (95% Wilson intervals)"))
+        series = [(f"v{sc.version}", [*sc.overall.categories, sc.overall.micro])]
+        title = f"{sc.prompt} v{sc.version}: precision and recall (95% Wilson intervals)"
+        images[f"v{sc.version}-pr"] = _png(p["pr_png"], functools.partial(pr_plot, series, title=title))
         images[f"v{sc.version}-confusion"] = _png(p["confusion_png"],
-                                                  lambda path, sc=sc: confusion_plot(sc, path))
+                                                  functools.partial(confusion_plot, sc))
     for c in comparisons:
         stem = f"compare-v{c.a_version}-v{c.b_version}"
         path = out_dir / f"{stem}-pr.png"
