@@ -15,7 +15,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-STRICT_PATHS = ["serving", "prompt_registry"]
+# mypy follows imports, so a module listed here is clean only if everything it imports is: the
+# gateway modules not listed yet (gateway/moderation.py, gateway/bootstrap.py, gateway/api's
+# routers and app, gateway/cli) still have errors or import one that has.
+STRICT_PATHS = [
+    "serving", "prompt_registry",
+    "gateway/__init__.py", "gateway/admission.py", "gateway/auth.py", "gateway/config.py",
+    "gateway/decision_log.py", "gateway/feedback.py", "gateway/ids.py", "gateway/limits.py",
+    "gateway/pipeline.py", "gateway/problems.py", "gateway/prompt_cache.py",
+    "gateway/recording.py", "gateway/stores.py", "gateway/telemetry.py", "gateway/verdict.py",
+    "gateway/webhooks.py", "gateway/quality", "gateway/rollouts",
+    "gateway/api/__init__.py", "gateway/api/models.py", "gateway/api/routing.py",
+]
 
 
 def test_strict_paths_exist() -> None:
