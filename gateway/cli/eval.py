@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from prompt_registry import PromptVersion
     from serving import InferenceBackend
 
-__all__ = ["eval_app", "make_backend"]
+__all__ = ["actor_name", "eval_app", "make_backend"]
 
 eval_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                        context_settings={"help_option_names": ["-h", "--help"]},
@@ -51,6 +51,26 @@ PromptOpt = Annotated[str, typer.Option("--prompt", "-p", help="prompt name in t
 DatasetOpt = Annotated[Path, typer.Option("--dataset", "-d", help="labelled dataset (.jsonl or .csv)")]
 OutOpt = Annotated[Path | None, typer.Option(
     "--out", "-o", help="output directory (default: <data_dir>/eval/<prompt>/<dataset sha256[:12]>)")]
+
+
+def actor_name() -> str:
+    """Who `eval run` records as storing its scorecards: MODGATE_ACTOR, else the first
+    non-empty login name of LOGNAME, USER, LNAME, USERNAME, else the process's account written
+    as `uid <n> (<name>)`. An empty $USER (a container, cron, CI) thus never records a bare
+    `root` as if a person named root had acted: set MODGATE_ACTOR there."""
+    import os
+
+    for var in ("MODGATE_ACTOR", "LOGNAME", "USER", "LNAME", "USERNAME"):
+        value = os.environ.get(var, "").strip()
+        if value:
+            return value
+    uid = os.getuid()
+    try:
+        import pwd
+
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
 
 
 def make_backend(cfg: AppConfig) -> InferenceBackend:
@@ -143,7 +163,11 @@ def run_cmd(
                                            help="progress bar on stderr (only on a terminal)")] = True,
     config: ConfigOpt = None, as_json: JsonOpt = False,
 ) -> None:
-    """Evaluate one or more versions of a prompt on a labelled dataset and write scorecards."""
+    """Evaluate one or more versions of a prompt on a labelled dataset and write scorecards.
+
+    The scorecards are stored in the registry (audited) as by MODGATE_ACTOR, else the login
+    name ($LOGNAME, $USER), else `uid <n> (<account>)`: set MODGATE_ACTOR where $USER is empty.
+    """
     from gateway.quality.evaluation.dataset import schema_problems
     from gateway.quality.evaluation.report import (
         write_comparison,
@@ -180,10 +204,9 @@ def run_cmd(
                   for v in versions]
     # The registry keeps each scorecard (prompt, version, dataset sha256): promotion gates read it.
     from gateway.cli.promotion import store_scorecards
-    from gateway.cli.registry import _actor
 
     with store_for(cfg) as store:  # with --json: `modgate prompts scorecards NAME --json`
-        lines = store_scorecards(store, scorecards, actor=_actor(None), out_dir=str(out_dir),
+        lines = store_scorecards(store, scorecards, actor=actor_name(), out_dir=str(out_dir),
                                  production_label=cfg.gateway.default_label)
     if not as_json:
         typer.echo("\n".join(lines))

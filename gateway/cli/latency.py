@@ -17,6 +17,8 @@ import httpx
 import typer
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.cli.feedback import MISSING
+
 __all__ = ["latency_app", "stage_percentiles"]
 
 latency_app = typer.Typer(add_completion=False, rich_markup_mode=None,
@@ -84,7 +86,8 @@ def latency(
     window: Annotated[float, typer.Option("--window", help="seconds between the two scrapes")] = 60.0,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """p50/p95/p99 per request stage over the next WINDOW seconds, by prompt version and arm."""
+    """p50/p95/p99 per request stage over the next WINDOW seconds, by prompt version and arm
+    (a percentile that cannot be computed reads "undefined")."""
     try:
         before = httpx.get(f"{url.rstrip('/')}/metrics", timeout=10).text
         time.sleep(window)
@@ -102,4 +105,4 @@ def latency(
     typer.echo(f"{'prompt':<22}{'v':>3} {'arm':<8}{'stage':<18}{'count':>8}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}")
     for r in rows:
         typer.echo(f"{str(r['prompt'])[:21]:<22}{r['version']!s:>3} {r['arm']!s:<8}{r['stage']!s:<18}{r['count']:>8}"
-                   + "".join(f"{'-' if r[k] is None else r[k]:>10}" for k in ("p50_ms", "p95_ms", "p99_ms")))
+                   + "".join(f"{MISSING if r[k] is None else r[k]:>10}" for k in ("p50_ms", "p95_ms", "p99_ms")))

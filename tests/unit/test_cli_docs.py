@@ -184,3 +184,44 @@ def test_every_command_answers_h_and_help(flag: str) -> None:
         result = CliRunner().invoke(app, [*path, flag], catch_exceptions=False)
         assert result.exit_code == 0, f"modgate {' '.join(path)} {flag}: {result.output}"
         assert result.output.startswith("Usage: "), result.output
+
+
+def test_an_empty_user_is_not_recorded_as_a_person_named_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`eval run` stores scorecards as actor_name(): with $USER (and the other login variables)
+    empty, the account is named as an account, not passed off as who acted."""
+    import pwd
+
+    from gateway.cli.eval import actor_name
+
+    for var in ("MODGATE_ACTOR", "LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.setenv(var, "")
+    account = pwd.getpwuid(os.getuid()).pw_name
+    assert actor_name() == f"uid {os.getuid()} ({account})"
+    monkeypatch.setenv("USER", "maria")
+    assert actor_name() == "maria"
+    monkeypatch.setenv("MODGATE_ACTOR", "release-bot")
+    assert actor_name() == "release-bot"
+    result = CliRunner().invoke(app, ["eval", "run", "-h"], catch_exceptions=False)
+    assert "MODGATE_ACTOR" in result.output
+
+
+def test_a_missing_metric_is_spelled_one_way_in_these_commands(monkeypatch: pytest.MonkeyPatch) -> None:
+    """latency and feedback quality print a metric that cannot be computed as `undefined`."""
+    import gateway.cli.feedback as feedback_cli
+    import gateway.cli.latency as latency_cli
+
+    assert feedback_cli.MISSING == "undefined"
+    assert feedback_cli._ci(None, None) == "undefined"
+
+    class Page:
+        text = ""
+
+    monkeypatch.setattr(latency_cli.httpx, "get", lambda *a, **k: Page())
+    monkeypatch.setattr(latency_cli.time, "sleep", lambda s: None)
+    monkeypatch.setattr(latency_cli, "stage_percentiles", lambda a, b: [
+        {"stage": "total", "prompt": "p", "version": "1", "arm": "stable", "count": 0,
+         "p50_ms": None, "p95_ms": 1.0, "p99_ms": None}])
+    result = CliRunner().invoke(app, ["latency", "--window", "0"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    row = result.output.splitlines()[-1].split()
+    assert row[-3:] == ["undefined", "1.0", "undefined"] and "-" not in row
