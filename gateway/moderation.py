@@ -25,7 +25,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -395,7 +395,7 @@ class ModerationService:
             self._record_raw(chat, started, caller, result, error)
 
     async def raw_stream(self, chat: ChatRequest, *, started: float,
-                         caller: str | None) -> AsyncIterator[ChatChunk]:
+                         caller: str | None) -> AsyncGenerator[ChatChunk, None]:
         """The streaming form of `raw_chat`: the engine slot is held until the stream ends; the
         first chunk is awaited by the adapter before it sends headers, so a failure before any
         text still gets a real status."""
@@ -417,7 +417,9 @@ class ModerationService:
                 error = _error_type(exc)
                 raise
             finally:
-                await stream.aclose()
+                close = getattr(stream, "aclose", None)  # backends return async generators
+                if close is not None:
+                    await close()
                 self._record_raw_stream(chat, started, caller, chunks, error)
 
     def _record_raw_stream(self, chat: ChatRequest, started: float, caller: str | None,

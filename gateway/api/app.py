@@ -185,7 +185,9 @@ def _install_error_edge(app: FastAPI) -> None:
     # Every class of the table gets the handler, so Starlette answers them in its exception
     # middleware (a handler for `Exception` alone runs in the server-error middleware, which
     # answers and then re-raises); `Exception` stays the net for our bugs.
-    for cls in (ApiError, *PROBLEM_TABLE, Exception):
+    handled: list[type[Exception]] = [ApiError, *(c for c in PROBLEM_TABLE if issubclass(c, Exception)),
+                                      Exception]
+    for cls in handled:
         app.add_exception_handler(cls, _any_error)
 
     @app.exception_handler(RequestValidationError)

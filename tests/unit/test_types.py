@@ -25,7 +25,7 @@ STRICT_PATHS = [
     "gateway/pipeline.py", "gateway/problems.py", "gateway/prompt_cache.py",
     "gateway/recording.py", "gateway/stores.py", "gateway/telemetry.py", "gateway/verdict.py",
     "gateway/webhooks.py", "gateway/quality", "gateway/rollouts",
-    "gateway/api/__init__.py", "gateway/api/models.py", "gateway/api/routing.py",
+    "gateway/api", "gateway/moderation.py", "gateway/bootstrap.py",
 ]
 
 
