@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 __all__ = [
     "GateOverride", "GatePolicy", "GateRefused", "GateReport", "CriterionResult", "MetricCounts",
     "PolicyInForce", "RateCount", "ScorecardRecord", "ScorecardMismatch", "at_least_as_strict",
-    "check_scorecard_version", "compare_blocks", "evaluate_gate", "evaluation_hash", "gate_report",
+    "check_recorded_action", "check_scorecard_version", "compare_blocks", "evaluate_gate", "evaluation_hash", "gate_report",
     "move_label", "policy_in_force", "scorecard_audit_note",
 ]
 
@@ -592,6 +592,16 @@ def evaluate_gate(spec: EvaluationSpec, candidate: ScorecardRecord | None,
     return report(candidate.items, results)
 
 
+#: Audit actions only their own store write may leave (`PromptWriter.record_audit` refuses them).
+OWNED_AUDIT_ACTIONS = frozenset({"publish", "label", "rollout", "scorecard", "gate_policy"})
+
+
+def check_recorded_action(action: str) -> None:
+    """For `record_audit`: an action a dedicated write owns cannot be recorded on its own."""
+    if not action or action in OWNED_AUDIT_ACTIONS:
+        raise ValueError(f"audit action {action!r} cannot be recorded on its own")
+
+
 # -- store-backed check ------------------------------------------------------------------------
 
 def policy_in_force(store: GateReader, name: str, production: int | None) -> PolicyInForce:
@@ -658,8 +668,8 @@ def _keep_in_force(store: PromptStore, report: GateReport, *, actor: str) -> str
 
 def move_label(store: PromptStore, name: str, label: str, version: int, *,
                expected: int | None = None, actor: str, note: str = "",
-               override: GateOverride | None = None,
-               production_label: str = "production") -> tuple[int | None, GateReport | None]:
+               override: GateOverride | None = None, production_label: str = "production",
+               record_refusal: bool = True) -> tuple[int | None, GateReport | None]:
     """Point *label* at *version*, through the promotion gate when *label* is the production
     label. Returns (previous version, gate report or None when not gated).
 
@@ -668,6 +678,12 @@ def move_label(store: PromptStore, name: str, label: str, version: int, *,
     makes this fail with LabelConflict rather than promote on a stale comparison. The audit
     entry of a production move names the policy that judged it (source and hash) and the
     dataset's hash.
+
+    A refusal leaves an audit entry of its own (action "gate_refused", label = the production
+    label, from = production, to = the candidate, note = the gate's summary) before GateRefused
+    is raised, so the webhook dispatcher announces `gate.refused`. *record_refusal* False is
+    for a caller that records the refusal in its own audit entry (the rollout controller's
+    held promotion).
     """
     if label != production_label:
         return store.set_label(name, label, version, expected=expected, actor=actor, note=note), None
@@ -682,6 +698,9 @@ def move_label(store: PromptStore, name: str, label: str, version: int, *,
         report = _report(store, name, version, current)
         if report.verdict == "fail":
             if override is None:
+                if record_refusal:
+                    store.record_audit(name, "gate_refused", label=label, from_version=current,
+                                       to_version=version, actor=actor, note=report.summary())
                 raise GateRefused(report)
             gate_note = f"GATE OVERRIDDEN by {override.by}: {override.reason} ({report.summary()})"
         else:

@@ -19,13 +19,15 @@ Key schema (prefix `P`, default "modgate"; `N` is a prompt name):
     P:memo:REQUEST_ID      string verdict memo of a request under a rollout (JSON, with TTL)
     P:keys                 hash   API key id -> key record (JSON; secret stored hashed)
     P:events               pub/sub channel: {"prompt": N, "kind": "publish"|"label"|"rollout"|
-                           "scorecard"|"gate_policy"}
+                           "scorecard"|"gate_policy"|<a recorded audit action>}
 
 Writes are Lua scripts, so each is atomic: a publish dedups, numbers, stores the record,
 appends the audit entry and announces the change in one step; a label move checks the version
 exists, compares-and-sets, audits and announces in one step; a scorecard write stores (or
 replaces) the record and audits it in one step; a gate policy write compares-and-sets its
-revision, stores, audits and announces in one step. Nothing is ever half written.
+revision, stores, audits and announces in one step; a recorded decision (`record_audit`, e.g.
+a promotion-gate refusal) appends its audit entry and announces it in one step. Nothing is
+ever half written.
 
 Durability: run Redis with `appendonly yes` and `appendfsync always` for no lost acknowledged
 write (or `everysec` to risk at most one second of writes on power loss), on a persistent
@@ -53,6 +55,7 @@ from prompt_registry.errors import (
 from prompt_registry.gates import (
     GatePolicy,
     ScorecardRecord,
+    check_recorded_action,
     check_scorecard_version,
     scorecard_audit_note,
 )
@@ -113,6 +116,15 @@ redis.call('PUBLISH', KEYS[5], ARGV[6])
 return {1, rev}
 """
 
+# KEYS: audit, prompts set, events
+# ARGV: audit entry, prompt name, event
+_RECORD_AUDIT = """
+if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 0 then return -1 end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('PUBLISH', KEYS[3], ARGV[3])
+return 1
+"""
+
 # KEYS: rollout, rollout_rev, audit, rollouts set, events
 # ARGV: record, expected "<id>:<revision>" or "", new "<id>:<revision>", audit entry,
 #       "1" if the stored rollout is active, prompt name, event
@@ -150,6 +162,7 @@ class RedisPromptStore:
         self._put_rollout = self._r.register_script(_PUT_ROLLOUT)
         self._put_scorecard = self._r.register_script(_PUT_SCORECARD)
         self._put_gate_policy = self._r.register_script(_PUT_GATE_POLICY)
+        self._record_audit = self._r.register_script(_RECORD_AUDIT)
         self._events = f"{prefix}:events"
 
     def _k(self, name: str, part: str) -> str:
@@ -239,6 +252,19 @@ class RedisPromptStore:
         if status == -2:
             raise LabelConflict(f"label {label!r} of {name!r} points at {previous}, not {expected}")
         return previous
+
+    def record_audit(self, name: str, action: str, *, label: str | None = None,
+                     from_version: int | None = None, to_version: int | None = None,
+                     actor: str, note: str = "") -> None:
+        check_recorded_action(action)
+        audit = orjson.dumps({"at": _now().isoformat(), "actor": actor, "action": action,
+                              "prompt": name, "label": label, "from_version": from_version,
+                              "to_version": to_version, "note": note})
+        event = orjson.dumps({"prompt": name, "kind": action})
+        keys = [self._k(name, "audit"), f"{self._prefix}:prompts", self._events]
+        status = self._call(lambda: self._record_audit(keys=keys, args=[audit, name, event]))
+        if status == -1:
+            raise PromptNotFound(f"unknown prompt {name!r}")
 
     def audit(self, name: str) -> list[AuditEntry]:
         raw = self._call(lambda: self._r.lrange(self._k(name, "audit"), 0, -1))

@@ -29,6 +29,7 @@ from prompt_registry.errors import (
 from prompt_registry.gates import (
     GatePolicy,
     ScorecardRecord,
+    check_recorded_action,
     check_scorecard_version,
     scorecard_audit_note,
 )
@@ -248,6 +249,20 @@ class SqlitePromptStore:
                 (_now().isoformat(), actor, "label", name, label, previous, version, note))
         self._notify(name)
         return previous
+
+    @_wrap_errors
+    def record_audit(self, name: str, action: str, *, label: str | None = None,
+                     from_version: int | None = None, to_version: int | None = None,
+                     actor: str, note: str = "") -> None:
+        check_recorded_action(action)
+        with self._tx() as con:
+            if not self._exists(name):
+                raise PromptNotFound(f"unknown prompt {name!r}")
+            con.execute(
+                "INSERT INTO audit (at, actor, action, name, label, from_version, to_version, note) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (_now().isoformat(), actor, action, name, label, from_version, to_version, note))
+        self._notify(name)
 
     @_wrap_errors
     def audit(self, name: str) -> list[AuditEntry]:

@@ -56,7 +56,7 @@ class AuditEntry(BaseModel):
 
     at: datetime
     actor: str
-    action: str  # "publish" | "label" | "rollout" | "scorecard" | "gate_policy"
+    action: str  # "publish" | "label" | "rollout" | "scorecard" | "gate_policy" | "gate_refused" | ...
     prompt: str
     label: str | None = None
     from_version: int | None = None
@@ -123,6 +123,18 @@ class PromptWriter(PromptReader, Protocol):
         """Point *label* at *version*; returns the previous version. When *expected* is given
         and the label currently points elsewhere (0 = "the label must not exist yet"), raise
         LabelConflict and change nothing."""
+        ...
+
+    def record_audit(self, name: str, action: str, *, label: str | None = None,
+                     from_version: int | None = None, to_version: int | None = None,
+                     actor: str, note: str = "") -> None:
+        """Append one audit entry that changes nothing else: a decision the registry refused
+        or recorded (e.g. action "gate_refused": the promotion gate refused a production move,
+        label = the production label, from = production, to = the candidate). One atomic
+        write, announced as a change of the prompt like every other write, so the webhook
+        dispatcher sees it. Raises PromptNotFound for an unknown prompt and ValueError for an
+        action other writes own (publish, label, rollout, scorecard, gate_policy): a label
+        move's audit entry may only come from the move itself (rollback reads them)."""
         ...
 
 

@@ -172,7 +172,8 @@ def apply_action(store: PromptStore, prompt: str, action: str, *, actor: str, no
             _, report = move_label(store, prompt, production_label, r.canary_version,
                                    expected=r.stable_version, actor=actor,
                                    note=f"promoted by rollout {r.id}", override=override,
-                                   production_label=production_label)
+                                   production_label=production_label,
+                                   record_refusal=not hold_on_gate)  # a hold is its own entry
         except GateRefused as exc:
             if not hold_on_gate:
                 raise

@@ -483,6 +483,63 @@ class TestGatePolicies:
             move_label(s, name, "production", v3, actor="mallory")
 
 
+class TestAuditedRefusals:
+    """PromptWriter.record_audit, and every promotion-gate refusal leaving exactly one
+    `gate_refused` audit entry (issue 16, item 10), on either store."""
+
+    def test_record_audit_is_one_announced_entry_and_refuses_owned_actions(
+            self, make_store: StoreFactory, example_spec: PromptSpec) -> None:
+        s: PromptWriter = make_store()
+        name = example_spec.name
+        with pytest.raises(PromptNotFound, match="unknown prompt"):
+            s.record_audit(name, "gate_refused", actor="a")
+        s.publish(example_spec, actor="a")
+        for owned in ("publish", "label", "rollout", "scorecard", "gate_policy", ""):
+            with pytest.raises(ValueError, match="cannot be recorded"):
+                s.record_audit(name, owned, actor="mallory")
+        seen: list[str | None] = []
+        sub = make_store().subscribe(seen.append)
+        try:
+            s.record_audit(name, "gate_refused", label="production", from_version=1, to_version=2,
+                           actor="alice", note="gate failed")
+            deadline = time.monotonic() + 5
+            while name not in seen and None not in seen and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert name in seen or None in seen, "the entry was announced"
+        finally:
+            sub.close()
+        last = make_store().audit(name)[-1]
+        assert (last.action, last.actor, last.label, last.from_version, last.to_version, last.note) == (
+            "gate_refused", "alice", "production", 1, 2, "gate failed")
+        assert [e.action for e in s.audit(name)] == ["publish", "gate_refused"]
+
+    def test_a_refused_move_leaves_exactly_one_gate_refused_entry(
+            self, make_store: StoreFactory, example_spec: PromptSpec) -> None:
+        from prompt_registry import GateRefused
+        from prompt_registry.gates import move_label
+
+        s = make_store()
+        name = example_spec.name
+        seed_store(s, ROOT / "configs" / "prompts")
+        v2 = s.publish(example_spec.model_copy(update={"description": "v2"}), actor="a").version.version
+        before = len(s.audit(name))
+        with pytest.raises(GateRefused) as refused:
+            move_label(s, name, "production", v2, actor="mallory", note="ship it")
+        entries = make_store().audit(name)[before:]
+        assert [e.action for e in entries] == ["gate_refused"]
+        (e,) = entries
+        assert (e.actor, e.label, e.from_version, e.to_version) == ("mallory", "production", 1, v2)
+        assert e.note == refused.value.report.summary() and e.note.startswith("gate failed")
+        assert s.labels(name)["production"] == 1
+        # other labels are not gated, and a passing or overridden move records no refusal
+        move_label(s, name, "canary", v2, actor="a")
+        assert [x.action for x in s.audit(name)[before:]] == ["gate_refused", "label"]
+        n = len(s.audit(name))
+        with pytest.raises(GateRefused):
+            move_label(s, name, "production", v2, actor="bob", record_refusal=False)
+        assert len(s.audit(name)) == n, "record_refusal=False: the caller records it itself"
+
+
 class TestKeys:
     """KeyReader and KeyStore: records stored hashed, revocation replaces the record."""
 

@@ -83,10 +83,13 @@ def test_prompt_ops_flow(env: tuple[TestClient, dict, SqlitePromptStore]) -> Non
     audit = client.get("/v1/prompts/listing-moderation/audit", headers=keys["author"]).json()["entries"]
     assert [(e["action"], e["label"], e["from_version"], e["to_version"], e["actor"]) for e in audit] == [
         ("publish", None, None, 1, "seed"), ("label", "production", None, 1, "seed"),
-        ("publish", None, None, 2, "author"), ("scorecard", None, None, 1, "test"),
+        ("publish", None, None, 2, "author"),
+        ("gate_refused", "production", 1, 2, "lead"),  # the refusal is audited (issue 16, item 10)
+        ("scorecard", None, None, 1, "test"),
         ("scorecard", None, None, 2, "test"), ("label", "production", 1, 2, "lead"),
         ("label", "production", 2, 1, "lead")]
-    assert audit[5]["note"].startswith("ship v2 | gate passed on dataset e08b6d315ed6 (8 checks) "
+    assert audit[3]["note"].startswith("gate failed on dataset e08b6d315ed6: no stored scorecard of v2")
+    assert audit[6]["note"].startswith("ship v2 | gate passed on dataset e08b6d315ed6 (8 checks) "
                                        "[policy: production v1's evaluation block (policy ")
     summary = client.get("/v1/prompts/listing-moderation", headers=keys["author"]).json()
     assert summary == {"name": "listing-moderation", "versions": [1, 2], "latest": 2, "labels": {"production": 1}}

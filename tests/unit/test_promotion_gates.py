@@ -320,5 +320,5 @@ def test_eval_run_stores_scorecards_and_reports_the_gate(tmp_path: Path, monkeyp
     assert cards[0].categories["counterfeit"].recall == 1.0 and cards[1].categories["counterfeit"].tp == 12
     with pytest.raises(GateRefused, match="counterfeit recall 0.444 is 0.556 below"):
         move_label(store, NAME, "production", 2, actor="maria")
-    assert [e.action for e in store.audit(NAME)][-2:] == ["scorecard", "scorecard"]
+    assert [e.action for e in store.audit(NAME)][-3:] == ["scorecard", "scorecard", "gate_refused"]
     store.close()
