@@ -59,6 +59,10 @@ class ConsoleSettings(_Strict):
 class GatewaySettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="serve /metrics on its own "
+                                     "listener at this port (and not on `port`), so a "
+                                     "NetworkPolicy can admit only the monitoring namespace to it; "
+                                     "null: /metrics on the API port")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="request bodies above get 413")
     max_title_chars: int = Field(500, ge=1)
     max_description_chars: int = Field(20_000, ge=1)

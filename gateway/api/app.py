@@ -166,7 +166,8 @@ def create_app(
                                              default_label=settings.default_label))
     app.include_router(build_rollout_router(store, auth, production_label=settings.default_label,
                                             on_change=cache.refresh_now))
-    app.include_router(build_ops_router(service, backend, preload_keys))
+    app.include_router(build_ops_router(service, backend, preload_keys,
+                                        serve_metrics=settings.metrics_port is None))
     mount_offline_docs(app)
     if settings.console.enabled:
         app.include_router(build_console_router(app, store, auth, service, settings, recorder=recorder,

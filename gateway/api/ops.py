@@ -8,7 +8,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
 from starlette.responses import Response
+from starlette.routing import Route
 
 from gateway.api.edge import ERROR_RESPONSES, json_response
 from gateway.ids import new_id
@@ -75,10 +77,29 @@ class _HealthCache:
         return ok, checks
 
 
+def exposition(service: ModerationService) -> Response:
+    """The Prometheus exposition, with the prompt-cache gauges brought up to date."""
+    metrics = service.metrics
+    for e in service.cache.snapshot():
+        metrics.cache_age.labels(prompt=e["prompt"], label=e["label"]).set(e["age_s"])
+        metrics.cache_stale.labels(prompt=e["prompt"], label=e["label"]).set(1 if e["stale"] else 0)
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def build_metrics_app(service: ModerationService) -> Starlette:
+    """`/metrics` alone, for its own listener (`gateway.metrics_port`): the port a
+    NetworkPolicy opens to the monitoring namespace only, while the API port stays without it."""
+
+    async def metrics_endpoint(_request: Request) -> Response:
+        return exposition(service)
+
+    return Starlette(routes=[Route("/metrics", metrics_endpoint, methods=["GET"])])
+
+
 def build_ops_router(service: ModerationService, backend: InferenceBackend,
-                     preload_keys: list[tuple[str, str]]) -> APIRouter:
+                     preload_keys: list[tuple[str, str]], *, serve_metrics: bool = True) -> APIRouter:
     router = APIRouter()
-    cache, metrics = service.cache, service.metrics
+    cache = service.cache
 
     @router.get("/v1/cache/prompts", tags=["prompt registry"], responses=ERROR_RESPONSES)
     async def cache_snapshot(request: Request) -> Response:
@@ -92,14 +113,12 @@ def build_ops_router(service: ModerationService, backend: InferenceBackend,
             "refresh_failures": stats.refresh_failures, "stale_served": stats.stale_served,
             "events": stats.events}})
 
-    @router.get("/metrics", include_in_schema=False)
-    async def prometheus_metrics() -> Response:
-        """Prometheus exposition (unauthenticated, like most scrape targets: keep the port
-        cluster-internal; see k8s NetworkPolicy)."""
-        for e in cache.snapshot():
-            metrics.cache_age.labels(prompt=e["prompt"], label=e["label"]).set(e["age_s"])
-            metrics.cache_stale.labels(prompt=e["prompt"], label=e["label"]).set(1 if e["stale"] else 0)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    if serve_metrics:
+        @router.get("/metrics", include_in_schema=False)
+        async def prometheus_metrics() -> Response:
+            """Prometheus exposition (unauthenticated, like most scrape targets: keep the port
+            cluster-internal; see k8s NetworkPolicy, or `gateway.metrics_port`)."""
+            return exposition(service)
 
     @router.get("/healthz")
     async def healthz() -> Response:

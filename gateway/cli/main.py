@@ -217,7 +217,26 @@ def _run_gateway(cfg: AppConfig, store: PromptStore, *, announce: bool, local_ke
         limit_concurrency=cfg.gateway.max_connections,
         proxy_headers=False))  # nothing reads the client address; saves a middleware per request
 
+    metrics_server = None
+    if cfg.gateway.metrics_port is not None:
+        from gateway.api.ops import build_metrics_app
+
+        metrics_server = uvicorn.Server(uvicorn.Config(
+            build_metrics_app(fastapi_app.state.gateway.service), host=cfg.gateway.host,
+            port=cfg.gateway.metrics_port, log_level="warning", access_log=False, lifespan="off"))
+
     async def serve() -> None:
+        # The metrics listener starts first, so the API server (started after it) is the one
+        # whose signal handlers are installed last and see Ctrl-C / SIGTERM; it then stops this.
+        metrics_task = asyncio.create_task(metrics_server.serve()) if metrics_server is not None else None
+        try:
+            await _serve_api()
+        finally:
+            if metrics_server is not None and metrics_task is not None:
+                metrics_server.should_exit = True
+                await metrics_task
+
+    async def _serve_api() -> None:
         task = asyncio.create_task(server.serve())
         while not server.started and not task.done():
             await asyncio.sleep(0.05)

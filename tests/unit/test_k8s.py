@@ -297,8 +297,10 @@ def test_gateway_deployment_probes_and_security(overlay: str) -> None:
     assert {"cpu", "memory"} <= limits.keys() and {"cpu", "memory"} <= requests.keys()
 
     ann = dep["spec"]["template"]["metadata"]["annotations"]
+    metrics_port = next(p for p in c["ports"] if p["name"] == "metrics")["containerPort"]
+    assert metrics_port == cfg.gateway.metrics_port != port  # /metrics on its own listener
     assert ann["prometheus.io/scrape"] == "true"
-    assert ann["prometheus.io/port"] == str(port) and ann["prometheus.io/path"] == "/metrics"
+    assert ann["prometheus.io/port"] == str(metrics_port) and ann["prometheus.io/path"] == "/metrics"
 
     env = {e["name"]: e for e in c["env"]}
     ref = env[cfg.registry.redis_url_env]["valueFrom"]["secretKeyRef"]

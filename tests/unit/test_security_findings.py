@@ -234,3 +234,16 @@ def test_too_many_or_too_large_headers_are_refused(client: TestClient) -> None:
     r = client.get("/healthz", headers={"x-big": "a" * 64 * 1024})
     assert r.status_code == 431
     assert client.post("/v1/moderate", json=LISTING).status_code == 200
+
+
+def test_metrics_can_live_on_their_own_listener(store: SqlitePromptStore, caller_key: str) -> None:
+    """gateway.metrics_port: the API port no longer answers /metrics; the metrics app does."""
+    from gateway.api.ops import build_metrics_app
+
+    app = create_app(GatewaySettings(metrics_port=9090), store, FakeBackend())
+    with TestClient(app, headers={"authorization": f"Bearer {caller_key}"}) as c:
+        assert c.post("/v1/moderate", json=LISTING).status_code == 200
+        assert c.get("/metrics").status_code == 404
+        with TestClient(build_metrics_app(app.state.gateway.service)) as m:
+            r = m.get("/metrics")
+            assert r.status_code == 200 and b"modgate_requests_total" in r.content
