@@ -46,7 +46,8 @@ class ModerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
 
     item_id: str = Field(..., pattern=_ID, description="listing id")
-    seller_id: str = Field(..., pattern=_ID, description="seller id (traffic stickiness key)")
+    seller_id: str | None = Field(None, pattern=_ID, description="seller id (traffic stickiness "
+                                  "key); optional: without it the item id is the stickiness key")
     title: str = Field(..., min_length=1)
     description: str = ""
     locale: Locale | None = Field(None, description="BCP 47 (`zh-CN`, `zh_CN`, `zh-Hant-TW`, "
