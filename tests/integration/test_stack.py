@@ -252,7 +252,8 @@ def test_a_prompt_version_runs_on_the_model_it_names(stack: Stack) -> None:
     assert r.status_code in (200, 201), r.text
     version = r.json()["version"]
 
-    r = httpx.post(f"{stack.gateway_url}/v1/moderate", timeout=60, headers=stack.headers,
+    # pinning a version needs `moderate:pin` (or admin), not only `moderate`
+    r = httpx.post(f"{stack.gateway_url}/v1/moderate", timeout=60, headers=stack.admin_headers,
                    json={**LISTING, "item_id": "two-models-1", "prompt": "listing-moderation-b",
                          "prompt_version": version})
     assert r.status_code == 200, r.text
