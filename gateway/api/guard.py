@@ -23,10 +23,11 @@ import asyncio
 from collections.abc import MutableMapping, Sequence
 from typing import Any
 
+from starlette.requests import Request
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.api.edge import error_response
+from gateway.api.edge import error_response, request_id_of
 from gateway.auth import Authenticator
 from gateway.problems import ApiError, ClientDisconnected, Problem, problem_for
 
@@ -137,7 +138,8 @@ class RequestGuard:
         async def no_body() -> Message:
             return {"type": "http.request", "body": b"", "more_body": False}
 
-        response = error_response(problem, None)
+        rid = request_id_of(Request(scope))  # the caller's id when it is a safe one, else a new one
+        response = error_response(problem, rid)
         await response(scope, no_body, send)
 
 

@@ -247,3 +247,15 @@ def test_metrics_can_live_on_their_own_listener(store: SqlitePromptStore, caller
         with TestClient(build_metrics_app(app.state.gateway.service)) as m:
             r = m.get("/metrics")
             assert r.status_code == 200 and b"modgate_requests_total" in r.content
+
+
+def test_every_error_body_carries_a_request_id(client: TestClient, store: SqlitePromptStore) -> None:
+    """403s and 401s on the admin and feedback routes said `"request_id": null` (#21)."""
+    for r in (client.post("/v1/feedback", json={"request_id": "x", "decision": "allow"}),  # 403
+              client.post("/v1/feedback", json={}, headers={"authorization": ""}),  # 401 (guard)
+              client.put("/v1/prompts/listing-moderation/labels/canary", json={"version": 1}),
+              client.get("/v1/prompts", headers={"x-request-id": "mine-1", "authorization": ""})):
+        assert r.status_code in (401, 403), r.text
+        assert r.json()["request_id"], r.text
+        assert r.headers["x-request-id"] == r.json()["request_id"]
+    assert r.json()["request_id"] == "mine-1"
