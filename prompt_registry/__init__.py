@@ -4,6 +4,8 @@ Knows nothing of HTTP, Ray or vLLM.
 """
 
 from prompt_registry.errors import (
+    ApprovalClosed,
+    ApprovalConflict,
     GatePolicyConflict,
     GatePolicyInvalid,
     LabelConflict,
@@ -11,11 +13,15 @@ from prompt_registry.errors import (
     PromptNotFound,
     RegistryError,
     RenderError,
+    SelfApproval,
     StoreUnavailable,
     TemplateRejected,
     UnservedModel,
 )
 from prompt_registry.gates import (
+    ApprovalRequest,
+    ApprovalRequired,
+    FourEyesRecord,
     GateOverride,
     GatePolicy,
     GateRefused,
@@ -39,6 +45,8 @@ from prompt_registry.render import render_messages
 from prompt_registry.rollout_stats import RolloutStats, build_rollout_stats
 from prompt_registry.store import (
     AuditEntry,
+    FourEyesReader,
+    FourEyesStore,
     GatedWriter,
     GatePolicyReader,
     GatePolicyStore,
@@ -57,6 +65,8 @@ from prompt_registry.store import (
 )
 
 __all__ = [
+    "ApprovalClosed", "ApprovalConflict", "ApprovalRequest", "ApprovalRequired", "FourEyesReader",
+    "FourEyesRecord", "FourEyesStore", "SelfApproval",
     "FAIL_CLOSED_DECISION", "AuditEntry", "EvaluationSpec", "GateCriterion", "GateOverride",
     "GatePolicy", "GatePolicyConflict", "GatePolicyInvalid", "GatePolicyReader", "GatePolicyStore",
     "GateReader", "GateRefused", "GateReport", "GatedWriter", "PolicyInForce", "UnservedModel",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 __all__ = [
+    "ApprovalClosed",
+    "ApprovalConflict",
     "GatePolicyConflict",
     "GatePolicyInvalid",
     "LabelConflict",
@@ -10,6 +12,7 @@ __all__ = [
     "PromptNotFound",
     "RegistryError",
     "RenderError",
+    "SelfApproval",
     "StoreUnavailable",
     "TemplateRejected",
     "UnservedModel",
@@ -67,3 +70,16 @@ class GatePolicyInvalid(PromptFileError, ValueError):
 
 class GatePolicyConflict(LabelConflict):
     """A compare-and-set write of a prompt's gate policy lost against a concurrent write."""
+
+
+class ApprovalConflict(LabelConflict):
+    """A compare-and-set write of a prompt's four-eyes record (setting and approval requests)
+    lost against a concurrent write."""
+
+
+class ApprovalClosed(LabelConflict):
+    """An approval request is no longer pending (approved, denied, failed, or expired)."""
+
+
+class SelfApproval(RegistryError):
+    """A key holder tried to approve their own four-eyes request (callers answer 403)."""

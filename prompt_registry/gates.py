@@ -44,14 +44,15 @@ before, and in an incident nothing may stand between an operator and the previou
 from __future__ import annotations
 
 import hashlib
+import secrets
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from prompt_registry.errors import LabelConflict, RegistryError
+from prompt_registry.errors import ApprovalConflict, LabelConflict, RegistryError
 from prompt_registry.models import AGGREGATES, EACH_CATEGORY, EvaluationSpec, GateCriterion
 from prompt_registry.rollouts import wilson_interval
 
@@ -59,10 +60,12 @@ if TYPE_CHECKING:
     from prompt_registry.store import GateReader, PromptStore
 
 __all__ = [
-    "GateOverride", "GatePolicy", "GateRefused", "GateReport", "CriterionResult", "MetricCounts",
-    "PolicyInForce", "RateCount", "ScorecardRecord", "ScorecardMismatch", "at_least_as_strict",
-    "check_recorded_action", "check_scorecard_version", "compare_blocks", "evaluate_gate", "evaluation_hash", "gate_report",
-    "move_label", "policy_in_force", "scorecard_audit_note",
+    "APPROVAL_EXPIRY_S", "ApprovalRequest", "ApprovalRequired", "CriterionResult",
+    "FourEyesRecord", "GateOverride", "GatePolicy", "GateRefused", "GateReport", "MetricCounts",
+    "PolicyInForce", "RateCount", "ScorecardMismatch", "ScorecardRecord", "at_least_as_strict",
+    "check_four_eyes_action", "check_recorded_action", "check_scorecard_version",
+    "compare_blocks", "evaluate_gate", "evaluation_hash", "gate_report", "move_label",
+    "policy_in_force", "scorecard_audit_note",
 ]
 
 CONFIDENCE = 0.95
@@ -75,6 +78,22 @@ class GateRefused(RegistryError):
     def __init__(self, report: GateReport) -> None:
         super().__init__(report.message())
         self.report = report
+
+
+class ApprovalRequired(RegistryError):
+    """Four eyes: a production move was recorded as a pending approval request instead of
+    being made. Carries the request (its id is what a second key holder approves)."""
+
+    def __init__(self, request: ApprovalRequest, *, prompt: str, created: bool) -> None:
+        cur = "-" if request.expected is None else f"v{request.expected}"
+        super().__init__(
+            f"{prompt} {request.label}: {cur} -> v{request.version} needs the approval of a second "
+            f"key holder (four eyes): request {request.id} by {request.requested_by}, expires "
+            f"{request.expires_at.isoformat(timespec='seconds')}"
+            + ("" if created else " (already pending)"))
+        self.request = request
+        self.prompt = prompt
+        self.created = created
 
 
 class ScorecardMismatch(RegistryError, ValueError):
@@ -201,6 +220,73 @@ class GateOverride(_Strict):
         if not v.strip():
             raise ValueError("an override needs a reason")
         return v.strip()
+
+
+APPROVAL_EXPIRY_S = 24 * 3600.0
+ApprovalState = Literal["pending", "approved", "denied", "expired", "failed"]
+_KEEP_DECIDED = 50  # decided requests kept in the record (all are in the audit log)
+
+
+class ApprovalRequest(_Strict):
+    """A production move waiting for a second key holder (four eyes). `expected` is the
+    version production held when it was requested: the move is a compare-and-set on it."""
+
+    id: str = Field(..., pattern=r"^[0-9a-f]{12}$")
+    label: str = Field(..., min_length=1)
+    version: int = Field(..., ge=1)
+    expected: int | None = Field(None, ge=1)
+    requested_by: str = Field(..., min_length=1, description="the requesting key holder")
+    requested_at: datetime
+    expires_at: datetime
+    note: str = ""
+    override: GateOverride | None = None
+    rollout_id: str | None = None
+    state: ApprovalState = "pending"
+    decided_by: str = ""
+    decided_at: datetime | None = None
+    reason: str = ""
+
+    def state_at(self, now: datetime) -> ApprovalState:
+        """The state, counting a pending request past its expiry as expired."""
+        return "expired" if self.state == "pending" and now >= self.expires_at else self.state
+
+    def as_dict(self, now: datetime | None = None) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        data["state"] = self.state_at(now or datetime.now(UTC))
+        return data
+
+
+class FourEyesRecord(_Strict):
+    """A prompt's four-eyes setting and its approval requests: one record per prompt, written
+    by compare-and-set on `revision` (each write audited). When `enabled`, a production move
+    (by label or by promotion) is recorded as a request that a second key holder with the
+    promote scope approves (or denies); it expires after `expiry_s`."""
+
+    prompt: str = Field(..., min_length=1)
+    revision: int = Field(..., ge=1)
+    enabled: bool
+    expiry_s: float = Field(APPROVAL_EXPIRY_S, gt=0, le=30 * 24 * 3600)
+    set_by: str = Field(..., min_length=1)
+    set_at: datetime
+    reason: str = ""
+    requests: list[ApprovalRequest] = Field(default_factory=list)
+
+    def find(self, request_id: str) -> ApprovalRequest | None:
+        return next((r for r in self.requests if r.id == request_id), None)
+
+    def with_request(self, request: ApprovalRequest) -> FourEyesRecord:
+        """The next revision with *request* added or replaced (decided ones trimmed)."""
+        others = [r for r in self.requests if r.id != request.id]
+        kept = [*others, request]
+        decided = [r for r in kept if r.state != "pending"]
+        drop = {r.id for r in decided[:-_KEEP_DECIDED]} if len(decided) > _KEEP_DECIDED else set()
+        return self.model_copy(update={"revision": self.revision + 1,
+                                       "requests": [r for r in kept if r.id not in drop]})
+
+    def as_dict(self, now: datetime | None = None) -> dict[str, Any]:
+        return {"prompt": self.prompt, "revision": self.revision, "enabled": self.enabled,
+                "expiry_s": self.expiry_s, "set_by": self.set_by, "set_at": self.set_at.isoformat(),
+                "reason": self.reason, "requests": [r.as_dict(now) for r in self.requests]}
 
 
 def evaluation_hash(spec: EvaluationSpec | None) -> str:
@@ -593,13 +679,22 @@ def evaluate_gate(spec: EvaluationSpec, candidate: ScorecardRecord | None,
 
 
 #: Audit actions only their own store write may leave (`PromptWriter.record_audit` refuses them).
-OWNED_AUDIT_ACTIONS = frozenset({"publish", "label", "rollout", "scorecard", "gate_policy"})
+FOUR_EYES_ACTIONS = frozenset({"four_eyes", "approval_requested", "approval_approved",
+                               "approval_denied", "approval_expired", "approval_failed"})
+OWNED_AUDIT_ACTIONS = frozenset({"publish", "label", "rollout", "scorecard", "gate_policy",
+                                 *FOUR_EYES_ACTIONS})
 
 
 def check_recorded_action(action: str) -> None:
     """For `record_audit`: an action a dedicated write owns cannot be recorded on its own."""
     if not action or action in OWNED_AUDIT_ACTIONS:
         raise ValueError(f"audit action {action!r} cannot be recorded on its own")
+
+
+def check_four_eyes_action(action: str) -> None:
+    """For `put_four_eyes`: only the four-eyes actions."""
+    if action not in FOUR_EYES_ACTIONS:
+        raise ValueError(f"audit action {action!r} is not a four-eyes action")
 
 
 # -- store-backed check ------------------------------------------------------------------------
@@ -669,7 +764,9 @@ def _keep_in_force(store: PromptStore, report: GateReport, *, actor: str) -> str
 def move_label(store: PromptStore, name: str, label: str, version: int, *,
                expected: int | None = None, actor: str, note: str = "",
                override: GateOverride | None = None, production_label: str = "production",
-               record_refusal: bool = True) -> tuple[int | None, GateReport | None]:
+               record_refusal: bool = True, holder: str | None = None,
+               rollout_id: str | None = None,
+               approved: ApprovalRequest | None = None) -> tuple[int | None, GateReport | None]:
     """Point *label* at *version*, through the promotion gate when *label* is the production
     label. Returns (previous version, gate report or None when not gated).
 
@@ -684,6 +781,14 @@ def move_label(store: PromptStore, name: str, label: str, version: int, *,
     is raised, so the webhook dispatcher announces `gate.refused`. *record_refusal* False is
     for a caller that records the refusal in its own audit entry (the rollout controller's
     held promotion).
+
+    Four eyes: when the prompt's four-eyes record is enabled, a production move that the gate
+    lets through (or an admin overrides) is not made: a pending approval request is recorded
+    (audited "approval_requested"; *holder*, the requesting key holder, defaults to *actor*;
+    *rollout_id* names a promoting rollout) and ApprovalRequired raised. The same pending
+    move (label, version, expected production) is not requested twice. Only
+    `ops.approve_request` passes *approved*, the request as approved in the store: the move
+    is then made, judged by the gate again.
     """
     if label != production_label:
         return store.set_label(name, label, version, expected=expected, actor=actor, note=note), None
@@ -705,7 +810,51 @@ def move_label(store: PromptStore, name: str, label: str, version: int, *,
             gate_note = f"GATE OVERRIDDEN by {override.by}: {override.reason} ({report.summary()})"
         else:
             gate_note = report.summary()
+        if approved is not None:
+            _check_approved(store, name, label, version, approved)
+            gate_note = f"{gate_note} | four eyes: approval {approved.id} of {approved.requested_by}'s " \
+                        f"request by {approved.decided_by}"
+        else:
+            record = store.get_four_eyes(name)
+            if record is not None and record.enabled:
+                raise _request_approval(store, record, name, label, version, current, actor=actor,
+                                        holder=holder or actor, note=note, override=override,
+                                        rollout_id=rollout_id, gate_note=gate_note)
         kept = _keep_in_force(store, report, actor=actor)
     full = " | ".join(p for p in (note, gate_note, kept) if p)
     previous = store.set_label(name, label, version, expected=current or 0, actor=actor, note=full)
     return previous, report
+
+
+def _check_approved(store: PromptStore, name: str, label: str, version: int,
+                    approved: ApprovalRequest) -> None:
+    record = store.get_four_eyes(name)
+    stored = record.find(approved.id) if record is not None else None
+    if (stored is None or stored.state != "approved" or stored.label != label
+            or stored.version != version or not stored.decided_by):
+        raise ApprovalConflict(f"approval {approved.id} of {name!r} is not an approved request "
+                               f"to move {label} to v{version}")
+
+
+def _request_approval(store: PromptStore, record: FourEyesRecord, name: str, label: str,
+                      version: int, current: int | None, *, actor: str, holder: str, note: str,
+                      override: GateOverride | None, rollout_id: str | None,
+                      gate_note: str) -> ApprovalRequired:
+    """Record a pending approval request for a production move (or find the same pending one)
+    and return the ApprovalRequired to raise."""
+    now = datetime.now(UTC)
+    for r in record.requests:
+        if (r.state_at(now) == "pending" and r.label == label and r.version == version
+                and r.expected == current):
+            return ApprovalRequired(r, prompt=name, created=False)
+    request = ApprovalRequest(
+        id=secrets.token_hex(6), label=label, version=version, expected=current,
+        requested_by=holder, requested_at=now, expires_at=now + timedelta(seconds=record.expiry_s),
+        note=note, override=override, rollout_id=rollout_id)
+    store.put_four_eyes(record.with_request(request), expected_revision=record.revision,
+                        actor=actor, action="approval_requested", label=label,
+                        from_version=current, to_version=version, note=(
+                            f"approval {request.id} requested by {holder}, expires "
+                            f"{request.expires_at.isoformat(timespec='seconds')}"
+                            + (f" | {note}" if note else "") + f" | {gate_note}"))
+    return ApprovalRequired(request, prompt=name, created=True)

@@ -1,6 +1,6 @@
 """Registry operations shared by the CLI and the admin API: publish from files, label moves,
-rollback, diff and summaries, the check that a version's model is served, and changing a
-prompt's gate policy. Each operation is one atomic store write or none (a production move to a
+rollback, diff and summaries, the check that a version's model is served, changing a
+prompt's gate policy, and four eyes (the setting, approving and denying requests). Each operation is one atomic store write or none (a production move to a
 version with a weaker `evaluation` block may first keep the policy in force: see
 `gates.move_label`)."""
 
@@ -9,20 +9,25 @@ from __future__ import annotations
 import difflib
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from prompt_registry.errors import (
+    ApprovalClosed,
     GatePolicyConflict,
     GatePolicyInvalid,
     PromptNotFound,
     RegistryError,
+    SelfApproval,
     UnservedModel,
 )
 from prompt_registry.gates import (
+    APPROVAL_EXPIRY_S,
+    ApprovalRequest,
+    FourEyesRecord,
     GateOverride,
     GatePolicy,
     GateReport,
@@ -42,9 +47,9 @@ from prompt_registry.models import (
 )
 from prompt_registry.store import GateReader, PromptReader, PromptStore, PublishResult
 
-__all__ = ["GatePolicyChange", "NothingToRollBack", "PromptSummary", "check_model_served",
-           "diff_versions", "gate_policy_diff", "gate_policy_view", "policy_changes",
-           "publish_file", "rollback", "set_gate_policy", "set_label", "spec_as_yaml", "summarize"]
+__all__ = ["GatePolicyChange", "NothingToRollBack", "PromptSummary", "approvals_view",
+           "approve_request", "check_model_served", "deny_request", "diff_versions", "gate_policy_diff", "gate_policy_view", "policy_changes",
+           "publish_file", "rollback", "set_four_eyes", "set_gate_policy", "set_label", "spec_as_yaml", "summarize"]
 
 
 class NothingToRollBack(RegistryError):
@@ -77,7 +82,7 @@ def check_model_served(version: PromptVersion | PromptSpec, served: Collection[s
 def publish_file(store: PromptStore, path: Path, *, actor: str, note: str = "",
                  label: str | None = None, expected: int | None = None,
                  override: GateOverride | None = None, production_label: str = "production",
-                 served_models: Collection[str] | None = None,
+                 served_models: Collection[str] | None = None, holder: str | None = None,
                  ) -> tuple[PublishResult, int | None]:
     """Publish a YAML or Markdown prompt file; optionally point *label* at the result (through
     the promotion gate when it is the production label: the version stays published when the
@@ -90,20 +95,24 @@ def publish_file(store: PromptStore, path: Path, *, actor: str, note: str = "",
     if label is not None:
         previous, _ = move_label(store, spec.name, label, result.version.version, expected=expected,
                                  actor=actor, note=note or f"published from {path.name}",
-                                 override=override, production_label=production_label)
+                                 override=override, production_label=production_label,
+                                 holder=holder)
     return result, previous
 
 
 def set_label(store: PromptStore, name: str, label: str, version: int, *, actor: str,
               expected: int | None = None, note: str = "", override: GateOverride | None = None,
               production_label: str = "production",
-              served_models: Collection[str] | None = None) -> tuple[int | None, GateReport | None]:
+              served_models: Collection[str] | None = None,
+              holder: str | None = None) -> tuple[int | None, GateReport | None]:
     """Move a label by hand; the production label goes through the promotion gate, and may
-    not point at a version whose model is not served (when *served_models* is given)."""
+    not point at a version whose model is not served (when *served_models* is given). Under
+    four eyes a production move raises ApprovalRequired (*holder*: the requesting key
+    holder, default *actor*)."""
     if label == production_label:
         check_model_served(store.get_version(name, version), served_models)
     return move_label(store, name, label, version, expected=expected, actor=actor, note=note,
-                      override=override, production_label=production_label)
+                      override=override, production_label=production_label, holder=holder)
 
 
 def rollback(store: PromptStore, name: str, label: str, *, actor: str, note: str = "") -> tuple[int, int]:
@@ -278,3 +287,124 @@ def gate_policy_view(store: GateReader, name: str, *,
                           "relation": compare_blocks(own, in_force.evaluation)}
     return {"name": name, "production_version": production, "in_force": in_force.as_dict(),
             "record": record.as_dict() if record is not None else None, "versions": blocks}
+
+
+# -- four eyes --------------------------------------------------------------------------------
+
+def set_four_eyes(store: PromptStore, name: str, enabled: bool, *, actor: str, reason: str,
+                  expiry_s: float | None = None) -> FourEyesRecord:
+    """Switch four eyes on or off for *name* (a protected change: callers require the `admin`
+    scope). Needs a reason; audited ("four_eyes"). Pending requests stay (they can still be
+    approved, denied or expire) when it is switched off."""
+    if not reason.strip():
+        raise RegistryError("changing four eyes needs a reason (recorded in the audit log)")
+    summarize(store, name)  # PromptNotFound for an unknown prompt
+    current = store.get_four_eyes(name)
+    expiry = expiry_s if expiry_s is not None else (current.expiry_s if current else APPROVAL_EXPIRY_S)
+    now = datetime.now(UTC)
+    revision = current.revision if current is not None else 0
+    record = FourEyesRecord(prompt=name, revision=revision + 1, enabled=enabled, expiry_s=expiry,
+                            set_by=actor, set_at=now, reason=reason.strip(),
+                            requests=current.requests if current is not None else [])
+    store.put_four_eyes(record, expected_revision=revision, actor=actor, action="four_eyes",
+                        label="four-eyes", note=(
+                            f"four eyes {'on' if enabled else 'off'}"
+                            + (f" (requests expire after {timedelta(seconds=expiry)})" if enabled else "")
+                            + f" | {reason.strip()}"))
+    return record
+
+
+def approvals_view(store: PromptStore, name: str) -> dict[str, Any]:
+    """The prompt's four-eyes setting and its requests (newest first; a pending request past
+    its expiry shows as expired)."""
+    summarize(store, name)
+    record = store.get_four_eyes(name)
+    if record is None:
+        return {"name": name, "four_eyes": False, "expiry_s": APPROVAL_EXPIRY_S, "requests": []}
+    view = record.as_dict()
+    return {"name": name, "four_eyes": record.enabled, "expiry_s": record.expiry_s,
+            "set_by": record.set_by, "set_at": view["set_at"], "reason": record.reason,
+            "requests": view["requests"][::-1]}
+
+
+def _pending(store: PromptStore, name: str, request_id: str, *, actor: str,
+             ) -> tuple[FourEyesRecord, ApprovalRequest]:
+    """The record and the pending request *request_id*; an expired one is marked expired
+    (audited) and ApprovalClosed raised, as for one already decided."""
+    record = store.get_four_eyes(name)
+    request = record.find(request_id) if record is not None else None
+    if record is None or request is None:
+        summarize(store, name)
+        raise PromptNotFound(f"prompt {name!r} has no approval request {request_id!r}")
+    now = datetime.now(UTC)
+    state = request.state_at(now)
+    if state == "expired" and request.state == "pending":
+        expired = request.model_copy(update={"state": "expired", "decided_at": now})
+        store.put_four_eyes(record.with_request(expired), expected_revision=record.revision,
+                            actor=actor, action="approval_expired", label=request.label,
+                            from_version=request.expected, to_version=request.version,
+                            note=f"approval {request.id} expired at "
+                                 f"{request.expires_at.isoformat(timespec='seconds')}; nothing moved")
+    if state != "pending":
+        who = f" by {request.decided_by}" if request.decided_by else ""
+        raise ApprovalClosed(f"approval request {request_id} of {name!r} is {state}{who}, not pending")
+    return record, request
+
+
+def approve_request(store: PromptStore, name: str, request_id: str, *, actor: str,
+                    holder: str | None = None, note: str = "",
+                    production_label: str = "production",
+                    served_models: Collection[str] | None = None,
+                    ) -> tuple[ApprovalRequest, int | None, GateReport | None]:
+    """A second key holder (*holder*, default *actor*; callers check the promote scope)
+    approves a pending request: it is marked approved (compare-and-set, audited), then the
+    move is made, judged by the gate now and compare-and-set on the production version the
+    request expected. When the move fails (the gate refuses now, production moved meanwhile,
+    the model is not served) the request is marked failed (audited) and the error raised.
+    The requester cannot approve their own request (SelfApproval)."""
+    holder = holder or actor
+    record, request = _pending(store, name, request_id, actor=actor)
+    if holder == request.requested_by:
+        raise SelfApproval(f"{holder} requested approval {request_id}; a second key holder must "
+                           "approve it (four eyes)")
+    now = datetime.now(UTC)
+    approved = request.model_copy(update={"state": "approved", "decided_by": holder,
+                                          "decided_at": now, "reason": note})
+    store.put_four_eyes(record.with_request(approved), expected_revision=record.revision,
+                        actor=actor, action="approval_approved", label=request.label,
+                        from_version=request.expected, to_version=request.version,
+                        note=f"approval {request.id} of {request.requested_by}'s request approved by "
+                             f"{holder}" + (f" | {note}" if note else ""))
+    try:
+        if request.label == production_label:
+            check_model_served(store.get_version(name, request.version), served_models)
+        previous, report = move_label(
+            store, name, request.label, request.version, expected=request.expected or 0,
+            actor=actor, note=request.note, override=request.override,
+            production_label=production_label, approved=approved)
+    except RegistryError as exc:
+        current = store.get_four_eyes(name)
+        if current is not None:
+            failed = approved.model_copy(update={"state": "failed", "reason": str(exc)[:2000]})
+            store.put_four_eyes(current.with_request(failed), expected_revision=current.revision,
+                                actor=actor, action="approval_failed", label=request.label,
+                                from_version=request.expected, to_version=request.version,
+                                note=f"approval {request.id}: the move failed: {exc}")
+        raise
+    return approved, previous, report
+
+
+def deny_request(store: PromptStore, name: str, request_id: str, *, actor: str,
+                 holder: str | None = None, reason: str = "") -> ApprovalRequest:
+    """Deny a pending request (any key holder with the promote scope, the requester too, who
+    withdraws it): nothing moves; audited."""
+    holder = holder or actor
+    record, request = _pending(store, name, request_id, actor=actor)
+    denied = request.model_copy(update={"state": "denied", "decided_by": holder,
+                                        "decided_at": datetime.now(UTC), "reason": reason})
+    store.put_four_eyes(record.with_request(denied), expected_revision=record.revision,
+                        actor=actor, action="approval_denied", label=request.label,
+                        from_version=request.expected, to_version=request.version,
+                        note=f"approval {request.id} denied by {holder}; nothing moved"
+                             + (f" | {reason}" if reason else ""))
+    return denied

@@ -11,6 +11,8 @@ Key schema (prefix `P`, default "modgate"; `N` is a prompt name):
     P:prompt:N:scorecards  hash   "<version>:<dataset sha256>" -> scorecard record (JSON)
     P:prompt:N:gate_policy string the prompt's gate policy record (JSON)
     P:prompt:N:gate_policy_rev string its revision (compare-and-set)
+    P:prompt:N:four_eyes   string the prompt's four-eyes setting and approval requests (JSON)
+    P:prompt:N:four_eyes_rev string its revision (compare-and-set)
     P:prompt:N:rollout     string the prompt's current (or last) rollout (JSON)
     P:prompt:N:rollout_rev string its revision (compare-and-set)
     P:rollouts             set    prompts that have a rollout
@@ -47,14 +49,17 @@ import orjson
 import redis
 
 from prompt_registry.errors import (
+    ApprovalConflict,
     GatePolicyConflict,
     LabelConflict,
     PromptNotFound,
     StoreUnavailable,
 )
 from prompt_registry.gates import (
+    FourEyesRecord,
     GatePolicy,
     ScorecardRecord,
+    check_four_eyes_action,
     check_recorded_action,
     check_scorecard_version,
     scorecard_audit_note,
@@ -103,7 +108,7 @@ redis.call('PUBLISH', KEYS[3], ARGV[5])
 return existed
 """
 
-# KEYS: gate_policy, gate_policy_rev, audit, prompts set, events
+# KEYS: gate_policy, gate_policy_rev, audit, prompts set, events (also: four_eyes, four_eyes_rev)
 # ARGV: record, expected revision, new revision, audit entry, prompt name, event
 _PUT_GATE_POLICY = """
 if redis.call('SISMEMBER', KEYS[4], ARGV[5]) == 0 then return {-1, ''} end
@@ -351,6 +356,34 @@ class RedisPromptStore:
         if status == -2:
             raise GatePolicyConflict(f"the gate policy of {name!r} is at revision "
                                      f"{int(current)}, not {expected_revision} (changed concurrently)")
+
+    def get_four_eyes(self, name: str) -> FourEyesRecord | None:
+        raw = self._call(lambda: self._r.get(self._k(name, "four_eyes")))
+        return FourEyesRecord.model_validate_json(raw) if raw else None
+
+    def put_four_eyes(self, record: FourEyesRecord, *, expected_revision: int, actor: str,
+                      action: str, label: str | None = None, from_version: int | None = None,
+                      to_version: int | None = None, note: str = "") -> None:
+        check_four_eyes_action(action)
+        name = record.prompt
+        if record.revision != expected_revision + 1:
+            raise ApprovalConflict(f"four-eyes revision {record.revision} does not follow "
+                                   f"revision {expected_revision}")
+        audit = orjson.dumps({"at": _now().isoformat(), "actor": actor, "action": action,
+                              "prompt": name, "label": label, "from_version": from_version,
+                              "to_version": to_version, "note": note})
+        event = orjson.dumps({"prompt": name, "kind": "four_eyes"})
+        keys = [self._k(name, "four_eyes"), self._k(name, "four_eyes_rev"),
+                self._k(name, "audit"), f"{self._prefix}:prompts", self._events]
+        # the same compare-and-set, store, audit and announce as a gate policy write
+        status, current = self._call(lambda: self._put_gate_policy(keys=keys, args=[
+            record.model_dump_json(), str(expected_revision), str(record.revision), audit, name,
+            event]))
+        if status == -1:
+            raise PromptNotFound(f"unknown prompt {name!r}")
+        if status == -2:
+            raise ApprovalConflict(f"the four-eyes record of {name!r} is at revision "
+                                   f"{int(current)}, not {expected_revision} (changed concurrently)")
 
     def add_rollout_stats(self, rollout_id: str, counters: dict[str, int],
                           flips: list[str] | None = None, *, keep_flips: int = 500) -> None:

@@ -2,7 +2,8 @@
 
 One file (WAL mode) holds the tables `versions` (name, version, content hash, spec JSON),
 `labels` (name, label → version), `scorecards` ((name, version, dataset sha256) → record),
-`gate_policies` (name → gate policy record, revision), rollouts, API keys and `audit`. Every write is one `BEGIN IMMEDIATE` transaction,
+`gate_policies` (name → gate policy record, revision), `four_eyes` (name → four-eyes setting
+and approval requests, revision), rollouts, API keys and `audit`. Every write is one `BEGIN IMMEDIATE` transaction,
 so version numbering, the version row and its audit entry land together or not at all, and label
 compare-and-set is atomic across processes sharing the file.
 """
@@ -21,14 +22,17 @@ from typing import Concatenate, ParamSpec, TypeVar
 import orjson
 
 from prompt_registry.errors import (
+    ApprovalConflict,
     GatePolicyConflict,
     LabelConflict,
     PromptNotFound,
     StoreUnavailable,
 )
 from prompt_registry.gates import (
+    FourEyesRecord,
     GatePolicy,
     ScorecardRecord,
+    check_four_eyes_action,
     check_recorded_action,
     check_scorecard_version,
     scorecard_audit_note,
@@ -94,6 +98,9 @@ CREATE TABLE IF NOT EXISTS scorecards (
     PRIMARY KEY (name, version, dataset_sha256)
 );
 CREATE TABLE IF NOT EXISTS gate_policies (
+    name TEXT PRIMARY KEY, record TEXT NOT NULL, revision INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS four_eyes (
     name TEXT PRIMARY KEY, record TEXT NOT NULL, revision INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -377,6 +384,37 @@ class SqlitePromptStore:
                 "INSERT INTO audit (at, actor, action, name, label, from_version, to_version, note) "
                 "VALUES (?,?,?,?,?,?,?,?)",
                 (_now().isoformat(), actor, "gate_policy", name, "gate-policy", None, None, note))
+        self._notify(name)
+
+    @_wrap_errors
+    def get_four_eyes(self, name: str) -> FourEyesRecord | None:
+        row = self._con().execute("SELECT record FROM four_eyes WHERE name=?", (name,)).fetchone()
+        return FourEyesRecord.model_validate_json(row[0]) if row else None
+
+    @_wrap_errors
+    def put_four_eyes(self, record: FourEyesRecord, *, expected_revision: int, actor: str,
+                      action: str, label: str | None = None, from_version: int | None = None,
+                      to_version: int | None = None, note: str = "") -> None:
+        check_four_eyes_action(action)
+        name = record.prompt
+        if record.revision != expected_revision + 1:
+            raise ApprovalConflict(f"four-eyes revision {record.revision} does not follow "
+                                   f"revision {expected_revision}")
+        with self._tx() as con:
+            if not self._exists(name):
+                raise PromptNotFound(f"unknown prompt {name!r}")
+            row = con.execute("SELECT revision FROM four_eyes WHERE name=?", (name,)).fetchone()
+            current = row[0] if row else 0
+            if current != expected_revision:
+                raise ApprovalConflict(f"the four-eyes record of {name!r} is at revision {current}, "
+                                       f"not {expected_revision} (changed concurrently)")
+            con.execute("INSERT INTO four_eyes VALUES (?,?,?) ON CONFLICT(name) DO UPDATE SET "
+                        "record=excluded.record, revision=excluded.revision",
+                        (name, record.model_dump_json(), record.revision))
+            con.execute(
+                "INSERT INTO audit (at, actor, action, name, label, from_version, to_version, note) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (_now().isoformat(), actor, action, name, label, from_version, to_version, note))
         self._notify(name)
 
     @_wrap_errors

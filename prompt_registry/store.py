@@ -1,6 +1,6 @@
 """Store protocols, one per facet, so each consumer can be typed by what it touches.
 
-A store holds seven kinds of state with different readers, writers and risks; a consumer typed by
+A store holds eight kinds of state with different readers, writers and risks; a consumer typed by
 the whole `PromptStore` could quietly start writing anything. The facets:
 
 - `PromptReader`: versions, labels and the audit log, change events, health. The hot path
@@ -11,6 +11,8 @@ the whole `PromptStore` could quietly start writing anything. The facets:
 - `ScorecardReader` / `ScorecardStore`: evaluation scorecards the promotion gate reads.
 - `GatePolicyReader` / `GatePolicyStore`: each prompt's promotion gate policy kept in the
   registry (`gates.GatePolicy`), which the gate reads before any version's own block.
+- `FourEyesReader` / `FourEyesStore`: each prompt's four-eyes setting and its approval
+  requests (`gates.FourEyesRecord`), which `gates.move_label` reads before a production move.
 - `KeyReader` / `KeyStore`: API-key records (the authenticator only ever reads).
 - `MemoStore`: short-lived request id -> verdict memos that join reviewer feedback to rollouts.
 
@@ -38,13 +40,13 @@ from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
-from prompt_registry.gates import GatePolicy, ScorecardRecord
+from prompt_registry.gates import FourEyesRecord, GatePolicy, ScorecardRecord
 from prompt_registry.keys import ApiKeyRecord
 from prompt_registry.models import PromptSpec, PromptVersion
 from prompt_registry.rollouts import Rollout
 
 __all__ = [
-    "AuditEntry", "GatePolicyReader", "GatePolicyStore", "GateReader", "GatedWriter", "KeyReader",
+    "AuditEntry", "FourEyesReader", "FourEyesStore", "GatePolicyReader", "GatePolicyStore", "GateReader", "GatedWriter", "KeyReader",
     "KeyStore", "MemoStore",
     "PromptReader", "PromptStore", "PromptWriter", "PublishResult", "RolloutReader",
     "RolloutStore", "ScorecardReader", "ScorecardStore", "Subscription",
@@ -224,6 +226,31 @@ class GatePolicyStore(GatePolicyReader, Protocol):
 
 
 @runtime_checkable
+class FourEyesReader(Protocol):
+    """Reading a prompt's four-eyes record: the promotion path and approval views."""
+
+    def get_four_eyes(self, name: str) -> FourEyesRecord | None:
+        """The prompt's four-eyes setting and approval requests, if ever set."""
+        ...
+
+
+@runtime_checkable
+class FourEyesStore(FourEyesReader, Protocol):
+    """Writing a prompt's four-eyes record: the setting (callers check the `admin` scope) and
+    approval requests and their decisions (callers check the promote scope)."""
+
+    def put_four_eyes(self, record: FourEyesRecord, *, expected_revision: int, actor: str,
+                      action: str, label: str | None = None, from_version: int | None = None,
+                      to_version: int | None = None, note: str = "") -> None:
+        """Store *record* when the stored one has revision *expected_revision* (0: none may
+        exist yet) and `record.revision == expected_revision + 1`; raise ApprovalConflict
+        otherwise and PromptNotFound for an unknown prompt. Audited as *action* ("four_eyes",
+        "approval_requested", "approval_approved", ...; not one another write owns) with the
+        given label, versions and note, and announced, in the same atomic write."""
+        ...
+
+
+@runtime_checkable
 class KeyReader(Protocol):
     """Looking up one API key: all the authenticator may do with key records."""
 
@@ -260,15 +287,16 @@ class GateReader(PromptReader, ScorecardReader, GatePolicyReader, Protocol):
 
 
 @runtime_checkable
-class GatedWriter(PromptWriter, ScorecardReader, GatePolicyStore, Protocol):
+class GatedWriter(PromptWriter, ScorecardReader, GatePolicyStore, FourEyesStore, Protocol):
     """Moving labels through the promotion gate (`gates.move_label`, publishing with a label,
-    seeding): a prompt writer that can also read the scorecards the gate judges by, and keep a
-    gate policy in force when production moves to a version with a weaker block."""
+    seeding): a prompt writer that can also read the scorecards the gate judges by, keep a
+    gate policy in force when production moves to a version with a weaker block, and record a
+    four-eyes approval request instead of moving."""
 
 
 @runtime_checkable
-class PromptStore(PromptWriter, RolloutStore, ScorecardStore, GatePolicyStore, KeyStore,
-                  MemoStore, Protocol):
+class PromptStore(PromptWriter, RolloutStore, ScorecardStore, GatePolicyStore, FourEyesStore,
+                  KeyStore, MemoStore, Protocol):
     """Every facet, plus `close()`: for code that opens a store and owns its lifetime."""
 
     def close(self) -> None: ...

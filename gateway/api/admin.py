@@ -14,6 +14,12 @@ production's `evaluation` block), never by a block the candidate brings along. `
 /v1/prompts/{name}/gate-policy` shows it; `PUT` changes it: a protected change (scope
 `gates:write` or `admin`) with a reason, answered with the diff and audited.
 
+Four eyes (`PUT /v1/prompts/{name}/four-eyes`, admin scope): a production move by one key is
+answered `202` with `status: "approval_required"` and the pending request (`Location`: the
+prompt's approvals); a second key holder with `labels:protected` (or `admin`) approves or denies it with `POST
+/v1/prompts/{name}/approvals/{approval_id}/approve|deny` (403 for the requesting key itself);
+`GET /v1/prompts/{name}/approvals` lists them.
+
 With `served_models`, publishing a version (and moving production to one) whose `model:` the
 serving layer does not serve is refused (`UnservedModel`, 422), naming the model and the
 served ones.
@@ -31,18 +37,23 @@ from starlette.responses import Response
 
 from gateway.api.edge import ERROR_RESPONSES, json_response
 from gateway.auth import Authenticator
-from gateway.problems import ApiError
+from gateway.problems import ApiError, Forbidden
+from gateway.rollouts.ops import complete_approved_promotion
 from gateway.rollouts.promotion import ADMIN_SCOPE, GateOverrideBody, report_dict
-from prompt_registry import GateOverride, PromptSpec, PromptStore
+from prompt_registry import ApprovalRequired, GateOverride, PromptSpec, PromptStore, SelfApproval
 from prompt_registry.gates import gate_report
 from prompt_registry.keys import ApiKeyRecord
 from prompt_registry.loader import format_validation_error, parse_prompt_text
 from prompt_registry.models import MAX_VERSION, EvaluationSpec
 from prompt_registry.ops import (
+    approvals_view,
+    approve_request,
     check_model_served,
+    deny_request,
     diff_versions,
     gate_policy_view,
     rollback,
+    set_four_eyes,
     set_gate_policy,
     set_label,
     summarize,
@@ -92,6 +103,24 @@ class GatePolicyChangeBody(BaseModel):
         return self
 
 
+class FourEyesBody(BaseModel):
+    """`PUT /v1/prompts/{name}/four-eyes`: switch four eyes on or off (admin scope), why, and
+    how long a request stays open (hours, default 24)."""
+
+    model_config = ConfigDict(extra="forbid", regex_engine="python-re")
+
+    enabled: bool
+    reason: str = Field(..., min_length=1, max_length=2000, pattern=r"\S",
+                        description="why (recorded in the audit log)")
+    expiry_hours: float | None = Field(None, gt=0, le=720)
+
+
+class ApprovalDecision(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    note: str = Field("", max_length=2000, description="recorded in the audit log")
+
+
 class RollbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -104,6 +133,15 @@ def _version_dict(v: Any) -> dict[str, Any]:
     return {"name": v.name, "version": v.version, "content_hash": v.content_hash,
             "created_at": v.created_at.isoformat(), "created_by": v.created_by,
             "spec": v.spec.model_dump(mode="json")}
+
+
+def _approval_required(exc: ApprovalRequired) -> Response:
+    """202: the production move is recorded as a pending four-eyes request, not made."""
+    req = exc.request
+    body = {"name": exc.prompt, "label": req.label, "status": "approval_required",
+            "type": "approval_required", "message": str(exc), "from_version": req.expected,
+            "to_version": req.version, "created": exc.created, "approval": req.as_dict()}
+    return json_response(body, 202, headers={"location": f"/v1/prompts/{exc.prompt}/approvals"})
 
 
 def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_labels: list[str],
@@ -181,7 +219,8 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
         return json_response({"created": result.created, **_version_dict(result.version)},
                      201 if result.created else 200)
 
-    @router.put("/{name}/labels/{label}")
+    @router.put("/{name}/labels/{label}", responses={202: {
+        "description": "four eyes: the move is recorded as a pending approval request"}})
     async def move_label(name: str, label: Annotated[str, Path(pattern=_LABEL)], body: LabelMove,
                          authorization: AuthHeader = None, x_api_key: AuthHeader = None) -> Response:
         """Point a label at a version (compare-and-set with `expected_version`; 409 on conflict).
@@ -195,10 +234,13 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
         if body.override is not None:
             auth.require(p, ADMIN_SCOPE)
             override = GateOverride(reason=body.override.reason, by=p.name)
-        previous, report = await asyncio.to_thread(
-            set_label, store, name, label, body.version, expected=body.expected_version,
-            actor=p.name, note=body.note, override=override, production_label=production_label,
-            served_models=served_models)
+        try:
+            previous, report = await asyncio.to_thread(
+                set_label, store, name, label, body.version, expected=body.expected_version,
+                actor=p.name, note=body.note, override=override, production_label=production_label,
+                served_models=served_models, holder=p.name)
+        except ApprovalRequired as exc:
+            return _approval_required(exc)
         await changed(name)
         return json_response({"name": name, "label": label, "from_version": previous,
                               "to_version": body.version, "gate": report_dict(report)})
@@ -268,6 +310,60 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
         result = await asyncio.to_thread(work)
         if not body.dry_run:
             await changed(name)
+        return json_response(result)
+
+    @router.put("/{name}/four-eyes")
+    async def change_four_eyes(name: str, body: FourEyesBody, authorization: AuthHeader = None,
+                               x_api_key: AuthHeader = None) -> Response:
+        """Switch four eyes on or off for the prompt (admin scope; audited with the reason):
+        when on, every production move needs a second key holder's approval."""
+        p = await principal(authorization, x_api_key, ADMIN_SCOPE)
+        expiry = body.expiry_hours * 3600 if body.expiry_hours is not None else None
+        await asyncio.to_thread(set_four_eyes, store, name, body.enabled, actor=p.name,
+                                reason=body.reason, expiry_s=expiry)
+        await changed(name)
+        return json_response(await asyncio.to_thread(approvals_view, store, name))
+
+    @router.get("/{name}/approvals")
+    async def list_approvals(name: str, authorization: AuthHeader = None,
+                             x_api_key: AuthHeader = None) -> Response:
+        """The prompt's four-eyes setting and its approval requests, newest first."""
+        await principal(authorization, x_api_key, "prompts:read")
+        return json_response(await asyncio.to_thread(approvals_view, store, name))
+
+    @router.post("/{name}/approvals/{approval_id}/{decision}")
+    async def decide_approval(name: str, approval_id: Annotated[str, Path(pattern=r"^[0-9a-f]{12}$")],
+                              decision: Annotated[str, Path(pattern=r"^(approve|deny)$")],
+                              body: ApprovalDecision | None = None, authorization: AuthHeader = None,
+                              x_api_key: AuthHeader = None) -> Response:
+        """Approve (the move is made now, through the promotion gate, compare-and-set on the
+        production version the request expected) or deny a pending four-eyes request. Needs
+        `labels:write` and `labels:protected` (or `admin`); the requesting key cannot approve
+        its own request (403). 409 when the request is no longer pending."""
+        p = await label_principal(authorization, x_api_key, production_label)
+        note = body.note if body is not None else ""
+
+        def work() -> dict[str, Any]:
+            if decision == "deny":
+                denied = deny_request(store, name, approval_id, actor=p.name, holder=p.name,
+                                      reason=note)
+                return {"name": name, "approval": denied.as_dict()}
+            try:
+                approved, previous, report = approve_request(
+                    store, name, approval_id, actor=p.name, holder=p.name, note=note,
+                    production_label=production_label, served_models=served_models)
+            except SelfApproval as exc:
+                raise Forbidden(str(exc)) from None
+            rollout = None
+            if approved.rollout_id is not None:
+                r = complete_approved_promotion(store, name, approved, actor=p.name,
+                                                production_label=production_label)
+                rollout = None if r is None else r.model_dump(mode="json")
+            return {"name": name, "approval": approved.as_dict(), "label": approved.label,
+                    "from_version": previous, "to_version": approved.version,
+                    "gate": report_dict(report), "rollout": rollout}
+        result = await asyncio.to_thread(work)
+        await changed(name)
         return json_response(result)
 
     @router.get("/{name}/diff")

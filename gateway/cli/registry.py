@@ -15,6 +15,11 @@ production's `evaluation` block), never by a block the candidate brings along: `
 gate-policy show|diff|set` shows and changes it (`set` needs an API key with `gates:write` or
 `admin`, a reason, and is audited). Publishing (and moving production to) a version whose
 `model:` the configured serving layer (`serving.models`) does not serve is refused.
+
+Four eyes (`prompts four-eyes on|off NAME`, an admin key): a production move is then recorded
+as a pending request (exit status 4, printing its id) that a second key holder approves or
+denies with `prompts approvals approve|deny NAME ID --key KEY` (`labels:protected` or
+`admin`); `prompts approvals list NAME` shows them.
 """
 
 from __future__ import annotations
@@ -40,24 +45,30 @@ from gateway.cli.promotion import (
     report_lines,
 )
 from gateway.config import AppConfig, ConfigError, load_config
-from prompt_registry import GateRefused, KeyReader, PromptStore, RegistryError
+from gateway.rollouts.ops import complete_approved_promotion
+from gateway.rollouts.promotion import ADMIN_SCOPE
+from prompt_registry import ApprovalRequired, GateRefused, KeyReader, PromptStore, RegistryError
 from prompt_registry.gates import gate_report
 from prompt_registry.keys import SCOPES, generate_key
 from prompt_registry.loader import load_gate_policy_file
 from prompt_registry.models import EvaluationSpec
 from prompt_registry.ops import (
+    approvals_view,
+    approve_request,
+    deny_request,
     diff_versions,
     gate_policy_diff,
     gate_policy_view,
     publish_file,
     rollback,
+    set_four_eyes,
     set_gate_policy,
     set_label,
     spec_as_yaml,
     summarize,
 )
 
-__all__ = ["gate_policy_app", "keys_app", "prompts_app"]
+__all__ = ["approvals_app", "gate_policy_app", "keys_app", "prompts_app"]
 
 prompts_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                           help="Publish, label, roll back, diff and audit prompt versions.")
@@ -67,6 +78,10 @@ gate_policy_app = typer.Typer(
     no_args_is_help=True, add_completion=False, rich_markup_mode=None,
     help="Show, diff and set the promotion gate policy in force for a prompt.")
 prompts_app.add_typer(gate_policy_app, name="gate-policy")
+approvals_app = typer.Typer(
+    no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+    help="Four eyes: list, approve or deny pending production moves.")
+prompts_app.add_typer(approvals_app, name="approvals")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", envvar="MODGATE_CONFIG",
                                                help="configuration file (default: configs/modgate.yaml)")]
@@ -82,6 +97,32 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 
 GATE_REFUSED_EXIT = 3
+APPROVAL_REQUIRED_EXIT = 4
+
+KeyOpt = Annotated[str | None, typer.Option(
+    "--key", envvar="MODGATE_API_KEY", show_envvar=True,
+    help="your API key (labels:protected or admin): names you as the requester or approver")]
+
+
+def approval_required(exc: ApprovalRequired) -> typer.Exit:
+    """Print a four-eyes hold (the request id and how to approve it); exit status 4."""
+    typer.echo(f"modgate: {exc}\n  a second key holder approves it with: modgate prompts "
+               f"approvals approve {exc.prompt} {exc.request.id} --key KEY", err=True)
+    return typer.Exit(APPROVAL_REQUIRED_EXIT)
+
+
+def _holder(keys: KeyReader, cfg: AppConfig, key: str | None, *, scope: str, what: str,
+            required: bool) -> str | None:
+    """The key holder's name (what four eyes compares), or None when no key is given and
+    none is *required*."""
+    if key is None and not required:
+        return None
+    try:
+        holder = cli_key_holder(keys, key, scope=scope, what=what,
+                                auth_required=cfg.gateway.auth == "required")
+    except OverrideRefused as exc:
+        raise _fail(str(exc), 2) from None
+    return holder.removeprefix("key ")
 
 
 @contextmanager
@@ -221,6 +262,10 @@ def publish_cmd(
             v = exc.report.version
             raise gate_refused(exc, before=f"published {exc.report.prompt} v{v}, but {label} was "
                                "not moved:") from None
+        except ApprovalRequired as exc:
+            typer.echo(f"published {exc.prompt} v{exc.request.version}; {label} was not moved yet:",
+                       err=True)
+            raise approval_required(exc) from None
     v = result.version
     data = {"name": v.name, "version": v.version, "created": result.created, "content_hash": v.content_hash,
             "label": label, "previous": previous}
@@ -238,24 +283,30 @@ def label_cmd(
     name: str, label: str, version: int,
     expected: Annotated[int | None, typer.Option("--expected", help="only move if the label points at this version now (0: must not exist)")] = None,
     note: NoteOpt = "", actor: ActorOpt = None, override_gate: OverrideOpt = False,
-    reason: ReasonOpt = None, admin_key: AdminKeyOpt = None, config: ConfigOpt = None,
-    as_json: JsonOpt = False,
+    reason: ReasonOpt = None, admin_key: AdminKeyOpt = None, key: KeyOpt = None,
+    config: ConfigOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Point LABEL (production, canary, ...) of prompt NAME at VERSION.
 
     Moving production goes through the promotion gate: refused (exit status 3, every failed
     criterion printed with its numbers) unless VERSION's stored scorecard meets the criteria
     its prompt declares, or an admin overrides with --override-gate --reason --admin-key.
+    Under four eyes the move is recorded as a pending request instead (exit status 4; --key
+    names you as the requester) for a second key holder to approve.
     """
     with _store_and_config(config) as (store, cfg):
         override = _override(store, cfg, override_gate, reason, admin_key)
+        holder = _holder(store, cfg, key, scope="labels:protected", what="a four-eyes request",
+                         required=False)
         try:
             previous, report = set_label(store, name, label, version, expected=expected,
                                          actor=_actor(actor), note=note, override=override,
                                          production_label=cfg.gateway.default_label,
-                                         served_models=_served(cfg))
+                                         served_models=_served(cfg), holder=holder)
         except GateRefused as exc:
             raise gate_refused(exc) from None
+        except ApprovalRequired as exc:
+            raise approval_required(exc) from None
 
     def human() -> None:
         typer.echo(f"{name} {label}: v{previous if previous is not None else '-'} -> v{version}")
@@ -492,6 +543,98 @@ def gate_policy_set(
         typer.echo(f"{name}: {verb} registry gate policy r{change.after.revision} "
                    f"(policy {change.after.sha256[:12]}), replacing {change.before.label()}")
     _out(as_json, {"name": name, **change.as_dict()}, human)
+
+
+@prompts_app.command("four-eyes")
+def four_eyes_cmd(
+    setting: Annotated[str, typer.Argument(help="on or off")], name: str,
+    reason: Annotated[str | None, typer.Option("--reason", help="why (required; audited)")] = None,
+    expiry_hours: Annotated[float | None, typer.Option(
+        "--expiry-hours", min=0.01, max=720, help="how long a request stays open (default 24)")] = None,
+    admin_key: AdminKeyOpt = None, actor: ActorOpt = None, config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Switch four eyes on or off for NAME: when on, every production move (by label or by a
+    rollout's promotion) waits for a second key holder's approval. Needs an admin key
+    (--admin-key or MODGATE_ADMIN_KEY) and --reason; audited."""
+    if setting not in ("on", "off"):
+        raise _fail("four-eyes takes on or off", 2)
+    if not reason or not reason.strip():
+        raise _fail("four-eyes needs --reason \"why\" (recorded in the audit log)", 2)
+    with _store_and_config(config) as (store, cfg):
+        holder = _holder(store, cfg, admin_key, scope=ADMIN_SCOPE, what="changing four eyes",
+                         required=True)
+        set_four_eyes(store, name, setting == "on", actor=_actor(actor),
+                      reason=f"{reason.strip()} (by key {holder})",
+                      expiry_s=expiry_hours * 3600 if expiry_hours is not None else None)
+        view = approvals_view(store, name)
+    _out(as_json, view, lambda: typer.echo(
+        f"{name}: four eyes {setting}" + (f" (requests expire after {view['expiry_s'] / 3600:g} h)"
+                                          if setting == "on" else "")))
+
+
+@approvals_app.command("list")
+def approvals_list(name: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """NAME's four-eyes setting and approval requests, newest first."""
+    with _store(config) as store:
+        view = approvals_view(store, name)
+
+    def human() -> None:
+        typer.echo(f"{name}: four eyes {'on' if view['four_eyes'] else 'off'}")
+        for r in view["requests"]:
+            cur = "-" if r["expected"] is None else f"v{r['expected']}"
+            decided = f", {r['decided_by']}" if r["decided_by"] else ""
+            typer.echo(f"  {r['id']}  {r['state']:<8} {r['label']}: {cur} -> v{r['version']}  by "
+                       f"{r['requested_by']} at {r['requested_at'][:19]}, expires "
+                       f"{r['expires_at'][:19]}{decided}")
+    _out(as_json, view, human)
+
+
+@approvals_app.command("approve")
+def approvals_approve(name: str, request_id: str, note: NoteOpt = "", key: KeyOpt = None,
+                      actor: ActorOpt = None, config: ConfigOpt = None,
+                      as_json: JsonOpt = False) -> None:
+    """Approve a pending request of another key holder: the move is made now, through the
+    promotion gate, compare-and-set on the production version the request expected (a
+    rollout waiting for it is marked promoted). Needs --key (labels:protected or admin)."""
+    with _store_and_config(config) as (store, cfg):
+        holder = _holder(store, cfg, key, scope="labels:protected", what="approving a request",
+                         required=True)
+        who = _actor(actor)
+        try:
+            approved, previous, report = approve_request(
+                store, name, request_id, actor=who, holder=holder, note=note,
+                production_label=cfg.gateway.default_label, served_models=_served(cfg))
+        except GateRefused as exc:
+            raise gate_refused(exc, before=f"approval {request_id} failed:") from None
+        rollout = complete_approved_promotion(store, name, approved, actor=who,
+                                              production_label=cfg.gateway.default_label)
+    data = {"name": name, "approval": approved.as_dict(), "from_version": previous,
+            "to_version": approved.version, "gate": report.as_dict() if report else None,
+            "rollout": rollout.model_dump(mode="json") if rollout else None}
+
+    def human() -> None:
+        typer.echo(f"{name} {approved.label}: v{previous if previous is not None else '-'} -> "
+                   f"v{approved.version} (approval {approved.id} of {approved.requested_by}'s "
+                   f"request)")
+        if rollout is not None:
+            typer.echo(f"  rollout {rollout.id}: promoted")
+    _out(as_json, data, human)
+
+
+@approvals_app.command("deny")
+def approvals_deny(name: str, request_id: str,
+                   reason: Annotated[str, typer.Option("--reason", help="why (audited)")] = "",
+                   key: KeyOpt = None, actor: ActorOpt = None, config: ConfigOpt = None,
+                   as_json: JsonOpt = False) -> None:
+    """Deny (or, as its requester, withdraw) a pending request: nothing moves. Needs --key."""
+    with _store_and_config(config) as (store, cfg):
+        holder = _holder(store, cfg, key, scope="labels:protected", what="denying a request",
+                         required=True)
+        denied = deny_request(store, name, request_id, actor=_actor(actor), holder=holder,
+                              reason=reason)
+    _out(as_json, {"name": name, "approval": denied.as_dict()},
+         lambda: typer.echo(f"{name}: approval {denied.id} denied; nothing moved"))
 
 
 @keys_app.command("create")

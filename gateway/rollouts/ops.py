@@ -9,6 +9,9 @@ version, so it cannot overwrite a label someone moved meanwhile, and through the
 (`GateRefused`) unless an admin overrides it; an automatic one (`hold_on_gate`) pauses the
 rollout instead at its last safe weight (or 0: `on_promotion_refused`), with the gate's
 findings in `last_decision` and in the audit entry, so an operator sees why it stopped.
+Under four eyes a promotion (manual or automatic) holds the rollout paused at its step, with
+`last_decision` "awaiting approval <id>"; approving the request moves production and
+`complete_approved_promotion` marks the rollout promoted.
 
 The promotion gate guards traffic, not only the label: a canary version whose gate fails does
 not start without an admin override, and one that has not passed its gate never serves more
@@ -31,7 +34,15 @@ import orjson
 from pydantic import ValidationError
 
 from gateway.rollouts.recorder import flips_view
-from prompt_registry import GateOverride, GateRefused, GateReport, PromptNotFound, PromptStore
+from prompt_registry import (
+    ApprovalRequest,
+    ApprovalRequired,
+    GateOverride,
+    GateRefused,
+    GateReport,
+    PromptNotFound,
+    PromptStore,
+)
 from prompt_registry.gates import gate_report, move_label
 from prompt_registry.ops import summarize
 from prompt_registry.rollout_stats import build_rollout_stats
@@ -47,7 +58,7 @@ from prompt_registry.rollouts import (
     new_rollout,
 )
 
-__all__ = ["ACTIONS", "apply_action", "decide", "find_rollout", "needs_fallback", "rollout_detail",
+__all__ = ["ACTIONS", "apply_action", "complete_approved_promotion", "decide", "find_rollout", "needs_fallback", "rollout_detail",
            "rollout_history", "rollout_status", "rollout_view", "start_rollout"]
 
 ACTIONS = ("step", "pause", "resume", "promote", "abort")
@@ -173,7 +184,16 @@ def apply_action(store: PromptStore, prompt: str, action: str, *, actor: str, no
                                    expected=r.stable_version, actor=actor,
                                    note=f"promoted by rollout {r.id}", override=override,
                                    production_label=production_label,
-                                   record_refusal=not hold_on_gate)  # a hold is its own entry
+                                   record_refusal=not hold_on_gate,  # a hold is its own entry
+                                   rollout_id=r.id)
+        except ApprovalRequired as exc:
+            # four eyes: hold at the current step until a second key holder approves (the
+            # approval moves production and completes the rollout) or denies
+            action = "pause"
+            new = r.changed(state="paused", last_decision=f"awaiting approval {exc.request.id}: "
+                            f"promotion of v{r.canary_version} needs a second key holder "
+                            f"(requested by {exc.request.requested_by})")
+            note = note or new.last_decision
         except GateRefused as exc:
             if not hold_on_gate:
                 raise
@@ -187,6 +207,21 @@ def apply_action(store: PromptStore, prompt: str, action: str, *, actor: str, no
     store.put_rollout(new, expected_revision=r.revision, actor=actor,
                       note=_note(action, new, note=note, evidence=evidence, gate=report,
                                  extra={"override": override.model_dump()} if override and action == "promote" else None))
+    return new
+
+
+def complete_approved_promotion(store: PromptStore, prompt: str, request: ApprovalRequest, *,
+                                actor: str, production_label: str = "production") -> Rollout | None:
+    """After a four-eyes approval moved production (`prompt_registry.ops.approve_request`):
+    mark the rollout that asked for it promoted, when it is still the prompt's active rollout
+    and production now serves its canary. None when there is nothing to complete."""
+    r = store.get_rollout(prompt)
+    if (r is None or not r.active or request.rollout_id != r.id
+            or store.labels(prompt).get(production_label) != r.canary_version):
+        return None
+    new = r.changed(state="promoted", last_decision="promote", held_weight=None)
+    store.put_rollout(new, expected_revision=r.revision, actor=actor,
+                      note=_note("promote", new, note=f"approval {request.id} by {request.decided_by}"))
     return new
 
 

@@ -26,6 +26,8 @@ from prompt_registry.loader import seed_store
 from prompt_registry.redis_store import RedisPromptStore
 from prompt_registry.sqlite_store import SqlitePromptStore
 from prompt_registry.store import (
+    FourEyesReader,
+    FourEyesStore,
     GatedWriter,
     GatePolicyReader,
     GatePolicyStore,
@@ -50,7 +52,7 @@ StoreFactory = Callable[[], PromptStore]
 # Every facet, readers before the stores extending them; PromptStore is their union.
 FACETS: tuple[type, ...] = (PromptReader, PromptWriter, RolloutReader, RolloutStore,
                             ScorecardReader, ScorecardStore, GatePolicyReader, GatePolicyStore,
-                            KeyReader, KeyStore, MemoStore)
+                            FourEyesReader, FourEyesStore, KeyReader, KeyStore, MemoStore)
 # Named combinations of facets (no methods of their own).
 COMBINATIONS: tuple[type, ...] = (GateReader, GatedWriter)
 
