@@ -484,7 +484,9 @@ class ArmStats:
 
 def cohen_kappa(matrix: Mapping[str, Mapping[str, int]]) -> float | None:
     """Cohen's kappa of a confusion matrix (rows: stable, columns: candidate): agreement beyond
-    what the two sides' label frequencies give by chance. None without data."""
+    what the two sides' label frequencies give by chance. None without data, and None when it
+    is undefined: both sides answered one and the same class only (chance agreement is then 1,
+    and 1.000 would claim an agreement nothing measured)."""
     labels = set(matrix) | {b for row in matrix.values() for b in row}
     n = sum(v for row in matrix.values() for v in row.values())
     if n == 0:
@@ -493,7 +495,7 @@ def cohen_kappa(matrix: Mapping[str, Mapping[str, int]]) -> float | None:
     pe = sum((sum(matrix.get(k, {}).values()) / n) * (sum(row.get(k, 0) for row in matrix.values()) / n)
              for k in labels)
     if pe >= 1.0:
-        return 1.0 if po >= 1.0 else 0.0
+        return None
     return (po - pe) / (1 - pe)
 
 

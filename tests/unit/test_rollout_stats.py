@@ -294,7 +294,7 @@ def test_status_json_shape() -> None:
                                                                 "recall": 1.0}}},
                    "p95_ms": ONE, "flag_rates": {"spam": 0.5}},
         "pairs": {"4": {"n": 2, "agree": 2, "errors": 0, "dropped": 0, "confusion": {"spam": {"spam": 2}},
-                        "stable_flags": {}, "candidate_flags": {}, "agreement": 1.0, "kappa": 1.0}},
+                        "stable_flags": {}, "candidate_flags": {}, "agreement": 1.0, "kappa": None}},
     }
     assert orjson.loads(orjson.dumps(build_rollout_stats(RAW).as_dict()))["canary"]["latency_ms"]["n"] == 100
 
@@ -405,3 +405,11 @@ def test_flip_records_round_trip_and_damaged_ones_are_skipped() -> None:
     for d in damaged:
         assert Flip.from_json(d) is None, d
     assert flips_view([raw, *damaged, raw]) == [flip, flip]
+
+
+def test_kappa_is_undefined_when_both_sides_answer_one_class() -> None:
+    """#21: kappa was shown as 1.000 when both arms answered one class only."""
+    from prompt_registry.rollout_stats import cohen_kappa
+
+    assert cohen_kappa({"allow": {"allow": 40}}) is None
+    assert cohen_kappa({"allow": {"allow": 30, "block": 5}, "block": {"block": 5}}) is not None
