@@ -24,9 +24,7 @@ denies with `prompts approvals approve|deny NAME ID --key KEY` (`labels:protecte
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,7 +85,7 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", envvar="MODGAT
                                                help="configuration file (default: configs/modgate.yaml)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 ActorOpt = Annotated[str | None, typer.Option("--actor", envvar="MODGATE_ACTOR",
-                                              help="who to record in the audit log (default: $USER)")]
+                                              help="who to record in the audit log (default: MODGATE_ACTOR, else $LOGNAME or $USER, else uid <n> (<account>))")]
 NoteOpt = Annotated[str, typer.Option("--note", "-m", help="why; recorded in the audit log")]
 
 
@@ -182,14 +180,13 @@ def _served(cfg: AppConfig) -> list[str]:
 
 
 def _actor(actor: str | None) -> str:
-    """Who to record: --actor, else MODGATE_ACTOR, else the login name."""
-    actor = actor or os.environ.get("MODGATE_ACTOR")
+    """Who to record: --actor, else what `eval run` records (MODGATE_ACTOR, the first non-empty
+    login variable, else `uid <n> (<name>)`): an empty $USER never records a bare `root`."""
     if actor:
         return actor
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return os.environ.get("USER", "unknown")
+    from gateway.cli.eval import actor_name
+
+    return actor_name()
 
 
 def _out(as_json: bool, data: Any, human: Callable[[], None]) -> None:

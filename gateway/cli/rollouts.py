@@ -73,11 +73,18 @@ def _duration(text: str) -> float:
 
 
 def _shadow(text: str) -> ShadowSpec:
+    version, _, rate = text.partition(":")
     try:
-        version, _, rate = text.partition(":")
-        return ShadowSpec(version=int(version), sample_rate=float(rate or 1.0))
+        number, share = int(version), float(rate or 1.0)
     except ValueError:
         raise typer.BadParameter(f"{text!r} is not VERSION:RATE like 3:0.2") from None
+    if not 0.0 < share <= 1.0:  # the shape is right: say what is wrong with the rate
+        raise typer.BadParameter(f"{text!r}: the rate {rate} is a share of traffic, in (0, 1] "
+                                 "(0.2 shadows 20 % of requests)")
+    try:
+        return ShadowSpec(version=number, sample_rate=share)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{text!r}: {exc}") from None
 
 
 # --gate NAME=VALUE: short name -> (GateConfig field, type, can be switched off)
