@@ -99,8 +99,10 @@ def start_rollout(store: PromptStore, prompt: str, *, canary_version: int | None
             gate_note = report.summary()
         if report.verdict != "pass":
             check_unproven_steps(rollout)
-    summary = (note or f"start: canary v{canary_version} at {rollout.weight}%, shadows "
+    summary = (f"start: canary v{canary_version} at {rollout.weight}%, shadows "
                + (", ".join(f"v{s.version}@{s.sample_rate:.0%}" for s in shadows) or "none"))
+    if note:  # the operator's why goes beside the description, never in place of it (#21)
+        summary = f"{summary} | {note}"
     store.put_rollout(rollout, expected_revision=None, actor=actor,
                       note=_note("start", rollout, note=summary, gate=report, extra={"gate_note": gate_note}))
     return rollout

@@ -24,3 +24,25 @@ def test_an_empty_user_is_never_recorded_as_a_bare_root(monkeypatch: pytest.Monk
     assert who != "root" and who.startswith("uid ")
     monkeypatch.setenv("MODGATE_ACTOR", "ana")
     assert _actor(None) == "ana" and _actor("bo") == "bo"
+
+
+def test_a_start_note_is_added_to_the_automatic_description(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from gateway.rollouts.ops import start_rollout
+    from prompt_registry.gates import GateOverride
+    from prompt_registry.loader import seed_store
+    from prompt_registry.rollouts import GateConfig
+    from prompt_registry.sqlite_store import SqlitePromptStore
+
+    root = Path(__file__).resolve().parents[2]
+    store = SqlitePromptStore(Path(str(tmp_path)) / "r.db")
+    seed_store(store, root / "configs" / "prompts")
+    spec = store.resolve("listing-moderation", "production").spec
+    v2 = store.publish(spec.model_copy(update={"description": "v2"}), actor="t").version.version
+    start_rollout(store, "listing-moderation", canary_version=v2, steps=[10], shadows=[],
+                  step_hold_s=60, gates=GateConfig(), auto=False, subject_key="seller_id",
+                  actor="t", note="ticket OPS-12", override=GateOverride(reason="test", by="t"))
+    note = store.audit("listing-moderation")[-1].note
+    assert "start: canary v2 at 10%" in note and "ticket OPS-12" in note
+    store.close()
