@@ -384,13 +384,12 @@ class ModerationService:
                 result = await self.pipeline.call_backend(
                     chat, {"prompt": "-", "version": "-", "arm": "raw"}, deadline)
             return result
-        except BackendRejectedInput as exc:
-            rejected = ModelRejectedInput(str(exc), field=exc.param)
-            error = _error_type(rejected)
-            raise rejected from None
         except Exception as exc:
-            error = _error_type(exc)
-            raise
+            failure = _raw_failure(exc)
+            error = _error_type(failure)
+            if failure is exc:
+                raise
+            raise failure from None
         finally:
             self._record_raw(chat, started, caller, result, error)
 
@@ -409,13 +408,12 @@ class ModerationService:
                     if chunk.finish_reason or chunk.prompt_tokens is not None:
                         chunks.append(chunk)
                     yield chunk
-            except BackendRejectedInput as exc:
-                rejected = ModelRejectedInput(str(exc), field=exc.param)
-                error = _error_type(rejected)
-                raise rejected from None
             except Exception as exc:
-                error = _error_type(exc)
-                raise
+                failure = _raw_failure(exc)
+                error = _error_type(failure)
+                if failure is exc:
+                    raise
+                raise failure from None
             finally:
                 close = getattr(stream, "aclose", None)  # backends return async generators
                 if close is not None:
@@ -459,6 +457,14 @@ class ModerationService:
 
     async def resolve_default(self) -> Resolved:
         return await self.cache.resolve(self.settings.default_prompt, self.settings.default_label)
+
+
+def _raw_failure(exc: Exception) -> Exception:
+    """What a raw chat completion's failure is for its caller: an upstream refusal of the
+    caller's own parameters is the caller's 400 (`ModelRejectedInput`), anything else as is."""
+    if isinstance(exc, BackendRejectedInput):
+        return ModelRejectedInput(str(exc), field=exc.param)
+    return exc
 
 
 def _error_type(exc: Exception) -> str:
