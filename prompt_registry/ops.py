@@ -148,8 +148,10 @@ _BlockDumper.add_representer(str, _str_representer)
 
 
 def spec_as_yaml(version: PromptVersion) -> str:
-    return yaml.dump(version.spec.model_dump(mode="json"), Dumper=_BlockDumper, sort_keys=False,
-                     allow_unicode=True, width=100)
+    """A version as the YAML one would publish: fields left at null are left out (a diff of
+    `max: null` lines says nothing), and the text parses back to the same spec."""
+    return yaml.dump(version.spec.model_dump(mode="json", exclude_none=True), Dumper=_BlockDumper,
+                     sort_keys=False, allow_unicode=True, width=100)
 
 
 def diff_versions(a: PromptVersion, b: PromptVersion) -> str:

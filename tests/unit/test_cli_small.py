@@ -46,3 +46,19 @@ def test_a_start_note_is_added_to_the_automatic_description(tmp_path: object) ->
     note = store.audit("listing-moderation")[-1].note
     assert "start: canary v2 at 10%" in note and "ticket OPS-12" in note
     store.close()
+
+
+def test_the_yaml_of_a_version_leaves_nulls_out_and_parses_back(example_spec: object) -> None:
+    """`prompts diff` showed defaulted `max: null` lines (#21)."""
+    from datetime import UTC, datetime
+
+    from prompt_registry.loader import parse_prompt_text
+    from prompt_registry.models import PromptSpec, PromptVersion
+    from prompt_registry.ops import spec_as_yaml
+
+    assert isinstance(example_spec, PromptSpec)
+    v = PromptVersion(spec=example_spec, version=1, content_hash=example_spec.content_hash(),
+                      created_at=datetime.now(UTC))
+    text = spec_as_yaml(v)
+    assert ": null" not in text
+    assert parse_prompt_text(text, source="v1.yaml") == example_spec
