@@ -171,8 +171,12 @@ def run_scenario(name: str, tmp: Path, args: argparse.Namespace, receiver: OtlpH
     finally:
         gw.terminate()
         stub.terminate()
-        gw.wait(timeout=20)
-        stub.wait(timeout=20)
+        for proc in (gw, stub):
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:  # a hanging-shadow stub holds its graceful shutdown
+                proc.kill()
+                proc.wait(timeout=20)
 
 
 def _override(reason: str) -> dict[str, object]:
