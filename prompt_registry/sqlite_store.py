@@ -365,26 +365,9 @@ class SqlitePromptStore:
     @_wrap_errors
     def put_gate_policy(self, policy: GatePolicy, *, expected_revision: int, actor: str,
                         note: str = "") -> None:
-        name = policy.prompt
-        if policy.revision != expected_revision + 1:
-            raise GatePolicyConflict(f"gate policy revision {policy.revision} does not follow "
-                                     f"revision {expected_revision}")
-        with self._tx() as con:
-            if not self._exists(name):
-                raise PromptNotFound(f"unknown prompt {name!r}")
-            row = con.execute("SELECT revision FROM gate_policies WHERE name=?", (name,)).fetchone()
-            current = row[0] if row else 0
-            if current != expected_revision:
-                raise GatePolicyConflict(f"the gate policy of {name!r} is at revision {current}, "
-                                         f"not {expected_revision} (changed concurrently)")
-            con.execute("INSERT INTO gate_policies VALUES (?,?,?) ON CONFLICT(name) DO UPDATE SET "
-                        "record=excluded.record, revision=excluded.revision",
-                        (name, policy.model_dump_json(), policy.revision))
-            con.execute(
-                "INSERT INTO audit (at, actor, action, name, label, from_version, to_version, note) "
-                "VALUES (?,?,?,?,?,?,?,?)",
-                (_now().isoformat(), actor, "gate_policy", name, "gate-policy", None, None, note))
-        self._notify(name)
+        self._put_revisioned("gate_policies", "gate policy", "the gate policy", GatePolicyConflict, policy.prompt,
+                             policy.model_dump_json(), policy.revision, expected_revision,
+                             audit=(actor, "gate_policy", "gate-policy", None, None, note))
 
     @_wrap_errors
     def get_four_eyes(self, name: str) -> FourEyesRecord | None:
@@ -396,21 +379,30 @@ class SqlitePromptStore:
                       action: str, label: str | None = None, from_version: int | None = None,
                       to_version: int | None = None, note: str = "") -> None:
         check_four_eyes_action(action)
-        name = record.prompt
-        if record.revision != expected_revision + 1:
-            raise ApprovalConflict(f"four-eyes revision {record.revision} does not follow "
-                                   f"revision {expected_revision}")
+        self._put_revisioned("four_eyes", "four-eyes", "the four-eyes record", ApprovalConflict, record.prompt,
+                             record.model_dump_json(), record.revision, expected_revision,
+                             audit=(actor, action, label, from_version, to_version, note))
+
+    def _put_revisioned(self, table: str, noun: str, what: str, conflict: type[LabelConflict], name: str,
+                        record_json: str, revision: int, expected_revision: int, *,
+                        audit: tuple[str, str, str | None, int | None, int | None, str]) -> None:
+        """One per-prompt record (gate policy, four eyes) written by compare-and-set on its
+        revision, with its audit entry, in one transaction; then announced."""
+        if revision != expected_revision + 1:
+            raise conflict(f"{noun} revision {revision} does not follow "
+                           f"revision {expected_revision}")
         with self._tx() as con:
             if not self._exists(name):
                 raise PromptNotFound(f"unknown prompt {name!r}")
-            row = con.execute("SELECT revision FROM four_eyes WHERE name=?", (name,)).fetchone()
+            row = con.execute(f"SELECT revision FROM {table} WHERE name=?", (name,)).fetchone()  # noqa: S608 - table is ours
             current = row[0] if row else 0
             if current != expected_revision:
-                raise ApprovalConflict(f"the four-eyes record of {name!r} is at revision {current}, "
-                                       f"not {expected_revision} (changed concurrently)")
-            con.execute("INSERT INTO four_eyes VALUES (?,?,?) ON CONFLICT(name) DO UPDATE SET "
+                raise conflict(f"{what} of {name!r} is at revision {current}, not "
+                               f"{expected_revision} (changed concurrently)")
+            con.execute(f"INSERT INTO {table} VALUES (?,?,?) ON CONFLICT(name) DO UPDATE SET "  # noqa: S608
                         "record=excluded.record, revision=excluded.revision",
-                        (name, record.model_dump_json(), record.revision))
+                        (name, record_json, revision))
+            actor, action, label, from_version, to_version, note = audit
             con.execute(
                 "INSERT INTO audit (at, actor, action, name, label, from_version, to_version, note) "
                 "VALUES (?,?,?,?,?,?,?,?)",
