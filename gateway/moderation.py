@@ -48,6 +48,7 @@ from gateway.telemetry import Metrics, stage
 from gateway.verdict import Verdict
 from prompt_registry import PromptNotFound, PromptSpec, PromptVersion
 from prompt_registry.keys import ApiKeyRecord
+from prompt_registry.models import PROMPT_NAME_PATTERN
 from prompt_registry.rollouts import Rollout
 from serving import BackendError, BackendRejectedInput, BackendTimeout, ChatRequest, ChatResult
 from serving.protocol import ChatChunk
@@ -57,7 +58,7 @@ __all__ = ["Caller", "FrontDoor", "Moderation", "ModerationCall", "ModerationSer
 log = logging.getLogger("modgate.gateway")
 
 FrontDoor = Literal["moderate", "moderations", "chat"]
-PROMPT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")  # the registry's name rule
+PROMPT_NAME = re.compile(PROMPT_NAME_PATTERN)  # the registry's name rule
 _NO_PROMPT = {"prompt": "-", "version": "-", "arm": "-"}
 PIN_SCOPE = "moderate:pin"
 

@@ -40,6 +40,7 @@ FAIL_CLOSED_DECISION = "needs_review"
 MAX_VERSION = 2**31 - 1  # version numbers on the wire are bounded (stores use 64-bit integers)
 _IDENT = r"^[a-z][a-z0-9_]{0,47}$"
 _NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+PROMPT_NAME_PATTERN = _NAME  # the one rule for prompt names, also checked by the gateway before any lookup
 
 
 class _Strict(BaseModel):

@@ -54,7 +54,7 @@ from gateway.api.edge import (
 )
 from gateway.api.models import Locale
 from gateway.ids import new_id
-from gateway.moderation import Caller, Moderation, ModerationCall, ModerationService
+from gateway.moderation import PROMPT_NAME, Caller, Moderation, ModerationCall, ModerationService
 from gateway.problems import ApiError
 from gateway.telemetry import Attr, Metrics
 from gateway.verdict import Verdict
@@ -80,7 +80,6 @@ MODERATION_CONCURRENCY = 8
 # Model names OpenAI moderation clients send; they mean "the gateway's default prompt".
 _OPENAI_MODERATION_MODELS = re.compile(r"^(omni|text)-moderation(-.*)?$")
 _PINNED = re.compile(r"^(?P<name>[a-z0-9][a-z0-9._-]{0,63})@v(?P<version>[1-9][0-9]{0,8})$")
-_PROMPT_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 _CHAT_FIELDS = frozenset({
@@ -539,7 +538,7 @@ def build_openai_router(service: ModerationService, tracer: trace.Tracer, metric
             pinned = _PINNED.match(model)
             if pinned:
                 name, version = pinned["name"], int(pinned["version"])
-            elif _PROMPT_NAME.match(model):
+            elif PROMPT_NAME.match(model):
                 name = model
             else:
                 raise _invalid(f"the model {model!r} is neither a registry prompt name (or "
