@@ -20,6 +20,7 @@ from gateway.config import AppConfig
 from gateway.decision_log import DecisionLog
 from gateway.feedback import FeedbackLog
 from gateway.limits import build_caller_limiter
+from gateway.samples import SampleRecorder, open_sample_store
 from gateway.telemetry import Metrics, build_tracer_provider
 from gateway.webhooks import RolloutMetrics, WebhookDispatcher
 from prompt_registry import PromptStore
@@ -59,8 +60,12 @@ def build_gateway(cfg: AppConfig, store: PromptStore, *,
                  if cfg.registry.store == "redis" else None)
     limiter = build_caller_limiter(cfg.gateway.caller_limits, redis_url=redis_url,
                                    key_prefix=cfg.registry.redis_key_prefix, registry=metrics.registry)
+    sample_store = open_sample_store(cfg.samples, cfg.data_path())
+    samples = (SampleRecorder(sample_store, cfg.samples, registry=metrics.registry)
+               if sample_store is not None else None)
     return create_app(cfg.gateway, store, backend or build_backend(cfg, metrics),
                       tracer_provider=build_tracer_provider(cfg.tracing), metrics=metrics,
                       limiter=limiter, models=[m.name for m in cfg.serving.models],
                       decision_log=DecisionLog.from_settings(cfg.decision_log, cfg.data_path()),
-                      feedback_log=FeedbackLog(cfg.data_path() / "feedback"), webhooks=webhooks)
+                      feedback_log=FeedbackLog(cfg.data_path() / "feedback"), webhooks=webhooks,
+                      samples=samples)

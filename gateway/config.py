@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.decision_log import DecisionLogSettings
 from gateway.limits import CallerLimitsSettings
+from gateway.samples import SampleSettings
 from gateway.telemetry import TracingSettings
 from gateway.webhooks import WebhookSettings
 from serving.config import ServingConfig
@@ -122,6 +123,7 @@ class AppConfig(_Strict):
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     decision_log: DecisionLogSettings = Field(default_factory=DecisionLogSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    samples: SampleSettings = Field(default_factory=SampleSettings)
     # Directory of the config file; set by load_config, used to resolve relative paths.
     base_dir: Path = Field(default=Path("."), exclude=True)
 

@@ -44,6 +44,7 @@ from gateway.recording import decision_record, failure_record
 from gateway.rollouts.recorder import RolloutRecorder
 from gateway.rollouts.shadow import ShadowDispatcher
 from gateway.rollouts.traffic import assign
+from gateway.samples import SampleRecorder
 from gateway.telemetry import Metrics, stage
 from gateway.verdict import Verdict
 from prompt_registry import PromptNotFound, PromptSpec, PromptVersion
@@ -163,6 +164,7 @@ class ModerationService:
     metrics: Metrics
     decision_log: DecisionLog | None = None
     served_models: tuple[str, ...] = ()  # the models the serving layer runs (empty: not checked)
+    samples: SampleRecorder | None = None  # listing content for a share of traffic (opt-in)
     clock: Callable[[], float] = field(default=time.perf_counter)
 
     # -- who may call ------------------------------------------------------------------------
@@ -303,6 +305,9 @@ class ModerationService:
                 await self.decision_log.append_durable(record)
             else:
                 self.decision_log.append(record)
+        if self.samples is not None:  # never blocks: a full queue drops and counts
+            self.samples.offer(request_id=call.request_id, item_id=call.item_id,
+                               variables=variables, ev=ev, arm=arm)
         if rollout is not None and arm in ("stable", "canary"):
             self.recorder.primary(rollout.id, arm, verdict, latency_ms)
             self.recorder.memo(call.request_id, rollout.id, arm, name, ev.version.version, verdict)

@@ -21,10 +21,14 @@ __all__ = ["SCOPES", "ApiKeyRecord", "generate_key", "parse_key", "verify_secret
 # `moderate:pin`: be served a version or label other than one's traffic assignment (testing a
 # candidate on live input); without it a caller gets what the rollout assigns, nothing else.
 # `gates:write`: change a prompt's promotion gate policy (protected and audited; `admin` may too).
+# `samples:read`: read listing content from the sample store (review queue, flips);
+# `samples:delete`: delete an item's content from it (`gateway.samples`).
 Scope = Literal["moderate", "moderate:pin", "feedback", "prompts:read", "prompts:publish",
-                "labels:write", "labels:protected", "gates:write", "admin"]
+                "labels:write", "labels:protected", "gates:write", "samples:read", "samples:delete",
+                "admin"]
 SCOPES: tuple[str, ...] = ("moderate", "moderate:pin", "feedback", "prompts:read", "prompts:publish",
-                           "labels:write", "labels:protected", "gates:write", "admin")
+                           "labels:write", "labels:protected", "gates:write", "samples:read",
+                           "samples:delete", "admin")
 
 
 class ApiKeyRecord(BaseModel):

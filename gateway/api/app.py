@@ -31,6 +31,7 @@ from gateway.api.guard import RequestGuard
 from gateway.api.moderate import add_moderate_route
 from gateway.api.openai import build_openai_router
 from gateway.api.ops import build_ops_router
+from gateway.api.review import ReviewQueue, build_review_router
 from gateway.api.rollouts import build_rollout_router
 from gateway.auth import Authenticator
 from gateway.config import GatewaySettings
@@ -44,6 +45,7 @@ from gateway.prompt_cache import PromptCache
 from gateway.rollouts.controller import RolloutController
 from gateway.rollouts.recorder import RolloutRecorder
 from gateway.rollouts.shadow import ShadowDispatcher
+from gateway.samples import SampleRecorder
 from gateway.telemetry import Metrics
 from gateway.webhooks import WebhookDispatcher
 from prompt_registry import PromptStore
@@ -86,6 +88,7 @@ def create_app(
     feedback_log: FeedbackLog | None = None,
     limiter: CallerLimiter | None = None,
     webhooks: WebhookDispatcher | None = None,
+    samples: SampleRecorder | None = None,
 ) -> FastAPI:
     """Build the gateway app. The caller owns `store`; the app closes `backend` on shutdown
     (and shuts down `tracer_provider`, flushing spans)."""
@@ -107,7 +110,8 @@ def create_app(
                                    production_label=settings.default_label)
     service = ModerationService(settings=settings, cache=cache, pipeline=pipeline, auth=auth,
                                 limiter=limiter, recorder=recorder, shadows=shadows, metrics=metrics,
-                                decision_log=decision_log, served_models=tuple(models or ()))
+                                decision_log=decision_log, served_models=tuple(models or ()),
+                                samples=samples)
     preload_keys = [(name, settings.default_label)
                     for name in dict.fromkeys([settings.default_prompt, *settings.preload_prompts])]
 
@@ -121,6 +125,8 @@ def create_app(
             webhooks.start()
         if decision_log is not None:
             await decision_log.start()
+        if samples is not None:
+            samples.start()
         failures = {k: e for k, e in (await cache.preload(preload_keys)).items() if e}
         for (name, label), error in failures.items():
             log.error("prompt %s:%s could not be preloaded: %s", name, label, error)
@@ -132,6 +138,8 @@ def create_app(
             await recorder.aclose()
             if decision_log is not None:
                 await decision_log.aclose()
+            if samples is not None:
+                await samples.aclose()
             if webhooks is not None:
                 await webhooks.aclose()
             await cache.aclose()
@@ -168,6 +176,9 @@ def create_app(
                                             on_change=cache.refresh_now))
     app.include_router(build_ops_router(service, backend, preload_keys,
                                         serve_metrics=settings.metrics_port is None))
+    review_queue = ReviewQueue(samples.store if samples is not None else None, feedback_log, cache)
+    app.state.review_queue = review_queue  # the console's queue page shows the same queue
+    app.include_router(build_review_router(review_queue, auth))
     mount_offline_docs(app)
     if settings.console.enabled:
         app.include_router(build_console_router(app, store, auth, service, settings, recorder=recorder,

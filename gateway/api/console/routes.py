@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 
+from gateway.api.console.queue import build_queue_router
 from gateway.api.console.sessions import Session, SessionStore
 from gateway.api.edge import json_response, read_json_object
 from gateway.api.feedback import FeedbackDesk, FeedbackRequest
@@ -515,4 +516,5 @@ def build_console_router(app: FastAPI, store: PromptStore, auth: Authenticator,
         return JSONResponse({"dry_run": batch.dry_run, "ok": ok, "failed": len(results) - ok,
                              "results": results})
 
+    router.include_router(build_queue_router(signed_in, app.state.review_queue))  # /console/queue
     return router

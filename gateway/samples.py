@@ -1,0 +1,360 @@
+"""The listing-content sample store: what a reviewer, a shadow flip or a replay needs to read.
+
+The decision log keeps ids and verdicts only; nothing else in the gateway keeps listing content.
+Reviewing a decision, reading *why* a shadow flipped, or replaying last week's traffic through a
+candidate all need the title and description the model saw. This module keeps them for a share
+of traffic, and only when the operator opted in:
+
+- **off by default** (`samples.enabled: false`); with it on, a stable hash of the item id picks
+  `share` of the items (so every replica samples the same items, and a resubmitted item is
+  sampled again), and only primary decisions (stable, canary, pinned arms) are kept;
+- **retention-limited**: rows older than `retention_days` are purged by the background task
+  (and by `modgate samples purge`); reads never return an expired row even before the purge ran;
+- **deletable by item id** (`DELETE /v1/admin/samples/{item_id}`, `modgate samples delete`);
+- **read with a scope** (`samples:read`; deleting needs `samples:delete`);
+- **never on the request path**: `SampleRecorder.offer` is O(1) and never blocks. It puts the
+  row into a bounded in-memory queue; when the queue is full the row is dropped and counted
+  (`modgate_samples_dropped_total`). A background task writes batches in a worker thread.
+
+Content never goes to logs, spans or metrics: this module logs counts and errors only, and its
+metrics carry no labels.
+
+Storage: one SQLite file (`samples.path`, relative to `data_dir`), WAL mode. Each replica
+writes its own file unless they share a volume; the review queue and the admin routes read the
+file of the replica that answers. A Redis store for several replicas is not built yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Literal
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.pipeline import Evaluation
+
+__all__ = ["Sample", "SampleRecorder", "SampleSettings", "SampleStore", "content_for", "is_sampled",
+           "open_sample_store"]
+
+log = logging.getLogger("modgate.samples")
+
+# Arms whose decisions are traffic answers (a shadow's verdict is not what the caller got).
+_PRIMARY_ARMS = frozenset({"stable", "canary", "pinned"})
+_HASH_SALT = b"modgate-samples\x00"
+# What a replay needs to render the listing again (a dataset row's fields), besides whatever
+# else the version's template declares.
+_LISTING_FIELDS = ("title", "description", "seller_id")
+
+
+class SampleSettings(BaseModel):
+    """`samples:` in the config file: the opt-in store of listing content."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(False, description="keep listing content for a share of traffic "
+                          "(review queue, shadow flips, replay); off by default")
+    share: float = Field(0.05, gt=0.0, le=1.0, description="share of items whose content is "
+                         "kept, chosen by a stable hash of the item id")
+    retention_days: float = Field(14.0, gt=0.0, le=366.0, description="rows older than this are "
+                                  "purged and never read")
+    store: Literal["sqlite"] = Field("sqlite", description="where rows are kept (SQLite file)")
+    path: str = Field("samples.db", description="SQLite file, relative to data_dir")
+    queue_max: int = Field(10_000, ge=1, le=1_000_000, description="rows waiting to be written; "
+                           "beyond this new rows are dropped and counted (never blocks a request)")
+    purge_interval_s: float = Field(600.0, gt=0.0, description="how often expired rows are purged")
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One sampled primary decision with the listing content the model saw."""
+
+    request_id: str
+    item_id: str
+    ts: datetime
+    prompt: str
+    version: int
+    arm: str
+    locale: str
+    decision: str
+    category: str | None
+    confidence: float | None
+    content: Mapping[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"request_id": self.request_id, "item_id": self.item_id, "ts": self.ts.isoformat(),
+                "prompt": self.prompt, "version": self.version, "arm": self.arm,
+                "locale": self.locale, "decision": self.decision, "category": self.category,
+                "confidence": self.confidence, "content": dict(self.content)}
+
+
+def is_sampled(item_id: str, share: float) -> bool:
+    """Whether *item_id* falls in the sampled share: a stable hash, the same on every replica
+    and every run, so an item is either always or never kept."""
+    if share >= 1.0:
+        return True
+    digest = hashlib.sha256(_HASH_SALT + item_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") < share * 2.0 ** 64
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS samples (
+    request_id TEXT PRIMARY KEY,
+    item_id TEXT NOT NULL,
+    ts REAL NOT NULL,
+    prompt TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    arm TEXT NOT NULL,
+    locale TEXT NOT NULL,
+    decision TEXT NOT NULL,
+    category TEXT,
+    confidence REAL,
+    content BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS samples_item ON samples(item_id);
+CREATE INDEX IF NOT EXISTS samples_ts ON samples(ts);
+"""
+_COLUMNS = "request_id, item_id, ts, prompt, version, arm, locale, decision, category, confidence, content"
+_MAX_IDS_PER_QUERY = 500
+
+
+def _row(r: tuple[object, ...]) -> Sample:
+    content = orjson.loads(r[10])  # type: ignore[arg-type]
+    return Sample(request_id=str(r[0]), item_id=str(r[1]),
+                  ts=datetime.fromtimestamp(float(r[2]), UTC),  # type: ignore[arg-type]
+                  prompt=str(r[3]), version=int(r[4]), arm=str(r[5]),  # type: ignore[call-overload]
+                  locale=str(r[6]), decision=str(r[7]),
+                  category=None if r[8] is None else str(r[8]),
+                  confidence=None if r[9] is None else float(r[9]),  # type: ignore[arg-type]
+                  content={str(k): str(v) for k, v in content.items()})
+
+
+class SampleStore:
+    """The rows, in one SQLite file. Thread-safe (one connection behind a lock); every read
+    hides rows older than the retention, whether or not the purge has run."""
+
+    def __init__(self, path: Path, *, retention_days: float = 14.0,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.retention = timedelta(days=retention_days)
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _cutoff(self) -> float:
+        return (self.clock() - self.retention).timestamp()
+
+    def put_many(self, samples: Sequence[Sample]) -> None:
+        rows = [(s.request_id, s.item_id, s.ts.timestamp(), s.prompt, s.version, s.arm, s.locale,
+                 s.decision, s.category, s.confidence, orjson.dumps(dict(s.content)))
+                for s in samples]
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(f"INSERT OR REPLACE INTO samples ({_COLUMNS}) "
+                                     f"VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _select(self, where: str, args: Sequence[object], tail: str = "") -> list[Sample]:
+        with self._lock:
+            cur = self._db.execute(f"SELECT {_COLUMNS} FROM samples WHERE ts >= ? AND ({where}) "
+                                   f"{tail}", (self._cutoff(), *args))
+            return [_row(r) for r in cur.fetchall()]
+
+    def _by(self, column: Literal["request_id", "item_id"], keys: Iterable[str]) -> list[Sample]:
+        unique = list(dict.fromkeys(keys))
+        out: list[Sample] = []
+        for i in range(0, len(unique), _MAX_IDS_PER_QUERY):
+            chunk = unique[i:i + _MAX_IDS_PER_QUERY]
+            out.extend(self._select(f"{column} IN ({','.join('?' * len(chunk))})", chunk,
+                                    "ORDER BY ts"))
+        return out
+
+    def by_request(self, request_ids: Iterable[str]) -> dict[str, Sample]:
+        return {s.request_id: s for s in self._by("request_id", request_ids)}
+
+    def by_item(self, item_ids: Iterable[str]) -> dict[str, Sample]:
+        """The latest sample per item id."""
+        return {s.item_id: s for s in self._by("item_id", item_ids)}  # ordered by ts: latest wins
+
+    def item(self, item_id: str) -> list[Sample]:
+        """Every live sample of one item, oldest first."""
+        return self._by("item_id", [item_id])
+
+    def recent(self, *, since: datetime | None = None, until: datetime | None = None,
+               prompt: str | None = None, limit: int = 100_000) -> list[Sample]:
+        """Samples in a time window (newest first), optionally of one prompt."""
+        where, args = ["1=1"], []  # type: tuple[list[str], list[object]]
+        if since is not None:
+            where.append("ts >= ?")
+            args.append(since.timestamp())
+        if until is not None:
+            where.append("ts < ?")
+            args.append(until.timestamp())
+        if prompt is not None:
+            where.append("prompt = ?")
+            args.append(prompt)
+        return self._select(" AND ".join(where), args, f"ORDER BY ts DESC LIMIT {int(limit)}")
+
+    def delete_item(self, item_id: str) -> int:
+        """Delete every row of one item (expired ones too); how many there were."""
+        with self._lock:
+            return self._db.execute("DELETE FROM samples WHERE item_id = ?", (item_id,)).rowcount
+
+    def purge(self) -> int:
+        """Delete rows older than the retention; how many."""
+        with self._lock:
+            return self._db.execute("DELETE FROM samples WHERE ts < ?", (self._cutoff(),)).rowcount
+
+    def count(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT COUNT(*) FROM samples WHERE ts >= ?",
+                                   (self._cutoff(),)).fetchone()
+            return int(row[0])
+
+
+def open_sample_store(settings: SampleSettings, data_dir: Path, *,
+                      clock: Callable[[], datetime] | None = None) -> SampleStore | None:
+    """The configured store, or None when sampling is off (nothing is kept, nothing is read)."""
+    if not settings.enabled:
+        return None
+    path = Path(settings.path)
+    path = path if path.is_absolute() else data_dir / path
+    if clock is None:
+        return SampleStore(path, retention_days=settings.retention_days)
+    return SampleStore(path, retention_days=settings.retention_days, clock=clock)
+
+
+def content_for(store: SampleStore | None, *, request_ids: Iterable[str] = (),
+                item_ids: Iterable[str] = ()) -> dict[str, Mapping[str, str]]:
+    """Listing content to join onto a report (shadow flips, disagreement exports, replay), keyed
+    by request id and by item id (the latest sample of the item); empty without a store. A
+    caller that shows the result must have checked `samples:read` (or be an operator on the
+    host, like the offline CLI)."""
+    if store is None:
+        return {}
+    out: dict[str, Mapping[str, str]] = {}
+    for s in store.by_item(item_ids).values():
+        out[s.item_id] = s.content
+    for s in store.by_request(request_ids).values():
+        out[s.request_id] = s.content
+    return out
+
+
+class SampleRecorder:
+    """Takes sampled decisions off the request path and writes them in batches."""
+
+    def __init__(self, store: SampleStore, settings: SampleSettings, *,
+                 registry: CollectorRegistry | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self.monotonic = monotonic
+        self._queue: deque[Sample] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._last_purge = float("-inf")
+        self.recorded_count = 0
+        self.dropped_count = 0
+        self._recorded = Counter("modgate_samples_recorded", "Sampled decisions written to the "
+                                 "sample store", registry=registry)
+        self._dropped = Counter("modgate_samples_dropped", "Sampled decisions dropped because the "
+                                "sample store's queue was full or its write failed", registry=registry)
+
+    def offer(self, *, request_id: str, item_id: str, variables: Mapping[str, object],
+              ev: Evaluation, arm: str) -> bool:
+        """Keep this decision's content if its item is in the sampled share. O(1), never
+        blocks, never raises for a full queue (the row is dropped and counted). True when
+        queued."""
+        if arm not in _PRIMARY_ARMS or not is_sampled(item_id, self.settings.share):
+            return False
+        if len(self._queue) >= self.settings.queue_max:
+            self.dropped_count += 1
+            self._dropped.inc()
+            return False
+        v = ev.verdict
+        keep = (*_LISTING_FIELDS, *ev.version.spec.variables)
+        content = {k: str(variables[k]) for k in dict.fromkeys(keep)
+                   if k not in ("locale", "item_id") and variables.get(k) is not None}
+        self._queue.append(Sample(
+            request_id=request_id, item_id=item_id, ts=self.clock(), prompt=ev.version.name,
+            version=ev.version.version, arm=arm, locale=ev.locale, decision=v.decision,
+            category=v.category, confidence=v.confidence, content=content))
+        self._wake.set()
+        return True
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="sample-writer")
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.flush()
+        await asyncio.to_thread(self.store.close)
+
+    async def flush(self) -> None:
+        """Write everything queued so far."""
+        while self._queue:
+            batch = [self._queue.popleft() for _ in range(min(len(self._queue), 500))]
+            try:
+                await asyncio.to_thread(self.store.put_many, batch)
+            except (sqlite3.Error, OSError) as exc:
+                self.dropped_count += len(batch)
+                self._dropped.inc(len(batch))
+                log.error("sample store: %d rows not written: %s", len(batch), type(exc).__name__)
+                continue
+            self.recorded_count += len(batch)
+            self._recorded.inc(len(batch))
+
+    async def purge(self) -> int:
+        n = await asyncio.to_thread(self.store.purge)
+        self._last_purge = self.monotonic()
+        if n:
+            log.info("sample store: purged %d rows past retention", n)
+        return n
+
+    async def _run(self) -> None:
+        while True:
+            if self.monotonic() - self._last_purge >= self.settings.purge_interval_s:
+                try:
+                    await self.purge()
+                except (sqlite3.Error, OSError) as exc:
+                    log.error("sample store: purge failed: %s", type(exc).__name__)
+                    self._last_purge = self.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.purge_interval_s)
+            self._wake.clear()
+            await self.flush()

@@ -1,0 +1,224 @@
+"""The listing-content sample store (`gateway.samples`): opt-in, a stable share of items,
+retention, deletion by item id, scopes, a bounded queue that never blocks a request, and
+content that never reaches logs, spans or metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import generate_latest
+
+from gateway.api.app import create_app
+from gateway.config import GatewaySettings
+from gateway.decision_log import DecisionLog
+from gateway.feedback import FeedbackLog
+from gateway.samples import (
+    Sample,
+    SampleRecorder,
+    SampleSettings,
+    SampleStore,
+    content_for,
+    is_sampled,
+    open_sample_store,
+)
+from gateway.telemetry import Metrics, TracingSettings, build_tracer_provider
+from prompt_registry.keys import generate_key
+from prompt_registry.sqlite_store import SqlitePromptStore
+from serving.fake_backend import FakeBackend
+
+MARK_TITLE = "ZQX-unmistakable-title-7731"
+MARK_DESC = "QJV-unmistakable-description-5520 微信联系"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def _sample(rid: str, item: str, ts: datetime, decision: str = "allow",
+            category: str | None = None) -> Sample:
+    return Sample(request_id=rid, item_id=item, ts=ts, prompt="listing-moderation", version=1,
+                  arm="stable", locale="en-US", decision=decision, category=category,
+                  confidence=0.9, content={"title": f"title {rid}", "description": "d"})
+
+
+def test_the_share_is_a_stable_hash_of_the_item_id() -> None:
+    ids = [f"item-{i}" for i in range(20_000)]
+    picked = [i for i in ids if is_sampled(i, 0.05)]
+    assert 0.04 < len(picked) / len(ids) < 0.06
+    assert picked == [i for i in ids if is_sampled(i, 0.05)]  # the same items every time
+    assert set(picked) <= {i for i in ids if is_sampled(i, 0.2)}  # a larger share keeps them
+    assert all(is_sampled(i, 1.0) for i in ids[:10])
+
+
+def test_off_by_default_and_nothing_is_opened(tmp_path: Path) -> None:
+    assert SampleSettings().enabled is False
+    assert open_sample_store(SampleSettings(), tmp_path) is None
+    assert list(tmp_path.iterdir()) == []
+    assert content_for(None, request_ids=["r"]) == {}
+
+
+def test_retention_hides_and_purges_old_rows_and_delete_is_by_item(tmp_path: Path) -> None:
+    clock = Clock()
+    store = SampleStore(tmp_path / "s.db", retention_days=14, clock=clock)
+    now = clock.now
+    store.put_many([_sample("r-old", "item-a", now - timedelta(days=15)),
+                    _sample("r-new", "item-a", now - timedelta(days=1)),
+                    _sample("r-b", "item-b", now - timedelta(hours=1), "block", "counterfeit")])
+    assert set(store.by_request(["r-old", "r-new", "r-b"])) == {"r-new", "r-b"}  # before any purge
+    assert store.count() == 2
+    assert [s.request_id for s in store.recent()] == ["r-b", "r-new"]  # newest first
+    assert store.purge() == 1
+    assert content_for(store, item_ids=["item-b"], request_ids=["r-new"]) == {
+        "item-b": {"title": "title r-b", "description": "d"},
+        "r-new": {"title": "title r-new", "description": "d"}}
+    assert store.delete_item("item-a") == 1
+    assert store.item("item-a") == [] and store.count() == 1
+    clock.now += timedelta(days=14)  # r-b is now past retention too
+    assert store.by_request(["r-b"]) == {}
+    store.close()
+
+
+def test_a_full_queue_drops_and_counts_and_never_blocks(tmp_path: Path) -> None:
+    metrics = Metrics()
+    settings = SampleSettings(enabled=True, share=1.0, queue_max=2)
+    recorder = SampleRecorder(SampleStore(tmp_path / "s.db"), settings, registry=metrics.registry)
+    ev = _evaluation()
+    kept = [recorder.offer(request_id=f"r{i}", item_id=f"i{i}", variables={"title": "t"}, ev=ev,
+                           arm="stable") for i in range(5)]
+    assert kept == [True, True, False, False, False]
+    assert recorder.dropped_count == 3
+    assert metrics.registry.get_sample_value("modgate_samples_dropped_total") == 3
+    assert not recorder.offer(request_id="s", item_id="i9", variables={}, ev=ev, arm="shadow")
+    asyncio.run(recorder.aclose())
+    assert metrics.registry.get_sample_value("modgate_samples_recorded_total") == 2
+    store = SampleStore(tmp_path / "s.db")
+    assert set(store.by_request(["r0", "r1", "r2"])) == {"r0", "r1"}
+    store.close()
+
+
+def _evaluation():  # type: ignore[no-untyped-def]
+    from gateway.pipeline import Evaluation
+    from gateway.verdict import Verdict
+    from prompt_registry.loader import load_prompt_file
+    from prompt_registry.models import PromptVersion
+    from serving import ChatResult
+    from serving.protocol import Timings
+
+    root = Path(__file__).resolve().parents[2]
+    spec = load_prompt_file(root / "configs" / "prompts" / "listing-moderation.yaml")
+    version = PromptVersion.model_construct(spec=spec, version=1, content_hash="h",
+                                            created_at=datetime.now(UTC), created_by="t")
+    return Evaluation(version=version, label="production", arm="stable", locale="en-US",
+                      stale=False, verdict=Verdict("allow", None, 0.9),
+                      result=ChatResult(text="", finish_reason="stop", prompt_tokens=1,
+                                        completion_tokens=1, model="m", timings=Timings(total_ms=1)))
+
+
+# -- in the gateway --------------------------------------------------------------------------------
+
+class Stack:
+    def __init__(self, client: TestClient, exporter: InMemorySpanExporter, metrics: Metrics,
+                 tmp_path: Path, recorder: SampleRecorder, keys: dict[str, str]) -> None:
+        self.client, self.exporter, self.metrics = client, exporter, metrics
+        self.tmp_path, self.recorder, self.keys = tmp_path, recorder, keys
+
+    def h(self, who: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.keys[who]}"}
+
+    def flush(self) -> None:
+        self.client.portal.call(self.recorder.flush)  # type: ignore[union-attr]
+        log = self.client.app.state.gateway.service.decision_log  # type: ignore[attr-defined]
+        self.client.portal.call(log.flush)  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def stack(store: SqlitePromptStore, tmp_path: Path) -> Iterator[Stack]:
+    keys = {}
+    for name, scopes in {"svc": ["moderate"], "reader": ["samples:read"],
+                         "deleter": ["samples:delete"], "reviewer": ["feedback"]}.items():
+        key, record = generate_key(name, scopes, created_by="test")  # type: ignore[arg-type]
+        store.put_key(record)
+        keys[name] = key
+    exporter = InMemorySpanExporter()
+    provider = build_tracer_provider(TracingSettings(sample_ratio=1.0), exporter=exporter)  # type: ignore[arg-type]
+    metrics = Metrics()
+    settings = SampleSettings(enabled=True, share=1.0)
+    recorder = SampleRecorder(SampleStore(tmp_path / "samples.db"), settings, registry=metrics.registry)
+    app = create_app(GatewaySettings(), store, FakeBackend(), tracer_provider=provider,
+                     metrics=metrics, models=["tiny-llama"],
+                     decision_log=DecisionLog(tmp_path / "decisions", replica="gw-0"),
+                     feedback_log=FeedbackLog(tmp_path / "feedback"), samples=recorder)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield Stack(client, exporter, metrics, tmp_path, recorder, keys)
+
+
+def test_content_is_stored_and_never_reaches_logs_spans_or_metrics(
+        stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    r = stack.client.post("/v1/moderate", headers=stack.h("svc"), json={
+        "item_id": "leak-1", "seller_id": "s-1", "title": MARK_TITLE, "description": MARK_DESC})
+    assert r.status_code == 200, r.text
+    stack.flush()
+    # the store has it (so the greps below can fail) ...
+    got = stack.client.get("/v1/admin/samples/leak-1", headers=stack.h("reader"))
+    assert got.status_code == 200, got.text
+    [row] = got.json()["samples"]
+    assert row["content"] == {"title": MARK_TITLE, "description": MARK_DESC, "seller_id": "s-1"}
+    assert row["request_id"] == r.json()["request_id"] and row["decision"] == r.json()["decision"]
+    # ... and nothing else does
+    marks = (MARK_TITLE, MARK_DESC, "ZQX-unmistakable", "QJV-unmistakable")
+    decision_log = b"".join(p.read_bytes() for p in (stack.tmp_path / "decisions").rglob("*.jsonl"))
+    assert b"leak-1" in decision_log
+    spans = stack.exporter.get_finished_spans()
+    assert spans
+    span_text = repr([(s.name, dict(s.attributes or {}), [dict(e.attributes or {}) for e in s.events])
+                      for s in spans])
+    metrics_text = generate_latest(stack.metrics.registry).decode()
+    assert "modgate_samples_recorded_total 1.0" in metrics_text
+    log_text = "\n".join(f"{rec.getMessage()} {rec.args!r}" for rec in caplog.records)
+    for mark in marks:
+        assert mark.encode() not in decision_log
+        assert mark not in span_text
+        assert mark not in metrics_text
+        assert mark not in log_text
+
+
+def test_reading_and_deleting_need_their_scopes(stack: Stack) -> None:
+    r = stack.client.post("/v1/moderate", headers=stack.h("svc"),
+                          json={"item_id": "del-1", "title": "a lamp"})
+    assert r.status_code == 200
+    stack.flush()
+    for who in ("svc", "reviewer", "deleter"):
+        refused = stack.client.get("/v1/admin/samples/del-1", headers=stack.h(who))
+        assert refused.status_code == 403 and "samples:read" in refused.json()["error"]["message"]
+    for who in ("svc", "reader"):
+        refused = stack.client.delete("/v1/admin/samples/del-1", headers=stack.h(who))
+        assert refused.status_code == 403 and "samples:delete" in refused.json()["error"]["message"]
+    assert stack.client.get("/v1/admin/samples/del-1").status_code == 401
+    bad = stack.client.delete("/v1/admin/samples/bad%20id", headers=stack.h("deleter"))
+    assert bad.status_code == 422
+    gone = stack.client.delete("/v1/admin/samples/del-1", headers=stack.h("deleter"))
+    assert gone.status_code == 200 and gone.json() == {"item_id": "del-1", "deleted": 1}
+    assert stack.client.get("/v1/admin/samples/del-1", headers=stack.h("reader")).status_code == 404
+    again = stack.client.delete("/v1/admin/samples/del-1", headers=stack.h("deleter"))
+    assert again.json()["deleted"] == 0
+
+
+def test_without_the_store_the_routes_say_it_is_off(store: SqlitePromptStore) -> None:
+    key, record = generate_key("admin", ["admin"], created_by="test")
+    store.put_key(record)
+    with TestClient(create_app(GatewaySettings(), store, FakeBackend())) as client:
+        r = client.get("/v1/admin/samples/x-1", headers={"authorization": f"Bearer {key}"})
+        assert r.status_code == 404 and "samples.enabled" in r.json()["error"]["message"]
+        assert client.app.state.gateway.service.samples is None  # type: ignore[attr-defined]
