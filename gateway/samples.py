@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway.pipeline import Evaluation
 
 __all__ = ["Sample", "SampleRecorder", "SampleSettings", "SampleStore", "content_for", "is_sampled",
-           "open_sample_store"]
+           "open_sample_store", "sample_store_path"]
 
 log = logging.getLogger("modgate.samples")
 
@@ -224,10 +224,11 @@ class SampleStore:
         with self._lock:
             return self._db.execute("DELETE FROM samples WHERE item_id = ?", (item_id,)).rowcount
 
-    def purge(self) -> int:
-        """Delete rows older than the retention; how many."""
+    def purge(self, *, everything: bool = False) -> int:
+        """Delete rows older than the retention (*everything*: all rows); how many."""
+        cutoff = float("inf") if everything else self._cutoff()
         with self._lock:
-            return self._db.execute("DELETE FROM samples WHERE ts < ?", (self._cutoff(),)).rowcount
+            return self._db.execute("DELETE FROM samples WHERE ts < ?", (cutoff,)).rowcount
 
     def count(self) -> int:
         with self._lock:
@@ -236,13 +237,17 @@ class SampleStore:
             return int(row[0])
 
 
+def sample_store_path(settings: SampleSettings, data_dir: Path) -> Path:
+    path = Path(settings.path)
+    return path if path.is_absolute() else data_dir / path
+
+
 def open_sample_store(settings: SampleSettings, data_dir: Path, *,
                       clock: Callable[[], datetime] | None = None) -> SampleStore | None:
     """The configured store, or None when sampling is off (nothing is kept, nothing is read)."""
     if not settings.enabled:
         return None
-    path = Path(settings.path)
-    path = path if path.is_absolute() else data_dir / path
+    path = sample_store_path(settings, data_dir)
     if clock is None:
         return SampleStore(path, retention_days=settings.retention_days)
     return SampleStore(path, retention_days=settings.retention_days, clock=clock)

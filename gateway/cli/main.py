@@ -26,8 +26,10 @@ from gateway.cli.eval import eval_app
 from gateway.cli.feedback import feedback_app
 from gateway.cli.latency import latency_app
 from gateway.cli.registry import keys_app, prompts_app
+from gateway.cli.replay import replay_app
 from gateway.cli.report import report_app
 from gateway.cli.rollouts import rollouts_app
+from gateway.cli.samples import samples_app
 from gateway.config import AppConfig, ConfigError, load_config
 
 if TYPE_CHECKING:  # the store modules load on first use, not at every CLI start
@@ -52,6 +54,8 @@ app = typer.Typer(
         "  modgate eval ...           score prompt versions on a labelled dataset; compare two\n"
         "  modgate feedback ...       import reviewer labels; live precision/recall and reviewer agreement; disagreements as dataset rows\n"
         "  modgate report ops         HTML/Markdown operational report of a time window, with plots\n"
+        "  modgate samples ...        the opt-in listing-content sample store: stats, delete an item, purge\n"
+        "  modgate replay             recorded traffic through a candidate version, offline; agreement with production\n"
         "  modgate latency            p50/p95/p99 per request stage over a time window\n"
         "  modgate deploy ...         generate the KubeRay serveConfigV2 and the config JSON Schema\n"
         "\nEvery command takes --config (or MODGATE_CONFIG); the default is configs/modgate.yaml."
@@ -76,6 +80,8 @@ app.add_typer(feedback_app, name="feedback", help="Reviewer feedback: import a r
 app.add_typer(report_app, name="report", help="Operational report of a time window (HTML and "
               "Markdown, with plots).")
 app.add_typer(latency_app)
+app.add_typer(replay_app)
+app.add_typer(samples_app, name="samples")
 app.add_typer(deploy_app, name="deploy", help="Kubernetes deployment helpers: generate the "
               "RayService serveConfigV2 and the config JSON Schema.")
 

@@ -38,6 +38,7 @@ NOT_RUN: dict[str, str] = {
     "modgate rollouts status listing-moderation --watch": "polls until Ctrl-C",
     "modgate rollouts pause|resume": "a synopsis of several commands",
     "modgate eval run": "calls the model stack",
+    "modgate replay": "calls the model stack on recorded traffic (tests/unit/test_replay.py)",
     "modgate prompts gate-policy diff listing-moderation --file policy.yaml": "needs the user's policy file",
     "modgate prompts gate-policy set": "needs an admin key and a v3",
     "modgate feedback import": "posts to a running gateway with a feedback key "

@@ -222,3 +222,40 @@ def test_without_the_store_the_routes_say_it_is_off(store: SqlitePromptStore) ->
         r = client.get("/v1/admin/samples/x-1", headers={"authorization": f"Bearer {key}"})
         assert r.status_code == 404 and "samples.enabled" in r.json()["error"]["message"]
         assert client.app.state.gateway.service.samples is None  # type: ignore[attr-defined]
+
+
+def test_cli_stats_delete_and_purge_work_on_a_store_left_behind(tmp_path: Path) -> None:
+    """The CLI opens the store file even with sampling off now: rows kept earlier can still
+    be deleted and purged."""
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from gateway.cli.main import app as cli
+
+    root = Path(__file__).resolve().parents[2]
+    config = yaml.safe_load((root / "configs" / "modgate.yaml").read_text())
+    config["data_dir"] = str(tmp_path / "data")
+    config["samples"] = {"enabled": False, "retention_days": 7}
+    path = tmp_path / "modgate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    store = SampleStore(tmp_path / "data" / "samples.db")
+    now = datetime.now(UTC)
+    store.put_many([_sample("r1", "item-1", now), _sample("r2", "item-1", now),
+                    _sample("r3", "item-2", now - timedelta(days=8)), _sample("r4", "item-3", now)])
+    store.close()
+    runner = CliRunner()
+
+    def run(*args: str) -> dict[str, object]:
+        result = runner.invoke(cli, ["samples", *args, "--config", str(path), "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)  # type: ignore[no-any-return]
+
+    assert run("stats")["rows"] == 3 and run("stats")["enabled"] is False
+    assert run("delete", "item-1")["deleted"] == 2
+    assert run("purge")["deleted"] == 1  # item-2, past the 7 days
+    assert run("stats")["rows"] == 1
+    assert run("purge", "--all")["deleted"] == 1
+    bad = runner.invoke(cli, ["samples", "delete", "no spaces", "--config", str(path)])
+    assert bad.exit_code == 2 and "not an item id" in bad.output
