@@ -32,8 +32,9 @@ import typer
 
 from gateway.cli import eval as eval_cli
 from gateway.cli.decisions import _range
+from gateway.cli.eval import _config, _fail
 from gateway.cli.registry import store_for
-from gateway.config import AppConfig, ConfigError, load_config
+from gateway.config import AppConfig
 
 if TYPE_CHECKING:
     from gateway.quality.replay import Replayed, ReplayItem
@@ -46,17 +47,6 @@ replay_app = typer.Typer(add_completion=False, rich_markup_mode=None)
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", envvar="MODGATE_CONFIG",
                                                help="configuration file (default: configs/modgate.yaml)")]
 
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.echo(f"modgate: error: {message}", err=True)
-    return typer.Exit(code)
-
-
-def _config(config: Path | None) -> AppConfig:
-    try:
-        return load_config(config)
-    except ConfigError as exc:
-        raise _fail(str(exc), 2) from None
 
 
 def _samples(cfg: AppConfig) -> SampleStore | None:

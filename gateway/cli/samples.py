@@ -20,7 +20,8 @@ from typing import Annotated
 
 import typer
 
-from gateway.config import AppConfig, ConfigError, load_config
+from gateway.cli.eval import _config, _fail
+from gateway.config import AppConfig
 
 __all__ = ["samples_app"]
 
@@ -33,17 +34,6 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", envvar="MODGAT
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 ITEM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.echo(f"modgate: error: {message}", err=True)
-    return typer.Exit(code)
-
-
-def _config(config: Path | None) -> AppConfig:
-    try:
-        return load_config(config)
-    except ConfigError as exc:
-        raise _fail(str(exc), 2) from None
 
 
 def _store(cfg: AppConfig):  # type: ignore[no-untyped-def]
