@@ -196,7 +196,7 @@ def require_all(auth: Authenticator, principal: Principal, scopes: Iterable[str]
 
 def check_item_id(item_id: str) -> str:
     if not ITEM_ID.match(item_id):
-        raise ApiError(422, "invalid_value", "item_id must be 1-128 characters of [A-Za-z0-9._:-]",
+        raise ApiError(422, "invalid_request", "item_id must be 1-128 characters of [A-Za-z0-9._:-]",
                        fields=[{"field": "item_id", "problem": "malformed"}])
     return item_id
 
