@@ -38,10 +38,14 @@ class Evaluation:
     stale: bool
     verdict: Verdict
     result: ChatResult
+    deprecated: bool = False
 
     def prompt_ref(self) -> dict[str, object]:
-        return {"name": self.version.name, "version": self.version.version, "label": self.label,
-                "locale": self.locale, "stale": self.stale}
+        ref: dict[str, object] = {"name": self.version.name, "version": self.version.version,
+                                  "label": self.label, "locale": self.locale, "stale": self.stale}
+        if self.deprecated:
+            ref["deprecated"] = True
+        return ref
 
 
 class ModerationPipeline:
@@ -124,7 +128,8 @@ class ModerationPipeline:
             span.set_attribute(Attr.CATEGORY, verdict.category or "")
             if verdict.fail_reason:
                 span.set_attribute(Attr.FAIL_REASON, verdict.fail_reason)
-        return self._finish(version, label, arm, used_locale, resolved.stale, verdict, result, labels)
+        evaluation = self._finish(version, label, arm, used_locale, resolved.stale, verdict, result, labels)
+        return replace(evaluation, deprecated=True) if resolved.deprecated else evaluation
 
     async def call_backend(self, chat: ChatRequest, labels: dict[str, str], deadline: float,
                            span_attrs: Mapping[str, AnyValue] | None = None) -> ChatResult:

@@ -23,12 +23,15 @@ from prompt_registry import (
     GatePolicyConflict,
     GatePolicyInvalid,
     LabelConflict,
+    LifecycleConflict,
     PromptFileError,
     PromptNotFound,
     RenderError,
     StoreUnavailable,
     TemplateRejected,
     UnservedModel,
+    VersionBlocked,
+    VersionRetired,
 )
 from prompt_registry.gates import GateRefused
 from prompt_registry.ops import NothingToRollBack
@@ -158,6 +161,9 @@ PROBLEM_TABLE: dict[type[BaseException], ProblemSpec] = {
     GatePolicyConflict: ProblemSpec(409, "gate_policy_conflict", False, "the prompt's gate policy changed since it was read (compare-and-set lost)"),
     GateRefused: ProblemSpec(409, "promotion_gate_failed", False, "the promotion gate refused a production move"),
     NothingToRollBack: ProblemSpec(409, "nothing_to_roll_back", False, "the label has no earlier version"),
+    LifecycleConflict: ProblemSpec(409, "lifecycle_conflict", False, "the prompt's version states changed since they were read (compare-and-set lost)"),
+    VersionRetired: ProblemSpec(409, "version_retired", False, "a label, rollout or approval names a deprecated or blocked version, or a version cannot be blocked while something points at it"),
+    VersionBlocked: ProblemSpec(410, "version_blocked", False, "a request pinned a version an operator blocked"),
     RolloutConflict: ProblemSpec(409, "rollout_conflict", False, "another rollout of the prompt is active"),
     RolloutError: ProblemSpec(409, "rollout_state", False, "the rollout's state does not allow the action"),
     PromptFileError: ProblemSpec(422, "invalid_prompt", False, "a published prompt fails validation"),

@@ -24,24 +24,27 @@ from dataclasses import dataclass
 from typing import Protocol, TypedDict
 
 from prompt_registry import PromptNotFound, PromptVersion, StoreUnavailable
+from prompt_registry.lifecycle import LifecycleRecord, VersionBlocked, state_in
 from prompt_registry.rollouts import Rollout
-from prompt_registry.store import PromptReader, RolloutReader, Subscription
+from prompt_registry.store import LifecycleReader, PromptReader, RolloutReader, Subscription
 
 __all__ = ["CacheStats", "PromptCache", "PromptCacheSource", "Resolved"]
 
 log = logging.getLogger("modgate.prompt_cache")
 
 
-class PromptCacheSource(PromptReader, RolloutReader, Protocol):
+class PromptCacheSource(PromptReader, RolloutReader, LifecycleReader, Protocol):
     """What the cache reads: labels and pinned versions, each prompt's rollout (the traffic
-    split is decided per request, so it is cached like a label), and change events. Both
-    facets are read-only, so the hot path cannot write to the registry."""
+    split is decided per request, so it is cached like a label), version states (a blocked
+    version is refused to pins), and change events. Every facet is read-only, so the hot path
+    cannot write to the registry."""
 
 
 @dataclass(frozen=True, slots=True)
 class Resolved:
     version: PromptVersion
     stale: bool  # served from last-known-good because the store could not be read
+    deprecated: bool = False  # a pinned version an operator deprecated (still served, flagged)
 
 
 @dataclass(slots=True)
@@ -96,6 +99,10 @@ class PromptCache:
         # the old value: its result is kept but marked dirty, and refresh_now reads again.
         self._events_seen: dict[str, int] = {}
         self._rollout_dirty: set[str] = set()
+        # Version states per prompt (read for pins only), with when they were read; dropped on
+        # a change event of the prompt. `_event_count` tells a read that raced an event.
+        self._lifecycles: dict[str, tuple[LifecycleRecord | None, float]] = {}
+        self._event_count = 0
         self._subscription: Subscription | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = CacheStats()
@@ -147,7 +154,8 @@ class PromptCache:
         return Resolved(entry.version, stale=False)
 
     async def get_version(self, name: str, version: int) -> Resolved:
-        """A pinned version. Versions are immutable, so once read they are kept for good."""
+        """A pinned version. Versions are immutable, so once read they are kept for good; their
+        state is not: a blocked version raises VersionBlocked, a deprecated one is flagged."""
         key = (name, version)
         cached = self._pinned.get(key)
         if cached is None:
@@ -155,7 +163,31 @@ class PromptCache:
             if len(self._pinned) > 4096:
                 self._pinned.clear()
             self._pinned[key] = cached
-        return Resolved(cached, stale=False)
+        state = state_in(await self._lifecycle(name), version)
+        if state == "blocked":
+            raise VersionBlocked(f"{name} v{version} is blocked by an operator and answers no request; "
+                                 "use the production label or another version",
+                                 prompt=name, version=version, state=state)
+        return Resolved(cached, stale=False, deprecated=state == "deprecated")
+
+    async def _lifecycle(self, name: str) -> LifecycleRecord | None:
+        """The prompt's version states from memory (dropped by change events, re-read after
+        `refresh_s`). With the store unreachable the last-known states are used; with none
+        known the read's StoreUnavailable propagates (a pin is not served on a guess)."""
+        entry = self._lifecycles.get(name)
+        started = self._clock()
+        if entry is not None and started - entry[1] < self._refresh_s:
+            return entry[0]
+        events = self._event_count
+        try:
+            record = await asyncio.to_thread(self._reader.get_lifecycle, name)
+        except StoreUnavailable:
+            if entry is None:
+                raise
+            return entry[0]
+        if self._event_count == events:  # else an event raced the read: do not keep it
+            self._lifecycles[name] = (record, started)
+        return record
 
     async def rollout(self, name: str) -> Rollout | None:
         """The prompt's rollout from memory, refreshed like labels (events + refresh_s). While
@@ -248,6 +280,11 @@ class PromptCache:
     def on_change(self, name: str | None) -> None:
         """Mark entries of *name* (or all, for None) dirty and refresh them in the background."""
         self.stats.events += 1
+        self._event_count += 1
+        if name is None:
+            self._lifecycles.clear()
+        else:
+            self._lifecycles.pop(name, None)
         for prompt in {k[0] for k in self._entries} | set(self._rollouts):
             if name is None or prompt == name:
                 self._events_seen[prompt] = self._events_seen.get(prompt, 0) + 1

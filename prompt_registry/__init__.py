@@ -9,6 +9,7 @@ from prompt_registry.errors import (
     GatePolicyConflict,
     GatePolicyInvalid,
     LabelConflict,
+    LifecycleConflict,
     PromptFileError,
     PromptNotFound,
     RegistryError,
@@ -29,6 +30,7 @@ from prompt_registry.gates import (
     PolicyInForce,
     ScorecardRecord,
 )
+from prompt_registry.lifecycle import LifecycleRecord, VersionBlocked, VersionRetired, VersionState
 from prompt_registry.models import (
     FAIL_CLOSED_DECISION,
     EvaluationSpec,
@@ -53,6 +55,8 @@ from prompt_registry.store import (
     GateReader,
     KeyReader,
     KeyStore,
+    LifecycleReader,
+    LifecycleStore,
     MemoStore,
     PromptReader,
     PromptStore,
@@ -77,4 +81,6 @@ __all__ = [
     "RolloutReader", "RolloutStats", "RolloutStore", "SamplingParams", "ScorecardReader",
     "ScorecardRecord", "ScorecardStore", "StoreUnavailable", "TemplateRejected", "VerdictSchema",
     "build_rollout_stats", "render_messages",
+    "LifecycleConflict", "LifecycleReader", "LifecycleRecord", "LifecycleStore", "VersionBlocked",
+    "VersionRetired", "VersionState",
 ]

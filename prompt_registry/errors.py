@@ -7,6 +7,7 @@ __all__ = [
     "ApprovalConflict",
     "GatePolicyConflict",
     "GatePolicyInvalid",
+    "LifecycleConflict",
     "LabelConflict",
     "PromptFileError",
     "PromptNotFound",
@@ -70,6 +71,10 @@ class GatePolicyInvalid(PromptFileError, ValueError):
 
 class GatePolicyConflict(LabelConflict):
     """A compare-and-set write of a prompt's gate policy lost against a concurrent write."""
+
+
+class LifecycleConflict(LabelConflict):
+    """A compare-and-set write of a prompt's version states lost against a concurrent write."""
 
 
 class ApprovalConflict(LabelConflict):

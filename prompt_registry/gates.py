@@ -53,6 +53,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prompt_registry.errors import ApprovalConflict, LabelConflict, RegistryError
+from prompt_registry.lifecycle import assignable_or_raise
 from prompt_registry.models import AGGREGATES, EACH_CATEGORY, EvaluationSpec, GateCriterion
 from prompt_registry.rollouts import wilson_interval
 
@@ -782,6 +783,9 @@ def move_label(store: PromptStore, name: str, label: str, version: int, *,
     for a caller that records the refusal in its own audit entry (the rollout controller's
     held promotion).
 
+    Any label move to a version the label does not already point at is refused
+    (VersionRetired) when that version is deprecated or blocked (`prompt_registry.lifecycle`).
+
     Four eyes: when the prompt's four-eyes record is enabled, a production move that the gate
     lets through (or an admin overrides) is not made: a pending approval request is recorded
     (audited "approval_requested"; *holder*, the requesting key holder, defaults to *actor*;
@@ -790,6 +794,8 @@ def move_label(store: PromptStore, name: str, label: str, version: int, *,
     `ops.approve_request` passes *approved*, the request as approved in the store: the move
     is then made, judged by the gate again.
     """
+    if store.labels(name).get(label) != version:  # a new pointer: never to a retired version
+        assignable_or_raise(store.get_lifecycle(name), name, version, what=f"label {label!r}")
     if label != production_label:
         return store.set_label(name, label, version, expected=expected, actor=actor, note=note), None
     current = store.labels(name).get(label)

@@ -1,6 +1,7 @@
 """Registry operations shared by the CLI and the admin API: publish from files, label moves,
 rollback, diff and summaries, the check that a version's model is served, changing a
-prompt's gate policy, and four eyes (the setting, approving and denying requests). Each operation is one atomic store write or none (a production move to a
+prompt's gate policy, four eyes (the setting, approving and denying requests), and the version
+lifecycle (deprecating, blocking and reinstating versions). Each operation is one atomic store write or none (a production move to a
 version with a weaker `evaluation` block may first keep the policy in force: see
 `gates.move_label`)."""
 
@@ -36,6 +37,15 @@ from prompt_registry.gates import (
     move_label,
     policy_in_force,
 )
+from prompt_registry.lifecycle import (
+    LifecycleRecord,
+    VersionBlocked,
+    VersionRetired,
+    VersionState,
+    VersionStatus,
+    latest_active,
+    state_in,
+)
 from prompt_registry.loader import load_prompt_file
 from prompt_registry.models import (
     AGGREGATES,
@@ -45,11 +55,18 @@ from prompt_registry.models import (
     PromptSpec,
     PromptVersion,
 )
-from prompt_registry.store import GateReader, PromptReader, PromptStore, PublishResult
+from prompt_registry.store import (
+    GateReader,
+    LifecycleReader,
+    PromptReader,
+    PromptStore,
+    PublishResult,
+)
 
 __all__ = ["GatePolicyChange", "NothingToRollBack", "PromptSummary", "approvals_view",
            "approve_request", "check_model_served", "deny_request", "diff_versions", "gate_policy_diff", "gate_policy_view", "policy_changes",
-           "publish_file", "rollback", "set_four_eyes", "set_gate_policy", "set_label", "spec_as_yaml", "summarize"]
+           "publish_file", "rollback", "set_four_eyes", "set_gate_policy", "set_label", "set_version_state",
+           "spec_as_yaml", "summarize"]
 
 
 class NothingToRollBack(RegistryError):
@@ -58,13 +75,31 @@ class NothingToRollBack(RegistryError):
 
 @dataclass(frozen=True)
 class PromptSummary:
+    """A prompt's versions and labels. `latest` is the highest version neither deprecated nor
+    blocked; `states` names the versions that are (absent: active)."""
+
     name: str
     versions: list[int]
     labels: dict[str, int]
+    lifecycle: LifecycleRecord | None = None
+
+    @property
+    def latest(self) -> int | None:
+        return latest_active(self.versions, self.lifecycle)
+
+    @property
+    def states(self) -> dict[int, VersionState]:
+        return {} if self.lifecycle is None else {v: s.state for v, s in self.lifecycle.versions.items()}
+
+    def warnings(self) -> list[str]:
+        """Labels that point at a deprecated version (they keep working; they should move)."""
+        return [f"label {label!r} points at v{v}, which is deprecated"
+                for label, v in sorted(self.labels.items()) if self.states.get(v) == "deprecated"]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "versions": self.versions, "latest": max(self.versions, default=None),
-                "labels": self.labels}
+        return {"name": self.name, "versions": self.versions, "latest": self.latest,
+                "labels": self.labels, "states": {str(v): s for v, s in sorted(self.states.items())},
+                "warnings": self.warnings()}
 
 
 def check_model_served(version: PromptVersion | PromptSpec, served: Collection[str] | None) -> None:
@@ -121,7 +156,8 @@ def rollback(store: PromptStore, name: str, label: str, *, actor: str, note: str
     Returns (from_version, to_version). Compare-and-set against the current version, so a
     concurrent move makes this fail with LabelConflict instead of undoing someone else's work.
     Not judged by the promotion gate: the target held the label before, and in an incident
-    nothing should stand between an operator and the previous version.
+    nothing should stand between an operator and the previous version; so a deprecated target
+    is allowed too (only a blocked one is refused).
     """
     current = store.labels(name).get(label)
     if current is None:
@@ -130,6 +166,9 @@ def rollback(store: PromptStore, name: str, label: str, *, actor: str, note: str
     if not moves or moves[-1].to_version != current or moves[-1].from_version is None:
         raise NothingToRollBack(f"label {label!r} of {name!r} has no earlier version to roll back to")
     target = moves[-1].from_version
+    if state_in(store.get_lifecycle(name), target) == "blocked":  # deprecated: allowed, an incident path
+        raise VersionBlocked(f"label {label!r} of {name!r} cannot roll back to v{target}: it is blocked",
+                             prompt=name, version=target, state="blocked")
     store.set_label(name, label, target, expected=current, actor=actor,
                     note=note or f"rollback from v{current}")
     return current, target
@@ -162,10 +201,52 @@ def diff_versions(a: PromptVersion, b: PromptVersion) -> str:
 
 
 def summarize(store: PromptReader, name: str) -> PromptSummary:
+    """The prompt's versions and labels (and version states, when *store* keeps them);
+    PromptNotFound for an unknown prompt."""
     versions = store.versions(name)
     if not versions:
         raise PromptNotFound(f"unknown prompt {name!r}")
-    return PromptSummary(name=name, versions=versions, labels=store.labels(name))
+    lifecycle = store.get_lifecycle(name) if isinstance(store, LifecycleReader) else None
+    return PromptSummary(name=name, versions=versions, labels=store.labels(name), lifecycle=lifecycle)
+
+
+# -- version lifecycle ------------------------------------------------------------------------
+
+def set_version_state(store: PromptStore, name: str, version: int, state: VersionState, *,
+                      actor: str, reason: str) -> bool:
+    """Deprecate, block or reinstate (`active`) one version; returns False when it already was
+    in *state* (nothing written). Needs a reason (audited as action "lifecycle").
+
+    Blocking is refused (VersionRetired) while a label points at the version or a running or
+    paused rollout serves it (as canary, stable or shadow): move the label or abort the
+    rollout first, so that nothing already taking traffic is cut off by surprise. Deprecating
+    is always allowed: existing pointers keep working. A compare-and-set on the record's
+    revision: a concurrent change raises LifecycleConflict instead of being lost."""
+    if not reason.strip():
+        raise RegistryError("a reason is required (it is kept in the audit log)")
+    store.get_version(name, version)  # PromptNotFound naming the version
+    record = store.get_lifecycle(name)
+    current: VersionState = "active" if record is None else record.state_of(version)
+    if current == state:
+        return False
+    if state == "blocked":
+        pointing = sorted(label for label, v in store.labels(name).items() if v == version)
+        if pointing:
+            raise VersionRetired(
+                f"{name} v{version} cannot be blocked: label(s) {', '.join(pointing)} point at it; "
+                f"move them first (a blocked version answers no request)",
+                prompt=name, version=version, state=current)
+        rollout = store.get_rollout(name)
+        if rollout is not None and rollout.state in ("running", "paused") and version in (
+                rollout.stable_version, rollout.canary_version, *(s.version for s in rollout.shadows)):
+            raise VersionRetired(
+                f"{name} v{version} cannot be blocked: rollout {rollout.id} ({rollout.state}) "
+                f"serves it; abort the rollout first", prompt=name, version=version, state=current)
+    status = VersionStatus(state=state, reason=reason.strip(), set_by=actor, set_at=datetime.now(UTC))
+    base = record or LifecycleRecord(prompt=name, revision=0)
+    store.put_lifecycle(base.with_state(version, status), expected_revision=base.revision,
+                        actor=actor, version=version, note=f"{current} -> {state}: {reason.strip()}")
+    return True
 
 
 # -- gate policy ------------------------------------------------------------------------------

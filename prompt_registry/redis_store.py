@@ -13,6 +13,8 @@ Key schema (prefix `P`, default "modgate"; `N` is a prompt name):
     P:prompt:N:gate_policy_rev string its revision (compare-and-set)
     P:prompt:N:four_eyes   string the prompt's four-eyes setting and approval requests (JSON)
     P:prompt:N:four_eyes_rev string its revision (compare-and-set)
+    P:prompt:N:lifecycle   string the prompt's deprecated and blocked versions (JSON)
+    P:prompt:N:lifecycle_rev string its revision (compare-and-set)
     P:prompt:N:rollout     string the prompt's current (or last) rollout (JSON)
     P:prompt:N:rollout_rev string its revision (compare-and-set)
     P:rollouts             set    prompts that have a rollout
@@ -52,6 +54,7 @@ from prompt_registry.errors import (
     ApprovalConflict,
     GatePolicyConflict,
     LabelConflict,
+    LifecycleConflict,
     PromptNotFound,
     StoreUnavailable,
 )
@@ -65,6 +68,7 @@ from prompt_registry.gates import (
     scorecard_audit_note,
 )
 from prompt_registry.keys import ApiKeyRecord
+from prompt_registry.lifecycle import LifecycleRecord
 from prompt_registry.models import PromptSpec, PromptVersion
 from prompt_registry.rollouts import Rollout, RolloutConflict
 from prompt_registry.store import AuditEntry, PublishResult, Subscription
@@ -108,7 +112,7 @@ redis.call('PUBLISH', KEYS[3], ARGV[5])
 return existed
 """
 
-# KEYS: gate_policy, gate_policy_rev, audit, prompts set, events (also: four_eyes, four_eyes_rev)
+# KEYS: record, record_rev, audit, prompts set, events (gate_policy, four_eyes, lifecycle)
 # ARGV: record, expected revision, new revision, audit entry, prompt name, event
 _PUT_GATE_POLICY = """
 if redis.call('SISMEMBER', KEYS[4], ARGV[5]) == 0 then return {-1, ''} end
@@ -338,24 +342,10 @@ class RedisPromptStore:
 
     def put_gate_policy(self, policy: GatePolicy, *, expected_revision: int, actor: str,
                         note: str = "") -> None:
-        name = policy.prompt
-        if policy.revision != expected_revision + 1:
-            raise GatePolicyConflict(f"gate policy revision {policy.revision} does not follow "
-                                     f"revision {expected_revision}")
-        audit = orjson.dumps({"at": _now().isoformat(), "actor": actor, "action": "gate_policy",
-                              "prompt": name, "label": "gate-policy", "from_version": None,
-                              "to_version": None, "note": note})
-        event = orjson.dumps({"prompt": name, "kind": "gate_policy"})
-        keys = [self._k(name, "gate_policy"), self._k(name, "gate_policy_rev"),
-                self._k(name, "audit"), f"{self._prefix}:prompts", self._events]
-        status, current = self._call(lambda: self._put_gate_policy(keys=keys, args=[
-            policy.model_dump_json(), str(expected_revision), str(policy.revision), audit, name,
-            event]))
-        if status == -1:
-            raise PromptNotFound(f"unknown prompt {name!r}")
-        if status == -2:
-            raise GatePolicyConflict(f"the gate policy of {name!r} is at revision "
-                                     f"{int(current)}, not {expected_revision} (changed concurrently)")
+        self._put_revisioned("gate_policy", "gate policy", "the gate policy", GatePolicyConflict,
+                             policy.prompt, policy.model_dump_json(), policy.revision,
+                             expected_revision, actor=actor, action="gate_policy",
+                             label="gate-policy", note=note)
 
     def get_four_eyes(self, name: str) -> FourEyesRecord | None:
         raw = self._call(lambda: self._r.get(self._k(name, "four_eyes")))
@@ -365,25 +355,44 @@ class RedisPromptStore:
                       action: str, label: str | None = None, from_version: int | None = None,
                       to_version: int | None = None, note: str = "") -> None:
         check_four_eyes_action(action)
-        name = record.prompt
-        if record.revision != expected_revision + 1:
-            raise ApprovalConflict(f"four-eyes revision {record.revision} does not follow "
-                                   f"revision {expected_revision}")
+        self._put_revisioned("four_eyes", "four-eyes", "the four-eyes record", ApprovalConflict,
+                             record.prompt, record.model_dump_json(), record.revision,
+                             expected_revision, actor=actor, action=action, label=label,
+                             from_version=from_version, to_version=to_version, note=note)
+
+    def get_lifecycle(self, name: str) -> LifecycleRecord | None:
+        raw = self._call(lambda: self._r.get(self._k(name, "lifecycle")))
+        return LifecycleRecord.model_validate_json(raw) if raw else None
+
+    def put_lifecycle(self, record: LifecycleRecord, *, expected_revision: int, actor: str,
+                      version: int, note: str = "") -> None:
+        self._put_revisioned("lifecycle", "lifecycle", "the version states", LifecycleConflict,
+                             record.prompt, record.model_dump_json(), record.revision,
+                             expected_revision, actor=actor, action="lifecycle",
+                             to_version=version, note=note)
+
+    def _put_revisioned(self, part: str, noun: str, what: str, conflict: type[LabelConflict],
+                        name: str, record_json: str, revision: int, expected_revision: int, *,
+                        actor: str, action: str, label: str | None = None,
+                        from_version: int | None = None, to_version: int | None = None,
+                        note: str = "") -> None:
+        """One per-prompt record (gate policy, four eyes, version states) at `P:prompt:N:<part>`,
+        compared-and-set on `<part>_rev`, stored, audited and announced by one script."""
+        if revision != expected_revision + 1:
+            raise conflict(f"{noun} revision {revision} does not follow revision {expected_revision}")
         audit = orjson.dumps({"at": _now().isoformat(), "actor": actor, "action": action,
                               "prompt": name, "label": label, "from_version": from_version,
                               "to_version": to_version, "note": note})
-        event = orjson.dumps({"prompt": name, "kind": "four_eyes"})
-        keys = [self._k(name, "four_eyes"), self._k(name, "four_eyes_rev"),
+        event = orjson.dumps({"prompt": name, "kind": action})
+        keys = [self._k(name, part), self._k(name, f"{part}_rev"),
                 self._k(name, "audit"), f"{self._prefix}:prompts", self._events]
-        # the same compare-and-set, store, audit and announce as a gate policy write
         status, current = self._call(lambda: self._put_gate_policy(keys=keys, args=[
-            record.model_dump_json(), str(expected_revision), str(record.revision), audit, name,
-            event]))
+            record_json, str(expected_revision), str(revision), audit, name, event]))
         if status == -1:
             raise PromptNotFound(f"unknown prompt {name!r}")
         if status == -2:
-            raise ApprovalConflict(f"the four-eyes record of {name!r} is at revision "
-                                   f"{int(current)}, not {expected_revision} (changed concurrently)")
+            raise conflict(f"{what} of {name!r} is at revision {int(current)}, not "
+                           f"{expected_revision} (changed concurrently)")
 
     def add_rollout_stats(self, rollout_id: str, counters: dict[str, int],
                           flips: list[str] | None = None, *, keep_flips: int = 500) -> None:

@@ -3,7 +3,8 @@
 One file (WAL mode) holds the tables `versions` (name, version, content hash, spec JSON),
 `labels` (name, label → version), `scorecards` ((name, version, dataset sha256) → record),
 `gate_policies` (name → gate policy record, revision), `four_eyes` (name → four-eyes setting
-and approval requests, revision), rollouts, API keys and `audit`. Every write is one `BEGIN IMMEDIATE` transaction,
+and approval requests, revision), `version_lifecycle` (name → deprecated/blocked versions,
+revision), rollouts, API keys and `audit`. Every write is one `BEGIN IMMEDIATE` transaction,
 so version numbering, the version row and its audit entry land together or not at all, and label
 compare-and-set is atomic across processes sharing the file.
 """
@@ -25,6 +26,7 @@ from prompt_registry.errors import (
     ApprovalConflict,
     GatePolicyConflict,
     LabelConflict,
+    LifecycleConflict,
     PromptNotFound,
     StoreUnavailable,
 )
@@ -38,6 +40,7 @@ from prompt_registry.gates import (
     scorecard_audit_note,
 )
 from prompt_registry.keys import ApiKeyRecord
+from prompt_registry.lifecycle import LifecycleRecord
 from prompt_registry.models import PromptSpec, PromptVersion
 from prompt_registry.rollouts import Rollout, RolloutConflict
 from prompt_registry.store import AuditEntry, PublishResult, Subscription
@@ -101,6 +104,9 @@ CREATE TABLE IF NOT EXISTS gate_policies (
     name TEXT PRIMARY KEY, record TEXT NOT NULL, revision INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS four_eyes (
+    name TEXT PRIMARY KEY, record TEXT NOT NULL, revision INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS version_lifecycle (
     name TEXT PRIMARY KEY, record TEXT NOT NULL, revision INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -370,6 +376,18 @@ class SqlitePromptStore:
                              audit=(actor, "gate_policy", "gate-policy", None, None, note))
 
     @_wrap_errors
+    def get_lifecycle(self, name: str) -> LifecycleRecord | None:
+        row = self._con().execute("SELECT record FROM version_lifecycle WHERE name=?", (name,)).fetchone()
+        return LifecycleRecord.model_validate_json(row[0]) if row else None
+
+    @_wrap_errors
+    def put_lifecycle(self, record: LifecycleRecord, *, expected_revision: int, actor: str,
+                      version: int, note: str = "") -> None:
+        self._put_revisioned("version_lifecycle", "lifecycle", "the version states", LifecycleConflict,
+                             record.prompt, record.model_dump_json(), record.revision, expected_revision,
+                             audit=(actor, "lifecycle", None, None, version, note))
+
+    @_wrap_errors
     def get_four_eyes(self, name: str) -> FourEyesRecord | None:
         row = self._con().execute("SELECT record FROM four_eyes WHERE name=?", (name,)).fetchone()
         return FourEyesRecord.model_validate_json(row[0]) if row else None
@@ -386,7 +404,7 @@ class SqlitePromptStore:
     def _put_revisioned(self, table: str, noun: str, what: str, conflict: type[LabelConflict], name: str,
                         record_json: str, revision: int, expected_revision: int, *,
                         audit: tuple[str, str, str | None, int | None, int | None, str]) -> None:
-        """One per-prompt record (gate policy, four eyes) written by compare-and-set on its
+        """One per-prompt record (gate policy, four eyes, version states) written by compare-and-set on its
         revision, with its audit entry, in one transaction; then announced."""
         if revision != expected_revision + 1:
             raise conflict(f"{noun} revision {revision} does not follow "

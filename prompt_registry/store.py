@@ -1,6 +1,6 @@
 """Store protocols, one per facet, so each consumer can be typed by what it touches.
 
-A store holds eight kinds of state with different readers, writers and risks; a consumer typed by
+A store holds nine kinds of state with different readers, writers and risks; a consumer typed by
 the whole `PromptStore` could quietly start writing anything. The facets:
 
 - `PromptReader`: versions, labels and the audit log, change events, health. The hot path
@@ -13,6 +13,8 @@ the whole `PromptStore` could quietly start writing anything. The facets:
   registry (`gates.GatePolicy`), which the gate reads before any version's own block.
 - `FourEyesReader` / `FourEyesStore`: each prompt's four-eyes setting and its approval
   requests (`gates.FourEyesRecord`), which `gates.move_label` reads before a production move.
+- `LifecycleReader` / `LifecycleStore`: each prompt's version states (`lifecycle.LifecycleRecord`:
+  deprecated and blocked versions), read by every label move and by the hot path for pins.
 - `KeyReader` / `KeyStore`: API-key records (the authenticator only ever reads).
 - `MemoStore`: short-lived request id -> verdict memos that join reviewer feedback to rollouts.
 
@@ -42,12 +44,13 @@ from pydantic import BaseModel, ConfigDict
 
 from prompt_registry.gates import FourEyesRecord, GatePolicy, ScorecardRecord
 from prompt_registry.keys import ApiKeyRecord
+from prompt_registry.lifecycle import LifecycleRecord
 from prompt_registry.models import PromptSpec, PromptVersion
 from prompt_registry.rollouts import Rollout
 
 __all__ = [
     "AuditEntry", "FourEyesReader", "FourEyesStore", "GatePolicyReader", "GatePolicyStore", "GateReader", "GatedWriter", "KeyReader",
-    "KeyStore", "MemoStore",
+    "KeyStore", "LifecycleReader", "LifecycleStore", "MemoStore",
     "PromptReader", "PromptStore", "PromptWriter", "PublishResult", "RolloutReader",
     "RolloutStore", "ScorecardReader", "ScorecardStore", "Subscription",
 ]
@@ -251,6 +254,30 @@ class FourEyesStore(FourEyesReader, Protocol):
 
 
 @runtime_checkable
+class LifecycleReader(Protocol):
+    """Reading a prompt's version states: label moves, rollouts and the hot path (pins)."""
+
+    def get_lifecycle(self, name: str) -> LifecycleRecord | None:
+        """The prompt's deprecated and blocked versions, if a state was ever set."""
+        ...
+
+
+@runtime_checkable
+class LifecycleStore(LifecycleReader, Protocol):
+    """Deprecating, blocking and reinstating versions (callers check the `admin` scope and the
+    rules of `ops.set_version_state` before calling)."""
+
+    def put_lifecycle(self, record: LifecycleRecord, *, expected_revision: int, actor: str,
+                      version: int, note: str = "") -> None:
+        """Store *record* when the stored one has revision *expected_revision* (0: none may
+        exist yet) and `record.revision == expected_revision + 1`; raise LifecycleConflict
+        otherwise and PromptNotFound for an unknown prompt. Audited as action "lifecycle"
+        (label None, to_version *version*) with *note*, and announced as a change of the
+        prompt, in the same atomic write."""
+        ...
+
+
+@runtime_checkable
 class KeyReader(Protocol):
     """Looking up one API key: all the authenticator may do with key records."""
 
@@ -287,16 +314,17 @@ class GateReader(PromptReader, ScorecardReader, GatePolicyReader, Protocol):
 
 
 @runtime_checkable
-class GatedWriter(PromptWriter, ScorecardReader, GatePolicyStore, FourEyesStore, Protocol):
+class GatedWriter(PromptWriter, ScorecardReader, GatePolicyStore, FourEyesStore, LifecycleReader,
+                  Protocol):
     """Moving labels through the promotion gate (`gates.move_label`, publishing with a label,
     seeding): a prompt writer that can also read the scorecards the gate judges by, keep a
     gate policy in force when production moves to a version with a weaker block, and record a
-    four-eyes approval request instead of moving."""
+    four-eyes approval request instead of moving, and refuse a move to a retired version."""
 
 
 @runtime_checkable
 class PromptStore(PromptWriter, RolloutStore, ScorecardStore, GatePolicyStore, FourEyesStore,
-                  KeyStore, MemoStore, Protocol):
+                  LifecycleStore, KeyStore, MemoStore, Protocol):
     """Every facet, plus `close()`: for code that opens a store and owns its lifetime."""
 
     def close(self) -> None: ...

@@ -20,6 +20,11 @@ prompt's approvals); a second key holder with `labels:protected` (or `admin`) ap
 /v1/prompts/{name}/approvals/{approval_id}/approve|deny` (403 for the requesting key itself);
 `GET /v1/prompts/{name}/approvals` lists them.
 
+Version lifecycle (`PUT /v1/prompts/{name}/versions/{version}/state`): `deprecated` (no new
+label, rollout or approval may target it; what points at it keeps working) needs
+`labels:write`; `blocked` (refused everywhere; refused while a label or an active rollout
+points at it) and undoing a block need `admin`. `latest` skips both.
+
 With `served_models`, publishing a version (and moving production to one) whose `model:` the
 serving layer does not serve is refused (`UnservedModel`, 422), naming the model and the
 served ones.
@@ -40,7 +45,14 @@ from gateway.auth import Authenticator
 from gateway.problems import ApiError, Forbidden
 from gateway.rollouts.ops import complete_approved_promotion
 from gateway.rollouts.promotion import ADMIN_SCOPE, GateOverrideBody, report_dict
-from prompt_registry import ApprovalRequired, GateOverride, PromptSpec, PromptStore, SelfApproval
+from prompt_registry import (
+    ApprovalRequired,
+    GateOverride,
+    PromptSpec,
+    PromptStore,
+    SelfApproval,
+    VersionState,
+)
 from prompt_registry.gates import gate_report
 from prompt_registry.keys import ApiKeyRecord
 from prompt_registry.loader import format_validation_error, parse_prompt_text
@@ -56,6 +68,7 @@ from prompt_registry.ops import (
     set_four_eyes,
     set_gate_policy,
     set_label,
+    set_version_state,
     summarize,
 )
 
@@ -113,6 +126,17 @@ class FourEyesBody(BaseModel):
     reason: str = Field(..., min_length=1, max_length=2000, pattern=r"\S",
                         description="why (recorded in the audit log)")
     expiry_hours: float | None = Field(None, gt=0, le=720)
+
+
+class VersionStateBody(BaseModel):
+    """`PUT /v1/prompts/{name}/versions/{version}/state`: deprecate, block or reinstate
+    (`active`) a version, and why."""
+
+    model_config = ConfigDict(extra="forbid", regex_engine="python-re")
+
+    state: VersionState
+    reason: str = Field(..., min_length=1, max_length=2000, pattern=r"\S",
+                        description="why (recorded in the audit log)")
 
 
 class ApprovalDecision(BaseModel):
@@ -323,6 +347,27 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
                                 reason=body.reason, expiry_s=expiry)
         await changed(name)
         return json_response(await asyncio.to_thread(approvals_view, store, name))
+
+    @router.put("/{name}/versions/{version}/state")
+    async def change_version_state(name: str, version: Annotated[int, Path(ge=1, le=MAX_VERSION)],
+                                   body: VersionStateBody, authorization: AuthHeader = None,
+                                   x_api_key: AuthHeader = None) -> Response:
+        """Deprecate, block or reinstate a version (audited with the reason). Deprecating
+        needs `labels:write`; blocking, or reinstating a blocked version, needs `admin`. 409
+        `version_retired` when a label or an active rollout still points at a version to be
+        blocked."""
+        p = await principal(authorization, x_api_key, "labels:write")
+        record = await asyncio.to_thread(store.get_lifecycle, name)
+        current = "active" if record is None else record.state_of(version)
+        if "blocked" in (body.state, current):
+            auth.require(p, ADMIN_SCOPE)
+        changed_ = await asyncio.to_thread(set_version_state, store, name, version, body.state,
+                                           actor=p.name, reason=body.reason)
+        if changed_:
+            await changed(name)
+        summary = await asyncio.to_thread(summarize, store, name)
+        return json_response({"name": name, "version": version, "state": body.state,
+                              "changed": changed_, "prompt": summary.as_dict()})
 
     @router.get("/{name}/approvals")
     async def list_approvals(name: str, authorization: AuthHeader = None,

@@ -70,6 +70,9 @@ class PromptRef(BaseModel):
     locale: str = Field(..., description="locale variant of the prompt that was used")
     stale: bool = Field(False, description="true when the registry was unreachable and the "
                         "last-known-good version served")
+    deprecated: bool = Field(False, description="true when a pinned version was deprecated by an "
+                             "operator: still answered, but move off it (a blocked version is "
+                             "refused with 410 version_blocked)")
 
 
 class Usage(BaseModel):

@@ -45,7 +45,14 @@ from gateway.cli.promotion import (
 from gateway.config import AppConfig, ConfigError, load_config
 from gateway.rollouts.ops import complete_approved_promotion
 from gateway.rollouts.promotion import ADMIN_SCOPE
-from prompt_registry import ApprovalRequired, GateRefused, KeyReader, PromptStore, RegistryError
+from prompt_registry import (
+    ApprovalRequired,
+    GateRefused,
+    KeyReader,
+    PromptStore,
+    RegistryError,
+    VersionState,
+)
 from prompt_registry.gates import gate_report
 from prompt_registry.keys import SCOPES, generate_key
 from prompt_registry.loader import load_gate_policy_file
@@ -62,6 +69,7 @@ from prompt_registry.ops import (
     set_four_eyes,
     set_gate_policy,
     set_label,
+    set_version_state,
     spec_as_yaml,
     summarize,
 )
@@ -207,7 +215,11 @@ def list_cmd(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
             typer.echo("no prompts yet: publish one with `modgate prompts publish FILE`")
         for r in rows:
             labels = ", ".join(f"{k}=v{v}" for k, v in r["labels"].items()) or "no labels"
-            typer.echo(f"{r['name']:<32} latest v{r['latest']:<4} {labels}")
+            latest = f"v{r['latest']}" if r["latest"] is not None else "-"
+            retired = ", ".join(f"v{v} {s}" for v, s in r["states"].items())
+            typer.echo(f"{r['name']:<32} latest {latest:<5} {labels}" + (f"  ({retired})" if retired else ""))
+            for w in r["warnings"]:
+                typer.echo(f"  warning: {w}")
     _out(as_json, {"prompts": rows}, human)
 
 
@@ -219,9 +231,14 @@ def show_cmd(name: str, version: Annotated[int | None, typer.Option("--version",
     with _store(config) as store:
         if version is None and label is None:
             summary = summarize(store, name).as_dict()
+            states = summary["states"]
             _out(as_json, summary, lambda: typer.echo(
-                f"{name}\n  versions: {', '.join(f'v{v}' for v in summary['versions'])}\n  labels:   "
-                + (", ".join(f"{k} -> v{v}" for k, v in summary["labels"].items()) or "none")))
+                f"{name}\n  versions: "
+                + ", ".join(f"v{v}" + (f" ({states[str(v)]})" if str(v) in states else "")
+                            for v in summary["versions"])
+                + "\n  labels:   "
+                + (", ".join(f"{k} -> v{v}" for k, v in summary["labels"].items()) or "none")
+                + "".join(f"\n  warning: {w}" for w in summary["warnings"])))
             return
         v = store.get_version(name, version) if version is not None else store.resolve(name, label or "")
         data = {"name": v.name, "version": v.version, "content_hash": v.content_hash,
@@ -352,6 +369,8 @@ def audit_cmd(name: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> 
                 what = f"scorecard of v{e.to_version}"
             elif e.action == "gate_policy":
                 what = "gate policy"
+            elif e.action == "lifecycle":
+                what = f"state of v{e.to_version}"
             elif e.action == "rollout":
                 what = f"rollout {e.label}: stable v{e.from_version}, canary v{e.to_version}"
             else:
@@ -568,6 +587,62 @@ def four_eyes_cmd(
     _out(as_json, view, lambda: typer.echo(
         f"{name}: four eyes {setting}" + (f" (requests expire after {view['expiry_s'] / 3600:g} h)"
                                           if setting == "on" else "")))
+
+
+def _set_state(name: str, version: int, state: VersionState, reason: str | None,
+               admin_key: str | None, actor: str | None, config: Path | None, as_json: bool) -> None:
+    """The lifecycle commands: the same `ops.set_version_state` (and rules) as the admin API.
+    Blocking, or reinstating a blocked version, needs an admin key, as over the API."""
+    if not reason or not reason.strip():
+        raise _fail(f"{'reinstate' if state == 'active' else state[:-1]} needs --reason \"why\" "
+                    "(recorded in the audit log)", 2)
+    with _store_and_config(config) as (store, cfg):
+        record = store.get_lifecycle(name)
+        current = "active" if record is None else record.state_of(version)
+        who = _actor(actor)
+        if "blocked" in (state, current):
+            holder = _holder(store, cfg, admin_key, scope=ADMIN_SCOPE, required=True,
+                             what="blocking a version" if state == "blocked" else "unblocking a version")
+            who = f"{who} (key {holder})"
+        changed = set_version_state(store, name, version, state, actor=who, reason=reason)
+        summary = summarize(store, name).as_dict()
+    data = {"name": name, "version": version, "state": state, "changed": changed, "prompt": summary}
+    _out(as_json, data, lambda: typer.echo(
+        f"{name} v{version}: {state}" + ("" if changed else " (already)")
+        + f"; latest is v{summary['latest']}" + "".join(f"\n  warning: {w}" for w in summary["warnings"])))
+
+
+_VERSION_ARG = Annotated[int, typer.Argument(min=1, help="the version number")]
+_REASON_OPT = Annotated[str | None, typer.Option("--reason", "-m", help="why (required; audited)")]
+
+
+@prompts_app.command("deprecate")
+def deprecate_cmd(name: str, version: _VERSION_ARG, reason: _REASON_OPT = None,
+                  actor: ActorOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Deprecate NAME VERSION: no new label, rollout or approval may point at it, and `latest`
+    skips it; labels already on it keep serving (listed as warnings) and pinned requests are
+    still answered, flagged `deprecated`. Undo with `modgate prompts reinstate`."""
+    _set_state(name, version, "deprecated", reason, None, actor, config, as_json)
+
+
+@prompts_app.command("block")
+def block_cmd(name: str, version: _VERSION_ARG, reason: _REASON_OPT = None,
+              admin_key: AdminKeyOpt = None, actor: ActorOpt = None, config: ConfigOpt = None,
+              as_json: JsonOpt = False) -> None:
+    """Block NAME VERSION: refused everywhere (pinned requests get 410 version_blocked; no
+    label, rollout or rollback may point at it). Refused while a label or an active rollout
+    points at it: move the label or abort the rollout first. Needs an admin key
+    (--admin-key or MODGATE_ADMIN_KEY). Undo with `modgate prompts reinstate`."""
+    _set_state(name, version, "blocked", reason, admin_key, actor, config, as_json)
+
+
+@prompts_app.command("reinstate")
+def reinstate_cmd(name: str, version: _VERSION_ARG, reason: _REASON_OPT = None,
+                  admin_key: AdminKeyOpt = None, actor: ActorOpt = None, config: ConfigOpt = None,
+                  as_json: JsonOpt = False) -> None:
+    """Make a deprecated or blocked NAME VERSION active again (a blocked one needs an admin
+    key, --admin-key or MODGATE_ADMIN_KEY)."""
+    _set_state(name, version, "active", reason, admin_key, actor, config, as_json)
 
 
 @approvals_app.command("list")

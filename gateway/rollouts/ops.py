@@ -44,6 +44,7 @@ from prompt_registry import (
     PromptStore,
 )
 from prompt_registry.gates import gate_report, move_label
+from prompt_registry.lifecycle import assignable_or_raise
 from prompt_registry.ops import summarize
 from prompt_registry.rollout_stats import build_rollout_stats
 from prompt_registry.rollouts import (
@@ -76,9 +77,11 @@ def start_rollout(store: PromptStore, prompt: str, *, canary_version: int | None
     stable = store.labels(prompt).get(production_label)
     if stable is None:
         raise PromptNotFound(f"prompt {prompt!r} has no {production_label!r} label to roll out from")
+    lifecycle = store.get_lifecycle(prompt)
     for v in [canary_version, *(s.version for s in shadows)]:
         if v is not None:
             store.get_version(prompt, v)  # raises PromptNotFound naming the version
+            assignable_or_raise(lifecycle, prompt, v, what="rollout")
     try:
         rollout = new_rollout(prompt, stable_version=stable, canary_version=canary_version, steps=steps,
                               shadows=shadows, step_hold_s=step_hold_s, gates=gates, auto=auto,

@@ -34,6 +34,8 @@ from prompt_registry.store import (
     GateReader,
     KeyReader,
     KeyStore,
+    LifecycleReader,
+    LifecycleStore,
     MemoStore,
     PromptReader,
     PromptStore,
@@ -52,7 +54,8 @@ StoreFactory = Callable[[], PromptStore]
 # Every facet, readers before the stores extending them; PromptStore is their union.
 FACETS: tuple[type, ...] = (PromptReader, PromptWriter, RolloutReader, RolloutStore,
                             ScorecardReader, ScorecardStore, GatePolicyReader, GatePolicyStore,
-                            FourEyesReader, FourEyesStore, KeyReader, KeyStore, MemoStore)
+                            FourEyesReader, FourEyesStore, LifecycleReader, LifecycleStore,
+                            KeyReader, KeyStore, MemoStore)
 # Named combinations of facets (no methods of their own).
 COMBINATIONS: tuple[type, ...] = (GateReader, GatedWriter)
 
@@ -411,6 +414,55 @@ class TestScorecards:
         assert move_label(s, example_spec.name, "production", 2, actor="maria")[0] == 1
         assert s.audit(example_spec.name)[-1].note.startswith(
             "gate passed on dataset e08b6d315ed6 (8 checks) [policy: production v1's evaluation block")
+
+
+class _LifecycleOverPrompts(PromptWriter, LifecycleStore, Protocol):
+    """Version states belong to a published prompt and are audited with it."""
+
+
+class TestLifecycle:
+    """LifecycleReader and LifecycleStore: one record per prompt, compare-and-set on its
+    revision, audited (action "lifecycle", to_version the version) and announced."""
+
+    def test_lifecycle_compare_and_set_audit_and_events(self, make_store: StoreFactory,
+                                                        example_spec: PromptSpec) -> None:
+        from datetime import UTC, datetime
+
+        from prompt_registry import LifecycleConflict, LifecycleRecord
+        from prompt_registry.lifecycle import VersionStatus
+
+        s: _LifecycleOverPrompts = make_store()
+        name = example_spec.name
+        status = VersionStatus(state="deprecated", reason="wrong model", set_by="lead",
+                               set_at=datetime.now(UTC))
+        first = LifecycleRecord(prompt=name, revision=0).with_state(1, status)
+        with pytest.raises(PromptNotFound, match="unknown prompt"):
+            s.put_lifecycle(first, expected_revision=0, actor="lead", version=1)
+        s.publish(example_spec, actor="a")
+        assert s.get_lifecycle(name) is None
+        seen: list[str | None] = []
+        other: LifecycleReader = make_store()
+        sub = s.subscribe(seen.append)
+        try:
+            s.put_lifecycle(first, expected_revision=0, actor="lead", version=1, note="active -> deprecated")
+            got = other.get_lifecycle(name)
+            assert got is not None and got.revision == 1 and got.state_of(1) == "deprecated"
+            assert got.state_of(2) == "active" and got.versions[1].reason == "wrong model"
+            with pytest.raises(LifecycleConflict):  # a second writer that read revision 0 loses
+                s.put_lifecycle(first, expected_revision=0, actor="other", version=1)
+            undone = first.with_state(1, status.model_copy(update={"state": "active"}))
+            s.put_lifecycle(undone, expected_revision=1, actor="lead", version=1, note="deprecated -> active")
+            got = s.get_lifecycle(name)
+            assert got is not None and got.revision == 2 and got.versions == {}
+            deadline = time.monotonic() + 5
+            while name not in seen and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert name in seen  # announced: every gateway's cache drops its version states
+        finally:
+            sub.close()
+        audited = [e for e in s.audit(name) if e.action == "lifecycle"]
+        assert [(e.actor, e.label, e.to_version, e.note) for e in audited] == [
+            ("lead", None, 1, "active -> deprecated"), ("lead", None, 1, "deprecated -> active")]
 
 
 class _PoliciesOverPrompts(PromptWriter, GatePolicyStore, Protocol):

@@ -92,7 +92,8 @@ def test_prompt_ops_flow(env: tuple[TestClient, dict, SqlitePromptStore]) -> Non
     assert audit[6]["note"].startswith("ship v2 | gate passed on dataset e08b6d315ed6 (8 checks) "
                                        "[policy: production v1's evaluation block (policy ")
     summary = client.get("/v1/prompts/listing-moderation", headers=keys["author"]).json()
-    assert summary == {"name": "listing-moderation", "versions": [1, 2], "latest": 2, "labels": {"production": 1}}
+    assert summary == {"name": "listing-moderation", "versions": [1, 2], "latest": 2, "labels": {"production": 1},
+                       "states": {}, "warnings": []}
 
 
 def test_unprotected_labels_need_only_labels_write(env: tuple[TestClient, dict, SqlitePromptStore]) -> None:

@@ -323,7 +323,7 @@ def build_console_router(app: FastAPI, store: PromptStore, auth: Authenticator,
             out = []
             for name in store.list_prompts():
                 summary = summarize(store, name)
-                latest = max(summary.versions)
+                latest = summary.latest or max(summary.versions)
                 spec = store.get_version(name, latest).spec
                 rollout = store.get_rollout(name)
                 out.append({
