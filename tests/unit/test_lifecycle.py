@@ -19,7 +19,6 @@ from gateway.cli.main import app as cli
 from gateway.config import GatewaySettings
 from gateway.rollouts.ops import start_rollout
 from prompt_registry import VersionBlocked, VersionRetired
-
 from prompt_registry.keys import generate_key
 from prompt_registry.loader import load_prompt_file, seed_store
 from prompt_registry.ops import rollback, set_label, set_version_state, summarize
