@@ -19,9 +19,35 @@ from pathlib import Path
 
 import orjson
 
-__all__ = ["FeedbackLog"]
+from gateway.problems import InvalidLabel
+from prompt_registry import FAIL_CLOSED_DECISION, VerdictSchema
+
+__all__ = ["FeedbackLog", "check_label"]
 
 log = logging.getLogger("modgate.feedback")
+
+
+def check_label(schema: VerdictSchema, decision: str, category: str | None) -> str | None:
+    """The label's category as counted (None for allow), or raise InvalidLabel naming the
+    field. One rule for every way a label arrives: `POST /v1/feedback`, the console's review
+    form and `modgate feedback import`."""
+    if decision not in schema.decisions:
+        raise InvalidLabel(f"{decision!r} is not a decision of this prompt "
+                           f"({', '.join(schema.decisions)})", field="decision")
+    if decision == FAIL_CLOSED_DECISION:
+        raise InvalidLabel(f"{decision!r} is not a label: a reviewer decides (allow or block)",
+                           field="decision")
+    if category is not None and category not in schema.categories:
+        raise InvalidLabel(f"{category!r} is not a category of this prompt "
+                           f"({', '.join(schema.categories)})", field="category")
+    if decision == "allow":
+        if category not in (None, "none"):
+            raise InvalidLabel(f"allow with category {category!r} contradicts itself: "
+                               "allow has no category", field="category")
+        return None
+    if category in (None, "none"):
+        raise InvalidLabel(f"{decision} needs the category that applies", field="category")
+    return category
 
 
 class FeedbackLog:

@@ -47,7 +47,7 @@ from serving import (
 
 __all__ = [
     "EDGE_PROBLEMS", "PROBLEM_TABLE", "ApiError", "CallerConcurrencyLimited", "CallerLimited", "CallerRateLimited",
-    "ClientDisconnected", "Forbidden", "GatewayError", "ModelRejectedInput", "ModelSaturated", "Problem", "ProblemSpec",
+    "ClientDisconnected", "Forbidden", "GatewayError", "InvalidLabel", "ModelRejectedInput", "ModelSaturated", "Problem", "ProblemSpec",
     "QueueTimeout", "Unauthenticated", "UnknownModel", "UnknownPrompt", "error_types_markdown", "problem_for",
 ]
 
@@ -133,6 +133,12 @@ class UnknownModel(GatewayError):
     """A prompt (version or draft) names a model the serving layer does not run."""
 
 
+class InvalidLabel(GatewayError):
+    """A reviewer label outside the answering prompt's verdict schema, or contradicting itself
+    (`field`: decision or category). Raised by `gateway.feedback.check_label`, which the
+    feedback route, the console's review form and `modgate feedback import` share."""
+
+
 class ClientDisconnected(GatewayError):
     """The caller went away before the answer; the work was aborted."""
 
@@ -170,6 +176,7 @@ PROBLEM_TABLE: dict[type[BaseException], ProblemSpec] = {
     UnservedModel: ProblemSpec(422, "unknown_model", False, "a prompt names a model the serving layer does not run (the message lists the served ones)"),
     GatePolicyInvalid: ProblemSpec(422, "invalid_gate_policy", False, "a gate policy fails validation"),
     TemplateRejected: ProblemSpec(422, "template_rejected", False, "a template uses what the sandbox forbids"),
+    InvalidLabel: ProblemSpec(422, "invalid_label", False, "a reviewer label outside the answering prompt's verdict schema, or contradicting itself"),
     RenderError: ProblemSpec(422, "render_error", False, "the prompt could not be rendered with these variables"),
     CallerRateLimited: ProblemSpec(429, "rate_limited", True, "the key's request rate is over its limit"),
     CallerConcurrencyLimited: ProblemSpec(429, "concurrency_limited", True, "the key has its maximum of requests in flight"),
@@ -217,7 +224,6 @@ EDGE_PROBLEMS: dict[str, tuple[frozenset[int], str]] = {
     "invalid_value": (frozenset({400}), "an OpenAI-route parameter has a value the gateway does not take"),
     "unsupported_parameter": (frozenset({400}), "an OpenAI parameter the gateway does not support (tools, n > 1, ...)"),
     "unsupported_content": (frozenset({400}), "non-text content parts or inputs"),
-    "invalid_label": (frozenset({422}), "a reviewer label outside the answering prompt's verdict schema, or contradicting itself"),
     "content_too_long": (frozenset({400, 422}), "listing text over `max_title_chars` / `max_description_chars`"),
     "model_not_found": (frozenset({404}), "a raw chat completion names a model the gateway does not serve"),
     "not_found": (frozenset({404}), "no such route, or a registry object that does not exist"),

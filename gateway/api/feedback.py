@@ -34,13 +34,12 @@ from starlette.responses import Response
 
 from gateway.api.edge import ERROR_RESPONSES
 from gateway.auth import Authenticator, _Anonymous
-from gateway.feedback import FeedbackLog
+from gateway.feedback import FeedbackLog, check_label
 from gateway.problems import ApiError
 from gateway.prompt_cache import PromptCache
 from gateway.rollouts.recorder import RolloutRecorder
 from gateway.verdict import Verdict
 from prompt_registry import (
-    FAIL_CLOSED_DECISION,
     MemoStore,
     PromptNotFound,
     StoreUnavailable,
@@ -48,7 +47,7 @@ from prompt_registry import (
 )
 from prompt_registry.keys import ApiKeyRecord
 
-__all__ = ["FeedbackDesk", "FeedbackRequest", "build_feedback_router", "check_label"]
+__all__ = ["FeedbackDesk", "FeedbackRequest", "build_feedback_router"]
 
 log = logging.getLogger("modgate.feedback")
 AuthHeader = Annotated[str | None, Header()]
@@ -71,30 +70,6 @@ class FeedbackRequest(BaseModel):
 
 _IDEMPOTENCY = r"^[A-Za-z0-9._:-]{1,128}$"
 _MEMO_TTL_S = 30 * 24 * 3600.0
-
-
-def _invalid(field: str, problem: str) -> ApiError:
-    return ApiError(422, "invalid_label", problem, fields=[{"field": field, "problem": problem}])
-
-
-def check_label(schema: VerdictSchema, decision: str, category: str | None) -> str | None:
-    """The label's category as counted (None for allow), or raise a 422 naming the field."""
-    if decision not in schema.decisions:
-        raise _invalid("decision", f"{decision!r} is not a decision of this prompt "
-                       f"({', '.join(schema.decisions)})")
-    if decision == FAIL_CLOSED_DECISION:
-        raise _invalid("decision", f"{decision!r} is not a label: a reviewer decides (allow or block)")
-    if category is not None and category not in schema.categories:
-        raise _invalid("category", f"{category!r} is not a category of this prompt "
-                       f"({', '.join(schema.categories)})")
-    if decision == "allow":
-        if category not in (None, "none"):
-            raise _invalid("category", f"allow with category {category!r} contradicts itself: "
-                           "allow has no category")
-        return None
-    if category in (None, "none"):
-        raise _invalid("category", f"{decision} needs the category that applies")
-    return category
 
 
 class FeedbackDesk:

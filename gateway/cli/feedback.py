@@ -404,8 +404,8 @@ def _check_rows(rows: list[LabelRow], store: PromptStore, log_dir: Path | None,
                 default: tuple[str, str]) -> None:
     """Fill each row's problems: ids, item_id resolution, and the label checked as
     POST /v1/feedback checks it (against the verdict schema of the version that answered)."""
-    from gateway.api.feedback import check_label  # FastAPI loads only for this command
-    from gateway.problems import ApiError
+    from gateway.feedback import check_label
+    from gateway.problems import InvalidLabel
 
     by_item: dict[str, DecisionRecord] = {}
     by_request: dict[str, DecisionRecord] = {}
@@ -453,9 +453,8 @@ def _check_rows(rows: list[LabelRow], store: PromptStore, log_dir: Path | None,
             else:
                 sch = schema(default[0], None)
             check_label(sch, r.decision, r.category)
-        except ApiError as exc:
-            where = exc.fields[0]["field"] if exc.fields else "label"
-            r.problems.append(f"{where}: {exc.message}")
+        except InvalidLabel as exc:
+            r.problems.append(f"{exc.field or 'label'}: {exc}")
         except Exception as exc:  # the registry could not say which schema applies
             r.problems.append(f"cannot check the label: {exc}")
 

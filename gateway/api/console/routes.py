@@ -40,7 +40,7 @@ from gateway.feedback import FeedbackLog
 from gateway.ids import new_id
 from gateway.moderation import Caller, ModerationService
 from gateway.pipeline import Evaluation
-from gateway.problems import ApiError, Forbidden, Unauthenticated
+from gateway.problems import ApiError, Forbidden, InvalidLabel, Unauthenticated, problem_for
 from gateway.rollouts.recorder import RolloutRecorder
 from prompt_registry import PromptFileError, PromptSpec, PromptStore
 from prompt_registry.keys import ApiKeyRecord
@@ -509,9 +509,11 @@ def build_console_router(app: FastAPI, store: PromptStore, auth: Authenticator,
                 else:
                     results.append({**out, "ok": True,
                                     "answer": await desk.submit(principal, label)})
-            except ApiError as exc:
-                results.append({**out, "ok": False, "errors": list(exc.fields or [
-                    {"field": "(row)", "problem": exc.message}])})
+            except (ApiError, InvalidLabel) as exc:
+                problem = problem_for(exc)
+                assert problem is not None  # both are ours
+                results.append({**out, "ok": False, "errors": list(problem.fields or [
+                    {"field": "(row)", "problem": problem.message}])})
         ok = sum(1 for r in results if r["ok"])
         return JSONResponse({"dry_run": batch.dry_run, "ok": ok, "failed": len(results) - ok,
                              "results": results})
