@@ -18,7 +18,7 @@ from gateway.decision_log import DecisionLogSettings
 from gateway.limits import CallerLimitsSettings
 from gateway.samples import SampleSettings
 from gateway.telemetry import TracingSettings
-from gateway.webhooks import WebhookSettings
+from gateway.webhook_settings import WebhookSettings
 from serving.config import ServingConfig
 
 __all__ = ["AppConfig", "ConfigError", "ConsoleSettings", "GatewaySettings", "RegistrySettings", "load_config"]

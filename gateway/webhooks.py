@@ -101,8 +101,13 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gateway.webhook_settings import (
+    EVENT_TYPES,
+    MIN_SECRET_BYTES,
+    WebhookSettings,
+    WebhookSubscriber,
+)
 from prompt_registry import AuditEntry, PromptReader, RegistryError, RolloutReader
 from prompt_registry.rollout_stats import build_rollout_stats
 from prompt_registry.rollouts import ACTIVE, evaluate_gates
@@ -115,17 +120,11 @@ __all__ = [
 
 log = logging.getLogger("modgate.webhooks")
 
-EVENT_TYPES: tuple[str, ...] = (
-    "prompt.published", "label.moved", "rollout.started", "rollout.stepped", "rollout.paused",
-    "rollout.resumed", "rollout.promoted", "rollout.aborted", "rollout.fallback", "rollout.changed",
-    "gate.refused", "gate.policy_changed", "scorecard.stored",
-)
 SIGNATURE_HEADER = "X-Modgate-Signature"
 EVENT_ID_HEADER = "X-Modgate-Event-Id"
 EVENT_TYPE_HEADER = "X-Modgate-Event"
 ATTEMPT_HEADER = "X-Modgate-Delivery-Attempt"
 DEFAULT_TOLERANCE_S = 300.0
-MIN_SECRET_BYTES = 16
 _RETRY_STATUSES = frozenset({408, 425, 429})
 _ROLLOUT_ACTIONS = {"start": "rollout.started", "step": "rollout.stepped", "pause": "rollout.paused",
                     "resume": "rollout.resumed", "promote": "rollout.promoted",
@@ -138,80 +137,6 @@ _T = TypeVar("_T")
 
 class WebhookConfigError(ValueError):
     """A subscriber cannot be used (its secret's variable is unset or too short)."""
-
-
-# -- configuration -----------------------------------------------------------------------------
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class WebhookSubscriber(_Strict):
-    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
-                      description="names the subscriber in metrics and the delivery log")
-    url: str = Field(..., description="http(s) URL the events are POSTed to")
-    secret_env: str = Field(..., pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$",
-                            description="environment variable holding the signing secret "
-                            f"(at least {MIN_SECRET_BYTES} bytes); never the secret itself")
-    events: list[str] = Field(default_factory=lambda: ["*"],
-                              description="event types to send ('*': all)")
-    prompts: list[str] = Field(default_factory=list, description="only these prompts (empty: all)")
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("a webhook URL is http:// or https:// with a host")
-        if parts.username or parts.password:
-            raise ValueError("no credentials in a webhook URL (the body is signed instead)")
-        return v
-
-    @field_validator("events")
-    @classmethod
-    def _events(cls, v: list[str]) -> list[str]:
-        unknown = [e for e in v if e != "*" and e not in EVENT_TYPES]
-        if unknown:
-            raise ValueError(f"unknown event type(s) {', '.join(unknown)}; one of "
-                             f"{', '.join(EVENT_TYPES)} or '*'")
-        if not v:
-            raise ValueError("a subscriber needs at least one event type ('*' for all)")
-        return v
-
-    def wants(self, event: WebhookEvent) -> bool:
-        return (("*" in self.events or event.type in self.events)
-                and (not self.prompts or event.prompt in self.prompts))
-
-
-class WebhookSettings(_Strict):
-    subscribers: list[WebhookSubscriber] = Field(default_factory=list)
-    dir: str = Field("webhooks", description="cursor and delivery log, relative to data_dir")
-    replay_history: bool = Field(False, description="on the very first start (no cursor yet), "
-                                 "also send the audit entries that already exist")
-    poll_interval_s: float = Field(30.0, gt=0, description="re-read every prompt's audit log at "
-                                   "least this often (changes announced by the store are read "
-                                   "at once)")
-    min_tick_s: float = Field(0.25, ge=0, description="at most one scan per this interval "
-                              "(coalesces bursts of change announcements)")
-    metrics_interval_s: float = Field(15.0, gt=0, description="refresh the rollout gauges this often")
-    timeout_s: float = Field(10.0, gt=0, description="one delivery attempt, connect to answer")
-    store_timeout_s: float = Field(10.0, gt=0, description="one registry read")
-    max_attempts: int = Field(8, ge=1, le=100)
-    backoff_base_s: float = Field(1.0, gt=0)
-    backoff_max_s: float = Field(300.0, gt=0)
-    queue_max: int = Field(1000, ge=1, description="events waiting per subscriber; beyond, dropped")
-    drain_timeout_s: float = Field(5.0, ge=0, description="at shutdown, wait this long for queued "
-                                   "deliveries; the rest is sent after the next start")
-    delivery_log_max_bytes: int = Field(16 << 20, ge=4096)
-
-    @field_validator("subscribers")
-    @classmethod
-    def _unique(cls, v: list[WebhookSubscriber]) -> list[WebhookSubscriber]:
-        names = [s.name for s in v]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"subscriber name(s) used twice: {', '.join(dupes)}")
-        return v
 
 
 # -- events and signatures ---------------------------------------------------------------------
