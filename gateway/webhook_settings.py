@@ -21,6 +21,9 @@ EVENT_TYPES: tuple[str, ...] = (
     "prompt.published", "label.moved", "rollout.started", "rollout.stepped", "rollout.paused",
     "rollout.resumed", "rollout.promoted", "rollout.aborted", "rollout.fallback", "rollout.changed",
     "gate.refused", "gate.policy_changed", "scorecard.stored",
+    "approval.requested", "approval.approved", "approval.denied", "approval.expired",
+    "approval.failed", "four_eyes.changed",
+    "version.deprecated", "version.blocked", "version.reinstated",
 )
 MIN_SECRET_BYTES = 16
 

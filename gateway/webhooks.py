@@ -212,6 +212,22 @@ def events_from_audit(prompt: str, index: int, entry: AuditEntry) -> list[Webhoo
             typed.append((_ROLLOUT_ACTIONS[action], data))
         else:
             typed.append((_STATE_EVENTS.get(entry.label or "", "rollout.changed"), data))
+    elif entry.action == "four_eyes":
+        typed.append(("four_eyes.changed", {"note": entry.note}))
+    elif entry.action.startswith("approval_"):
+        typed.append((f"approval.{entry.action.removeprefix('approval_')}",
+                      {"label": entry.label, "from_version": entry.from_version,
+                       "version": entry.to_version}))
+    elif entry.action == "lifecycle":
+        # the note is "<from> -> <to>: <reason>" (prompt_registry.ops.set_version_state)
+        states, _, reason = entry.note.partition(": ")
+        before, _, after = states.partition(" -> ")
+        kind = {"deprecated": "version.deprecated", "blocked": "version.blocked",
+                "active": "version.reinstated"}.get(after)
+        if kind is None:
+            return []
+        typed.append((kind, {"version": entry.to_version, "from_state": before, "to_state": after,
+                             "reason": reason}))
     else:
         return []  # an action this code does not know: nothing to claim about it
     out = []

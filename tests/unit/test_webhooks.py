@@ -39,7 +39,7 @@ from gateway.webhooks import (
     sign,
     verify_signature,
 )
-from prompt_registry import GateOverride, ops
+from prompt_registry import ApprovalRequired, GateOverride, ops
 from prompt_registry.rollouts import GateConfig, Rollout, ShadowSpec, new_rollout
 from prompt_registry.sqlite_store import SqlitePromptStore
 
@@ -283,6 +283,34 @@ def test_every_registry_write_maps_to_its_event(store: SqlitePromptStore, tmp_pa
     again = [e.id for i, entry in enumerate(store.audit(PROMPT)[before:], start=before)
              for e in events_from_audit(PROMPT, i, entry)]
     assert again == [e.id for e in events]
+
+
+def test_lifecycle_and_four_eyes_writes_are_events(store: SqlitePromptStore, tmp_path: Path) -> None:
+    """Every registry write that changes what may serve is announced: retiring a version and the
+    four-eyes setting with its approval requests (they produced no event before)."""
+    before = len(store.audit(PROMPT))
+    v2 = publish(store, tmp_path, "catch obfuscated ids")
+    ops.set_version_state(store, PROMPT, v2, "deprecated", actor="alice", reason="wrong model")
+    ops.set_version_state(store, PROMPT, v2, "blocked", actor="alice", reason="leaks the policy")
+    ops.set_version_state(store, PROMPT, v2, "active", actor="alice", reason="fixed")
+    ops.set_four_eyes(store, PROMPT, True, actor="admin", reason="audit asked")
+    score(store, 1)
+    score(store, v2)
+    with pytest.raises(ApprovalRequired) as held:
+        ops.set_label(store, PROMPT, "production", v2, actor="alice")
+    ops.deny_request(store, PROMPT, held.value.request.id, actor="bob", reason="not today")
+    entries = store.audit(PROMPT)[before:]
+    events = [e for i, entry in enumerate(entries, start=before) for e in events_from_audit(PROMPT, i, entry)]
+    assert [e.type for e in events] == [
+        "prompt.published", "version.deprecated", "version.blocked", "version.reinstated",
+        "four_eyes.changed", "scorecard.stored", "scorecard.stored", "approval.requested",
+        "approval.denied"]
+    assert all(e.type in EVENT_TYPES for e in events)
+    blocked = orjson.loads(events[2].body)["data"]
+    assert blocked == {"version": v2, "from_state": "deprecated", "to_state": "blocked",
+                       "reason": "leaks the policy"}
+    requested = orjson.loads(events[7].body)["data"]
+    assert requested == {"label": "production", "from_version": 1, "version": v2}
 
 
 def test_a_future_gate_refusal_audit_action_is_an_event(store: SqlitePromptStore) -> None:
