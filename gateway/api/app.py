@@ -178,7 +178,7 @@ def create_app(
                                         serve_metrics=settings.metrics_port is None))
     review_queue = ReviewQueue(samples.store if samples is not None else None, feedback_log, cache)
     app.state.review_queue = review_queue  # the console's queue page shows the same queue
-    app.include_router(build_review_router(review_queue, auth))
+    app.include_router(build_review_router(review_queue, auth, store))
     mount_offline_docs(app)
     if settings.console.enabled:
         app.include_router(build_console_router(app, store, auth, service, settings, recorder=recorder,

@@ -14,6 +14,9 @@
 - `GET /v1/review/agreement` (scope `feedback`): per reviewer, agreement and Cohen's kappa with
   the model (on sampled items) and with each other reviewer (on items both labelled), from the
   feedback log.
+- `GET /v1/review/flips?prompt=NAME` (scopes `prompts:read` and `samples:read`): the prompt's
+  rollout's recent shadow flips (as `GET /v1/prompts/{name}/rollout` lists them), each with
+  its listing content when the sample store kept the request (or the item).
 - `GET|DELETE /v1/admin/samples/{item_id}`: read (`samples:read`) or delete (`samples:delete`)
   an item's stored content.
 
@@ -40,8 +43,9 @@ from gateway.auth import Authenticator, _Anonymous
 from gateway.feedback import FeedbackLog
 from gateway.problems import ApiError
 from gateway.prompt_cache import PromptCache
-from gateway.samples import Sample, SampleStore
-from prompt_registry import FAIL_CLOSED_DECISION, PromptNotFound
+from gateway.rollouts.recorder import flips_view
+from gateway.samples import Sample, SampleStore, content_for
+from prompt_registry import FAIL_CLOSED_DECISION, PromptNotFound, PromptStore
 from prompt_registry.keys import ApiKeyRecord
 from prompt_registry.rollout_stats import cohen_kappa
 
@@ -176,6 +180,23 @@ class ReviewQueue:
     async def agreement(self, *, days: float = 30.0) -> dict[str, Any]:
         return await asyncio.to_thread(self._agreement, days)
 
+    def _flips(self, store: PromptStore, prompt: str, n: int) -> dict[str, Any]:
+        rollout = store.get_rollout(prompt)
+        if rollout is None:
+            raise PromptNotFound(f"prompt {prompt!r} has no rollout")
+        flips = [f.as_dict() for f in flips_view(store.rollout_flips(rollout.id, n))]
+        content = content_for(self.samples, request_ids=[str(f["request_id"]) for f in flips],
+                              item_ids=[str(f["item_id"]) for f in flips])
+        for f in flips:
+            found = content.get(str(f["request_id"])) or content.get(str(f["item_id"]))
+            f["content"] = dict(found) if found is not None else None
+        return {"prompt": prompt, "rollout_id": rollout.id, "sample_store": self.samples is not None,
+                "flips": flips}
+
+    async def flips(self, store: PromptStore, prompt: str, *, n: int = 20) -> dict[str, Any]:
+        """The rollout's recent shadow flips with listing content where the store has it."""
+        return await asyncio.to_thread(self._flips, store, prompt, n)
+
 
 def _pair(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
     matrix: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -208,7 +229,7 @@ def sample_view(samples: Iterable[Sample]) -> list[Mapping[str, object]]:
 QUEUE_SCOPES = ("feedback", "samples:read")
 
 
-def build_review_router(queue: ReviewQueue, auth: Authenticator) -> APIRouter:
+def build_review_router(queue: ReviewQueue, auth: Authenticator, store: PromptStore) -> APIRouter:
     router = APIRouter(tags=["review"], responses=ERROR_RESPONSES)
 
     async def caller(authorization: str | None, x_api_key: str | None, *scopes: str) -> Principal:
@@ -234,6 +255,15 @@ def build_review_router(queue: ReviewQueue, auth: Authenticator) -> APIRouter:
         reviewers (scope `feedback`)."""
         await caller(authorization, x_api_key, "feedback")
         return json_response(await queue.agreement(days=days))
+
+    @router.get("/v1/review/flips")
+    async def review_flips(prompt: Annotated[str, Query(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")],
+                           n: Annotated[int, Query(ge=1, le=500)] = 20,
+                           authorization: AuthHeader = None, x_api_key: AuthHeader = None) -> Response:
+        """A rollout's recent shadow flips, each with its listing content when the sample store
+        kept it (scopes `prompts:read` and `samples:read`)."""
+        await caller(authorization, x_api_key, "prompts:read", "samples:read")
+        return json_response(await queue.flips(store, prompt, n=n))
 
     @router.get("/v1/admin/samples/{item_id}")
     async def get_samples(item_id: str, authorization: AuthHeader = None,

@@ -200,7 +200,8 @@ def disagreements_cmd(
     listings where item_id in (...)`). Nothing is guessed: disagreements without a reviewer
     label (unreviewed shadow flips) or without content go to <out>.pending.csv, same columns,
     the missing cells blank and the notes saying what to fill in. Run once without --content
-    to get the item ids there.
+    to get the item ids there. Items the sample store kept (`samples:` in the configuration)
+    get their text from it without --content; where both have an item, --content wins.
 
     \b
     Examples:
@@ -240,12 +241,14 @@ def disagreements_cmd(
             raise _fail(f"--exclude-dataset {path}: {ds_problems[0] if ds_problems else 'unreadable'}", 2)
         exclude |= {r.item_id for r in ds.rows}
     start, end = _range(since, until)
-    _, log_dir, fb_dir = load_sources(config)
+    cfg, log_dir, fb_dir = load_sources(config)
     fb = read_feedback(fb_dir, start)
     stats = ReadStats()
     with _progress_bar(not quiet and not as_json) as progress:
         found, n = find_disagreements(read_segments(log_dir, start, end, stats=stats,
                                                     progress=progress), fb.labels, prompt=prompt)
+    from gateway.cli.samples import sample_listings  # content the sample store kept; --content wins
+    listing = {**sample_listings(cfg, [d.item_id for d in found]), **listing}
     result = build_rows(found, listing, exclude=exclude)
     if result.rows:
         write_dataset(result.rows, out)

@@ -15,15 +15,16 @@ Over HTTP, `DELETE /v1/admin/samples/{item_id}` (scope `samples:delete`) does th
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from gateway.cli.eval import _config, _fail
 from gateway.config import AppConfig
 
-__all__ = ["samples_app"]
+__all__ = ["sample_listings", "samples_app"]
 
 samples_app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                           help="The listing-content sample store (opt-in, retention-limited): "
@@ -44,6 +45,25 @@ def _store(cfg: AppConfig):  # type: ignore[no-untyped-def]
     if not path.exists():
         return None, path
     return SampleStore(path, retention_days=cfg.samples.retention_days), path
+
+
+def sample_listings(cfg: AppConfig, item_ids: Iterable[str]) -> dict[str, Any]:
+    """Listing content for *item_ids* from the sample store (the newest row of each item), as
+    `gateway.quality.disagreements.ListingContent`; empty when there is no store file. For the
+    CLI's exports (`feedback disagreements`), run by an operator on the host."""
+    from gateway.quality.disagreements import ListingContent
+
+    store, _ = _store(cfg)
+    if store is None:
+        return {}
+    try:
+        rows = store.by_item(item_ids)
+    finally:
+        store.close()
+    return {item: ListingContent(item_id=item, title=s.content.get("title", ""),
+                                 description=s.content.get("description", ""), locale=s.locale,
+                                 seller_id=s.content.get("seller_id", ""))
+            for item, s in rows.items() if s.content.get("title")}
 
 
 def _out(data: dict[str, object], text: str, as_json: bool) -> None:

@@ -92,6 +92,8 @@ def recorded(tmp_path: Path) -> Path:
     seed_store(store, ROOT / "configs" / "prompts")
     key, record = generate_key("svc", ["moderate"], created_by="test")
     store.put_key(record)
+    reviewer, record = generate_key("ann", ["feedback"], created_by="test")
+    store.put_key(record)
     app = build_gateway(cfg, store, backend=FakeBackend(responder=production))
     with TestClient(app) as client:
         for item, title, locale in LISTINGS:
@@ -99,6 +101,11 @@ def recorded(tmp_path: Path) -> Path:
                             json={"item_id": item, "title": title, "description": f"about {title}",
                                   "locale": locale})
             assert r.status_code == 200, r.text
+            if item == "oak-0":  # a reviewer disagrees with production on this one
+                r = client.post("/v1/feedback", headers={"authorization": f"Bearer {reviewer}"},
+                                json={"request_id": r.json()["request_id"], "decision": "block",
+                                      "category": "counterfeit"})
+                assert r.status_code == 202, r.text
     spec = load_prompt_file(ROOT / "configs" / "prompts" / "listing-moderation.yaml")
     store.publish(spec.model_copy(update={"description": "candidate v2"}), actor="test")
     store.close()
@@ -182,3 +189,14 @@ def test_replay_refuses_what_it_cannot_do(recorded: Path, tmp_path: Path,
     code, output = _run([*base, "--version", "2", "--rate", "50", "--fresh",
                          "--out", str(tmp_path / "o")], broken, monkeypatch)
     assert code == 1 and "every one of the 6 model calls failed" in output
+
+
+def test_disagreement_exports_take_content_from_the_sample_store(recorded: Path, tmp_path: Path) -> None:
+    out = tmp_path / "live.jsonl"
+    result = CliRunner().invoke(cli, ["feedback", "disagreements", "--config", str(recorded),
+                                      "--out", str(out), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["rows"] == 1
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (row["item_id"], row["title"], row["description"]) == ("oak-0", "oak table", "about oak table")
+    assert (row["gold_decision"], row["gold_category"]) == ("block", "counterfeit")

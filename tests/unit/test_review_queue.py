@@ -5,6 +5,7 @@ CSRF and scope rules on every write."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -196,3 +197,56 @@ def test_console_label_writes_need_csrf_and_the_feedback_scope(stack: Stack, sto
     assert r.status_code == 200 and r.json()["ok"] == 1
     assert read_labels(stack.feedback, EPOCH) == {
         item["request_id"]: {"ann": "allow"}}
+
+
+# -- shadow flips with their content ---------------------------------------------------------------
+
+def test_shadow_flips_come_with_their_listing_content(store: SqlitePromptStore, tmp_path: Path) -> None:
+    from prompt_registry.loader import load_prompt_file
+
+    root = Path(__file__).resolve().parents[2]
+    spec = load_prompt_file(root / "configs" / "prompts" / "listing-moderation.yaml")
+    messages = [m.model_copy(update={"content": m.content + "\nSTRICT-SHADOW"}) if m.role == "system" else m
+                for m in spec.messages]
+    store.publish(spec.model_copy(update={"messages": messages}), actor="test")  # v2
+
+    def strict(req: ChatRequest) -> str:
+        if "STRICT-SHADOW" in req.messages[0]["content"] and "oak" in req.messages[-1]["content"]:
+            return '{"decision":"block","category":"counterfeit","confidence":0.7}'
+        return responder(req)
+
+    keys = {}
+    for name, scopes in {"svc": ["moderate"], "ops": ["admin"], "viewer": ["prompts:read"]}.items():
+        key, record = generate_key(name, scopes, created_by="test")  # type: ignore[arg-type]
+        store.put_key(record)
+        keys[name] = {"authorization": f"Bearer {key}"}
+    recorder = SampleRecorder(SampleStore(tmp_path / "samples.db"), SampleSettings(enabled=True, share=1.0))
+    app = create_app(GatewaySettings(key_cache_s=0, rollout_controller=False), store,
+                     FakeBackend(responder=strict), models=["tiny-llama"], samples=recorder)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/prompts/listing-moderation/rollout", headers=keys["ops"],
+                   json={"shadows": [{"version": 2, "sample_rate": 1.0}]})
+        assert r.status_code == 201, r.text
+        c.portal.call(app.state.gateway.cache.refresh_now, "listing-moderation")
+        for i, title in enumerate(["oak desk", "replica watch", "oak bench"]):
+            r = c.post("/v1/moderate", headers=keys["svc"], json={
+                "item_id": f"f-{i}", "title": title, "description": f"the {title}"})
+            assert r.status_code == 200, r.text
+
+        async def settle() -> None:
+            for _ in range(500):
+                if app.state.gateway.shadows.pending == 0:
+                    break
+                await asyncio.sleep(0.01)
+            await app.state.gateway.recorder.flush()
+            await recorder.flush()
+        c.portal.call(settle)
+        r = c.get("/v1/review/flips?prompt=listing-moderation", headers=keys["viewer"])
+        assert r.status_code == 403 and "samples:read" in r.json()["error"]["message"]
+        r = c.get("/v1/review/flips?prompt=listing-moderation", headers=keys["ops"])
+        assert r.status_code == 200, r.text
+        flips = {f["item_id"]: f for f in r.json()["flips"]}
+        assert set(flips) == {"f-0", "f-2"}
+        assert flips["f-0"]["content"] == {"title": "oak desk", "description": "the oak desk"}
+        assert flips["f-2"]["candidate"]["decision"] == "block"
+        assert c.get("/v1/review/flips?prompt=no-such-prompt", headers=keys["ops"]).status_code == 404
