@@ -16,11 +16,11 @@ import os
 from fastapi import FastAPI
 
 from gateway.api.app import create_app
-from gateway.config import AppConfig
+from gateway.config import AppConfig, ConfigError
 from gateway.decision_log import DecisionLog
 from gateway.feedback import FeedbackLog
 from gateway.limits import build_caller_limiter
-from gateway.samples import SampleRecorder, open_sample_store
+from gateway.samples import SampleRecorder, open_configured
 from gateway.telemetry import Metrics, build_tracer_provider
 from gateway.webhooks import RolloutMetrics, WebhookDispatcher
 from prompt_registry import PromptStore
@@ -60,7 +60,10 @@ def build_gateway(cfg: AppConfig, store: PromptStore, *,
                  if cfg.registry.store == "redis" else None)
     limiter = build_caller_limiter(cfg.gateway.caller_limits, redis_url=redis_url,
                                    key_prefix=cfg.registry.redis_key_prefix, registry=metrics.registry)
-    sample_store = open_sample_store(cfg.samples, cfg.data_path())
+    try:
+        sample_store = open_configured(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     samples = (SampleRecorder(sample_store, cfg.samples, registry=metrics.registry)
                if sample_store is not None else None)
     return create_app(cfg.gateway, store, backend or build_backend(cfg, metrics),

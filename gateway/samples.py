@@ -19,9 +19,10 @@ of traffic, and only when the operator opted in:
 Content never goes to logs, spans or metrics: this module logs counts and errors only, and its
 metrics carry no labels.
 
-Storage: one SQLite file (`samples.path`, relative to `data_dir`), WAL mode. Each replica
-writes its own file unless they share a volume; the review queue and the admin routes read the
-file of the replica that answers. A Redis store for several replicas is not built yet.
+Storage (`samples.store`): `sqlite`, one file (`samples.path`, relative to `data_dir`) per
+gateway process unless they share a volume, so the review queue and the admin routes read the
+rows of the replica that answers; or `redis`, the registry's Redis, shared by every replica
+(each row a key that expires with its retention, indexed by time and by item).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter
@@ -46,8 +47,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.pipeline import Evaluation
 
-__all__ = ["Sample", "SampleRecorder", "SampleSettings", "SampleStore", "content_for", "is_sampled",
-           "open_sample_store", "sample_store_path"]
+if TYPE_CHECKING:
+    import redis
+
+    from gateway.config import AppConfig
+
+__all__ = ["RedisSampleStore", "Sample", "SampleRecorder", "SampleSettings", "SampleStore",
+           "SqliteSampleStore", "content_for", "is_sampled", "open_configured", "open_sample_store",
+           "sample_store_path"]
 
 log = logging.getLogger("modgate.samples")
 
@@ -70,7 +77,10 @@ class SampleSettings(BaseModel):
                          "kept, chosen by a stable hash of the item id")
     retention_days: float = Field(14.0, gt=0.0, le=366.0, description="rows older than this are "
                                   "purged and never read")
-    store: Literal["sqlite"] = Field("sqlite", description="where rows are kept (SQLite file)")
+    store: Literal["sqlite", "redis"] = Field("sqlite", description="sqlite: a file per gateway "
+                                              "process (or shared volume); redis: the registry's "
+                                              "Redis (registry.redis_url or its env var), shared "
+                                              "by every replica")
     path: str = Field("samples.db", description="SQLite file, relative to data_dir")
     queue_max: int = Field(10_000, ge=1, le=1_000_000, description="rows waiting to be written; "
                            "beyond this new rows are dropped and counted (never blocks a request)")
@@ -141,9 +151,24 @@ def _row(r: tuple[object, ...]) -> Sample:
                   content={str(k): str(v) for k, v in content.items()})
 
 
-class SampleStore:
-    """The rows, in one SQLite file. Thread-safe (one connection behind a lock); every read
-    hides rows older than the retention, whether or not the purge has run."""
+class SampleStore(Protocol):
+    """Where sampled rows live (SQLite file or Redis). Synchronous: the gateway calls it in a
+    worker thread. Every read hides rows older than the retention, purged or not."""
+
+    def put_many(self, samples: Sequence[Sample]) -> None: ...
+    def by_request(self, request_ids: Iterable[str]) -> dict[str, Sample]: ...
+    def by_item(self, item_ids: Iterable[str]) -> dict[str, Sample]: ...
+    def item(self, item_id: str) -> list[Sample]: ...
+    def recent(self, *, since: datetime | None = None, until: datetime | None = None,
+               prompt: str | None = None, limit: int = 100_000) -> list[Sample]: ...
+    def delete_item(self, item_id: str) -> int: ...
+    def purge(self, *, everything: bool = False) -> int: ...
+    def count(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class SqliteSampleStore:
+    """The rows, in one SQLite file. Thread-safe (one connection behind a lock)."""
 
     def __init__(self, path: Path, *, retention_days: float = 14.0,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
@@ -237,20 +262,160 @@ class SampleStore:
             return int(row[0])
 
 
+class RedisSampleStore:
+    """The rows in Redis, shared by every gateway replica. Each row is a JSON string that
+    expires at the end of its retention (Redis drops it on its own); a sorted set indexes rows
+    by time and a set per item lists its rows (both trimmed by `purge`)."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str = "modgate:samples",
+                 retention_days: float = 14.0,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self._r = client
+        self._p = prefix
+        self.retention = timedelta(days=retention_days)
+        self.clock = clock
+
+    def _row_key(self, request_id: str) -> str:
+        return f"{self._p}:row:{request_id}"
+
+    def _item_key(self, item_id: str) -> str:
+        return f"{self._p}:item:{item_id}"
+
+    @property
+    def _ts_key(self) -> str:
+        return f"{self._p}:ts"
+
+    def _cutoff(self) -> float:
+        return (self.clock() - self.retention).timestamp()
+
+    def close(self) -> None:
+        self._r.close()
+
+    def put_many(self, samples: Sequence[Sample]) -> None:
+        now = self.clock().timestamp()
+        ttl_max = int(self.retention.total_seconds()) + 1
+        pipe = self._r.pipeline(transaction=False)
+        for s in samples:
+            ttl = int(s.ts.timestamp() + self.retention.total_seconds() - now) + 1
+            if ttl <= 0:
+                continue
+            pipe.set(self._row_key(s.request_id), orjson.dumps(s.as_dict()), ex=ttl)
+            pipe.zadd(self._ts_key, {s.request_id: s.ts.timestamp()})
+            pipe.sadd(self._item_key(s.item_id), s.request_id)
+            pipe.expire(self._item_key(s.item_id), ttl_max)
+        pipe.execute()
+
+    def _rows(self, request_ids: Sequence[str]) -> list[Sample]:
+        cutoff = self._cutoff()
+        out: list[Sample] = []
+        for i in range(0, len(request_ids), _MAX_IDS_PER_QUERY):
+            chunk = request_ids[i:i + _MAX_IDS_PER_QUERY]
+            for raw in self._r.mget([self._row_key(r) for r in chunk]):
+                if raw is None:
+                    continue
+                d = orjson.loads(raw)
+                ts = datetime.fromisoformat(d["ts"])
+                if ts.timestamp() < cutoff:
+                    continue
+                out.append(Sample(request_id=d["request_id"], item_id=d["item_id"], ts=ts,
+                                  prompt=d["prompt"], version=int(d["version"]), arm=d["arm"],
+                                  locale=d["locale"], decision=d["decision"], category=d["category"],
+                                  confidence=d["confidence"], content=d["content"]))
+        return out
+
+    def _item_ids(self, item_ids: Iterable[str]) -> list[str]:
+        pipe = self._r.pipeline(transaction=False)
+        unique = list(dict.fromkeys(item_ids))
+        for item in unique:
+            pipe.smembers(self._item_key(item))
+        return [m.decode() for members in pipe.execute() for m in members]
+
+    def by_request(self, request_ids: Iterable[str]) -> dict[str, Sample]:
+        return {s.request_id: s for s in self._rows(list(dict.fromkeys(request_ids)))}
+
+    def by_item(self, item_ids: Iterable[str]) -> dict[str, Sample]:
+        rows = sorted(self._rows(self._item_ids(item_ids)), key=lambda s: s.ts)
+        return {s.item_id: s for s in rows}
+
+    def item(self, item_id: str) -> list[Sample]:
+        return sorted(self._rows(self._item_ids([item_id])), key=lambda s: s.ts)
+
+    def recent(self, *, since: datetime | None = None, until: datetime | None = None,
+               prompt: str | None = None, limit: int = 100_000) -> list[Sample]:
+        lo = max(self._cutoff(), since.timestamp() if since is not None else float("-inf"))
+        hi = f"({until.timestamp()}" if until is not None else "+inf"
+        ids = [m.decode() for m in self._r.zrevrangebyscore(self._ts_key, hi, lo)]
+        rows = [s for s in self._rows(ids) if prompt is None or s.prompt == prompt]
+        return rows[:limit]
+
+    def delete_item(self, item_id: str) -> int:
+        ids = self._item_ids([item_id])
+        if not ids:
+            return 0
+        pipe = self._r.pipeline(transaction=True)
+        pipe.delete(*[self._row_key(r) for r in ids])
+        pipe.zrem(self._ts_key, *ids)
+        pipe.delete(self._item_key(item_id))
+        deleted: int = pipe.execute()[0]
+        return deleted
+
+    def purge(self, *, everything: bool = False) -> int:
+        hi = "+inf" if everything else f"({self._cutoff()}"
+        ids = [m.decode() for m in self._r.zrangebyscore(self._ts_key, "-inf", hi)]
+        if not ids:
+            return 0
+        live = 0
+        for i in range(0, len(ids), _MAX_IDS_PER_QUERY):
+            chunk = ids[i:i + _MAX_IDS_PER_QUERY]
+            pipe = self._r.pipeline(transaction=True)
+            pipe.delete(*[self._row_key(r) for r in chunk])
+            pipe.zrem(self._ts_key, *chunk)
+            live += int(pipe.execute()[0])
+        return live
+
+    def count(self) -> int:
+        n: int = self._r.zcount(self._ts_key, self._cutoff(), "+inf")
+        return n
+
+
 def sample_store_path(settings: SampleSettings, data_dir: Path) -> Path:
     path = Path(settings.path)
     return path if path.is_absolute() else data_dir / path
 
 
-def open_sample_store(settings: SampleSettings, data_dir: Path, *,
+def open_sample_store(settings: SampleSettings, data_dir: Path, *, redis_url: str | None = None,
+                      redis_prefix: str = "modgate", cleanup: bool = False,
                       clock: Callable[[], datetime] | None = None) -> SampleStore | None:
-    """The configured store, or None when sampling is off (nothing is kept, nothing is read)."""
-    if not settings.enabled:
+    """The store the settings name; None when sampling is off (nothing is kept or read).
+    *cleanup* (the CLI's delete and purge): open it even with sampling off, since rows kept
+    earlier must stay deletable, but not create an SQLite file that does not exist. Raises
+    ValueError for `store: redis` without a URL."""
+    if not settings.enabled and not cleanup:
         return None
+    kwargs = {} if clock is None else {"clock": clock}
+    if settings.store == "redis":
+        if not redis_url:
+            raise ValueError("samples.store is redis but the registry's Redis URL is not set "
+                             "(registry.redis_url or its environment variable)")
+        import redis
+
+        client = redis.Redis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=5.0)
+        return RedisSampleStore(client, prefix=f"{redis_prefix}:samples",
+                                retention_days=settings.retention_days, **kwargs)
     path = sample_store_path(settings, data_dir)
-    if clock is None:
-        return SampleStore(path, retention_days=settings.retention_days)
-    return SampleStore(path, retention_days=settings.retention_days, clock=clock)
+    if cleanup and not path.exists():
+        return None
+    return SqliteSampleStore(path, retention_days=settings.retention_days, **kwargs)
+
+
+def open_configured(cfg: AppConfig, *, cleanup: bool = False) -> SampleStore | None:
+    """`open_sample_store` for a loaded configuration (the registry's Redis for `redis`)."""
+    import os
+
+    reg = cfg.registry
+    url = reg.redis_url or os.environ.get(reg.redis_url_env)
+    return open_sample_store(cfg.samples, cfg.data_path(), redis_url=url,
+                             redis_prefix=reg.redis_key_prefix, cleanup=cleanup)
 
 
 def content_for(store: SampleStore | None, *, request_ids: Iterable[str] = (),

@@ -50,10 +50,12 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", envvar="MODGAT
 
 
 def _samples(cfg: AppConfig) -> SampleStore | None:
-    from gateway.samples import SampleStore, sample_store_path
+    from gateway.samples import open_configured
 
-    path = sample_store_path(cfg.samples, cfg.data_path())
-    return SampleStore(path, retention_days=cfg.samples.retention_days) if path.exists() else None
+    try:
+        return open_configured(cfg, cleanup=True)
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
 
 
 @replay_app.command("replay")

@@ -17,12 +17,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from gateway.cli.eval import _config, _fail
 from gateway.config import AppConfig
+
+if TYPE_CHECKING:
+    from gateway.samples import SampleStore
 
 __all__ = ["sample_listings", "samples_app"]
 
@@ -37,14 +40,16 @@ ITEM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 
 
 
-def _store(cfg: AppConfig):  # type: ignore[no-untyped-def]
-    """The store file, or None when there is none (sampling never ran here)."""
-    from gateway.samples import SampleStore, sample_store_path
+def _store(cfg: AppConfig) -> tuple[SampleStore | None, str]:
+    """The store (None when sampling never kept anything here) and where it is."""
+    from gateway.samples import open_configured, sample_store_path
 
-    path = sample_store_path(cfg.samples, cfg.data_path())
-    if not path.exists():
-        return None, path
-    return SampleStore(path, retention_days=cfg.samples.retention_days), path
+    where = (f"Redis ({cfg.registry.redis_key_prefix}:samples:*)" if cfg.samples.store == "redis"
+             else str(sample_store_path(cfg.samples, cfg.data_path())))
+    try:
+        return open_configured(cfg, cleanup=True), where
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
 
 
 def sample_listings(cfg: AppConfig, item_ids: Iterable[str]) -> dict[str, Any]:
@@ -78,10 +83,12 @@ def stats(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     rows = 0 if store is None else store.count()
     s = cfg.samples
     data: dict[str, object] = {"enabled": s.enabled, "share": s.share, "retention_days": s.retention_days,
-                               "path": str(path), "rows": rows}
+                               "store": s.store, "path": path, "rows": rows}
     _out(data, f"samples: {'on' if s.enabled else 'off'} (share {s.share:g}, retention "
                f"{s.retention_days:g} days); {rows} live rows in {path}"
                + ("" if store is not None else " (no store file)"), as_json)
+    if store is not None:
+        store.close()
 
 
 @samples_app.command("delete")
@@ -96,7 +103,9 @@ def delete(item_id: Annotated[str, typer.Argument(help="the listing's item id")]
     cfg = _config(config)
     store, path = _store(cfg)
     deleted = 0 if store is None else store.delete_item(item_id)
-    _out({"item_id": item_id, "deleted": deleted, "path": str(path)},
+    if store is not None:
+        store.close()
+    _out({"item_id": item_id, "deleted": deleted, "path": path},
          f"deleted {deleted} row(s) of item {item_id} from {path}", as_json)
 
 
@@ -109,5 +118,7 @@ def purge(everything: Annotated[bool, typer.Option("--all", help="delete every r
     cfg = _config(config)
     store, path = _store(cfg)
     deleted = 0 if store is None else store.purge(everything=everything)
-    _out({"deleted": deleted, "path": str(path), "all": everything},
+    if store is not None:
+        store.close()
+    _out({"deleted": deleted, "path": path, "all": everything},
          f"purged {deleted} row(s) from {path}", as_json)

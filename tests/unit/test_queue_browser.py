@@ -21,7 +21,7 @@ from gateway.api.app import create_app
 from gateway.api.review import read_labels
 from gateway.config import GatewaySettings
 from gateway.feedback import FeedbackLog
-from gateway.samples import SampleRecorder, SampleSettings, SampleStore
+from gateway.samples import SampleRecorder, SampleSettings, SqliteSampleStore
 from prompt_registry.keys import generate_key
 from prompt_registry.sqlite_store import SqlitePromptStore
 from serving.fake_backend import FakeBackend
@@ -55,7 +55,7 @@ def served(store: SqlitePromptStore, tmp_path: Path) -> Iterator[Served]:
     store.put_key(record)
     svc, svc_record = generate_key("svc", ["moderate"], created_by="test")
     store.put_key(svc_record)
-    recorder = SampleRecorder(SampleStore(tmp_path / "samples.db"), SampleSettings(enabled=True, share=1.0))
+    recorder = SampleRecorder(SqliteSampleStore(tmp_path / "samples.db"), SampleSettings(enabled=True, share=1.0))
     app = create_app(GatewaySettings(readiness_cache_s=0, rollout_controller=False), store,
                      FakeBackend(responder=responder), models=["tiny-llama"],
                      feedback_log=FeedbackLog(tmp_path / "feedback"), samples=recorder)

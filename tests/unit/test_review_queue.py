@@ -17,7 +17,7 @@ from gateway.api.app import create_app
 from gateway.api.review import read_labels
 from gateway.config import GatewaySettings
 from gateway.feedback import FeedbackLog
-from gateway.samples import SampleRecorder, SampleSettings, SampleStore
+from gateway.samples import SampleRecorder, SampleSettings, SqliteSampleStore
 from prompt_registry.keys import generate_key
 from prompt_registry.sqlite_store import SqlitePromptStore
 from serving import ChatRequest
@@ -58,7 +58,7 @@ def stack(store: SqlitePromptStore, tmp_path: Path) -> Iterator[Stack]:
         key, record = generate_key(name, scopes, created_by="test")  # type: ignore[arg-type]
         store.put_key(record)
         keys[name] = key
-    recorder = SampleRecorder(SampleStore(tmp_path / "samples.db"),
+    recorder = SampleRecorder(SqliteSampleStore(tmp_path / "samples.db"),
                               SampleSettings(enabled=True, share=1.0))
     app = create_app(GatewaySettings(key_cache_s=0, rollout_controller=False), store,
                      FakeBackend(responder=responder), models=["tiny-llama"],
@@ -220,7 +220,7 @@ def test_shadow_flips_come_with_their_listing_content(store: SqlitePromptStore, 
         key, record = generate_key(name, scopes, created_by="test")  # type: ignore[arg-type]
         store.put_key(record)
         keys[name] = {"authorization": f"Bearer {key}"}
-    recorder = SampleRecorder(SampleStore(tmp_path / "samples.db"), SampleSettings(enabled=True, share=1.0))
+    recorder = SampleRecorder(SqliteSampleStore(tmp_path / "samples.db"), SampleSettings(enabled=True, share=1.0))
     app = create_app(GatewaySettings(key_cache_s=0, rollout_controller=False), store,
                      FakeBackend(responder=strict), models=["tiny-llama"], samples=recorder)
     with TestClient(app, raise_server_exceptions=False) as c:

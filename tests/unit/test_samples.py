@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,10 +20,12 @@ from gateway.config import GatewaySettings
 from gateway.decision_log import DecisionLog
 from gateway.feedback import FeedbackLog
 from gateway.samples import (
+    RedisSampleStore,
     Sample,
     SampleRecorder,
     SampleSettings,
     SampleStore,
+    SqliteSampleStore,
     content_for,
     is_sampled,
     open_sample_store,
@@ -68,16 +70,34 @@ def test_off_by_default_and_nothing_is_opened(tmp_path: Path) -> None:
     assert content_for(None, request_ids=["r"]) == {}
 
 
-def test_retention_hides_and_purges_old_rows_and_delete_is_by_item(tmp_path: Path) -> None:
+@pytest.fixture(params=["sqlite", "redis"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., SampleStore]:
+    """Both stores pass the same tests (Redis: a real redis-server, a fresh key prefix)."""
+    if request.param == "sqlite":
+        return lambda **kw: SqliteSampleStore(tmp_path / "s.db", **kw)
+    import redis
+
+    server = request.getfixturevalue("redis_server")
+    prefix = request.getfixturevalue("redis_prefix")
+    return lambda **kw: RedisSampleStore(redis.Redis.from_url(server.url), prefix=prefix, **kw)
+
+
+def test_retention_hides_and_purges_old_rows_and_delete_is_by_item(
+        make_store: Callable[..., SampleStore]) -> None:
     clock = Clock()
-    store = SampleStore(tmp_path / "s.db", retention_days=14, clock=clock)
+    store = make_store(retention_days=14, clock=clock)
     now = clock.now
-    store.put_many([_sample("r-old", "item-a", now - timedelta(days=15)),
+    store.put_many([_sample("r-old", "item-a", now - timedelta(days=13, hours=23)),
                     _sample("r-new", "item-a", now - timedelta(days=1)),
                     _sample("r-b", "item-b", now - timedelta(hours=1), "block", "counterfeit")])
+    clock.now += timedelta(hours=2)  # r-old is now past the 14 days
     assert set(store.by_request(["r-old", "r-new", "r-b"])) == {"r-new", "r-b"}  # before any purge
     assert store.count() == 2
     assert [s.request_id for s in store.recent()] == ["r-b", "r-new"]  # newest first
+    assert [s.request_id for s in store.recent(since=now - timedelta(hours=2))] == ["r-b"]
+    assert store.recent(prompt="other-prompt") == []
+    assert store.by_item(["item-a"])["item-a"].request_id == "r-new"
+    assert store.item("item-b")[0].content == {"title": "title r-b", "description": "d"}
     assert store.purge() == 1
     assert content_for(store, item_ids=["item-b"], request_ids=["r-new"]) == {
         "item-b": {"title": "title r-b", "description": "d"},
@@ -86,13 +106,15 @@ def test_retention_hides_and_purges_old_rows_and_delete_is_by_item(tmp_path: Pat
     assert store.item("item-a") == [] and store.count() == 1
     clock.now += timedelta(days=14)  # r-b is now past retention too
     assert store.by_request(["r-b"]) == {}
+    store.put_many([_sample("r-c", "item-c", clock.now)])
+    assert store.purge(everything=True) == 2 and store.count() == 0
     store.close()
 
 
 def test_a_full_queue_drops_and_counts_and_never_blocks(tmp_path: Path) -> None:
     metrics = Metrics()
     settings = SampleSettings(enabled=True, share=1.0, queue_max=2)
-    recorder = SampleRecorder(SampleStore(tmp_path / "s.db"), settings, registry=metrics.registry)
+    recorder = SampleRecorder(SqliteSampleStore(tmp_path / "s.db"), settings, registry=metrics.registry)
     ev = _evaluation()
     kept = [recorder.offer(request_id=f"r{i}", item_id=f"i{i}", variables={"title": "t"}, ev=ev,
                            arm="stable") for i in range(5)]
@@ -102,7 +124,7 @@ def test_a_full_queue_drops_and_counts_and_never_blocks(tmp_path: Path) -> None:
     assert not recorder.offer(request_id="s", item_id="i9", variables={}, ev=ev, arm="shadow")
     asyncio.run(recorder.aclose())
     assert metrics.registry.get_sample_value("modgate_samples_recorded_total") == 2
-    store = SampleStore(tmp_path / "s.db")
+    store = SqliteSampleStore(tmp_path / "s.db")
     assert set(store.by_request(["r0", "r1", "r2"])) == {"r0", "r1"}
     store.close()
 
@@ -154,7 +176,7 @@ def stack(store: SqlitePromptStore, tmp_path: Path) -> Iterator[Stack]:
     provider = build_tracer_provider(TracingSettings(sample_ratio=1.0), exporter=exporter)  # type: ignore[arg-type]
     metrics = Metrics()
     settings = SampleSettings(enabled=True, share=1.0)
-    recorder = SampleRecorder(SampleStore(tmp_path / "samples.db"), settings, registry=metrics.registry)
+    recorder = SampleRecorder(SqliteSampleStore(tmp_path / "samples.db"), settings, registry=metrics.registry)
     app = create_app(GatewaySettings(), store, FakeBackend(), tracer_provider=provider,
                      metrics=metrics, models=["tiny-llama"],
                      decision_log=DecisionLog(tmp_path / "decisions", replica="gw-0"),
@@ -240,7 +262,7 @@ def test_cli_stats_delete_and_purge_work_on_a_store_left_behind(tmp_path: Path) 
     config["samples"] = {"enabled": False, "retention_days": 7}
     path = tmp_path / "modgate.yaml"
     path.write_text(yaml.safe_dump(config))
-    store = SampleStore(tmp_path / "data" / "samples.db")
+    store = SqliteSampleStore(tmp_path / "data" / "samples.db")
     now = datetime.now(UTC)
     store.put_many([_sample("r1", "item-1", now), _sample("r2", "item-1", now),
                     _sample("r3", "item-2", now - timedelta(days=8)), _sample("r4", "item-3", now)])
@@ -259,3 +281,33 @@ def test_cli_stats_delete_and_purge_work_on_a_store_left_behind(tmp_path: Path) 
     assert run("purge", "--all")["deleted"] == 1
     bad = runner.invoke(cli, ["samples", "delete", "no spaces", "--config", str(path)])
     assert bad.exit_code == 2 and "not an item id" in bad.output
+
+
+def test_a_redis_store_uses_the_registrys_redis(tmp_path: Path, redis_server: object,
+                                                 redis_prefix: str) -> None:
+    import yaml
+
+    from gateway.config import load_config
+    from gateway.samples import open_configured
+
+    root = Path(__file__).resolve().parents[2]
+    config = yaml.safe_load((root / "configs" / "modgate.yaml").read_text())
+    config["data_dir"] = str(tmp_path / "data")
+    config["samples"] = {"enabled": True, "store": "redis"}
+    config["registry"] = {**config["registry"], "redis_url_env": "MODGATE_TEST_NO_SUCH_VAR",
+                          "redis_url": None}
+    path = tmp_path / "modgate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="Redis URL"):
+        open_configured(load_config(path))
+    config["registry"]["redis_url"] = redis_server.url  # type: ignore[attr-defined]
+    config["registry"]["redis_key_prefix"] = redis_prefix
+    path.write_text(yaml.safe_dump(config))
+    store = open_configured(load_config(path))
+    assert isinstance(store, RedisSampleStore)
+    store.put_many([_sample("r1", "item-1", datetime.now(UTC))])
+    store.close()
+    again = open_configured(load_config(path), cleanup=True)
+    assert again is not None and again.count() == 1 and again.delete_item("item-1") == 1
+    again.close()
+    assert not (tmp_path / "data" / "samples.db").exists()
