@@ -16,6 +16,7 @@ import os
 from fastapi import FastAPI
 
 from gateway.api.app import create_app
+from gateway.api.console.sessions import SqliteSessionStore
 from gateway.config import AppConfig, ConfigError
 from gateway.decision_log import DecisionLog
 from gateway.feedback import FeedbackLog
@@ -71,4 +72,14 @@ def build_gateway(cfg: AppConfig, store: PromptStore, *,
                       limiter=limiter, models=[m.name for m in cfg.serving.models],
                       decision_log=DecisionLog.from_settings(cfg.decision_log, cfg.data_path()),
                       feedback_log=FeedbackLog(cfg.data_path() / "feedback"), webhooks=webhooks,
-                      samples=samples)
+                      samples=samples, console_sessions=_console_sessions(cfg))
+
+
+def _console_sessions(cfg: AppConfig) -> SqliteSessionStore | None:
+    """Console sessions in a file every worker process of this host shares (a browser's
+    connections land on any of them), surviving restarts."""
+    console = cfg.gateway.console
+    if not console.enabled:
+        return None
+    return SqliteSessionStore(cfg.data_path() / "console-sessions.db", idle_s=console.idle_timeout_s,
+                              max_sessions=console.max_sessions)

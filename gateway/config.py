@@ -48,8 +48,9 @@ class ConsoleSettings(_Strict):
     enabled: bool = Field(True, description="serve the console at /console")
     idle_timeout_s: float = Field(1800.0, gt=0, le=86400.0, description="a console session ends "
                                   "after this long without a request")
-    max_sessions: int = Field(1000, ge=1, le=100_000, description="sessions held by this process "
-                              "(each replica has its own); the least recently used goes first")
+    max_sessions: int = Field(1000, ge=1, le=100_000, description="sessions kept (in "
+                              "data_dir/console-sessions.db, shared by this host's worker "
+                              "processes); the least recently used goes first")
     secure_cookie: Literal["auto", "always"] = Field(
         "auto", description="auto: the session cookie is Secure when the request came over https "
         "(behind a TLS-terminating proxy, run uvicorn with proxy headers or say always)")

@@ -25,6 +25,7 @@ from starlette.responses import Response
 from gateway.admission import AdmissionControl
 from gateway.api.admin import build_admin_router
 from gateway.api.console import CONSOLE_WRITES, build_console_router, mount_offline_docs
+from gateway.api.console.sessions import SessionBackend
 from gateway.api.edge import error_response, http_error_headers, problem_of, request_id_of
 from gateway.api.feedback import build_feedback_router
 from gateway.api.guard import RequestGuard
@@ -89,6 +90,7 @@ def create_app(
     limiter: CallerLimiter | None = None,
     webhooks: WebhookDispatcher | None = None,
     samples: SampleRecorder | None = None,
+    console_sessions: SessionBackend | None = None,
 ) -> FastAPI:
     """Build the gateway app. The caller owns `store`; the app closes `backend` on shutdown
     (and shuts down `tracer_provider`, flushing spans)."""
@@ -182,7 +184,7 @@ def create_app(
     mount_offline_docs(app)
     if settings.console.enabled:
         app.include_router(build_console_router(app, store, auth, service, settings, recorder=recorder,
-                                                feedback_log=feedback_log))
+                                                feedback_log=feedback_log, sessions=console_sessions))
     return app
 
 

@@ -31,7 +31,7 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.staticfiles import StaticFiles
 
 from gateway.api.console.queue import build_queue_router
-from gateway.api.console.sessions import Session, SessionStore
+from gateway.api.console.sessions import Session, SessionBackend, SessionStore
 from gateway.api.edge import json_response, read_json_object
 from gateway.api.feedback import FeedbackDesk, FeedbackRequest
 from gateway.auth import ANONYMOUS, Authenticator, _Anonymous
@@ -194,14 +194,15 @@ def _evaluation_view(ev: Evaluation, messages: list[dict[str, str]] | None) -> d
 def build_console_router(app: FastAPI, store: PromptStore, auth: Authenticator,
                          service: ModerationService, settings: GatewaySettings, *,
                          recorder: RolloutRecorder, feedback_log: FeedbackLog | None,
-                         sessions: SessionStore | None = None) -> APIRouter:
+                         sessions: SessionBackend | None = None) -> APIRouter:
     """The console's routes; mounts its static files on *app*. *recorder* and *feedback_log*
-    are the feedback route's (labels are counted by the same code). *sessions*: inject a store
-    (tests use one with a fake clock)."""
+    are the feedback route's (labels are counted by the same code). *sessions*: where sessions
+    live (default: this process's memory; `build_gateway` passes the host's shared file)."""
     cfg = settings.console
     desk = FeedbackDesk(store, recorder, feedback_log, cache=service.cache,
                         default_prompt=settings.default_prompt, default_label=settings.default_label)
-    sessions = sessions or SessionStore(idle_s=cfg.idle_timeout_s, max_sessions=cfg.max_sessions)
+    sessions = sessions if sessions is not None else SessionStore(idle_s=cfg.idle_timeout_s,
+                                                                  max_sessions=cfg.max_sessions)
     app.state.console_sessions = sessions
     app.mount("/console/static", StaticFiles(directory=STATIC), name="console-static")
     router = APIRouter(prefix="/console", include_in_schema=False)
