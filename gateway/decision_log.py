@@ -167,6 +167,21 @@ class DecisionRecord(BaseModel):
                                          "(/v1/moderate), moderations (/v1/moderations), chat "
                                          "(/v1/chat/completions); null for shadows and old records")
     caller: str | None = Field(None, description="name of the API key that called")
+    reasoning_tokens: int | None = Field(None, description="tokens a reasoning model spent "
+                                         "before its verdict (its rationale is never stored here)")
+    escalation: str | None = Field(None, description="cascade: why the first model's verdict "
+                                   "went to the version's second model (needs_review, "
+                                   "low_confidence); null when it stood. decision, model and the "
+                                   "token counts are then the second model's")
+    escalation_error: str | None = Field(None, description="cascade: the second call failed "
+                                         "(its error type); the answer was needs_review")
+    first_model: str | None = Field(None, description="cascade: the first model (set with escalation)")
+    first_decision: str | None = None
+    first_category: str | None = None
+    first_confidence: float | None = None
+    first_fail_reason: str | None = None
+    first_prompt_tokens: int | None = None
+    first_completion_tokens: int | None = None
 
     @field_validator("ts")
     @classmethod
@@ -190,6 +205,10 @@ class DecisionRecord(BaseModel):
             raise ValueError("exactly one of decision and error_type must be set")
         if (self.shadow_of is not None) != (self.arm == "shadow"):
             raise ValueError("shadow_of is set exactly when arm is 'shadow'")
+        if (self.escalation is None) != (self.first_model is None):
+            raise ValueError("first_model is set exactly when escalation is")
+        if self.escalation_error is not None and self.escalation is None:
+            raise ValueError("escalation_error needs escalation")
         return self
 
 

@@ -7,7 +7,8 @@ returns. Everything that makes a moderation trustworthy happens here, in this or
 of them:
 
     rollout lookup → subject → traffic assignment → resolve → render → admission
-    → backend call → validate (fail closed) → record (metrics, decision log, rollout
+    → backend call → validate (fail closed) → [cascade: the same again with the version's
+    second model when the verdict escalates] → record (metrics, decision log, rollout
     evidence, verdict memo, shadow dispatch)
 
 (authentication and the caller's own limits come first, through `admit`, because they decide
@@ -33,6 +34,7 @@ from typing import Any, Literal
 import orjson
 from opentelemetry import trace
 
+from gateway import cascade
 from gateway.auth import Authenticator, _Anonymous
 from gateway.config import GatewaySettings
 from gateway.decision_log import DecisionLog, DecisionRecord
@@ -284,8 +286,8 @@ class ModerationService:
         variables = call.variables
         if variables.get("locale") is None:  # templates may show the locale; default: the prompt's
             variables = {**variables, "locale": call.locale or resolved.version.spec.default_locale}
-        ev = await self.pipeline.evaluate(
-            resolved, variables, call.locale, request_id=call.request_id,
+        ev = await cascade.evaluate(  # the version's own model, then its cascade's if it escalates
+            self.pipeline, resolved, variables, call.locale, request_id=call.request_id,
             timeout_s=self.remaining(self.deadline(started)), label=label, arm=arm,
             sampling=call.sampling)
         verdict = ev.verdict
@@ -351,9 +353,11 @@ class ModerationService:
         moderation, but no version is published, no rollout is touched and nothing goes to the
         decision log (a draft's verdicts are not decisions). Metrics carry `arm="draft"`,
         `version="0"`. The caller's quota was charged one unit per listing by the adapter."""
-        if self.served_models and spec.model not in self.served_models:
-            raise UnknownModel(f"the draft names model {spec.model!r}, which this gateway does not "
-                               f"serve (served: {', '.join(self.served_models)})", field="model")
+        for model in spec.models():
+            if self.served_models and model not in self.served_models:
+                raise UnknownModel(f"the draft names model {model!r}, which this gateway does not "
+                                   f"serve (served: {', '.join(self.served_models)})",
+                                   field="model" if model == spec.model else "cascade.model")
         version = PromptVersion.model_construct(spec=spec, version=0, content_hash=spec.content_hash(),
                                                 created_at=datetime.now(UTC), created_by=caller or "")
         resolved = Resolved(version, stale=False)
@@ -365,8 +369,8 @@ class ModerationService:
                 variables = {**listing}
                 if variables.get("locale") is None:
                     variables["locale"] = locale or spec.default_locale
-                return await self.pipeline.evaluate(
-                    resolved, variables, locale, request_id=f"{request_id}-{i}",
+                return await cascade.evaluate(
+                    self.pipeline, resolved, variables, locale, request_id=f"{request_id}-{i}",
                     timeout_s=self.remaining(deadline), label=None, arm="draft")
 
         try:

@@ -39,6 +39,19 @@ class Evaluation:
     verdict: Verdict
     result: ChatResult
     deprecated: bool = False
+    # A cascade (gateway/cascade.py): the first model's evaluation this one replaced, why it
+    # escalated, and the error type when the second call failed (the verdict is then the
+    # fail-closed one, built from the first).
+    escalated_from: Evaluation | None = None
+    escalation: str | None = None
+    escalation_error: str | None = None
+
+    @property
+    def rationale(self) -> str | None:
+        """A reasoning model's analysis for this verdict (in memory only: never logged, never
+        on a span, never in the decision log). The seam for the opt-in content sample store,
+        the one place listing-derived text may be kept."""
+        return self.result.reasoning
 
     def prompt_ref(self) -> dict[str, object]:
         ref: dict[str, object] = {"name": self.version.name, "version": self.version.version,
@@ -85,10 +98,10 @@ class ModerationPipeline:
         used_locale, templates = spec.select_locale(locale)
         messages = render_messages(templates, spec.variables, variables)
         return used_locale, ChatRequest(
-            model=spec.model, messages=messages, max_tokens=spec.sampling.max_tokens,
+            model=spec.model, messages=messages, max_tokens=spec.max_output_tokens(),
             temperature=spec.sampling.temperature, top_p=spec.sampling.top_p,
             seed=spec.sampling.seed, regex=spec.verdict.regex(), request_id=request_id,
-            priority=priority)
+            priority=priority, reasoning_effort=spec.reasoning.effort if spec.reasoning else None)
 
     async def evaluate(self, resolved: Resolved, variables: Mapping[str, object], locale: str | None, *,
                        request_id: str, timeout_s: float, label: str | None, arm: str = "stable",

@@ -144,6 +144,10 @@ class Metrics:
         self.verdict_failures = Counter(
             "modgate_verdict_failures", "Model outputs that could not be used (answered needs_review)",
             ["prompt", "version", "arm", "reason"], registry=r)
+        self.escalations = Counter(
+            "modgate_escalations", "Cascade escalations to a version's second model, by trigger "
+            "(needs_review, low_confidence) and outcome (answered, failed)",
+            ["prompt", "version", "arm", "trigger", "outcome"], registry=r)
         self.errors = Counter("modgate_moderation_errors", "Moderations answered with an error",
                               ["prompt", "arm", "type"], registry=r)
         self.tokens = Counter("modgate_tokens", "Tokens by prompt version and kind (input, output, "

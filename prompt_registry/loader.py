@@ -155,8 +155,9 @@ def seed_store(store: PromptStore, prompt_dir: Path, *, label: str = "production
     specs = [(path, load_prompt_file(path)) for path in paths]
     if served_models is not None:
         for path, spec in specs:
-            if spec.model not in served_models:
-                raise UnservedModel(spec.model, sorted(served_models), prompt=f"{path}: {spec.name}")
+            for model in spec.models():
+                if model not in served_models:
+                    raise UnservedModel(model, sorted(served_models), prompt=f"{path}: {spec.name}")
     for path, spec in specs:
         result = store.publish(spec, actor="seed", note=f"seeded from {path.name}")
         if label not in store.labels(spec.name):

@@ -26,12 +26,14 @@ __all__ = [
     "MAX_VERSION",
     "DatasetRef",
     "EvaluationSpec",
+    "CascadeSpec",
     "GateCriterion",
     "LocaleVariant",
     "Message",
     "PolicyMeta",
     "PromptSpec",
     "PromptVersion",
+    "ReasoningSpec",
     "SamplingParams",
     "VerdictSchema",
 ]
@@ -57,6 +59,58 @@ class SamplingParams(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(64, ge=8, le=1024)
     seed: int | None = None
+
+
+class ReasoningSpec(_Strict):
+    """A model that reasons before it answers (gpt-oss-safeguard: harmony `analysis` channel,
+    then the verdict on the `final` channel). The verdict grammar applies to the final answer
+    only (vLLM's harmony parser turns the version's regex into a structural tag for the final
+    channel), so the reasoning itself is free text bounded by `max_tokens`.
+
+    The request's `max_tokens` becomes this budget plus `sampling.max_tokens` (the verdict's
+    own allowance): a model that is still reasoning when the budget runs out stops with
+    `finish_reason: length` and the verdict is `needs_review` (`truncated_output`), never a
+    guess. The reasoning text (the rationale) is kept in memory with the answer, never in logs,
+    spans, metrics or the decision log."""
+
+    effort: Literal["low", "medium", "high"] = Field(
+        "low", description="sent as `reasoning_effort` (gpt-oss reads it as `Reasoning: <level>` "
+        "in its system message); low is the cheapest and the authors' suggested start")
+    max_tokens: int = Field(1024, ge=16, le=32768, description="reasoning budget in tokens; the "
+                            "request's max_tokens is this plus sampling.max_tokens")
+
+
+EscalationTrigger = Literal["needs_review", "low_confidence"]
+
+
+class CascadeSpec(_Strict):
+    """A second, larger model that answers again when the first one is unsure: a
+    `needs_review` verdict (including every fail-closed one) and, with `min_confidence`, a
+    verdict whose self-reported confidence is below it. The second answer replaces the first;
+    both are recorded in the decision log. Part of the version (and its content hash), so a
+    cascade ships, canaries and rolls back with the prompt it belongs to."""
+
+    model: str = Field(..., min_length=1, description="the model the escalated call goes to "
+                       "(must be served, like the version's own model)")
+    escalate_on: list[EscalationTrigger] = Field(
+        default_factory=lambda: list[EscalationTrigger](["needs_review"]), min_length=1,
+        description="needs_review: the first verdict is needs_review (fail-closed ones "
+        "included); low_confidence: its self-reported confidence is below min_confidence")
+    min_confidence: float | None = Field(None, gt=0, le=1, description="with low_confidence: "
+                                         "escalate verdicts whose confidence is below this")
+    sampling: SamplingParams | None = Field(None, description="the second model's sampling "
+                                            "(default: the version's)")
+    reasoning: ReasoningSpec | None = Field(None, description="the second model reasons first "
+                                            "(e.g. gpt-oss-safeguard); default: it does not")
+
+    @model_validator(mode="after")
+    def _triggers(self) -> CascadeSpec:
+        if len(set(self.escalate_on)) != len(self.escalate_on):
+            raise ValueError("escalate_on: values must be unique")
+        if ("low_confidence" in self.escalate_on) != (self.min_confidence is not None):
+            raise ValueError("escalate_on: low_confidence and min_confidence go together "
+                             "(give both or neither)")
+        return self
 
 
 class PolicyMeta(_Strict):
@@ -224,6 +278,11 @@ class PromptSpec(_Strict):
     policy: PolicyMeta
     evaluation: EvaluationSpec | None = Field(
         None, description="promotion gate: dataset and criteria (none: no gate)")
+    reasoning: ReasoningSpec | None = Field(
+        None, description="the model reasons before its verdict (gpt-oss-safeguard): effort and "
+        "token budget")
+    cascade: CascadeSpec | None = Field(
+        None, description="escalate unsure verdicts to a second, larger model")
 
     @field_validator("variables")
     @classmethod
@@ -255,7 +314,33 @@ class PromptSpec(_Strict):
                     raise ValueError(
                         f"evaluation.criteria.{i}.category: {cat!r} is not a violation category of "
                         f"the verdict schema; one of {', '.join(known)}, '*', 'micro', 'flagged'")
+        if self.cascade is not None:
+            if self.cascade.model == self.model:
+                raise ValueError("cascade.model: the second model must differ from `model` "
+                                 "(asking the same model again gives the same answer)")
+            if "low_confidence" in self.cascade.escalate_on and not self.verdict.confidence:
+                raise ValueError("cascade.escalate_on: low_confidence needs verdict.confidence: "
+                                 "true (the model must report a confidence)")
         return self
+
+    def second_spec(self) -> PromptSpec | None:
+        """The spec the cascade's model answers: the same prompt, locale variants and verdict
+        schema, with the cascade's model, sampling (default: this version's) and reasoning.
+        None without a cascade. Its answer hash keys the second model's cached evaluation
+        answers, like any version's."""
+        c = self.cascade
+        if c is None:
+            return None
+        return self.model_copy(update={"model": c.model, "sampling": c.sampling or self.sampling,
+                                       "reasoning": c.reasoning, "cascade": None})
+
+    def max_output_tokens(self) -> int:
+        """What a request may generate: the verdict's allowance plus the reasoning budget."""
+        return self.sampling.max_tokens + (self.reasoning.max_tokens if self.reasoning else 0)
+
+    def models(self) -> tuple[str, ...]:
+        """Every model this version calls: its own and the cascade's. All must be served."""
+        return (self.model,) if self.cascade is None else (self.model, self.cascade.model)
 
     def select_locale(self, locale: str | None) -> tuple[str, list[Message]]:
         """Messages for a caller's locale, matched as `prompt_registry.locales.match_locale`
@@ -277,12 +362,18 @@ class PromptSpec(_Strict):
     def content_hash(self) -> str:
         """Hash of what changes behaviour, or how a version is judged; the change note and
         author do not count. A spec without an evaluation block hashes as it did before the
-        block existed, so registries seeded earlier keep their versions."""
+        block existed, so registries seeded earlier keep their versions (the same holds for the
+        optional `reasoning` and `cascade` blocks)."""
         data = self.model_dump(mode="json")
         data["policy"].pop("change_note", None)
         data["policy"].pop("author", None)
-        if data.get("evaluation") is None:
-            data.pop("evaluation", None)
+        for optional in ("evaluation", "reasoning", "cascade"):
+            if data.get(optional) is None:
+                data.pop(optional, None)
+        if data.get("cascade") is not None:
+            for key in ("sampling", "reasoning", "min_confidence"):
+                if data["cascade"].get(key) is None:
+                    data["cascade"].pop(key)
         return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
     def answer_hash(self) -> str:

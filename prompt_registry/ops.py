@@ -103,15 +103,17 @@ class PromptSummary:
 
 
 def check_model_served(version: PromptVersion | PromptSpec, served: Collection[str] | None) -> None:
-    """Raise UnservedModel (naming the model and the served ones) when *version*'s `model:` is
-    not one the serving layer serves. *served* None: nothing known, no check (tests, tools
-    without a serving configuration). For publishing, production moves and rollout starts."""
+    """Raise UnservedModel (naming the model and the served ones) when a model *version* calls
+    (its `model:` or its cascade's) is not one the serving layer serves. *served* None: nothing
+    known, no check (tests, tools without a serving configuration). For publishing, production
+    moves and rollout starts."""
     if served is None:
         return
     spec = version.spec if isinstance(version, PromptVersion) else version
-    if spec.model not in served:
-        number = version.version if isinstance(version, PromptVersion) else None
-        raise UnservedModel(spec.model, sorted(served), prompt=spec.name, version=number)
+    for model in spec.models():
+        if model not in served:
+            number = version.version if isinstance(version, PromptVersion) else None
+            raise UnservedModel(model, sorted(served), prompt=spec.name, version=number)
 
 
 def publish_file(store: PromptStore, path: Path, *, actor: str, note: str = "",

@@ -7,7 +7,7 @@ output constraint (a regular expression or a JSON schema) and sampling parameter
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["ChatChunk", "ChatRequest", "ChatResult", "InferenceBackend", "Timings"]
@@ -31,6 +31,9 @@ class ChatRequest:
     # Sent as-is as `response_format` (e.g. {"type": "json_schema", ...}) when neither `regex`
     # nor `json_schema` is set.
     response_format: dict[str, Any] | None = None
+    # Reasoning models (gpt-oss: harmony `Reasoning: low|medium|high`): sent as
+    # `reasoning_effort`; None sends nothing (models that do not reason).
+    reasoning_effort: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,11 @@ class ChatResult:
     model: str
     timings: Timings
     cached_prompt_tokens: int | None = None
+    # A reasoning model's analysis (harmony `analysis` channel; vLLM's `message.reasoning`):
+    # listing-derived text, so never in repr (logs) and never in spans, metrics or the decision
+    # log. `text` is the final answer only.
+    reasoning: str | None = field(default=None, repr=False)
+    reasoning_tokens: int | None = None  # usage.completion_tokens_details.reasoning_tokens
 
 
 @dataclass(frozen=True, slots=True)

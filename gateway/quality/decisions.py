@@ -241,7 +241,8 @@ def tail(directory: Path | str, n: int = 20) -> list[DecisionRecord]:
 
 _STRING_FIELDS = ("request_id", "item_id", "subject", "prompt_name", "label", "arm", "shadow_of",
                   "decision", "category", "fail_reason", "error_type", "model", "locale",
-                  "trace_id", "kind", "front_door", "caller")
+                  "trace_id", "kind", "front_door", "caller", "escalation", "escalation_error",
+                  "first_model", "first_decision", "first_category", "first_fail_reason")
 
 
 def arrow_schema() -> Any:
@@ -251,7 +252,9 @@ def arrow_schema() -> Any:
     types: dict[str, Any] = {name: pa.string() for name in _STRING_FIELDS}
     types.update(ts=pa.timestamp("us", tz="UTC"), prompt_version=pa.int64(),
                  confidence=pa.float64(), latency_ms=pa.float64(), prompt_tokens=pa.int64(),
-                 completion_tokens=pa.int64())
+                 completion_tokens=pa.int64(), reasoning_tokens=pa.int64(),
+                 first_confidence=pa.float64(), first_prompt_tokens=pa.int64(),
+                 first_completion_tokens=pa.int64())
     return pa.schema([pa.field(name, types[name], nullable=name != "ts") for name in FIELDS])
 
 

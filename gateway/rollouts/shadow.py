@@ -19,6 +19,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link
 
+from gateway import cascade
 from gateway.decision_log import DecisionLog
 from gateway.pipeline import Evaluation, ModerationPipeline
 from gateway.recording import decision_record
@@ -79,8 +80,8 @@ class ShadowDispatcher:
                 async with self._sem:
                     resolved = await self._pipeline.resolve(rollout.prompt, version=version, arm="shadow")
                     with no_retries():  # shadows are never retried
-                        ev = await asyncio.wait_for(self._pipeline.evaluate(
-                            resolved, variables, locale, request_id=f"{request_id}-shadow-v{version}",
+                        ev = await asyncio.wait_for(cascade.evaluate(
+                            self._pipeline, resolved, variables, locale, request_id=f"{request_id}-shadow-v{version}",
                             timeout_s=self._timeout_s, label=None, arm="shadow", priority=self._priority,
                             queue=False), self._timeout_s)
                     candidate = ev.verdict

@@ -1,0 +1,120 @@
+"""Cascades: a version's unsure verdicts answered again by a second, larger model.
+
+A prompt version may name a second model (`cascade:` in its spec, `prompt_registry.models.
+CascadeSpec`). After the first model's verdict is validated, `escalation_trigger` decides
+whether it stands: a `needs_review` verdict (the fail-closed ones included) and, when the
+version asks for it, a self-reported confidence below `min_confidence` escalate. The second
+call is an ordinary `ModerationPipeline.evaluate` of the same version with the cascade's model,
+sampling and reasoning (`PromptSpec.second_spec`): the same render, admission slot (per model),
+resilient backend, deadline and fail-closed validation as the first. Its verdict is the answer;
+the first is kept on the evaluation (`Evaluation.escalated_from`) and the decision log records
+both.
+
+When the second call fails (the model is down, saturated, out of time, not served) the answer
+is `needs_review` with `fail_reason: escalation_failed`: the first verdict was the one judged
+not good enough to stand, so it never becomes the answer, and a dead second model does not turn
+unsure answers into errors either. The error type is kept (`escalation_error`).
+
+Calibrated probabilities (issue 19, item 1) are not in this tree yet: when they land, a
+low-margin trigger belongs in `escalation_trigger`, beside `low_confidence`.
+
+Metrics: `modgate_verdicts_total` counts each model's answer (an escalated request counts
+twice); `modgate_escalations_total` counts escalations by trigger and outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from gateway.pipeline import Evaluation, ModerationPipeline
+from gateway.problems import ModelSaturated, QueueTimeout, problem_for
+from gateway.prompt_cache import Resolved
+from gateway.verdict import Verdict
+from prompt_registry import FAIL_CLOSED_DECISION, PromptSpec, PromptVersion
+from serving import BackendError
+
+__all__ = ["ESCALATION_FAILED", "escalate", "escalation_trigger", "evaluate"]
+
+log = logging.getLogger("modgate.gateway")
+
+ESCALATION_FAILED = "escalation_failed"
+_ESCALATION_ERRORS = (BackendError, ModelSaturated, QueueTimeout)
+
+
+def escalation_trigger(spec: PromptSpec, verdict: Verdict) -> str | None:
+    """Why *verdict* goes to the cascade's model (`needs_review`, `low_confidence`), or None
+    when it stands (no cascade, or a verdict the version trusts)."""
+    c = spec.cascade
+    if c is None:
+        return None
+    if "needs_review" in c.escalate_on and verdict.decision == FAIL_CLOSED_DECISION:
+        return "needs_review"
+    if ("low_confidence" in c.escalate_on and c.min_confidence is not None
+            and verdict.confidence is not None and verdict.confidence < c.min_confidence):
+        return "low_confidence"
+    return None
+
+
+def second_version(version: PromptVersion) -> PromptVersion:
+    """*version* as its cascade's model answers it: same name, number and hash (it is the same
+    release), the second model's spec."""
+    spec = version.spec.second_spec()
+    if spec is None:
+        raise ValueError(f"{version.name} v{version.version} has no cascade")
+    return PromptVersion.model_construct(spec=spec, version=version.version,
+                                         content_hash=version.content_hash,
+                                         created_at=version.created_at, created_by=version.created_by)
+
+
+async def evaluate(pipeline: ModerationPipeline, resolved: Resolved, variables: Mapping[str, object],
+                   locale: str | None, *, request_id: str, timeout_s: float, label: str | None,
+                   arm: str = "stable", priority: int = 0, queue: bool = True,
+                   sampling: Mapping[str, Any] | None = None) -> Evaluation:
+    """`pipeline.evaluate`, then the cascade when the version has one and the verdict
+    escalates; both calls share *timeout_s*."""
+    started = time.perf_counter()
+    first = await pipeline.evaluate(resolved, variables, locale, request_id=request_id,
+                                    timeout_s=timeout_s, label=label, arm=arm, priority=priority,
+                                    queue=queue, sampling=sampling)
+    trigger = escalation_trigger(resolved.version.spec, first.verdict)
+    if trigger is None:
+        return first
+    return await escalate(pipeline, resolved, first, trigger, variables, locale,
+                          request_id=request_id,
+                          timeout_s=timeout_s - (time.perf_counter() - started),
+                          priority=priority, queue=queue, sampling=sampling)
+
+
+async def escalate(pipeline: ModerationPipeline, resolved: Resolved, first: Evaluation, trigger: str,
+                   variables: Mapping[str, object], locale: str | None, *, request_id: str,
+                   timeout_s: float, priority: int = 0, queue: bool = True,
+                   sampling: Mapping[str, Any] | None = None) -> Evaluation:
+    """The second model's evaluation of what *first* answered, carrying *first*; on a failure
+    of the second call, *first* with the fail-closed verdict and the error type."""
+    version = resolved.version
+    labels = {"prompt": version.name, "version": str(version.version), "arm": first.arm}
+    m = pipeline.metrics
+    try:
+        if timeout_s <= 0:
+            raise QueueTimeout("no time left in the request deadline for the cascade's model")
+        second = await pipeline.evaluate(
+            Resolved(second_version(version), resolved.stale), variables, locale,
+            request_id=f"{request_id}-cascade", timeout_s=timeout_s, label=first.label,
+            arm=first.arm, priority=priority, queue=queue, sampling=sampling)
+    except _ESCALATION_ERRORS as exc:
+        problem = problem_for(exc)
+        error = problem.type if problem is not None else type(exc).__name__
+        log.warning("moderation %s: escalation to %s failed (%s); answering %s", request_id,
+                    version.spec.cascade.model if version.spec.cascade else "?", error,
+                    FAIL_CLOSED_DECISION)
+        m.child(m.escalations, trigger=trigger, outcome="failed", **labels).inc()
+        closed = Verdict(decision=FAIL_CLOSED_DECISION, category=None, confidence=None,
+                         fail_reason=ESCALATION_FAILED)
+        return replace(first, verdict=closed, escalated_from=first, escalation=trigger,
+                       escalation_error=error)
+    m.child(m.escalations, trigger=trigger, outcome="answered", **labels).inc()
+    return replace(second, version=version, escalated_from=first, escalation=trigger)

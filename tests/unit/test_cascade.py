@@ -1,0 +1,279 @@
+"""Cascades (issue 19, item 3): a version's unsure verdicts go to a second, larger model.
+
+Two model names on the fake backend: `tiny-llama` (the version's model) and `big-llama` (the
+cascade's). What is checked: the spec's validation and content hash, the served-model check at
+publish/seed time, escalation on needs_review and on a low self-reported confidence through
+the real gateway (`/v1/moderate`), both answers in the decision log, and fail-closed when the
+second call fails or answers garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from gateway.api.app import create_app
+from gateway.config import GatewaySettings
+from gateway.decision_log import DecisionLog, DecisionRecord
+from gateway.quality.decisions import arrow_schema, read_segments
+from gateway.telemetry import Metrics
+from prompt_registry import PromptSpec, UnservedModel
+from prompt_registry.keys import generate_key
+from prompt_registry.loader import load_prompt_file, seed_store
+from prompt_registry.ops import publish_file
+from prompt_registry.sqlite_store import SqlitePromptStore
+from serving import ChatRequest
+from serving.errors import BackendUnavailable
+from serving.fake_backend import FakeBackend
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = ROOT / "configs" / "prompts" / "listing-moderation.yaml"
+SMALL, BIG = "tiny-llama", "big-llama"
+
+
+def _spec_data(**cascade: Any) -> dict[str, Any]:
+    data = load_prompt_file(BASE).model_dump(mode="json", exclude_none=True)
+    data["name"] = "listing-cascade"
+    data.pop("evaluation", None)
+    if cascade:
+        data["cascade"] = cascade
+    return data
+
+
+def _write(tmp: Path, data: dict[str, Any]) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / f"{data['name']}.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+# -- the spec -------------------------------------------------------------------------------
+
+
+def test_a_cascade_is_validated() -> None:
+    ok = PromptSpec.model_validate(_spec_data(model=BIG))
+    assert ok.cascade is not None and ok.cascade.escalate_on == ["needs_review"]
+    assert ok.models() == (SMALL, BIG)
+    cases = {
+        "the second model must differ": dict(model=SMALL),
+        "low_confidence and min_confidence go together": dict(model=BIG, escalate_on=["low_confidence"]),
+        "go together": dict(model=BIG, min_confidence=0.5),
+        "unique": dict(model=BIG, escalate_on=["needs_review", "needs_review"]),
+    }
+    for message, cascade in cases.items():
+        with pytest.raises(ValidationError, match=message):
+            PromptSpec.model_validate(_spec_data(**cascade))
+    with pytest.raises(ValidationError, match="escalate_on"):
+        PromptSpec.model_validate(_spec_data(model=BIG, escalate_on=["low_margin"]))
+    no_confidence = _spec_data(model=BIG, escalate_on=["low_confidence"], min_confidence=0.5)
+    no_confidence["verdict"]["confidence"] = False
+    with pytest.raises(ValidationError, match="needs verdict.confidence"):
+        PromptSpec.model_validate(no_confidence)
+
+
+def test_the_cascade_is_part_of_the_content_hash_and_absent_blocks_hash_as_before() -> None:
+    plain = PromptSpec.model_validate(_spec_data())
+    # the hash a spec without the new blocks had before they existed
+    data = plain.model_dump(mode="json")
+    for key in ("evaluation", "reasoning", "cascade"):
+        assert data.pop(key) is None
+    data["policy"].pop("change_note")
+    data["policy"].pop("author")
+    assert plain.content_hash() == hashlib.sha256(
+        orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    one = PromptSpec.model_validate(_spec_data(model=BIG))
+    other = PromptSpec.model_validate(_spec_data(model="bigger-llama"))
+    low = PromptSpec.model_validate(_spec_data(model=BIG, escalate_on=["needs_review", "low_confidence"],
+                                               min_confidence=0.7))
+    assert len({plain.content_hash(), one.content_hash(), other.content_hash(), low.content_hash()}) == 4
+    assert one.answer_hash() != plain.answer_hash()  # evaluation answers are cached per cascade
+
+
+def test_the_second_spec_is_the_same_prompt_with_the_cascades_model() -> None:
+    spec = PromptSpec.model_validate(_spec_data(model=BIG, sampling={"max_tokens": 128}))
+    second = spec.second_spec()
+    assert second is not None and second.model == BIG and second.cascade is None
+    assert second.sampling.max_tokens == 128 and second.messages == spec.messages
+    assert second.verdict == spec.verdict and second.locales == spec.locales
+    assert PromptSpec.model_validate(_spec_data(model=BIG)).second_spec().sampling == spec.sampling  # type: ignore[union-attr]
+
+
+def test_publishing_and_seeding_check_the_cascade_model_is_served(tmp_path: Path) -> None:
+    path = _write(tmp_path / "prompts", _spec_data(model=BIG))
+    store = SqlitePromptStore(tmp_path / "r.db")
+    try:
+        with pytest.raises(UnservedModel, match="'big-llama'.*served: tiny-llama"):
+            publish_file(store, path, actor="t", served_models=[SMALL])
+        with pytest.raises(UnservedModel, match="'big-llama'"):
+            seed_store(store, path.parent, served_models=[SMALL])
+        assert store.list_prompts() == []  # nothing was written
+        result, _ = publish_file(store, path, actor="t", served_models=[SMALL, BIG])
+        assert result.version.spec.cascade is not None
+    finally:
+        store.close()
+
+
+# -- serving ---------------------------------------------------------------------------------
+
+
+def _verdict(decision: str, category: str, confidence: float) -> str:
+    return orjson.dumps({"decision": decision, "category": category, "confidence": confidence}).decode()
+
+
+class Models:
+    """What each model answers (a function of the request), on one fake backend."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, Callable[[ChatRequest], str]] = {
+            SMALL: lambda r: _verdict("needs_review", "none", 0.5),
+            BIG: lambda r: _verdict("block", "counterfeit", 0.93),
+        }
+
+    def __call__(self, request: ChatRequest) -> str:
+        return self.answers[request.model](request)
+
+
+class Stack:
+    def __init__(self, client: TestClient, backend: FakeBackend, models: Models, metrics: Metrics,
+                 log_dir: Path) -> None:
+        self.client, self.backend, self.models = client, backend, models
+        self.metrics, self.log_dir = metrics, log_dir
+
+    def moderate(self, rid: str) -> dict[str, Any]:
+        r = self.client.post("/v1/moderate", headers={"x-request-id": rid},
+                             json={"item_id": rid, "title": "Rolex 1:1 replica", "prompt": "listing-cascade"})
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    def records(self) -> list[DecisionRecord]:
+        self.client.portal.call(self.client.app.state.gateway.service.decision_log.flush)  # type: ignore[attr-defined]
+        return list(read_segments(self.log_dir))
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def _stack(tmp_path: Path, **cascade: Any) -> Iterator[Stack]:
+    store = SqlitePromptStore(tmp_path / "r.db")
+    seed_store(store, _write(tmp_path / "prompts", _spec_data(**cascade)).parent,
+               served_models=[SMALL, BIG])
+    key, record = generate_key("svc", ["moderate"], created_by="test")
+    store.put_key(record)
+    models = Models()
+    backend = FakeBackend(responder=models)
+    metrics = Metrics()
+    log = DecisionLog(tmp_path / "decisions", replica="gw-0")
+    app = create_app(GatewaySettings(default_prompt="listing-cascade"), store, backend,
+                     metrics=metrics, models=[SMALL, BIG],
+                     decision_log=log)
+    try:
+        with TestClient(app, headers={"authorization": f"Bearer {key}"}) as client:
+            yield Stack(client, backend, models, metrics, tmp_path / "decisions")
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    yield from _stack(tmp_path, model=BIG)
+
+
+@pytest.fixture
+def low_stack(tmp_path: Path) -> Iterator[Stack]:
+    yield from _stack(tmp_path, model=BIG, escalate_on=["needs_review", "low_confidence"],
+                      min_confidence=0.7)
+
+
+def test_needs_review_escalates_and_the_log_keeps_both_answers(stack: Stack) -> None:
+    body = stack.moderate("r-1")
+    assert (body["decision"], body["category"], body["model"]) == ("block", "counterfeit", BIG)
+    assert [r.model for r in stack.backend.requests] == [SMALL, BIG]
+    # the second call sees the same rendered prompt and the same verdict constraint
+    first, second = stack.backend.requests
+    assert first.messages == second.messages and first.regex == second.regex
+    assert second.request_id == "r-1-cascade"
+    (rec,) = stack.records()
+    assert (rec.decision, rec.category, rec.model, rec.confidence) == ("block", "counterfeit", BIG, 0.93)
+    assert (rec.escalation, rec.escalation_error) == ("needs_review", None)
+    assert (rec.first_model, rec.first_decision, rec.first_category, rec.first_confidence) == (
+        SMALL, "needs_review", "none", 0.5)
+    assert rec.first_prompt_tokens is not None and rec.first_completion_tokens is not None
+    assert stack.sample("modgate_escalations_total", prompt="listing-cascade", version="1",
+                        arm="stable", trigger="needs_review", outcome="answered") == 1.0
+
+
+def test_a_verdict_that_stands_is_not_escalated(stack: Stack) -> None:
+    stack.models.answers[SMALL] = lambda r: _verdict("allow", "none", 0.2)  # low, but not a trigger here
+    body = stack.moderate("r-2")
+    assert (body["decision"], body["model"]) == ("allow", SMALL)
+    assert [r.model for r in stack.backend.requests] == [SMALL]
+    (rec,) = stack.records()
+    assert rec.escalation is None and rec.first_model is None
+
+
+def test_low_confidence_escalates_below_the_threshold_only(low_stack: Stack) -> None:
+    low_stack.models.answers[SMALL] = lambda r: _verdict("allow", "none", 0.69)
+    assert low_stack.moderate("r-low")["decision"] == "block"
+    low_stack.models.answers[SMALL] = lambda r: _verdict("allow", "none", 0.70)
+    assert low_stack.moderate("r-sure")["decision"] == "allow"
+    assert [r.model for r in low_stack.backend.requests] == [SMALL, BIG, SMALL]
+    by_id = {r.request_id: r for r in low_stack.records()}
+    assert by_id["r-low"].escalation == "low_confidence" and by_id["r-low"].first_decision == "allow"
+    assert by_id["r-sure"].escalation is None
+
+
+def test_a_failed_second_call_answers_needs_review_never_the_first_verdict(low_stack: Stack) -> None:
+    low_stack.models.answers[SMALL] = lambda r: _verdict("allow", "none", 0.3)
+
+    def down(request: ChatRequest) -> str:
+        raise BackendUnavailable("engine dead", kind="connection_failed")
+
+    low_stack.models.answers[BIG] = down
+    body = low_stack.moderate("r-down")
+    assert (body["decision"], body["category"], body["fail_reason"]) == (
+        "needs_review", None, "escalation_failed")
+    (rec,) = low_stack.records()
+    assert (rec.decision, rec.escalation, rec.escalation_error) == (
+        "needs_review", "low_confidence", "model_unavailable")
+    assert (rec.first_decision, rec.first_confidence, rec.model) == ("allow", 0.3, SMALL)
+    assert low_stack.sample("modgate_escalations_total", prompt="listing-cascade", version="1",
+                            arm="stable", trigger="low_confidence", outcome="failed") == 1.0
+
+
+def test_garbage_from_the_second_model_fails_closed(stack: Stack) -> None:
+    stack.models.answers[BIG] = lambda r: '{"decision":"allow"'  # cut short: not a verdict
+    body = stack.moderate("r-garbage")
+    assert (body["decision"], body["fail_reason"]) == ("needs_review", "unparseable_output")
+    (rec,) = stack.records()
+    assert (rec.model, rec.escalation, rec.first_decision) == (BIG, "needs_review", "needs_review")
+
+
+def test_the_export_schema_types_the_cascade_columns() -> None:
+    import pyarrow as pa
+
+    schema = arrow_schema()
+    assert schema.field("first_confidence").type == pa.float64()
+    assert schema.field("first_completion_tokens").type == pa.int64()
+    assert schema.field("reasoning_tokens").type == pa.int64()
+    assert schema.field("escalation").type == pa.string()
+
+
+def test_a_record_names_its_first_model_exactly_when_it_escalated() -> None:
+    from datetime import UTC, datetime
+
+    base: dict[str, Any] = dict(ts=datetime.now(UTC), request_id="r", item_id="i", subject="s",
+                                prompt_name="p", prompt_version=1, arm="stable", decision="block",
+                                model=BIG, latency_ms=1.0)
+    DecisionRecord(**base, escalation="needs_review", first_model=SMALL)
+    with pytest.raises(ValidationError, match="first_model is set exactly when escalation is"):
+        DecisionRecord(**base, escalation="needs_review")
+    with pytest.raises(ValidationError, match="escalation_error needs escalation"):
+        DecisionRecord(**base, escalation_error="model_unavailable")
