@@ -75,7 +75,7 @@ class ReasoningSpec(_Strict):
 
     effort: Literal["low", "medium", "high"] = Field(
         "low", description="sent as `reasoning_effort` (gpt-oss reads it as `Reasoning: <level>` "
-        "in its system message); low is the cheapest and the authors' suggested start")
+        "in its system message); low reasons the shortest")
     max_tokens: int = Field(1024, ge=16, le=32768, description="reasoning budget in tokens; the "
                             "request's max_tokens is this plus sampling.max_tokens")
 

@@ -33,6 +33,7 @@ from serving.errors import (
     report_upstream,
 )
 from serving.protocol import ChatChunk, ChatRequest, ChatResult, Timings
+from serving.reasoning import HARMONY_MARKER, split_harmony
 
 __all__ = ["OpenAIHttpBackend", "build_chat_body", "error_status", "parse_completion", "upstream_error"]
 
@@ -63,6 +64,8 @@ def build_chat_body(req: ChatRequest) -> dict[str, Any]:
         body["priority"] = req.priority
     if req.request_id:
         body["request_id"] = req.request_id
+    if req.reasoning_effort is not None:
+        body["reasoning_effort"] = req.reasoning_effort
     return body
 
 
@@ -242,9 +245,15 @@ def parse_completion(data: Any, model: str, total_ms: float, source: str) -> Cha
     the server in the log line of a failure, never in the error's message."""
     try:
         choice = data["choices"][0]
-        text = choice["message"]["content"] or ""
+        message = choice["message"]
+        text = message["content"] or ""
+        reasoning = message.get("reasoning") or message.get("reasoning_content")
+        if reasoning is None and HARMONY_MARKER in text:  # no reasoning parser on the server
+            answer = split_harmony(text, stopped=choice.get("finish_reason") == "stop")
+            text, reasoning = answer.final or "", answer.analysis
         usage = data.get("usage") or {}
         details = usage.get("prompt_tokens_details") or {}
+        reasoning_tokens = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens")
         return ChatResult(
             text=text,
             finish_reason=choice.get("finish_reason"),
@@ -253,6 +262,8 @@ def parse_completion(data: Any, model: str, total_ms: float, source: str) -> Cha
             model=str(data.get("model", model)),
             timings=Timings(total_ms=total_ms),
             cached_prompt_tokens=details.get("cached_tokens"),
+            reasoning=str(reasoning) if reasoning is not None else None,
+            reasoning_tokens=int(reasoning_tokens) if reasoning_tokens is not None else None,
         )
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
         body = _dumps(data)
