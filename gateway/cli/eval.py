@@ -17,6 +17,11 @@ versions each later version is compared with the first. Next to them: per-item r
 (`v<N>-items.csv` for a spreadsheet, `v<N>-items.parquet` for DuckDB) and the run's summary
 (`report-v1-v2.md`) and self-contained HTML report (`report-v1-v2.html`, plots embedded).
 `report` rewrites all of these from the stored scorecards, without calling the model.
+
+A version with a `cascade:` is evaluated as production serves it (its own model, then the
+cascade's model where the verdict escalates): that is its scorecard. Both models are also
+scored alone on every item, and `v<N>-cascade.md` / `.json` compare quality, tokens and
+latency of the cascade with each model alone.
 """
 
 from __future__ import annotations
@@ -131,17 +136,38 @@ def _comparison_line(cmp: Comparison) -> str:
             f"(fixed {cmp.fixed}, broken {cmp.broken}, changed {cmp.changed}; {cmp.n} items)")
 
 
+def _cascade_lines(summary: dict[str, Any]) -> str:
+    """v<N>'s cascade against each of its models alone, a line per arm."""
+    from gateway.quality.evaluation.report import _f
+
+    out = [f"v{summary['version']} cascade: escalated {summary['escalated']} of {summary['items']} "
+           f"({', '.join(f'{k} {v}' for k, v in sorted(summary['by_trigger'].items())) or 'none'})"]
+    for arm, name in (("first", "first alone"), ("second", "second alone"), ("cascade", "cascade")):
+        a = summary["arms"][arm]
+        out.append(f"  {name:<13}{a['model']:<40} macro F1 {_f(a['macro_f1'])}  needs_review "
+                   f"{_f(a['needs_review_rate'])}  tokens {a['tokens']['total']}  p95 "
+                   f"{_f(a['latency_ms']['p95'], 0)} ms")
+    return "\n".join(out)
+
+
 async def _evaluate(backend: InferenceBackend, versions: list[PromptVersion], dataset: Dataset, *,
                     concurrency: int, cache_dir: Path, priority: int, timeout_s: float,
-                    progress: bool, use_cache: bool) -> list[Any]:
+                    progress: bool, use_cache: bool) -> tuple[list[Any], list[Any]]:
+    """Results of every version (a cascade version's are the cascade's), and the cascade runs
+    (each model alone and the cascade) of the versions that have one."""
+    from gateway.quality.evaluation.cascade import run_cascades
     from gateway.quality.evaluation.runner import run_eval
 
+    kwargs: dict[str, Any] = dict(concurrency=concurrency, cache_dir=cache_dir, priority=priority,
+                                  timeout_s=timeout_s, progress=progress, use_cache=use_cache)
+    plain = [v for v in versions if v.spec.cascade is None]
+    cascaded = [v for v in versions if v.spec.cascade is not None]
     try:
-        return await run_eval(versions, list(dataset.rows), backend, concurrency=concurrency,
-                              cache_dir=cache_dir, priority=priority, timeout_s=timeout_s,
-                              progress=progress, use_cache=use_cache)
+        results = await run_eval(plain, list(dataset.rows), backend, **kwargs) if plain else []
+        runs = await run_cascades(cascaded, list(dataset.rows), backend, **kwargs) if cascaded else []
     finally:
         await backend.aclose()
+    return [*results, *(r for run in runs for r in run.cascade)], runs
 
 
 @eval_app.command("run")
@@ -193,7 +219,7 @@ def run_cmd(
     cache_dir = cfg.data_path() / "eval" / "cache"
     backend = make_backend(cfg)
     try:
-        results = asyncio.run(_evaluate(
+        results, cascade_runs = asyncio.run(_evaluate(
             backend, versions, dataset, concurrency=concurrency, cache_dir=cache_dir,
             priority=priority, timeout_s=timeout or cfg.gateway.request_timeout_s,
             progress=progress and not as_json, use_cache=not fresh))
@@ -215,6 +241,10 @@ def run_cmd(
     compared = [(c, write_comparison(c, out_dir)) for c in comparisons]
     run_report = write_run_report(scorecards, comparisons, out_dir)
     errors = sum(sc.rates["error"].count for sc in scorecards)
+    from gateway.quality.evaluation.cascade import cascade_summary, write_cascade_report
+
+    cascades = [cascade_summary(run, dataset) for run in cascade_runs]
+    cascade_paths = {c["version"]: write_cascade_report(c, out_dir) for c in cascades}
 
     if as_json:
         typer.echo(json.dumps({
@@ -235,12 +265,16 @@ def run_cmd(
                 "paths": {k: str(p) for k, p in paths.items()},
             } for c, paths in compared],
             "report": {k: str(p) for k, p in run_report.items()},
+            "cascades": [{**c, "paths": {k: str(p) for k, p in cascade_paths[c["version"]].items()}}
+                         for c in cascades],
         }, indent=2, ensure_ascii=False))
     else:
         for sc in scorecards:
             typer.echo("\n".join(_summary(sc)))
         for c, _ in compared:
             typer.echo(_comparison_line(c))
+        for summary in cascades:
+            typer.echo(_cascade_lines(summary))
         typer.echo(f"reports: {out_dir} (HTML: {run_report['html'].name}; per item: "
                    "v<N>-items.csv / .parquet)")
     if errors:
