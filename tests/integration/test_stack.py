@@ -265,6 +265,37 @@ def test_a_prompt_version_runs_on_the_model_it_names(stack: Stack) -> None:
     assert r.status_code == 200 and r.json()["model"] == "tiny-llama"
 
 
+def test_a_cascade_escalates_to_the_second_engine(stack: Stack) -> None:
+    """A version whose first model cannot finish a verdict (max_tokens 8: truncated, so
+    needs_review) escalates to the second engine, which answers a valid one; the decision log
+    keeps both answers."""
+    from gateway.quality.decisions import read_segments
+
+    spec = yaml.safe_load((ROOT / "configs" / "prompts" / "listing-moderation.yaml").read_text())
+    spec.pop("evaluation", None)
+    spec.update(name="listing-cascade", sampling={"temperature": 0.0, "max_tokens": 8},
+                cascade={"model": SECOND_MODEL, "sampling": {"temperature": 0.0, "max_tokens": 96}})
+    r = httpx.post(f"{stack.gateway_url}/v1/prompts", timeout=30, content=yaml.safe_dump(spec),
+                   headers={**stack.admin_headers, "content-type": "application/yaml"})
+    assert r.status_code in (200, 201), r.text
+    r = httpx.post(f"{stack.gateway_url}/v1/moderate", timeout=60, headers=stack.admin_headers,
+                   json={**LISTING, "item_id": "cascade-1", "prompt": "listing-cascade",
+                         "prompt_version": r.json()["version"]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == SECOND_MODEL and body["fail_reason"] is None, body
+    deadline = time.monotonic() + 10
+    while True:
+        records = [d for d in read_segments(stack.data_dir / "decisions") if d.item_id == "cascade-1"]
+        if records or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    (record,) = records
+    assert (record.escalation, record.first_model, record.first_fail_reason) == (
+        "needs_review", "tiny-llama", "truncated_output")
+    assert (record.model, record.decision) == (SECOND_MODEL, body["decision"])
+
+
 def test_the_local_ray_cluster_runs_lean(stack: Stack) -> None:
     """`modgate up` starts Ray with less background work (serving/config.py RayClusterConfig:
     no Ray metrics pipeline, a 0.5 s Serve control loop), so on a CPU machine the engine keeps
