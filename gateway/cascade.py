@@ -102,7 +102,7 @@ async def escalate(pipeline: ModerationPipeline, resolved: Resolved, first: Eval
         if timeout_s <= 0:
             raise QueueTimeout("no time left in the request deadline for the cascade's model")
         second = await pipeline.evaluate(
-            Resolved(second_version(version), resolved.stale), variables, locale,
+            replace(resolved, version=second_version(version)), variables, locale,
             request_id=f"{request_id}-cascade", timeout_s=timeout_s, label=first.label,
             arm=first.arm, priority=priority, queue=queue, sampling=sampling)
     except _ESCALATION_ERRORS as exc:
