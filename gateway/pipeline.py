@@ -48,9 +48,9 @@ class Evaluation:
 
     @property
     def rationale(self) -> str | None:
-        """A reasoning model's analysis for this verdict (in memory only: never logged, never
-        on a span, never in the decision log). The seam for the opt-in content sample store,
-        the one place listing-derived text may be kept."""
+        """A reasoning model's analysis for this verdict: never logged, never on a span, never
+        in the decision log. The opt-in sample store (gateway/samples.py), the one place
+        listing-derived text may be kept, stores it with a sampled item's content."""
         return self.result.reasoning
 
     def prompt_ref(self) -> dict[str, object]:

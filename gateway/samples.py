@@ -471,6 +471,9 @@ class SampleRecorder:
         keep = (*_LISTING_FIELDS, *ev.version.spec.variables)
         content = {k: str(variables[k]) for k in dict.fromkeys(keep)
                    if k not in ("locale", "item_id") and variables.get(k) is not None}
+        if ev.rationale and "rationale" not in content:
+            # a reasoning model's analysis (listing-derived text): kept here and nowhere else
+            content["rationale"] = ev.rationale
         self._queue.append(Sample(
             request_id=request_id, item_id=item_id, ts=self.clock(), prompt=ev.version.name,
             version=ev.version.version, arm=arm, locale=ev.locale, decision=v.decision,

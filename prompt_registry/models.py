@@ -71,7 +71,8 @@ class ReasoningSpec(_Strict):
     own allowance): a model that is still reasoning when the budget runs out stops with
     `finish_reason: length` and the verdict is `needs_review` (`truncated_output`), never a
     guess. The reasoning text (the rationale) is kept in memory with the answer, never in logs,
-    spans, metrics or the decision log."""
+    spans, metrics or the decision log; the opt-in sample store keeps it with a sampled item's
+    listing content (gateway/samples.py)."""
 
     effort: Literal["low", "medium", "high"] = Field(
         "low", description="sent as `reasoning_effort` (gpt-oss reads it as `Reasoning: <level>` "

@@ -2,7 +2,8 @@
 does not need the weights. Request shapes sent to the engine, answers in the model's format
 (hand-written in the shapes vLLM 0.32 returns, tests/unit/fixtures/gpt_oss_safeguard/) read
 through the real HTTP backend on a real socket, the reasoning budget, the GPU example, and the
-storage rule: the rationale never reaches the decision log, spans, logs, metrics or answers.
+storage rule: the rationale never reaches the decision log, spans, logs, metrics or answers; it
+is kept only in the opt-in sample store (gateway/samples.py), with the listing content.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from gateway.config import GatewaySettings, load_config
 from gateway.decision_log import DecisionLog
 from gateway.moderation import ModerationCall
 from gateway.pipeline import ModerationPipeline
+from gateway.samples import SampleRecorder, SampleSettings, SqliteSampleStore
 from gateway.telemetry import Metrics, TracingSettings, build_tracer_provider
 from gateway.verdict import parse_verdict
 from prompt_registry import PromptSpec, PromptVersion
@@ -227,8 +229,10 @@ def replay(tmp_path: Path) -> Iterator[tuple[TestClient, InMemorySpanExporter, M
     provider = build_tracer_provider(TracingSettings(sample_ratio=1.0), exporter=exporter)  # type: ignore[arg-type]
     metrics = Metrics()
     log = DecisionLog(tmp_path / "decisions", replica="gw-0")
+    samples = SampleRecorder(SqliteSampleStore(tmp_path / "samples.db"),
+                             SampleSettings(enabled=True, share=1.0))
     app = create_app(GatewaySettings(), store, ReplayBackend(response), tracer_provider=provider,
-                     metrics=metrics, models=[MODEL], decision_log=log)
+                     metrics=metrics, models=[MODEL], decision_log=log, samples=samples)
     try:
         with TestClient(app, headers={"authorization": f"Bearer {key}"}) as client:
             yield client, exporter, metrics, tmp_path / "decisions"
@@ -259,6 +263,11 @@ def test_the_rationale_never_reaches_the_decision_log_spans_logs_metrics_or_answ
     call = ModerationCall(front_door="moderate", request_id="r-mem", item_id="i-3", variables=LISTING)
     moderation = client.portal.call(lambda: service.moderate(call, started=service.clock()))
     assert moderation.evaluation.rationale is not None and MARKER in moderation.evaluation.rationale
+
+    # the opt-in sample store, read with `samples:read`, is the one place it is kept
+    client.portal.call(service.samples.flush)
+    (sample,) = service.samples.store.by_request(["r-1"]).values()
+    assert MARKER in sample.content["rationale"] and sample.content["title"] == LISTING["title"]
 
     client.portal.call(service.decision_log.flush)
     written = b"".join(p.read_bytes() for p in log_dir.rglob("*") if p.is_file())
