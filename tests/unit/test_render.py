@@ -60,3 +60,37 @@ def test_only_declared_variables_reach_the_template() -> None:
     msgs = [Message(role="user", content="{{ title }}")]
     out = render_messages(msgs, ["title"], {"title": "a", "seller_id": "secret"})
     assert out[0]["content"] == "a"
+
+
+def test_one_context_per_render_and_the_same_text_as_jinja_render(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every message of a render reads one jinja context built once (building one per message
+    was most of the render's cost), and the text is what `Template.render` gives, for every
+    message of every locale of the shipped prompts."""
+    from pathlib import Path
+
+    from prompt_registry import render as render_mod
+    from prompt_registry.loader import load_prompt_file
+
+    built: list[object] = []
+    context_class = render_mod._env.context_class
+
+    class Counting(context_class):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            built.append(self)
+            super().__init__(*args, **kwargs)
+
+    values = {"title": 'Earbuds "sealed"\nbox', "description": "Ünïcode — 耳机", "locale": "en-US"}
+    specs = sorted((Path(__file__).resolve().parents[2] / "configs" / "prompts").glob("*.yaml"))
+    assert specs
+    for path in specs:
+        spec = load_prompt_file(path)
+        for locale in [spec.default_locale, *spec.locales]:
+            _, templates = spec.select_locale(locale)
+            monkeypatch.setattr(render_mod._env, "context_class", Counting)
+            built.clear()
+            out = render_messages(templates, spec.variables, values)
+            monkeypatch.setattr(render_mod._env, "context_class", context_class)
+            assert len(built) == 1 and len(templates) > 1
+            ctx = {v: values[v] for v in spec.variables}
+            assert out == [{"role": m.role, "content": render_mod._compile(m.content).render(ctx)}
+                           for m in templates]
