@@ -254,10 +254,11 @@ class ModerationService:
             # traffic is a privilege of its own, not part of `moderate`.
             raise Forbidden(f"API key {call.caller!r} lacks the {PIN_SCOPE!r} scope needed to "
                             "pin a prompt version or label", field=call.pin_field)
+        production = None
         if not pinned:
             # The prompt must exist before its name keys any per-name state (the rollout cache).
             try:
-                await self.cache.resolve(name, settings.default_label)
+                production = await self.cache.resolve(name, settings.default_label)
             except PromptNotFound as exc:
                 raise UnknownPrompt(str(exc), field=call.prompt_field) from None
         rollout = None if pinned else await self.cache.rollout(name)
@@ -275,7 +276,7 @@ class ModerationService:
                 resolved = await self.pipeline.resolve(name, label=label_pin, arm="pinned")
             elif assignment.version is None:
                 label = settings.default_label
-                resolved = await self.pipeline.resolve(name, label=label)
+                resolved = await self.pipeline.resolve(name, label=label, resolved=production)
             else:
                 label = settings.default_label if assignment.arm == "stable" else None
                 resolved = await self.pipeline.resolve(name, version=assignment.version,

@@ -72,8 +72,11 @@ class ModerationPipeline:
         self.metrics = metrics or Metrics()
 
     async def resolve(self, name: str, *, label: str | None = None, version: int | None = None,
-                      arm: str = "stable") -> Resolved:
-        """A label (from the hot cache) or a pinned version (immutable, cached for good)."""
+                      arm: str = "stable", resolved: Resolved | None = None) -> Resolved:
+        """A label (from the hot cache) or a pinned version (immutable, cached for good).
+        *resolved*: the label's lookup the caller already made for this request (the service
+        resolves the production label first to prove the name): recorded as this stage
+        without looking the label up a second time."""
         # The histogram is labelled with the prompt only once the registry has it: a name as
         # sent by a caller must never become a metric label (a flood of made-up names would
         # grow every /metrics scrape without bound).
@@ -82,6 +85,8 @@ class ModerationPipeline:
                    {Attr.PROMPT_NAME: name, Attr.PROMPT_LABEL: label or "", Attr.TRAFFIC_ARM: arm}) as span:
             if version is not None:
                 resolved = await self.cache.get_version(name, version)
+            elif resolved is not None:
+                pass
             elif label is not None:
                 resolved = await self.cache.resolve(name, label)
             else:

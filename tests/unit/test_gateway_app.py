@@ -227,3 +227,15 @@ def test_seller_id_may_be_null_as_in_the_shipped_dataset(client: TestClient) -> 
     for body in ({**LISTING, "seller_id": None}, {k: v for k, v in LISTING.items() if k != "seller_id"}):
         r = client.post("/v1/moderate", json=body)
         assert r.status_code == 200, r.text
+
+
+def test_a_moderation_looks_its_production_label_up_once(client: TestClient) -> None:
+    """The service resolves the production label to prove the prompt's name, then hands that
+    result to the pipeline's resolve stage instead of looking the label up a second time."""
+    assert client.post("/v1/moderate", json=LISTING).status_code == 200  # warm the cache
+    stats = client.app.state.gateway.service.cache.stats  # type: ignore[attr-defined]
+    before = stats.hits + stats.misses
+    for _ in range(3):
+        r = client.post("/v1/moderate", json=LISTING)
+        assert r.status_code == 200 and r.json()["prompt"]["label"] == "production"
+    assert stats.hits + stats.misses - before == 3
