@@ -239,3 +239,18 @@ def test_a_moderation_looks_its_production_label_up_once(client: TestClient) -> 
         r = client.post("/v1/moderate", json=LISTING)
         assert r.status_code == 200 and r.json()["prompt"]["label"] == "production"
     assert stats.hits + stats.misses - before == 3
+
+
+def test_header_reads_the_scope_as_starlette_headers_do() -> None:
+    """`edge.header` (the hot route's header reads, straight from the scope) answers what
+    `request.headers.get` answers: the first of repeated headers, None when absent, latin-1."""
+    from starlette.requests import Request
+
+    from gateway.api.edge import header
+
+    raw = [(b"content-type", b"application/json"), (b"x-request-id", b"a"), (b"x-request-id", b"b"),
+           (b"authorization", "Bearer \xe9".encode("latin-1")), (b"content-length", b"")]
+    request = Request({"type": "http", "method": "POST", "path": "/", "headers": raw})
+    for name in ("content-type", "x-request-id", "authorization", "content-length", "x-api-key", "traceparent"):
+        assert header(request, name.encode()) == request.headers.get(name)
+    assert header(request, b"x-request-id") == "a" and header(request, b"x-api-key") is None
