@@ -10,6 +10,11 @@
   bodies through `gateway.api.edge.read_body`, which applies the same rules, so they pass
   through untouched here apart from the headers.
 - **Header limits**: more than `MAX_HEADERS` headers or `MAX_HEADER_BYTES` of them is a 431.
+- **Direct routes served from here**: a request for a `DirectRoute` (the hot `POST
+  /v1/moderate`) goes from this layer straight to the route's own ASGI app, past FastAPI's
+  exception and exit-stack middleware and the router's scan, which it does not need: the route
+  renders every error itself (`gateway.api.edge.serve`); anything that still escapes it is
+  answered here through the same table, as the exception middleware would.
 - **Security headers on every response**: `X-Content-Type-Options: nosniff`,
   `Cache-Control: no-store`, and a CSP that forbids everything (JSON APIs need nothing;
   `/docs` is left alone). The console (`/console`) gets one that allows only its own origin:
@@ -27,7 +32,8 @@ from starlette.requests import Request
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.api.edge import error_response, request_id_of
+from gateway.api.edge import error_response, problem_of, request_id_of
+from gateway.api.routing import DirectRoute
 from gateway.auth import Authenticator
 from gateway.problems import ApiError, ClientDisconnected, Problem, problem_for
 
@@ -56,6 +62,16 @@ class RequestGuard:
         self.app, self.auth, self.self_guarded, self.routes = app, auth, self_guarded, routes
         self.max_body_bytes, self.body_timeout_s = max_body_bytes, body_timeout_s
         self.body_limits = body_limits or {}
+        self._direct: dict[tuple[str, str], DirectRoute] | None = None
+
+    def direct_routes(self) -> dict[tuple[str, str], DirectRoute]:
+        """(method, path) -> the `DirectRoute` serving it, for routes without path parameters
+        (looked up once: the app's routes are all added before its first request)."""
+        if self._direct is None:
+            self._direct = {(method, route.path): route for route in self.routes
+                            if isinstance(route, DirectRoute) and not route.param_convertors
+                            for method in route.methods or ()}
+        return self._direct
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,6 +86,10 @@ class RequestGuard:
             await self._refuse(scope, send, ApiError(
                 431, "headers_too_large", f"at most {MAX_HEADERS} headers and {MAX_HEADER_BYTES} "
                 "bytes of headers per request"))
+            return
+        direct = self.direct_routes().get((scope["method"], path))
+        if direct is not None and path in self.self_guarded:
+            await self._direct_route(direct, scope, receive, send)
             return
         if (scope["method"] not in _BODY_METHODS or path in self.self_guarded
                 or not any(route.matches(scope)[0] is Match.FULL for route in self.routes)):
@@ -93,6 +113,18 @@ class RequestGuard:
             await self._refuse(scope, send, exc)
             return
         await self.app(scope, _replay(body, receive), send)
+
+    @staticmethod
+    async def _direct_route(route: DirectRoute, scope: Scope, receive: Receive, send: Send) -> None:
+        """What the route's own app does (build the `Request`, await the endpoint, send its
+        response), with the scope keys the router would have set."""
+        scope["endpoint"], scope["route"], scope["path_params"] = route.endpoint, route, {}
+        try:
+            response = await route.endpoint(Request(scope, receive, send))
+        except Exception as exc:  # noqa: BLE001 - nothing sent yet: answered through the one table
+            rid = request_id_of(Request(scope))
+            response = error_response(problem_of(exc, rid, scope["path"]), rid)
+        await response(scope, receive, send)
 
     async def _read(self, receive: Receive, limit: int) -> bytes:
         """The whole body, at most *limit* bytes and within `body_timeout_s`. These routes are

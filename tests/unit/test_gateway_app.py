@@ -254,3 +254,34 @@ def test_header_reads_the_scope_as_starlette_headers_do() -> None:
     for name in ("content-type", "x-request-id", "authorization", "content-length", "x-api-key", "traceparent"):
         assert header(request, name.encode()) == request.headers.get(name)
     assert header(request, b"x-request-id") == "a" and header(request, b"x-api-key") is None
+
+
+def test_the_hot_route_is_served_from_the_guard_with_its_headers_and_error_edge(
+        client: TestClient, backend: FakeBackend) -> None:
+    """`POST /v1/moderate` (a DirectRoute) is dispatched by the request guard straight to its
+    endpoint, past FastAPI's middleware and router: the answer keeps the security headers, an
+    exception escaping the endpoint is still our JSON 500, and other methods still get the
+    router's 405."""
+    guard = client.app.middleware_stack  # type: ignore[attr-defined]
+    while type(guard).__name__ != "RequestGuard":
+        guard = guard.app
+    assert set(guard.direct_routes()) == {("POST", "/v1/moderate")}
+    r = client.post("/v1/moderate", json=LISTING)
+    assert r.status_code == 200
+    assert r.headers["x-content-type-options"] == "nosniff" and r.headers["cache-control"] == "no-store"
+    assert r.headers["content-security-policy"] == "default-src 'none'; frame-ancestors 'none'"
+    route = guard.direct_routes()[("POST", "/v1/moderate")]
+    endpoint = route.endpoint
+
+    async def broken(request: object) -> None:
+        raise RuntimeError("a bug past the route's own error edge")
+
+    route.endpoint = broken
+    try:
+        r = client.post("/v1/moderate", json=LISTING, headers={"x-request-id": "req-bug"})
+    finally:
+        route.endpoint = endpoint
+    assert r.status_code == 500 and r.headers["x-content-type-options"] == "nosniff"
+    assert r.json() == {"error": {"type": "internal_error", "message": "internal error; see gateway logs",
+                                  "retryable": False}, "request_id": "req-bug"}
+    assert client.get("/v1/moderate").status_code == 405
