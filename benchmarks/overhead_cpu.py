@@ -1,0 +1,188 @@
+"""CPU time per moderation of the gateway's own code, in process: an A/B probe for hot-path
+changes that holds up on a loaded machine.
+
+    python benchmarks/overhead_cpu.py [--scenario plain] [--requests 3000] [--rounds 5]
+        [--concurrency 32] [--out FILE]
+
+`benchmarks/overhead.py` measures throughput over sockets with `wrk`: the figure that counts,
+but on this shared two-core VM a few per cent of change drowns in the other engineers' test
+runs. This builds the same gateway as overhead.py's scenario (the shipped config, API-key auth,
+the SQLite registry, decision log, metrics, tracing at 10 % exported over OTLP/HTTP to a local
+receiver, the HTTP backend calling `stub_upstream.py` in another process) with
+`gateway.bootstrap.build_gateway`, and drives its ASGI app directly (no HTTP server) with
+*concurrency* requests in flight. It reports the process's CPU time (every thread: span export
+and the decision log included) per request for each round, and their minimum and median: CPU
+time counts only this process's own work, and the minimum over rounds drops the rounds that
+other processes disturbed. Not counted: uvicorn's HTTP parsing, which is the same for every
+version of the gateway code.
+
+The gateway process is pinned to the first CPU and the stub to the others, as in overhead.py.
+Run it from the checkout to measure (it imports `gateway` from its own tree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.overhead import LISTING, _free_port, _override, _wait_http  # noqa: E402
+
+
+def _config(name: str, data: Path, stub_port: int, endpoint: str) -> tuple[Any, Any, str]:
+    """The scenario's config, store and API key, as overhead.py builds them."""
+    import yaml
+
+    from gateway.config import load_config
+    from gateway.stores import open_store
+    from prompt_registry.keys import generate_key
+    from prompt_registry.loader import seed_store
+    from prompt_registry.rollouts import GateConfig, ShadowSpec
+
+    raw = yaml.safe_load((ROOT / "configs" / "modgate.yaml").read_text())
+    raw["data_dir"] = str(data)
+    raw["registry"]["seed_dir"] = None
+    raw["gateway"].update(max_inflight_per_model=512, max_queued_per_model=4096)
+    raw["serving"].update(mode="http", base_url=f"http://127.0.0.1:{stub_port}/v1")
+    raw["tracing"] = {"exporter": "otlp_http", "endpoint": endpoint, "sample_ratio": 0.1}
+    path = data / "modgate.yaml"
+    data.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    store = open_store(cfg)
+    seed_store(store, ROOT / "configs" / "prompts")
+    key, record = generate_key("bench", ["moderate"], created_by="bench")
+    store.put_key(record)
+    if name == "rollout":
+        from gateway.rollouts.ops import start_rollout
+
+        spec = store.resolve("listing-moderation", "production").spec
+        v2 = store.publish(spec.model_copy(update={"description": "v2"}), actor="bench").version.version
+        v3 = store.publish(spec.model_copy(update={"description": "v3"}), actor="bench").version.version
+        start_rollout(store, "listing-moderation", canary_version=v2, steps=[10, 100],
+                      shadows=[ShadowSpec(version=v3, sample_rate=0.05)], step_hold_s=1e9,
+                      gates=GateConfig(), auto=False, subject_key="seller_id", actor="bench",
+                      **_override("unscored benchmark versions"))
+    return cfg, store, key
+
+
+async def _drive(app: Any, key: str, total: int, concurrency: int, start_no: int) -> int:
+    """*total* POST /v1/moderate requests through the ASGI app, *concurrency* at a time; the
+    number that did not answer 200."""
+    headers = [(b"host", b"bench"), (b"content-type", b"application/json"),
+               (b"authorization", f"Bearer {key}".encode())]
+    counter = iter(range(start_no, start_no + total))
+    failed = 0
+
+    async def worker() -> None:
+        nonlocal failed
+        never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for n in counter:
+            body = orjson.dumps({**LISTING, "seller_id": f"seller-{n}"})
+            sent = False
+
+            async def receive() -> dict[str, Any]:
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                await never  # the caller never goes away
+                raise AssertionError
+
+            status = 0
+
+            async def send(message: dict[str, Any]) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                     "scheme": "http", "path": "/v1/moderate", "raw_path": b"/v1/moderate",
+                     "query_string": b"", "root_path": "", "headers": [*headers,
+                     (b"content-length", str(len(body)).encode())],
+                     "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8080)}
+            await app(scope, receive, send)
+            failed += status != 200
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return failed
+
+
+async def _measure(app: Any, key: str, args: argparse.Namespace) -> dict[str, Any]:
+    async with app.router.lifespan_context(app):
+        await _drive(app, key, 500, args.concurrency, 0)  # warm-up
+        rounds, failed = [], 0
+        for r in range(args.rounds):
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            failed += await _drive(app, key, args.requests, args.concurrency, (r + 1) * 10**6)
+            cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+            rounds.append({"cpu_us_per_request": round(cpu * 1e6 / args.requests, 1),
+                           "wall_rps": round(args.requests / wall, 1)})
+    cpu = [r["cpu_us_per_request"] for r in rounds]
+    return {"cpu_us_per_request_min": min(cpu), "cpu_us_per_request_median": statistics.median(cpu),
+            "rounds": rounds, "non_200": failed}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenario", choices=["plain", "rollout"], default="plain")
+    ap.add_argument("--requests", type=int, default=3000, help="requests per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--out", type=Path, help="write the result as JSON here")
+    args = ap.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    stub_port = _free_port()
+    stub = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "stub_upstream.py"), "--port", str(stub_port)],
+                            preexec_fn=(lambda: os.sched_setaffinity(0, set(cpus[1:]))) if len(cpus) > 1 else None)
+    if len(cpus) > 1:
+        os.sched_setaffinity(0, {cpus[0]})
+    from testsupport.otlp_receiver import OtlpHttpReceiver
+
+    receiver = OtlpHttpReceiver()
+    try:
+        _wait_http(f"http://127.0.0.1:{stub_port}/v1/models")
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg, store, key = _config(args.scenario, Path(tmp), stub_port, receiver.endpoint)
+            from gateway.bootstrap import build_gateway
+
+            app = build_gateway(cfg, store)
+            import uvloop
+
+            result = uvloop.run(_measure(app, key, args))
+            store.close()
+    finally:
+        stub.terminate()
+        stub.wait(20)
+        receiver.close()
+    from benchmarks.run_locust import git_commit
+
+    doc = {"benchmark": "overhead_cpu", "command": "python benchmarks/overhead_cpu.py " + " ".join(sys.argv[1:]),
+           "when": datetime.now(UTC).isoformat(timespec="seconds"), "commit": git_commit(),
+           "machine": f"{platform.machine()} python {platform.python_version()} ({os.cpu_count()} cpus)",
+           "scenario": args.scenario, "concurrency": args.concurrency, "requests_per_round": args.requests,
+           "load": os.getloadavg(), **result}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(json.dumps({k: doc[k] for k in ("scenario", "commit", "cpu_us_per_request_min",
+                                          "cpu_us_per_request_median", "non_200", "load")}))
+
+
+if __name__ == "__main__":
+    main()
