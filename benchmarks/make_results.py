@@ -248,6 +248,7 @@ def render_single_request(doc: dict[str, Any]) -> Rendered:
 
 
 OVERHEAD_SCENARIOS = {
+    "floor": "benchmarks/floor_gateway.py, the reference (no auth, registry, rollout, metrics, tracing or log)",
     "plain": "no rollout, tracing at 10 %",
     "plain-trace-off": "no rollout, tracing off",
     "plain-trace-100": "no rollout, tracing at 100 %",
@@ -267,6 +268,9 @@ def _rounds(s: dict[str, Any]) -> str:
 
 
 def render_overhead(doc: dict[str, Any]) -> Rendered:
+    scenarios = [s for s in doc.get("scenarios", []) if isinstance(s, dict)]
+    if any(s.get("scenario") == "floor" for s in scenarios):
+        return render_overhead_vs_floor(doc, scenarios)
     targets = doc.get("targets") if isinstance(doc.get("targets"), dict) else {}
     p50_max = num(targets.get("added_p50_ms_c1")) or 1.0
     rps_min = num(targets.get("gateway_rps_c32")) or 1500.0
@@ -343,6 +347,113 @@ def render_overhead(doc: dict[str, Any]) -> Rendered:
                 *[c for c in [_hanging_shadow_check(scenarios)] if c is not None]],
         result=result,
         consumed={"targets", "scenarios"})
+
+
+def _sub(s: dict[str, Any], run: str, key: str) -> Any:
+    r = s.get(run)
+    return r.get(key) if isinstance(r, dict) else None
+
+
+def _ratio_rounds(s: dict[str, Any]) -> str:
+    """' (rounds 0.49, 0.51, 0.5)' when the scenario ran several rounds."""
+    rounds = [x for x in (num(v) for v in s.get("rps_c32_vs_floor_rounds") or []) if x is not None]
+    return f" (rounds {', '.join(fmt(x) for x in rounds)})" if len(rounds) > 1 else ""
+
+
+def render_overhead_vs_floor(doc: dict[str, Any], scenarios: list[dict[str, Any]]) -> Rendered:
+    """overhead.py with its `floor` row (issue 20): every scenario against the least a Python
+    gateway does, measured in the same run; the targets are ratios to it."""
+    targets = doc.get("targets") if isinstance(doc.get("targets"), dict) else {}
+    mins = targets.get("rps_c32_vs_floor_min") if isinstance(targets.get("rps_c32_vs_floor_min"), dict) else {}
+    p50_max = num(targets.get("p50_ms_c1_minus_floor_max"))
+    p50_max = 0.2 if p50_max is None else p50_max
+    cost_max = num(targets.get("tracing_cost_max"))
+    cost_max = 0.1 if cost_max is None else cost_max
+    lines = [("| scenario | req/s @32 conn | × floor @32 | p50 @1 conn (ms) | p50 − floor's @1 (ms) | "
+              "added p50 / p99 vs stub @1 (ms) | gateway CPU per request (ms) | non-2xx | "
+              "throughput target | p50 target |"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    checks: list[Check] = []
+    p50_checks: list[Check] = []
+    for s in scenarios:
+        name = str(s.get("scenario", "?"))
+        ratio, diff = num(s.get("rps_c32_vs_floor")), num(s.get("p50_ms_c1_minus_floor"))
+        minimum = num(mins.get(name))
+        judged = minimum is not None
+        a = None if ratio is None or minimum is None else ratio >= minimum
+        b = None if diff is None else diff <= p50_max
+        if judged:
+            checks.append(Check(f"`{name}`: ≥ {fmt(minimum)} × the floor's req/s at 32 connections",
+                                f"{fmt(ratio)}{_ratio_rounds(s)}", a))
+            p50_checks.append(Check(f"`{name}`: p50 at 1 connection ≤ the floor's + {fmt(p50_max)} ms",
+                                    f"+{fmt(diff)} ms" if diff is not None and diff >= 0 else f"{fmt(diff)} ms", b))
+        non2xx = sum(int(_sub(s, run, "non_2xx") or 0) for run in ("gateway_c1", "gateway_c32"))
+        lines.append(
+            f"| `{cell(name)}` | {fmt(s.get('gateway_rps_c32'))}{_rounds(s)} | {fmt(ratio)} | "
+            f"{fmt(_sub(s, 'gateway_c1', 'p50_ms'))} | {fmt(diff)} | "
+            f"{fmt(s.get('added_p50_ms_c1'))} / {fmt(s.get('added_p99_ms_c1'))} | "
+            f"{fmt(s.get('gateway_cpu_ms_per_request'))} | {non2xx:,} | "
+            + ((f"≥ {fmt(minimum)} ×: {'—' if a is None else ('yes' if a else '**no**')} | "
+                f"≤ +{fmt(p50_max)} ms: {'—' if b is None else ('yes' if b else '**no**')} |")
+               if judged else "not judged | not judged |"))
+    for name in mins:
+        if name not in {s.get("scenario") for s in scenarios}:
+            checks.append(Check(f"`{name}`: ≥ {fmt(mins[name])} × the floor's req/s at 32 connections",
+                                "not run", None))
+    direct = [x for x in (num(_sub(s, "direct_c32", "rps")) for s in scenarios) if x is not None]
+    lines += ["", "Scenarios: " + "; ".join(
+        f"`{cell(str(s.get('scenario')))}`: {OVERHEAD_SCENARIOS.get(str(s.get('scenario')), 'see overhead.py')}"
+        for s in scenarios) + "."]
+    if direct:
+        lines += ["", f"The stub called directly (no gateway) answered {fmt(min(direct))}–{fmt(max(direct))} "
+                  "req/s at 32 connections over the scenarios, so it never limits a gateway row."]
+    cost = doc.get("tracing_cost") if isinstance(doc.get("tracing_cost"), dict) else None
+    if cost is not None:
+        c = num(cost.get("cost"))
+        rounds = ", ".join(fmt(round(100 * x, 1)) + " %" for x in (num(v) for v in cost.get("cost_rounds") or [])
+                           if x is not None)
+        checks.append(Check(f"tracing at 10 % costs ≤ {fmt(round(100 * cost_max))} % of req/s @32 "
+                            f"(`{cell(str(cost.get('with')))}` vs `{cell(str(cost.get('without')))}`)",
+                            "—" if c is None else f"{fmt(round(100 * c, 1))} % (rounds {rounds})",
+                            None if c is None else c <= cost_max))
+    checks += p50_checks
+    hanging = _hanging_shadow_check(scenarios)
+    if hanging is not None:
+        checks.append(hanging)
+    for key, label in (("floor", "The floor"), ("reference", "Reference (recorded, not measured here)")):
+        if doc.get(key):
+            lines += ["", f"{label}: {cell(str(doc[key]))}."]
+    load = doc.get("load") if isinstance(doc.get("load"), dict) else None
+    if load:
+        def avg(v: Any) -> str:
+            return " / ".join(fmt(round(float(x), 2)) for x in v) if isinstance(v, list) else fmt(v)
+        lines += ["", f"Load average (1 / 5 / 15 min) at the start: {avg(load.get('before'))}; at the end: "
+                  f"{avg(load.get('after'))} (the machine is shared: compare ratios within this run, not "
+                  "absolute figures across runs)."]
+    by = {s.get("scenario"): s for s in scenarios}
+    parts = [f"{n} {fmt(by[n].get('rps_c32_vs_floor'))} × floor @32, p50 +{fmt(by[n].get('p50_ms_c1_minus_floor'))} ms"
+             for n in mins if n in by]
+    if cost is not None and num(cost.get("cost")) is not None:
+        parts.append(f"tracing costs {fmt(round(100 * float(cost['cost']), 1))} %")
+    return Rendered(
+        title="Gateway overhead (stub engine, wrk)",
+        what=("`modgate gateway` in front of a fast stub upstream, one request at a time (1 connection) and "
+              "closed loop at 32 connections (`wrk`, one gateway worker pinned to CPU 0, stub and wrk on the "
+              "other CPU), with everything realistic on: API-key auth, prompt resolution, sandboxed "
+              "rendering, traffic assignment, verdict validation, the decision log, metrics and tracing. "
+              "Every scenario is set against the `floor` row, measured in the same run under the same "
+              "pinning: a minimal moderation gateway (`benchmarks/floor_gateway.py`). × floor = the "
+              "scenario's req/s over the floor's, p50 − floor's = the difference of the p50s at 1 "
+              "connection, each the median of the per-round figures; added vs stub = gateway − the stub "
+              "called directly. CPU time of the gateway process per request at 32 connections."),
+        target=("at 32 connections, one worker: `plain` ≥ " + fmt(mins.get("plain")) + " × the floor, `rollout` ≥ "
+                + fmt(mins.get("rollout")) + f" × the floor; at 1 connection p50 ≤ the floor's + {fmt(p50_max)} ms; "
+                f"tracing at 10 % costs ≤ {fmt(round(100 * cost_max))} % of throughput against tracing off; "
+                "with the shadow target hanging, the primary's p99 unmoved"),
+        body=lines,
+        checks=checks,
+        result="; ".join(parts) or "see the table",
+        consumed={"targets", "scenarios", "floor", "reference", "tracing_cost", "load"})
 
 
 def _hanging_shadow_check(scenarios: list[dict[str, Any]]) -> Check | None:

@@ -449,3 +449,49 @@ def test_handle_hop_section_compares_batched_with_one_per_call() -> None:
     r = make_results.render_handle_hop(doc)
     assert r.result == "at 32 in flight: 400 req/s one per call, 2,000 req/s with max_size 16"
     assert len([line for line in r.body if line.startswith("| 32 |")]) == 2
+
+
+def _scenario(name: str, rps: float, p50: float, vs_floor: list[float], minus_floor: list[float],
+              ratio: float = 0.1) -> dict:
+    return {"scenario": name, "tracing_sample_ratio": ratio, "added_p50_ms_c1": round(p50 - 0.05, 3),
+            "added_p99_ms_c1": 2.0, "gateway_rps_c32": rps, "gateway_cpu_ms_per_request": 0.5,
+            "gateway_rps_c32_rounds": [rps - 10, rps, rps + 10],
+            "rps_c32_vs_floor": sorted(vs_floor)[1], "rps_c32_vs_floor_rounds": vs_floor,
+            "p50_ms_c1_minus_floor": sorted(minus_floor)[1], "p50_ms_c1_minus_floor_rounds": minus_floor,
+            "gateway_c1": {"p50_ms": p50, "p99_ms": 3.0, "non_2xx": 0}, "direct_c1": {"p50_ms": 0.05},
+            "direct_c32": {"rps": 20000.0}, "gateway_c32": {"non_2xx": 0}}
+
+
+def test_overhead_against_the_floor(tmp_path: Path) -> None:
+    """With a `floor` row, each scenario is judged as a ratio to it (issue 20's targets), tracing
+    cost comes from the trace-off pair, and the LiteLLM figure is shown as a reference only."""
+    res, out = tmp_path / "results", tmp_path / "RESULTS.md"
+    _write(res / "overhead.json", {
+        "benchmark": "gateway_overhead", "command": "python benchmarks/overhead.py --repeat 3",
+        "when": "2026-12-03T18:00:00+00:00", "commit": "abc1234", "machine": "x86_64 (2 cpus)",
+        "targets": {"rps_c32_vs_floor_min": {"plain": 0.8, "rollout": 0.7}, "p50_ms_c1_minus_floor_max": 0.2,
+                    "tracing_cost_max": 0.1},
+        "floor": "benchmarks/floor_gateway.py: FastAPI + pydantic + Jinja2 + aiohttp + orjson",
+        "reference": "LiteLLM proxy 1.80: ~140 req/s at 32",
+        "load": {"before": [1.5, 1.0, 0.5], "after": [2.0, 1.2, 0.6]},
+        "tracing_cost": {"with": "plain", "without": "plain-trace-off", "cost": 0.12,
+                         "cost_rounds": [0.1, 0.12, 0.15], "target_max": 0.1},
+        "scenarios": [
+            _scenario("floor", 3000.0, 0.7, [1.0, 1.0, 1.0], [0.0, 0.0, 0.0], ratio=0.0),
+            _scenario("plain", 2500.0, 0.85, [0.81, 0.83, 0.85], [0.1, 0.15, 0.3]),
+            _scenario("plain-trace-off", 2800.0, 0.8, [0.9, 0.93, 0.95], [0.1, 0.1, 0.1], ratio=0.0),
+            _scenario("rollout", 1900.0, 1.0, [0.6, 0.63, 0.66], [0.2, 0.3, 0.4])]})
+    assert _run(res, out) == 0
+    text = out.read_text(encoding="utf-8")
+    assert "| `plain` | 2,500 (median of 3: 2,490–2,510) | 0.83 | 0.85 | 0.15 | 0.8 / 2 | 0.5 | 0 | " \
+           "≥ 0.8 ×: yes | ≤ +0.2 ms: yes |" in text
+    assert "| `rollout` | 1,900 (median of 3: 1,890–1,910) | 0.63 | 1 | 0.3 | 0.95 / 2 | 0.5 | 0 | " \
+           "≥ 0.7 ×: **no** | ≤ +0.2 ms: **no** |" in text
+    assert "| `plain-trace-off` |" in text and "| `floor` |" in text
+    assert "| `plain`: ≥ 0.8 × the floor's req/s at 32 connections | 0.83 (rounds 0.81, 0.83, 0.85) | yes |" in text
+    assert "| tracing at 10 % costs ≤ 10 % of req/s @32 (`plain` vs `plain-trace-off`) | 12 % (rounds 10 %, " \
+           "12 %, 15 %) | **no** |" in text
+    assert "Reference (recorded, not measured here): LiteLLM proxy 1.80: ~140 req/s at 32." in text
+    assert "**Target met:** partly met (2 of 5 criteria)." in text
+    assert "plain 0.83 × floor @32, p50 +0.15 ms; rollout 0.63 × floor @32, p50 +0.3 ms; tracing costs 12 %" in text
+    assert "Other fields in the file" not in text
