@@ -856,7 +856,45 @@ def render_prefix_cache(doc: dict[str, Any]) -> Rendered:
                   "target_hit_rate", "versions", "meets_target"})
 
 
+def render_overhead_cpu_ab(doc: dict[str, Any]) -> Rendered:
+    """benchmarks/overhead_cpu.py --ab: CPU time per moderation, checkouts compared round by round."""
+    arms = [a for a in doc.get("arms") or [] if isinstance(a, dict)]
+    lines = ["| checkout | commit | change | CPU per request, median (µs) | min (µs) | × the first | non-200 |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    prev: float | None = None
+    steps = []
+    for a in arms:
+        med = num(a.get("cpu_us_per_request_median"))
+        lines.append(f"| `{cell(str(a.get('tree')))}` | {cell(str(a.get('commit')))} | {cell(str(a.get('subject') or ''))} | "
+                     f"{fmt(med)} | {fmt(a.get('cpu_us_per_request_min'))} | {fmt(a.get('vs_first'))} | "
+                     f"{fmt(a.get('non_200'))} |")
+        if prev is not None and med is not None:
+            steps.append(f"{a.get('tree')} {fmt(round(100 * (med / prev - 1), 1))} %")
+        prev = med
+    load = doc.get("load") if isinstance(doc.get("load"), dict) else {}
+
+    def avg(v: Any) -> str:
+        return " / ".join(fmt(round(float(x), 2)) for x in v) if isinstance(v, list) else fmt(v)
+
+    lines += ["", f"Scenario `{cell(str(doc.get('scenario')))}`, {fmt(doc.get('concurrency'))} requests in flight, "
+              f"{fmt(doc.get('rounds'))} rounds of {fmt(doc.get('requests_per_round'))} requests per checkout, "
+              "handed out in turn; load average at the start "
+              f"{avg(load.get('before'))}, at the end {avg(load.get('after'))}."]
+    return Rendered(
+        title=f"Gateway CPU per moderation, A/B of hot-path changes (`{cell(str(doc.get('scenario')))}`)",
+        what=("CPU time of the gateway's own code per moderation, in process (`benchmarks/overhead_cpu.py "
+              "--ab`): each checkout's gateway built as overhead.py builds it (auth, registry, decision log, "
+              "metrics, tracing at 10 %, HTTP backend to the stub) and driven through its ASGI app, rounds "
+              "given to the checkouts in turn so each sees the same machine. Each row's change is measured "
+              "against the row above it."),
+        target="none (an A/B record: a change is kept when it lowers the CPU per request)",
+        body=lines, checks=[],
+        result=("step by step: " + ", ".join(steps)) if steps else "see the table",
+        consumed={"arms", "load", "scenario", "concurrency", "rounds", "requests_per_round"})
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], Rendered]] = {
+    "overhead_cpu_ab": render_overhead_cpu_ab,
     "registry_resolve": render_registry_resolve,
     "publish_visibility": render_publish_visibility,
     "single_request": render_single_request,

@@ -1,5 +1,6 @@
-"""Gateway overhead: `modgate gateway` in front of a fast stub upstream vs the stub called
-directly, one request at a time and at 32 connections (closed loop, `wrk`).
+"""Gateway overhead: `modgate gateway` in front of a fast stub upstream, next to the floor (the
+least a Python moderation gateway does), one request at a time and at 32 connections (closed
+loop, `wrk`).
 
     .venv/bin/python benchmarks/overhead.py [--duration 10] [--repeat 3] [--out benchmarks/results]
 
@@ -7,19 +8,28 @@ Everything realistic is switched on: API-key auth, prompt resolution from the re
 sandboxed rendering, traffic assignment, verdict validation, the decision log, metrics and
 tracing at 10 % sampling (exported over OTLP/HTTP to a local receiver). Scenarios:
 
+- `floor`: `benchmarks/floor_gateway.py`, FastAPI + a pydantic request model + the shipped
+  prompt rendered in a sandboxed Jinja2 environment + one aiohttp call to the stub + orjson,
+  on uvicorn with uvloop/httptools, and nothing else: the reference every scenario is set
+  against (issue 20);
 - `plain`: no rollout (tracing at 10 %); `plain-trace-off` and `plain-trace-100` the same with
   tracing off and at 100 %, for the cost of tracing;
 - `rollout`: a 10 % canary and a 5 % shadow of another version;
 - `rollout-hanging-shadow`: the same, with the shadow target never answering.
 
-Reports per scenario: added p50/p99 latency at 1 connection, requests/s at 32 connections
-(one gateway worker), and the gateway's CPU time per request, each the median over `--repeat`
-rounds of every scenario (the c32 throughput of every round is kept beside it). Needs `wrk`
-(Debian package).
+Reports per scenario: requests/s at 32 connections (one gateway worker) and its ratio to the
+floor's, p50 at 1 connection and its difference from the floor's (both taken within each
+round, then the median over rounds: the machine drifts between rounds, a ratio within one
+round does not), added p50/p99 over the stub called directly, and the gateway's CPU time per
+request; the cost of tracing at 10 % (1 - plain / plain-trace-off). Each figure is the median
+over `--repeat` rounds of every scenario (the c32 throughput of every round is kept beside
+it). LiteLLM's figure from the issue is recorded as a reference only. Needs `wrk` (Debian
+package).
 
-On a machine with two or more CPUs the gateway worker is pinned to the first CPU and the stub,
-wrk and this script to the rest (`--shared` turns that off), so a figure is what one worker
-does with one core to itself rather than how the load generator and the gateway split two.
+On a machine with two or more CPUs the gateway worker (or the floor) is pinned to the first
+CPU and the stub, wrk and this script to the rest (`--shared` turns that off), so a figure is
+what one worker does with one core to itself rather than how the load generator and the
+gateway split two.
 """
 
 from __future__ import annotations
@@ -214,8 +224,8 @@ MEDIAN_KEYS = ("added_p50_ms_c1", "added_p99_ms_c1", "gateway_rps_c32", "gateway
 FLOOR_KEYS = ("rps_c32_vs_floor", "p50_ms_c1_minus_floor")
 # Issue 20's targets, each against the floor measured in the same run
 TARGETS = {
-    "rps_c32_vs_floor_min": {"plain": 0.8, "rollout": 0.7, "rollout-hanging-shadow": 0.7},
-    "p50_ms_c1_minus_floor_max": 0.2,
+    "rps_c32_vs_floor_min": {"plain": 0.8, "rollout": 0.7},  # the judged scenarios
+    "p50_ms_c1_minus_floor_max": 0.2,  # in the judged scenarios
     "tracing_cost_max": 0.10,  # 1 - plain / plain-trace-off at 32 connections
 }
 # Recorded for reference only (not measured by this script): issue 20's side-by-side run.

@@ -3,6 +3,7 @@ changes that holds up on a loaded machine.
 
     python benchmarks/overhead_cpu.py [--scenario plain] [--requests 3000] [--rounds 5]
         [--concurrency 32] [--out FILE]
+    python benchmarks/overhead_cpu.py --ab TREE_A TREE_B ... [--rounds 40] [--requests 300] [--out FILE]
 
 `benchmarks/overhead.py` measures throughput over sockets with `wrk`: the figure that counts,
 but on this shared two-core VM a few per cent of change drowns in the other engineers' test
@@ -18,6 +19,12 @@ version of the gateway code.
 
 The gateway process is pinned to the first CPU and the stub to the others, as in overhead.py.
 Run it from the checkout to measure (it imports `gateway` from its own tree).
+
+`--ab` compares checkouts (git worktrees, each holding this file) in one run: one worker
+process per tree, each with its gateway built and warmed up, and rounds handed to them in
+turn (A, B, C, A, B, C ...), so every tree sees the same state of the machine, round after
+round; the figure per tree is the median of its rounds, and the ratio to the first tree's
+median is printed beside it.
 """
 
 from __future__ import annotations
@@ -123,6 +130,26 @@ async def _drive(app: Any, key: str, total: int, concurrency: int, start_no: int
     return failed
 
 
+async def _round(app: Any, key: str, args: argparse.Namespace, no: int) -> dict[str, Any]:
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    failed = await _drive(app, key, args.requests, args.concurrency, (no + 1) * 10**6)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    return {"cpu_us_per_request": round(cpu * 1e6 / args.requests, 1),
+            "wall_rps": round(args.requests / wall, 1), "non_200": failed}
+
+
+async def _serve_rounds(app: Any, key: str, args: argparse.Namespace) -> None:
+    """--worker: a round per line read from stdin, its figures as one JSON line on stdout."""
+    loop = asyncio.get_running_loop()
+    async with app.router.lifespan_context(app):
+        await _drive(app, key, 500, args.concurrency, 0)  # warm-up
+        print("ready", flush=True)
+        no = 0
+        while (await loop.run_in_executor(None, sys.stdin.readline)).strip() == "go":
+            print(json.dumps(await _round(app, key, args, no)), flush=True)
+            no += 1
+
+
 async def _measure(app: Any, key: str, args: argparse.Namespace) -> dict[str, Any]:
     async with app.router.lifespan_context(app):
         await _drive(app, key, 500, args.concurrency, 0)  # warm-up
@@ -145,7 +172,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--out", type=Path, help="write the result as JSON here")
+    ap.add_argument("--ab", nargs="+", type=Path, metavar="TREE",
+                    help="compare these checkouts in one run, rounds in turn (see above)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.ab:
+        return ab(args)
     cpus = sorted(os.sched_getaffinity(0))
     stub_port = _free_port()
     stub = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "stub_upstream.py"), "--port", str(stub_port)],
@@ -164,6 +196,9 @@ def main() -> None:
             app = build_gateway(cfg, store)
             import uvloop
 
+            if args.worker:
+                uvloop.run(_serve_rounds(app, key, args))
+                return
             result = uvloop.run(_measure(app, key, args))
             store.close()
     finally:
@@ -182,6 +217,64 @@ def main() -> None:
         args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(json.dumps({k: doc[k] for k in ("scenario", "commit", "cpu_us_per_request_min",
                                           "cpu_us_per_request_median", "non_200", "load")}))
+
+
+def ab(args: argparse.Namespace) -> None:
+    """One worker per tree; *rounds* rounds each, handed out in turn."""
+    from benchmarks.run_locust import git_commit
+
+    trees = [t.resolve() for t in args.ab]
+    workers = []
+    for tree in trees:
+        script = tree / "benchmarks" / "overhead_cpu.py"
+        if not script.is_file():
+            raise SystemExit(f"{script} is missing: copy this file into the tree")
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        workers.append(subprocess.Popen(
+            [sys.executable, str(script), "--worker", "--scenario", args.scenario, "--requests", str(args.requests),
+             "--concurrency", str(args.concurrency)], cwd=tree, env=env, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+    load_before = os.getloadavg()
+    try:
+        for w in workers:
+            assert w.stdout is not None and w.stdout.readline().strip() == "ready"
+        rounds: list[list[dict[str, Any]]] = [[] for _ in trees]
+        for _ in range(args.rounds):
+            for w, got in zip(workers, rounds, strict=True):
+                assert w.stdin is not None and w.stdout is not None
+                w.stdin.write("go\n")
+                w.stdin.flush()
+                got.append(json.loads(w.stdout.readline()))
+    finally:
+        for w in workers:
+            if w.stdin is not None:
+                w.stdin.close()
+        for w in workers:
+            w.wait(60)
+    commits, subjects = [], []
+    for tree in trees:
+        out = subprocess.run(["git", "-C", str(tree), "log", "-1", "--format=%h %s"], capture_output=True, text=True)
+        commit, _, subject = out.stdout.strip().partition(" ")
+        commits.append(commit or "unknown")
+        subjects.append(subject)
+    base = statistics.median(r["cpu_us_per_request"] for r in rounds[0])
+    arms = []
+    for tree, commit, subject, got in zip(trees, commits, subjects, rounds, strict=True):
+        cpu = [r["cpu_us_per_request"] for r in got]
+        med = statistics.median(cpu)
+        arms.append({"tree": tree.name, "commit": commit, "subject": subject, "cpu_us_per_request_median": med,
+                     "cpu_us_per_request_min": min(cpu), "vs_first": round(med / base, 3),
+                     "non_200": sum(r["non_200"] for r in got), "cpu_us_per_request_rounds": cpu})
+        print(f"{commit:>10}  {tree.name:<24} median {med:7.1f} us CPU/request  min {min(cpu):7.1f}  "
+              f"x{med / base:.3f} of the first  non-200 {arms[-1]['non_200']}")
+    doc = {"benchmark": "overhead_cpu_ab", "command": "python benchmarks/overhead_cpu.py " + " ".join(sys.argv[1:]),
+           "when": datetime.now(UTC).isoformat(timespec="seconds"), "commit": git_commit(),
+           "machine": f"{platform.machine()} python {platform.python_version()} ({os.cpu_count()} cpus)",
+           "scenario": args.scenario, "concurrency": args.concurrency, "requests_per_round": args.requests,
+           "rounds": args.rounds, "load": {"before": load_before, "after": os.getloadavg()}, "arms": arms}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -495,3 +495,24 @@ def test_overhead_against_the_floor(tmp_path: Path) -> None:
     assert "**Target met:** partly met (2 of 5 criteria)." in text
     assert "plain 0.83 × floor @32, p50 +0.15 ms; rollout 0.63 × floor @32, p50 +0.3 ms; tracing costs 12 %" in text
     assert "Other fields in the file" not in text
+
+
+def test_overhead_cpu_ab(tmp_path: Path) -> None:
+    """overhead_cpu.py --ab: one row per checkout, each change against the row above it."""
+    res, out = tmp_path / "results", tmp_path / "RESULTS.md"
+    _write(res / "overhead_cpu_ab.json", {
+        "benchmark": "overhead_cpu_ab", "command": "python benchmarks/overhead_cpu.py --ab a b",
+        "when": "2026-12-03T18:00:00+00:00", "commit": "abc1234", "machine": "x86_64 (2 cpus)",
+        "scenario": "plain", "concurrency": 32, "requests_per_round": 300, "rounds": 40,
+        "load": {"before": [9.0, 8.0, 7.0], "after": [10.0, 8.5, 7.2]},
+        "arms": [{"tree": "ab-base", "commit": "d973f34", "subject": "before", "cpu_us_per_request_median": 800.0,
+                  "cpu_us_per_request_min": 700.0, "vs_first": 1.0, "non_200": 0,
+                  "cpu_us_per_request_rounds": [800.0]},
+                 {"tree": "ab-render", "commit": "80e769e", "subject": "render: one context", "vs_first": 0.95,
+                  "cpu_us_per_request_median": 760.0, "cpu_us_per_request_min": 690.0, "non_200": 0,
+                  "cpu_us_per_request_rounds": [760.0]}]})
+    assert _run(res, out) == 0
+    text = out.read_text(encoding="utf-8")
+    assert "| `ab-render` | 80e769e | render: one context | 760 | 690 | 0.95 | 0 |" in text
+    assert "step by step: ab-render -5 %" in text
+    assert "40 rounds of 300 requests per checkout" in text and "Other fields in the file" not in text
