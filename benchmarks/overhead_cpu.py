@@ -103,7 +103,7 @@ async def _drive(app: Any, key: str, total: int, concurrency: int, start_no: int
             body = orjson.dumps({**LISTING, "seller_id": f"seller-{n}"})
             sent = False
 
-            async def receive() -> dict[str, Any]:
+            async def receive(body: bytes = body) -> dict[str, Any]:
                 nonlocal sent
                 if not sent:
                     sent = True
