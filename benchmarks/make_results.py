@@ -420,6 +420,12 @@ def render_overhead_vs_floor(doc: dict[str, Any], scenarios: list[dict[str, Any]
     hanging = _hanging_shadow_check(scenarios)
     if hanging is not None:
         checks.append(hanging)
+    if doc.get("paired"):
+        lines += ["", "Run with `--paired`: each scenario ran at the same time as a floor gateway on the same "
+                  "CPU (each with its own stub and wrk), and its × floor and p50 − floor's are against that "
+                  "floor, which saw the same machine second by second. The two workers share the core fairly, "
+                  "so × floor is the ratio of their CPU per request and each scenario's absolute req/s is about "
+                  "half a core's; the `floor` row ran alone."]
     for key, label in (("floor", "The floor"), ("reference", "Reference (recorded, not measured here)")):
         if doc.get(key):
             lines += ["", f"{label}: {cell(str(doc[key]))}."]
@@ -453,7 +459,7 @@ def render_overhead_vs_floor(doc: dict[str, Any], scenarios: list[dict[str, Any]
         body=lines,
         checks=checks,
         result="; ".join(parts) or "see the table",
-        consumed={"targets", "scenarios", "floor", "reference", "tracing_cost", "load"})
+        consumed={"targets", "scenarios", "floor", "reference", "tracing_cost", "load", "paired"})
 
 
 def _hanging_shadow_check(scenarios: list[dict[str, Any]]) -> Check | None:

@@ -26,6 +26,10 @@ over `--repeat` rounds of every scenario (the c32 throughput of every round is k
 it). LiteLLM's figure from the issue is recorded as a reference only. Needs `wrk` (Debian
 package).
 
+`--paired` runs a second floor gateway at the same time as each scenario, on the same CPU, and
+sets the scenario against that one: on a machine others are loading, the floor row measured a
+minute earlier may have seen a different machine, the paired floor saw the same one.
+
 On a machine with two or more CPUs the gateway worker (or the floor) is pinned to the first
 CPU and the stub, wrk and this script to the rest (`--shared` turns that off), so a figure is
 what one worker does with one core to itself rather than how the load generator and the
@@ -96,8 +100,24 @@ def _lua(tmp: Path, body: dict, headers: dict[str, str]) -> Path:
 
 
 def _wrk(url: str, script: Path, connections: int, duration: int) -> dict[str, float]:
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), url],
-                         capture_output=True, text=True, check=True).stdout
+    return _wrk_both([(url, script)], connections, duration)[0]
+
+
+def _wrk_both(targets: list[tuple[str, Path]], connections: int, duration: int) -> list[dict[str, float]]:
+    """One wrk per (url, script), all running at the same time."""
+    procs = [subprocess.Popen(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script),
+                               url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for url, script in targets]
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise subprocess.CalledProcessError(proc.returncode, proc.args, out, err)
+        outs.append(_parse_wrk(out))
+    return outs
+
+
+def _parse_wrk(out: str) -> dict[str, float]:
     def ms(label: str) -> float:
         m = re.search(rf"^\s+{label}\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
         assert m, out
@@ -165,9 +185,22 @@ def run_scenario(name: str, tmp: Path, args: argparse.Namespace, receiver: OtlpH
     gw_cpus = args.gateway_cpus
     gw = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           preexec_fn=(lambda: os.sched_setaffinity(0, gw_cpus)) if gw_cpus else None)
+    paired = args.paired and name != FLOOR
+    extra: list[subprocess.Popen[bytes]] = []
+    if paired:  # the floor beside it, on the same CPU, with a stub of its own
+        floor_stub_port, floor_port = _free_port(), _free_port()
+        extra.append(subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "stub_upstream.py"), "--port",
+                                       str(floor_stub_port)]))
+        extra.append(subprocess.Popen(
+            [sys.executable, str(ROOT / "benchmarks" / "floor_gateway.py"), "--port", str(floor_port),
+             "--upstream", f"http://127.0.0.1:{floor_stub_port}/v1"], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, preexec_fn=(lambda: os.sched_setaffinity(0, gw_cpus)) if gw_cpus else None))
     try:
         _wait_http(f"http://127.0.0.1:{stub_port}/v1/models")
         _wait_http(f"http://127.0.0.1:{gw_port}/healthz")
+        if paired:
+            _wait_http(f"http://127.0.0.1:{floor_stub_port}/v1/models")
+            _wait_http(f"http://127.0.0.1:{floor_port}/healthz")
         from gateway.pipeline import ModerationPipeline
         from prompt_registry.loader import load_prompt_file
         from serving.http_backend import build_chat_body
@@ -182,10 +215,20 @@ def run_scenario(name: str, tmp: Path, args: argparse.Namespace, receiver: OtlpH
         _wrk(gw_url, gw_script, 4, 2)  # warm-up
         result: dict = {"scenario": name, "tracing_sample_ratio": ratio}
         result["direct_c1"] = _wrk(stub_url, direct_script, 1, args.duration)
-        result["gateway_c1"] = _wrk(gw_url, gw_script, 1, args.duration)
+        if paired:
+            floor_url, floor_script = f"http://127.0.0.1:{floor_port}/v1/moderate", _lua(tmp, LISTING, {})
+            _wrk(floor_url, floor_script, 4, 2)  # warm-up
+            result["gateway_c1"], result["paired_floor_c1"] = _wrk_both(
+                [(gw_url, gw_script), (floor_url, floor_script)], 1, args.duration)
+        else:
+            result["gateway_c1"] = _wrk(gw_url, gw_script, 1, args.duration)
         result["direct_c32"] = _wrk(stub_url, direct_script, 32, args.duration)
         cpu0 = _cpu_seconds(gw.pid)
-        result["gateway_c32"] = _wrk(gw_url, gw_script, 32, args.duration)
+        if paired:
+            result["gateway_c32"], result["paired_floor_c32"] = _wrk_both(
+                [(gw_url, gw_script), (floor_url, floor_script)], 32, args.duration)
+        else:
+            result["gateway_c32"] = _wrk(gw_url, gw_script, 32, args.duration)
         cpu = _cpu_seconds(gw.pid) - cpu0
         result["added_p50_ms_c1"] = round(result["gateway_c1"]["p50_ms"] - result["direct_c1"]["p50_ms"], 3)
         result["added_p99_ms_c1"] = round(result["gateway_c1"]["p99_ms"] - result["direct_c1"]["p99_ms"], 3)
@@ -193,9 +236,9 @@ def run_scenario(name: str, tmp: Path, args: argparse.Namespace, receiver: OtlpH
         result["gateway_cpu_ms_per_request"] = round(cpu * 1000 / max(1, result["gateway_c32"]["requests"]), 3)
         return result
     finally:
-        gw.terminate()
-        stub.terminate()
-        for proc in (gw, stub):
+        for proc in (gw, stub, *extra):
+            proc.terminate()
+        for proc in (gw, stub, *extra):
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:  # a hanging-shadow stub holds its graceful shutdown
@@ -243,8 +286,10 @@ def vs_floor(rounds: dict[str, list[dict]]) -> None:
         return
     for runs in rounds.values():
         for r, f in zip(runs, floor, strict=True):
-            r["rps_c32_vs_floor"] = round(r["gateway_rps_c32"] / f["gateway_rps_c32"], 3)
-            r["p50_ms_c1_minus_floor"] = round(r["gateway_c1"]["p50_ms"] - f["gateway_c1"]["p50_ms"], 3)
+            # --paired: the floor that ran at the same time on the same CPU
+            f_c1, f_c32 = r.get("paired_floor_c1", f["gateway_c1"]), r.get("paired_floor_c32", f["gateway_c32"])
+            r["rps_c32_vs_floor"] = round(r["gateway_rps_c32"] / f_c32["rps"], 3)
+            r["p50_ms_c1_minus_floor"] = round(r["gateway_c1"]["p50_ms"] - f_c1["p50_ms"], 3)
 
 
 def combine(rounds: list[dict]) -> dict:
@@ -286,6 +331,13 @@ def main() -> None:
                     help="rounds over all scenarios (default 3); each figure is the median over the "
                          "rounds, with the range of the c32 throughput beside it (run to run this VM "
                          "varies by ±10-15 %%, more than most changes being measured)")
+    ap.add_argument("--paired", action="store_true",
+                    help="run a floor gateway at the same time as each scenario, on the same CPU (each "
+                         "has its own stub and wrk), and take each scenario's ratio and p50 difference "
+                         "against that one: both see the same machine second by second, so the ratio "
+                         "holds up on a loaded machine. Two workers then share the core fairly, so the "
+                         "ratio is that of their CPU per request and each absolute req/s is about half a "
+                         "core's; the `floor` row still runs alone")
     ap.add_argument("--shared", action="store_true",
                     help="let gateway, stub and wrk share every CPU (default on 2+ CPUs: the gateway "
                          "worker pinned to CPU 0, stub, wrk and this script to the others, so the "
@@ -328,6 +380,7 @@ def main() -> None:
                   "prompt + aiohttp upstream call + orjson, uvicorn with uvloop/httptools, nothing else"
                   if FLOOR in names else None),
         "reference": REFERENCE,
+        "paired": bool(args.paired),
         "load": {"before": load_before, "after": os.getloadavg()},
         "scenarios": results,
     }
