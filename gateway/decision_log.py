@@ -161,6 +161,9 @@ class DecisionRecord(BaseModel):
     latency_ms: float
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_prompt_tokens: int | None = Field(None, description="of prompt_tokens, those the model "
+                                             "server answered from its prefix cache (null when it "
+                                             "does not say); the ops report prices them apart")
     locale: str | None = None
     trace_id: str | None = None
     front_door: FrontDoor | None = Field(None, description="the API that was called: moderate "

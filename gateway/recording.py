@@ -23,7 +23,8 @@ def decision_record(ev: Evaluation, *, request_id: str, item_id: str, subject: s
         shadow_of=shadow_of, decision=v.decision, category=v.category, confidence=v.confidence,
         fail_reason=v.fail_reason, model=ev.result.model, latency_ms=round(latency_ms, 3),
         prompt_tokens=ev.result.prompt_tokens, completion_tokens=ev.result.completion_tokens,
-        locale=ev.locale, trace_id=trace_id, front_door=front_door, caller=caller,
+        cached_prompt_tokens=ev.result.cached_prompt_tokens, locale=ev.locale, trace_id=trace_id,
+        front_door=front_door, caller=caller,
         reasoning_tokens=ev.result.reasoning_tokens,
         **({} if first is None else _first_answer(ev, first)))
 

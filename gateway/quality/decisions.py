@@ -254,7 +254,7 @@ def arrow_schema() -> Any:
                  confidence=pa.float64(), latency_ms=pa.float64(), prompt_tokens=pa.int64(),
                  completion_tokens=pa.int64(), reasoning_tokens=pa.int64(),
                  first_confidence=pa.float64(), first_prompt_tokens=pa.int64(),
-                 first_completion_tokens=pa.int64())
+                 first_completion_tokens=pa.int64(), cached_prompt_tokens=pa.int64())
     return pa.schema([pa.field(name, types[name], nullable=name != "ts") for name in FIELDS])
 
 
