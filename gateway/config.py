@@ -116,6 +116,26 @@ class RegistrySettings(_Strict):
     seed_dir: str | None = Field("prompts", description="prompt YAML seeded on first start")
 
 
+class ModelPrice(_Strict):
+    """What one model's tokens cost, per 1,000 (in `reporting.currency`)."""
+
+    prompt_per_1k: float = Field(..., ge=0, description="per 1,000 prompt tokens not served from "
+                                 "the prefix cache")
+    completion_per_1k: float = Field(..., ge=0, description="per 1,000 completion tokens")
+    cached_prompt_per_1k: float | None = Field(None, ge=0, description="per 1,000 prompt tokens "
+                                               "served from the prefix cache; null: as prompt_per_1k")
+
+
+class ReportingSettings(_Strict):
+    """Settings of the offline reports (`modgate report ops`); the gateway does not read them."""
+
+    currency: str = Field("USD", pattern=r"^[A-Za-z]{3}$", description="ISO 4217 code the prices "
+                          "are in")
+    prices: dict[str, ModelPrice] = Field(default_factory=dict, description="price per model name "
+                                          "(as the decision log records `model`); a model without "
+                                          "a price gets tokens but no cost in the report")
+
+
 class AppConfig(_Strict):
     data_dir: Path = Path("../data")
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
@@ -125,6 +145,7 @@ class AppConfig(_Strict):
     decision_log: DecisionLogSettings = Field(default_factory=DecisionLogSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     samples: SampleSettings = Field(default_factory=SampleSettings)
+    reporting: ReportingSettings = Field(default_factory=ReportingSettings)
     # Directory of the config file; set by load_config, used to resolve relative paths.
     base_dir: Path = Field(default=Path("."), exclude=True)
 

@@ -354,7 +354,11 @@ def diff_cmd(name: str, from_version: int, to_version: int, config: ConfigOpt = 
 
 @prompts_app.command("audit")
 def audit_cmd(name: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
-    """Every publish and label move of a prompt: who, when, from -> to, and why."""
+    """Every publish, label move and rollout transition of a prompt, one line each: when, who,
+    what moved and why. The full evidence of each entry (gate reports, rollout snapshots) is
+    in --json."""
+    from prompt_registry.audit_text import one_line
+
     with _store(config) as store:
         entries = store.audit(name)
         if not entries:
@@ -363,20 +367,9 @@ def audit_cmd(name: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> 
 
     def human() -> None:
         for e in entries:
-            if e.action == "publish":
-                what = f"published v{e.to_version}"
-            elif e.action == "scorecard":
-                what = f"scorecard of v{e.to_version}"
-            elif e.action == "gate_policy":
-                what = "gate policy"
-            elif e.action == "lifecycle":
-                what = f"state of v{e.to_version}"
-            elif e.action == "rollout":
-                what = f"rollout {e.label}: stable v{e.from_version}, canary v{e.to_version}"
-            else:
-                what = f"{e.label}: v{e.from_version if e.from_version is not None else '-'} -> v{e.to_version}"
-            note = f"  # {e.note}" if e.note else ""
-            typer.echo(f"{e.at:%Y-%m-%d %H:%M:%S}  {e.actor:<14} {what}{note}")
+            typer.echo(one_line(e))
+        typer.echo(f"({len(entries)} entries; the full evidence of each: modgate prompts audit "
+                   f"{name} --json)")
     _out(as_json, {"name": name, "entries": rows}, human)
 
 

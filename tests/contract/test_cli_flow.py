@@ -110,7 +110,7 @@ def test_prompt_ops_flow_from_the_cli(config_path: Path, gateway: tuple[TestClie
         ("scorecard", None, 1, "test"), ("scorecard", None, 2, "test"),
         ("label", 1, 2, "maria"), ("label", 2, 1, "maria")]
     human = run(config_path, "prompts", "audit", "listing-moderation")
-    assert "maria" in human and "production: v2 -> v1  # rollback from v2" in human
+    assert "maria" in human and "maria  label production: v2 → v1 — rollback from v2" in human
     listing = run(config_path, "prompts", "list")
     assert "listing-moderation" in listing and "production=v1" in listing
 
@@ -186,7 +186,7 @@ def test_promotion_gate_from_the_cli(config_path: Path, gateway: tuple[TestClien
         "ship v2 | GATE OVERRIDDEN by admin key local-admin: legal signed off; offline set predates "
         "the policy change (gate failed on dataset e08b6d315ed6: counterfeit precision lower bound")
     human = run(config_path, "prompts", "audit", "listing-moderation")
-    assert "scorecard of v2  # scorecard on dataset e08b6d315ed6 (194 items)" in human
+    assert "scorecard of v2 stored — scorecard on dataset e08b6d315ed6 (194 items)" in human
 
 
 def test_a_version_cannot_define_its_own_gate_from_the_cli(config_path: Path, gateway: tuple[TestClient, str],
@@ -260,7 +260,7 @@ def test_a_version_cannot_define_its_own_gate_from_the_cli(config_path: Path, ga
     assert policy_entry["note"].endswith(
         "| the 20-item set is all we have for the new market (by key local-admin)")
     assert "[policy: registry gate policy r1 (policy " in audit[-1]["note"]
-    assert "gate policy  # r1 (policy " in run(config_path, "prompts", "audit", "listing-moderation")
+    assert "gate policy changed — r1 (policy " in run(config_path, "prompts", "audit", "listing-moderation")
 
 
 def test_publishing_a_model_that_is_not_served_is_refused(config_path: Path, gateway: tuple[TestClient, str],
