@@ -18,7 +18,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Annotated, Any, cast
 
@@ -54,7 +54,8 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _when(value: str | None, option: str, now: datetime) -> datetime | None:
+def _when(value: str | None, option: str, now: datetime, tz: tzinfo = UTC) -> datetime | None:
+    """*value* as an aware UTC time; a time without an offset is read in *tz* (--tz)."""
     if value is None:
         return None
     text = value.strip()
@@ -66,12 +67,13 @@ def _when(value: str | None, option: str, now: datetime) -> datetime | None:
     except ValueError:
         raise _fail(f"{option}: cannot read {value!r} as a time; use ISO 8601 (2025-01-31, "
                     "2025-01-31T12:00:00Z) or a duration before now (90m, 24h, 7d)", 2) from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    return (parsed.replace(tzinfo=tz) if parsed.tzinfo is None else parsed).astimezone(UTC)
 
 
-def _range(since: str | None, until: str | None) -> tuple[datetime | None, datetime | None]:
+def _range(since: str | None, until: str | None,
+           tz: tzinfo = UTC) -> tuple[datetime | None, datetime | None]:
     now = datetime.now(UTC)
-    start, end = _when(since, "--since", now), _when(until, "--until", now)
+    start, end = _when(since, "--since", now, tz), _when(until, "--until", now, tz)
     if start is not None and end is not None and start >= end:
         raise _fail(f"--since ({start:%Y-%m-%d %H:%M:%S}) must be before --until "
                     f"({end:%Y-%m-%d %H:%M:%S})", 2)

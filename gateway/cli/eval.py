@@ -125,7 +125,7 @@ def _summary(sc: Scorecard) -> list[str]:
     r = sc.rates
     lines.append(f"  macro F1 {_f(q.macro_f1)}  accuracy {_pct(q.accuracy)}  needs_review "
                  f"{_pct(r['needs_review'].rate)}  parse failures {r['parse_failure'].count}  "
-                 f"errors {r['error'].count}  p95 {_f(sc.latency_ms['p95'], 0)} ms")
+                 f"errors {r['error'].count}")
     return lines
 
 

@@ -9,8 +9,9 @@ Reviewer labels (`POST /v1/feedback`, kept in `<data_dir>/feedback/`) are joined
 decision log (`<data_dir>/<decision_log.dir>`) on the request id. `quality` prints live
 precision and recall per prompt version and arm; `disagreements` writes the decisions that
 disagreed (with a reviewer, or between a shadow version and the caller's verdict) as new
-dataset rows for `modgate eval validate` and `modgate eval run`. Times are UTC; `--since` and
-`--until` take ISO 8601 or a duration before now (90m, 24h, 7d).
+dataset rows for `modgate eval validate` and `modgate eval run`. `--since` and `--until` take
+ISO 8601 or a duration before now (90m, 24h, 7d); times without an offset are UTC, or in the
+zone `quality --tz` names.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ import io
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import typer
 
 from gateway.cli.decisions import _progress_bar, _range, _skipped
 from gateway.config import AppConfig, ConfigError, load_config
+from gateway.quality.reporting import MISSING
 
 if TYPE_CHECKING:
     import httpx
@@ -36,9 +40,9 @@ if TYPE_CHECKING:
     from gateway.quality.agreement import PairAgreement
     from prompt_registry import PromptStore, VerdictSchema
 
-__all__ = ["MISSING", "feedback_app", "http_client", "load_sources", "read_label_file"]
+__all__ = ["MISSING", "TzOpt", "feedback_app", "http_client", "load_sources", "read_label_file",
+           "zone"]
 
-MISSING = "undefined"  # how every CLI table spells a metric that cannot be computed
 
 feedback_app = typer.Typer(
     no_args_is_help=True, add_completion=False, rich_markup_mode=None,
@@ -57,6 +61,23 @@ UntilOpt = Annotated[str | None, typer.Option(
     "--until", "--to", help="decisions up to this time (exclusive); same forms as --since")]
 PromptOpt = Annotated[str | None, typer.Option("--prompt", "-p", help="only this prompt")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")]
+TzOpt = Annotated[str, typer.Option(
+    "--tz", metavar="ZONE", help="IANA time zone of the report (e.g. Asia/Shanghai, "
+                                 "America/New_York): --since/--until without an offset are read "
+                                 "in it, days split at its midnight and times are shown in it "
+                                 "(default: UTC)")]
+_ZONE = re.compile(r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+){0,3}$")
+
+
+def zone(name: str) -> tzinfo:
+    """The time zone --tz names; a usage error (exit 2) naming the problem otherwise."""
+    if len(name) <= 64 and _ZONE.match(name):
+        try:
+            return ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            pass
+    raise _fail(f"--tz {name[:64]!r}: not an IANA time zone name; use one such as UTC, "
+                "Asia/Shanghai or America/New_York", 2)
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -90,14 +111,22 @@ def _stats_line(s: Any) -> str:
 
 @feedback_app.command("quality")
 def quality_cmd(since: SinceOpt = None, until: UntilOpt = None, prompt: PromptOpt = None,
-                config: ConfigOpt = None, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+                tz: TzOpt = "UTC", config: ConfigOpt = None, as_json: JsonOpt = False,
+                quiet: QuietOpt = False) -> None:
     """Live precision and recall per prompt version and arm, from reviewer labels.
+
+    Opens with the headline: per prompt, for all locales and then each locale (en-US, zh-CN,
+    ...), what callers got (stable, canary and pinned arms): decisions, review rate
+    (needs_review share) and precision of the reviewed decisions, each with its change
+    against the previous period of the same length (when --since is given). Then per version
+    and arm, shadows included, per category and per locale.
 
     Every reviewer label is joined with the decision it reviews (same request id) and with the
     shadow evaluations of that request, so a shadowed candidate is scored on the same items.
     Metrics and intervals (95% Wilson) are the offline scorecard's. Recall is only meaningful
     when reviewers also see a fair sample of allowed listings; the output says how many
-    decisions of each version were reviewed.
+    decisions of each version were reviewed. A metric that cannot be computed (no
+    predictions, no support) reads "undefined".
 
     When two reviewers labelled the same requests, their agreement follows: Cohen's kappa per
     pair of reviewers on the requests both labelled (a reviewer is the API key, with the
@@ -107,22 +136,44 @@ def quality_cmd(since: SinceOpt = None, until: UntilOpt = None, prompt: PromptOp
     \b
     Examples:
       modgate feedback quality --since 7d
-      modgate feedback quality --since 2025-03-01 --until 2025-03-08 --prompt listing-moderation
+      modgate feedback quality --since 2025-03-01 --until 2025-03-08 --tz Asia/Shanghai
       modgate feedback quality --since 24h --json | jq '.versions[] | {version, arm, reviewed}'
     """
     from gateway.quality.decisions import ReadStats, read_segments
-    from gateway.quality.live_quality import LiveQualityAccumulator, read_feedback
+    from gateway.quality.live_quality import (
+        HeadlineAccumulator,
+        LiveQualityAccumulator,
+        read_feedback,
+    )
+    from gateway.quality.ops_report import headline_table
+    from gateway.quality.reporting import local_time, tz_name
 
-    start, end = _range(since, until)
+    zone_ = zone(tz)
+    start, end = _range(since, until, zone_)
+    previous = start - ((end or datetime.now(UTC)) - start) if start is not None else None
     _, log_dir, fb_dir = load_sources(config)
-    fb = read_feedback(fb_dir, start)
+    fb = read_feedback(fb_dir, previous or start)
     acc = LiveQualityAccumulator(fb.labels)
+    by_locale = LiveQualityAccumulator(fb.labels, by_locale=True)
+    head, head_before = HeadlineAccumulator(fb.labels), HeadlineAccumulator(fb.labels)
     stats = ReadStats()
+    read = 0
     with _progress_bar(not quiet and not as_json) as progress:
-        for rec in read_segments(log_dir, start, end, stats=stats, progress=progress):
-            if prompt is None or rec.prompt_name == prompt:
-                acc.add(rec)
+        for rec in read_segments(log_dir, previous or start, end, stats=stats, progress=progress):
+            if prompt is not None and rec.prompt_name != prompt:
+                continue
+            if start is not None and rec.ts < start:
+                head_before.add(rec)
+                continue
+            read += 1
+            acc.add(rec)
+            by_locale.add(rec)
+            head.add(rec)
     results = acc.results()
+    categories = [s.category for q in results for s in q.quality.categories]
+    locales = by_locale.results(list(dict.fromkeys(categories)))
+    headline = head.results()
+    before = head_before.results() if previous is not None else None
     from gateway.quality.agreement import pair_agreement, read_reviewer_labels
 
     pairs = pair_agreement(read_reviewer_labels(fb_dir, start), acc.matched)
@@ -131,22 +182,50 @@ def quality_cmd(since: SinceOpt = None, until: UntilOpt = None, prompt: PromptOp
             return {"category": s.category, "support": s.support, "predicted": s.predicted,
                     "tp": s.tp, "fp": s.fp, "fn": s.fn, "precision": s.precision,
                     "precision_ci": s.precision_ci, "recall": s.recall, "recall_ci": s.recall_ci}
+
+        def hl(h: Any) -> dict[str, Any]:
+            return {"prompt": h.prompt, "locale": h.locale, "decisions": h.decisions,
+                    "errors": h.errors, "needs_review": h.needs_review,
+                    "review_rate": h.review_rate, "review_rate_ci": h.review_ci,
+                    "reviewed": h.reviewed, "precision": h.precision,
+                    "precision_ci": h.precision_ci}
         typer.echo(json.dumps({
             "since": start.isoformat() if start else None, "until": end.isoformat() if end else None,
-            "decisions": stats.records, "labels": len(fb.labels), "matched": len(acc.matched),
-            "bad_feedback_lines": fb.bad_lines,
+            "tz": tz_name(zone_), "decisions": read, "labels": len(fb.labels),
+            "matched": len(acc.matched), "bad_feedback_lines": fb.bad_lines,
+            "headline": [hl(h) for h in headline],
+            "previous": None if previous is None else {
+                "since": previous.isoformat(), "until": start.isoformat() if start else None,
+                "headline": [hl(h) for h in before or []]},
             "versions": [{"prompt": q.prompt, "version": q.version, "arm": q.arm,
                           "decisions": q.decisions, "reviewed": q.reviewed,
                           "micro": st(q.quality.micro), "flagged": st(q.quality.flagged),
-                          "categories": [st(s) for s in q.quality.categories]} for q in results],
+                          "categories": [st(s) for s in q.quality.categories],
+                          "locales": [{"locale": x.locale, "decisions": x.decisions,
+                                       "reviewed": x.reviewed, "micro": st(x.quality.micro),
+                                       "flagged": st(x.quality.flagged)}
+                                      for x in locales if (x.prompt, x.version, x.arm)
+                                      == (q.prompt, q.version, q.arm)]} for q in results],
             "reviewer_agreement": [{"reviewers": [x.a, x.b], "common": x.common,
                                     "agreement": x.agreement, "kappa": x.kappa}
                                    for x in pairs],
         }, indent=2, ensure_ascii=False))
         return
-    typer.echo(f"{stats.records} decision(s) read{_skipped(stats)}; {len(fb.labels)} reviewer "
+    zn = tz_name(zone_)
+    window = (f"from {local_time(start, zone_)} to "
+              f"{local_time(end, zone_) if end else 'now'} ({zn})" if start else
+              f"up to {local_time(end, zone_)} ({zn})" if end else "in the whole log")
+    typer.echo(f"{read} decision(s) read {window}{_skipped(stats)}; {len(fb.labels)} reviewer "
                f"label(s) in {fb_dir}, {len(acc.matched)} for these decisions"
                + (f" ({fb.bad_lines} unreadable feedback line(s) skipped)" if fb.bad_lines else ""))
+    if headline:
+        many = len({h.prompt for h in headline}) > 1
+        header, rows = headline_table(headline, before, many=many)
+        typer.echo("\nheadline: what callers got (stable, canary, pinned arms), "
+                   + (f"change against the previous period ({local_time(previous, zone_)} to "
+                      f"{local_time(start, zone_)})" if previous is not None and start is not None
+                      else "no previous period to compare with (give --since)"))
+        _text_table(header, rows)
     if not results:
         typer.echo("no reviewed decisions: nothing to measure yet (reviewers label decisions "
                    "with POST /v1/feedback {request_id, decision, category})")
@@ -159,7 +238,23 @@ def quality_cmd(since: SinceOpt = None, until: UntilOpt = None, prompt: PromptOp
         for s in [*q.quality.categories, q.quality.micro, q.quality.flagged]:
             if s.support or s.predicted or s.category in ("micro", "flagged"):
                 typer.echo(_stats_line(s))
+        mine = [x for x in locales if (x.prompt, x.version, x.arm) == (q.prompt, q.version, q.arm)]
+        typer.echo(f"  {'locale':<22}{'reviewed':>18}  {'precision (95% CI)':<20}"
+                   f"{'recall (95% CI)':<20}")
+        for x in mine:
+            m = x.quality.micro
+            typer.echo(f"  {x.locale or '':<22}{f'{x.reviewed} of {x.decisions}':>18}  "
+                       f"{_ci(m.precision, m.precision_ci):<20}{_ci(m.recall, m.recall_ci):<20}")
     _agreement_lines(pairs)
+
+
+def _text_table(header: list[str], rows: list[list[str]]) -> None:
+    """A plain-text table: the first columns left-aligned (names), the rest right-aligned."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    names = sum(1 for h in header if h in ("prompt", "locale"))
+    for row in [header, *rows]:
+        typer.echo("  " + "  ".join(str(c).ljust(w) if i < names else str(c).rjust(w)
+                                    for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip())
 
 
 def _agreement_lines(pairs: list[PairAgreement]) -> None:

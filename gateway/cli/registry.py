@@ -43,6 +43,7 @@ from gateway.cli.promotion import (
     report_lines,
 )
 from gateway.config import AppConfig, ConfigError, load_config
+from gateway.quality.reporting import MISSING
 from gateway.rollouts.ops import complete_approved_promotion
 from gateway.rollouts.promotion import ADMIN_SCOPE
 from prompt_registry import (
@@ -374,12 +375,12 @@ def audit_cmd(name: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> 
 
 
 def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
+    return MISSING if x is None else f"{x:.3f}"
 
 
 def _ci(value: float | None, ci: list[float] | None) -> str:
     if value is None:
-        return "-"
+        return MISSING
     return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{value:.3f}"
 
 

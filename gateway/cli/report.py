@@ -1,7 +1,7 @@
 """`modgate report ops`: the operational report of a time window, as HTML and Markdown.
 
     modgate report ops --since 24h
-    modgate report ops --from 2025-03-01 --to 2025-03-08 --prompt listing-moderation --out week10/
+    modgate report ops --from 2025-03-01 --to 2025-03-08 --tz Asia/Shanghai --out week10/
 
 Reads the decision log, the reviewer-feedback log and the registry (audit log, rollouts) of the
 configuration and writes `ops-report.md` (with PNG plots next to it) and `ops-report.html` (one
@@ -17,7 +17,17 @@ from typing import Annotated
 import typer
 
 from gateway.cli.decisions import _progress_bar, _range, _skipped
-from gateway.cli.feedback import ConfigOpt, JsonOpt, PromptOpt, QuietOpt, _fail, load_sources
+from gateway.cli.feedback import (
+    ConfigOpt,
+    JsonOpt,
+    PromptOpt,
+    QuietOpt,
+    TzOpt,
+    _fail,
+    _text_table,
+    load_sources,
+    zone,
+)
 
 __all__ = ["report_app"]
 
@@ -34,33 +44,46 @@ def ops_cmd(
                                   "given, or a duration before now such as 90m, 24h, 7d")] = "24h",
     until: Annotated[str | None, typer.Option(
         "--until", "--to", help="window end (exclusive), same forms; default: now")] = None,
-    prompt: PromptOpt = None,
+    prompt: PromptOpt = None, tz: TzOpt = "UTC",
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="output directory (default: <data_dir>/reports/ops-<from>-<to>)")] = None,
     config: ConfigOpt = None, as_json: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Write the operational report of a time window (HTML and Markdown, with plots).
 
-    Per prompt version and arm (stable, canary, pinned, shadow): volume and traffic share,
-    verdict mix per category (table, and over time), review rate (needs_review share, 95%
-    Wilson interval) and parse failures, precision and recall from reviewer feedback,
-    latency p50/p95/p99; and the rollout events of the window (publishes, label moves,
-    rollout transitions from the registry's audit log, marked on the time plots) with each
-    prompt's current rollout. Times are UTC.
+    It opens with the point: per prompt, for all locales and each locale (en-US, zh-CN, ...),
+    the decisions callers got, the review rate and the precision from reviewer labels, each
+    against the previous period of the same length; then every rollout that ran in the
+    window with its outcome, and the registry events (publishes, label moves, rollout
+    transitions), one line each: what moved, why, by whom (the evidence is a click away in
+    the HTML, and in --json).
+
+    Then the detail per prompt version and arm (stable, canary, pinned, shadow): volume and
+    traffic share, per locale, per day (of --tz: days split at its midnight), verdict mix per
+    category (table, and over time), review rate (needs_review share, 95% Wilson interval)
+    and parse failures, precision and recall from reviewer feedback, a caller x shadow table
+    per category for each shadowed version, tokens (prompt, cached prompt, completion) and
+    their cost at the prices of `reporting.prices`, latency p50/p95/p99.
 
     \b
     Examples:
       modgate report ops --since 24h
-      modgate report ops --from 2025-03-01 --to 2025-03-08 -p listing-moderation -o week10/
-      modgate report ops --since 7d --json | jq '.review'
+      modgate report ops --from 2025-03-01 --to 2025-03-08 --tz Asia/Shanghai -o week10/
+      modgate report ops --since 7d --json | jq '.headline'
     """
     from datetime import UTC, datetime
 
     from gateway.quality.decisions import ReadStats, read_segments
     from gateway.quality.live_quality import read_feedback
-    from gateway.quality.ops_report import build_report, registry_events, write_ops_report
+    from gateway.quality.ops_report import (
+        build_report,
+        headline_table,
+        registry_events,
+        write_ops_report,
+    )
 
-    start, end = _range(since, until)
+    zone_ = zone(tz)
+    start, end = _range(since, until, zone_)
     assert start is not None
     end = end or datetime.now(UTC)
     if start >= end:
@@ -68,11 +91,14 @@ def ops_cmd(
     if out is not None and out.exists() and not out.is_dir():
         raise _fail(f"--out {out} is a file; give a directory", 2)
     cfg, log_dir, fb_dir = load_sources(config)
-    fb = read_feedback(fb_dir, start)
+    previous = start - (end - start)
+    fb = read_feedback(fb_dir, previous)
     stats = ReadStats()
     with _progress_bar(not quiet and not as_json) as progress:
-        rep = build_report(read_segments(log_dir, start, end, stats=stats, progress=progress),
-                           fb.labels, start=start, end=end, prompt=prompt)
+        rep = build_report(read_segments(log_dir, previous, end, stats=stats, progress=progress),
+                           fb.labels, start=start, end=end, prompt=prompt, tz=zone_,
+                           previous_start=previous, prices=cfg.reporting.prices,
+                           currency=cfg.reporting.currency)
     if stats.torn_lines or stats.bad_lines:
         rep.notes.append(f"decision log:{_skipped(stats)}")
     if fb.bad_lines:
@@ -93,8 +119,9 @@ def ops_cmd(
                 store.close()
         except (ConfigError, RegistryError) as exc:
             rep.notes.append(f"registry not readable, rollout events left out: {exc}")
+    local_start, local_end = start.astimezone(zone_), end.astimezone(zone_)
     out_dir = out or (cfg.data_path() / "reports"
-                      / f"ops-{start:%Y%m%dT%H%M}-{end:%Y%m%dT%H%M}")
+                      / f"ops-{local_start:%Y%m%dT%H%M}-{local_end:%Y%m%dT%H%M}")
     try:
         paths = write_ops_report(rep, out_dir)
     except OSError as exc:
@@ -104,9 +131,17 @@ def ops_cmd(
         data["paths"] = {k: str(p) for k, p in paths.items()}
         typer.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
         return
-    typer.echo(f"{rep.records} decision(s) from {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC"
-               f"{_skipped(stats)}; {rep.feedback_matched} reviewer label(s); "
-               f"{len(rep.events)} registry event(s)")
+    typer.echo(f"{rep.records} decision(s) from {local_start:%Y-%m-%d %H:%M} to "
+               f"{local_end:%Y-%m-%d %H:%M} {tz}{_skipped(stats)}; {rep.feedback_matched} reviewer "
+               f"label(s); {len(rep.events)} registry event(s)")
+    if rep.headline:
+        typer.echo("headline (what callers got; change against the previous period of the "
+                   "same length):")
+        header, rows = headline_table(rep.headline, rep.headline_before,
+                                      many=len(rep.prompts) > 1)
+        _text_table(header, rows)
+    for r in rep.rollouts:
+        typer.echo(f"rollout {r['id']} of {r['prompt']}: {r['outcome']}")
     for n in rep.notes:
         typer.echo(f"note: {n}")
     typer.echo(f"report: {paths['html']}\n        {paths['markdown']}")

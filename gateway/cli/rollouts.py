@@ -31,6 +31,7 @@ from gateway.cli.registry import (
     _store_and_config,
     gate_refused,
 )
+from gateway.quality.reporting import MISSING
 from gateway.rollouts.ops import (
     apply_action,
     find_rollout,
@@ -128,7 +129,7 @@ def defaults_help() -> str:
     needs = sample_needs(d)
     canary = canary_verdicts_needed(d)
     bare = sample_needs(GateConfig(min_samples=1))
-    per5 = "-" if canary is None else f"{canary / 0.05:,.0f}"
+    per5 = MISSING if canary is None else f"{canary / 0.05:,.0f}"
     return (f"Defaults: error_rate {d.max_error_rate}, parse_failure_rate {d.max_parse_failure_rate}, "
             f"agreement {d.min_agreement} (only when the canary version is shadowed), flag_drift "
             f"{d.max_flag_rate_drift}, p95_ms off, precision off, recall_drop off, min_samples "
@@ -144,7 +145,7 @@ def defaults_help() -> str:
 
 def _fmt(x: Any, digits: int = 3) -> str:
     if x is None:
-        return "-"
+        return MISSING
     if isinstance(x, float):
         return f"{x:.{digits}f}"
     return str(x)

@@ -35,13 +35,31 @@ import orjson
 
 from gateway.decision_log import DecisionRecord
 from gateway.quality.evaluation.dataset import ALLOW, NO_CATEGORY
-from gateway.quality.evaluation.scorecard import ItemOutcome, Quality, outcome_label, quality
+from gateway.quality.evaluation.scorecard import (
+    ItemOutcome,
+    Quality,
+    outcome_label,
+    quality,
+    wilson,
+)
 
-__all__ = ["FeedbackLabel", "FeedbackRead", "LiveQuality", "LiveQualityAccumulator", "gold_of",
-           "labelled_request", "live_quality", "outcome", "read_feedback", "verdict_text"]
+__all__ = ["ALL_LOCALES", "FeedbackLabel", "FeedbackRead", "HeadlineAccumulator", "LiveQuality",
+           "LiveQualityAccumulator", "TrafficHeadline", "gold_of", "labelled_request",
+           "live_quality", "locale_of", "outcome", "read_feedback", "verdict_text"]
 
 _FILE = re.compile(r"^feedback-(\d{8})-.*\.jsonl$")
 PRIMARY_ARMS = ("stable", "canary", "pinned")
+ALL_LOCALES = "all"          # the row of a split that holds every locale
+UNKNOWN_LOCALE = "unknown"   # a decision logged without a locale
+
+
+def locale_of(rec: DecisionRecord) -> str:
+    return rec.locale or UNKNOWN_LOCALE
+
+
+def _seen_categories(outcomes: Iterable[ItemOutcome]) -> list[str]:
+    return sorted({c for o in outcomes for c in (o.gold_category, o.category)
+                   if c and c != NO_CATEGORY})
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +156,7 @@ class LiveQuality:
     decisions: int      # decisions of this version and arm in the window (with or without label)
     reviewed: int       # of which a reviewer labelled
     quality: Quality
+    locale: str | None = None   # set when the accumulator splits by locale
 
     @property
     def review_share(self) -> float | None:
@@ -146,18 +165,20 @@ class LiveQuality:
 
 class LiveQualityAccumulator:
     """Feed decision records one by one (`add`), then read `results()`; keeps only the
-    labelled ones."""
+    labelled ones. `by_locale=True` keeps one result per locale of each version and arm."""
 
-    def __init__(self, labels: dict[str, FeedbackLabel]) -> None:
+    def __init__(self, labels: dict[str, FeedbackLabel], *, by_locale: bool = False) -> None:
         self.labels = labels
-        self.totals: dict[tuple[str, int, str], int] = {}
-        self.outcomes: dict[tuple[str, int, str], list[ItemOutcome]] = {}
+        self.by_locale = by_locale
+        self.totals: dict[tuple[str, int, str, str | None], int] = {}
+        self.outcomes: dict[tuple[str, int, str, str | None], list[ItemOutcome]] = {}
         self.matched: set[str] = set()
 
     def add(self, rec: DecisionRecord) -> None:
         if rec.prompt_name is None or rec.prompt_version is None:
             return  # a raw_chat record: no prompt, no verdict, nothing to score
-        key = (rec.prompt_name, rec.prompt_version, rec.arm)
+        key = (rec.prompt_name, rec.prompt_version, rec.arm,
+               locale_of(rec) if self.by_locale else None)
         self.totals[key] = self.totals.get(key, 0) + 1
         rid = labelled_request(rec)
         label = self.labels.get(rid)
@@ -169,14 +190,12 @@ class LiveQualityAccumulator:
         """Per (prompt, version, arm) with at least one label, in that order. *categories*
         defaults to every violation category seen in labels or verdicts."""
         if categories is None:
-            seen = {c for outs in self.outcomes.values() for o in outs
-                    for c in (o.gold_category, o.category) if c and c != NO_CATEGORY}
-            categories = sorted(seen)
+            categories = _seen_categories(o for outs in self.outcomes.values() for o in outs)
         arm_order = {a: i for i, a in enumerate([*PRIMARY_ARMS, "shadow"])}
-        keys = sorted(self.outcomes, key=lambda k: (k[0], k[1], arm_order.get(k[2], 9)))
+        keys = sorted(self.outcomes, key=lambda k: (k[0], k[1], arm_order.get(k[2], 9), k[3] or ""))
         return [LiveQuality(prompt=k[0], version=k[1], arm=k[2], decisions=self.totals[k],
                             reviewed=len(self.outcomes[k]),
-                            quality=quality(self.outcomes[k], list(categories)))
+                            quality=quality(self.outcomes[k], list(categories)), locale=k[3])
                 for k in keys]
 
 
@@ -186,3 +205,75 @@ def live_quality(records: Iterable[DecisionRecord], labels: dict[str, FeedbackLa
     for rec in records:
         acc.add(rec)
     return acc.results(categories)
+
+
+# -- the headline: what callers got, per prompt and locale ----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficHeadline:
+    """The caller traffic (stable, canary and pinned arms; not shadows) of one prompt in one
+    locale (or ALL_LOCALES): how much, how much went to review, how precise it was."""
+    prompt: str
+    locale: str
+    decisions: int
+    errors: int          # backend failures, no verdict
+    needs_review: int
+    reviewed: int        # decisions a reviewer labelled
+    quality: Quality | None
+
+    @property
+    def answered(self) -> int:
+        return self.decisions - self.errors
+
+    @property
+    def review_rate(self) -> float | None:
+        return self.needs_review / self.answered if self.answered else None
+
+    @property
+    def review_ci(self) -> tuple[float, float] | None:
+        return wilson(self.needs_review, self.answered)
+
+    @property
+    def precision(self) -> float | None:
+        return self.quality.micro.precision if self.quality else None
+
+    @property
+    def precision_ci(self) -> tuple[float, float] | None:
+        return self.quality.micro.precision_ci if self.quality else None
+
+
+class HeadlineAccumulator:
+    """`add` decision records, then `results()`: one TrafficHeadline per prompt for all
+    locales, then one per locale seen. Precision is the micro average of the reviewed caller
+    decisions (a verdict is right when its outcome label is the reviewer's)."""
+
+    def __init__(self, labels: dict[str, FeedbackLabel]) -> None:
+        self.labels = labels
+        self.counts: dict[tuple[str, str], list[int]] = {}   # decisions, errors, needs_review
+        self.outcomes: dict[tuple[str, str], list[ItemOutcome]] = {}
+
+    def add(self, rec: DecisionRecord) -> None:
+        if rec.prompt_name is None or rec.arm not in PRIMARY_ARMS:
+            return
+        label = self.labels.get(rec.request_id)
+        for key in ((rec.prompt_name, ALL_LOCALES), (rec.prompt_name, locale_of(rec))):
+            c = self.counts.setdefault(key, [0, 0, 0])
+            c[0] += 1
+            c[1] += rec.error_type is not None
+            c[2] += rec.decision == "needs_review"
+            if label is not None:
+                self.outcomes.setdefault(key, []).append(outcome(rec, label))
+
+    def results(self, categories: Sequence[str] | None = None) -> list[TrafficHeadline]:
+        if categories is None:
+            categories = _seen_categories(o for outs in self.outcomes.values() for o in outs)
+        keys = sorted(self.counts, key=lambda k: (k[0], k[1] != ALL_LOCALES, k[1]))
+        out = []
+        for key in keys:
+            n, errors, nr = self.counts[key]
+            outs = self.outcomes.get(key, [])
+            out.append(TrafficHeadline(prompt=key[0], locale=key[1], decisions=n, errors=errors,
+                                       needs_review=nr, reviewed=len(outs),
+                                       quality=quality(outs, list(categories)) if outs else None))
+        return out

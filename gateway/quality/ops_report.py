@@ -1,22 +1,31 @@
 """The operational report: what the gateway decided over a time window, and how well.
 
 Sources: the decision log (every verdict, primary and shadow), the reviewer-feedback log (joined
-on request id, gateway/quality/live_quality.py) and the registry (audit log and rollout state). For each
-prompt version and arm (`stable`, `canary`, `pinned`, `shadow`):
+on request id, gateway/quality/live_quality.py) and the registry (audit log and rollouts). It
+opens with the point and then gives the detail:
 
-- **volume**: decisions and backend errors; for caller-facing arms, the share of the prompt's
-  caller traffic;
+- **headline**: per prompt, for all locales and each locale (en-US, zh-CN, ...), what callers got
+  (stable, canary and pinned arms): decisions, review rate and precision of the reviewed
+  decisions, each against the previous period of the same length;
+- **rollouts of the window**, each with its outcome (promoted, aborted, still running...), and
+  the registry events, one readable line each (what moved, why, by whom; the evidence one click
+  away in the HTML, or in `--json`);
+
+then, per prompt version and arm (`stable`, `canary`, `pinned`, `shadow`):
+
+- **volume**, and per locale, and per day of the report's time zone (`--tz`: days split at its
+  midnight);
 - **verdict mix**: the share of each outcome label (`none` = allowed, a violation category,
   `needs_review` = flagged without a category, `error` = no verdict), as a table and over time;
 - **review rate**: the share of verdicts that are `needs_review` (with 95% Wilson interval),
   which includes unusable model output (the gateway fails closed), and the parse-failure rate;
 - **precision and recall from reviewer feedback**, per category, with 95% Wilson intervals;
+- **shadow pairs**: for each shadowed version, what the caller got against what the shadow said
+  on the same request, per category (a v1 x v2 table);
+- **tokens and cost**: prompt tokens (of which served from the prefix cache) and completion
+  tokens, and their cost at the prices of `reporting.prices`;
 - **latency**: p50/p95/p99 of the answered requests (`prompt_registry.rollout_stats.quantile_of`,
-  the quantile the rollout gates and `modgate rollouts status` read from their sketch;
-  `latency_ms` as the decision log has it: the whole request for callers, the evaluation for
-  shadows);
-- **rollout events**: publishes, label moves and rollout transitions from the registry's audit
-  log inside the window (also marked on the time plots), and each prompt's current rollout.
+  the quantile the rollout gates and `modgate rollouts status` read from their sketch).
 
 `build_report` computes everything (pure, testable); `write_ops_report` writes `ops-report.md`
 with PNG plots next to it and `ops-report.html`, the same report with the plots embedded (one
@@ -25,10 +34,12 @@ self-contained file, gateway/quality/reporting.py).
 
 from __future__ import annotations
 
+import html
+import json
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict, cast
 
@@ -38,17 +49,35 @@ from gateway.quality.evaluation.scorecard import outcome_label, wilson
 from gateway.quality.live_quality import (
     PRIMARY_ARMS,
     FeedbackLabel,
+    HeadlineAccumulator,
     LiveQuality,
     LiveQualityAccumulator,
+    TrafficHeadline,
+    locale_of,
 )
-from gateway.quality.reporting import figure, html_page, markdown_html, png_data_uri
+from gateway.quality.reporting import (
+    MISSING,
+    change_count,
+    change_points,
+    change_value,
+    figure,
+    html_page,
+    local_time,
+    markdown_html,
+    png_data_uri,
+    tz_name,
+)
+from prompt_registry.audit_text import describe
 from prompt_registry.rollout_stats import quantile_of
-from prompt_registry.store import PromptReader, RolloutReader
+from prompt_registry.store import AuditEntry, PromptReader, RolloutReader
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["OpsReport", "build_report", "choose_bucket", "ops_markdown", "write_ops_report"]
+    from gateway.config import ModelPrice
+
+__all__ = ["OpsReport", "build_report", "choose_bucket", "headline_table", "ops_html",
+           "ops_markdown", "registry_events", "write_ops_report"]
 
 _BUCKETS: tuple[tuple[str, timedelta], ...] = (
     ("1min", timedelta(minutes=1)), ("5min", timedelta(minutes=5)),
@@ -57,7 +86,8 @@ _BUCKETS: tuple[tuple[str, timedelta], ...] = (
     ("12h", timedelta(hours=12)), ("1D", timedelta(days=1)), ("7D", timedelta(days=7)))
 _ARM_ORDER = {a: i for i, a in enumerate([*PRIMARY_ARMS, "shadow"])}
 _COLUMNS = ("ts", "prompt", "version", "arm", "outcome", "decision", "fail_reason", "error_type",
-            "latency_ms")
+            "latency_ms", "locale", "model", "prompt_tokens", "cached_prompt_tokens",
+            "completion_tokens")
 MAX_BUCKETS = 60
 
 
@@ -87,6 +117,16 @@ class OpsReport:
     live: list[LiveQuality]
     feedback_labels: int                  # labels read
     feedback_matched: int                 # of which for a request in the window
+    tz: tzinfo = UTC                      # the zone days split in and times are shown in
+    headline: list[TrafficHeadline] = field(default_factory=list)
+    previous_start: datetime | None = None            # the previous period: [previous_start, start)
+    headline_before: list[TrafficHeadline] | None = None
+    live_by_locale: list[LiveQuality] = field(default_factory=list)
+    by_locale: list[dict[str, Any]] = field(default_factory=list)
+    per_day: list[tuple[str, TrafficHeadline]] = field(default_factory=list)
+    tokens: list[dict[str, Any]] = field(default_factory=list)
+    currency: str = "USD"
+    shadow_pairs: list[dict[str, Any]] = field(default_factory=list)
     events: list[RegistryEvent] = field(default_factory=list)
     rollouts: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)   # what the reader must know (skipped lines...)
@@ -97,22 +137,41 @@ class OpsReport:
         return sorted({r["prompt"] for r in self.volume})
 
     def to_dict(self) -> dict[str, Any]:
+        def stats(s: Any) -> dict[str, Any]:
+            return {"support": s.support, "predicted": s.predicted, "tp": s.tp, "fp": s.fp,
+                    "fn": s.fn, "precision": s.precision, "precision_ci": s.precision_ci,
+                    "recall": s.recall, "recall_ci": s.recall_ci}
+
         def live(q: LiveQuality) -> dict[str, Any]:
-            def stats(s: Any) -> dict[str, Any]:
-                return {"support": s.support, "predicted": s.predicted, "tp": s.tp, "fp": s.fp,
-                        "fn": s.fn, "precision": s.precision, "precision_ci": s.precision_ci,
-                        "recall": s.recall, "recall_ci": s.recall_ci}
             return {"prompt": q.prompt, "version": q.version, "arm": q.arm,
+                    **({"locale": q.locale} if q.locale is not None else {}),
                     "decisions": q.decisions, "reviewed": q.reviewed,
                     "micro": stats(q.quality.micro), "flagged": stats(q.quality.flagged),
                     "categories": {s.category: stats(s) for s in q.quality.categories}}
+
+        def head(h: TrafficHeadline) -> dict[str, Any]:
+            return {"prompt": h.prompt, "locale": h.locale, "decisions": h.decisions,
+                    "errors": h.errors, "needs_review": h.needs_review,
+                    "review_rate": h.review_rate, "review_rate_ci": h.review_ci,
+                    "reviewed": h.reviewed, "precision": h.precision,
+                    "precision_ci": h.precision_ci}
         return {"start": self.start.isoformat(), "end": self.end.isoformat(),
+                "tz": tz_name(self.tz),
                 "generated_at": self.generated_at.isoformat(timespec="seconds"),
-                "records": self.records, "bucket": self.bucket, "volume": self.volume,
+                "records": self.records, "bucket": self.bucket,
+                "headline": [head(h) for h in self.headline],
+                "previous": None if self.previous_start is None else {
+                    "start": self.previous_start.isoformat(), "end": self.start.isoformat(),
+                    "headline": [head(h) for h in self.headline_before or []]},
+                "volume": self.volume, "by_locale": self.by_locale,
+                "per_day": [{"day": day, **head(h)} for day, h in self.per_day],
                 "verdict_mix": self.verdict_mix, "review": self.review, "latency": self.latency,
+                "tokens": self.tokens, "currency": self.currency,
+                "shadow_pairs": self.shadow_pairs,
                 "errors": self.errors, "fail_reasons": self.fail_reasons,
                 "feedback": {"labels": self.feedback_labels, "matched": self.feedback_matched,
-                             "quality": [live(q) for q in self.live]},
+                             "quality": [live(q) for q in self.live],
+                             "by_locale": [live(q) for q in self.live_by_locale]},
                 "events": self.events, "rollouts": self.rollouts, "notes": self.notes}
 
 
@@ -120,27 +179,101 @@ def _key(r: dict[str, Any]) -> tuple[str, int, int]:
     return (r["prompt"], r["version"], _ARM_ORDER.get(r["arm"], 9))
 
 
+def _label(outcome: str) -> str:
+    return "allow" if outcome == "none" else outcome
+
+
+def _cost(price: ModelPrice | None, prompt: int, cached: int, completion: int) -> float | None:
+    """What the tokens cost at *price*; None without a price."""
+    if price is None:
+        return None
+    cached_rate = price.cached_prompt_per_1k if price.cached_prompt_per_1k is not None \
+        else price.prompt_per_1k
+    return ((prompt - cached) * price.prompt_per_1k + cached * cached_rate
+            + completion * price.completion_per_1k) / 1000.0
+
+
+class _ShadowPairs:
+    """What the caller got against what each shadow said on the same request."""
+
+    def __init__(self) -> None:
+        self.primary: dict[str, tuple[str, int, str]] = {}           # request -> prompt, v, outcome
+        self.shadows: list[tuple[str, str, int, str]] = []            # shadow_of, prompt, v, outcome
+
+    def add(self, rec: DecisionRecord, outcome: str) -> None:
+        if rec.prompt_name is None or rec.prompt_version is None:
+            return
+        if rec.arm == "shadow" and rec.shadow_of:
+            self.shadows.append((rec.shadow_of, rec.prompt_name, rec.prompt_version, outcome))
+        elif rec.arm in PRIMARY_ARMS:
+            self.primary[rec.request_id] = (rec.prompt_name, rec.prompt_version, outcome)
+
+    def results(self) -> list[dict[str, Any]]:
+        cells: dict[tuple[str, int, int], Counter[tuple[str, str]]] = {}
+        for rid, prompt, version, shadow_outcome in self.shadows:
+            p = self.primary.get(rid)
+            if p is None or p[0] != prompt:
+                continue  # the caller's decision is outside the window (or of another prompt)
+            cells.setdefault((prompt, p[1], version), Counter())[(p[2], shadow_outcome)] += 1
+        out = []
+        for (prompt, primary_v, shadow_v), counts in sorted(cells.items()):
+            n = sum(counts.values())
+            same = sum(c for (a, b), c in counts.items() if a == b)
+            out.append({"prompt": prompt, "primary_version": primary_v,
+                        "shadow_version": shadow_v, "pairs": n, "agreement": same / n,
+                        "agreement_ci": wilson(same, n),
+                        "counts": [{"primary": a, "shadow": b, "n": c}
+                                   for (a, b), c in sorted(counts.items())]})
+        return out
+
+
 def build_report(records: Iterable[DecisionRecord], labels: dict[str, FeedbackLabel], *,
                  start: datetime, end: datetime, prompt: str | None = None,
-                 now: datetime | None = None) -> OpsReport:
-    """Every number of the report from the decision records of the window and reviewer labels."""
+                 now: datetime | None = None, tz: tzinfo = UTC,
+                 previous_start: datetime | None = None,
+                 prices: Mapping[str, ModelPrice] | None = None,
+                 currency: str = "USD") -> OpsReport:
+    """Every number of the report from the decision records and reviewer labels.
+
+    Records of [start, end) make the report; records of [previous_start, start), when
+    *previous_start* is given, only the previous period of the headline. Days split at the
+    midnight of *tz*. *prices* (model -> price) turn tokens into cost."""
     import pandas as pd
 
     acc = LiveQualityAccumulator(labels)
+    acc_locale = LiveQualityAccumulator(labels, by_locale=True)
+    head, head_before = HeadlineAccumulator(labels), HeadlineAccumulator(labels)
+    days: dict[str, HeadlineAccumulator] = {}
+    pairs = _ShadowPairs()
     rows: list[tuple[Any, ...]] = []
     for rec in records:
         if prompt is not None and rec.prompt_name != prompt:
             continue
+        if rec.ts < start:
+            if previous_start is not None and rec.ts >= previous_start:
+                head_before.add(rec)
+            continue
+        if rec.ts >= end:
+            continue
         acc.add(rec)
-        rows.append((rec.ts, rec.prompt_name, rec.prompt_version, rec.arm,
-                     outcome_label(rec.decision, rec.category, error=rec.error_type is not None),
-                     rec.decision, rec.fail_reason, rec.error_type, rec.latency_ms))
+        acc_locale.add(rec)
+        head.add(rec)
+        day = rec.ts.astimezone(tz).strftime("%Y-%m-%d")
+        days.setdefault(day, HeadlineAccumulator(labels)).add(rec)
+        out = outcome_label(rec.decision, rec.category, error=rec.error_type is not None)
+        pairs.add(rec, out)
+        rows.append((rec.ts, rec.prompt_name, rec.prompt_version, rec.arm, out,
+                     rec.decision, rec.fail_reason, rec.error_type, rec.latency_ms,
+                     locale_of(rec), rec.model, rec.prompt_tokens, rec.cached_prompt_tokens,
+                     rec.completion_tokens))
     df = pd.DataFrame.from_records(rows, columns=list(_COLUMNS))
     bucket, _ = choose_bucket(start, end)
     volume: list[dict[str, Any]] = []
     mix: list[dict[str, Any]] = []
     review: list[dict[str, Any]] = []
     latency: list[dict[str, Any]] = []
+    tokens: list[dict[str, Any]] = []
+    by_locale: list[dict[str, Any]] = []
     outcomes: list[str] = []
     if len(df):
         df["ts"] = pd.to_datetime(df["ts"], utc=True)
@@ -166,7 +299,28 @@ def build_report(records: Iterable[DecisionRecord], labels: dict[str, FeedbackLa
             latency.append({"prompt": p, "version": int(v), "arm": arm, "n": len(lat),
                             "p50_ms": quantile_of(lat, 0.5), "p95_ms": quantile_of(lat, 0.95),
                             "p99_ms": quantile_of(lat, 0.99)})
-        for table in (volume, mix, review, latency):
+            for loc, lg in g.groupby("locale", sort=True):
+                la = lg[lg["decision"].notna()]
+                lnr = int((la["decision"] == "needs_review").sum())
+                by_locale.append({"prompt": p, "version": int(v), "arm": arm,
+                                  "locale": str(loc), "decisions": len(lg),
+                                  "answered": len(la), "needs_review": lnr,
+                                  "rate": lnr / len(la) if len(la) else None,
+                                  "ci": wilson(lnr, len(la))})
+            for model, mg in g.groupby("model", sort=True):
+                used = mg[mg["prompt_tokens"].notna()]
+                pt = int(used["prompt_tokens"].sum())
+                ct = int(used["completion_tokens"].fillna(0).sum())
+                cached = int(used["cached_prompt_tokens"].fillna(0).sum())
+                cost = _cost((prices or {}).get(str(model)), pt, cached, ct)
+                tokens.append({"prompt": p, "version": int(v), "arm": arm, "model": str(model),
+                               "decisions": len(mg), "with_usage": len(used),
+                               "cache_reported": int(used["cached_prompt_tokens"].notna().sum()),
+                               "prompt_tokens": pt, "cached_prompt_tokens": cached,
+                               "completion_tokens": ct, "cost": cost,
+                               "cost_per_1k_decisions": cost / len(used) * 1000.0
+                               if cost is not None and len(used) else None})
+        for table in (volume, mix, review, latency, tokens, by_locale):
             table.sort(key=_key)
         seen = set(df["outcome"])
         cats = sorted(seen - {"none", "needs_review", "error"})
@@ -178,14 +332,50 @@ def build_report(records: Iterable[DecisionRecord], labels: dict[str, FeedbackLa
         errors=dict(Counter(df["error_type"].dropna())) if len(df) else {},
         fail_reasons=dict(Counter(df["fail_reason"].dropna())) if len(df) else {},
         live=acc.results(), feedback_labels=len(labels), feedback_matched=len(acc.matched),
-        frame=df)
+        tz=tz, headline=head.results(), previous_start=previous_start,
+        headline_before=head_before.results() if previous_start is not None else None,
+        live_by_locale=acc_locale.results(), by_locale=by_locale,
+        per_day=[(day, h) for day in sorted(days) for h in days[day].results()],
+        tokens=tokens, currency=currency, shadow_pairs=pairs.results(), frame=df)
 
 
-# -- rollout events (from the registry) --------------------------------------------------------
+# -- the headline --------------------------------------------------------------------------------
+
+
+def headline_table(current: Sequence[TrafficHeadline], previous: Sequence[TrafficHeadline] | None,
+                   *, many: bool) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the headline: per prompt (all locales, then each locale) the caller
+    decisions, review rate and precision, each with its change against *previous* (the period
+    of equal length before; None: no comparison, no change columns)."""
+    before = {(h.prompt, h.locale): h for h in previous or ()}
+    header = [*(["prompt"] if many else []), "locale", "decisions", "review rate (95% CI)",
+              "reviewed", "precision (95% CI)"]
+    if previous is not None:
+        header = [*header[:-3], "change", header[-3], "change", header[-2], header[-1], "change"]
+    rows = []
+    for h in current:
+        b = before.get((h.prompt, h.locale))
+        rate = (f"{_pct(h.review_rate)} ({_pct(h.review_ci[0])}–{_pct(h.review_ci[1])})"
+                if h.review_ci else MISSING)
+        cells = [*([h.prompt] if many else []), h.locale, str(h.decisions)]
+        if previous is not None:
+            cells.append(change_count(h.decisions, b.decisions if b else 0))
+        cells.append(rate)
+        if previous is not None:
+            cells.append(change_points(h.review_rate, b.review_rate if b else None))
+        cells += [str(h.reviewed), _ci(h.precision, h.precision_ci)]
+        if previous is not None:
+            cells.append(change_value(h.precision, b.precision if b else None))
+        rows.append(cells)
+    return header, rows
+
+
+# -- rollouts and registry events (from the registry) -------------------------------------------
 
 
 class RegistryEvent(TypedDict):
-    """One audit entry of the window as the report shows it (see `registry_events`)."""
+    """One audit entry of the window as the report shows it (see `registry_events`): one
+    readable line (what, why, by) and the entry as stored (`note` is the full evidence)."""
     at: datetime  # always timezone-aware
     prompt: str
     action: str
@@ -193,6 +383,8 @@ class RegistryEvent(TypedDict):
     from_version: int | None
     to_version: int | None
     actor: str
+    what: str
+    why: str
     note: str
 
 
@@ -203,46 +395,94 @@ class RegistryHistory(PromptReader, RolloutReader, Protocol):
 
 def registry_events(store: RegistryHistory, prompts: Sequence[str], start: datetime,
                     end: datetime) -> tuple[list[RegistryEvent], list[dict[str, Any]]]:
-    """Audit entries of *prompts* inside [start, end), oldest first, and each prompt's current
-    (or last) rollout."""
+    """Audit entries of *prompts* inside [start, end), oldest first, and every rollout that ran
+    during the window (started before its end, last changed after its start, or still
+    active), oldest first, each with its outcome."""
+    from gateway.rollouts.ops import rollout_history
+    from prompt_registry import RegistryError
+
     events: list[RegistryEvent] = []
     rollouts: list[dict[str, Any]] = []
     for name in prompts:
+        last: dict[str, AuditEntry] = {}   # rollout id -> its newest transition
         for e in store.audit(name):
+            rid = _rollout_id(e)
+            if rid is not None:
+                last[rid] = e
             at = e.at if e.at.tzinfo else e.at.replace(tzinfo=UTC)
             if start <= at < end:
+                line = describe(e)
                 events.append({"at": at, "prompt": name, "action": e.action, "label": e.label,
                                "from_version": e.from_version, "to_version": e.to_version,
-                               "actor": e.actor, "note": e.note})
-        r = store.get_rollout(name)
-        if r is not None:
-            rollouts.append({"prompt": name, "id": r.id, "state": r.state,
-                             "stable_version": r.stable_version, "canary_version": r.canary_version,
-                             "weight": r.weight, "shadows": [f"v{s.version}@{s.sample_rate:.0%}"
-                                                             for s in r.shadows],
-                             "started_at": r.started_at, "updated_at": r.updated_at,
-                             "last_decision": r.last_decision})
+                               "actor": e.actor, "what": line.what, "why": line.why,
+                               "note": e.note})
+        try:
+            history = rollout_history(store, name)  # type: ignore[arg-type]  # reads only
+        except RegistryError:
+            continue
+        for r in reversed(history):
+            started = datetime.fromisoformat(r["started_at"])
+            updated = datetime.fromisoformat(r["updated_at"])
+            active = r["state"] in ("running", "paused")
+            if started < end and (updated >= start or active):
+                rollouts.append({**r, "prompt": name, "started_at": started,
+                                 "updated_at": updated,
+                                 "outcome": _rollout_outcome(r, last.get(r["id"]))})
     events.sort(key=lambda e: e["at"])
+    rollouts.sort(key=lambda r: r["started_at"])
     return events, rollouts
 
 
+def _rollout_id(e: AuditEntry) -> str | None:
+    if e.action != "rollout" or not e.note.startswith("{"):
+        return None
+    try:
+        snap = json.loads(e.note).get("rollout")
+    except (ValueError, AttributeError):
+        return None
+    rid = snap.get("id") if isinstance(snap, dict) else None
+    return rid if isinstance(rid, str) else None
+
+
+def _rollout_outcome(r: Mapping[str, Any], last: AuditEntry | None) -> str:
+    """What became of the rollout, and the why and who of its last transition."""
+    state = str(r.get("state") or "unknown")
+    canary = f"v{r['canary_version']}" if r.get("canary_version") else "no canary"
+    if state == "promoted":
+        text = f"promoted: {canary} became production"
+    elif state == "aborted":
+        text = f"aborted: v{r['stable_version']} kept"
+    elif state in ("running", "paused"):
+        text = (f"{state}: {canary} at {r.get('weight', 0)}%" if r.get("canary_version")
+                else f"{state}: shadows only")
+    else:
+        text = state
+    decision = str(r.get("last_decision") or "")
+    text = f"{text} ({decision})" if decision and decision not in text else text
+    if last is not None and r.get("transitions", 0) > 1:
+        line = describe(last)
+        text += f" — {line.why or line.what} ({line.by})"
+    return text
+
+
 def _event_text(e: RegistryEvent) -> str:
-    if e["action"] == "publish":
-        return f"published v{e['to_version']}"
-    if e["action"] == "label":
-        if e["from_version"] is None:
-            return f"label {e['label']} set to v{e['to_version']}"
-        return f"label {e['label']}: v{e['from_version']} → v{e['to_version']}"
-    if e["action"] == "rollout":
-        return f"rollout {e['label']} (stable v{e['from_version']}, canary v{e['to_version']})"
-    return e["action"]
+    return e["what"]
 
 
-# -- Markdown ----------------------------------------------------------------------------------
+def _evidence(e: RegistryEvent) -> str:
+    line = describe(AuditEntry(at=e["at"], actor=e["actor"], action=e["action"], prompt=e["prompt"],
+                               label=e["label"], from_version=e["from_version"],
+                               to_version=e["to_version"], note=e["note"]))
+    if isinstance(line.evidence, dict):
+        return json.dumps(line.evidence, indent=2, ensure_ascii=False, default=str)
+    return line.evidence
 
 
-def _ts(ts: datetime) -> str:
-    return ts.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+# -- Markdown and HTML ---------------------------------------------------------------------------
+
+
+def _ts(rep: OpsReport, ts: datetime) -> str:
+    return local_time(ts, rep.tz)
 
 
 def _who(r: dict[str, Any], many: bool) -> str:
@@ -253,60 +493,150 @@ def _live_who(q: LiveQuality, many: bool) -> str:
     return _who({"prompt": q.prompt, "version": q.version, "arm": q.arm}, many)
 
 
+def _span(d: timedelta) -> str:
+    minutes = int(d.total_seconds() // 60)
+    days, rest = divmod(minutes, 1440)
+    hours, mins = divmod(rest, 60)
+    parts = [f"{days}d" if days else "", f"{hours}h" if hours else "", f"{mins}m" if mins else ""]
+    return " ".join(p for p in parts if p) or "0m"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "/").replace("\n", " ")
+
+
 IMAGES = {"volume": "ops-volume.png", "mix": "ops-verdict-mix.png",
           "review": "ops-review-rate.png", "feedback": "ops-feedback.png",
           "latency": "ops-latency.png"}
 
 
-def ops_markdown(rep: OpsReport, images: Sequence[str] = ()) -> str:
-    """The report as Markdown; *images* are the keys of IMAGES that were drawn."""
+def _title(rep: OpsReport) -> str:
+    return f"Operations report: {_ts(rep, rep.start)} → {_ts(rep, rep.end)} {tz_name(rep.tz)}"
+
+
+def _lead(rep: OpsReport) -> list[str]:
+    """The first screen: the window, the headline, the rollouts of the window."""
+    many = len(rep.prompts) > 1
+    zone = tz_name(rep.tz)
+    lines = [f"Window {rep.start.isoformat(timespec='seconds')} (inclusive) to "
+             f"{rep.end.isoformat(timespec='seconds')} (exclusive); times in {zone}. "
+             f"{rep.records} decision(s) (primary and shadow) for "
+             f"{', '.join(f'`{p}`' for p in rep.prompts) or 'no prompt'}; reviewer labels: "
+             f"{rep.feedback_matched} for requests in the window ({rep.feedback_labels} read); "
+             f"generated {rep.generated_at.isoformat(timespec='seconds')}."]
+    lines += ["", *(f"- **note:** {n}" for n in rep.notes)] if rep.notes else []
+    lines += ["", "## Headline", ""]
+    if rep.headline:
+        cmp = (f"change against the previous {_span(rep.start - rep.previous_start)} "
+               f"({_ts(rep, rep.previous_start)} → {_ts(rep, rep.start)})"
+               if rep.previous_start is not None else "no previous period")
+        lines += [(f"What callers got (stable, canary and pinned arms; shadows are not served), "
+                   f"for all locales and each locale; {cmp}. Review rate: share of verdicts "
+                   f"that are `needs_review`; precision: of the reviewed decisions flagged with "
+                   f"a category, the share whose category the reviewer confirmed (95% Wilson "
+                   f"intervals)."), ""]
+        header, rows = headline_table(rep.headline, rep.headline_before, many=many)
+        lines += _table(header, rows, "l" * (1 + many) + "r" * (len(header) - 1 - many))
+    else:
+        lines.append("No caller decisions in the window.")
+    lines += ["", "## Rollouts in the window", ""]
+    if rep.rollouts:
+        lines += _table(["prompt", "rollout", "versions", "started", "by", "last change",
+                         "outcome"],
+                        [[r["prompt"], f"`{r['id']}`",
+                          f"stable v{r['stable_version']}, "
+                          + (f"canary v{r['canary_version']}" if r["canary_version"] else "no canary")
+                          + (f", shadows {', '.join(f'v{s}' for s in r['shadows'])}"
+                             if r.get("shadows") else ""),
+                          _ts(rep, r["started_at"]), r["started_by"] or MISSING,
+                          _ts(rep, r["updated_at"]), _cell(r["outcome"])] for r in rep.rollouts])
+    else:
+        lines.append("No rollout ran in the window.")
+    return lines
+
+
+def _events_intro(rep: OpsReport) -> list[str]:
+    lines = ["", "## Registry events", ""]
+    if not rep.events:
+        return [*lines, "No publish, label move or rollout transition in the window."]
+    names = " ".join(dict.fromkeys(e["prompt"] for e in rep.events))
+    return [*lines, (f"One line per event: what moved, why, by whom. The full evidence (gate "
+                     f"reports, rollout snapshots): `modgate prompts audit {names} --json`, or "
+                     f"a click on the reason in ops-report.html. Events are marked on the time "
+                     f"plots (dashed lines)."), ""]
+
+
+def _events_markdown(rep: OpsReport) -> list[str]:
+    if not rep.events:
+        return []
+    return _table(["time", "prompt", "what", "why", "by"],
+                  [[_ts(rep, e["at"]), e["prompt"], _cell(e["what"]), _cell(e["why"]) or MISSING,
+                    e["actor"]] for e in rep.events])
+
+
+def _events_html(rep: OpsReport) -> str:
+    if not rep.events:
+        return ""
+    esc = html.escape
+    rows = []
+    for e in rep.events:
+        why = esc(e["why"]) or MISSING
+        rows.append(f"<tr><td>{esc(_ts(rep, e['at']))}</td><td>{esc(e['prompt'])}</td>"
+                    f"<td>{esc(e['what'])}</td><td><details><summary>{why}</summary>"
+                    f"<pre>{esc(_evidence(e))}</pre></details></td><td>{esc(e['actor'])}</td></tr>")
+    return ("<table>\n<thead><tr><th>time</th><th>prompt</th><th>what</th><th>why (click for "
+            "the evidence)</th><th>by</th></tr></thead>\n<tbody>\n" + "\n".join(rows)
+            + "\n</tbody>\n</table>\n")
+
+
+def _detail(rep: OpsReport, images: Sequence[str]) -> list[str]:
+    """Everything after the lead and the events: the detail per version and arm."""
     many = len(rep.prompts) > 1
 
     def img(key: str, alt: str) -> list[str]:
         return ["", f"![{alt}]({IMAGES[key]})"] if key in images else []
 
-    lines = [f"# Operations report: {_ts(rep.start)} → {_ts(rep.end)}", "",
-             f"- window: from {rep.start.isoformat(timespec='seconds')} (inclusive) to "
-             f"{rep.end.isoformat(timespec='seconds')} (exclusive); plots in {rep.bucket} buckets",
-             f"- {rep.records} decision(s) (primary and shadow) for "
-             f"{', '.join(f'`{p}`' for p in rep.prompts) or 'no prompt'}",
-             f"- reviewer labels: {rep.feedback_matched} for requests in the window "
-             f"({rep.feedback_labels} read)",
-             f"- generated {rep.generated_at.isoformat(timespec='seconds')}"]
-    lines += [f"- **note:** {n}" for n in rep.notes]
-    lines += ["", "## Rollouts and prompt changes", ""]
-    if rep.rollouts:
-        lines += _table(["prompt", "rollout", "state", "stable", "canary (weight)", "shadows",
-                         "started", "last decision"],
-                        [[r["prompt"], f"`{r['id']}`", r["state"], f"v{r['stable_version']}",
-                          f"v{r['canary_version']} ({r['weight']}%)" if r["canary_version"] else "-",
-                          ", ".join(r["shadows"]) or "-", _ts(r["started_at"]),
-                          r["last_decision"] or "-"] for r in rep.rollouts])
-        lines.append("")
-    if rep.events:
-        lines += _table(["time", "prompt", "event", "actor", "note"],
-                        [[_ts(e["at"]), e["prompt"], _event_text(e), e["actor"],
-                          e["note"].replace("|", "/").replace("\n", " ")] for e in rep.events])
-        lines += ["", "Events are marked on the time plots below (dashed lines)."]
-    else:
-        lines.append("No publish, label move or rollout transition in the window.")
     if not rep.records:
-        lines += ["", "## Decisions", "", "No decisions in the window."]
-        return "\n".join(lines) + "\n"
-
-    lines += ["", "## Volume per prompt version and arm", "",
-              ("`traffic share` is the share of the prompt's caller traffic (stable, canary and "
-               "pinned; shadows are extra evaluations of sampled stable requests).")]
+        return ["", "## Decisions", "", "No decisions in the window."]
+    lines = ["", "## Volume per prompt version and arm", "",
+             ("`traffic share` is the share of the prompt's caller traffic (stable, canary and "
+              "pinned; shadows are extra evaluations of sampled stable requests).")]
     lines += ["", *_table(["prompt version / arm", "decisions", "backend errors", "traffic share"],
-                          [[_who(r, many), r["decisions"], r["errors"], _pct(r["traffic_share"])]
+                          [[_who(r, many), r["decisions"], r["errors"],
+                            "not served" if r["arm"] == "shadow" else _pct(r["traffic_share"])]
                            for r in rep.volume], "lrrr")]
     lines += img("volume", "decisions over time per version and arm")
 
-    names = {"none": "allow", "needs_review": "needs_review", "error": "error"}
+    live = {(q.prompt, q.version, q.arm, q.locale): q for q in rep.live_by_locale}
+    lines += ["", "## Per locale", "",
+              ("Each version and arm per locale of the listing: decisions, review rate and, "
+               "from reviewer labels, precision and recall (any category, 95% Wilson "
+               "intervals).")]
+    rows = []
+    for r in rep.by_locale:
+        q = live.get((r["prompt"], r["version"], r["arm"], r["locale"]))
+        rows.append([_who(r, many), r["locale"], r["decisions"],
+                     f"{_pct(r['rate'])} ({_pct(r['ci'][0])}–{_pct(r['ci'][1])})" if r["ci"]
+                     else MISSING, q.reviewed if q else 0,
+                     _ci(q.quality.micro.precision, q.quality.micro.precision_ci) if q else MISSING,
+                     _ci(q.quality.micro.recall, q.quality.micro.recall_ci) if q else MISSING])
+    lines += ["", *_table(["prompt version / arm", "locale", "decisions", "review rate (95% CI)",
+                           "reviewed", "precision (95% CI)", "recall (95% CI)"], rows, "llrrrrr")]
+
+    lines += ["", f"## Per day ({tz_name(rep.tz)})", "",
+              (f"Caller decisions per day of {tz_name(rep.tz)} (days split at its midnight), "
+               "for all locales and each locale.")]
+    lines += ["", *_table([*(["prompt"] if many else []), "day", "locale", "decisions",
+                           "review rate", "reviewed", "precision (95% CI)"],
+                          [[*([h.prompt] if many else []), day, h.locale, h.decisions,
+                            _pct(h.review_rate), h.reviewed, _ci(h.precision, h.precision_ci)]
+                           for day, h in rep.per_day],
+                          "l" * (2 + many) + "rrrr")]
+
     lines += ["", "## Verdict mix per category", "",
               ("Share of each outcome: `allow`, a violation category (block or needs_review with "
                "that category), `needs_review` without a category, or `error` (no verdict).")]
-    lines += ["", *_table(["prompt version / arm", "n", *(names.get(o, o) for o in rep.outcomes)],
+    lines += ["", *_table(["prompt version / arm", "n", *(_label(o) for o in rep.outcomes)],
                           [[_who(r, many), r["n"], *(
                               f"{_pct(r['shares'].get(o, 0.0))} ({r['counts'].get(o, 0)})"
                               for o in rep.outcomes)] for r in rep.verdict_mix],
@@ -321,7 +651,7 @@ def ops_markdown(rep: OpsReport, images: Sequence[str] = ()) -> str:
                            "parse failures", "parse-failure rate"],
                           [[_who(r, many), r["answered"], r["needs_review"],
                             f"{_pct(r['rate'])} ({_pct(r['ci'][0])}–{_pct(r['ci'][1])})"
-                            if r["ci"] else "n/a", r["parse_failures"],
+                            if r["ci"] else MISSING, r["parse_failures"],
                             _pct(r["parse_failure_rate"])] for r in rep.review], "lrrrrr")]
     lines += img("review", "review rate over time")
 
@@ -352,6 +682,9 @@ def ops_markdown(rep: OpsReport, images: Sequence[str] = ()) -> str:
     else:
         lines.append("No reviewer label matches a decision of the window.")
 
+    lines += _shadow_lines(rep, many)
+    lines += _token_lines(rep, many)
+
     lines += ["", "## Latency", "",
               ("Percentiles of `latency_ms` over answered requests (callers: the whole request in "
                "the gateway; shadows: the shadow evaluation).")]
@@ -368,7 +701,77 @@ def ops_markdown(rep: OpsReport, images: Sequence[str] = ()) -> str:
             lines.append("")
             lines.append("Unusable model output: " + ", ".join(
                 f"`{k}` ×{v}" for k, v in sorted(rep.fail_reasons.items())))
+    return lines
+
+
+def _shadow_lines(rep: OpsReport, many: bool) -> list[str]:
+    if not rep.shadow_pairs:
+        return []
+    lines = ["", "## Shadow pairs: the caller's verdict against the shadow's", "",
+             ("For each shadowed version, every request of the window that has both the caller's "
+              "verdict and the shadow's, counted by the outcome of each: rows are what the caller "
+              "got, columns what the shadow said (`allow`, a category, `needs_review` without "
+              "one, `error`). The diagonal is agreement.")]
+    for sp in rep.shadow_pairs:
+        who = (f"{sp['prompt']} " if many else "")
+        ci = sp["agreement_ci"]
+        lines += ["", f"### {who}v{sp['primary_version']} (caller) × v{sp['shadow_version']} (shadow)",
+                  "", f"{sp['pairs']} pair(s); agreement {_pct(sp['agreement'])}"
+                  + (f" ({_pct(ci[0])}–{_pct(ci[1])})" if ci else "") + ".", ""]
+        counts = {(c["primary"], c["shadow"]): c["n"] for c in sp["counts"]}
+        order = [o for o in rep.outcomes if any(o in k for k in counts)]
+        lines += _table([f"v{sp['primary_version']} \\ v{sp['shadow_version']}",
+                         *(_label(o) for o in order), "total"],
+                        [[_label(a), *(counts.get((a, b), 0) for b in order),
+                          sum(counts.get((a, b), 0) for b in order)] for a in order],
+                        "l" + "r" * (len(order) + 1))
+    return lines
+
+
+def _token_lines(rep: OpsReport, many: bool) -> list[str]:
+    if not rep.tokens:
+        return []
+    cur = rep.currency
+    lines = ["", "## Tokens and cost per version", "",
+             (f"Token counts as the model server reported them (decision log); `cached` is the "
+              f"part of the prompt tokens served from its prefix cache. Cost in {cur} at the "
+              f"prices of `reporting.prices` in the configuration (cached prompt tokens at "
+              f"their own price when one is set); a model without a price has no cost.")]
+    rows = []
+    for t in rep.tokens:
+        per = t["with_usage"]
+        rows.append([_who(t, many), f"`{t['model']}`", t["with_usage"], f"{t['prompt_tokens']:,}",
+                     f"{t['cached_prompt_tokens']:,}" + ("" if t["cache_reported"] == t["with_usage"]
+                                                        else f" ({t['cache_reported']} reported)"),
+                     f"{t['completion_tokens']:,}",
+                     f"{(t['prompt_tokens'] + t['completion_tokens']) / per:,.0f}" if per else MISSING,
+                     MISSING if t["cost"] is None else f"{t['cost']:,.4f}",
+                     MISSING if t["cost_per_1k_decisions"] is None
+                     else f"{t['cost_per_1k_decisions']:,.4f}"])
+    lines += ["", *_table(["prompt version / arm", "model", "decisions with usage", "prompt tokens",
+                           "of which cached", "completion tokens", "tokens per decision",
+                           f"cost ({cur})", f"cost per 1,000 decisions ({cur})"], rows,
+                          "llrrrrrrr")]
+    unpriced = sorted({t["model"] for t in rep.tokens if t["cost"] is None})
+    if unpriced:
+        lines += ["", "No price in `reporting.prices` for " + ", ".join(f"`{m}`" for m in unpriced)
+                  + ": its cost is undefined."]
+    return lines
+
+
+def ops_markdown(rep: OpsReport, images: Sequence[str] = ()) -> str:
+    """The report as Markdown; *images* are the keys of IMAGES that were drawn."""
+    lines = [f"# {_title(rep)}", "", *_lead(rep), *_events_intro(rep), *_events_markdown(rep),
+             *_detail(rep, images)]
     return "\n".join(lines) + "\n"
+
+
+def ops_html(rep: OpsReport, images: Sequence[str] = ()) -> str:
+    """The report as one HTML page (plots still referenced by file name; `write_ops_report`
+    embeds them): the Markdown's text, with each registry event's evidence in a <details>."""
+    body = (markdown_html("\n".join([*_lead(rep), *_events_intro(rep)]))
+            + _events_html(rep) + markdown_html("\n".join(_detail(rep, images))))
+    return html_page(_title(rep), body)
 
 
 # -- plots -------------------------------------------------------------------------------------
@@ -376,6 +779,12 @@ def ops_markdown(rep: OpsReport, images: Sequence[str] = ()) -> str:
 
 def _series_name(prompt: str, version: int, arm: str, many: bool) -> str:
     return (f"{prompt} " if many else "") + f"v{version} {arm}"
+
+
+def _wall(rep: OpsReport, ts: datetime) -> datetime:
+    """*ts* as a naive wall-clock time of the report's zone: the plots' x axis (buckets then
+    split at local midnight, and a DST change never makes a bucket ambiguous)."""
+    return ts.astimezone(rep.tz).replace(tzinfo=None)
 
 
 def _event_marks(rep: OpsReport) -> list[tuple[datetime, str]]:
@@ -387,13 +796,15 @@ def _event_marks(rep: OpsReport) -> list[tuple[datetime, str]]:
             marks[-1][1].append(_event_text(e))
         else:
             marks.append((e["at"], [_event_text(e)]))
-    return [(at, texts[0] if len(texts) == 1 else f"{len(texts)} events") for at, texts in marks]
+    return [(_wall(rep, at), texts[0] if len(texts) == 1 else f"{len(texts)} events")
+            for at, texts in marks]
 
 
 def _time_axis(ax: Any, rep: OpsReport) -> None:
     import matplotlib.dates as mdates
 
-    ax.set_xlim(rep.start, rep.end)
+    ax.set_xlim(_wall(rep, rep.start), _wall(rep, rep.end))
+    ax.set_xlabel(tz_name(rep.tz))
     locator = mdates.AutoDateLocator()  # type: ignore[no-untyped-call]  # matplotlib.dates is unannotated
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
@@ -406,7 +817,7 @@ def _time_axis(ax: Any, rep: OpsReport) -> None:
 
 def _grouped(rep: OpsReport) -> Any:
     df = rep.frame.copy()
-    df["bucket"] = df["ts"].dt.floor(rep.bucket)
+    df["bucket"] = df["ts"].dt.tz_convert(rep.tz).dt.tz_localize(None).dt.floor(rep.bucket)
     return df
 
 
@@ -414,8 +825,9 @@ def _all_buckets(rep: OpsReport) -> Any:
     """Every bucket of the window, so that empty ones show as 0 (counts) or gaps (rates)."""
     import pandas as pd
 
-    first = pd.Timestamp(rep.start).floor(rep.bucket)
-    return pd.date_range(first, pd.Timestamp(rep.end), freq=rep.bucket, inclusive="left")
+    first = pd.Timestamp(_wall(rep, rep.start)).floor(rep.bucket)
+    return pd.date_range(first, pd.Timestamp(_wall(rep, rep.end)), freq=rep.bucket,
+                         inclusive="left")
 
 
 def _plot_volume(rep: OpsReport) -> Figure:
@@ -532,11 +944,8 @@ def write_ops_report(rep: OpsReport, out_dir: Path) -> dict[str, Path]:
     """`ops-report.md` with its PNG plots, and the self-contained `ops-report.html`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     images = _draw(rep, out_dir)
-    md = ops_markdown(rep, list(images))
     md_path, html_path = out_dir / "ops-report.md", out_dir / "ops-report.html"
-    md_path.write_text(md, encoding="utf-8")
-    body = md.split("\n", 1)[1] if md.startswith("# ") else md
-    title = f"Operations report: {_ts(rep.start)} → {_ts(rep.end)}"
-    html_path.write_text(_embed(html_page(title, markdown_html(body)), images), encoding="utf-8")
+    md_path.write_text(ops_markdown(rep, list(images)), encoding="utf-8")
+    html_path.write_text(_embed(ops_html(rep, list(images)), images), encoding="utf-8")
     return {"markdown": md_path, "html": html_path, **{f"{k}_png": p for k, p in images.items()}}
 

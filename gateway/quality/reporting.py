@@ -15,12 +15,19 @@ import base64
 import html
 import io
 from collections.abc import Sequence
+from datetime import UTC, datetime, tzinfo
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["figure", "figure_html", "html_page", "markdown_html", "png_bytes", "png_data_uri"]
+__all__ = ["MISSING", "change_count", "change_points", "change_value", "figure", "local_time",
+           "tz_name", "figure_html", "html_page", "markdown_html", "png_bytes", "png_data_uri"]
+
+MISSING = "undefined"
+"""How every quality report and CLI table spells a metric that cannot be computed (a precision
+with no predictions, a kappa of one class, a percentile of nothing): one word, everywhere, so a
+reader (or a script) never has to know that `n/a`, `-` and `undefined` meant the same thing."""
 
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", "Noto Sans", "Noto Sans CJK SC", Helvetica, Arial,
@@ -44,6 +51,40 @@ nav { background: #f7f7f9; padding: .5rem 1rem; border-radius: 4px; font-size: .
 nav a { margin-right: 1rem; }
 .meta { color: #555; font-size: .85rem; }
 """
+
+
+def tz_name(tz: tzinfo) -> str:
+    """The IANA name of *tz* (`Asia/Shanghai`), or `UTC`."""
+    return str(getattr(tz, "key", None) or tz.tzname(None) or "UTC")
+
+
+def local_time(ts: datetime, tz: tzinfo = UTC, *, seconds: bool = False) -> str:
+    """*ts* on the wall clock of *tz*, e.g. `2025-03-01 08:00` (the zone is said once, in the
+    heading of what lists the times)."""
+    return ts.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M")
+
+
+def change_count(now: int, before: int | None) -> str:
+    """`+4 (+66.7%)`: a count against the previous period's."""
+    if before is None:
+        return MISSING
+    diff = now - before
+    rel = f" ({diff / before:+.1%})" if before else ""
+    return f"{diff:+d}{rel}"
+
+
+def change_points(now: float | None, before: float | None) -> str:
+    """`+5.0 pp`: a share against the previous period's, in percentage points."""
+    if now is None or before is None:
+        return MISSING
+    return f"{100 * (now - before):+.1f} pp"
+
+
+def change_value(now: float | None, before: float | None, digits: int = 2) -> str:
+    """`-0.10`: a metric in [0, 1] against the previous period's."""
+    if now is None or before is None:
+        return MISSING
+    return f"{now - before:+.{digits}f}"
 
 
 def figure(width: float, height: float) -> Figure:

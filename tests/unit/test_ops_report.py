@@ -317,8 +317,8 @@ def test_cli_report_ops_writes_markdown_and_self_contained_html(sources: Path, t
                  "## Verdict mix per category", "## Review rate", "40.0% (",
                  "## Precision and recall from reviewer feedback", "## Latency",
                  "| v1 stable | 5 | 300.0 | 480.0 | 496.0 |", "published v2",
-                 "label production set to v1", "rollout running (stable v1, canary v2)",
-                 "v2 (5%)", "`model_timeout` ×1", "![decisions over time"):
+                 "label production set to v1", "start: stable v1, canary v2 at 5% (running)",
+                 "running: v2 at 5%", "`model_timeout` ×1", "![decisions over time"):
         assert text in md, text
     for png in ("ops-volume.png", "ops-verdict-mix.png", "ops-review-rate.png",
                 "ops-latency.png", "ops-feedback.png"):

@@ -34,7 +34,7 @@ from gateway.quality.evaluation.scorecard import (
     Quality,
     Scorecard,
 )
-from gateway.quality.reporting import figure, figure_html, html_page, markdown_html
+from gateway.quality.reporting import MISSING, figure, figure_html, html_page, markdown_html
 
 if TYPE_CHECKING:
     from gateway.quality.evaluation.dataset import Dataset
@@ -57,24 +57,30 @@ __all__ = [
 ]
 
 MAX_LISTED_ITEMS = 200
+LATENCY_NOT_COMPARED = (
+    "Latency is not compared between versions here: a run evaluates the versions one after "
+    "another (the first one meets a cold model server and an empty prefix cache) and cached "
+    "answers keep the latency of the run that produced them, so a difference would be run "
+    "order, not the version. Compare latency where both versions serve under the same "
+    "conditions: a canary (`modgate rollouts status`, `modgate report ops`) or `benchmarks/`.")
 
 
 def _f(x: float | None, digits: int = 2) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
+    return MISSING if x is None else f"{x:.{digits}f}"
 
 
 def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
+    return MISSING if x is None else f"{100 * x:.1f}%"
 
 
 def _ci(value: float | None, ci: Sequence[float] | None) -> str:
     if value is None:
-        return "n/a"
+        return MISSING
     return f"{value:.2f} ({ci[0]:.2f}–{ci[1]:.2f})" if ci else f"{value:.2f}"
 
 
 def _signed(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:+.2f}"
+    return MISSING if x is None else f"{x:+.2f}"
 
 
 def _p(p: float) -> str:
@@ -146,14 +152,16 @@ def scorecard_markdown(sc: Scorecard) -> str:
                        ("error", "backend errors, no verdict (of all)")):
         r = sc.rates[name]
         rate_rows.append([what, f"{r.count}/{r.n}", _pct(r.rate),
-                          f"{_pct(r.ci[0])}–{_pct(r.ci[1])}" if r.ci else "n/a"])
+                          f"{_pct(r.ci[0])}–{_pct(r.ci[1])}" if r.ci else MISSING])
     lines += _table(["rate", "count", "share", "95% CI"], rate_rows, "lrrr")
     if sc.fail_reasons:
         lines += ["", "Parse failures: " + ", ".join(f"`{k}` ×{v}" for k, v in sorted(sc.fail_reasons.items()))]
     lat, tok = sc.latency_ms, sc.tokens
-    lines += ["", (f"Latency p50 {_f(lat['p50'], 1)} ms, p95 {_f(lat['p95'], 1)} ms, mean "
-              f"{_f(lat['mean'], 1)} ms (cached results keep the latency measured when they ran). "
-              f"Tokens: {tok['prompt']} prompt + {tok['completion']} completion = {tok['total']}."),
+    lines += ["", (f"Tokens: {tok['prompt']} prompt + {tok['completion']} completion = "
+                   f"{tok['total']}. Latency of this run: p50 {_f(lat['p50'], 1)} ms, p95 "
+                   f"{_f(lat['p95'], 1)} ms, mean {_f(lat['mean'], 1)} ms; a property of the run "
+                   "(its order, a cold or warm model server, cached answers), not of the "
+                   "version: see the run report before comparing it with another version's."),
               "", "## Per locale", ""]
     loc_rows = [[loc, lq.n, _ci(lq.accuracy, lq.accuracy_ci), _f(lq.macro_f1),
                  _ci(lq.flagged.precision, lq.flagged.precision_ci),
@@ -316,7 +324,7 @@ def pr_plot(series: Sequence[tuple[str, Sequence[CategoryStats]]], path: Path, t
                    label=name, color=colors[i % len(colors)], alpha=0.85)
             for p_, v in zip(pos, vals, strict=True):
                 if np.isnan(v):
-                    ax.text(p_, 0.02, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
+                    ax.text(p_, 0.02, MISSING, ha="center", va="bottom", fontsize=7, rotation=90)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel(metric)
         ax.grid(axis="y", alpha=0.3)
@@ -480,10 +488,11 @@ def _summary_lines(scorecards: Sequence[Scorecard], comparisons: Sequence[Compar
                      _ci(q.micro.recall, q.micro.recall_ci),
                      _ci(q.flagged.precision, q.flagged.precision_ci),
                      _ci(q.flagged.recall, q.flagged.recall_ci), _pct(r["needs_review"].rate),
-                     r["parse_failure"].count, r["error"].count, _f(sc.latency_ms["p95"], 0)])
+                     r["parse_failure"].count, r["error"].count])
     lines += _table(["version", "sha256", "macro F1", "accuracy (95% CI)", "micro precision",
                      "micro recall", "flagged precision", "flagged recall", "needs_review",
-                     "parse failures", "errors", "p95 ms"], rows, "llrrrrrrrrrr")
+                     "parse failures", "errors"], rows, "llrrrrrrrrr")
+    lines += ["", LATENCY_NOT_COMPARED]
     lines += ["", "## Per category: precision and recall (95% Wilson intervals)", ""]
     cats = list(dict.fromkeys(c for sc in scorecards for c in sc.categories))
     header = ["category", "support"]
@@ -495,7 +504,7 @@ def _summary_lines(scorecards: Sequence[Scorecard], comparisons: Sequence[Compar
         row: list[object] = [cat, next((s.support for s in stats if s is not None), 0)]
         for s in stats:
             row += ([_ci(s.precision, s.precision_ci), _ci(s.recall, s.recall_ci)] if s
-                    else ["n/a", "n/a"])
+                    else [MISSING, MISSING])
         rows.append(row)
     lines += _table(header, rows, "lr" + "rr" * len(scorecards))
     if comparisons:
