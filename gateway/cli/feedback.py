@@ -182,21 +182,14 @@ def quality_cmd(since: SinceOpt = None, until: UntilOpt = None, prompt: PromptOp
             return {"category": s.category, "support": s.support, "predicted": s.predicted,
                     "tp": s.tp, "fp": s.fp, "fn": s.fn, "precision": s.precision,
                     "precision_ci": s.precision_ci, "recall": s.recall, "recall_ci": s.recall_ci}
-
-        def hl(h: Any) -> dict[str, Any]:
-            return {"prompt": h.prompt, "locale": h.locale, "decisions": h.decisions,
-                    "errors": h.errors, "needs_review": h.needs_review,
-                    "review_rate": h.review_rate, "review_rate_ci": h.review_ci,
-                    "reviewed": h.reviewed, "precision": h.precision,
-                    "precision_ci": h.precision_ci}
         typer.echo(json.dumps({
             "since": start.isoformat() if start else None, "until": end.isoformat() if end else None,
             "tz": tz_name(zone_), "decisions": read, "labels": len(fb.labels),
             "matched": len(acc.matched), "bad_feedback_lines": fb.bad_lines,
-            "headline": [hl(h) for h in headline],
+            "headline": [h.to_dict() for h in headline],
             "previous": None if previous is None else {
                 "since": previous.isoformat(), "until": start.isoformat() if start else None,
-                "headline": [hl(h) for h in before or []]},
+                "headline": [h.to_dict() for h in before or []]},
             "versions": [{"prompt": q.prompt, "version": q.version, "arm": q.arm,
                           "decisions": q.decisions, "reviewed": q.reviewed,
                           "micro": st(q.quality.micro), "flagged": st(q.quality.flagged),

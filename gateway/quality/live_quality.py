@@ -242,6 +242,14 @@ class TrafficHeadline:
     def precision_ci(self) -> tuple[float, float] | None:
         return self.quality.micro.precision_ci if self.quality else None
 
+    def to_dict(self) -> dict[str, object]:
+        """As `--json` shows it (`feedback quality`, `report ops`)."""
+        return {"prompt": self.prompt, "locale": self.locale, "decisions": self.decisions,
+                "errors": self.errors, "needs_review": self.needs_review,
+                "review_rate": self.review_rate, "review_rate_ci": self.review_ci,
+                "reviewed": self.reviewed, "precision": self.precision,
+                "precision_ci": self.precision_ci}
+
 
 class HeadlineAccumulator:
     """`add` decision records, then `results()`: one TrafficHeadline per prompt for all

@@ -148,23 +148,16 @@ class OpsReport:
                     "decisions": q.decisions, "reviewed": q.reviewed,
                     "micro": stats(q.quality.micro), "flagged": stats(q.quality.flagged),
                     "categories": {s.category: stats(s) for s in q.quality.categories}}
-
-        def head(h: TrafficHeadline) -> dict[str, Any]:
-            return {"prompt": h.prompt, "locale": h.locale, "decisions": h.decisions,
-                    "errors": h.errors, "needs_review": h.needs_review,
-                    "review_rate": h.review_rate, "review_rate_ci": h.review_ci,
-                    "reviewed": h.reviewed, "precision": h.precision,
-                    "precision_ci": h.precision_ci}
         return {"start": self.start.isoformat(), "end": self.end.isoformat(),
                 "tz": tz_name(self.tz),
                 "generated_at": self.generated_at.isoformat(timespec="seconds"),
                 "records": self.records, "bucket": self.bucket,
-                "headline": [head(h) for h in self.headline],
+                "headline": [h.to_dict() for h in self.headline],
                 "previous": None if self.previous_start is None else {
                     "start": self.previous_start.isoformat(), "end": self.start.isoformat(),
-                    "headline": [head(h) for h in self.headline_before or []]},
+                    "headline": [h.to_dict() for h in self.headline_before or []]},
                 "volume": self.volume, "by_locale": self.by_locale,
-                "per_day": [{"day": day, **head(h)} for day, h in self.per_day],
+                "per_day": [{"day": day, **h.to_dict()} for day, h in self.per_day],
                 "verdict_mix": self.verdict_mix, "review": self.review, "latency": self.latency,
                 "tokens": self.tokens, "currency": self.currency,
                 "shadow_pairs": self.shadow_pairs,
