@@ -212,4 +212,4 @@ def test_cli_deprecate_block_reinstate(tmp_path: Path, registry: SqlitePromptSto
                     env={"MODGATE_ADMIN_KEY": admin_key})
     assert code == 0 and "v3: active" in out
     code, out = run("prompts", "audit", NAME)
-    assert code == 0 and "state of v3  # active -> deprecated: wrong model" in out
+    assert code == 0 and "v3 active → deprecated — wrong model" in out

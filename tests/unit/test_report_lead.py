@@ -374,3 +374,13 @@ def test_ops_html_embeds_nothing_external() -> None:
     rep = build_report(_records(), _labels(), start=T0, end=T0 + timedelta(hours=1))
     page = ops_html(rep)
     assert "<script" not in page and "http://" not in page and "https://" not in page
+
+
+def test_a_lifecycle_change_reads_as_what_moved_and_why() -> None:
+    from prompt_registry.audit_text import one_line
+    from prompt_registry.store import AuditEntry
+
+    e = AuditEntry(at=datetime(2026, 3, 1, 12, 0, tzinfo=UTC), actor="maria", action="lifecycle",
+                   prompt="p", to_version=4, note="active -> blocked: names a model we do not serve")
+    assert one_line(e) == ("2026-03-01 12:00:00 UTC  maria  v4 active → blocked — names a model "
+                           "we do not serve")
