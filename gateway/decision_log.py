@@ -59,7 +59,7 @@ the writer never closed: the replica crashed (`kill -9`, OOM, power loss), a wri
 or it is the segment a running replica is writing now. A sidecar, not a last line, so that
 nothing that reads `decisions-*.jsonl` (older modgate readers that validate every line as a
 `DecisionRecord`, `duckdb read_json`, `jq`, the soak's record count) sees anything new:
-`gateway.quality.decisions.read_segments` reports the ends in `ReadStats.unclean_ends` and
+`gateway.decision_reader.read_segments` reports the ends in `ReadStats.unclean_ends` and
 `ReadStats.ended_cleanly`. Retention deletes a segment's marker with it.
 
 Failures: a write error (disk full, permissions, a vanished directory) is counted

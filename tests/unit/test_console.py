@@ -82,7 +82,8 @@ from prompt_registry.ops import spec_as_yaml  # noqa: E402
 
 CONSOLE_CSP = "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 PAGES = ["/console/signin", "/console/prompts", "/console/version?name=listing-moderation&v=1",
-         "/console/playground", "/console/review"]
+         "/console/playground", "/console/rollouts", "/console/evaluation", "/console/decisions",
+         "/console/review"]
 LISTINGS = [{"title": "Wireless earbuds", "description": "Sealed box.", "locale": "en-US"},
             {"title": "名牌包 1:1 复刻", "description": "与专柜同款，微信联系。", "locale": "zh-CN"}]
 

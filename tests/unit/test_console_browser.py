@@ -1,11 +1,20 @@
 """The console in a real browser: Debian's Chromium, headless, driven by Selenium through
 Debian's chromedriver (no browser download). The gateway runs with uvicorn on a free port in a
-thread (SQLite registry seeded from configs/prompts, the FakeBackend as the model). Walks:
-sign in → Prompts → a version → Playground with one listing → a verdict, and checks that the
-browser reported no error (a CSP violation or a failed load would show up there)."""
+thread (SQLite registry seeded from configs/prompts, the FakeBackend as the model, a decision
+log). One walk through the prompt change loop: sign in (from the keyboard) → Prompts →
+Playground (a draft beside production) → publish → the version's diff → Evaluation (scorecards
+stored as `modgate eval run` stores them) → start a canary with a shadow → traffic → watch the
+gates and the shadow's agreement → step → promote → the audit timeline → Decisions → Review;
+then every page again in Simplified Chinese with times in Asia/Shanghai. Every page is
+screenshotted in both languages and checked for real content (its expected text, a non-blank
+picture), every form field has a label, and the browser reports no error (a CSP violation, a
+failed load or a text missing from a catalogue would show up there).
+
+`MODGATE_CONSOLE_SHOTS=/some/dir` also copies the screenshots there (for a closing note)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import threading
@@ -14,18 +23,24 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 
 from gateway.api.app import create_app
 from gateway.config import GatewaySettings
+from gateway.decision_log import DecisionLog
 from prompt_registry.keys import generate_key
 from prompt_registry.sqlite_store import SqlitePromptStore
 from serving.fake_backend import FakeBackend
+from tests.scorecards import store_scorecard
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (dev extra)")
+from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
+from selenium.webdriver.support.select import Select  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 CHROMIUM = shutil.which("chromium")
@@ -43,11 +58,16 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def gateway_url(store: SqlitePromptStore) -> Iterator[tuple[str, str]]:
-    key, record = generate_key("prompt-ops", ["prompts:read", "prompts:publish", "feedback"],
-                               created_by="test")
+def gateway_url(store: SqlitePromptStore, tmp_path: Path) -> Iterator[tuple[str, str, str]]:
+    """The gateway on a free port: (its URL, a prompt-ops lead's key, a caller's key)."""
+    key, record = generate_key("prompt-ops", ["prompts:read", "prompts:publish", "labels:write",
+                                              "labels:protected", "feedback"], created_by="test")
     store.put_key(record)
-    app = create_app(GatewaySettings(readiness_cache_s=0), store, FakeBackend(), models=["tiny-llama"])
+    caller, record = generate_key("svc-listing", ["moderate"], created_by="test")
+    store.put_key(record)
+    log = DecisionLog(tmp_path / "decisions", replica="r1", fsync=False, idle_s=0.2)
+    app = create_app(GatewaySettings(readiness_cache_s=0), store, FakeBackend(), models=["tiny-llama"],
+                     decision_log=log)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -56,7 +76,7 @@ def gateway_url(store: SqlitePromptStore) -> Iterator[tuple[str, str]]:
     while not server.started:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", key
+    yield f"http://127.0.0.1:{port}", key, caller
     server.should_exit = True
     thread.join(timeout=10)
 
@@ -78,45 +98,226 @@ def browser(tmp_path: Path) -> Iterator[Any]:
         driver.quit()
 
 
-def test_sign_in_browse_and_run_the_playground(gateway_url: tuple[str, str], browser: Any,
-                                               tmp_path: Path) -> None:
-    base, key = gateway_url
-    wait = WebDriverWait(browser, 20)
-    browser.get(f"{base}/console/prompts")
-    wait.until(ec.url_contains("/console/signin"))  # not signed in: sent to sign-in
-    browser.find_element(By.ID, "api-key").send_keys(key)
-    browser.find_element(By.ID, "signin-submit").click()
+NAME = "listing-moderation"
+TRAFFIC = [("Rolex Submariner replica 1:1, AAA grade", "Mirror quality. Pay by WeChat.", "en-US"),
+           ("Wireless earbuds", "Sealed box, one year warranty.", "en-US"),
+           ("名牌包 1:1 复刻", "与专柜同款，微信联系。", "zh-CN"),
+           ("Kids' bicycle, 16 inch", "Barely used, pick-up only.", "en-US"),
+           ("二手 iPhone 13", "电池健康 90%，无拆修。", "zh-CN")]
+# What each page must show (its heading) in each language, and a picture that is not blank.
+HEADINGS = {"en": {"prompts": "Prompts", "playground": "Playground", "rollouts": "Rollouts",
+                   "evaluation": "Evaluation", "decisions": "Decisions", "review": "Review"},
+            "zh-CN": {"prompts": "提示词", "playground": "试验场", "rollouts": "发布",
+                      "evaluation": "评估", "decisions": "决策", "review": "审核"}}
 
-    table = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "table#prompts tbody tr")))
-    assert "listing-moderation" in table.text and "production → v1" in table.text
-    assert "tiny-llama" in table.text
+
+class Walk:
+    """The browser, the gateway's URL and where the screenshots go."""
+
+    def __init__(self, browser: Any, base: str, shots: Path) -> None:
+        self.b, self.base, self.shots = browser, base, shots
+        self.wait = WebDriverWait(browser, 20)
+        self.taken: list[Path] = []
+        browser.get("about:blank")  # what a blank page weighs as PNG, to tell a real page from one
+        self.blank = len(browser.get_screenshot_as_png())
+
+    def find(self, css: str) -> Any:
+        try:
+            return self.wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, css)))
+        except TimeoutException:
+            raise AssertionError(f"{css} did not appear on {self.b.current_url}; the page says:\n"
+                                 f"{self.text()[:2000]}\nbrowser log: {self.b.get_log('browser')}") from None
+
+    def open(self, path: str, ready: str) -> Any:
+        self.b.get(f"{self.base}{path}")
+        return self.find(ready)
+
+    def text(self) -> str:
+        return str(self.b.find_element(By.TAG_NAME, "body").text)
+
+    def labelled(self) -> None:
+        """Every visible form field on the page has a label (label[for] or aria-label)."""
+        missing = self.b.execute_script("""
+          return [...document.querySelectorAll('input, select, textarea')]
+            .filter(e => e.type !== 'hidden' && e.offsetParent !== null)
+            .filter(e => !e.getAttribute('aria-label') && !(e.id && document.querySelector(`label[for="${e.id}"]`)))
+            .map(e => e.outerHTML.slice(0, 80));""")
+        assert not missing, f"form fields without a label on {self.b.current_url}: {missing}"
+
+    def shot(self, name: str, expect: str) -> None:
+        """A screenshot of the page, which must show *expect* and not be blank."""
+        self.wait.until(lambda d: expect in self.text())
+        self.labelled()
+        path = self.shots / f"{name}.png"
+        self.b.save_screenshot(str(path))
+        size = path.stat().st_size
+        assert size > 2 * self.blank, f"{name}: the screenshot looks blank ({size} bytes, blank {self.blank})"
+        self.taken.append(path)
+
+
+def _moderate(base: str, caller: str, n: int) -> None:
+    with httpx.Client(base_url=base, headers={"authorization": f"Bearer {caller}"}, timeout=10) as c:
+        for i in range(n):
+            title, description, locale = TRAFFIC[i % len(TRAFFIC)]
+            r = c.post("/v1/moderate", json={"item_id": f"item-{i}", "seller_id": f"seller-{i}",
+                                             "title": title, "description": description,
+                                             "locale": locale})
+            assert r.status_code == 200, r.text
+
+
+def test_the_prompt_change_loop_in_a_browser_in_two_languages(
+        gateway_url: tuple[str, str, str], browser: Any, store: SqlitePromptStore, tmp_path: Path) -> None:
+    base, key, caller = gateway_url
+    w = Walk(browser, base, tmp_path / "screenshots")
+    w.shots.mkdir()
+
+    # sign in, from the keyboard
+    browser.get(f"{base}/console/prompts")
+    w.wait.until(ec.url_contains("/console/signin"))  # not signed in: sent to sign-in
+    w.shot("signin-en", "API key")
+    w.find("#api-key").send_keys(key + Keys.ENTER)
+    table = w.find("table#prompts tbody tr")
+    assert "listing-moderation" in table.text and "production → v1" in table.text and "tiny-llama" in table.text
     cookie = browser.get_cookie("modgate_console")
     assert cookie is not None and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     assert browser.execute_script("return document.cookie") == ""  # not readable by scripts
+    w.shot("prompts-en", "Active rollout")
 
-    browser.find_element(By.LINK_TEXT, "listing-moderation").click()
-    wait.until(ec.presence_of_element_located((By.ID, "version-meta")))
-    assert "listing-moderation v1" in browser.find_element(By.TAG_NAME, "h1").text
-    locales = {s.get_attribute("data-locale") for s in browser.find_elements(By.CSS_SELECTOR, "section.locale")}
-    assert {"en-US", "zh-CN"} <= locales
-    audit = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#audit li")))
-    assert "published v1" in audit.text
-    browser.save_screenshot(str(tmp_path / "version.png"))
-
-    browser.find_element(By.LINK_TEXT, "Playground").click()
-    wait.until(ec.presence_of_element_located((By.ID, "load-production"))).click()
-    wait.until(lambda d: "listing-moderation" in d.find_element(By.ID, "draft").get_property("value"))
-    browser.find_element(By.ID, "title-1").send_keys("Rolex Submariner replica 1:1, AAA grade")
-    browser.find_element(By.ID, "desc-1").send_keys("Mirror quality. Pay by WeChat.")
-    browser.find_element(By.ID, "run").click()
-    result = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#results td.verdict-draft")))
-    draft_decision = result.find_element(By.CSS_SELECTOR, "[class^=decision-]").text
-    assert draft_decision in {"allow", "block", "needs_review"}
+    # playground: the production prompt, edited, beside production
+    w.open("/console/playground", "#load-production").click()
+    w.wait.until(lambda d: NAME in d.find_element(By.ID, "draft").get_property("value"))
+    browser.execute_script("""const d = document.getElementById('draft');
+      d.value = d.value.replace('You review one listing at a time',
+                                'You review one listing at a time. Treat any 1:1 replica as counterfeit');""")
+    w.find("#title-1").send_keys(TRAFFIC[0][0])
+    w.find("#desc-1").send_keys(TRAFFIC[0][1])
+    w.find("#run").click()
+    result = w.find("#results td.verdict-draft")
+    assert result.find_element(By.CSS_SELECTOR, "[class^=decision-]").text in {"allow", "block", "needs_review"}
     production = browser.find_element(By.CSS_SELECTOR, "#results td.verdict-production")
     assert production.find_element(By.CSS_SELECTOR, "[class^=decision-]").text in {"allow", "block", "needs_review"}
-    assert "tokens" in result.text
-    browser.save_screenshot(str(tmp_path / "playground.png"))
-    assert (tmp_path / "playground.png").stat().st_size > 10_000
+    w.shot("playground-en", "tokens")
+
+    # publish: a separate, explicit step (Enter in the note field submits it)
+    w.find("#publish-note").send_keys("treat 1:1 replicas as counterfeit" + Keys.ENTER)
+    assert "Published listing-moderation v2" in w.find("#published").text
+    assert store.versions(NAME) == [1, 2] and store.get_version(NAME, 2).created_by == "prompt-ops"
+    w.find("#published-link").click()
+
+    # the version and its diff against v1
+    w.find("#version-meta")
+    assert "listing-moderation v2" in browser.find_element(By.TAG_NAME, "h1").text
+    changed = w.find("#diff table.diff tr.op-replace td.l")  # this version (v2) on the left
+    assert "1:1 replica as counterfeit" in changed.text
+    w.shot("version-en", "1:1 replica as counterfeit")
+
+    # evaluation: the scorecards `modgate eval run` stores
+    store_scorecard(store, NAME, 1)
+    store_scorecard(store, NAME, 2)
+    w.open(f"/console/evaluation?name={NAME}", "#scorecards")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#scorecards tbody tr")) == 2
+    assert "production v1's evaluation block" in w.find("#policy").text
+    assert "pass" in w.find('section.gate[data-version="2"] h3').text
+    assert w.find("#compare tbody tr[data-category=counterfeit]")
+    w.shot("evaluation-en", "Promotion gate per version")
+
+    # a canary with a shadow, from the rollouts page's form
+    w.open(f"/console/rollouts?name={NAME}", "#start-form")
+    Select(w.find("#start-canary")).select_by_value("2")
+    steps = w.find("#start-steps")
+    steps.clear()
+    steps.send_keys("10,50")
+    Select(w.find("#start-shadow")).select_by_value("2")
+    w.find("#start-auto").click()  # manual: the test decides when to step
+    w.find("#start-note").send_keys("canary from the console")
+    w.find("#start-submit").click()
+    outcome = w.find("#outcome")
+    assert "canary v2 serves 10% of traffic" in outcome.text
+    assert store.get_rollout(NAME) is not None and store.get_rollout(NAME).started_by == "prompt-ops"
+
+    # traffic; watch the gates and the shadow's agreement fill in
+    _moderate(base, caller, 30)
+    deadline = time.monotonic() + 20
+    while True:
+        browser.refresh()
+        compared = w.find('#shadows tr[data-shadow="2"] td:nth-child(3)').text
+        if compared not in ("", "0") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert int(compared) > 0, "no shadow comparison reached the rollout's evidence"
+    gates = {r.get_attribute("data-gate") for r in browser.find_elements(By.CSS_SELECTOR, "#gates tbody tr")}
+    assert {"error_rate", "disagreement_rate"} <= gates
+    assert "more samples" in w.find("#gates").text or "enough samples" in w.find("#gates").text
+    w.shot("rollouts-en", "Agreement")
+
+    w.find("#action-step").click()
+    w.wait.until(ec.text_to_be_present_in_element((By.ID, "outcome"), "50% of traffic"))
+    w.find("#action-note").send_keys("gates look fine")
+    w.find("#action-promote").click()
+    w.wait.until(ec.text_to_be_present_in_element((By.ID, "outcome"), "promoted v2"))
+    assert store.labels(NAME)["production"] == 2
+    history = w.find("#history tbody tr[data-rollout]")
+    assert "promoted" in history.text
+    history.find_element(By.CSS_SELECTOR, "button").click()
+    w.wait.until(lambda d: "promote" in d.find_element(By.CSS_SELECTOR, "#history .detail").text)
+    w.shot("rollouts-history-en", "promoted v2")
+
+    # the audit timeline of v2
+    w.open(f"/console/version?name={NAME}&v=2", "#audit li")
+    audit = w.find("#audit").text
+    assert "published v2" in audit and "moved label production v1 → v2" in audit
+    assert "rollout (promoted)" in audit and " UTC " in audit
+    w.shot("audit-en", "Audit timeline")
+
+    # decisions: the traffic above, counted
+    w.open("/console/decisions", "#decision-filter")
+    def logged(arm: str) -> int:
+        return sum(int(r.find_elements(By.TAG_NAME, "td")[4].text)
+                   for r in browser.find_elements(By.CSS_SELECTOR, "#decision-groups tbody tr")
+                   if r.find_elements(By.TAG_NAME, "td")[2].text == arm)
+
+    deadline = time.monotonic() + 15
+    while logged("stable") + logged("canary") < 30 and time.monotonic() < deadline:
+        w.find("#f-apply").click()
+        time.sleep(0.5)
+        w.find("#decision-total")
+    assert logged("stable") + logged("canary") == 30 and logged("shadow") > 0  # shadows are logged too
+    assert "/console/api/decisions.csv?" in w.find("#csv-link").get_attribute("href")
+    w.shot("decisions-en", "Newest decisions")
+
+    w.open("/console/review", "#review-input")
+    w.shot("review-en", "Submit labels")
+
+    # Simplified Chinese, times in Asia/Shanghai: chosen once, kept for the next pages
+    Select(w.find("#pref-lang")).select_by_value("zh-CN")
+    w.wait.until(lambda d: d.execute_script("return document.documentElement.lang") == "zh-CN")
+    Select(w.find("#pref-tz")).select_by_value("Asia/Shanghai")
+    w.find("#pref-tz")
+    for page, path, ready in (("prompts", "/console/prompts", "table#prompts"),
+                              ("playground", "/console/playground", "#draft"),
+                              ("rollouts", f"/console/rollouts?name={NAME}", "#history"),
+                              ("evaluation", f"/console/evaluation?name={NAME}", "#scorecards"),
+                              ("decisions", "/console/decisions", "#decision-total"),
+                              ("review", "/console/review", "#review-input")):
+        w.open(path, ready)
+        assert HEADINGS["zh-CN"][page] in browser.find_element(By.TAG_NAME, "h1").text
+        assert HEADINGS["zh-CN"][page] in browser.find_element(By.ID, f"nav-{page}").text
+        w.shot(f"{page}-zh-CN", HEADINGS["zh-CN"][page])
+    w.open(f"/console/version?name={NAME}&v=2", "#audit li")
+    audit = w.find("#audit").text
+    assert "发布了 v2" in audit and "Asia/Shanghai" in audit and " UTC " not in audit
+    w.shot("version-zh-CN", "审计时间线")
+    w.find("#signout").click()
+    w.wait.until(ec.url_contains("/console/signin"))
+    w.shot("signin-zh-CN", "API 密钥")
 
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, f"the browser reported errors: {errors}"
+    pages = {"signin", "prompts", "playground", "version", "evaluation", "rollouts", "decisions", "review"}
+    for lang in ("en", "zh-CN"):  # every page in both languages
+        assert {p.stem.removesuffix(f"-{lang}") for p in w.taken if p.stem.endswith(f"-{lang}")} >= pages
+    if os.environ.get("MODGATE_CONSOLE_SHOTS"):
+        out = Path(os.environ["MODGATE_CONSOLE_SHOTS"])
+        out.mkdir(parents=True, exist_ok=True)
+        for path in w.taken:
+            shutil.copy(path, out / path.name)

@@ -25,16 +25,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
 from fastapi import APIRouter, FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from pydantic import Field, ValidationError
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 
+from gateway.api.console.common import Body, Principal, parse_body
+from gateway.api.console.operations import WRITES as OPERATION_WRITES
+from gateway.api.console.operations import add_operation_routes
 from gateway.api.console.queue import build_queue_router
 from gateway.api.console.sessions import Session, SessionBackend, SessionStore
 from gateway.api.edge import json_response, read_json_object
 from gateway.api.feedback import FeedbackDesk, FeedbackRequest
-from gateway.auth import ANONYMOUS, Authenticator, _Anonymous
+from gateway.auth import ANONYMOUS, Authenticator
 from gateway.config import GatewaySettings
 from gateway.feedback import FeedbackLog
 from gateway.ids import new_id
@@ -53,10 +57,11 @@ __all__ = ["COOKIE", "CONSOLE_WRITES", "build_console_router"]
 
 COOKIE = "modgate_console"
 STATIC = Path(__file__).resolve().parents[1] / "static" / "console"
-PAGES = ("prompts", "version", "playground", "review")
+_SHELL = (STATIC / "shell.html").read_text(encoding="utf-8")
+PAGES = ("prompts", "version", "playground", "rollouts", "evaluation", "decisions", "review")
 # The POST paths: they authenticate (session + CSRF) before reading and bound their bodies.
 CONSOLE_WRITES = frozenset({"/console/api/session", "/console/api/signout",
-                            "/console/api/playground", "/console/api/feedback"})
+                            "/console/api/playground", "/console/api/feedback", *OPERATION_WRITES})
 CONSOLE_SCOPES = ("prompts:read", "prompts:publish", "labels:write", "feedback", "admin")
 _SIGNIN_MAX_BYTES = 4096
 _PLAYGROUND_MAX_BYTES = 1 << 20
@@ -66,49 +71,32 @@ _LOCALE = r"^[a-z]{2,3}(-[A-Z][A-Za-z]{1,3})?$"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _LABEL = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
-Principal = ApiKeyRecord | _Anonymous
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SignIn(_Body):
+class SignIn(Body):
     key: str = Field("", max_length=512)
 
 
-class DraftListing(_Body):
+class DraftListing(Body):
     title: str = Field(..., min_length=1)
     description: str = ""
     locale: str = Field("en-US", pattern=_LOCALE)
 
 
-class PlaygroundRun(_Body):
+class PlaygroundRun(Body):
     prompt: str = Field(..., min_length=1, max_length=_PLAYGROUND_MAX_BYTES)
     listings: list[DraftListing] = Field(..., min_length=1)
     against: str = Field("production", pattern=_LABEL)
 
 
-class ReviewRow(_Body):
+class ReviewRow(Body):
     request_id: str = ""
     decision: str = ""
     category: str | None = None
     note: str = ""
 
 
-class ReviewBatch(_Body):
+class ReviewBatch(Body):
     rows: list[ReviewRow] = Field(..., min_length=1, max_length=_MAX_FEEDBACK_ROWS)
     dry_run: bool = False
-
-
-def _parse(model: type[_Body], payload: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(payload)
-    except ValidationError as exc:
-        fields = [{"field": ".".join(str(p) for p in e["loc"]) or "(body)",
-                   "problem": "unknown field" if e["type"] == "extra_forbidden" else e["msg"]}
-                  for e in exc.errors()]
-        raise ApiError(422, "invalid_request", "request failed validation", fields=fields) from None
 
 
 def _field_errors(exc: ValidationError) -> list[dict[str, str]]:
@@ -153,6 +141,19 @@ def diff_by_locale(a: PromptVersion, b: PromptVersion) -> dict[str, list[dict[st
             for loc in dict.fromkeys([*la, *lb])}
 
 
+def _first_line(note: str) -> str:
+    """An audit note's headline: rollout notes are JSON, shown by their `note` field."""
+    text = note.strip()
+    if text.startswith("{"):
+        try:
+            inner = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            inner = None
+        if isinstance(inner, dict):
+            text = f"{inner.get('action', '')}: {inner.get('note', '')}".strip(": ")
+    return text.splitlines()[0] if text else ""
+
+
 def audit_line(e: AuditEntry) -> str:
     """One readable line per audit event."""
     at = e.at.strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -163,8 +164,15 @@ def audit_line(e: AuditEntry) -> str:
         what = f"moved label {e.label} {frm} → v{e.to_version}"
     else:
         what = e.action + (f" v{e.to_version}" if e.to_version is not None else "")
-    note = e.note.strip().splitlines()[0] if e.note.strip() else ""
+    note = _first_line(e.note)
     return f"{at}  {e.actor}  {what}" + (f" — {note}" if note else "")
+
+
+def render_shell(page: str) -> str:
+    """A page: the one shared shell (head, stylesheet, the shared script) with the page's own
+    script; each page builds its content, in the reader's language, from the JSON API."""
+    main_class = "signin" if page == "signin" else ""
+    return _SHELL.replace("{page}", page).replace("{main_class}", main_class)
 
 
 def _version_view(v: PromptVersion, labels: dict[str, int], versions: list[int]) -> dict[str, Any]:
@@ -255,6 +263,9 @@ def build_console_router(app: FastAPI, store: PromptStore, auth: Authenticator,
 
     # -- pages ------------------------------------------------------------------------------
 
+    def shell(name: str) -> Response:
+        return HTMLResponse(render_shell(name))
+
     @router.get("")
     async def console_home(request: Request) -> Response:
         if sessions.get(request.cookies.get(COOKIE)) is None:
@@ -263,7 +274,7 @@ def build_console_router(app: FastAPI, store: PromptStore, auth: Authenticator,
 
     @router.get("/signin")
     async def signin_page() -> Response:
-        return FileResponse(STATIC / "signin.html", media_type="text/html")
+        return shell("signin")
 
     def page(name: str) -> Any:
         async def serve_page(request: Request) -> Response:
@@ -274,7 +285,7 @@ def build_console_router(app: FastAPI, store: PromptStore, auth: Authenticator,
                 await recheck(session)
             except Unauthenticated:
                 return RedirectResponse("/console/signin", status_code=303)
-            return FileResponse(STATIC / f"{name}.html", media_type="text/html")
+            return shell(name)
         return serve_page
 
     for name in PAGES:
@@ -292,7 +303,7 @@ def build_console_router(app: FastAPI, store: PromptStore, auth: Authenticator,
         """Sign in with an API key: a session cookie (HttpOnly, SameSite=Strict, Secure on
         https) and the CSRF token for later writes."""
         check_origin(request)
-        body: SignIn = _parse(SignIn, await read_json_object(request, _SIGNIN_MAX_BYTES,
+        body: SignIn = parse_body(SignIn, await read_json_object(request, _SIGNIN_MAX_BYTES,
                                                              body_timeout()))
         principal = await auth.authenticate(None, body.key or None)
         if not any(principal.allows(s) for s in CONSOLE_SCOPES):
@@ -327,8 +338,13 @@ def build_console_router(app: FastAPI, store: PromptStore, auth: Authenticator,
                 latest = summary.latest or max(summary.versions)
                 spec = store.get_version(name, latest).spec
                 rollout = store.get_rollout(name)
+                cards = store.list_scorecards(name)
+                last = max(cards, key=lambda c: c.created_at).as_dict() if cards else None
                 out.append({
                     **summary.as_dict(), "model": spec.model, "description": spec.description,
+                    "scorecard": None if last is None else {
+                        k: last[k] for k in ("version", "accuracy", "accuracy_ci", "items",
+                                             "dataset_sha256", "created_at")},
                     "rollout": None if rollout is None or not rollout.active else {
                         "state": rollout.state, "stable_version": rollout.stable_version,
                         "canary_version": rollout.canary_version, "weight": rollout.weight,
@@ -377,7 +393,8 @@ def build_console_router(app: FastAPI, store: PromptStore, auth: Authenticator,
         def work() -> list[dict[str, Any]]:
             summarize(store, known_name(name))  # 404 for an unknown prompt
             return [{"at": e.at.isoformat(), "actor": e.actor, "action": e.action,
-                     "line": audit_line(e)} for e in store.audit(name)]
+                     "label": e.label, "from_version": e.from_version, "to_version": e.to_version,
+                     "note": _first_line(e.note), "line": audit_line(e)} for e in store.audit(name)]
         return json_response({"name": name, "entries": await asyncio.to_thread(work)})
 
     # -- playground -------------------------------------------------------------------------
@@ -419,7 +436,7 @@ def build_console_router(app: FastAPI, store: PromptStore, auth: Authenticator,
         nothing is published or logged. Needs `prompts:publish`; one unit of the caller's
         quota per listing."""
         session, principal = await signed_in(request, "prompts:publish", write=True)
-        body: PlaygroundRun = _parse(PlaygroundRun, await read_json_object(
+        body: PlaygroundRun = parse_body(PlaygroundRun, await read_json_object(
             request, _PLAYGROUND_MAX_BYTES + 64 * 1024, body_timeout()))
         if len(body.listings) > cfg.max_playground_listings:
             raise ApiError(422, "invalid_request", f"at most {cfg.max_playground_listings} listings "
@@ -485,7 +502,7 @@ def build_console_router(app: FastAPI, store: PromptStore, auth: Authenticator,
         """Labels for several requests at once, each checked and recorded exactly as
         `POST /v1/feedback` does it (`FeedbackDesk`); errors per row. `dry_run`: only check."""
         _, principal = await signed_in(request, "feedback", write=True)
-        batch: ReviewBatch = _parse(ReviewBatch, await read_json_object(
+        batch: ReviewBatch = parse_body(ReviewBatch, await read_json_object(
             request, _FEEDBACK_MAX_BYTES, body_timeout()))
         results: list[dict[str, Any]] = []
         seen: set[str] = set()
@@ -520,4 +537,5 @@ def build_console_router(app: FastAPI, store: PromptStore, auth: Authenticator,
                              "results": results})
 
     router.include_router(build_queue_router(signed_in, app.state.review_queue))  # /console/queue
+    add_operation_routes(router, signed_in, store, auth, service, settings)
     return router

@@ -2,9 +2,8 @@
 /* Review form: labels for request ids, checked and recorded as POST /v1/feedback does it.
    Keyboard first: j/k (or arrows) move, a = allow, 1-9 = block with that category,
    x = clear, c = check all, Ctrl+Enter = submit. */
-(async () => {
-  const { api, el, errorBox } = Console;
-  const main = document.getElementById("main");
+Console.page("review", async (main) => {
+  const { api, el, errorBox, t } = Console;
   let schema = null;
   let rows = [];      // {request_id, decision, category, status, errors}
   let current = 0;
@@ -23,20 +22,20 @@
   function render() {
     const tbody = document.getElementById("review-rows");
     tbody.replaceChildren(...rows.map((r, i) => {
-      const decision = el("select", { "aria-label": `decision for ${r.request_id}`, "data-field": "decision" },
+      const decision = el("select", { "aria-label": t("review.decision_for", { id: r.request_id }), "data-field": "decision" },
         el("option", { value: "" }, "—"), schema.decisions.map(d => el("option", { value: d, selected: r.decision === d }, d)));
-      const category = el("select", { "aria-label": `category for ${r.request_id}`, "data-field": "category" },
+      const category = el("select", { "aria-label": t("review.category_for", { id: r.request_id }), "data-field": "category" },
         el("option", { value: "" }, "—"), schema.categories.map((c, n) => el("option", { value: c, selected: r.category === c }, `${n + 1} ${c}`)));
       decision.addEventListener("change", () => { r.decision = decision.value; if (r.decision === "allow") r.category = ""; r.status = ""; render(); });
       category.addEventListener("change", () => { r.category = category.value; r.status = ""; });
-      const status = r.status === "ok" ? "✓ " + (r.answer ? (r.answer.duplicate ? "already recorded" : r.answer.replaced ? "recorded (replaced your earlier label)" : "recorded") : "valid")
+      const status = r.status === "ok" ? "✓ " + (r.answer ? (r.answer.duplicate ? t("review.duplicate") : r.answer.replaced ? t("review.replaced") : t("review.recorded")) : t("review.valid"))
         : r.errors.map(e => `${e.field}: ${e.problem}`).join("; ");
       return el("tr", { class: [i === current ? "current" : "", r.status === "ok" ? "row-ok" : r.status === "bad" ? "row-bad" : ""].join(" "),
                         "data-row": i, onclick: () => { current = i; render(); } },
         el("td", {}, el("code", {}, r.request_id)), el("td", {}, decision), el("td", {}, category),
         el("td", { class: "status" }, status));
     }));
-    document.getElementById("review-count").textContent = `${rows.length} row(s)`;
+    document.getElementById("review-count").textContent = t("review.rows", { n: rows.length });
   }
 
   function setLabel(decision, category) {
@@ -58,33 +57,31 @@
         rows[i].status = res.ok ? "ok" : "bad"; rows[i].errors = res.errors || []; rows[i].answer = res.answer;
       });
       render();
-      out.append(el("p", { role: "status" }, `${dryRun ? "Checked" : "Submitted"}: ${data.ok} ok, ${data.failed} with errors.`));
+      out.append(el("p", { role: "status" }, t(dryRun ? "review.checked" : "review.submitted", { ok: data.ok, failed: data.failed })));
     } catch (err) { out.append(errorBox(err)); }
   }
 
-  try {
-    await Console.boot("review");
     schema = await api("/console/api/review/schema");
     const input = el("textarea", { id: "review-input", rows: 6, spellcheck: "false",
-      placeholder: "one request id per line, or request_id,decision,category" });
+      placeholder: t("review.placeholder") });
     const file = el("input", { type: "file", id: "review-file", accept: ".csv,text/csv,text/plain" });
-    const keys = [["j / ↓", "next row"], ["k / ↑", "previous row"], ["a", "allow"],
-      ...schema.categories.slice(0, 9).map((c, n) => [String(n + 1), `block: ${c}`]), ["x", "clear"],
-      ["c", "check all"], ["Ctrl+Enter", "submit"]];
+    const keys = [["j / ↓", t("review.key.next")], ["k / ↑", t("review.key.previous")], ["a", "allow"],
+      ...schema.categories.slice(0, 9).map((c, n) => [String(n + 1), `block: ${c}`]), ["x", t("review.key.clear")],
+      ["c", t("review.key.check")], ["Ctrl+Enter", t("review.key.submit")]];
     main.replaceChildren(
-      el("h1", {}, "Review"),
-      el("p", { class: "muted" }, `Labels are checked against ${schema.prompt} v${schema.version}'s verdict schema (or the version that answered the request) and recorded under your key, exactly as POST /v1/feedback does.`),
-      el("label", { for: "review-input" }, "Request ids"), input,
-      el("label", { for: "review-file" }, "…or a CSV file (request_id,decision,category)"), file,
-      el("p", {}, el("button", { type: "button", id: "review-load" }, "Load rows")),
-      el("h2", {}, "Labels ", el("span", { class: "muted", id: "review-count" }, "")),
+      el("h1", {}, t("page.review")),
+      el("p", { class: "muted" }, t("review.intro", { prompt: schema.prompt, v: schema.version })),
+      el("label", { for: "review-input" }, t("review.ids")), input,
+      el("label", { for: "review-file" }, t("review.file")), file,
+      el("p", {}, el("button", { type: "button", id: "review-load" }, t("review.load"))),
+      el("h2", {}, `${t("review.labels")} `, el("span", { class: "muted", id: "review-count" }, "")),
       el("table", { id: "review-table" },
-        el("thead", {}, el("tr", {}, ["Request id", "Decision", "Category", "Status"].map(h => el("th", { scope: "col" }, h)))),
-        el("tbody", { id: "review-rows", tabindex: "0", "aria-label": "labels; use the keys below" })),
-      el("p", {}, el("button", { type: "button", class: "secondary", id: "review-check" }, "Check"), " ",
-        el("button", { type: "button", id: "review-submit" }, "Submit labels")),
+        el("thead", {}, el("tr", {}, ["review.col.id", "review.col.decision", "review.col.category", "review.col.status"].map(h => el("th", { scope: "col" }, t(h))))),
+        el("tbody", { id: "review-rows", tabindex: "0", "aria-label": t("review.rows_label") })),
+      el("p", {}, el("button", { type: "button", class: "secondary", id: "review-check" }, t("review.check")), " ",
+        el("button", { type: "button", id: "review-submit" }, t("review.submit"))),
       el("div", { id: "review-out", "aria-live": "polite" }),
-      el("h2", {}, "Keys"),
+      el("h2", {}, t("review.keys")),
       el("p", { id: "review-keys" }, keys.map(([k, what]) => [el("kbd", {}, k), ` ${what} · `])));
 
     document.getElementById("review-load").addEventListener("click", () => {
@@ -112,7 +109,4 @@
       else return;
       event.preventDefault();
     });
-  } catch (err) {
-    main.replaceChildren(el("h1", {}, "Review"), errorBox(err));
-  }
-})();
+});
