@@ -288,30 +288,38 @@ class _Tally:
                 "flag_rate": self.flagged / self.verdicts if self.verdicts else None}
 
 
-def decision_counts(records: Iterable[DecisionRecord], *, latest: int = 50) -> dict[str, object]:
+def decision_counts(records: Iterable[DecisionRecord], *, latest: int = 50,
+                    served_only: bool = True) -> dict[str, object]:
     """Counts and flag rates (flagged: a verdict other than `allow`, of all verdicts; records
     without a verdict count as errors) in all, per decision, per category, and per prompt
     version x arm x locale; plus the newest *latest* records (ids and verdicts only: the log
-    holds no listing content)."""
+    holds no listing content). With *served_only* the totals, the per-decision and
+    per-category counts and the newest records leave out shadow evaluations (no caller got
+    them; `shadows` counts them), which still have their own rows per version and arm."""
     total = _Tally()
+    shadows = 0
     decisions: dict[str, int] = {}
     categories: dict[str, int] = {}
     groups: dict[tuple[str, int, str, str], _Tally] = {}
     newest: list[DecisionRecord] = []
     for rec in records:
+        key = (rec.prompt_name or "", rec.prompt_version or 0, rec.arm, rec.locale or "")
+        groups.setdefault(key, _Tally()).add(rec)
+        if served_only and rec.arm == "shadow":
+            shadows += 1
+            continue
         total.add(rec)
         if rec.decision is not None:
             decisions[rec.decision] = decisions.get(rec.decision, 0) + 1
             if rec.decision != "allow":
                 cat = rec.category or "none"
                 categories[cat] = categories.get(cat, 0) + 1
-        key = (rec.prompt_name or "", rec.prompt_version or 0, rec.arm, rec.locale or "")
-        groups.setdefault(key, _Tally()).add(rec)
         newest.append(rec)
         if len(newest) > 2 * latest:
             del newest[:-latest]
     return {
         "total": total.as_dict(),
+        "shadows": shadows,
         "decisions": dict(sorted(decisions.items())),
         "categories": dict(sorted(categories.items(), key=lambda kv: (-kv[1], kv[0]))),
         "groups": [{"prompt": p, "version": v, "arm": a, "locale": loc, **t.as_dict()}

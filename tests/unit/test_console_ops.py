@@ -356,6 +356,8 @@ def _write_log(client: TestClient, log: DecisionLog) -> list[DecisionRecord]:
         _record(4, now - timedelta(minutes=30), decision=None, category=None, confidence=None,
                 error_type="model_timeout"),
         _record(5, now - timedelta(minutes=10), decision="needs_review", category="adult"),
+        _record(6, now - timedelta(minutes=10), arm="shadow", shadow_of="req-5", prompt_version=2,
+                decision="block", category="adult", label=None, front_door=None),
     ]
 
     async def write() -> None:
@@ -372,6 +374,9 @@ def test_decisions_are_filtered_counted_and_downloaded_with_a_bom(client: TestCl
     sign_in(client, keys.key["reader"])
     d = client.get("/console/api/decisions").json()
     assert d["total"] == {"n": 5, "verdicts": 4, "flagged": 3, "errors": 1, "flag_rate": 0.75}
+    assert d["shadows"] == 1  # a shadow's verdict reached no caller: its own row, not the totals
+    shadow = client.get("/console/api/decisions?arm=shadow").json()
+    assert shadow["total"]["n"] == 1 and shadow["latest"][0]["request_id"] == "req-6"
     assert d["decisions"] == {"allow": 1, "block": 2, "needs_review": 1}
     assert d["categories"] == {"counterfeit": 2, "adult": 1}
     assert [r["request_id"] for r in d["latest"]] == ["req-5", "req-4", "req-3", "req-2", "req-1"]

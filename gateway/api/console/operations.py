@@ -289,13 +289,15 @@ def add_operation_routes(router: APIRouter, signed_in: SignedIn, store: PromptSt
     @router.get("/api/decisions")
     async def decisions(request: Request) -> Response:
         """Counts and flag rates of the decisions in a window, filtered by prompt, version, arm,
-        category and locale, and the newest of them (ids and verdicts; no content is logged)."""
+        category and locale, and the newest of them (ids and verdicts; no content is logged).
+        The totals count what callers were answered; shadow evaluations have their own rows
+        (and are the totals when the filter asks for the shadow arm)."""
         await signed_in(request, "prompts:read")
         query = decision_filter(dict(request.query_params), datetime.now(UTC))
         root = log_root()
 
         def work() -> dict[str, Any]:
-            return decision_counts(query.read(root))
+            return decision_counts(query.read(root), served_only=query.arm != "shadow")
         counts = await asyncio.to_thread(work)
         return json_response({"since": query.since.isoformat(), "until": query.until.isoformat(),
                               **counts})
@@ -303,7 +305,8 @@ def add_operation_routes(router: APIRouter, signed_in: SignedIn, store: PromptSt
     @router.get("/api/decisions.csv")
     async def decisions_csv(request: Request) -> Response:
         """The same selection as spreadsheet CSV (UTF-8 with a byte-order mark, so Chinese
-        reads right; the columns of `modgate decisions export --format csv`)."""
+        reads right; the columns of `modgate decisions export --format csv`), every arm,
+        shadows included; moderations only (the export also writes raw chat records)."""
         await signed_in(request, "prompts:read")
         query = decision_filter(dict(request.query_params), datetime.now(UTC))
         root = log_root()

@@ -60,7 +60,8 @@ Console.page("decisions", async (main) => {
       const total = d.total;
       out.replaceChildren(
         el("p", { id: "decision-total" }, t("decisions.total", { n: total.n, verdicts: total.verdicts, flagged: total.flagged,
-          rate: pct(total.flag_rate), errors: total.errors, since: Console.time(d.since), until: Console.time(d.until) })),
+          rate: pct(total.flag_rate), errors: total.errors, since: Console.time(d.since), until: Console.time(d.until) }),
+          d.shadows ? ` ${t("decisions.shadows", { n: d.shadows })}` : ""),
         el("div", { class: "grid2" },
           table("decision-counts", ["decisions.col.decision", "decisions.col.count"],
             Object.entries(d.decisions).map(([k, n]) => el("tr", {}, el("td", {}, Console.verdict({ decision: k })), el("td", {}, String(n))))),
