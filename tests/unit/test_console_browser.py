@@ -209,6 +209,13 @@ def test_the_prompt_change_loop_in_a_browser_in_two_languages(
     assert "listing-moderation v2" in browser.find_element(By.TAG_NAME, "h1").text
     changed = w.find("#diff table.diff tr.op-replace td.l")  # this version (v2) on the left
     assert "1:1 replica as counterfeit" in changed.text
+    # moving production to v2 before it has a scorecard: refused by the gate, reasons shown
+    label = w.find("#move-label")
+    assert label.get_property("value") == "production"
+    w.find("#move-note").send_keys("ship it" + Keys.ENTER)
+    refusal = w.find("#move-out .error")
+    assert "promotion_gate_failed" in refusal.text and "no stored scorecard of v2" in refusal.text
+    assert store.labels(NAME)["production"] == 1
     w.shot("version-en", "1:1 replica as counterfeit")
 
     # evaluation: the scorecards `modgate eval run` stores

@@ -150,7 +150,8 @@ def _first_line(note: str) -> str:
         except orjson.JSONDecodeError:
             inner = None
         if isinstance(inner, dict):
-            text = f"{inner.get('action', '')}: {inner.get('note', '')}".strip(": ")
+            action, said = str(inner.get("action", "")), str(inner.get("note", ""))
+            text = said if said.startswith(action) else f"{action}: {said}".strip(": ")
     return text.splitlines()[0] if text else ""
 
 
