@@ -47,7 +47,8 @@ def keys_used() -> set[str]:
         used |= {k for k in re.findall(r'"((?:[a-z]+)\.[a-z0-9_.]+)"', text)
                  if k.split(".")[0] in {c.split(".")[0] for c in catalogue("en")}
                  and not k.startswith(("modgate.", "fieldset."))}
-    built = {"page": [*PAGES, "signin"], "nav": [p for p in PAGES if p != "version"],
+    # "queue": the review queue page (gateway/api/console/queue.py), in the shared header too
+    built = {"page": [*PAGES, "signin", "queue"], "nav": [*(p for p in PAGES if p != "version"), "queue"],
              "gate": [*typing.get_args(Verdict), "none"], "state": list(typing.get_args(State)),
              "arm": [a for a in typing.get_args(Arm) if a != "raw"], "action": list(ACTIONS)}
     for prefix, values in built.items():

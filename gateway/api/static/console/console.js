@@ -145,7 +145,7 @@ const Console = (() => {
       el("label", { for: "pref-tz", class: "inline" }, t("nav.timezone")), tzSelect);
   }
 
-  const PAGES = ["prompts", "playground", "rollouts", "evaluation", "decisions", "review"];
+  const PAGES = ["prompts", "playground", "rollouts", "evaluation", "decisions", "queue", "review"];
 
   function header(active) {
     const nav = el("nav", { "aria-label": t("nav.label") },
