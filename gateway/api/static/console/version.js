@@ -46,7 +46,7 @@ Console.page("prompts", async (main) => {
   select.addEventListener("change", showDiff);
 
   // label move: the same operation as PUT /v1/prompts/{name}/labels/{label}
-  const labelInput = el("input", { type: "text", id: "move-label", list: "known-labels", value: v.labels.includes("production") ? "" : "production", required: true, pattern: "[a-z0-9][a-z0-9._-]{0,63}" });
+  const labelInput = el("input", { type: "text", id: "move-label", list: "known-labels", value: v.labels.includes("production") ? "" : "production", required: true, pattern: "[a-z0-9][a-z0-9._\\-]{0,63}" });
   const known = el("datalist", { id: "known-labels" }, ["production", "staging", "candidate"].map(l => el("option", { value: l })));
   const noteInput = el("input", { type: "text", id: "move-note" });
   const overrideInput = el("input", { type: "text", id: "move-override" });
