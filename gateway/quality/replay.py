@@ -129,9 +129,12 @@ class Replayed:
 
 def rows_from_samples(samples: Sequence[Sample], by_request: Mapping[str, Answer]) -> list[Replayed]:
     """Sampled traffic as replay rows; production's answer from the decision log by request
-    id, else the verdict the sample store kept with the row."""
+    id, else the verdict the sample store kept with the row. Rows without a title (a prompt
+    whose template takes none) cannot be rendered as a listing and are left out."""
     out = []
     for s in samples:
+        if not s.content.get("title"):
+            continue
         answer = by_request.get(s.request_id) or Answer(s.decision, s.category, "sample_store",
                                                         s.request_id)
         row = DatasetRow(item_id=s.item_id, title=s.content.get("title", ""),

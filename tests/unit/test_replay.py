@@ -200,3 +200,19 @@ def test_disagreement_exports_take_content_from_the_sample_store(recorded: Path,
     [row] = [json.loads(line) for line in out.read_text().splitlines()]
     assert (row["item_id"], row["title"], row["description"]) == ("oak-0", "oak table", "about oak table")
     assert (row["gold_decision"], row["gold_category"]) == ("block", "counterfeit")
+
+
+def test_sampled_rows_without_a_title_are_left_out() -> None:
+    from datetime import UTC, datetime
+
+    from gateway.quality.replay import rows_from_samples
+    from gateway.samples import Sample
+
+    def sample(rid: str, content: dict[str, str]) -> Sample:
+        return Sample(request_id=rid, item_id=rid, ts=datetime.now(UTC), prompt="p", version=1,
+                      arm="stable", locale="en-US", decision="block", category="adult",
+                      confidence=None, content=content)
+
+    rows = rows_from_samples([sample("a", {"title": "t", "description": "d"}), sample("b", {"x": "y"})], {})
+    assert [(r.row.item_id, r.production.source, r.row.gold_category) for r in rows] == [
+        ("a", "sample_store", "adult")]  # type: ignore[union-attr]
