@@ -30,6 +30,7 @@ import uvicorn
 from gateway.api.app import create_app
 from gateway.config import GatewaySettings
 from gateway.decision_log import DecisionLog
+from gateway.samples import SampleRecorder, SampleSettings, SqliteSampleStore
 from prompt_registry.keys import generate_key
 from prompt_registry.sqlite_store import SqlitePromptStore
 from serving.fake_backend import FakeBackend
@@ -61,13 +62,15 @@ def _free_port() -> int:
 def gateway_url(store: SqlitePromptStore, tmp_path: Path) -> Iterator[tuple[str, str, str]]:
     """The gateway on a free port: (its URL, a prompt-ops lead's key, a caller's key)."""
     key, record = generate_key("prompt-ops", ["prompts:read", "prompts:publish", "labels:write",
-                                              "labels:protected", "feedback"], created_by="test")
+                                              "labels:protected", "feedback", "samples:read"],
+                               created_by="test")
     store.put_key(record)
     caller, record = generate_key("svc-listing", ["moderate"], created_by="test")
     store.put_key(record)
     log = DecisionLog(tmp_path / "decisions", replica="r1", fsync=False, idle_s=0.2)
+    samples = SampleRecorder(SqliteSampleStore(tmp_path / "samples.db"), SampleSettings(enabled=True, share=1.0))
     app = create_app(GatewaySettings(readiness_cache_s=0), store, FakeBackend(), models=["tiny-llama"],
-                     decision_log=log)
+                     decision_log=log, samples=samples)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -149,7 +152,13 @@ class Walk:
         self.wait.until(lambda d: expect in self.text())
         self.labelled()
         path = self.shots / f"{name}.png"
-        self.b.save_screenshot(str(path))
+        # the whole page, not the viewport: as tall as its content (up to 5,000 px)
+        height = min(5000, int(self.b.execute_script("return document.documentElement.scrollHeight")))
+        self.b.set_window_size(1400, max(1000, height))
+        try:
+            self.b.save_screenshot(str(path))
+        finally:
+            self.b.set_window_size(1400, 1000)
         size = path.stat().st_size
         assert size > 2 * self.blank, f"{name}: the screenshot looks blank ({size} bytes, blank {self.blank})"
         self.taken.append(path)
@@ -255,6 +264,9 @@ def test_the_prompt_change_loop_in_a_browser_in_two_languages(
     gates = {r.get_attribute("data-gate") for r in browser.find_elements(By.CSS_SELECTOR, "#gates tbody tr")}
     assert {"error_rate", "disagreement_rate"} <= gates
     assert "more samples" in w.find("#gates").text or "enough samples" in w.find("#gates").text
+    # the flipped items with their listing content (the sample store keeps every item here)
+    w.wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#flips .flip-content") or d.refresh())
+    assert any(t[0] in w.find("#flips").text for t in TRAFFIC)
     w.shot("rollouts-en", "Agreement")
 
     w.find("#action-step").click()

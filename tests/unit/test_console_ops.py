@@ -259,6 +259,7 @@ def test_rollouts_start_act_and_show_what_the_admin_api_shows(app: FastAPI, clie
 
     page = client.get(f"/console/api/rollouts/{NAME}").json()
     api = client.get(f"/v1/prompts/{NAME}/rollout", headers=keys.api("reader")).json()
+    assert page["status"].pop("flips_content") == "off"  # no sample store on this gateway
     assert strip_times(page["status"]) == strip_times(api)  # the same view: the same code
     pair = page["status"]["stats"]["pairs"][str(v2)]
     assert (pair["n"], pair["agree"], pair["agreement"]) == (4, 3, 0.75)
@@ -433,3 +434,49 @@ def test_the_decision_reader_moved_to_the_core_and_stays_shared() -> None:
     assert offline.read_segments is core.read_segments and offline.ReadStats is core.ReadStats
     assert offline.tail is core.tail
     assert asyncio.iscoroutinefunction(DecisionLog.flush)
+
+
+# -- listing content of flipped items ----------------------------------------------------------
+
+def test_flipped_items_show_listing_content_only_to_a_key_with_samples_read(
+        store: SqlitePromptStore, backend: FakeBackend, tmp_path: Path) -> None:
+    from gateway.samples import SampleRecorder, SampleSettings, SqliteSampleStore
+
+    samples = SampleRecorder(SqliteSampleStore(tmp_path / "samples.db"), SampleSettings(enabled=True, share=1.0))
+    app = create_app(GatewaySettings(key_cache_s=0, rollout_controller=False), store, backend,
+                     models=["tiny-llama"], samples=samples)
+    made = {}
+    for name, scopes in {"svc": ["moderate"], "lead": ["prompts:read", "labels:write", "labels:protected"],
+                         "content": ["prompts:read", "samples:read"]}.items():
+        key, record = generate_key(name, scopes, created_by="test")  # type: ignore[arg-type]
+        store.put_key(record)
+        made[name] = key
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.post("/v1/moderate", headers={"authorization": f"Bearer {made['svc']}"},
+                        json={"item_id": "item-7", "title": "名牌包 1:1 复刻", "description": "微信联系",
+                              "locale": "zh-CN"})
+        assert r.status_code == 200, r.text
+        rid = r.json()["request_id"]
+        client.portal.call(samples.flush)  # type: ignore[union-attr]
+        v2 = publish_v2(store)
+        csrf = sign_in(client, made["lead"])
+        r = client.post("/console/api/rollout/start", headers=csrf,
+                        json={"prompt": NAME, "shadows": [{"version": v2, "sample_rate": 1.0}]})
+        assert r.status_code == 201, r.text
+        rollout = store.get_rollout(NAME)
+        assert rollout is not None
+        recorder = app.state.gateway.recorder
+        recorder.pair(rollout.id, v2, Verdict("allow", "none", 0.9), Verdict("block", "counterfeit", 0.8),
+                      request_id=rid, item_id="item-7", stable_version=1)
+        client.portal.call(recorder.flush)  # type: ignore[union-attr]
+
+        status = client.get(f"/console/api/rollouts/{NAME}").json()["status"]  # lead: no samples:read
+        assert status["flips_content"] == "no_scope" and "content" not in status["flips"][0]
+        sign_in(client, made["content"])
+        status = client.get(f"/console/api/rollouts/{NAME}").json()["status"]
+        assert status["flips_content"] == "shown"
+        assert status["flips"][0]["content"] == {"title": "名牌包 1:1 复刻", "description": "微信联系"}
+        # the same join as GET /v1/review/flips
+        api = client.get("/v1/review/flips", params={"prompt": NAME},
+                         headers={"authorization": f"Bearer {made['content']}"}).json()
+        assert status["flips"] == api["flips"]

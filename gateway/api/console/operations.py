@@ -11,7 +11,8 @@ same scopes, and nothing else.
 - rollouts: `gateway.rollouts.ops.start_rollout` / `apply_action` with the admin API's request
   bodies (`RolloutStart`, `RolloutAction`) and its scopes (`CHANGE_SCOPES`, `admin` for an
   override); status and history through `rollout_status` / `rollout_history` /
-  `rollout_detail`;
+  `rollout_detail`; the current rollout's flipped items carry their listing content, as `GET
+  /v1/review/flips` joins it (`ReviewQueue.flips`), when the key has `samples:read`;
 - evaluation: the stored scorecards, `gate_report` per version (the verdict and the policy
   that judged it) and `gate_policy_view`, as `GET /v1/prompts/{name}/scorecards|gate-policy`
   and `.../versions/{v}/gate` answer them;
@@ -39,6 +40,7 @@ from starlette.responses import Response, StreamingResponse
 from gateway.api.admin import LabelMove
 from gateway.api.console.common import Body, Principal, SignedIn, parse_body
 from gateway.api.edge import json_response, read_json_object
+from gateway.api.review import ReviewQueue
 from gateway.api.rollouts import CHANGE_SCOPES, RolloutAction, RolloutStart
 from gateway.auth import Authenticator
 from gateway.config import GatewaySettings
@@ -68,6 +70,8 @@ _WRITE_MAX_BYTES = 64 * 1024
 _NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 _LABEL = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SAMPLES_SCOPE = "samples:read"  # reading listing content (gateway.api.review)
+FLIPS = 20  # the flips a rollout's status lists (rollout_status's default)
 MAX_DECISION_DAYS = 31  # the widest window one page or download reads
 
 
@@ -145,7 +149,8 @@ def decision_filter(params: dict[str, str], now: datetime) -> DecisionFilter:
 
 def add_operation_routes(router: APIRouter, signed_in: SignedIn, store: PromptStore,
                          auth: Authenticator, service: ModerationService,
-                         settings: GatewaySettings) -> None:
+                         settings: GatewaySettings, *, queue: ReviewQueue | None = None) -> None:
+    """*queue*: the review queue (its sample store joins listing content onto flips)."""
     production = settings.default_label
     served = list(service.served_models) or None
 
@@ -202,19 +207,31 @@ def add_operation_routes(router: APIRouter, signed_in: SignedIn, store: PromptSt
     def status_or_none(name: str) -> dict[str, Any] | None:
         if store.get_rollout(name) is None:
             return None
-        return rollout_status(store, name, production_label=production)
+        return rollout_status(store, name, flips=FLIPS, production_label=production)
 
     @router.get("/api/rollouts/{name}")
     async def rollouts(name: str, request: Request) -> Response:
         """The prompt's current (or last) rollout with its live evidence, and every rollout."""
-        await signed_in(request, "prompts:read")
+        _, p = await signed_in(request, "prompts:read")
 
         def work() -> dict[str, Any]:
             summary = summarize(store, name)  # 404 for an unknown prompt
             return {"name": name, "versions": summary.versions, "labels": summary.labels,
                     "production_label": production, "status": status_or_none(name),
                     "history": rollout_history(store, name, production_label=production)}
-        return json_response(await asyncio.to_thread(work))
+        data = await asyncio.to_thread(work)
+        status = data["status"]
+        if status is not None:
+            # flips_content: "shown", "no_scope" (the store may hold some; the key may not
+            # read it) or "off" (no sample store)
+            if queue is None or queue.samples is None:
+                status["flips_content"] = "off"
+            elif not p.allows(SAMPLES_SCOPE):
+                status["flips_content"] = "no_scope"
+            else:
+                joined = await queue.flips(store, name, n=FLIPS)
+                status["flips"], status["flips_content"] = joined["flips"], "shown"
+        return json_response(data)
 
     @router.get("/api/rollouts/{name}/{rollout_id}")
     async def rollout(name: str, rollout_id: str, request: Request) -> Response:

@@ -538,5 +538,6 @@ def build_console_router(app: FastAPI, store: PromptStore, auth: Authenticator,
                              "results": results})
 
     router.include_router(build_queue_router(signed_in, app.state.review_queue))  # /console/queue
-    add_operation_routes(router, signed_in, store, auth, service, settings)
+    add_operation_routes(router, signed_in, store, auth, service, settings,
+                         queue=app.state.review_queue)
     return router

@@ -49,10 +49,12 @@ Console.page("rollouts", async (main, session) => {
         })),
       el("h3", {}, t("rollouts.flips")),
       status.flips.length ? table("flips", ["rollouts.col.at", "rollouts.col.item", "rollouts.col.request", "rollouts.col.stable", "rollouts.col.candidate"],
-        status.flips.map(f => el("tr", {}, el("td", {}, Console.time(f.at)), el("td", {}, el("code", {}, f.item_id)),
+        status.flips.map(f => el("tr", {}, el("td", {}, Console.time(f.at)), el("td", { class: "flip-item" }, el("code", {}, f.item_id),
+          f.content ? el("div", { class: "flip-content" }, el("strong", {}, f.content.title || ""), el("div", { class: "muted" }, f.content.description || "")) : ""),
           el("td", {}, el("code", {}, f.request_id)),
           el("td", {}, `v${f.stable.version} `, Console.verdict(f.stable)), el("td", {}, `v${f.candidate.version} `, Console.verdict(f.candidate)))))
-        : el("p", { class: "muted" }, t("rollouts.no_flips")));
+        : el("p", { class: "muted" }, t("rollouts.no_flips")),
+      status.flips_content === "no_scope" ? el("p", { class: "muted" }, t("rollouts.content_needs_scope")) : "");
   }
 
   function armsView(status) {
