@@ -221,6 +221,37 @@ def render_publish_visibility(doc: dict[str, Any]) -> Rendered:
         consumed={"moves", "gateways", "p50_ms", "p95_ms", "max_ms", "target_ms", "meets_target"})
 
 
+def render_publish_visibility_workers(doc: dict[str, Any]) -> Rendered:
+    target = num(doc.get("target_ms")) or 50.0
+    p95 = doc.get("p95_ms")
+    rows = [("registry", doc.get("store")), ("gateway.workers", doc.get("workers")),
+            ("SQLite change poll (ms)", doc.get("sqlite_poll_ms")), ("label moves", doc.get("moves")),
+            ("after the move's answer: p50 (ms)", doc.get("p50_ms")),
+            ("after the move's answer: p95 (ms)", p95),
+            ("after the move's answer: max (ms)", doc.get("max_ms")),
+            ("from sending the move: p50 (ms)", doc.get("from_send_p50_ms")),
+            ("from sending the move: p95 (ms)", doc.get("from_send_p95_ms")),
+            ("the move request itself: p50 (ms)", doc.get("move_request_p50_ms")),
+            ("the move request itself: p95 (ms)", doc.get("move_request_p95_ms")),
+            ("load before", doc.get("uptime_before")), ("load after", doc.get("uptime_after")),
+            ("target (ms)", target)]
+    return Rendered(
+        title="Publish-to-visible latency across the workers of one gateway (SQLite)",
+        what=("One `modgate gateway` with `gateway.workers` processes on one port and the embedded "
+              "SQLite registry. Each `production` label move is made through the gateway (the "
+              "admin API, answered by whichever worker the kernel picked); each worker is then "
+              "polled over its own keep-alive connection until all serve the new version. Timed "
+              "from the move's answer (the move is committed), and also from sending it."),
+        target=f"every worker serves the move < {fmt(target)} ms after it is answered (p95)",
+        body=kv_table(rows),
+        checks=[Check(f"p95 < {fmt(target)} ms", f"{fmt(p95)} ms", _below(p95, target))],
+        result=f"p95 {fmt(p95)} ms after the answer ({fmt(doc.get('from_send_p95_ms'))} ms from sending)",
+        consumed={"store", "workers", "sqlite_poll_ms", "moves", "p50_ms", "p95_ms", "max_ms",
+                  "from_send_p50_ms", "from_send_p95_ms", "move_request_p50_ms",
+                  "move_request_p95_ms", "uptime_before", "uptime_after", "target_ms",
+                  "meets_target"})
+
+
 def render_single_request(doc: dict[str, Any]) -> Rendered:
     rows = [("model", doc.get("model")), ("sequential requests", doc.get("requests")),
             ("through the gateway, p50 (ms)", doc.get("gateway_p50_ms")),
@@ -903,6 +934,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], Rendered]] = {
     "overhead_cpu_ab": render_overhead_cpu_ab,
     "registry_resolve": render_registry_resolve,
     "publish_visibility": render_publish_visibility,
+    "publish_visibility_workers": render_publish_visibility_workers,
     "single_request": render_single_request,
     "overhead": render_overhead,
     "gateway_overhead": render_overhead,

@@ -24,6 +24,7 @@ from gateway.limits import build_caller_limiter
 from gateway.samples import SampleRecorder, open_configured
 from gateway.telemetry import Metrics, build_tracer_provider
 from gateway.webhooks import RolloutMetrics, WebhookDispatcher
+from gateway.workers import WorkerContext
 from prompt_registry import PromptStore
 from serving import InferenceBackend
 
@@ -47,20 +48,28 @@ def build_backend(cfg: AppConfig, metrics: Metrics) -> InferenceBackend:
 
 
 def build_gateway(cfg: AppConfig, store: PromptStore, *,
-                  backend: InferenceBackend | None = None) -> FastAPI:
+                  backend: InferenceBackend | None = None,
+                  worker: WorkerContext | None = None) -> FastAPI:
     """The gateway app as the config describes it. The caller owns *store*; the app owns and
-    closes the backend (the configured one unless *backend* is given)."""
+    closes the backend (the configured one unless *backend* is given). *worker* is set in the
+    worker processes of a multi-worker gateway (`gateway.workers`; see `gateway.workers`)."""
     # Ray turns the root logger to INFO; one line per backend call is noise and costs latency.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
     metrics = Metrics()
     # Built even with no subscribers: its loop also refreshes the rollout gauges.
-    webhooks = WebhookDispatcher(cfg.webhooks, store, cfg.data_path(), registry=metrics.registry,
+    webhook_settings = cfg.webhooks
+    if worker is not None and not worker.delivers_webhooks:
+        webhook_settings = webhook_settings.model_copy(update={"subscribers": []})
+    webhooks = WebhookDispatcher(webhook_settings, store, cfg.data_path(), registry=metrics.registry,
                                  rollout_metrics=RolloutMetrics(metrics.registry))
     redis_url = ((cfg.registry.redis_url or os.environ.get(cfg.registry.redis_url_env))
                  if cfg.registry.store == "redis" else None)
+    shared = (worker.limits_path, worker.index) if worker is not None else None
     limiter = build_caller_limiter(cfg.gateway.caller_limits, redis_url=redis_url,
-                                   key_prefix=cfg.registry.redis_key_prefix, registry=metrics.registry)
+                                   key_prefix=cfg.registry.redis_key_prefix, registry=metrics.registry,
+                                   shared=shared)
+    replica = worker.replica if worker is not None else None
     try:
         sample_store = open_configured(cfg)
     except ValueError as exc:
@@ -70,9 +79,10 @@ def build_gateway(cfg: AppConfig, store: PromptStore, *,
     return create_app(cfg.gateway, store, backend or build_backend(cfg, metrics),
                       tracer_provider=build_tracer_provider(cfg.tracing), metrics=metrics,
                       limiter=limiter, models=[m.name for m in cfg.serving.models],
-                      decision_log=DecisionLog.from_settings(cfg.decision_log, cfg.data_path()),
-                      feedback_log=FeedbackLog(cfg.data_path() / "feedback"), webhooks=webhooks,
-                      samples=samples, console_sessions=_console_sessions(cfg))
+                      decision_log=DecisionLog.from_settings(cfg.decision_log, cfg.data_path(),
+                                                             replica=replica),
+                      feedback_log=FeedbackLog(cfg.data_path() / "feedback", replica=replica),
+                      webhooks=webhooks, samples=samples, console_sessions=_console_sessions(cfg))
 
 
 def _console_sessions(cfg: AppConfig) -> SqliteSessionStore | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gateway.decision_log import DecisionLogSettings
 from gateway.limits import CallerLimitsSettings
@@ -61,6 +61,12 @@ class ConsoleSettings(_Strict):
 class GatewaySettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64, description="gateway processes serving `port` on this "
+                         "host (SO_REUSEPORT: the kernel spreads connections over them). They "
+                         "share /metrics (summed), caller limits (shared memory, or Redis) and "
+                         "the SQLite registry's change detection; each writes its own "
+                         "decision-log stream. In Kubernetes scale by pods and keep 1 per pod "
+                         "unless a pod has several cores")
     metrics_port: int | None = Field(None, ge=1, le=65535, description="serve /metrics on its own "
                                      "listener at this port (and not on `port`), so a "
                                      "NetworkPolicy can admit only the monitoring namespace to it; "
@@ -149,6 +155,14 @@ class AppConfig(_Strict):
     # Directory of the config file; set by load_config, used to resolve relative paths.
     base_dir: Path = Field(default=Path("."), exclude=True)
 
+    @model_validator(mode="after")
+    def _workers_supported(self) -> AppConfig:
+        # Handles need a Ray driver per process; the worker processes are not in the cluster.
+        if self.gateway.workers > 1 and self.serving.mode == "ray" and self.serving.transport == "handle":
+            raise ValueError("gateway.workers above 1 needs serving.transport: http (Ray handles "
+                             "are reachable only from the process that joined the Ray cluster)")
+        return self
+
     def data_path(self) -> Path:
         return self.data_dir if self.data_dir.is_absolute() else (self.base_dir / self.data_dir).resolve()
 
@@ -186,5 +200,6 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         lines = [f"{path}: invalid configuration"]
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  - {loc}: {err['msg'].removeprefix('Value error, ')}")
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  - {loc}: {msg}" if loc else f"  - {msg}")
         raise ConfigError("\n".join(lines)) from None

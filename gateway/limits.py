@@ -5,6 +5,9 @@ Two implementations behind one protocol (`CallerLimiter`):
 
 - `LocalCallerLimiter`: in-process, for the embedded (single gateway, SQLite) default. Limits
   hold per gateway process.
+- `SharedCallerLimiter`: the same, shared by the worker processes of one gateway
+  (`gateway.workers` above 1) through a memory-mapped table (`SharedCallerTable`), so a
+  caller's quota is the gateway's whichever worker the kernel hands its connection to.
 - `RedisCallerLimiter`: shared by every gateway replica through Redis, so a caller's quota is
   the same whether it talks to one replica or twenty.
 
@@ -47,6 +50,17 @@ throttled below its quota forever. In the sorted set every lease expires on its 
 `lease_ttl_s` (set it above the longest request: `gateway.request_timeout_s` plus a margin), a
 double release is harmless (`ZREM` of a missing member), and `ZCARD` is an exact count.
 
+Several workers on one host without Redis (`SharedCallerTable`): one file the supervisor
+creates per run (under /dev/shm when there is one), mapped by every worker, and one `flock` on
+it around each decision (a few microseconds; the request never waits on I/O). Per caller one
+slot: a digest of the key id, the GCRA `tat`, and one in-flight count per worker. A worker only
+changes its own count, so when a worker dies the supervisor zeroes that worker's counts before
+starting its replacement: no slot leaks, unlike a shared counter would. The clock is
+`time.monotonic`, which on Linux is the same for every process of the host. A caller whose
+slot cannot be found or made (table full) is decided by a per-process limiter, counted like a
+Redis fallback. Why not SQLite, the embedded registry's store? Every acquire and release would
+be a write transaction, and a busy SQLite lock sleeps in milliseconds.
+
 When Redis is unreachable (connection refused, timeout): the limiter does not fail open and
 does not fail requests. It falls back to a `LocalCallerLimiter` in this process with the same
 limits, so each replica enforces the caller's quota on its own traffic: the caller's effective
@@ -61,11 +75,17 @@ release fails expire after `lease_ttl_s`.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import hashlib
 import logging
+import mmap
+import os
+import struct
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import redis
@@ -88,6 +108,8 @@ __all__ = [
     "LocalCallerLimiter",
     "NoCallerLimits",
     "RedisCallerLimiter",
+    "SharedCallerLimiter",
+    "SharedCallerTable",
     "build_caller_limiter",
     "caller_slot",
 ]
@@ -119,8 +141,9 @@ class CallerLimitsSettings(BaseModel):
 
     enabled: bool = Field(False, description="enforce per-caller rate and concurrency limits")
     backend: Literal["auto", "memory", "redis"] = Field(
-        "auto", description="where the counters live: 'memory' (this process), 'redis' (shared by "
-        "replicas), 'auto' = redis when the registry is on Redis, else memory")
+        "auto", description="where the counters live: 'memory' (this gateway: its process, or "
+        "shared memory of its gateway.workers), 'redis' (shared by replicas), 'auto' = redis when "
+        "the registry is on Redis, else memory")
     rate_per_s: float = Field(50.0, gt=0, description="default sustained requests per second per key")
     burst: int = Field(100, ge=1, description="default requests a key may send at once")
     max_concurrent: int = Field(32, ge=1, description="default requests per key in progress at once")
@@ -329,6 +352,215 @@ class LocalCallerLimiter:
         return None
 
 
+# -- shared by the workers of one host ---------------------------------------------------------
+
+class SharedCallerTable:
+    """The caller table the worker processes of one gateway share (module docstring): a file of
+    fixed-size slots, memory-mapped by each worker, guarded by an exclusive `flock`.
+
+    Layout: header (magic, slots, workers), then per slot the 16-byte blake2b digest of the
+    caller id (all zero: never used), `tat` (float64) and one uint32 in-flight count per worker.
+    Lookup is open addressing over a window of `_WINDOW` slots from the digest's home slot;
+    slots are never zeroed, only taken over (by a new caller) when they are equivalent to a
+    fresh entry (bucket full again, nothing in flight), so a scan may stop at the first unused
+    slot."""
+
+    _MAGIC = b"MGLIMIT1"
+    _HEADER = struct.Struct("<8sII")
+    _WINDOW = 64
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            size = os.fstat(self._fd).st_size
+            self._mm = mmap.mmap(self._fd, size)
+        except (OSError, ValueError):
+            os.close(self._fd)
+            raise
+        magic, slots, workers = self._HEADER.unpack_from(self._mm, 0)
+        self.slots, self.workers = int(slots), int(workers)
+        if magic != self._MAGIC or size != self._size(self.slots, self.workers):
+            self.close()
+            raise ValueError(f"{self.path} is not a caller-limits table")
+        self._slot = struct.Struct(f"<16sd{self.workers}I")
+        self._counts = struct.Struct(f"<{self.workers}I")
+
+    @classmethod
+    def _size(cls, slots: int, workers: int) -> int:
+        return cls._HEADER.size + slots * (24 + 4 * workers)
+
+    @classmethod
+    def create(cls, path: Path | str, *, workers: int, slots: int = 16_384) -> SharedCallerTable:
+        """A new, empty table for *workers* processes (replaces any file at *path*)."""
+        if workers < 1 or slots < cls._WINDOW:
+            raise ValueError("a caller-limits table needs at least one worker and 64 slots")
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(cls._HEADER.pack(cls._MAGIC, slots, workers))
+            fh.truncate(cls._size(slots, workers))
+        os.replace(tmp, path)
+        return cls(path)
+
+    def _offset(self, slot: int) -> int:
+        return self._HEADER.size + slot * self._slot.size
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def find(self, digest: bytes, now: float, *, create: bool = True) -> int | None:
+        """The slot of *digest* (under the lock); with *create*, a new one when it has none.
+        None when it has none and none can be made (its window is full of busy callers)."""
+        mm, home = self._mm, int.from_bytes(digest[:8], "little") % self.slots
+        free: int | None = None
+        for i in range(self._WINDOW):
+            slot = (home + i) % self.slots
+            off = self._offset(slot)
+            key = mm[off:off + 16]
+            if key == digest:
+                return slot
+            unused = key == bytes(16)
+            if free is None and (unused or self._idle(off, now)):
+                free = slot
+            if unused:
+                break
+        if free is None or not create:
+            return None
+        self._slot.pack_into(mm, self._offset(free), digest, 0.0, *([0] * self.workers))
+        return free
+
+    def _idle(self, off: int, now: float) -> bool:
+        _, tat, *counts = self._slot.unpack_from(self._mm, off)
+        return bool(tat <= now and not any(counts))
+
+    def read(self, slot: int) -> tuple[float, int]:
+        """(tat, requests in flight over all workers) of *slot*."""
+        _, tat, *counts = self._slot.unpack_from(self._mm, self._offset(slot))
+        return float(tat), int(sum(counts))
+
+    def admit(self, slot: int, worker: int, tat: float) -> None:
+        off = self._offset(slot)
+        struct.pack_into("<d", self._mm, off + 16, tat)
+        at = off + 24 + 4 * worker
+        (n,) = struct.unpack_from("<I", self._mm, at)
+        struct.pack_into("<I", self._mm, at, n + 1)
+
+    def release(self, slot: int, digest: bytes, worker: int) -> None:
+        off = self._offset(slot)
+        if self._mm[off:off + 16] != digest:
+            return
+        at = off + 24 + 4 * worker
+        (n,) = struct.unpack_from("<I", self._mm, at)
+        if n:
+            struct.pack_into("<I", self._mm, at, n - 1)
+
+    def reset_worker(self, worker: int) -> None:
+        """Forget the in-flight requests of *worker* (it died; its replacement starts at zero)."""
+        zero = struct.pack("<I", 0)
+        with self.locked():
+            for slot in range(self.slots):
+                at = self._offset(slot) + 24 + 4 * worker
+                self._mm[at:at + 4] = zero
+
+    def close(self) -> None:
+        if getattr(self, "_mm", None) is not None:
+            self._mm.close()
+        os.close(self._fd)
+
+
+@dataclass
+class _SharedLease:
+    caller_id: str
+    request_id: str
+    _limiter: SharedCallerLimiter
+    _slot: int
+    _digest: bytes
+    _released: bool = False
+
+    async def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._limiter._release(self._slot, self._digest)
+
+
+class SharedCallerLimiter:
+    """Per-caller GCRA rate limit and concurrency quota shared by the worker processes of one
+    gateway through a `SharedCallerTable` (module docstring). No await, no I/O but the lock."""
+
+    def __init__(self, table: SharedCallerTable, worker: int, settings: CallerLimitsSettings, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 registry: CollectorRegistry | None = None) -> None:
+        if not 0 <= worker < table.workers:
+            raise ValueError(f"worker {worker} is not in a table for {table.workers} workers")
+        self.settings = settings
+        self.table = table
+        self.worker = worker
+        self._clock = clock
+        self.stats = LimiterStats()
+        self._metrics = _Metrics(registry)
+        self.fallback = LocalCallerLimiter(settings, clock=clock, stats=self.stats, metrics=self._metrics)
+        self._warned_full = False
+
+    async def acquire(self, caller_id: str, request_id: str, *, name: str | None = None) -> Lease:
+        return self.acquire_now(caller_id, request_id, name=name)
+
+    def acquire_now(self, caller_id: str, request_id: str, *, name: str | None = None) -> Lease:
+        limit = self.settings.limit_for(name)
+        digest = hashlib.blake2b(caller_id.encode(), digest_size=16).digest()
+        label = name or caller_id
+        interval = 1.0 / limit.rate_per_s
+        table = self.table
+        with table.locked():
+            now = self._clock()
+            slot = table.find(digest, now)
+            if slot is not None:
+                tat, inflight = table.read(slot)
+                new_tat = max(tat, now) + interval
+                allow_at = new_tat - limit.burst * interval
+                if allow_at - now <= _EPSILON_S and inflight < limit.max_concurrent:
+                    table.admit(slot, self.worker, new_tat)
+                    self.stats.admitted += 1
+                    return _SharedLease(caller_id, request_id, self, slot, digest)
+        if slot is None:
+            return self._local(caller_id, request_id, name)
+        if allow_at - now > _EPSILON_S:
+            self.stats.rate_limited += 1
+            self._metrics.refused(label, "rate")
+            raise _rate_limited(label, limit, allow_at - now)
+        self.stats.concurrency_limited += 1
+        self._metrics.refused(label, "concurrency")
+        raise _concurrency_limited(label, limit, self.settings.concurrency_retry_after_s)
+
+    def inflight(self, caller_id: str) -> int:
+        """Requests of *caller_id* in flight in every worker."""
+        digest = hashlib.blake2b(caller_id.encode(), digest_size=16).digest()
+        with self.table.locked():
+            slot = self.table.find(digest, self._clock(), create=False)
+            return 0 if slot is None else self.table.read(slot)[1]
+
+    def _local(self, caller_id: str, request_id: str, name: str | None) -> Lease:
+        if not self._warned_full:
+            self._warned_full = True
+            log.error("per-caller limits: the shared caller table %s is full; callers without "
+                      "a slot are limited per worker process", self.table.path)
+        self.stats.fallbacks += 1
+        self._metrics.fell_back()
+        return self.fallback.acquire_now(caller_id, request_id, name=name)
+
+    def _release(self, slot: int, digest: bytes) -> None:
+        with self.table.locked():
+            self.table.release(slot, digest, self.worker)
+
+    async def aclose(self) -> None:
+        self.table.close()
+
+
 # -- Redis ----------------------------------------------------------------------------------
 
 # KEYS[1] rate key (GCRA tat, seconds as a string), KEYS[2] in-flight sorted set.
@@ -494,9 +726,12 @@ class RedisCallerLimiter:
 
 def build_caller_limiter(settings: CallerLimitsSettings, *, redis_url: str | None = None,
                          key_prefix: str = "modgate",
-                         registry: CollectorRegistry | None = None) -> CallerLimiter:
+                         registry: CollectorRegistry | None = None,
+                         shared: tuple[Path, int] | None = None) -> CallerLimiter:
     """The limiter a configuration asks for. *redis_url* is the registry's Redis (None when the
-    registry is SQLite): `backend: auto` uses it when given."""
+    registry is SQLite): `backend: auto` uses it when given. *shared* (the table's path and this
+    worker's index) is set when several worker processes serve one gateway: the in-memory
+    limits then live in that table, so they hold for the gateway and not per process."""
     if not settings.enabled:
         return NoCallerLimits()
     use_redis = settings.backend == "redis" or (settings.backend == "auto" and redis_url is not None)
@@ -504,6 +739,8 @@ def build_caller_limiter(settings: CallerLimitsSettings, *, redis_url: str | Non
         if redis_url is None:
             raise ValueError("gateway.caller_limits.backend is redis but no Redis URL is configured")
         return RedisCallerLimiter.from_url(redis_url, settings, prefix=key_prefix, registry=registry)
+    if shared is not None:
+        return SharedCallerLimiter(SharedCallerTable(shared[0]), shared[1], settings, registry=registry)
     return LocalCallerLimiter(settings, registry=registry)
 
 

@@ -152,7 +152,9 @@ class Metrics:
                               ["prompt", "arm", "type"], registry=r)
         self.tokens = Counter("modgate_tokens", "Tokens by prompt version and kind (input, output, "
                               "cached_input)", ["prompt", "version", "kind"], registry=r)
-        self.inflight = Gauge("modgate_inflight_requests", "Moderations in progress", ["model"], registry=r)
+        # multiprocess_mode: how the worker processes of one gateway (gateway.workers) add up.
+        self.inflight = Gauge("modgate_inflight_requests", "Moderations in progress", ["model"],
+                              registry=r, multiprocess_mode="livesum")
         self.shed = Counter("modgate_shed_requests", "Requests refused with 429 because a model's "
                             "queue was full", ["model"], registry=r)
         self.shadow_dropped = Counter("modgate_shadow_dropped", "Shadow evaluations dropped because "
@@ -165,10 +167,10 @@ class Metrics:
                                     ["kind"], registry=r)
         self.cache_age = Gauge("modgate_prompt_cache_age_seconds",
                                "Seconds since each cached prompt label was last read from the store",
-                               ["prompt", "label"], registry=r)
+                               ["prompt", "label"], registry=r, multiprocess_mode="liveall")
         self.cache_stale = Gauge("modgate_prompt_cache_stale",
                                  "1 while a prompt label is served as last-known-good", ["prompt", "label"],
-                                 registry=r)
+                                 registry=r, multiprocess_mode="liveall")
 
 
     def child(self, metric: Any, **labels: str) -> Any:

@@ -494,9 +494,14 @@ class SqlitePromptStore:
         self.list_prompts()
 
     def subscribe(self, callback: Callable[[str | None], None], *,
-                  poll_s: float = 0.1) -> Subscription:
+                  poll_s: float = 0.02) -> Subscription:
         """Changes made in this process are announced at once; changes by other processes
-        sharing the file are noticed by polling SQLite's `data_version` every `poll_s`."""
+        sharing the file are noticed by polling SQLite's `data_version` every `poll_s`.
+
+        20 ms: the worker processes of one gateway (`gateway.workers`) must see a publish made
+        through any of them within 50 ms (p95; `benchmarks/publish_visibility.py --sqlite`),
+        and detection (up to one interval) plus the cache's re-read must fit. A poll is one
+        `PRAGMA data_version` (no disk I/O: the shared-memory WAL index), ~50 per second."""
         sub = _SqliteSubscription(self._path, callback, poll_s)
         self._subscribers.append(sub)
         return sub

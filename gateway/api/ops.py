@@ -1,13 +1,25 @@
-"""Operational routes: liveness, readiness, Prometheus metrics and the prompt-cache snapshot."""
+"""Operational routes: liveness, readiness, Prometheus metrics and the prompt-cache snapshot.
+
+With several worker processes (`gateway.workers`), prometheus-client runs in multiprocess mode
+(`gateway.workers.multiprocess_dir`): each process keeps its metric values in files of one
+per-run directory, and whichever worker answers `/metrics` sums every worker's counters and
+histograms (gauges as their `multiprocess_mode` says) with `MultiProcessCollector`. Collectors
+that compute their samples at scrape time (the rollout gauges, read from the registry store,
+the same in every worker) are not in those files: the answering worker adds its own.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+import weakref
 from typing import Any
 
 from fastapi import APIRouter, Request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.applications import Starlette
 from starlette.responses import Response
 from starlette.routing import Route
@@ -16,6 +28,8 @@ from gateway.api.edge import ERROR_RESPONSES, json_response
 from gateway.ids import new_id
 from gateway.moderation import ModerationService
 from gateway.problems import GatewayError
+from gateway.telemetry import Metrics
+from gateway.workers import multiprocess_dir
 from prompt_registry import RegistryError
 from serving import BackendError, ChatRequest, InferenceBackend
 
@@ -83,7 +97,28 @@ def exposition(service: ModerationService) -> Response:
     for e in service.cache.snapshot():
         metrics.cache_age.labels(prompt=e["prompt"], label=e["label"]).set(e["age_s"])
         metrics.cache_stale.labels(prompt=e["prompt"], label=e["label"]).set(1 if e["stale"] else 0)
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(_scrape_registry(metrics)), media_type=CONTENT_TYPE_LATEST)
+
+
+_AGGREGATED: weakref.WeakKeyDictionary[CollectorRegistry, CollectorRegistry] = weakref.WeakKeyDictionary()
+
+
+def _scrape_registry(metrics: Metrics) -> CollectorRegistry:
+    """*metrics*' own registry, or in multiprocess mode one that sums every worker's files
+    plus this worker's scrape-time collectors (module docstring). Built once per registry."""
+    path = multiprocess_dir()
+    if path is None:
+        return metrics.registry
+    agg = _AGGREGATED.get(metrics.registry)
+    if agg is None:
+        agg = CollectorRegistry()
+        MultiProcessCollector(agg, path)  # type: ignore[no-untyped-call]
+        # The registry's own index of collectors: prometheus-client has no public listing.
+        for collector in list(metrics.registry._collector_to_names):
+            if not isinstance(collector, MetricWrapperBase):
+                agg.register(collector)
+        _AGGREGATED[metrics.registry] = agg
+    return agg
 
 
 def build_metrics_app(service: ModerationService) -> Starlette:
@@ -104,11 +139,12 @@ def build_ops_router(service: ModerationService, backend: InferenceBackend,
     @router.get("/v1/cache/prompts", tags=["prompt registry"], responses=ERROR_RESPONSES)
     async def cache_snapshot(request: Request) -> Response:
         """Which version of each prompt label this replica is serving, how old, and whether it
-        is last-known-good (store unreachable). Needs `prompts:read`."""
+        is last-known-good (store unreachable); `process` is the answering process's id (with
+        `gateway.workers` above 1, each worker has its own cache). Needs `prompts:read`."""
         await service.authenticate(request.headers.get("authorization"),
                                    request.headers.get("x-api-key"), scope="prompts:read")
         stats = cache.stats
-        return json_response({"entries": cache.snapshot(), "stats": {
+        return json_response({"process": os.getpid(), "entries": cache.snapshot(), "stats": {
             "hits": stats.hits, "misses": stats.misses, "refreshes": stats.refreshes,
             "refresh_failures": stats.refresh_failures, "stale_served": stats.stale_served,
             "events": stats.events}})

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shlex
@@ -193,7 +192,7 @@ def _stop_serving() -> None:
     stop_serving()
 
 
-def _curl_example(cfg: AppConfig, key: str | None) -> str:
+def _curl_example(cfg: AppConfig, key: str | None, port: int | None = None) -> str:
     """A curl to paste. The key itself is never printed (banners end up in captured logs): the
     command reads it from the 0600 keys file, and the banner shows only its prefix."""
     host = "127.0.0.1" if cfg.gateway.host in ("0.0.0.0", "::") else cfg.gateway.host
@@ -205,63 +204,45 @@ def _curl_example(cfg: AppConfig, key: str | None) -> str:
     reader = (f"$({shlex.quote(sys.executable)} -c 'import json,sys; "
               f"print(json.load(open(sys.argv[1]))[\"local-caller\"])' {shlex.quote(str(keys_file))})")
     auth = f'-H "authorization: Bearer {reader}" ' if key else ""
-    return (f"curl -s http://{host}:{cfg.gateway.port}/v1/moderate {auth}"
+    return (f"curl -s http://{host}:{port or cfg.gateway.port}/v1/moderate {auth}"
             f"-H 'content-type: application/json' -d '{json.dumps(body, ensure_ascii=False)}'")
 
 
 def _run_gateway(cfg: AppConfig, store: PromptStore, *, announce: bool, local_keys: bool = False) -> None:
+    """Serve the gateway in this process, or in `gateway.workers` worker processes on one port
+    (`gateway.cli.serve`). Either way the banner comes once the port answers."""
     # Only `modgate up` (one machine) mints local keys; deployed gateways use `modgate keys`.
     keys = _local_keys(cfg, store) if local_keys else {}
-    import uvicorn
+    from gateway.cli.serve import CannotListen, serve_app, serve_workers
+
+    def banner(port: int) -> None:
+        if not announce:
+            return
+        workers = cfg.gateway.workers
+        typer.echo(f"gateway: listening on http://{cfg.gateway.host}:{port}"
+                   + (f" with {workers} worker processes" if workers > 1 else "")
+                   + " (Ctrl-C to stop). Try:\n")
+        caller = keys.get("local-caller")
+        if caller:
+            typer.echo(f"auth: caller key {caller[:12]}… (full key in "
+                       f"{cfg.data_path() / 'local-keys.json'}, mode 0600)")
+        typer.echo(_curl_example(cfg, caller, port) + "\n", color=False)
+        sys.stdout.flush()
+
+    if cfg.gateway.workers > 1:
+        try:
+            ok = serve_workers(cfg, on_started=banner, echo=typer.echo)
+        except CannotListen as exc:
+            _err(str(exc))
+            raise typer.Exit(1) from None
+        if not ok:
+            _err("the gateway workers could not start (their errors are above)")
+            raise typer.Exit(1)
+        return
 
     from gateway.bootstrap import build_gateway
 
-    fastapi_app = build_gateway(cfg, store)
-    server = uvicorn.Server(uvicorn.Config(
-        fastapi_app, host=cfg.gateway.host, port=cfg.gateway.port, log_level="warning",
-        access_log=False, loop="auto", http="auto", timeout_graceful_shutdown=10,
-        limit_concurrency=cfg.gateway.max_connections,
-        proxy_headers=False))  # nothing reads the client address; saves a middleware per request
-
-    metrics_server = None
-    if cfg.gateway.metrics_port is not None:
-        from gateway.api.ops import build_metrics_app
-
-        metrics_server = uvicorn.Server(uvicorn.Config(
-            build_metrics_app(fastapi_app.state.gateway.service), host=cfg.gateway.host,
-            port=cfg.gateway.metrics_port, log_level="warning", access_log=False, lifespan="off"))
-
-    async def serve() -> None:
-        # The metrics listener starts first, so the API server (started after it) is the one
-        # whose signal handlers are installed last and see Ctrl-C / SIGTERM; it then stops this.
-        metrics_task = asyncio.create_task(metrics_server.serve()) if metrics_server is not None else None
-        try:
-            await _serve_api()
-        finally:
-            if metrics_server is not None and metrics_task is not None:
-                metrics_server.should_exit = True
-                await metrics_task
-
-    async def _serve_api() -> None:
-        task = asyncio.create_task(server.serve())
-        while not server.started and not task.done():
-            await asyncio.sleep(0.05)
-        if server.started and announce:
-            typer.echo(f"gateway: listening on http://{cfg.gateway.host}:{cfg.gateway.port} "
-                       "(Ctrl-C to stop). Try:\n")
-            caller = keys.get("local-caller")
-            if caller:
-                typer.echo(f"auth: caller key {caller[:12]}… (full key in "
-                           f"{cfg.data_path() / 'local-keys.json'}, mode 0600)")
-            typer.echo(_curl_example(cfg, caller) + "\n", color=False)
-            sys.stdout.flush()
-        await task
-
-    # uvicorn's own loop choice ("auto": uvloop when installed). asyncio.run() would silently use
-    # the default selector loop, which cost ~20 % more CPU per request in the overhead benchmark.
-    with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
-        runner.run(serve())
-    if not server.started:
+    if not serve_app(cfg, build_gateway(cfg, store), on_started=lambda: banner(cfg.gateway.port)):
         _err(f"gateway could not listen on {cfg.gateway.host}:{cfg.gateway.port}")
         raise typer.Exit(1)
 

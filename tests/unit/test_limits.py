@@ -23,6 +23,8 @@ from gateway.limits import (
     LocalCallerLimiter,
     NoCallerLimits,
     RedisCallerLimiter,
+    SharedCallerLimiter,
+    SharedCallerTable,
     build_caller_limiter,
     caller_slot,
 )
@@ -49,13 +51,18 @@ def _settings(**kwargs: Any) -> CallerLimitsSettings:
     return CallerLimitsSettings(**{**base, **kwargs})
 
 
-@pytest.fixture(params=["memory", "redis"])
-def make_limiter(request: pytest.FixtureRequest, redis_prefix: str) -> Make:
+@pytest.fixture(params=["memory", "shared", "redis"])
+def make_limiter(request: pytest.FixtureRequest, redis_prefix: str, tmp_path: Path) -> Make:
     """Builds a limiter of the parametrized kind. Call it inside the test's event loop."""
     if request.param == "memory":
         def make_local(settings: CallerLimitsSettings, clock: FakeClock, **kw: Any) -> CallerLimiter:
             return LocalCallerLimiter(settings, clock=clock, **kw)
         return make_local
+    if request.param == "shared":  # worker 1 of a 2-worker gateway's table
+        def make_shared(settings: CallerLimitsSettings, clock: FakeClock, **kw: Any) -> CallerLimiter:
+            table = SharedCallerTable.create(tmp_path / "limits.bin", workers=2, slots=128)
+            return SharedCallerLimiter(table, 1, settings, clock=clock, **kw)
+        return make_shared
     server: RedisServer = request.getfixturevalue("redis_server")
 
     def make_redis(settings: CallerLimitsSettings, clock: FakeClock, **kw: Any) -> CallerLimiter:
@@ -266,6 +273,97 @@ def test_build_caller_limiter_picks_the_implementation() -> None:
         with pytest.raises(ValueError, match="no Redis URL"):
             build_caller_limiter(_settings(backend="redis"))
     asyncio.run(main())
+
+
+# -- shared by the workers of one gateway ------------------------------------------------------
+
+def _workers(path: Path, settings: CallerLimitsSettings, clock: FakeClock,
+             n: int = 2, slots: int = 128) -> list[SharedCallerLimiter]:
+    SharedCallerTable.create(path, workers=n, slots=slots)
+    # Each worker maps the file itself, as the worker processes do.
+    return [SharedCallerLimiter(SharedCallerTable(path), i, settings, clock=clock) for i in range(n)]
+
+
+def test_workers_share_rate_and_concurrency(tmp_path: Path) -> None:
+    clock = FakeClock()
+    a, b = _workers(tmp_path / "t.bin", _settings(rate_per_s=10.0, burst=4, max_concurrent=2), clock)
+
+    async def main() -> None:
+        await _admit(a, 2)
+        await _admit(b, 2)
+        assert (await _refused(a)).type == "rate_limited"
+        assert (await _refused(b)).type == "rate_limited"
+        clock.advance(10)
+        held_a = await a.acquire("k1", "on-a")
+        held_b = await b.acquire("k1", "on-b")
+        assert (a.inflight("k1"), b.inflight("k1")) == (2, 2)
+        assert (await _refused(a)).type == "concurrency_limited"
+        await held_b.release()  # released in the other worker frees the slot for this one
+        await held_b.release()  # twice is harmless
+        await (await a.acquire("k1", "again")).release()
+        await held_a.release()
+        assert a.inflight("k1") == 0
+        assert (a.stats.fallbacks, b.stats.fallbacks) == (0, 0)
+        for w in (a, b):
+            await w.aclose()
+    asyncio.run(main())
+
+
+def test_a_dead_workers_slots_are_given_back(tmp_path: Path) -> None:
+    clock = FakeClock()
+    path = tmp_path / "t.bin"
+    a, b = _workers(path, _settings(burst=100, max_concurrent=3), clock)
+
+    async def main() -> None:
+        held = [await b.acquire("k1", f"b{i}") for i in range(2)]  # worker 1 dies holding these
+        await a.acquire("k1", "a0")
+        assert (await _refused(a)).type == "concurrency_limited"
+        SharedCallerTable(path).reset_worker(1)  # what the supervisor does before the restart
+        assert a.inflight("k1") == 1
+        await a.acquire("k1", "a1")
+        await held[0].release()  # a late release of the dead worker cannot go below zero
+        assert a.inflight("k1") == 2
+    asyncio.run(main())
+
+
+def test_idle_callers_give_their_slot_to_new_ones_and_a_full_table_falls_back(tmp_path: Path) -> None:
+    clock = FakeClock()
+    (a,) = _workers(tmp_path / "t.bin", _settings(rate_per_s=10.0, burst=1, max_concurrent=1), clock,
+                    n=1, slots=64)
+
+    async def main() -> None:
+        held = [await a.acquire(f"caller-{i}", "r") for i in range(64)]  # every slot busy
+        assert a.stats.fallbacks == 0
+        extra = await a.acquire("one-too-many", "r")  # decided in this process, counted
+        assert a.stats.fallbacks == 1
+        await extra.release()
+        for lease in held:
+            await lease.release()
+        clock.advance(1.0)  # all idle and full again: their slots are free for new callers
+        for i in range(64):
+            await (await a.acquire(f"new-{i}", "r")).release()
+        assert a.stats.fallbacks == 1
+        # A caller that kept its slot still has its state: the burst of 1 is spent.
+        assert (await _refused(a, caller="new-3")).type == "rate_limited"
+    asyncio.run(main())
+
+
+def test_shared_table_refuses_a_foreign_file_and_build_picks_it(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.bin"
+    bogus.write_bytes(b"x" * 4096)
+    with pytest.raises(ValueError, match="not a caller-limits table"):
+        SharedCallerTable(bogus)
+    SharedCallerTable.create(tmp_path / "t.bin", workers=2)
+    limiter = build_caller_limiter(_settings(), shared=(tmp_path / "t.bin", 1))
+    assert isinstance(limiter, SharedCallerLimiter) and limiter.worker == 1
+    with pytest.raises(ValueError, match="worker 2"):
+        SharedCallerLimiter(SharedCallerTable(tmp_path / "t.bin"), 2, _settings())
+    # Redis, when configured, is shared by replicas and so by workers too.
+    redis_limiter = build_caller_limiter(_settings(), redis_url="redis://127.0.0.1:1/0",
+                                         shared=(tmp_path / "t.bin", 0))
+    assert isinstance(redis_limiter, RedisCallerLimiter)
+    asyncio.run(redis_limiter.aclose())
+    asyncio.run(limiter.aclose())
 
 
 # -- Redis only -----------------------------------------------------------------------------

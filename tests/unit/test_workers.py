@@ -1,0 +1,244 @@
+"""`gateway.workers: 2`: a real `modgate gateway` with two worker processes on one port, in front
+of the stub upstream (`benchmarks/stub_upstream.py`, no model).
+
+One label move made through one request is served by both workers within the bound; /metrics
+answered by either worker counts the requests of both; the decision log has one stream per
+worker and the export merges them in time order; a caller's burst holds for the gateway, not
+per worker; a killed worker is replaced. Plus the configuration rules of the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from gateway.config import ConfigError, load_config
+from gateway.decision_log import list_segments
+from prompt_registry.keys import generate_key
+from prompt_registry.loader import seed_store
+from prompt_registry.sqlite_store import SqlitePromptStore
+
+ROOT = Path(__file__).resolve().parents[2]
+LISTING = {"item_id": "item-1", "seller_id": "seller-1", "title": "Wireless earbuds, sealed box",
+           "description": "Genuine product.", "locale": "en-US"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode() if proc.stdout else ""
+            raise AssertionError(f"process exited with {proc.returncode}:\n{out}")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+def _fresh(method: str, url: str, **kw: Any) -> httpx.Response:
+    """One request on a new connection: the kernel picks the worker per connection."""
+    with httpx.Client(timeout=10) as c:
+        return c.request(method, url, **kw)
+
+
+def _write_config(tmp: Path, *, port: int, stub_port: int, **gateway: Any) -> Path:
+    config = yaml.safe_load((ROOT / "configs" / "modgate.yaml").read_text())
+    config["data_dir"] = str(tmp / "data")
+    config["registry"]["seed_dir"] = None
+    config["gateway"].update(port=port, **gateway)
+    config["serving"].update(mode="http", base_url=f"http://127.0.0.1:{stub_port}/v1")
+    path = tmp / "modgate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("workers")
+    store = SqlitePromptStore(tmp / "data" / "registry.db")
+    seed_store(store, ROOT / "configs" / "prompts")
+    spec = store.resolve("listing-moderation", "production").spec
+    store.publish(spec.model_copy(update={"description": "v2"}), actor="test")
+    keys = {}
+    for name, scopes in (("admin", ["admin"]), ("caller", ["moderate"]), ("limited", ["moderate"])):
+        keys[name], record = generate_key(name, scopes, created_by="test")
+        store.put_key(record)
+    store.close()
+    stub_port, port = _free_port(), _free_port()
+    stub = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "stub_upstream.py"),
+                             "--port", str(stub_port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    cfg = _write_config(tmp, port=port, stub_port=stub_port, workers=2, caller_limits={
+        "enabled": True, "rate_per_s": 1000, "burst": 1000,
+        "callers": {"limited": {"rate_per_s": 0.001, "burst": 6}}})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    gw = subprocess.Popen([sys.executable, "-m", "gateway.cli.main", "gateway", "--config", str(cfg)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"http://127.0.0.1:{stub_port}/v1/models", stub)
+        _wait_http(f"{url}/healthz", gw)
+        yield {"url": url, "keys": keys, "proc": gw, "tmp": tmp, "config": cfg}
+    finally:
+        for p in (gw, stub):
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in (gw, stub):
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=10)
+
+
+def _workers_seen(stack: dict[str, Any], want: set[int] | None = None, tries: int = 200) -> dict[int, int]:
+    """pid -> served production version, over fresh connections, until *want* (or 2) are seen."""
+    seen: dict[int, int] = {}
+    for _ in range(tries):
+        body = _fresh("GET", f"{stack['url']}/v1/cache/prompts",
+                      headers={"x-api-key": stack["keys"]["admin"]}).json()
+        version = next(e["version"] for e in body["entries"] if e["label"] == "production")
+        seen[body["process"]] = version
+        if (want is None and len(seen) >= 2) or (want is not None and want <= set(seen)):
+            break
+    return seen
+
+
+def test_a_label_move_through_one_worker_is_served_by_both(stack: dict[str, Any]) -> None:
+    url, keys = stack["url"], stack["keys"]
+    before = _workers_seen(stack)
+    assert len(before) == 2, f"one port, two worker processes: {before}"
+    assert set(before.values()) == {1}
+    moved = _fresh("PUT", f"{url}/v1/prompts/listing-moderation/labels/production",
+                   headers={"x-api-key": keys["admin"]},
+                   json={"version": 2, "expected_version": 1,
+                         "override": {"reason": "test: v2 has no scorecard"}})
+    assert moved.status_code == 200, moved.text
+    t0 = time.monotonic()
+    time.sleep(0.2)  # well above the 50 ms bound, well below the 30 s refresh_s fallback
+    after = _workers_seen(stack, want=set(before))
+    assert after == {pid: 2 for pid in before}, after
+    assert time.monotonic() - t0 < 25, "seen only after a periodic refresh, not the change event"
+    # Moderations over fresh connections (both workers) are all answered by v2.
+    for i in range(20):
+        r = _fresh("POST", f"{url}/v1/moderate", headers={"x-api-key": keys["caller"]},
+                   json={**LISTING, "item_id": f"item-{i}"})
+        assert r.status_code == 200, r.text
+        assert r.json()["prompt"]["version"] == 2
+
+
+def test_metrics_from_either_worker_count_both(stack: dict[str, Any]) -> None:
+    url, keys = stack["url"], stack["keys"]
+
+    def count(text: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("modgate_requests_total{") and 'route="/v1/moderate"' in line
+                   and 'code="200"' in line)
+
+    base = count(_fresh("GET", f"{url}/metrics").text)
+    for i in range(12):
+        assert _fresh("POST", f"{url}/v1/moderate", headers={"x-api-key": keys["caller"]},
+                      json={**LISTING, "item_id": f"m-{i}"}).status_code == 200
+    scrapes = [_fresh("GET", f"{url}/metrics").text for _ in range(10)]
+    assert {count(t) for t in scrapes} == {base + 12}  # every scrape, whichever worker answers
+    assert "modgate_rollout_metrics_refresh_errors_total" in scrapes[0]  # scrape-time collectors too
+    assert not any('pid="' in line for line in scrapes[0].splitlines()
+                   if line.startswith("modgate_inflight_requests"))  # summed over workers
+
+
+def test_a_callers_burst_holds_across_workers(stack: dict[str, Any]) -> None:
+    codes = [_fresh("POST", f"{stack['url']}/v1/moderate", headers={"x-api-key": stack["keys"]["limited"]},
+                    json={**LISTING, "item_id": f"l-{i}"}).status_code for i in range(14)]
+    assert codes.count(200) == 6 and codes.count(429) == 8, codes
+
+
+def test_zz_each_worker_logs_its_own_stream_and_export_merges_them(stack: dict[str, Any]) -> None:
+    """Runs last (zz): stops the gateway to read its complete log."""
+    proc: subprocess.Popen[bytes] = stack["proc"]
+    # A killed worker is replaced, and the gateway keeps serving on both.
+    pids = set(_workers_seen(stack))
+    os.kill(next(iter(pids)), signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            now = set(_workers_seen(stack, tries=40))
+        except (httpx.HTTPError, ValueError):
+            now = set()
+        if len(now) == 2 and now != pids:
+            break
+        time.sleep(0.2)
+    assert len(now) == 2 and len(now & pids) == 1, (pids, now)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out.decode()
+    assert b"with 2 worker processes" in out and b"restarting it" in out
+
+    root = stack["tmp"] / "data" / "decisions"
+    streams = {d.name: segs for d, segs in list_segments(root).items()}
+    host = socket.gethostname()
+    assert set(streams) == {f"{host}-w0", f"{host}-w1"}, streams
+    from typer import Typer
+
+    from gateway.cli.decisions import decisions_app
+
+    app = Typer()
+    app.add_typer(decisions_app, name="decisions")
+    out_csv = stack["tmp"] / "all.csv"
+    r = CliRunner().invoke(app, ["decisions", "export", "--config", str(stack["config"]),
+                                 "--out", str(out_csv), "-q"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    with open(out_csv, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    items = [r["item_id"] for r in rows]
+    assert {f"item-{i}" for i in range(20)} <= set(items) and {f"m-{i}" for i in range(12)} <= set(items)
+    assert [r["ts"] for r in rows] == sorted(r["ts"] for r in rows)  # one stream, in time order
+    v2 = [r for r in rows if r["item_id"].startswith("item-")]
+    assert {r["prompt_version"] for r in v2} == {"2"}
+    # ... and both workers answered some of them: each stream holds moderations.
+    per_stream = {name: sum(1 for seg in segs for _ in seg.path.open("rb")) for name, segs in streams.items()}
+    assert all(n > 0 for n in per_stream.values()), per_stream
+
+
+def test_workers_config_rules(tmp_path: Path) -> None:
+    path = _write_config(tmp_path, port=8080, stub_port=9)
+    assert load_config(path).gateway.workers == 1  # the default stays one process
+    with pytest.raises(ConfigError, match="gateway.workers"):
+        load_config(path, {"gateway.workers": 0})
+    with pytest.raises(ConfigError, match=r"gateway.workers above 1 needs serving.transport: http"):
+        load_config(path, {"gateway.workers": 2, "serving.mode": "ray", "serving.transport": "handle"})
+    assert load_config(path, {"gateway.workers": 4}).gateway.workers == 4
+
+
+def test_a_taken_port_fails_cleanly(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = _write_config(tmp_path, port=port, stub_port=9, workers=2)
+        r = subprocess.run([sys.executable, "-m", "gateway.cli.main", "gateway", "--config", str(cfg)],
+                           capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 1
+    assert f"could not listen on 127.0.0.1:{port}" in r.stderr
