@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import hashlib
 import logging
 import mmap
@@ -278,17 +279,18 @@ class _LocalState:
 
 
 @dataclass
-class _LocalLease:
+class _SyncLease:
+    """A lease given back by a synchronous call (the in-process and shared-memory limiters)."""
+
     caller_id: str
     request_id: str
-    _limiter: LocalCallerLimiter
-    _token: str
+    _give_back: Callable[[], None]
     _released: bool = False
 
     async def release(self) -> None:
         if not self._released:
             self._released = True
-            self._limiter._release(self.caller_id, self._token)
+            self._give_back()
 
 
 class LocalCallerLimiter:
@@ -312,7 +314,7 @@ class LocalCallerLimiter:
     async def acquire(self, caller_id: str, request_id: str, *, name: str | None = None) -> Lease:
         return self.acquire_now(caller_id, request_id, name=name)
 
-    def acquire_now(self, caller_id: str, request_id: str, *, name: str | None = None) -> _LocalLease:
+    def acquire_now(self, caller_id: str, request_id: str, *, name: str | None = None) -> _SyncLease:
         limit = self.settings.limit_for(name)
         now = self._clock()
         state = self._callers.get(caller_id)
@@ -336,7 +338,7 @@ class LocalCallerLimiter:
         token = f"{request_id}/{new_id()[:12]}"
         state.inflight.add(token)
         self.stats.admitted += 1
-        return _LocalLease(caller_id, request_id, self, token)
+        return _SyncLease(caller_id, request_id, functools.partial(self._release, caller_id, token))
 
     def _release(self, caller_id: str, token: str) -> None:
         state = self._callers.get(caller_id)
@@ -474,21 +476,6 @@ class SharedCallerTable:
         os.close(self._fd)
 
 
-@dataclass
-class _SharedLease:
-    caller_id: str
-    request_id: str
-    _limiter: SharedCallerLimiter
-    _slot: int
-    _digest: bytes
-    _released: bool = False
-
-    async def release(self) -> None:
-        if not self._released:
-            self._released = True
-            self._limiter._release(self._slot, self._digest)
-
-
 class SharedCallerLimiter:
     """Per-caller GCRA rate limit and concurrency quota shared by the worker processes of one
     gateway through a `SharedCallerTable` (module docstring). No await, no I/O but the lock."""
@@ -526,7 +513,8 @@ class SharedCallerLimiter:
                 if allow_at - now <= _EPSILON_S and inflight < limit.max_concurrent:
                     table.admit(slot, self.worker, new_tat)
                     self.stats.admitted += 1
-                    return _SharedLease(caller_id, request_id, self, slot, digest)
+                    return _SyncLease(caller_id, request_id,
+                                      functools.partial(self._release, slot, digest))
         if slot is None:
             return self._local(caller_id, request_id, name)
         if allow_at - now > _EPSILON_S:

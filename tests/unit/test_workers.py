@@ -242,3 +242,38 @@ def test_a_taken_port_fails_cleanly(tmp_path: Path) -> None:
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 1
     assert f"could not listen on 127.0.0.1:{port}" in r.stderr
+
+
+def test_a_worker_builds_its_own_streams_shared_limits_and_only_worker_0_delivers_webhooks(
+        store: SqlitePromptStore, caller_key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastapi.testclient import TestClient
+
+    from gateway import bootstrap
+    from gateway.limits import SharedCallerLimiter, SharedCallerTable
+    from gateway.webhooks import WebhookDispatcher, WebhookSettings
+    from gateway.workers import WorkerContext
+    from serving.fake_backend import FakeBackend
+
+    settings_seen: list[WebhookSettings] = []
+
+    class RecordingDispatcher(WebhookDispatcher):
+        def __init__(self, settings: WebhookSettings, *args: Any, **kwargs: Any) -> None:
+            settings_seen.append(settings)
+            super().__init__(settings, *args, **kwargs)
+
+    monkeypatch.setattr(bootstrap, "WebhookDispatcher", RecordingDispatcher)
+    monkeypatch.setenv("HOOK_SECRET", "s" * 32)
+    cfg = load_config(None, {"data_dir": str(tmp_path / "data"), "gateway.caller_limits": {"enabled": True},
+                             "webhooks": {"subscribers": [{"name": "ops", "url": "http://127.0.0.1:9/x",
+                                                           "secret_env": "HOOK_SECRET"}]}})
+    SharedCallerTable.create(tmp_path / "caller-limits.bin", workers=2)
+    for index in (0, 1):
+        ctx = WorkerContext(index=index, count=2, run_dir=tmp_path)
+        app = bootstrap.build_gateway(cfg, store, backend=FakeBackend(), worker=ctx)
+        with TestClient(app, headers={"authorization": f"Bearer {caller_key}"}) as client:
+            r = client.post("/v1/moderate", json={"item_id": f"i-{index}", "title": "bike"})
+            assert r.status_code == 200, r.text
+            limiter = app.state.gateway.service.limiter
+            assert isinstance(limiter, SharedCallerLimiter) and limiter.worker == index
+        assert list((tmp_path / "data" / "decisions" / ctx.replica).glob("decisions-*.jsonl"))
+    assert [len(s.subscribers) for s in settings_seen] == [1, 0]
