@@ -250,7 +250,8 @@ def test_a_worker_builds_its_own_streams_shared_limits_and_only_worker_0_deliver
 
     from gateway import bootstrap
     from gateway.limits import SharedCallerLimiter, SharedCallerTable
-    from gateway.webhooks import WebhookDispatcher, WebhookSettings
+    from gateway.webhook_settings import WebhookSettings
+    from gateway.webhooks import WebhookDispatcher
     from gateway.workers import WorkerContext
     from serving.fake_backend import FakeBackend
 
