@@ -396,7 +396,8 @@ def repro_allow_header_incomplete(c: TestClient) -> None:
     /v1/prompts and /v1/prompts/{name}/rollout, where GET and POST are separate routes (Starlette
     alone answers from the first route matching the path and lists only its methods)."""
     params = {"name": "listing-moderation", "version": 1, "label": "canary", "action": "pause",
-              "rollout_id": "0123456789ab", "approval_id": "0123456789ab", "decision": "approve"}
+              "rollout_id": "0123456789ab", "approval_id": "0123456789ab", "decision": "approve",
+              "item_id": "item-1"}
     for path, operations in DOC["paths"].items():
         url = path.format(**params)
         r = c.options(url)
