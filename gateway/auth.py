@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from gateway.problems import Forbidden, Unauthenticated
 from prompt_registry import KeyReader, StoreUnavailable
-from prompt_registry.keys import ApiKeyRecord, parse_key, verify_secret
+from prompt_registry.keys import ApiKeyRecord, lacks_scope, parse_key, verify_secret
 
 __all__ = ["ANONYMOUS", "Authenticator"]
 
@@ -105,6 +105,8 @@ class Authenticator:
         return record
 
     @staticmethod
-    def require(principal: ApiKeyRecord | _Anonymous, scope: str) -> None:
+    def require(principal: ApiKeyRecord | _Anonymous, scope: str, purpose: str = "") -> None:
+        """Raise Forbidden unless *principal* holds *scope* (or admin); *purpose* (e.g. "for
+        changing a gate policy") ends the message, as the command line words its refusals."""
         if not principal.allows(scope):
-            raise Forbidden(f"API key {principal.name!r} lacks the {scope!r} scope")
+            raise Forbidden(lacks_scope(principal.name, scope, purpose))

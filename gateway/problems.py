@@ -33,7 +33,7 @@ from prompt_registry import (
     VersionBlocked,
     VersionRetired,
 )
-from prompt_registry.gates import GateRefused
+from prompt_registry.gates import GateRefused, ScorecardMismatch
 from prompt_registry.ops import NothingToRollBack
 from prompt_registry.rollouts import RolloutConflict, RolloutError
 from serving import (
@@ -175,6 +175,7 @@ PROBLEM_TABLE: dict[type[BaseException], ProblemSpec] = {
     PromptFileError: ProblemSpec(422, "invalid_prompt", False, "a published prompt fails validation"),
     UnservedModel: ProblemSpec(422, "unknown_model", False, "a prompt names a model the serving layer does not run (the message lists the served ones)"),
     GatePolicyInvalid: ProblemSpec(422, "invalid_gate_policy", False, "a gate policy fails validation"),
+    ScorecardMismatch: ProblemSpec(422, "scorecard_mismatch", False, "an uploaded scorecard was computed for other content than the version it names"),
     TemplateRejected: ProblemSpec(422, "template_rejected", False, "a template uses what the sandbox forbids"),
     InvalidLabel: ProblemSpec(422, "invalid_label", False, "a reviewer label outside the answering prompt's verdict schema, or contradicting itself"),
     RenderError: ProblemSpec(422, "render_error", False, "the prompt could not be rendered with these variables"),

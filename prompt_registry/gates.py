@@ -527,7 +527,11 @@ class GateReport:
                 "dataset": {"sha256": self.dataset_sha256, "path": self.dataset_path,
                             "items": self.items},
                 "verdict": self.verdict, "message": self.message(),
-                "criteria": [r.as_dict() for r in self.results]}
+                "criteria": [r.as_dict() for r in self.results],
+                # the report's sentences, so a client (the remote CLI) prints what a local one does
+                "summary": self.summary(), "policy_label": self.policy_label(),
+                "dataset_label": self.dataset_label(), "candidate_note": self.candidate_note(),
+                "hint": self.hint()}
 
 
 def scorecard_audit_note(record: ScorecardRecord, note: str, *, replaced: bool) -> str:

@@ -28,6 +28,14 @@ points at it) and undoing a block need `admin`. `latest` skips both.
 With `served_models`, publishing a version (and moving production to one) whose `model:` the
 serving layer does not serve is refused (`UnservedModel`, 422), naming the model and the
 served ones.
+
+`POST /v1/prompts/{name}/scorecards` (scope `prompts:publish`) stores a scorecard `modgate eval
+run` computed elsewhere (the remote CLI), audited under the key's name; one computed for other
+content than the version it names is refused (`scorecard_mismatch`, 422). `GET /v1/keys`,
+`POST /v1/keys` and `POST /v1/keys/{key_id}/revoke` manage API keys (admin scope), through the
+code `modgate keys` uses. Scope refusals say what the scope was needed for, in the words the
+command line uses (`prompt_registry.keys.lacks_scope`), so a remote `modgate` command prints
+the same refusal as a local one.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from gateway.api.edge import ERROR_RESPONSES, json_response
 from gateway.auth import Authenticator
 from gateway.problems import ApiError, Forbidden
 from gateway.rollouts.ops import complete_approved_promotion
-from gateway.rollouts.promotion import ADMIN_SCOPE, GateOverrideBody, report_dict
+from gateway.rollouts.promotion import ADMIN_SCOPE, OVERRIDE_PURPOSE, GateOverrideBody, report_dict
 from prompt_registry import (
     ApprovalRequired,
     GateOverride,
@@ -53,8 +61,8 @@ from prompt_registry import (
     SelfApproval,
     VersionState,
 )
-from prompt_registry.gates import gate_report
-from prompt_registry.keys import ApiKeyRecord
+from prompt_registry.gates import ScorecardRecord, gate_report
+from prompt_registry.keys import KEY_NAME, ApiKeyRecord, Scope, create_key, revoke_key
 from prompt_registry.loader import format_validation_error, parse_prompt_text
 from prompt_registry.models import MAX_VERSION, EvaluationSpec
 from prompt_registry.ops import (
@@ -72,7 +80,7 @@ from prompt_registry.ops import (
     summarize,
 )
 
-__all__ = ["GATES_SCOPE", "build_admin_router"]
+__all__ = ["GATES_SCOPE", "KeyCreate", "build_admin_router"]
 
 GATES_SCOPE = "gates:write"
 
@@ -151,6 +159,16 @@ class RollbackRequest(BaseModel):
     note: str = Field("", max_length=2000)
 
 
+class KeyCreate(BaseModel):
+    """`POST /v1/keys`: who the key is for and its scopes (admin scope; the key is answered
+    once, only its hash is kept)."""
+
+    model_config = ConfigDict(extra="forbid", regex_engine="python-re")
+
+    name: str = Field(..., pattern=KEY_NAME, description="who the key is for, e.g. listing-pipeline")
+    scopes: list[Scope] = Field(..., min_length=1, max_length=16)
+
+
 
 
 def _version_dict(v: Any) -> dict[str, Any]:
@@ -180,15 +198,17 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
 
     router = APIRouter(prefix="/v1/prompts", tags=["prompt registry"], responses=ERROR_RESPONSES)
 
-    async def principal(authorization: str | None, x_api_key: str | None, scope: str) -> ApiKeyRecord | Any:
+    async def principal(authorization: str | None, x_api_key: str | None, scope: str,
+                        purpose: str = "") -> ApiKeyRecord | Any:
         p = await auth.authenticate(authorization, x_api_key)
-        auth.require(p, scope)
+        auth.require(p, scope, purpose)
         return p
 
-    async def label_principal(authorization: str | None, x_api_key: str | None, label: str) -> Any:
+    async def label_principal(authorization: str | None, x_api_key: str | None, label: str,
+                              purpose: str = "") -> Any:
         p = await principal(authorization, x_api_key, "labels:write")
         if label in protected_labels:
-            auth.require(p, "labels:protected")
+            auth.require(p, "labels:protected", purpose)
         return p
 
     @router.get("")
@@ -256,7 +276,7 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
         p = await label_principal(authorization, x_api_key, label)
         override = None
         if body.override is not None:
-            auth.require(p, ADMIN_SCOPE)
+            auth.require(p, ADMIN_SCOPE, OVERRIDE_PURPOSE)
             override = GateOverride(reason=body.override.reason, by=p.name)
         try:
             previous, report = await asyncio.to_thread(
@@ -294,6 +314,23 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
             return [r.as_dict() for r in store.list_scorecards(name, version)]
         return json_response({"name": name, "scorecards": await asyncio.to_thread(work)})
 
+    @router.post("/{name}/scorecards")
+    async def upload_scorecard(name: str, record: ScorecardRecord, authorization: AuthHeader = None,
+                               x_api_key: AuthHeader = None) -> Response:
+        """Store a scorecard `modgate eval run` computed where it ran (scope `prompts:publish`,
+        as publishing: evidence, not a production move; the gate still judges it against the
+        policy in force and the version's content hash). Audited; `created_by` is the key.
+        Answers whether an earlier scorecard of the version on that dataset was replaced."""
+        p = await principal(authorization, x_api_key, "prompts:publish")
+        if record.prompt != name:
+            raise ApiError(422, "invalid_request", f"the scorecard is of prompt {record.prompt!r}, "
+                           f"not {name!r}", fields=[{"field": "prompt", "problem": "differs from the path"}])
+        stored = record.model_copy(update={"created_by": p.name})
+        replaced = await asyncio.to_thread(store.put_scorecard, stored, actor=p.name)
+        await changed(name)
+        return json_response({"name": name, "version": record.version,
+                              "dataset_sha256": record.dataset_sha256, "replaced": replaced})
+
     @router.get("/{name}/versions/{version}/gate")
     async def promotion_gate(name: str, version: Annotated[int, Path(ge=1, le=MAX_VERSION)],
                              authorization: AuthHeader = None, x_api_key: AuthHeader = None) -> Response:
@@ -321,7 +358,7 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
         record becomes the policy in force for every later production move. Answers with the
         policy before and after and their diff; audited with the key's name and the reason.
         409 when `expected_revision` is not the current revision."""
-        p = await principal(authorization, x_api_key, GATES_SCOPE)
+        p = await principal(authorization, x_api_key, GATES_SCOPE, "for changing a gate policy")
 
         def work() -> dict[str, Any]:
             evaluation = body.evaluation
@@ -341,7 +378,7 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
                                x_api_key: AuthHeader = None) -> Response:
         """Switch four eyes on or off for the prompt (admin scope; audited with the reason):
         when on, every production move needs a second key holder's approval."""
-        p = await principal(authorization, x_api_key, ADMIN_SCOPE)
+        p = await principal(authorization, x_api_key, ADMIN_SCOPE, "for changing four eyes")
         expiry = body.expiry_hours * 3600 if body.expiry_hours is not None else None
         await asyncio.to_thread(set_four_eyes, store, name, body.enabled, actor=p.name,
                                 reason=body.reason, expiry_s=expiry)
@@ -360,7 +397,8 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
         record = await asyncio.to_thread(store.get_lifecycle, name)
         current = "active" if record is None else record.state_of(version)
         if "blocked" in (body.state, current):
-            auth.require(p, ADMIN_SCOPE)
+            auth.require(p, ADMIN_SCOPE, "for blocking a version" if body.state == "blocked"
+                         else "for unblocking a version")
         changed_ = await asyncio.to_thread(set_version_state, store, name, version, body.state,
                                            actor=p.name, reason=body.reason)
         if changed_:
@@ -385,7 +423,8 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
         production version the request expected) or deny a pending four-eyes request. Needs
         `labels:write` and `labels:protected` (or `admin`); the requesting key cannot approve
         its own request (403). 409 when the request is no longer pending."""
-        p = await label_principal(authorization, x_api_key, production_label)
+        p = await label_principal(authorization, x_api_key, production_label,
+                                  f"for {'approving' if decision == 'approve' else 'denying'} a request")
         note = body.note if body is not None else ""
 
         def work() -> dict[str, Any]:
@@ -429,4 +468,41 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
             await asyncio.to_thread(summarize, store, name)  # 404 for an unknown prompt
         return json_response({"name": name, "entries": [e.model_dump(mode="json") for e in entries]})
 
-    return router
+    keys = APIRouter(prefix="/v1/keys", tags=["api keys"], responses=ERROR_RESPONSES)
+
+    @keys.get("")
+    async def list_keys(authorization: AuthHeader = None, x_api_key: AuthHeader = None) -> Response:
+        """Key ids, names, scopes and state, never the secrets (admin scope)."""
+        await principal(authorization, x_api_key, ADMIN_SCOPE, "for listing API keys")
+        records = await asyncio.to_thread(store.list_keys)
+        return json_response({"keys": [_key_dict(r) for r in records]})
+
+    @keys.post("", status_code=201)
+    async def new_key(body: KeyCreate, authorization: AuthHeader = None,
+                      x_api_key: AuthHeader = None) -> Response:
+        """Create a key (admin scope). The key is in this answer only; the registry keeps its
+        hash. `created_by` is the calling key's name."""
+        p = await principal(authorization, x_api_key, ADMIN_SCOPE, "for creating API keys")
+        key, record = await asyncio.to_thread(create_key, store, body.name, list(body.scopes),
+                                              created_by=str(p.name))
+        return json_response({"key": key, "key_id": record.key_id, "name": record.name,
+                              "scopes": list(record.scopes)}, 201)
+
+    @keys.post("/{key_id}/revoke")
+    async def revoke(key_id: Annotated[str, Path(pattern=r"^[a-f0-9]{12}$")],
+                     authorization: AuthHeader = None, x_api_key: AuthHeader = None) -> Response:
+        """Revoke a key by id (admin scope); gateways stop accepting it within
+        gateway.key_cache_s. 404 for an unknown id."""
+        await principal(authorization, x_api_key, ADMIN_SCOPE, "for revoking API keys")
+        record = await asyncio.to_thread(revoke_key, store, key_id)
+        return json_response({"key_id": record.key_id, "name": record.name, "revoked": True})
+
+    outer = APIRouter()
+    outer.include_router(router)
+    outer.include_router(keys)
+    return outer
+
+
+def _key_dict(record: ApiKeyRecord) -> dict[str, Any]:
+    """A key record as listed: everything but the secret's hash."""
+    return record.model_dump(mode="json", exclude={"secret_sha256"})

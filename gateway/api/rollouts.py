@@ -30,7 +30,7 @@ from gateway.rollouts.ops import (
     rollout_status,
     start_rollout,
 )
-from gateway.rollouts.promotion import ADMIN_SCOPE, GateOverrideBody
+from gateway.rollouts.promotion import ADMIN_SCOPE, OVERRIDE_PURPOSE, GateOverrideBody
 from prompt_registry import GateOverride, PromptStore
 from prompt_registry.models import MAX_VERSION
 from prompt_registry.rollouts import UNPROVEN_MAX_WEIGHT, GateConfig, ShadowSpec
@@ -102,7 +102,7 @@ def build_rollout_router(store: PromptStore, auth: Authenticator, *, production_
         p = await principal(authorization, x_api_key, *CHANGE_SCOPES)
         override = None
         if body.override is not None:
-            auth.require(p, ADMIN_SCOPE)
+            auth.require(p, ADMIN_SCOPE, OVERRIDE_PURPOSE)
             override = GateOverride(reason=body.override.reason, by=p.name)
         await asyncio.to_thread(
             start_rollout, store, name, canary_version=body.canary_version, steps=body.steps,
@@ -128,7 +128,7 @@ def build_rollout_router(store: PromptStore, auth: Authenticator, *, production_
         p = await principal(authorization, x_api_key, *CHANGE_SCOPES)
         override = None
         if action == "promote" and body is not None and body.override is not None:
-            auth.require(p, ADMIN_SCOPE)
+            auth.require(p, ADMIN_SCOPE, OVERRIDE_PURPOSE)
             override = GateOverride(reason=body.override.reason, by=p.name)
         await asyncio.to_thread(apply_action, store, name, action, actor=p.name,
                                 note=body.note if body else "", production_label=production_label,

@@ -22,6 +22,14 @@ A version with a `cascade:` is evaluated as production serves it (its own model,
 cascade's model where the verdict escalates): that is its scorecard. Both models are also
 scored alone on every item, and `v<N>-cascade.md` / `.json` compare quality, tokens and
 latency of the cascade with each model alone.
+
+With `--url` (or MODGATE_URL) `run` works with a remote gateway's registry: the versions are
+read and the scorecards stored (audited, under the API key's name, scope `prompts:publish`)
+through its admin API, and the promotion gate's verdict is the gateway's. The evaluation itself
+still runs here, against the model server this configuration names: it needs vLLM's output
+constraint and a low priority, which the gateway's public /v1 routes do not pass through, so a
+scorecard computed through them would not measure what production serves. `validate`, `show`
+and `report` only read local files and need no gateway.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from gateway.cli.registry import store_for
+from gateway.cli.client import KeyFileOpt, UrlOpt, open_client, prompt_version
 from gateway.config import AppConfig, ConfigError, load_config
 
 if TYPE_CHECKING:
@@ -187,12 +195,17 @@ def run_cmd(
                                         "again (e.g. after changing the weights behind a model name)")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress",
                                            help="progress bar on stderr (only on a terminal)")] = True,
-    config: ConfigOpt = None, as_json: JsonOpt = False,
+    config: ConfigOpt = None, url: UrlOpt = None, key_file: KeyFileOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Evaluate one or more versions of a prompt on a labelled dataset and write scorecards.
 
     The scorecards are stored in the registry (audited) as by MODGATE_ACTOR, else the login
     name ($LOGNAME, $USER), else `uid <n> (<account>)`: set MODGATE_ACTOR where $USER is empty.
+
+    With --url the versions come from, and the scorecards go to, the remote gateway's registry
+    (as the API key, which needs prompts:read and prompts:publish); the model calls still go to
+    this configuration's serving.base_url, with the output constraint production uses.
     """
     from gateway.quality.evaluation.dataset import schema_problems
     from gateway.quality.evaluation.report import (
@@ -205,8 +218,8 @@ def run_cmd(
     cfg = _config(config)
     dataset = _dataset(dataset_path)
     numbers = list(dict.fromkeys(version))
-    with store_for(cfg) as store:
-        versions = [store.get_version(prompt, n) for n in numbers]
+    with open_client(config, url, key_file) as client:
+        versions = [prompt_version(client.version(prompt, n)) for n in numbers]
     problems = []
     for v in versions:
         problems += [(v.version, p) for p in schema_problems(dataset, v.spec.verdict, v.spec.variables)]
@@ -231,9 +244,8 @@ def run_cmd(
     # The registry keeps each scorecard (prompt, version, dataset sha256): promotion gates read it.
     from gateway.cli.promotion import store_scorecards
 
-    with store_for(cfg) as store:  # with --json: `modgate prompts scorecards NAME --json`
-        lines = store_scorecards(store, scorecards, actor=actor_name(), out_dir=str(out_dir),
-                                 production_label=cfg.gateway.default_label)
+    with open_client(config, url, key_file) as client:  # --json: `prompts scorecards NAME --json`
+        lines = store_scorecards(client, scorecards, actor=actor_name(), out_dir=str(out_dir))
     if not as_json:
         typer.echo("\n".join(lines))
     written = {sc.version: write_scorecard(sc, out_dir, dataset) for sc in scorecards}

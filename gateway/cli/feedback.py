@@ -36,9 +36,10 @@ from gateway.quality.reporting import MISSING
 if TYPE_CHECKING:
     import httpx
 
+    from gateway.cli.client import RegistryClient
     from gateway.decision_log import DecisionRecord
     from gateway.quality.agreement import PairAgreement
-    from prompt_registry import PromptStore, VerdictSchema
+    from prompt_registry import VerdictSchema
 
 __all__ = ["MISSING", "TzOpt", "feedback_app", "http_client", "load_sources", "read_label_file",
            "zone"]
@@ -491,10 +492,12 @@ def http_client(url: str) -> httpx.Client:
     return httpx.Client(base_url=url, timeout=30.0)
 
 
-def _check_rows(rows: list[LabelRow], store: PromptStore, log_dir: Path | None,
+def _check_rows(rows: list[LabelRow], client: RegistryClient, log_dir: Path | None,
                 default: tuple[str, str]) -> None:
     """Fill each row's problems: ids, item_id resolution, and the label checked as
-    POST /v1/feedback checks it (against the verdict schema of the version that answered)."""
+    POST /v1/feedback checks it (against the verdict schema of the version that answered).
+    A remote key that may not read the registry leaves the label check to the gateway."""
+    from gateway.cli.client import KEY_REFUSED_EXIT, ClientError, prompt_version
     from gateway.feedback import check_label
     from gateway.problems import InvalidLabel
 
@@ -507,7 +510,7 @@ def _check_rows(rows: list[LabelRow], store: PromptStore, log_dir: Path | None,
     schemas: dict[tuple[str, int], VerdictSchema] = {}
 
     def schema(name: str, version: int | None) -> VerdictSchema:
-        pv = store.get_version(name, version) if version else store.resolve(name, default[1])
+        pv = prompt_version(client.version(name, version) if version else client.resolve(name, default[1]))
         key = (name, pv.version)
         if key not in schemas:
             schemas[key] = pv.spec.verdict
@@ -544,6 +547,10 @@ def _check_rows(rows: list[LabelRow], store: PromptStore, log_dir: Path | None,
             else:
                 sch = schema(default[0], None)
             check_label(sch, r.decision, r.category)
+        except ClientError as exc:
+            if exc.code != KEY_REFUSED_EXIT:
+                r.problems.append(f"cannot check the label: {exc}")
+            # else: the key may not read the registry; the gateway checks the label when sent
         except InvalidLabel as exc:
             r.problems.append(f"{exc.field or 'label'}: {exc}")
         except Exception as exc:  # the registry could not say which schema applies
@@ -555,7 +562,8 @@ def import_cmd(
     file: Annotated[Path, typer.Argument(help="a review tool's export: .csv (UTF-8, with or "
                                          "without a BOM) or .jsonl")],
     url: Annotated[str | None, typer.Option(
-        "--url", help="the gateway's base URL (default: http://<gateway.host>:<gateway.port>)")] = None,
+        "--url", envvar="MODGATE_URL", help="the gateway's base URL (default: http://<gateway.host>:"
+        "<gateway.port>); given, the labels are also checked against that gateway's registry")] = None,
     key: Annotated[str | None, typer.Option(
         "--key", envvar="MODGATE_API_KEY", help="API key with the feedback scope; the labels are "
                                                 "recorded under its name")] = None,
@@ -589,7 +597,7 @@ def import_cmd(
       MODGATE_API_KEY=mgk_... modgate feedback import labels.csv --url http://gateway:8080
       modgate feedback import week12.jsonl --skip-invalid --key "$REVIEW_KEY"
     """
-    from gateway.cli.registry import store_for
+    from gateway.cli.client import open_client
 
     try:
         cfg = load_config(config)
@@ -603,8 +611,8 @@ def import_cmd(
     if not dry_run and not key:
         raise _fail("an API key with the feedback scope is needed: --key or MODGATE_API_KEY", 2)
     log_dir = cfg.data_path() / cfg.decision_log.dir
-    with store_for(cfg) as store:
-        _check_rows(rows, store, log_dir if log_dir.is_dir() else None,
+    with open_client(config, url, key=key) as client:
+        _check_rows(rows, client, log_dir if log_dir.is_dir() else None,
                     (cfg.gateway.default_prompt, cfg.gateway.default_label))
     bad = [r for r in rows if r.problems]
     for p in file_problems:

@@ -13,28 +13,20 @@ credentials can do anything; the key makes an override deliberate and attributab
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Annotated, Protocol
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from gateway.rollouts.promotion import ADMIN_SCOPE
-from prompt_registry import (
-    GateOverride,
-    GatePolicyReader,
-    GateReport,
-    KeyReader,
-    PromptReader,
-    RegistryError,
-    ScorecardStore,
-)
-from prompt_registry.gates import gate_report
-from prompt_registry.keys import parse_key, verify_secret
+from gateway.rollouts.promotion import ADMIN_SCOPE, OVERRIDE_PURPOSE
+from prompt_registry import GateOverride, KeyReader, RegistryError
+from prompt_registry.keys import lacks_scope, parse_key, verify_secret
 
 if TYPE_CHECKING:
+    from gateway.cli.client import RegistryClient
     from gateway.quality.evaluation.scorecard import Scorecard
 
 __all__ = ["AdminKeyOpt", "GATES_SCOPE", "OverrideOpt", "OverrideRefused", "ReasonOpt",
-           "ScorecardRegistry", "cli_key_holder", "cli_override", "report_lines", "store_scorecards"]
+           "cli_key_holder", "cli_override", "report_lines", "store_scorecards"]
 
 GATES_SCOPE = "gates:write"
 
@@ -50,12 +42,6 @@ AdminKeyOpt = Annotated[str | None, typer.Option(
 
 class OverrideRefused(RegistryError):
     """An override asked for without what it needs (a reason, an admin key)."""
-
-
-class ScorecardRegistry(PromptReader, ScorecardStore, GatePolicyReader, Protocol):
-    """What storing scorecards touches: the scorecards, plus the labels, versions and gate
-    policy the gate report reads. No label moves, rollouts or keys: storing evidence never
-    promotes."""
 
 
 def cli_key_holder(keys: KeyReader, key: str | None, *, scope: str, what: str,
@@ -74,8 +60,7 @@ def cli_key_holder(keys: KeyReader, key: str | None, *, scope: str, what: str,
     if record.revoked:
         raise OverrideRefused(f"API key {record.name!r} is revoked")
     if not record.allows(scope):
-        raise OverrideRefused(f"API key {record.name!r} lacks the {scope!r} (or 'admin') scope "
-                              f"needed for {what}")
+        raise OverrideRefused(lacks_scope(record.name, scope, f"for {what}"))
     return f"key {record.name}"
 
 
@@ -102,44 +87,45 @@ def cli_override(keys: KeyReader, *, override_gate: bool, reason: str | None,
     if record.revoked:
         raise OverrideRefused(f"API key {record.name!r} is revoked")
     if ADMIN_SCOPE not in record.scopes:
-        raise OverrideRefused(f"API key {record.name!r} lacks the 'admin' scope needed to "
-                              "override a promotion gate")
+        raise OverrideRefused(lacks_scope(record.name, ADMIN_SCOPE, OVERRIDE_PURPOSE))
     return GateOverride(reason=reason, by=f"admin key {record.name}")
 
 
-def report_lines(report: GateReport, *, label: str = "production") -> list[str]:
-    """A gate report for a terminal: the verdict, then every check with its numbers."""
-    if report.verdict == "none":
-        lines = [f"promotion gate of v{report.version} -> {label}: none ({report.policy_label()}); "
-                 "any version may be promoted"]
+def report_lines(report: dict[str, Any], *, label: str = "production") -> list[str]:
+    """A gate report (`GateReport.as_dict`, as the admin API answers it) for a terminal: the
+    verdict, then every check with its numbers."""
+    if report["verdict"] == "none":
+        lines = [f"promotion gate of v{report['version']} -> {label}: none "
+                 f"({report['policy_label']}); any version may be promoted"]
     else:
-        lines = [f"promotion gate of v{report.version} -> {label}: {report.verdict.upper()} on "
-                 f"{report.dataset_label()}", f"  policy in force: {report.policy_label()}"]
-        for r in report.results:
-            lines.append(f"  {r.verdict.upper():<5} {r.detail}")
-    if report.candidate_note():
-        lines.append(f"  {report.candidate_note()}")
-    if report.hint():
-        lines.append(f"  {report.hint()}")
+        lines = [f"promotion gate of v{report['version']} -> {label}: {report['verdict'].upper()} on "
+                 f"{report['dataset_label']}", f"  policy in force: {report['policy_label']}"]
+        for r in report["criteria"]:
+            lines.append(f"  {r['verdict'].upper():<5} {r['detail']}")
+    if report["candidate_note"]:
+        lines.append(f"  {report['candidate_note']}")
+    if report["hint"]:
+        lines.append(f"  {report['hint']}")
     return lines
 
 
-def store_scorecards(store: ScorecardRegistry, scorecards: Sequence[Scorecard], *, actor: str,
-                     out_dir: str = "", production_label: str = "production") -> list[str]:
-    """Store `eval run` scorecards in the registry; lines saying what was stored and what the
-    promotion gate of each non-production version now says."""
+def store_scorecards(client: RegistryClient, scorecards: Sequence[Scorecard], *, actor: str,
+                     out_dir: str = "") -> list[str]:
+    """Store `eval run` scorecards in the registry (here, or through a remote gateway's admin
+    API); lines saying what was stored and what the promotion gate of each non-production
+    version now says. Storing evidence never promotes."""
     from gateway.quality.evaluation.scorecard import registry_record
 
     lines = []
     for sc in scorecards:
         record = registry_record(sc, created_by=actor, report=out_dir)
-        replaced = store.put_scorecard(record, actor=actor)
+        replaced = client.put_scorecard(record, actor=actor)
         lines.append(f"registry: scorecard of {sc.prompt} v{sc.version} on dataset "
                      f"{sc.dataset_sha256[:12]} {'replaced' if replaced else 'stored'}")
-    production = store.labels(scorecards[0].prompt).get(production_label) if scorecards else None
+    label = client.production_label
+    production = client.summary(scorecards[0].prompt)["labels"].get(label) if scorecards else None
     for sc in scorecards:
         if sc.version == production:
             continue
-        report = gate_report(store, sc.prompt, sc.version, production_label=production_label)
-        lines += report_lines(report, label=production_label)
+        lines += report_lines(client.gate(sc.prompt, sc.version), label=label)
     return lines

@@ -6,6 +6,9 @@
 
 A running gateway judges the rollout by its gates and steps, promotes or aborts it by itself
 (`--manual` turns that off); every change, with its evidence, is in `modgate prompts audit`.
+With `--url` (or MODGATE_URL) every command acts on a remote gateway through its admin API: a
+start or change is then authorised by the API key's scopes (`labels:write` and
+`labels:protected`), not by access to the store.
 Promotion, automatic or by hand, goes through the promotion gate: a manual `promote` the gate
 refuses exits with status 3 (an admin can `--override-gate --reason ... --admin-key ...`); an
 automatic one pauses the rollout with the gate's findings.
@@ -13,11 +16,20 @@ automatic one pauses the rollout with the gate's findings.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Annotated, Any
 
 import typer
 
+from gateway.cli.client import (
+    ClientError,
+    GateRefusal,
+    KeyFileOpt,
+    RegistryClient,
+    UrlOpt,
+    open_client,
+)
 from gateway.cli.promotion import AdminKeyOpt, OverrideOpt, ReasonOpt
 from gateway.cli.registry import (
     ActorOpt,
@@ -27,20 +39,10 @@ from gateway.cli.registry import (
     _actor,
     _fail,
     _out,
-    _override,
-    _store_and_config,
+    asked_override,
     gate_refused,
 )
 from gateway.quality.reporting import MISSING
-from gateway.rollouts.ops import (
-    apply_action,
-    find_rollout,
-    rollout_detail,
-    rollout_history,
-    rollout_status,
-    start_rollout,
-)
-from prompt_registry import GateRefused
 from prompt_registry.rollouts import (
     UNPROVEN_MAX_WEIGHT,
     GateConfig,
@@ -255,7 +257,8 @@ def start_cmd(
         "--on-promotion-refused", help="where the canary goes when the gate refuses its "
         "promotion: last_safe (the last step within --max-unproven-weight) or zero")] = "last_safe",
     override_gate: OverrideOpt = False, reason: ReasonOpt = None, admin_key: AdminKeyOpt = None,
-    note: NoteOpt = "", actor: ActorOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False,
+    note: NoteOpt = "", actor: ActorOpt = None, config: ConfigOpt = None, url: UrlOpt = None,
+    key_file: KeyFileOpt = None, as_json: JsonOpt = False,
 ) -> None:
     try:
         weights = [int(w) for w in steps.split(",") if w.strip()]
@@ -274,31 +277,32 @@ def start_cmd(
         raise _fail("--subject-key must be seller_id, item_id or subject", 2)
     if on_refused not in ("last_safe", "zero"):
         raise _fail("--on-promotion-refused must be last_safe or zero", 2)
-    with _store_and_config(config) as (store, cfg):
-        label = cfg.gateway.default_label
-        override = _override(store, cfg, override_gate, reason, admin_key)
+    override = asked_override(override_gate, reason, admin_key)
+    # The admin API's start body (`gateway.api.rollouts.RolloutStart`), whichever side runs it.
+    body = {"canary_version": canary, "steps": weights,
+            "shadows": [_shadow(s).model_dump(mode="json") for s in shadow or []],
+            "step_hold_s": _duration(hold), "gates": gates.model_dump(mode="json"), "auto": not manual,
+            "subject_key": subject_key, "note": note, "max_unproven_weight": max_unproven_weight,
+            "on_promotion_refused": on_refused}
+    with open_client(config, url, key_file) as client:
         try:
-            start_rollout(store, name, canary_version=canary, steps=weights,
-                          shadows=[_shadow(s) for s in shadow or []], step_hold_s=_duration(hold), gates=gates,
-                          auto=not manual, subject_key=subject_key, actor=_actor(actor), note=note,
-                          production_label=label, override=override,
-                          unproven_max_weight=max_unproven_weight, on_promotion_refused=on_refused)
-        except GateRefused as exc:
+            st = client.start_rollout(name, body, actor=_actor(actor), override=override)
+        except GateRefusal as exc:
             raise gate_refused(exc, before=f"rollout of {name} v{canary} not started:") from None
-        st = rollout_status(store, name, production_label=label)
     _out(as_json, st, lambda: _print_status(st))
 
 
 @rollouts_app.command("status")
 def status_cmd(name: str, watch: Annotated[float | None, typer.Option("--watch", help="refresh every N seconds")] = None,
-               config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+               config: ConfigOpt = None, url: UrlOpt = None, key_file: KeyFileOpt = None,
+               as_json: JsonOpt = False) -> None:
     """Weights, sample counts, gate values with their intervals, next step, flipped items."""
     while True:
-        with _store_and_config(config) as (store, cfg):
-            st = rollout_status(store, name, production_label=cfg.gateway.default_label)
+        with open_client(config, url, key_file) as client:
+            st = client.rollout_status(name)
         if watch and not as_json:
             typer.echo("\x1b[2J\x1b[H", nl=False)
-        _out(as_json, st, lambda st=st: _print_status(st))
+        _out(as_json, st, functools.partial(_print_status, st))
         if not watch or st["rollout"]["state"] not in ("running", "paused"):
             return
         time.sleep(watch)
@@ -306,11 +310,9 @@ def status_cmd(name: str, watch: Annotated[float | None, typer.Option("--watch",
 
 def _action(action: str) -> Any:
     def cmd(name: str, note: NoteOpt = "", actor: ActorOpt = None, config: ConfigOpt = None,
-            as_json: JsonOpt = False) -> None:
-        with _store_and_config(config) as (store, cfg):
-            label = cfg.gateway.default_label
-            apply_action(store, name, action, actor=_actor(actor), note=note, production_label=label)
-            st = rollout_status(store, name, production_label=label)
+            url: UrlOpt = None, key_file: KeyFileOpt = None, as_json: JsonOpt = False) -> None:
+        with open_client(config, url, key_file) as client:
+            st = client.rollout_action(name, action, note=note, actor=_actor(actor), override=None)
         _out(as_json, st, lambda: _print_status(st))
     cmd.__doc__ = {
         "step": "Move the canary to the next weight now.",
@@ -328,32 +330,29 @@ for _name in ("step", "pause", "resume", "abort"):
 @rollouts_app.command("promote")
 def promote_cmd(name: str, note: NoteOpt = "", actor: ActorOpt = None,
                 override_gate: OverrideOpt = False, reason: ReasonOpt = None,
-                admin_key: AdminKeyOpt = None, config: ConfigOpt = None,
-                as_json: JsonOpt = False) -> None:
+                admin_key: AdminKeyOpt = None, config: ConfigOpt = None, url: UrlOpt = None,
+                key_file: KeyFileOpt = None, as_json: JsonOpt = False) -> None:
     """Make the canary production now (compare-and-set on the production label), through the
     promotion gate: refused with exit status 3 unless the canary version's stored scorecard
     meets its prompt's criteria, or an admin overrides (--override-gate --reason --admin-key)."""
-    with _store_and_config(config) as (store, cfg):
-        label = cfg.gateway.default_label
-        override = _override(store, cfg, override_gate, reason, admin_key)
+    override = asked_override(override_gate, reason, admin_key)
+    with open_client(config, url, key_file) as client:
         try:
-            apply_action(store, name, "promote", actor=_actor(actor), note=note,
-                         production_label=label, override=override)
-        except GateRefused as exc:
+            st = client.rollout_action(name, "promote", note=note, actor=_actor(actor), override=override)
+        except GateRefusal as exc:
             raise gate_refused(exc) from None
-        st = rollout_status(store, name, production_label=label)
     _out(as_json, st, lambda: _print_status(st))
 
 
 
 @rollouts_app.command("list")
 def list_cmd(name: Annotated[str | None, typer.Argument(help="one prompt (default: every prompt)")] = None,
-             config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+             config: ConfigOpt = None, url: UrlOpt = None, key_file: KeyFileOpt = None,
+             as_json: JsonOpt = False) -> None:
     """Every rollout, finished ones included, newest first: id, versions, state, when, by whom."""
-    with _store_and_config(config) as (store, cfg):
-        names = [name] if name else store.list_prompts()
-        label = cfg.gateway.default_label
-        rows = [{"prompt": n, **x} for n in names for x in rollout_history(store, n, production_label=label)]
+    with open_client(config, url, key_file) as client:
+        names = [name] if name else [p["name"] for p in client.list_prompts()]
+        rows = [{"prompt": n, **x} for n in names for x in client.rollout_history(n)]
 
     def human() -> None:
         if not rows:
@@ -369,12 +368,13 @@ def list_cmd(name: Annotated[str | None, typer.Argument(help="one prompt (defaul
 @rollouts_app.command("show")
 def show_cmd(rollout_id: str,
              prompt: Annotated[str | None, typer.Option("--prompt", help="the rollout's prompt (default: searched)")] = None,
-             config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+             config: ConfigOpt = None, url: UrlOpt = None, key_file: KeyFileOpt = None,
+             as_json: JsonOpt = False) -> None:
     """One rollout by id (`rollouts list`): what happened, what serves now, and every transition
     with its gates."""
-    with _store_and_config(config) as (store, cfg):
-        name = prompt or find_rollout(store, rollout_id)
-        d = rollout_detail(store, name, rollout_id, production_label=cfg.gateway.default_label)
+    with open_client(config, url, key_file) as client:
+        name = prompt or _find_rollout(client, rollout_id)
+        d = client.rollout_detail(name, rollout_id)
 
     def human() -> None:
         if d.get("rollout") is not None:
@@ -389,3 +389,11 @@ def show_cmd(rollout_id: str,
                        + (f"  promotion gate {gate.get('verdict')}" if gate else "")
                        + (f"  {t['note']}" if t.get("note") else ""))
     _out(as_json, d, human)
+
+
+def _find_rollout(client: RegistryClient, rollout_id: str) -> str:
+    """The prompt a rollout id belongs to, searched in every prompt's history."""
+    for p in client.list_prompts():
+        if any(x["id"] == rollout_id for x in client.rollout_history(p["name"])):
+            return str(p["name"])
+    raise ClientError(f"no rollout {rollout_id!r}")

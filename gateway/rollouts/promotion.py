@@ -14,9 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prompt_registry import GateReport
 
-__all__ = ["ADMIN_SCOPE", "GateOverrideBody", "report_dict"]
+__all__ = ["ADMIN_SCOPE", "OVERRIDE_PURPOSE", "GateOverrideBody", "report_dict"]
 
 ADMIN_SCOPE = "admin"
+# How a refusal of an override for lack of the admin scope ends, on the API and the CLI.
+OVERRIDE_PURPOSE = "to override a promotion gate"
 
 
 class GateOverrideBody(BaseModel):

@@ -56,7 +56,8 @@ def test_four_eyes_from_the_cli(config_path: Path, gateway: tuple[TestClient, st
     assert f"{request['id']}  pending" in ok(config_path, "prompts", "approvals", "list", NAME)
 
     own = invoke(config_path, "prompts", "approvals", "approve", NAME, request["id"], "--key", alice)
-    assert own.exit_code == 1 and "second key holder" in own.output
+    # a refusal of the key (the API's 403), so the status of every key refusal: 2, here and remotely
+    assert own.exit_code == 2 and "second key holder" in own.output
     nokey = invoke(config_path, "prompts", "approvals", "approve", NAME, request["id"])
     assert nokey.exit_code == 2 and "needs an API key" in nokey.output
     out = ok(config_path, "prompts", "approvals", "approve", NAME, request["id"], "--key", bob)

@@ -334,3 +334,51 @@ def test_publishing_a_model_the_serving_layer_does_not_serve(tmp_path: Path) -> 
         "serve (served: tiny-llama)")
     assert store.versions("listing-moderation") == [1]
     store.close()
+
+
+def test_scorecard_upload_is_checked_stored_and_audited_under_the_key(
+        env: tuple[TestClient, dict, SqlitePromptStore]) -> None:
+    """What `modgate eval run --url` posts: stored (the gate reads it), `created_by` the key,
+    refused without prompts:publish, for another prompt than the path's, or for other content."""
+    from tests.scorecards import make_record
+
+    client, keys, store = env
+    v1 = store.get_version("listing-moderation", 1)
+    record = make_record("listing-moderation", 1, v1.content_hash).model_dump(mode="json")
+    url = "/v1/prompts/listing-moderation/scorecards"
+    r = client.post(url, json=record, headers=keys["lead"])
+    assert r.status_code == 403
+    assert r.json()["error"]["message"] == "API key 'lead' lacks the 'prompts:publish' (or 'admin') scope"
+    r = client.post(url, json=record, headers=keys["author"])
+    assert r.status_code == 200 and r.json() == {"name": "listing-moderation", "version": 1,
+                                                 "dataset_sha256": SAMPLE_SHA, "replaced": False}
+    assert client.post(url, json=record, headers=keys["author"]).json()["replaced"] is True
+    (stored,) = store.list_scorecards("listing-moderation", 1)
+    assert stored.created_by == "author" and store.audit("listing-moderation")[-1].actor == "author"
+    other = client.post("/v1/prompts/other/scorecards", json=record, headers=keys["author"])
+    assert other.status_code == 422 and other.json()["error"]["type"] == "invalid_request"
+    forged = client.post(url, json={**record, "version_hash": "0" * 64}, headers=keys["author"])
+    assert forged.status_code == 422 and forged.json()["error"]["type"] == "scorecard_mismatch"
+    assert "was computed for content 000000000000" in forged.json()["error"]["message"]
+
+
+def test_api_keys_are_managed_with_the_admin_scope_only(
+        env: tuple[TestClient, dict, SqlitePromptStore]) -> None:
+    client, keys, store = env
+    r = client.post("/v1/keys", json={"name": "pipeline", "scopes": ["moderate"]}, headers=keys["lead"])
+    assert r.status_code == 403
+    assert r.json()["error"]["message"] == ("API key 'lead' lacks the 'admin' scope needed for "
+                                            "creating API keys")
+    made = client.post("/v1/keys", json={"name": "pipeline", "scopes": ["moderate"]}, headers=keys["admin"])
+    assert made.status_code == 201
+    new = made.json()
+    assert store.get_key(new["key_id"]).created_by == "admin"  # type: ignore[union-attr]
+    listed = client.get("/v1/keys", headers=keys["admin"]).json()["keys"]
+    assert {k["name"] for k in listed} == {"caller", "author", "lead", "admin", "pipeline"}
+    assert all("secret_sha256" not in k for k in listed)
+    bad = client.post("/v1/keys", json={"name": "x", "scopes": ["root"]}, headers=keys["admin"])
+    assert bad.status_code == 422
+    assert client.post("/v1/keys/000000000000/revoke", headers=keys["admin"]).status_code == 404
+    r = client.post(f"/v1/keys/{new['key_id']}/revoke", headers=keys["admin"])
+    assert r.json() == {"key_id": new["key_id"], "name": "pipeline", "revoked": True}
+    assert store.get_key(new["key_id"]).revoked  # type: ignore[union-attr]

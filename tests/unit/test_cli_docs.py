@@ -45,6 +45,9 @@ NOT_RUN: dict[str, str] = {
                                "(tests/unit/test_feedback_import.py covers it)",
     "modgate feedback disagreements": "needs the user's listing content export (--content)",
     "modgate eval validate live.jsonl": "needs the file `feedback disagreements` writes",
+    "modgate prompts list --url": "needs a running gateway at that URL and a key "
+                                  "(tests/contract/test_remote_cli.py runs the loop against one)",
+    "modgate rollouts status listing-moderation --url": "needs a running gateway at that URL",
 }
 
 
