@@ -29,6 +29,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import typer
 
+from gateway.cli.client import KeyFileOpt
 from gateway.cli.decisions import _progress_bar, _range, _skipped
 from gateway.config import AppConfig, ConfigError, load_config
 from gateway.quality.reporting import MISSING
@@ -572,7 +573,7 @@ def import_cmd(
                                "default a file with any problem imports nothing)")] = False,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="check every row and send nothing")] = False,
-    config: ConfigOpt = None, as_json: JsonOpt = False,
+    key_file: KeyFileOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Import reviewer labels from a review tool's export (CSV or JSON Lines).
 
@@ -608,6 +609,10 @@ def import_cmd(
         for p in file_problems:
             typer.echo(p, err=True)
         raise _fail(f"{file}: nothing to import", 2)
+    if key_file is not None:  # the key from a file, kept out of the shell history
+        from gateway.cli.client import remote_key
+
+        key = remote_key(key_file)
     if not dry_run and not key:
         raise _fail("an API key with the feedback scope is needed: --key or MODGATE_API_KEY", 2)
     log_dir = cfg.data_path() / cfg.decision_log.dir

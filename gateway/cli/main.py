@@ -58,6 +58,9 @@ app = typer.Typer(
         "  modgate latency            p50/p95/p99 per request stage over a time window\n"
         "  modgate deploy ...         generate the KubeRay serveConfigV2 and the config JSON Schema\n"
         "\nEvery command takes --config (or MODGATE_CONFIG); the default is configs/modgate.yaml."
+        "\nprompts, rollouts, keys, eval run and feedback import also take --url (or MODGATE_URL) "
+        "to work on a remote gateway through its admin API, with the key in MODGATE_API_KEY or "
+        "--key-file."
     ),
     no_args_is_help=True,
     add_completion=False,

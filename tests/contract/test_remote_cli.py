@@ -227,9 +227,7 @@ def test_the_prompt_change_loop_from_a_remote_cli(sides: tuple[Side, Side], tmp_
     canary_id = next(rid for rid, arm in ids if arm == "canary")
     labels = tmp_path / "labels.csv"
     labels.write_text(f"request_id,decision,category,reviewer\n{canary_id},allow,,Ana\n")
-    fb = CliRunner().invoke(cli, ["feedback", "import", str(labels), "--url", remote.url,
-                                  "--config", str(remote.config)],
-                            env={"MODGATE_API_KEY": remote.keys["ops"]}, catch_exceptions=False)
+    fb = remote.run("feedback", "import", str(labels), "--config", str(remote.config))
     assert fb.exit_code == 0, fb.output
     assert "1 label(s) recorded" in fb.output
     assert remote.served_from is not None
