@@ -397,7 +397,7 @@ def repro_allow_header_incomplete(c: TestClient) -> None:
     alone answers from the first route matching the path and lists only its methods)."""
     params = {"name": "listing-moderation", "version": 1, "label": "canary", "action": "pause",
               "rollout_id": "0123456789ab", "approval_id": "0123456789ab", "decision": "approve",
-              "item_id": "item-1"}
+              "item_id": "item-1", "key_id": "0123456789ab"}
     for path, operations in DOC["paths"].items():
         url = path.format(**params)
         r = c.options(url)
