@@ -235,6 +235,14 @@ ACCEPTED: list[KnownBug] = [
         lambda case, response, f: isinstance(f, RejectedPositiveData) and response.status_code == 422
         and case.operation.label == "POST /v1/feedback"
         and '"invalid_label"' in response.text),
+    KnownBug(
+        "scorecard-semantic-validation",
+        "POST /v1/prompts/{name}/scorecards documents its body by ScorecardRecord's JSON schema, "
+        "which cannot say 'no more correct items than items', 'the prompt named in the path' or "
+        "'computed for this version's content'; a schema-valid scorecard can still get the "
+        "documented 422 (invalid_request or scorecard_mismatch)",
+        lambda case, response, f: isinstance(f, RejectedPositiveData) and response.status_code == 422
+        and case.operation.label == "POST /v1/prompts/{name}/scorecards"),
 ]
 
 
