@@ -154,7 +154,23 @@ class DecisionRecord(BaseModel):
     shadow_of: str | None = None
     decision: str | None = None
     category: str | None = None
-    confidence: float | None = None
+    confidence: float | None = Field(None, description="the confidence the model wrote in its answer "
+                                     "(not a probability)")
+    decision_probability: float | None = Field(
+        None, description="calibrated probability of the decision the model generated (token "
+        "log-probabilities renormalised over the allowed decisions); null without log-probabilities")
+    category_probability: float | None = Field(None, description="calibrated probability of the "
+                                               "category, given the decision")
+    block_probability: float | None = Field(None, description="calibrated probability of 'block': "
+                                            "what a version's operating points are applied to")
+    probability_unresolved: float | None = Field(
+        None, description="probability mass the engine's top alternatives left unattributed "
+        "(0: the probabilities are exact; otherwise each lies within this of its lower bound)")
+    decided_by: Literal["model", "threshold", "fail_closed"] | None = Field(
+        None, description="model (its decision stands), threshold (the version's operating point "
+        "decided from the block probability), fail_closed (no usable answer or probability)")
+    model_decision: str | None = Field(None, description="the decision the model generated, when "
+                                       "decided_by is not model")
     fail_reason: str | None = None
     error_type: str | None = None
     model: str

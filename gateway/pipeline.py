@@ -20,7 +20,7 @@ from gateway.admission import AdmissionControl
 from gateway.problems import ModelSaturated
 from gateway.prompt_cache import PromptCache, Resolved
 from gateway.telemetry import Attr, Metrics, stage
-from gateway.verdict import Verdict, parse_verdict
+from gateway.verdict import TOP_LOGPROBS, Verdict, parse_verdict
 from prompt_registry import PromptVersion, render_messages
 from serving import BackendError, ChatRequest, ChatResult, InferenceBackend
 
@@ -106,7 +106,8 @@ class ModerationPipeline:
             model=spec.model, messages=messages, max_tokens=spec.max_output_tokens(),
             temperature=spec.sampling.temperature, top_p=spec.sampling.top_p,
             seed=spec.sampling.seed, regex=spec.verdict.regex(), request_id=request_id,
-            priority=priority, reasoning_effort=spec.reasoning.effort if spec.reasoning else None)
+            priority=priority, reasoning_effort=spec.reasoning.effort if spec.reasoning else None,
+            top_logprobs=TOP_LOGPROBS)
 
     async def evaluate(self, resolved: Resolved, variables: Mapping[str, object], locale: str | None, *,
                        request_id: str, timeout_s: float, label: str | None, arm: str = "stable",
@@ -141,7 +142,8 @@ class ModerationPipeline:
             self.metrics.child(self.metrics.shed, model=chat.model).inc()
             raise
         with stage(self.tracer, self.metrics, "verdict.validate", labels) as span:
-            verdict = parse_verdict(result.text, result.finish_reason, spec.verdict)
+            verdict = parse_verdict(result.text, result.finish_reason, spec.verdict,
+                                    logprobs=result.logprobs, thresholds=spec.thresholds)
             span.set_attribute(Attr.DECISION, verdict.decision)
             span.set_attribute(Attr.CATEGORY, verdict.category or "")
             if verdict.fail_reason:

@@ -21,6 +21,10 @@ def decision_record(ev: Evaluation, *, request_id: str, item_id: str, subject: s
         ts=datetime.now(UTC), request_id=request_id, item_id=item_id, subject=subject,
         prompt_name=ev.version.name, prompt_version=ev.version.version, label=ev.label, arm=arm,  # type: ignore[arg-type]
         shadow_of=shadow_of, decision=v.decision, category=v.category, confidence=v.confidence,
+        decision_probability=v.decision_probability,
+        category_probability=v.category_probability,
+        block_probability=v.block_probability, probability_unresolved=v.probability_unresolved,
+        decided_by=v.decided_by, model_decision=v.model_decision,
         fail_reason=v.fail_reason, model=ev.result.model, latency_ms=round(latency_ms, 3),
         prompt_tokens=ev.result.prompt_tokens, completion_tokens=ev.result.completion_tokens,
         cached_prompt_tokens=ev.result.cached_prompt_tokens, locale=ev.locale, trace_id=trace_id,

@@ -30,6 +30,7 @@ __all__ = [
     "GateCriterion",
     "LocaleVariant",
     "Message",
+    "OperatingPoint",
     "PolicyMeta",
     "PromptSpec",
     "PromptVersion",
@@ -252,6 +253,26 @@ class GateCriterion(_Strict):
         return f"{what}{side} <= {self.max:.3f}"
 
 
+class OperatingPoint(_Strict):
+    """A category's operating point on the calibrated block probability (the engine's
+    token log-probabilities at the verdict's decision, renormalised over the allowed
+    decisions; see gateway/verdict.py). For a verdict in this category: at or above
+    `block_at` the answer is `block`, from `review_at` up to `block_at` it is `needs_review`,
+    below `review_at` it is `allow`, whatever decision the model wrote."""
+
+    block_at: float = Field(..., ge=0, le=1, description="block when the block probability is at "
+                            "or above this")
+    review_at: float = Field(..., ge=0, le=1, description="allow below this; needs_review from "
+                             "here up to block_at")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> OperatingPoint:
+        if self.review_at > self.block_at:
+            raise ValueError(f"review_at ({self.review_at}) must not be above block_at "
+                             f"({self.block_at})")
+        return self
+
+
 class EvaluationSpec(_Strict):
     """How a prompt is judged before a version may become production: a pinned dataset and the
     criteria its stored scorecard must meet. A prompt without one has no promotion gate."""
@@ -284,6 +305,10 @@ class PromptSpec(_Strict):
         "token budget")
     cascade: CascadeSpec | None = Field(
         None, description="escalate unsure verdicts to a second, larger model")
+    thresholds: dict[str, OperatingPoint] | None = Field(
+        None, description="per violation category: the operating point applied at serve time to "
+                          "the calibrated block probability of a verdict in that category (none: "
+                          "the model's decision stands)")
 
     @field_validator("variables")
     @classmethod
@@ -322,6 +347,16 @@ class PromptSpec(_Strict):
             if "low_confidence" in self.cascade.escalate_on and not self.verdict.confidence:
                 raise ValueError("cascade.escalate_on: low_confidence needs verdict.confidence: "
                                  "true (the model must report a confidence)")
+        if self.thresholds:
+            known = [c for c in self.verdict.categories if c != NO_CATEGORY]
+            for cat in self.thresholds:
+                if cat not in known:
+                    raise ValueError(f"thresholds: {cat!r} is not a violation category of the "
+                                     f"verdict schema; one of {', '.join(known)}")
+            missing = [d for d in ("allow", "block") if d not in self.verdict.decisions]
+            if missing:
+                raise ValueError("thresholds decide between allow, needs_review and block; the "
+                                 f"verdict schema lacks {', '.join(missing)}")
         return self
 
     def second_spec(self) -> PromptSpec | None:
@@ -364,11 +399,11 @@ class PromptSpec(_Strict):
         """Hash of what changes behaviour, or how a version is judged; the change note and
         author do not count. A spec without an evaluation block hashes as it did before the
         block existed, so registries seeded earlier keep their versions (the same holds for the
-        optional `reasoning` and `cascade` blocks)."""
+        optional `reasoning`, `cascade` and `thresholds` blocks)."""
         data = self.model_dump(mode="json")
         data["policy"].pop("change_note", None)
         data["policy"].pop("author", None)
-        for optional in ("evaluation", "reasoning", "cascade"):
+        for optional in ("evaluation", "reasoning", "cascade", "thresholds"):
             if data.get(optional) is None:
                 data.pop(optional, None)
         if data.get("cascade") is not None:
@@ -379,9 +414,10 @@ class PromptSpec(_Strict):
 
     def answer_hash(self) -> str:
         """Hash of what decides the model's answers: the content hash without the evaluation
-        block. Evaluation results are cached under it, so changing only a version's promotion
-        criteria does not send the dataset through the model again."""
-        return self.model_copy(update={"evaluation": None}).content_hash()
+        block and the thresholds. Evaluation results (the model's raw answers and
+        log-probabilities) are cached under it, so changing only a version's promotion criteria
+        or operating points does not send the dataset through the model again."""
+        return self.model_copy(update={"evaluation": None, "thresholds": None}).content_hash()
 
 
 class PromptVersion(_Strict):

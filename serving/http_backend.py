@@ -32,10 +32,11 @@ from serving.errors import (
     BackendUnavailable,
     report_upstream,
 )
-from serving.protocol import ChatChunk, ChatRequest, ChatResult, Timings
+from serving.protocol import ChatChunk, ChatRequest, ChatResult, Timings, TokenLogprob
 from serving.reasoning import HARMONY_MARKER, split_harmony
 
-__all__ = ["OpenAIHttpBackend", "build_chat_body", "error_status", "parse_completion", "upstream_error"]
+__all__ = ["OpenAIHttpBackend", "build_chat_body", "error_status", "parse_completion", "parse_logprobs",
+           "upstream_error"]
 
 
 def build_chat_body(req: ChatRequest) -> dict[str, Any]:
@@ -66,6 +67,9 @@ def build_chat_body(req: ChatRequest) -> dict[str, Any]:
         body["request_id"] = req.request_id
     if req.reasoning_effort is not None:
         body["reasoning_effort"] = req.reasoning_effort
+    if req.top_logprobs is not None:
+        body["logprobs"] = True
+        body["top_logprobs"] = req.top_logprobs
     return body
 
 
@@ -264,12 +268,45 @@ def parse_completion(data: Any, model: str, total_ms: float, source: str) -> Cha
             cached_prompt_tokens=details.get("cached_tokens"),
             reasoning=str(reasoning) if reasoning is not None else None,
             reasoning_tokens=int(reasoning_tokens) if reasoning_tokens is not None else None,
+            logprobs=parse_logprobs(choice.get("logprobs")),
         )
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
         body = _dumps(data)
         raise report_upstream(BackendProtocolError(
             "the model server answered with a body that is not a chat completion", cause=exc,
             upstream_body=body), body, where=source) from None
+
+
+def parse_logprobs(data: Any) -> tuple[TokenLogprob, ...] | None:
+    """The tokens of an OpenAI choice's `logprobs` object (`{"content": [{"token", "logprob",
+    "top_logprobs": [...]}, ...]}`); None when absent or not in that shape. Log-probabilities
+    are optional information beside the answer: a malformed block drops them (the verdict then
+    has no calibrated probability), it never fails an answer that is otherwise fine."""
+    if not isinstance(data, dict):
+        return None
+    content = data.get("content")
+    if not isinstance(content, list) or not content:
+        return None
+    try:
+        return tuple(
+            TokenLogprob(token=_str(t["token"]), logprob=_num(t["logprob"]),
+                         top=tuple((_str(a["token"]), _num(a["logprob"]))
+                                   for a in (t.get("top_logprobs") or ())))
+            for t in content)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("token is not a string")
+    return value
+
+
+def _num(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError("logprob is not a number")
+    return float(value)
 
 
 async def _sse_data(content: aiohttp.StreamReader) -> AsyncIterator[str]:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["ChatChunk", "ChatRequest", "ChatResult", "InferenceBackend", "Timings"]
+__all__ = ["ChatChunk", "ChatRequest", "ChatResult", "InferenceBackend", "Timings", "TokenLogprob"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +34,23 @@ class ChatRequest:
     # Reasoning models (gpt-oss: harmony `Reasoning: low|medium|high`): sent as
     # `reasoning_effort`; None sends nothing (models that do not reason).
     reasoning_effort: str | None = None
+    # Ask for each generated token's log-probability and this many alternatives at each
+    # position (OpenAI `logprobs: true, top_logprobs: N`); None: no log-probabilities.
+    top_logprobs: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token as the engine reports it: its text, its log-probability and the
+    engine's top alternatives at that position, as (token text, log-probability) pairs (the
+    generated token is usually among them). Which distribution the numbers come from is the
+    engine's business: vLLM 0.32 in its default `raw_logprobs` mode reports the log-softmax of
+    the logits after the structured-output mask, so tokens the verdict grammar forbids are
+    at -inf (sent as -9999.0)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +74,9 @@ class ChatResult:
     # log. `text` is the final answer only.
     reasoning: str | None = field(default=None, repr=False)
     reasoning_tokens: int | None = None  # usage.completion_tokens_details.reasoning_tokens
+    # The generated tokens with their log-probabilities, when the request asked for them and
+    # the server sent them; None otherwise (never an empty stand-in).
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

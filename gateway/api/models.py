@@ -6,7 +6,7 @@ ignored would moderate the wrong content.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -85,7 +85,18 @@ class ModerationResponse(BaseModel):
     item_id: str
     decision: str = Field(..., description="allow | block | needs_review (per the prompt's schema)")
     category: str | None
-    confidence: float | None = None
+    confidence: float | None = Field(None, description="the confidence the model wrote in its "
+                                     "answer (not a probability)")
+    decision_probability: float | None = Field(
+        None, description="calibrated probability of the decision the model generated, from the "
+        "engine's token log-probabilities renormalised over the allowed decisions; null when the "
+        "engine reported none")
+    category_probability: float | None = Field(None, description="calibrated probability of the "
+                                               "category, given the decision; null as above")
+    decided_by: Literal["model", "threshold", "fail_closed"] = Field(
+        "model", description="model: its decision stands; threshold: the prompt version's "
+        "operating point for the category decided from the calibrated block probability; "
+        "fail_closed: no usable answer (or no probability where an operating point applies)")
     fail_reason: str | None = Field(
         None, description="set when the model's output could not be used; decision is then "
         "needs_review")

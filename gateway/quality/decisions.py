@@ -27,7 +27,8 @@ ExportFormat = Literal["parquet", "csv"]
 _STRING_FIELDS = ("request_id", "item_id", "subject", "prompt_name", "label", "arm", "shadow_of",
                   "decision", "category", "fail_reason", "error_type", "model", "locale",
                   "trace_id", "kind", "front_door", "caller", "escalation", "escalation_error",
-                  "first_model", "first_decision", "first_category", "first_fail_reason")
+                  "first_model", "first_decision", "first_category", "first_fail_reason",
+                  "decided_by", "model_decision")
 
 
 def arrow_schema() -> Any:
@@ -39,7 +40,9 @@ def arrow_schema() -> Any:
                  confidence=pa.float64(), latency_ms=pa.float64(), prompt_tokens=pa.int64(),
                  completion_tokens=pa.int64(), reasoning_tokens=pa.int64(),
                  first_confidence=pa.float64(), first_prompt_tokens=pa.int64(),
-                 first_completion_tokens=pa.int64(), cached_prompt_tokens=pa.int64())
+                 first_completion_tokens=pa.int64(), cached_prompt_tokens=pa.int64(),
+                 decision_probability=pa.float64(), category_probability=pa.float64(),
+                 block_probability=pa.float64(), probability_unresolved=pa.float64())
     return pa.schema([pa.field(name, types[name], nullable=name != "ts") for name in FIELDS])
 
 
