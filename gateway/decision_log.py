@@ -156,21 +156,6 @@ class DecisionRecord(BaseModel):
     category: str | None = None
     confidence: float | None = Field(None, description="the confidence the model wrote in its answer "
                                      "(not a probability)")
-    decision_probability: float | None = Field(
-        None, description="calibrated probability of the decision the model generated (token "
-        "log-probabilities renormalised over the allowed decisions); null without log-probabilities")
-    category_probability: float | None = Field(None, description="calibrated probability of the "
-                                               "category, given the decision")
-    block_probability: float | None = Field(None, description="calibrated probability of 'block': "
-                                            "what a version's operating points are applied to")
-    probability_unresolved: float | None = Field(
-        None, description="probability mass the engine's top alternatives left unattributed "
-        "(0: the probabilities are exact; otherwise each lies within this of its lower bound)")
-    decided_by: Literal["model", "threshold", "fail_closed"] | None = Field(
-        None, description="model (its decision stands), threshold (the version's operating point "
-        "decided from the block probability), fail_closed (no usable answer or probability)")
-    model_decision: str | None = Field(None, description="the decision the model generated, when "
-                                       "decided_by is not model")
     fail_reason: str | None = None
     error_type: str | None = None
     model: str
@@ -201,6 +186,22 @@ class DecisionRecord(BaseModel):
     first_fail_reason: str | None = None
     first_prompt_tokens: int | None = None
     first_completion_tokens: int | None = None
+    # Calibrated probabilities and who decided (issue 19); appended so export columns keep their order.
+    decision_probability: float | None = Field(
+        None, description="calibrated probability of the decision the model generated (token "
+        "log-probabilities renormalised over the allowed decisions); null without log-probabilities")
+    category_probability: float | None = Field(None, description="calibrated probability of the "
+                                               "category, given the decision")
+    block_probability: float | None = Field(None, description="calibrated probability of 'block': "
+                                            "what a version's operating points are applied to")
+    probability_unresolved: float | None = Field(
+        None, description="probability mass the engine's top alternatives left unattributed "
+        "(0: the probabilities are exact; otherwise each lies within this of its lower bound)")
+    decided_by: Literal["model", "threshold", "fail_closed"] | None = Field(
+        None, description="model (its decision stands), threshold (the version's operating point "
+        "decided from the block probability), fail_closed (no usable answer or probability)")
+    model_decision: str | None = Field(None, description="the decision the model generated, when "
+                                       "decided_by is not model")
 
     @field_validator("ts")
     @classmethod

@@ -6,6 +6,8 @@
     modgate eval show --prompt listing-moderation --version 2 --dataset datasets/listings-sample.jsonl
     modgate eval report --prompt listing-moderation --version 1 --version 2 \\
         --dataset datasets/listings-sample.jsonl
+    modgate eval thresholds --prompt listing-moderation --version 1 \\
+        --dataset datasets/listings-sample.jsonl --target-precision 0.9
 
 `run` renders every listing with each version exactly as `/v1/moderate` does and calls the
 model server the configuration names (`serving.base_url`, or the local Ray Serve app) at a
@@ -30,6 +32,11 @@ still runs here, against the model server this configuration names: it needs vLL
 constraint and a low priority, which the gateway's public /v1 routes do not pass through, so a
 scorecard computed through them would not measure what production serves. `validate`, `show`
 and `report` only read local files and need no gateway.
+
+Each scorecard carries the calibration of the version (reliability diagram and expected
+calibration error of the calibrated probability and of the self-reported confidence) and
+per-category precision-coverage curves; `thresholds` proposes operating points from them
+(it reads local files only).
 """
 
 from __future__ import annotations
@@ -411,3 +418,78 @@ def report_cmd(
         typer.echo(_comparison_line(c))
     typer.echo(f"reports: {out_dir}\n  summary: {paths['markdown'].name}\n  HTML:    "
                f"{paths['html'].name}")
+
+
+@eval_app.command("thresholds")
+def thresholds_cmd(
+    prompt: PromptOpt,
+    version: Annotated[int, typer.Option("--version", "-v", help="an evaluated version")],
+    dataset_path: DatasetOpt,
+    target_precision: Annotated[float, typer.Option(
+        "--target-precision", min=0.5, max=1.0,
+        help="the 95% Wilson lower bound of precision each operating point must reach")] = 0.9,
+    out: OutOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Propose per-category operating points (thresholds) from a version's stored scorecard.
+
+    For each violation category, among the verdicts the model put in it: the precision-coverage
+    curve of blocking every verdict whose calibrated block probability is at or above a
+    threshold, and the lowest threshold whose precision lower bound (95% Wilson) reaches
+    --target-precision (`block_at`); below it, the highest threshold under which allowing is
+    as precise (`review_at`, 0 when none is). Prints a `thresholds:` block to paste into the
+    prompt file (a new version ships, canaries and rolls back with it) and writes
+    v<N>-thresholds.png and v<N>-thresholds.yaml next to the scorecard. Does not call the
+    model: run `modgate eval run` first. A positive is what the scorecard counts for the
+    category (gold decision not allow, gold category the category).
+
+    \b
+    Example:
+      modgate eval thresholds --prompt listing-moderation -v 1 \\
+          --dataset datasets/listings-sample.jsonl --target-precision 0.9
+    """
+    from gateway.quality.evaluation.calibration import proposals_yaml, propose, thresholds_plot
+    from gateway.quality.evaluation.report import load_scorecard
+
+    cfg = _config(config)
+    dataset = _dataset(dataset_path)
+    out_dir = out or _default_out(cfg, prompt, dataset)
+    try:
+        sc = load_scorecard(out_dir, prompt, version, dataset.sha256)
+    except FileNotFoundError:
+        raise _fail(f"no scorecard for {prompt} v{version} on this dataset in {out_dir}; run `modgate "
+                    f"eval run --prompt {prompt} --version {version} --dataset {dataset_path}` "
+                    "first", 2) from None
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    scored = sum(1 for o in sc.items if o.block_probability is not None)
+    if not scored:
+        raise _fail(f"the scorecard of {prompt} v{version} has no calibrated probabilities (the "
+                    "engine sent no log-probabilities, or the answers were cached before they were "
+                    f"asked for); run `modgate eval run --prompt {prompt} --version {version} "
+                    f"--dataset {dataset_path} --fresh`", 2)
+    proposals = propose(sc.items, sc.categories, target_precision)
+    snippet = proposals_yaml(proposals, target=target_precision,
+                             source=f"{prompt} v{version} on {dataset.source} (sha256 "
+                                    f"{dataset.sha256[:12]}, {scored} item(s) with a probability)")
+    png = thresholds_plot(proposals, out_dir / f"v{version}-thresholds.png",
+                          f"{prompt} v{version}: precision against coverage (target "
+                          f"{target_precision:g})", target_precision)
+    yaml_path = out_dir / f"v{version}-thresholds.yaml"
+    yaml_path.write_text(snippet, encoding="utf-8")
+    if as_json:
+        typer.echo(json.dumps({"target_precision": target_precision, "scored_items": scored,
+                               "categories": [p.to_dict() for p in proposals], "yaml": snippet,
+                               "paths": {"png": str(png), "yaml": str(yaml_path)}},
+                              indent=2, ensure_ascii=False))
+        return
+    typer.echo(f"{'category':<22}{'items':>6}{'positive':>9}  {'block_at':>8}  {'coverage':>8}  "
+               f"{'precision (lower)':<18}{'review_at':>9}")
+    for p in proposals:
+        bp = p.block_point
+        typer.echo(f"{p.category:<22}{p.population:>6}{p.positives:>9}  "
+                   + (f"{p.block_at:>8.4f}  {bp.coverage:>8.0%}  {bp.precision:.3f} ({bp.precision_low:.3f})"
+                      f"{'':<4}{p.review_at or 0.0:>9.4f}" if bp is not None and p.block_at is not None
+                      else f"{'-':>8}  {'-':>8}  {'not reached':<18}{'-':>9}"))
+    typer.echo("")
+    typer.echo(snippet, nl=False)
+    typer.echo(f"plot: {png}\nsnippet: {yaml_path}")

@@ -24,6 +24,8 @@ from gateway.api.app import create_app
 from gateway.config import GatewaySettings
 from gateway.decision_log import DecisionLog
 from gateway.quality.decisions import read_segments
+from gateway.quality.evaluation.calibration import calibration, proposals_yaml, propose, reliability
+from gateway.quality.evaluation.scorecard import ItemOutcome
 from gateway.verdict import ChoiceScores, Verdict, apply_thresholds, parse_verdict, score_field
 from prompt_registry.keys import generate_key
 from prompt_registry.loader import seed_store
@@ -346,3 +348,158 @@ def test_thresholds_decide_at_serve_time_and_are_recorded(thresholded: tuple[Tes
         assert rec.probability_unresolved == 0.0 and rec.block_probability is not None
         if b["decided_by"] == "threshold":
             assert rec.model_decision in {"allow", "block", "needs_review"}
+
+
+# -- evaluation: reliability, ECE and proposed operating points ----------------------------------
+
+Z = 1.959963984540054
+
+
+def wilson_low(k: int, n: int) -> float:
+    """The 95% Wilson lower bound, written out (an independent check of the library's)."""
+    p = k / n
+    centre = p + Z * Z / (2 * n)
+    spread = Z * math.sqrt(p * (1 - p) / n + Z * Z / (4 * n * n))
+    return (centre - spread) / (1 + Z * Z / n)
+
+
+def _item(i: int, *, category: str = "counterfeit", block_p: float | None = None, positive: bool = False,
+          p: float | None = None, confidence: float | None = None, right: bool = True,
+          **kw: object) -> ItemOutcome:
+    gold = ("block", "counterfeit") if positive else ("allow", "none")
+    decision = gold[0] if right else ("allow" if gold[0] == "block" else "block")
+    base = dict(item_id=f"i{i}", locale="en-US", gold_decision=gold[0], gold_category=gold[1],
+                gold_label=gold[1], decision=decision, category=category, confidence=confidence,
+                predicted_label=category, correct=right, fail_reason=None, error_type=None,
+                decision_probability=p, block_probability=block_p)
+    base.update(kw)
+    return ItemOutcome(**base)  # type: ignore[arg-type]
+
+
+def test_reliability_bins_and_ece_by_hand() -> None:
+    # bins [0,.1): (.05 wrong) gap .05; [.1,.2): .15 right + .15 wrong, acc .5, gap .35 each;
+    # [.9,1]: .95 right, .95 right, 1.0 wrong: mean .9667, acc .6667, gap .3 each.
+    # ECE = (.05 + 2*.35 + 3*.3) / 6 = .275
+    pairs = [(.05, False), (.15, False), (.15, True), (.95, True), (.95, True), (1.0, False)]
+    rel = reliability(pairs)
+    assert rel.ece == pytest.approx(.275)
+    assert [b.n for b in rel.bins] == [1, 2, 0, 0, 0, 0, 0, 0, 0, 3]
+    assert rel.bins[9].accuracy == pytest.approx(2 / 3) and rel.bins[9].mean_p == pytest.approx(2.9 / 3)
+    assert reliability([(.75, True), (.75, True), (.75, True), (.75, False)]).ece == pytest.approx(0.0)
+    assert reliability([]).ece is None
+    with pytest.raises(ValueError):
+        reliability([(1.5, True)])
+
+
+def test_calibration_of_both_numbers_leaves_out_items_without_one() -> None:
+    items = [_item(0, p=.9, confidence=.6), _item(1, p=.9, confidence=.6, right=False),
+             _item(2, p=None, confidence=.6),
+             _item(3, p=.9, confidence=.6, error_type="BackendTimeout", decision=None)]
+    cal = calibration(items)
+    assert (cal["decision_probability"].n, cal["decision_probability"].left_out) == (2, 2)
+    assert cal["decision_probability"].ece == pytest.approx(.4)   # .9 said, .5 right
+    assert (cal["confidence"].n, cal["confidence"].ece) == (3, pytest.approx(abs(.6 - 2 / 3)))
+    # a threshold's decision is not the model's: calibration judges the generated one
+    flipped = _item(4, p=.8, decision="needs_review", model_decision="allow", decided_by="threshold")
+    assert calibration([flipped])["decision_probability"].ece == pytest.approx(.2)
+
+
+def test_proposed_operating_point_on_a_known_curve() -> None:
+    # block probability, positive?: .9 T, .8 T, .7 T, .6 F, .5 T, .4 F, .3 F, .2 F
+    # Blocking at .7: 3/3, Wilson lower 3/(3+z^2) = .4385 >= .4; at .8 (2/2) .342, at .5 (4/5)
+    # .3755, at .6 (3/4) .3006: so block_at = .7, coverage 3/8.
+    # Allowing below .5 (.4, .3, .2 all negative): 3/3 -> .4385; below .6: 3/4; below .7: 4/5.
+    marks = [(.9, True), (.8, True), (.7, True), (.6, False), (.5, True), (.4, False), (.3, False), (.2, False)]
+    items = [_item(i, block_p=s, positive=pos) for i, (s, pos) in enumerate(marks)]
+    noise = [_item(20, category="adult", block_p=.99), _item(21, block_p=None),
+             _item(22, block_p=.99, fail_reason="invalid_verdict"),
+             _item(23, block_p=.99, error_type="BackendTimeout")]
+    (p,) = propose(items + noise, ["counterfeit"], target=.4)
+    assert (p.population, p.positives) == (8, 4)
+    assert [c.threshold for c in p.curve] == [.9, .8, .7, .6, .5, .4, .3, .2]
+    for c in p.curve:
+        assert c.precision_low == pytest.approx(wilson_low(c.positives, c.selected))
+    assert p.block_at == .7 and p.block_point is not None
+    assert (p.block_point.selected, p.block_point.coverage) == (3, 3 / 8)
+    assert p.block_point.precision_low == pytest.approx(3 / (3 + Z * Z))
+    assert (p.review_at, p.allow_selected) == (.5, 3)
+    assert p.allow_precision_low == pytest.approx(wilson_low(3, 3))
+    # unreachable target: nothing proposed
+    (none,) = propose(items, ["counterfeit"], target=.95)
+    assert none.block_at is None and none.review_at is None
+
+
+def test_ties_are_one_threshold_and_no_allow_band_means_review_at_zero() -> None:
+    items = [_item(0, block_p=.8, positive=True), _item(1, block_p=.8, positive=True),
+             _item(2, block_p=.8, positive=True), _item(3, block_p=.8, positive=True),
+             _item(4, block_p=.1, positive=True)]
+    (p,) = propose(items, ["counterfeit"], target=.5)
+    assert [(c.threshold, c.selected) for c in p.curve] == [(.8, 4), (.1, 5)]
+    assert p.block_at == .1  # 5/5 has the higher lower bound and the most coverage
+    assert p.review_at == 0.0 and p.allow_precision_low is None
+
+
+def test_the_yaml_snippet_is_a_valid_thresholds_block() -> None:
+    marks = [(.9, True), (.8, True), (.7, True), (.6, False), (.5, True), (.4, False), (.3, False), (.2, False)]
+    items = [_item(i, block_p=s, positive=pos) for i, (s, pos) in enumerate(marks)]
+    proposals = propose(items, ["counterfeit", "adult"], target=.4)
+    snippet = proposals_yaml(proposals, target=.4, source="test")
+    block = yaml.safe_load(snippet)
+    assert block == {"thresholds": {"counterfeit": {"block_at": .7, "review_at": .5}}}
+    assert "# adult: not proposed" in snippet
+    spec = _spec(**block["thresholds"])
+    assert spec.thresholds == {"counterfeit": OperatingPoint(block_at=.7, review_at=.5)}
+    nothing = proposals_yaml(propose(items, ["adult"], target=.4), target=.4, source="test")
+    assert yaml.safe_load(nothing) is None
+
+
+def test_eval_run_then_thresholds_from_the_cli(tmp_path: Path) -> None:
+    """`modgate eval run` against the fake engine writes calibration into the scorecard and
+    report; `modgate eval thresholds` proposes from it, with its plot and YAML."""
+    from typer.testing import CliRunner
+
+    import gateway.cli.eval as eval_cli
+    from gateway.config import load_config
+    from gateway.stores import open_store
+
+    config = yaml.safe_load((ROOT / "configs" / "modgate.yaml").read_text())
+    config["data_dir"] = str(tmp_path / "data")
+    config["registry"]["seed_dir"] = str(ROOT / "configs" / "prompts")
+    path = tmp_path / "modgate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    store = open_store(load_config(path))
+    try:
+        seed_store(store, ROOT / "configs" / "prompts")
+    finally:
+        store.close()
+    sample = ROOT / "datasets" / "listings-sample.jsonl"
+    common = ["--config", str(path), "--prompt", "listing-moderation", "-v", "1", "--dataset", str(sample)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(eval_cli, "make_backend", lambda cfg: FakeBackend())
+        run = CliRunner().invoke(eval_cli.eval_app, ["run", *common, "--json"], catch_exceptions=False)
+    assert run.exit_code == 0, run.output
+    out = Path(orjson.loads(run.stdout)["out_dir"])
+    sc = orjson.loads((out / "v1.json").read_bytes())
+    cal = sc["calibration"]
+    assert cal["decision_probability"]["n"] == cal["confidence"]["n"] == len(sc["items"]) > 100
+    assert 0.0 <= cal["decision_probability"]["ece"] <= 1.0
+    assert all(0.5 <= i["decision_probability"] <= 0.99 for i in sc["items"])
+    assert (out / "v1-reliability.png").read_bytes().startswith(b"\x89PNG")
+    assert (out / "v1-coverage.png").read_bytes().startswith(b"\x89PNG")
+    md = (out / "v1.md").read_text()
+    assert "## Calibration" in md and "calibrated (log-probabilities)" in md
+
+    r = CliRunner().invoke(eval_cli.eval_app, ["thresholds", *common, "--target-precision", "0.5",
+                                               "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    got = orjson.loads(r.stdout)
+    assert {c["category"] for c in got["categories"]} == set(sc["categories"])
+    assert Path(got["paths"]["png"]).read_bytes().startswith(b"\x89PNG")
+    assert Path(got["paths"]["yaml"]).read_text() == got["yaml"]
+    block = yaml.safe_load(got["yaml"]) or {}
+    _spec(**(block.get("thresholds") or {}))  # pastes into the prompt file as it is
+    text = CliRunner().invoke(eval_cli.eval_app, ["thresholds", *common], catch_exceptions=False)
+    assert text.exit_code == 0 and "block_at" in text.stdout and "# target:" in text.stdout
+    missing = CliRunner().invoke(eval_cli.eval_app, ["thresholds", *common[:-4], "-v", "9", "--dataset",
+                                                     str(sample)])
+    assert missing.exit_code == 2 and "eval run" in missing.output

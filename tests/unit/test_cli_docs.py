@@ -39,6 +39,8 @@ NOT_RUN: dict[str, str] = {
     "modgate rollouts pause|resume": "a synopsis of several commands",
     "modgate eval run": "calls the model stack",
     "modgate replay": "calls the model stack on recorded traffic (tests/unit/test_replay.py)",
+    "modgate eval thresholds": "reads the scorecard `eval run` writes (tests/unit/test_calibration.py "
+                               "covers it)",
     "modgate prompts gate-policy diff listing-moderation --file policy.yaml": "needs the user's policy file",
     "modgate prompts gate-policy set": "needs an admin key and a v3",
     "modgate feedback import": "posts to a running gateway with a feedback key "

@@ -124,7 +124,7 @@ def test_eval_run_writes_the_summary_and_a_self_contained_html_report(evaluated:
         assert text in md, text
     page = (out / "report-v1-v2.html").read_text(encoding="utf-8")
     images = IMAGE_URI.findall(page)
-    assert len(images) == 5  # v1 and v2: precision/recall and confusion; the comparison
+    assert len(images) == 9  # v1 and v2: precision/recall, confusion, reliability, coverage; the comparison
     for data in images:
         assert base64.b64decode(data).startswith(b"\x89PNG")
     assert "<script" not in page.lower() and "<link" not in page.lower()

@@ -1,7 +1,8 @@
 """Reports of an evaluation: Markdown, PNG plots, per-item tables and one HTML report.
 
     write_scorecard(sc, out, dataset)  v<N>.json, v<N>.md, v<N>-pr.png, v<N>-confusion.png,
-                                       v<N>-items.csv, v<N>-items.parquet
+                                       v<N>-reliability.png, v<N>-coverage.png, v<N>-items.csv,
+                                       v<N>-items.parquet
     write_comparison(cmp, out)         compare-v<A>-v<B>.json / .md / -pr.png
     write_run_report(scs, cmps, out)   report-v<A>-v<B>....md (summary of the run) and
                                        report-v<A>-v<B>....html (self-contained: everything above,
@@ -22,6 +23,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -162,7 +164,7 @@ def scorecard_markdown(sc: Scorecard) -> str:
                    f"{_f(lat['p95'], 1)} ms, mean {_f(lat['mean'], 1)} ms; a property of the run "
                    "(its order, a cold or warm model server, cached answers), not of the "
                    "version: see the run report before comparing it with another version's."),
-              "", "## Per locale", ""]
+              "", *_calibration_lines(sc), "", "## Per locale", ""]
     loc_rows = [[loc, lq.n, _ci(lq.accuracy, lq.accuracy_ci), _f(lq.macro_f1),
                  _ci(lq.flagged.precision, lq.flagged.precision_ci),
                  _ci(lq.flagged.recall, lq.flagged.recall_ci)]
@@ -195,6 +197,29 @@ def scorecard_markdown(sc: Scorecard) -> str:
     else:
         lines.append("None.")
     return "\n".join(lines) + "\n"
+
+
+def _calibration_lines(sc: Scorecard) -> list[str]:
+    from gateway.quality.evaluation.calibration import SOURCES, Reliability
+
+    lines = ["## Calibration", "",
+             ("How far each number is from a probability that the model's decision is right: "
+              "expected calibration error (ECE) over 10 equal-width bins, 0 is perfect. The "
+              "calibrated probability comes from the engine's token log-probabilities at the "
+              "decision, renormalised over the allowed decisions; the confidence is what the "
+              "model wrote. See `v" f"{sc.version}-reliability.png`."), ""]
+    if not sc.calibration:
+        return [*lines, "Not computed (scorecard written before calibration existed)."]
+    rows = []
+    for key, label in SOURCES.items():
+        rel = Reliability.from_dict(sc.calibration[key])
+        rows.append([label, rel.n, rel.left_out, _f(rel.ece, 3)])
+    lines += _table(["probability", "items", "left out", "ECE"], rows, "lrrr")
+    decided = Counter(o.decided_by for o in sc.items if o.decided_by)
+    if decided.get("threshold") or decided.get("fail_closed"):
+        lines += ["", "Decided by: " + ", ".join(f"{k} {v}" for k, v in sorted(decided.items()))
+                  + " (operating points of this version applied to the model's answers)."]
+    return lines
 
 
 def _significance(p: float) -> str:
@@ -335,6 +360,22 @@ def pr_plot(series: Sequence[tuple[str, Sequence[CategoryStats]]], path: Path, t
     return path
 
 
+def scorecard_reliability_plot(sc: Scorecard, path: Path) -> Path:
+    from gateway.quality.evaluation.calibration import Reliability, reliability_plot
+
+    data = {k: Reliability.from_dict(v) for k, v in sc.calibration.items()}
+    return reliability_plot(data, path, f"{sc.prompt} v{sc.version}: reliability of the decision")
+
+
+def coverage_plot(sc: Scorecard, path: Path) -> Path:
+    """Per-category precision-coverage curves of the calibrated block probability."""
+    from gateway.quality.evaluation.calibration import propose, thresholds_plot
+
+    return thresholds_plot(propose(sc.items, sc.categories, target=1.0), path,
+                           f"{sc.prompt} v{sc.version}: precision against coverage of the block "
+                           "probability, per category")
+
+
 def confusion_plot(sc: Scorecard, path: Path) -> Path:
     import numpy as np
 
@@ -371,6 +412,8 @@ def scorecard_paths(out_dir: Path, version: int) -> dict[str, Path]:
     return {"json": out_dir / f"v{version}.json", "markdown": out_dir / f"v{version}.md",
             "pr_png": out_dir / f"v{version}-pr.png",
             "confusion_png": out_dir / f"v{version}-confusion.png",
+            "reliability_png": out_dir / f"v{version}-reliability.png",
+            "coverage_png": out_dir / f"v{version}-coverage.png",
             "items_csv": out_dir / f"v{version}-items.csv",
             "items_parquet": out_dir / f"v{version}-items.parquet"}
 
@@ -384,6 +427,8 @@ def write_scorecard(sc: Scorecard, out_dir: Path, dataset: Dataset | None = None
     pr_plot([(f"v{sc.version}", [*sc.overall.categories, sc.overall.micro])], paths["pr_png"],
             f"{sc.prompt} v{sc.version}: precision and recall (95% Wilson intervals)")
     confusion_plot(sc, paths["confusion_png"])
+    scorecard_reliability_plot(sc, paths["reliability_png"])
+    coverage_plot(sc, paths["coverage_png"])
     written = write_items(sc, paths["items_csv"], paths["items_parquet"], dataset)
     if "items_parquet" not in written:
         del paths["items_parquet"]
@@ -395,7 +440,9 @@ def write_scorecard(sc: Scorecard, out_dir: Path, dataset: Dataset | None = None
 ITEM_COLUMNS = ("prompt", "version", "version_hash", "dataset_sha256", "item_id", "locale",
                 "title", "description", "gold_decision", "gold_category", "gold_label",
                 "decision", "category", "confidence", "predicted_label", "correct",
-                "fail_reason", "error_type", "tags", "notes")
+                "fail_reason", "error_type", "tags", "notes", "decision_probability",
+                "category_probability", "block_probability", "probability_unresolved",
+                "decided_by", "model_decision")
 
 
 def item_rows(sc: Scorecard, dataset: Dataset | None = None) -> list[dict[str, Any]]:
@@ -412,7 +459,12 @@ def item_rows(sc: Scorecard, dataset: Dataset | None = None) -> list[dict[str, A
             "gold_label": o.gold_label, "decision": o.decision, "category": o.category,
             "confidence": o.confidence, "predicted_label": o.predicted_label,
             "correct": o.correct, "fail_reason": o.fail_reason, "error_type": o.error_type,
-            "tags": list(o.tags), "notes": row.notes if row else None})
+            "tags": list(o.tags), "notes": row.notes if row else None,
+            "decision_probability": o.decision_probability,
+            "category_probability": o.category_probability,
+            "block_probability": o.block_probability,
+            "probability_unresolved": o.probability_unresolved,
+            "decided_by": o.decided_by, "model_decision": o.model_decision})
     return out
 
 
@@ -421,6 +473,8 @@ def _items_arrow_schema() -> Any:
 
     types = {name: pa.string() for name in ITEM_COLUMNS}
     types.update(version=pa.int64(), confidence=pa.float64(), correct=pa.bool_(),
+                 decision_probability=pa.float64(), category_probability=pa.float64(),
+                 block_probability=pa.float64(), probability_unresolved=pa.float64(),
                  tags=pa.list_(pa.string()))
     return pa.schema([pa.field(name, types[name]) for name in ITEM_COLUMNS])
 
@@ -488,10 +542,12 @@ def _summary_lines(scorecards: Sequence[Scorecard], comparisons: Sequence[Compar
                      _ci(q.micro.recall, q.micro.recall_ci),
                      _ci(q.flagged.precision, q.flagged.precision_ci),
                      _ci(q.flagged.recall, q.flagged.recall_ci), _pct(r["needs_review"].rate),
-                     r["parse_failure"].count, r["error"].count])
+                     r["parse_failure"].count, r["error"].count,
+                     _ece(sc, "decision_probability"), _ece(sc, "confidence")])
     lines += _table(["version", "sha256", "macro F1", "accuracy (95% CI)", "micro precision",
                      "micro recall", "flagged precision", "flagged recall", "needs_review",
-                     "parse failures", "errors"], rows, "llrrrrrrrrr")
+                     "parse failures", "errors", "ECE calibrated", "ECE confidence"], rows,
+                    "llrrrrrrrrrrr")
     lines += ["", LATENCY_NOT_COMPARED]
     lines += ["", "## Per category: precision and recall (95% Wilson intervals)", ""]
     cats = list(dict.fromkeys(c for sc in scorecards for c in sc.categories))
@@ -518,9 +574,14 @@ def _summary_lines(scorecards: Sequence[Scorecard], comparisons: Sequence[Compar
     lines += ["", "## Files", "",
               "Per version: `v<N>.md` (scorecard), `v<N>.json`, `v<N>-items.csv` (one row per item, "
               "for a spreadsheet) and `v<N>-items.parquet` (for DuckDB or pandas), plots "
-              "`v<N>-pr.png` and `v<N>-confusion.png`; per comparison `compare-v<A>-v<B>.md`, "
+              "`v<N>-pr.png`, `v<N>-confusion.png`, `v<N>-reliability.png` and `v<N>-coverage.png`; per comparison `compare-v<A>-v<B>.md`, "
               "`.json` and `-pr.png`."]
     return lines
+
+
+def _ece(sc: Scorecard, source: str) -> str:
+    ece = (sc.calibration.get(source) or {}).get("ece")
+    return _f(ece, 3)
 
 
 def _title(scorecards: Sequence[Scorecard]) -> str:
@@ -536,7 +597,8 @@ def run_markdown(scorecards: Sequence[Scorecard], comparisons: Sequence[Comparis
 def run_html(scorecards: Sequence[Scorecard], comparisons: Sequence[Comparison],
              images: dict[str, bytes]) -> str:
     """The self-contained HTML report of a run. *images* holds the PNGs by stem:
-    `v<N>-pr`, `v<N>-confusion` and `compare-v<A>-v<B>-pr`."""
+    `v<N>-pr`, `v<N>-confusion`, `v<N>-reliability`, `v<N>-coverage` and
+    `compare-v<A>-v<B>-pr`."""
     parts = ['<section id="summary">',
              markdown_html("\n".join(_summary_lines(scorecards, comparisons)), shift_headings=1),
              "</section>"]
@@ -557,7 +619,17 @@ def run_html(scorecards: Sequence[Scorecard], comparisons: Sequence[Comparison],
                             "Precision and recall per category, micro average last; bars are 95% "
                             "Wilson intervals.")
                 + figure_html(images[f"v{sc.version}-confusion"], f"confusion matrix of v{sc.version}",
-                              "Confusion matrix of outcome labels (rows gold, columns predicted)."))
+                              "Confusion matrix of outcome labels (rows gold, columns predicted).")
+                + figure_html(images[f"v{sc.version}-reliability"], f"reliability diagram of v{sc.version}",
+                              "Share of decisions that were right against the predicted probability, "
+                              "per bin (item counts beside the points): the calibrated probability "
+                              "and the self-reported confidence; the diagonal is perfect calibration.")
+                + figure_html(images[f"v{sc.version}-coverage"], f"precision-coverage curves of v{sc.version}",
+                              "Per category, among the verdicts the model put in it: precision "
+                              "(solid) and its 95% Wilson lower bound (dotted) of blocking every "
+                              "verdict whose block probability is at or above a threshold, against "
+                              "the share blocked. `modgate eval thresholds` proposes operating "
+                              "points from these."))
         parts += [f'<section id="v{sc.version}">',
                   markdown_html(scorecard_markdown(sc), shift_headings=1).replace(
                       "</h2>", "</h2>\n" + figs, 1),
@@ -585,6 +657,9 @@ def write_run_report(scorecards: Sequence[Scorecard], comparisons: Sequence[Comp
         images[f"v{sc.version}-pr"] = _png(p["pr_png"], functools.partial(pr_plot, series, title=title))
         images[f"v{sc.version}-confusion"] = _png(p["confusion_png"],
                                                   functools.partial(confusion_plot, sc))
+        images[f"v{sc.version}-reliability"] = _png(p["reliability_png"],
+                                                    functools.partial(scorecard_reliability_plot, sc))
+        images[f"v{sc.version}-coverage"] = _png(p["coverage_png"], functools.partial(coverage_plot, sc))
     for c in comparisons:
         stem = f"compare-v{c.a_version}-v{c.b_version}"
         path = out_dir / f"{stem}-pr.png"

@@ -7,8 +7,9 @@ recorded as an error (`error_type` set, `decision` None): never as a verdict, ne
 
 Resumption: the model's raw answer (text, finish reason, tokens, latency) is appended to
 `<cache_dir>/<spec answer_hash>.jsonl` as soon as it arrives (the content hash without the
-promotion criteria, which do not change answers), keyed by the row's
-`input_hash` (what the model saw). A later run with the same version and rows only calls the
+promotion criteria and operating points, which do not change answers), keyed by the row's
+`input_hash` (what the model saw), with its token log-probabilities when the engine sent them
+(the calibrated probabilities are derived from them again on every run). A later run with the same version and rows only calls the
 backend for what is missing; cached answers are parsed again with the current verdict code.
 Errors are not cached, so they are retried on the next run. Interrupting a run (Ctrl-C) keeps
 every answer already written. A torn last line (the process killed mid-write) is ignored.
@@ -32,9 +33,10 @@ from tqdm import tqdm
 
 from gateway.pipeline import ModerationPipeline
 from gateway.quality.evaluation.dataset import DatasetRow
-from gateway.verdict import parse_verdict
+from gateway.verdict import Verdict, parse_verdict
 from prompt_registry import PromptVersion
 from serving import ChatRequest, InferenceBackend
+from serving.protocol import TokenLogprob
 
 __all__ = ["ItemResult", "cache_path", "run_eval"]
 
@@ -61,6 +63,13 @@ class ItemResult:
     prompt_tokens: int
     completion_tokens: int
     cached: bool
+    # Calibrated probabilities (gateway/verdict.py); None when the answer has no log-probabilities.
+    decision_probability: float | None = None
+    category_probability: float | None = None
+    block_probability: float | None = None
+    probability_unresolved: float | None = None
+    decided_by: str | None = None        # model | threshold | fail_closed (None: no verdict)
+    model_decision: str | None = None    # the model's decision when not the model decided
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,10 +87,23 @@ class _Answer:
     error_type: str | None = None
     error: str | None = None
     cached: bool = False
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 def cache_path(cache_dir: Path, version: PromptVersion) -> Path:
     return cache_dir / f"{version.spec.answer_hash()}.jsonl"
+
+
+def _logprobs_from(data: Any) -> tuple[TokenLogprob, ...] | None:
+    """Cached log-probabilities (see `_CacheWriter.append`); None when absent (answers cached
+    before they were asked for) or unreadable."""
+    if not isinstance(data, list):
+        return None
+    try:
+        return tuple(TokenLogprob(token=str(t), logprob=float(lp), top=tuple((str(a), float(q)) for a, q in top))
+                     for t, lp, top in data)
+    except (TypeError, ValueError):
+        return None
 
 
 def _load_cache(path: Path) -> dict[str, _Answer]:
@@ -97,7 +119,8 @@ def _load_cache(path: Path) -> dict[str, _Answer]:
                 text=str(d["text"]), finish_reason=d.get("finish_reason"),
                 prompt_tokens=int(d.get("prompt_tokens", 0)),
                 completion_tokens=int(d.get("completion_tokens", 0)),
-                latency_ms=float(d.get("latency_ms", 0.0)), cached=True)
+                latency_ms=float(d.get("latency_ms", 0.0)), cached=True,
+                logprobs=_logprobs_from(d.get("logprobs")))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             continue  # a torn line from an interrupted run: that item is computed again
     return out
@@ -121,10 +144,12 @@ class _CacheWriter:
             self._fh = self._path.open("a", encoding="utf-8")
             if needs_newline:
                 self._fh.write("\n")
-        record = {"input_hash": input_hash, "item_id": item_id, "text": answer.text,
+        record: dict[str, Any] = {"input_hash": input_hash, "item_id": item_id, "text": answer.text,
                   "finish_reason": answer.finish_reason, "prompt_tokens": answer.prompt_tokens,
                   "completion_tokens": answer.completion_tokens,
                   "latency_ms": round(answer.latency_ms, 3)}
+        if answer.logprobs is not None:  # compact: [token, logprob, [[alternative, logprob], ...]]
+            record["logprobs"] = [[t.token, t.logprob, [list(a) for a in t.top]] for t in answer.logprobs]
         self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._fh.flush()
 
@@ -146,7 +171,7 @@ async def _call(backend: InferenceBackend, chat: ChatRequest, timeout_s: float) 
                        latency_ms=(time.perf_counter() - start) * 1000.0)
     return _Answer(text=result.text, finish_reason=result.finish_reason,
                    prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                   latency_ms=(time.perf_counter() - start) * 1000.0)
+                   latency_ms=(time.perf_counter() - start) * 1000.0, logprobs=result.logprobs)
 
 
 def _result(version: PromptVersion, row: DatasetRow, prompt_locale: str, answer: _Answer) -> ItemResult:
@@ -154,8 +179,10 @@ def _result(version: PromptVersion, row: DatasetRow, prompt_locale: str, answer:
     category: str | None = None
     confidence: float | None = None
     fail_reason: str | None = None
+    verdict: Verdict | None = None
     if answer.error_type is None:
-        verdict = parse_verdict(answer.text, answer.finish_reason, version.spec.verdict)
+        verdict = parse_verdict(answer.text, answer.finish_reason, version.spec.verdict,
+                                logprobs=answer.logprobs, thresholds=version.spec.thresholds)
         decision, category = verdict.decision, verdict.category
         confidence, fail_reason = verdict.confidence, verdict.fail_reason
     return ItemResult(prompt=version.name, version=version.version, version_hash=version.content_hash,
@@ -165,7 +192,13 @@ def _result(version: PromptVersion, row: DatasetRow, prompt_locale: str, answer:
                       error_type=answer.error_type,
                       error=answer.error if answer.error_type is not None else None,
                       latency_ms=answer.latency_ms, prompt_tokens=answer.prompt_tokens,
-                      completion_tokens=answer.completion_tokens, cached=answer.cached)
+                      completion_tokens=answer.completion_tokens, cached=answer.cached,
+                      decision_probability=verdict.decision_probability if verdict else None,
+                      category_probability=verdict.category_probability if verdict else None,
+                      block_probability=verdict.block_probability if verdict else None,
+                      probability_unresolved=verdict.probability_unresolved if verdict else None,
+                      decided_by=verdict.decided_by if verdict else None,
+                      model_decision=verdict.model_decision if verdict else None)
 
 
 def _progress_enabled(progress: bool) -> bool:

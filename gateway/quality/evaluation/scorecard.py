@@ -131,6 +131,13 @@ class ItemOutcome:
     fail_reason: str | None
     error_type: str | None
     tags: list[str] = field(default_factory=list)
+    # calibrated probabilities and who decided (gateway/verdict.py); None in older scorecards
+    decision_probability: float | None = None
+    category_probability: float | None = None
+    block_probability: float | None = None
+    probability_unresolved: float | None = None
+    decided_by: str | None = None
+    model_decision: str | None = None
 
     @property
     def gold_flagged(self) -> bool:
@@ -154,7 +161,12 @@ def _outcome(row: DatasetRow, res: ItemResult) -> ItemOutcome:
                        gold_category=row.gold_category, gold_label=gold, decision=res.decision,
                        category=res.category, confidence=res.confidence, predicted_label=pred,
                        correct=pred == gold, fail_reason=res.fail_reason,
-                       error_type=res.error_type, tags=list(row.tags))
+                       error_type=res.error_type, tags=list(row.tags),
+                       decision_probability=res.decision_probability,
+                       category_probability=res.category_probability,
+                       block_probability=res.block_probability,
+                       probability_unresolved=res.probability_unresolved,
+                       decided_by=res.decided_by, model_decision=res.model_decision)
 
 
 # -- metrics -----------------------------------------------------------------------------------
@@ -270,6 +282,9 @@ class Scorecard:
     tokens: dict[str, int]                # prompt, completion, total
     cached: int                    # results taken from the cache
     items: list[ItemOutcome]
+    # reliability of the calibrated probability and of the self-reported confidence
+    # (gateway/quality/evaluation/calibration.py), keyed decision_probability / confidence
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     @property
     def columns(self) -> list[str]:
@@ -313,6 +328,10 @@ def _confusion(outcomes: Iterable[ItemOutcome], rows: list[str], cols: list[str]
 def build_scorecard(version: PromptVersion, dataset: Dataset, results: Sequence[ItemResult], *,
                     created_at: datetime | None = None) -> Scorecard:
     """The scorecard of *version* from its results on *dataset* (one result per row)."""
+    from gateway.quality.evaluation.calibration import (
+        calibration as reliability_of,  # imports this module
+    )
+
     by_item = {r.item_id: r for r in results if r.version_hash == version.content_hash}
     missing = [row.item_id for row in dataset.rows if row.item_id not in by_item]
     if missing:
@@ -353,6 +372,7 @@ def build_scorecard(version: PromptVersion, dataset: Dataset, results: Sequence[
                 "total": sum(r.prompt_tokens + r.completion_tokens for r in answered)},
         cached=sum(1 for r in res if r.cached),
         items=outcomes,
+        calibration={k: asdict(v) for k, v in reliability_of(outcomes).items()},
     )
 
 
