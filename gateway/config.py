@@ -111,6 +111,11 @@ class GatewaySettings(_Strict):
     max_queued_per_model: int = Field(512, ge=0, description="requests waiting for a slot; beyond "
                                       "this the gateway answers 429 at once")
     console: ConsoleSettings = Field(default_factory=ConsoleSettings)
+    verdict_top_logprobs: int = Field(
+        10, ge=0, le=20, description="alternatives per generated token asked of the engine for "
+        "the calibrated probabilities of a verdict (more: less unresolved mass, larger answers "
+        "from the engine); 0: none asked, probabilities are null and operating points fail "
+        "closed on allow. `modgate eval` always asks for 20")
 
 
 class RegistrySettings(_Strict):

@@ -64,8 +64,10 @@ class Evaluation:
 class ModerationPipeline:
     def __init__(self, cache: PromptCache, backend: InferenceBackend, *,
                  tracer: trace.Tracer | None = None, metrics: Metrics | None = None,
-                 admission: AdmissionControl | None = None) -> None:
+                 admission: AdmissionControl | None = None,
+                 top_logprobs: int | None = TOP_LOGPROBS) -> None:
         self.cache = cache
+        self.top_logprobs = top_logprobs  # alternatives per token for calibration; None: not asked
         self.backend = backend
         self.admission = admission or AdmissionControl(max_inflight=256, max_queued=1024)
         self.tracer = tracer or trace.get_tracer("modgate.gateway")
@@ -98,7 +100,8 @@ class ModerationPipeline:
 
     @staticmethod
     def build_chat(version: PromptVersion, variables: Mapping[str, object], locale: str | None, *,
-                   request_id: str, priority: int = 0) -> tuple[str, ChatRequest]:
+                   request_id: str, priority: int = 0,
+                   top_logprobs: int | None = TOP_LOGPROBS) -> tuple[str, ChatRequest]:
         spec = version.spec
         used_locale, templates = spec.select_locale(locale)
         messages = render_messages(templates, spec.variables, variables)
@@ -107,7 +110,7 @@ class ModerationPipeline:
             temperature=spec.sampling.temperature, top_p=spec.sampling.top_p,
             seed=spec.sampling.seed, regex=spec.verdict.regex(), request_id=request_id,
             priority=priority, reasoning_effort=spec.reasoning.effort if spec.reasoning else None,
-            top_logprobs=TOP_LOGPROBS)
+            top_logprobs=top_logprobs)
 
     async def evaluate(self, resolved: Resolved, variables: Mapping[str, object], locale: str | None, *,
                        request_id: str, timeout_s: float, label: str | None, arm: str = "stable",
@@ -124,7 +127,7 @@ class ModerationPipeline:
         labels = {"prompt": version.name, "version": str(version.version), "arm": arm}
         with stage(self.tracer, self.metrics, "prompt.render", labels, {Attr.PROMPT_NAME: version.name}):
             used_locale, chat = self.build_chat(version, variables, locale, request_id=request_id,
-                                                priority=priority)
+                                                priority=priority, top_logprobs=self.top_logprobs)
             if sampling:
                 chat = replace(chat, **sampling)
         span_attrs: dict[str, AnyValue] = {

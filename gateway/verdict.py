@@ -183,8 +183,8 @@ def _scored(verdict: Verdict, text: str, logprobs: Sequence[TokenLogprob], schem
 
 
 def _compatible(prefix: str, full: str) -> bool:
-    n = min(len(prefix), len(full))
-    return prefix[:n] == full[:n]
+    """One is a prefix of the other: *prefix* can still become (or already contains) *full*."""
+    return full.startswith(prefix) or prefix.startswith(full)
 
 
 def score_field(tokens: Sequence[TokenLogprob], text: str, value_start: int, chosen: str,
@@ -212,12 +212,13 @@ def score_field(tokens: Sequence[TokenLogprob], text: str, value_start: int, cho
         alternatives = list(dict.fromkeys(tok.top))  # duplicates would count twice
         if all(a != tok.token for a, _ in alternatives):
             alternatives.append((tok.token, tok.logprob))
+        rest = {v: full[v][start:] for v in live}  # what each live value still has to spell
         listed = 0.0
         groups: list[tuple[str, float, set[str]]] = []
         for alt, logprob in alternatives:
-            p = math.exp(logprob) if math.isfinite(logprob) else 0.0
+            p = math.exp(min(logprob, 0.0)) if logprob > -math.inf else 0.0  # NaN, -inf: no mass
             listed += p
-            values = {v for v in live if _compatible(before + alt, full[v])}
+            values = {v for v, r in rest.items() if _compatible(alt, r)}
             if values:
                 groups.append((alt, p, values))
         missing = max(0.0, 1.0 - listed)

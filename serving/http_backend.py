@@ -281,32 +281,28 @@ def parse_logprobs(data: Any) -> tuple[TokenLogprob, ...] | None:
     """The tokens of an OpenAI choice's `logprobs` object (`{"content": [{"token", "logprob",
     "top_logprobs": [...]}, ...]}`); None when absent or not in that shape. Log-probabilities
     are optional information beside the answer: a malformed block drops them (the verdict then
-    has no calibrated probability), it never fails an answer that is otherwise fine."""
+    has no calibrated probability), it never fails an answer that is otherwise fine. (On every
+    moderation's path: one pass, no per-field helper calls.)"""
     if not isinstance(data, dict):
         return None
     content = data.get("content")
     if not isinstance(content, list) or not content:
         return None
+    out = []
     try:
-        return tuple(
-            TokenLogprob(token=_str(t["token"]), logprob=_num(t["logprob"]),
-                         top=tuple((_str(a["token"]), _num(a["logprob"]))
-                                   for a in (t.get("top_logprobs") or ())))
-            for t in content)
-    except (KeyError, TypeError, ValueError, AttributeError):
+        for t in content:
+            token, logprob = t["token"], t["logprob"]
+            top = tuple((a["token"], a["logprob"]) for a in t.get("top_logprobs") or ())
+            if type(token) is not str or type(logprob) not in _NUMBER or not all(
+                    type(x) is str and type(y) in _NUMBER for x, y in top):
+                return None
+            out.append(TokenLogprob(token, logprob, top))
+    except (KeyError, TypeError, AttributeError):
         return None
+    return tuple(out)
 
 
-def _str(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError("token is not a string")
-    return value
-
-
-def _num(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError("logprob is not a number")
-    return float(value)
+_NUMBER = (float, int)  # exact types: a JSON true is not a log-probability
 
 
 async def _sse_data(content: aiohttp.StreamReader) -> AsyncIterator[str]:

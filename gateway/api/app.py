@@ -103,7 +103,8 @@ def create_app(
     auth = Authenticator(store, required=settings.auth == "required", cache_s=settings.key_cache_s)
     admission = AdmissionControl(max_inflight=settings.max_inflight_per_model,
                                  max_queued=settings.max_queued_per_model)
-    pipeline = ModerationPipeline(cache, backend, tracer=tracer, metrics=metrics, admission=admission)
+    pipeline = ModerationPipeline(cache, backend, tracer=tracer, metrics=metrics, admission=admission,
+                                  top_logprobs=settings.verdict_top_logprobs or None)
     recorder = RolloutRecorder(store)
     shadows = ShadowDispatcher(pipeline, recorder, max_concurrency=settings.shadow.max_concurrency,
                                max_pending=settings.shadow.max_pending, timeout_s=settings.shadow.timeout_s,

@@ -363,6 +363,22 @@ def show_cmd(prompt: PromptOpt,
     typer.echo(f"report: {paths['markdown']}")
 
 
+def _stored_scorecard(out_dir: Path, prompt: str, version: int, dataset: Dataset,
+                      dataset_path: Path) -> Scorecard:
+    """The scorecard `eval run` stored for *version* in *out_dir*, or a CLI error saying how
+    to get one."""
+    from gateway.quality.evaluation.report import load_scorecard
+
+    try:
+        return load_scorecard(out_dir, prompt, version, dataset.sha256)
+    except FileNotFoundError:
+        raise _fail(f"no scorecard for {prompt} v{version} on this dataset in {out_dir}; run "
+                    f"`modgate eval run --prompt {prompt} --version {version} --dataset "
+                    f"{dataset_path}` first", 2) from None
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+
+
 @eval_app.command("report")
 def report_cmd(
     prompt: PromptOpt,
@@ -384,7 +400,6 @@ def report_cmd(
       # then open <data_dir>/eval/listing-moderation/<sha>/report-v1-v2.html
     """
     from gateway.quality.evaluation.report import (
-        load_scorecard,
         write_comparison,
         write_run_report,
         write_scorecard,
@@ -394,16 +409,8 @@ def report_cmd(
     cfg = _config(config)
     dataset = _dataset(dataset_path)
     out_dir = out or _default_out(cfg, prompt, dataset)
-    scorecards = []
-    for n in dict.fromkeys(version):
-        try:
-            scorecards.append(load_scorecard(out_dir, prompt, n, dataset.sha256))
-        except FileNotFoundError:
-            raise _fail(f"no scorecard for {prompt} v{n} on this dataset in {out_dir}; run `modgate "
-                        f"eval run --prompt {prompt} --version {n} --dataset {dataset_path}` "
-                        "first", 2) from None
-        except ValueError as exc:
-            raise _fail(str(exc), 2) from None
+    scorecards = [_stored_scorecard(out_dir, prompt, n, dataset, dataset_path)
+                  for n in dict.fromkeys(version)]
     for sc in scorecards:
         write_scorecard(sc, out_dir, dataset)
     comparisons = [compare(scorecards[0], sc) for sc in scorecards[1:]]
@@ -448,19 +455,11 @@ def thresholds_cmd(
           --dataset datasets/listings-sample.jsonl --target-precision 0.9
     """
     from gateway.quality.evaluation.calibration import proposals_yaml, propose, thresholds_plot
-    from gateway.quality.evaluation.report import load_scorecard
 
     cfg = _config(config)
     dataset = _dataset(dataset_path)
     out_dir = out or _default_out(cfg, prompt, dataset)
-    try:
-        sc = load_scorecard(out_dir, prompt, version, dataset.sha256)
-    except FileNotFoundError:
-        raise _fail(f"no scorecard for {prompt} v{version} on this dataset in {out_dir}; run `modgate "
-                    f"eval run --prompt {prompt} --version {version} --dataset {dataset_path}` "
-                    "first", 2) from None
-    except ValueError as exc:
-        raise _fail(str(exc), 2) from None
+    sc = _stored_scorecard(out_dir, prompt, version, dataset, dataset_path)
     scored = sum(1 for o in sc.items if o.block_probability is not None)
     if not scored:
         raise _fail(f"the scorecard of {prompt} v{version} has no calibrated probabilities (the "

@@ -324,3 +324,59 @@ def test_cpu_engines_run_on_tcmalloc(stack: Stack) -> None:
     for p in engines:
         maps = open(f"/proc/{p.pid}/maps").read()
         assert "libtcmalloc" in maps, f"engine process {p.pid} runs without tcmalloc"
+
+
+def test_calibrated_probabilities_from_the_real_engine(stack: Stack) -> None:
+    """vLLM returns token log-probabilities for the constrained verdict; the gateway turns them
+    into probabilities of the decision and category beside the model's confidence. The engine
+    masks forbidden tokens before computing them (vLLM 0.32 `raw_logprobs`): every alternative
+    with mass at a decision position can begin an allowed decision."""
+    from gateway.pipeline import ModerationPipeline
+    from gateway.verdict import TOP_LOGPROBS, parse_verdict
+    from prompt_registry import PromptVersion
+    from prompt_registry.loader import load_prompt_file
+    from serving.http_backend import OpenAIHttpBackend
+
+    r = httpx.post(f"{stack.gateway_url}/v1/moderate", json={**LISTING, "item_id": "item-cal-1"},
+                   timeout=60, headers=stack.headers)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    _assert_valid_verdict(body)
+    assert body["decided_by"] == "model"
+    assert 0.0 < body["decision_probability"] <= 1.0 and 0.0 < body["category_probability"] <= 1.0
+
+    spec = load_prompt_file(ROOT / "configs" / "prompts" / "listing-moderation.yaml")
+    version = PromptVersion.model_validate({"spec": spec, "version": 1, "content_hash": spec.content_hash(),
+                                            "created_at": "2026-01-01T00:00:00Z"})
+    variables = {k: LISTING[k] for k in ("title", "description", "locale")}
+    _, chat = ModerationPipeline.build_chat(version, variables, "en-US", request_id="cal-direct")
+    assert chat.top_logprobs == TOP_LOGPROBS
+
+    async def call():  # type: ignore[no-untyped-def]
+        backend = OpenAIHttpBackend(stack.serving_url)
+        try:
+            return await backend.chat(chat, timeout_s=60)
+        finally:
+            await backend.aclose()
+    result = asyncio.run(call())
+    assert result.logprobs is not None
+    assert "".join(t.token for t in result.logprobs) == result.text
+    verdict = parse_verdict(result.text, result.finish_reason, spec.verdict, logprobs=result.logprobs)
+    assert verdict.fail_reason is None
+    scores = verdict.decision_scores
+    assert scores is not None and verdict.category_scores is not None
+    assert sum(scores.attributed.values()) + scores.unresolved == pytest.approx(1.0, abs=1e-6)
+    # the first token that reaches into the decision value: only allowed beginnings carry mass
+    head = '{"decision":"'
+    offset = 0
+    for tok in result.logprobs:
+        start, offset = offset, offset + len(tok.token)
+        if offset > len(head):
+            before = result.text[:start]
+            with_mass = [(alt, lp) for alt, lp in tok.top if lp > -9000]  # masked: -inf, sent as -9999
+            assert with_mass
+            for alt, logprob in with_mass:
+                cand = before + alt
+                assert any(cand[:n] == full[:n] for d in spec.verdict.decisions
+                           for full in [head + d + '"'] for n in [min(len(cand), len(full))]), (alt, logprob)
+            break

@@ -226,15 +226,8 @@ def reliability_plot(data: dict[str, Reliability], path: Path, title: str) -> Pa
                 label=f"{label}: ECE {rel.ece:.3f} (n={rel.n})")
         for x, y, n in pts:
             ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("predicted probability of the decision (bin mean)")
-    ax.set_ylabel("share of decisions that were right")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
-    ax.set_title(title)
-    fig.savefig(path, dpi=110)
-    return path
+    return _finish(fig, ax, path, title, "predicted probability of the decision (bin mean)",
+                   "share of decisions that were right", "upper left")
 
 
 def thresholds_plot(proposals: Sequence[CategoryProposal], path: Path, title: str,
@@ -257,12 +250,18 @@ def thresholds_plot(proposals: Sequence[CategoryProposal], path: Path, title: st
                        marker="*", s=90, zorder=3)
     if target is not None:
         ax.axhline(target, color="#c44e52", linewidth=1, linestyle="--", label=f"target {target:g}")
+    return _finish(fig, ax, path, title, "coverage (share of the category's verdicts blocked at "
+                   "the threshold)", "precision (solid); 95% Wilson lower bound (dotted)", "lower left")
+
+
+def _finish(fig: Any, ax: Any, path: Path, title: str, xlabel: str, ylabel: str, legend: str) -> Path:
+    """Axes on [0, 1] both ways, labels, grid, legend and title; the figure saved as *path*."""
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel("coverage (share of the category's verdicts blocked at the threshold)")
-    ax.set_ylabel("precision (solid); 95% Wilson lower bound (dotted)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc=legend, fontsize=8)
     ax.set_title(title)
     fig.savefig(path, dpi=110)
     return path
