@@ -164,7 +164,7 @@ def test_content_hash_of_a_prompt_without_a_gate_is_unchanged(example_spec: Prom
     bare = example_spec.model_copy(update={"evaluation": None})
     data = bare.model_dump(mode="json")
     data["policy"].pop("change_note"), data["policy"].pop("author"), data.pop("evaluation")
-    data.pop("reasoning"), data.pop("cascade")  # optional blocks added later (absent: not hashed)
+    data.pop("reasoning"), data.pop("cascade"), data.pop("thresholds")  # optional blocks added later (absent: not hashed)
     before = hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
     assert bare.content_hash() == before  # registries seeded before gates existed keep their versions
     assert example_spec.evaluation is not None and example_spec.content_hash() != before
