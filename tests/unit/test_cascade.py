@@ -83,7 +83,7 @@ def test_the_cascade_is_part_of_the_content_hash_and_absent_blocks_hash_as_befor
     plain = PromptSpec.model_validate(_spec_data())
     # the hash a spec without the new blocks had before they existed
     data = plain.model_dump(mode="json")
-    for key in ("evaluation", "reasoning", "cascade"):
+    for key in ("evaluation", "reasoning", "cascade", "thresholds"):
         assert data.pop(key) is None
     data["policy"].pop("change_note")
     data["policy"].pop("author")
