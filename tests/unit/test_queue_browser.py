@@ -135,5 +135,12 @@ def test_label_two_items_from_the_keyboard(served: Served, browser: Any, tmp_pat
     assert sorted(mine.values()) == ["allow", "block:counterfeit"], (titles, mine)
     row = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#agreement-table tbody tr").text)
     assert row.startswith("reviewer-ann 2 "), row  # both labels counted
+    # the same page in Simplified Chinese (the console's language switch)
+    browser.execute_script("window.localStorage.setItem('modgate.lang', 'zh-CN')")
+    browser.refresh()
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "审核队列")
+    wait.until(lambda d: "与模型的一致率" in d.find_element(By.ID, "agreement").text)
+    assert "本批还剩 1 / 1 条" in browser.find_element(By.ID, "queue-count").text  # two labelled, gone
+    browser.save_screenshot(str(tmp_path / "queue-zh.png"))
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, f"the browser reported errors: {errors}"

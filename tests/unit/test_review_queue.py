@@ -172,7 +172,8 @@ def test_console_queue_page_and_reads_follow_the_session_and_scopes(stack: Stack
     assert r.status_code == 200 and len(r.json()["items"]) == 3
     assert c.get("/console/api/queue?n=abc").status_code == 422
     page = c.get("/console/queue")
-    assert "/console/static/queue.js" in page.text and "<script>" not in page.text
+    assert '<script src="/console/static/queue.js"></script>' in page.text and "<script>" not in page.text
+    assert 'data-page="queue"' in page.text  # the console's one shell
 
 
 def test_console_label_writes_need_csrf_and_the_feedback_scope(stack: Stack, store: SqlitePromptStore) -> None:

@@ -11,11 +11,10 @@ are the console's, not a copy of them.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from starlette.responses import FileResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from gateway.api.console.sessions import Session
 from gateway.api.edge import json_response
@@ -25,7 +24,6 @@ from gateway.problems import ApiError, Unauthenticated
 
 __all__ = ["build_queue_router"]
 
-STATIC = Path(__file__).resolve().parents[1] / "static" / "console"
 SignedIn = Callable[..., Awaitable[tuple[Session, Any]]]
 
 
@@ -49,7 +47,9 @@ def build_queue_router(signed_in: SignedIn, queue: ReviewQueue) -> APIRouter:
             await signed_in(request)
         except Unauthenticated:
             return RedirectResponse("/console/signin", status_code=303)
-        return FileResponse(STATIC / "queue.html", media_type="text/html")
+        from gateway.api.console.routes import render_shell  # routes imports this module
+
+        return HTMLResponse(render_shell("queue"))
 
     @router.get("/api/queue")
     async def queue_items(request: Request) -> Response:

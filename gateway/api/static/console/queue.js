@@ -5,8 +5,7 @@
    Labels go to POST /console/api/feedback (the console's form of POST /v1/feedback). The model's
    own answer is not shown, so that it does not anchor the label. */
 (async () => {
-  const { api, el, errorBox } = Console;
-  const main = document.getElementById("main");
+  const { api, el, errorBox, t } = Console;
   let items = [];     // queue items, plus {decision, category, status, message}
   let schemas = {};
   let current = 0;
@@ -15,7 +14,7 @@
     return schemas[`${item.prompt}@${item.version}`] || { decisions: ["allow", "block"], categories: [] };
   }
 
-  function pct(x) { return x === null || x === undefined ? "—" : `${(100 * x).toFixed(0)} %`; }
+  function pct(x) { return x === null || x === undefined ? "—" : Console.pct(x, 0); }
   function kappa(x) { return x === null || x === undefined ? "—" : Number(x).toFixed(2); }
 
   function renderItem(item, i) {
@@ -33,14 +32,15 @@
     return el("section", { class: ["queue-item", i === current ? "current" : "", item.status === "ok" ? "done" : ""].join(" "),
                            "data-request-id": item.request_id, "aria-current": i === current ? "true" : null,
                            onclick: () => { if (current !== i) { current = i; render(); } } },
-      el("h3", {}, `${i + 1}. `, content.title || el("span", { class: "muted" }, "(no title)")),
-      el("div", { class: "muted" }, `${item.locale} · ${item.prompt} v${item.version} · item ${item.item_id} · ${item.ts}`,
-        item.labelled_by.length ? ` · labelled by ${item.labelled_by.length} other reviewer(s)` : ""),
+      el("h3", {}, `${i + 1}. `, content.title || el("span", { class: "muted" }, t("queue.no_title"))),
+      el("div", { class: "muted" }, t("queue.meta", { locale: item.locale, prompt: item.prompt, version: item.version,
+                                                    item: item.item_id, ts: Console.time(item.ts) }),
+        item.labelled_by.length ? t("queue.others", { n: item.labelled_by.length }) : ""),
       el("div", { class: "description" }, content.description || ""),
       el("div", { class: "controls" },
-        el("div", {}, el("label", { for: `decision-${i}` }, "Decision"), decision),
-        el("div", {}, el("label", { for: `category-${i}` }, "Category"), category),
-        el("button", { type: "button", id: `submit-${i}`, onclick: () => { current = i; submit(); } }, "Submit (Enter)"),
+        el("div", {}, el("label", { for: `decision-${i}` }, t("queue.decision")), decision),
+        el("div", {}, el("label", { for: `category-${i}` }, t("queue.category")), category),
+        el("button", { type: "button", id: `submit-${i}`, onclick: () => { current = i; submit(); } }, t("queue.submit")),
         status));
   }
 
@@ -50,7 +50,7 @@
     const node = list.children[current];
     if (node && !node.contains(document.activeElement)) node.scrollIntoView({ block: "nearest" });
     const left = items.filter(it => it.status !== "ok").length;
-    document.getElementById("queue-count").textContent = `${left} of ${items.length} left in this batch`;
+    document.getElementById("queue-count").textContent = t("queue.left", { left, total: items.length });
   }
 
   function setDecision(decision) {
@@ -71,14 +71,14 @@
   async function submit() {
     const item = items[current];
     if (!item) return;
-    if (!item.decision) { item.status = "bad"; item.message = "pick a decision first (a or b)"; render(); return; }
+    if (!item.decision) { item.status = "bad"; item.message = t("queue.pick_decision"); render(); return; }
     try {
       const data = await api("/console/api/feedback", { method: "POST", body: {
         rows: [{ request_id: item.request_id, decision: item.decision, category: item.category || null }] } });
       const res = data.results[0];
       if (res.ok) {
         item.status = "ok";
-        item.message = res.answer.duplicate ? "✓ already recorded" : res.answer.replaced ? "✓ recorded (replaced an earlier label)" : "✓ recorded";
+        item.message = t(res.answer.duplicate ? "queue.duplicate" : res.answer.replaced ? "queue.replaced" : "queue.recorded");
         const next = items.findIndex((it, j) => j > current && it.status !== "ok");
         if (next >= 0) current = next;
         loadAgreement();
@@ -103,7 +103,7 @@
     else if (k === "k" || (k === "ArrowUp" && !inSelect)) { move(-1); }
     else if (k === "a") { setDecision("allow"); }
     else if (k === "b") { setDecision("block"); }
-    else if (k === "r") { if (item) { item.message = "skipped for now"; } move(1); }
+    else if (k === "r") { if (item) { item.message = t("queue.skipped"); } move(1); }
     else if (/^[1-9]$/.test(k) && item) {
       const cats = schemaOf(item).categories;
       const c = cats[Number(k) - 1];
@@ -123,44 +123,41 @@
       const data = await api("/console/api/queue/agreement");
       const rows = data.reviewers.map(r => el("tr", {},
         el("td", {}, r.reviewer), el("td", {}, String(r.labels)),
-        el("td", {}, `${pct(r.with_model.agreement)} (n=${r.with_model.n}, κ ${kappa(r.with_model.kappa)})`),
+        el("td", {}, t("queue.pair", { agreement: pct(r.with_model.agreement), n: r.with_model.n, kappa: kappa(r.with_model.kappa) })),
         el("td", {}, r.with_reviewers.length ? r.with_reviewers.map(o =>
-          el("div", {}, `${o.reviewer}: ${pct(o.agreement)} (n=${o.n}, κ ${kappa(o.kappa)})`)) : el("span", { class: "muted" }, "no shared items yet"))));
+          el("div", {}, t("queue.pair_with", { reviewer: o.reviewer, agreement: pct(o.agreement), n: o.n, kappa: kappa(o.kappa) })))
+          : el("span", { class: "muted" }, t("queue.no_shared")))));
       box.replaceChildren(el("table", { id: "agreement-table" },
-        el("thead", {}, el("tr", {}, ["Reviewer", "Labels", "Agreement with the model", "Agreement with other reviewers"].map(h => el("th", {}, h)))),
-        el("tbody", {}, rows.length ? rows : el("tr", {}, el("td", { colspan: 4, class: "muted" }, "no labels yet")))));
+        el("thead", {}, el("tr", {}, ["queue.col.reviewer", "queue.col.labels", "queue.col.with_model", "queue.col.with_reviewers"].map(h => el("th", {}, t(h))))),
+        el("tbody", {}, rows.length ? rows : el("tr", {}, el("td", { colspan: 4, class: "muted" }, t("queue.no_labels"))))));
     } catch (err) {
       box.replaceChildren(errorBox(err));
     }
   }
 
-  await Console.boot("queue");
-  const nav = document.querySelector("header nav");
-  if (nav && !nav.querySelector('a[href="/console/queue"]')) {
-    nav.insertBefore(el("a", { href: "/console/queue", "aria-current": "page" }, "Queue"), nav.lastElementChild);
-  }
-  main.replaceChildren(
-    el("h1", {}, "Review queue"),
-    el("p", { class: "muted" }, "A stratified sample of recent decisions (allow included), with the listing as the model saw it. ",
-      el("kbd", {}, "j"), "/", el("kbd", {}, "k"), " or arrows: move · ", el("kbd", {}, "a"), " allow · ",
-      el("kbd", {}, "b"), " block · ", el("kbd", {}, "1"), "–", el("kbd", {}, "9"), " category · ",
-      el("kbd", {}, "r"), " skip · ", el("kbd", {}, "Enter"), " submit"),
-    el("p", { id: "queue-count", class: "muted" }),
-    el("div", { id: "queue-items" }),
-    el("h2", {}, "Agreement"),
-    el("div", { id: "agreement" }));
-  try {
-    const data = await api("/console/api/queue?n=20");
-    schemas = data.schemas;
-    items = data.items.map(it => ({ ...it, decision: "", category: "", status: "", message: "" }));
-    if (!items.length) {
-      document.getElementById("queue-items").replaceChildren(el("p", { class: "muted" }, "Nothing to review: no sampled decisions you have not labelled yet."));
-    } else {
-      render();
+  document.head.append(el("link", { rel: "stylesheet", href: "/console/static/queue.css" }));
+  await Console.page("queue", async (main) => {
+    main.replaceChildren(
+      el("h1", {}, t("page.queue")),
+      el("p", { class: "muted" }, t("queue.intro")),
+      el("p", { class: "muted" }, t("queue.keys")),
+      el("p", { id: "queue-count", class: "muted" }),
+      el("div", { id: "queue-items" }),
+      el("h2", {}, t("queue.agreement")),
+      el("div", { id: "agreement" }));
+    try {
+      const data = await api("/console/api/queue?n=20");
+      schemas = data.schemas;
+      items = data.items.map(it => ({ ...it, decision: "", category: "", status: "", message: "" }));
+      if (!items.length) {
+        document.getElementById("queue-items").replaceChildren(el("p", { class: "muted" }, t("queue.empty")));
+      } else {
+        render();
+      }
+    } catch (err) {
+      document.getElementById("queue-items").replaceChildren(errorBox(err));
     }
-  } catch (err) {
-    document.getElementById("queue-items").replaceChildren(errorBox(err));
-  }
+  });
   loadAgreement();
   document.addEventListener("keydown", onKey);
 })();
