@@ -252,6 +252,49 @@ def render_publish_visibility_workers(doc: dict[str, Any]) -> Rendered:
                   "meets_target"})
 
 
+def render_redis_capacity(doc: dict[str, Any]) -> Rendered:
+    runs = [r for r in doc.get("runs") or [] if isinstance(r, dict)]
+    ns = [str(r.get("workers")) for r in runs]
+    fields = [("offered moderations/s", "offered_rps"), ("answered moderations/s", "achieved_rps"),
+              ("latency p50 (ms)", "latency_p50_ms"), ("latency p99 (ms)", "latency_p99_ms"),
+              ("gateway CPU per request (ms)", "gateway_cpu_ms_per_request"),
+              ("Redis commands per request", "redis_commands_per_request"),
+              ("Redis CPU per request (µs, commandstats)", "redis_usec_per_request"),
+              ("redis-server CPU per request (ms, /proc)", "redis_cpu_ms_per_request"),
+              ("Redis commands/s idle", "idle_commands_per_s"),
+              ("label move → all processes p95 (ms)", "probe_visibility_p95_ms"),
+              ("rollout requests counted", "rollout_requests_counted"),
+              ("moderations answered 200", "requests_answered_200"),
+              ("verdict memos written", "verdict_memos_written"),
+              ("limiter decisions taken locally", "limiter_fallbacks"),
+              ("decision-log bytes per record", "decision_log_bytes_per_record"),
+              ("decision-log streams", "decision_log_streams"),
+              ("load before", "uptime_before"), ("load after", "uptime_after")]
+    body = ["| figure | " + " | ".join(f"N = {n}" for n in ns) + " |",
+            "|---|" + "---:|" * len(runs)]
+    for label, key in fields:
+        body.append(f"| {cell(label)} | " + " | ".join(fmt(r.get(key)) for r in runs) + " |")
+    body.append("| limited key admitted (allowed range) | " + " | ".join(
+        f"{fmt((r.get('limited') or {}).get('200'))} ({fmt((r.get('limited') or {}).get('allowed_at_least'))}"
+        f"–{fmt((r.get('limited') or {}).get('allowed_at_most'))})" for r in runs) + " |")
+    checks = [Check(f"N = {r.get('workers')}: {name.replace('_', ' ')}", "yes" if ok else "no", bool(ok))
+              for r in runs for name, ok in (r.get("checks") or {}).items()]
+    cmds = ", ".join(f"N={r.get('workers')}: {fmt(r.get('redis_commands_per_request'))}" for r in runs)
+    return Rendered(
+        title="Redis under N gateway processes (capacity plan input)",
+        what=("One real redis-server holding the registry, caller limits and rollout evidence; one "
+              "`modgate gateway` with `gateway.workers: N` in front of the stub upstream, open-loop "
+              "load with a 10 % canary and 5 % shadow rollout, a rate-limited key sent at three "
+              "times its rate and a label moved every 0.5 s. `INFO commandstats` per request, and "
+              "whether counters, memos, limits and change events stayed correct. "
+              "`benchmarks/capacity_plan.py` turns it into `docs/capacity.md`."),
+        target="rollout counters, verdict memos, caller limits and change events correct for every N",
+        body=body,
+        checks=checks,
+        result=f"Redis commands per request {cmds}",
+        consumed={"runs", "scenario", "limited_key", "redis", "all_checks_pass"})
+
+
 def render_single_request(doc: dict[str, Any]) -> Rendered:
     rows = [("model", doc.get("model")), ("sequential requests", doc.get("requests")),
             ("through the gateway, p50 (ms)", doc.get("gateway_p50_ms")),
@@ -935,6 +978,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], Rendered]] = {
     "registry_resolve": render_registry_resolve,
     "publish_visibility": render_publish_visibility,
     "publish_visibility_workers": render_publish_visibility_workers,
+    "redis_capacity": render_redis_capacity,
     "single_request": render_single_request,
     "overhead": render_overhead,
     "gateway_overhead": render_overhead,
