@@ -17,7 +17,8 @@ Why local segment files and not a database or a queue:
   Shipping them elsewhere (Vector, Fluent Bit, a nightly `aws s3 sync`) needs no gateway change.
 
 Layout: `<decision_log.dir>/<replica>/decisions-<UTC yyyymmddTHHMMSS>-<seq>.jsonl`, where
-`<replica>` is the host name (the pod name in Kubernetes). One directory per gateway replica,
+`<replica>` is the host name (the pod name in Kubernetes), `<host>-w<i>` for worker `i` of a
+gateway with `gateway.workers` above 1 (`gateway.workers`). One directory per gateway replica,
 so several replicas can share one volume (a ReadWriteMany PVC) without ever writing the same
 file; with a ReadWriteOnce PVC per replica (a StatefulSet) the layout is the same. In
 Kubernetes mount a PersistentVolumeClaim at the data directory: on an `emptyDir` the log dies
