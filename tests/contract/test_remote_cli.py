@@ -274,6 +274,14 @@ def test_the_prompt_change_loop_from_a_remote_cli(sides: tuple[Side, Side], tmp_
     ja, jb = _same_shape(*approved)
     assert (ja["from_version"], ja["to_version"]) == (jb["from_version"], jb["to_version"]) == (1, 2)
 
+    # version lifecycle: deprecate as the key, and blocking refused to a key without admin
+    a, b = both(local, remote, "prompts", "deprecate", NAME, "1", "--reason", "superseded", "--json")
+    assert json.loads(a.stdout) == json.loads(b.stdout)
+    a, b = both(local, remote, "prompts", "block", NAME, "1", "--reason", "leaks",
+                "--admin-key", "{ops}", code=2)
+    assert a.output == b.output == ("modgate: error: API key 'ops' lacks the 'admin' scope needed "
+                                    "for blocking a version\n")
+
     # keys: listed alike (never a secret); remotely only an admin key manages them
     a, b = both(local, remote, "keys", "list", "--json", key="admin")
     ja, jb = _same_shape(a, b)
