@@ -169,8 +169,10 @@ def parse_verdict(text: str, finish_reason: str | None, schema: VerdictSchema, *
 
 def _scored(verdict: Verdict, text: str, logprobs: Sequence[TokenLogprob], schema: VerdictSchema) -> Verdict:
     """*verdict* with the calibrated scores of its decision and category, when the tokens
-    spell *text* in the regex's exact shape (key order fixed, no whitespace)."""
-    if "".join(t.token for t in logprobs) != text:
+    spell *text* in the regex's exact shape (key order fixed, no whitespace). The tokens may
+    go on past the text: vLLM reports the stop token too (the tiny model's `<|end|>`), which is
+    not part of the answer."""
+    if not "".join(t.token for t in logprobs).startswith(text):
         return verdict
     head = '{"decision":"'
     category_start = len(head) + len(verdict.decision) + len('","category":"')

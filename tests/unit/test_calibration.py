@@ -125,6 +125,13 @@ def test_a_token_straddling_the_value_start_and_a_value_that_prefixes_another() 
     assert s.attributed == pytest.approx({"allow": .1, "block": .9 * .7, "block_hard": .9 * .3})
 
 
+def test_a_stop_token_after_the_answer_is_not_part_of_it() -> None:
+    # vLLM lists the stop token (here the tiny model's <|end|>) among the generated tokens.
+    toks = _tokens(T("block", .6, ("block", .6), ("allow", .4)), T("adult", 1.0))
+    v = parse_verdict(_text(toks), "stop", SCHEMA, logprobs=[*toks, T("<|end|>", 1.0)])
+    assert v.decision_probability == pytest.approx(.6)
+
+
 def test_unusable_token_streams_give_no_probability() -> None:
     toks = _tokens(T("block", .6, ("block", .6)), T("adult", 1.0))
     text = _text(toks)
