@@ -239,6 +239,7 @@ def build_report(records: Iterable[DecisionRecord], labels: dict[str, FeedbackLa
     days: dict[str, HeadlineAccumulator] = {}
     pairs = _ShadowPairs()
     rows: list[tuple[Any, ...]] = []
+    calls: list[tuple[Any, ...]] = []   # one per model call: a cascade's decision has two
     for rec in records:
         if prompt is not None and rec.prompt_name != prompt:
             continue
@@ -259,6 +260,12 @@ def build_report(records: Iterable[DecisionRecord], labels: dict[str, FeedbackLa
                      rec.decision, rec.fail_reason, rec.error_type, rec.latency_ms,
                      locale_of(rec), rec.model, rec.prompt_tokens, rec.cached_prompt_tokens,
                      rec.completion_tokens))
+        key = (rec.prompt_name, rec.prompt_version, rec.arm)
+        calls.append((*key, rec.model, rec.prompt_tokens, rec.cached_prompt_tokens,
+                      rec.completion_tokens))
+        if rec.first_model is not None:  # a cascade: the first model answered too, and is paid
+            calls.append((*key, rec.first_model, rec.first_prompt_tokens, None,
+                          rec.first_completion_tokens))
     df = pd.DataFrame.from_records(rows, columns=list(_COLUMNS))
     bucket, _ = choose_bucket(start, end)
     volume: list[dict[str, Any]] = []
@@ -300,21 +307,26 @@ def build_report(records: Iterable[DecisionRecord], labels: dict[str, FeedbackLa
                                   "answered": len(la), "needs_review": lnr,
                                   "rate": lnr / len(la) if len(la) else None,
                                   "ci": wilson(lnr, len(la))})
-            for model, mg in g.groupby("model", sort=True):
-                used = mg[mg["prompt_tokens"].notna()]
-                pt = int(used["prompt_tokens"].sum())
-                ct = int(used["completion_tokens"].fillna(0).sum())
-                cached = int(used["cached_prompt_tokens"].fillna(0).sum())
-                cost = _cost((prices or {}).get(str(model)), pt, cached, ct)
-                tokens.append({"prompt": p, "version": int(v), "arm": arm, "model": str(model),
-                               "decisions": len(mg), "with_usage": len(used),
-                               "cache_reported": int(used["cached_prompt_tokens"].notna().sum()),
-                               "prompt_tokens": pt, "cached_prompt_tokens": cached,
-                               "completion_tokens": ct, "cost": cost,
-                               "cost_per_1k_decisions": cost / len(used) * 1000.0
-                               if cost is not None and len(used) else None})
-        for table in (volume, mix, review, latency, tokens, by_locale):
+        usage = pd.DataFrame.from_records(calls, columns=[
+            "prompt", "version", "arm", "model", "prompt_tokens", "cached_prompt_tokens",
+            "completion_tokens"])
+        for key, mg in usage.groupby(["prompt", "version", "arm", "model"], sort=False):
+            p, v, arm, model = cast(tuple[str, int, str, str], key)
+            used = mg[mg["prompt_tokens"].notna()]
+            pt = int(used["prompt_tokens"].sum())
+            ct = int(used["completion_tokens"].fillna(0).sum())
+            cached = int(used["cached_prompt_tokens"].fillna(0).sum())
+            cost = _cost((prices or {}).get(str(model)), pt, cached, ct)
+            tokens.append({"prompt": p, "version": int(v), "arm": arm, "model": str(model),
+                           "calls": len(mg), "with_usage": len(used),
+                           "cache_reported": int(used["cached_prompt_tokens"].notna().sum()),
+                           "prompt_tokens": pt, "cached_prompt_tokens": cached,
+                           "completion_tokens": ct, "cost": cost,
+                           "cost_per_1k_calls": cost / len(used) * 1000.0
+                           if cost is not None and len(used) else None})
+        for table in (volume, mix, review, latency, by_locale):
             table.sort(key=_key)
+        tokens.sort(key=lambda t: (*_key(t), t["model"]))
         seen = set(df["outcome"])
         cats = sorted(seen - {"none", "needs_review", "error"})
         outcomes = [o for o in ["none", *cats, "needs_review", "error"] if o in seen]
@@ -729,7 +741,8 @@ def _token_lines(rep: OpsReport, many: bool) -> list[str]:
              (f"Token counts as the model server reported them (decision log); `cached` is the "
               f"part of the prompt tokens served from its prefix cache. Cost in {cur} at the "
               f"prices of `reporting.prices` in the configuration (cached prompt tokens at "
-              f"their own price when one is set); a model without a price has no cost.")]
+              f"their own price when one is set); a model without a price has no cost. A "
+              f"cascade's escalated decision calls two models: each has its row.")]
     rows = []
     for t in rep.tokens:
         per = t["with_usage"]
@@ -739,11 +752,11 @@ def _token_lines(rep: OpsReport, many: bool) -> list[str]:
                      f"{t['completion_tokens']:,}",
                      f"{(t['prompt_tokens'] + t['completion_tokens']) / per:,.0f}" if per else MISSING,
                      MISSING if t["cost"] is None else f"{t['cost']:,.4f}",
-                     MISSING if t["cost_per_1k_decisions"] is None
-                     else f"{t['cost_per_1k_decisions']:,.4f}"])
-    lines += ["", *_table(["prompt version / arm", "model", "decisions with usage", "prompt tokens",
-                           "of which cached", "completion tokens", "tokens per decision",
-                           f"cost ({cur})", f"cost per 1,000 decisions ({cur})"], rows,
+                     MISSING if t["cost_per_1k_calls"] is None
+                     else f"{t['cost_per_1k_calls']:,.4f}"])
+    lines += ["", *_table(["prompt version / arm", "model", "calls with usage", "prompt tokens",
+                           "of which cached", "completion tokens", "tokens per call",
+                           f"cost ({cur})", f"cost per 1,000 calls ({cur})"], rows,
                           "llrrrrrrr")]
     unpriced = sorted({t["model"] for t in rep.tokens if t["cost"] is None})
     if unpriced:

@@ -183,12 +183,12 @@ def test_tokens_and_cost_per_version_at_the_configured_prices() -> None:
     rep = build_report(recs, {}, start=T0, end=T0 + timedelta(hours=1), prices=prices,
                        currency="EUR")
     small, big = rep.tokens
-    assert (small["version"], small["decisions"], small["with_usage"], small["prompt_tokens"],
+    assert (small["version"], small["calls"], small["with_usage"], small["prompt_tokens"],
             small["cached_prompt_tokens"], small["completion_tokens"], small["cache_reported"]) \
         == (1, 3, 2, 3000, 1500, 60, 1)
     # 1,500 uncached prompt tokens at 0.10, 1,500 cached at 0.02, 60 completion at 0.40 per 1k
     assert small["cost"] == pytest.approx((1500 * 0.10 + 1500 * 0.02 + 60 * 0.40) / 1000)
-    assert small["cost_per_1k_decisions"] == pytest.approx(small["cost"] / 2 * 1000)
+    assert small["cost_per_1k_calls"] == pytest.approx(small["cost"] / 2 * 1000)
     assert (big["model"], big["cost"]) == ("m-big", None)
     md = ops_markdown(rep)
     assert "| v1 stable | `m-small` | 2 | 3,000 | 1,500 (1 reported) | 60 | 1,530 | 0.2040 | " \
@@ -384,3 +384,22 @@ def test_a_lifecycle_change_reads_as_what_moved_and_why() -> None:
                    prompt="p", to_version=4, note="active -> blocked: names a model we do not serve")
     assert one_line(e) == ("2026-03-01 12:00:00 UTC  maria  v4 active → blocked — names a model "
                            "we do not serve")
+
+
+def test_a_cascade_decision_counts_the_tokens_of_both_models() -> None:
+    escalated = _rec("x", T0, decision="block", category="counterfeit", model="m-big",
+                     tokens=(1800, 0, 30)).model_copy(update={
+                         "escalation": "needs_review", "first_model": "m-small",
+                         "first_decision": "needs_review", "first_prompt_tokens": 1200,
+                         "first_completion_tokens": 12})
+    stood = _rec("y", T0 + timedelta(minutes=1), tokens=(1200, 1000, 10))
+    prices = {"m-small": ModelPrice(prompt_per_1k=0.1, completion_per_1k=0.4),
+              "m-big": ModelPrice(prompt_per_1k=1.0, completion_per_1k=4.0)}
+    rep = build_report([type(escalated).model_validate(escalated.model_dump()), stood], {},
+                       start=T0, end=T0 + timedelta(hours=1), prices=prices)
+    by_model = {t["model"]: t for t in rep.tokens}
+    assert (by_model["m-small"]["calls"], by_model["m-small"]["prompt_tokens"],
+            by_model["m-small"]["completion_tokens"]) == (2, 2400, 22)
+    assert (by_model["m-big"]["calls"], by_model["m-big"]["prompt_tokens"]) == (1, 1800)
+    assert by_model["m-small"]["cost"] == pytest.approx((2400 * 0.1 + 22 * 0.4) / 1000)
+    assert by_model["m-big"]["cost"] == pytest.approx((1800 * 1.0 + 30 * 4.0) / 1000)
