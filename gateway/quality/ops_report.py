@@ -260,11 +260,11 @@ def build_report(records: Iterable[DecisionRecord], labels: dict[str, FeedbackLa
                      rec.decision, rec.fail_reason, rec.error_type, rec.latency_ms,
                      locale_of(rec), rec.model, rec.prompt_tokens, rec.cached_prompt_tokens,
                      rec.completion_tokens))
-        key = (rec.prompt_name, rec.prompt_version, rec.arm)
-        calls.append((*key, rec.model, rec.prompt_tokens, rec.cached_prompt_tokens,
+        who = (rec.prompt_name, rec.prompt_version, rec.arm)
+        calls.append((*who, rec.model, rec.prompt_tokens, rec.cached_prompt_tokens,
                       rec.completion_tokens))
         if rec.first_model is not None:  # a cascade: the first model answered too, and is paid
-            calls.append((*key, rec.first_model, rec.first_prompt_tokens, None,
+            calls.append((*who, rec.first_model, rec.first_prompt_tokens, None,
                           rec.first_completion_tokens))
     df = pd.DataFrame.from_records(rows, columns=list(_COLUMNS))
     bucket, _ = choose_bucket(start, end)
