@@ -486,6 +486,8 @@ def render_overhead_vs_floor(doc: dict[str, Any], scenarios: list[dict[str, Any]
         c = num(cost.get("cost"))
         rounds = ", ".join(fmt(round(100 * x, 1)) + " %" for x in (num(v) for v in cost.get("cost_rounds") or [])
                            if x is not None)
+        if cost.get("note"):
+            lines += ["", f"Tracing cost: {cell(str(cost['note']))}."]
         checks.append(Check(f"tracing at 10 % costs ≤ {fmt(round(100 * cost_max))} % of req/s @32 "
                             f"(`{cell(str(cost.get('with')))}` vs `{cell(str(cost.get('without')))}`)",
                             "—" if c is None else f"{fmt(round(100 * c, 1))} % (rounds {rounds})",
@@ -510,6 +512,9 @@ def render_overhead_vs_floor(doc: dict[str, Any], scenarios: list[dict[str, Any]
         lines += ["", f"Load average (1 / 5 / 15 min) at the start: {avg(load.get('before'))}; at the end: "
                   f"{avg(load.get('after'))} (the machine is shared: compare ratios within this run, not "
                   "absolute figures across runs)."]
+        if load.get("uptime_before") or load.get("uptime_after"):
+            lines += ["", f"`uptime` before: {cell(str(load.get('uptime_before')))}; after: "
+                      f"{cell(str(load.get('uptime_after')))}."]
     by = {s.get("scenario"): s for s in scenarios}
     parts = [f"{n} {fmt(by[n].get('rps_c32_vs_floor'))} × floor @32, p50 +{fmt(by[n].get('p50_ms_c1_minus_floor'))} ms"
              for n in mins if n in by]

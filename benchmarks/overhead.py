@@ -308,14 +308,16 @@ def combine(rounds: list[dict]) -> dict:
 
 
 def tracing_cost(results: list[dict]) -> dict | None:
-    """What tracing at 10 % costs: 1 - plain / plain-trace-off (throughput at 32 connections),
-    the median of the per-round ratios."""
+    """What tracing at 10 % costs: 1 - plain / plain-trace-off (throughput at 32 connections, each
+    as a ratio to its floor), the median of the per-round figures."""
     by = {r["scenario"]: r for r in results}
     on, off = by.get("plain"), by.get("plain-trace-off")
     if on is None or off is None:
         return None
-    costs = [round(1 - a / b, 3) for a, b in zip(on["gateway_rps_c32_rounds"], off["gateway_rps_c32_rounds"],
-                                                  strict=True)]
+    # Against the floor of the same round (with --paired: the floor that ran beside each), so the
+    # two sides are compared on the same machine state; without a floor, the raw throughputs.
+    key = "rps_c32_vs_floor_rounds" if "rps_c32_vs_floor_rounds" in on else "gateway_rps_c32_rounds"
+    costs = [round(1 - a / b, 3) for a, b in zip(on[key], off[key], strict=True)]
     return {"with": "plain", "without": "plain-trace-off", "cost": round(statistics.median(costs), 3),
             "cost_rounds": costs, "target_max": TARGETS["tracing_cost_max"]}
 
