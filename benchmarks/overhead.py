@@ -143,17 +143,7 @@ def _modgate_gateway(name: str, tmp: Path, stub_port: int, gw_port: int, receive
     key, record = generate_key("bench", ["moderate"], created_by="bench")
     store.put_key(record)
     if name.startswith("rollout"):
-        from gateway.rollouts.ops import start_rollout
-
-        spec = store.resolve("listing-moderation", "production").spec
-        v2 = store.publish(spec.model_copy(update={"description": "v2"}), actor="bench").version.version
-        v3 = store.publish(spec.model_copy(update={"description": "v3"}), actor="bench").version.version
-        start_rollout(store, "listing-moderation", canary_version=v2, steps=[10, 100],
-                      shadows=[ShadowSpec(version=v3, sample_rate=0.05)], step_hold_s=1e9,
-                      gates=GateConfig(), auto=False, subject_key="seller_id", actor="bench",
-                      # v2 has no scorecard, so its promotion gate fails: a benchmark rollout
-                      # starts on an override, like an admin's (only the 10 % step is used)
-                      **_override("unscored benchmark versions"))
+        start_bench_rollout(store)
     store.close()
     config = yaml.safe_load((ROOT / "configs" / "modgate.yaml").read_text())
     config["data_dir"] = str(data)
@@ -167,6 +157,21 @@ def _modgate_gateway(name: str, tmp: Path, stub_port: int, gw_port: int, receive
     cfg_path.write_text(yaml.safe_dump(config))
     return ([sys.executable, "-m", "gateway.cli.main", "gateway", "--config", str(cfg_path)],
             {"Authorization": f"Bearer {key}"}, ratio)
+
+
+def start_bench_rollout(store: SqlitePromptStore) -> None:
+    """The rollout scenarios' rollout: versions 2 (a 10 % canary) and 3 (a 5 % shadow)."""
+    from gateway.rollouts.ops import start_rollout
+
+    spec = store.resolve("listing-moderation", "production").spec
+    v2 = store.publish(spec.model_copy(update={"description": "v2"}), actor="bench").version.version
+    v3 = store.publish(spec.model_copy(update={"description": "v3"}), actor="bench").version.version
+    start_rollout(store, "listing-moderation", canary_version=v2, steps=[10, 100],
+                  shadows=[ShadowSpec(version=v3, sample_rate=0.05)], step_hold_s=1e9,
+                  gates=GateConfig(), auto=False, subject_key="seller_id", actor="bench",
+                  # v2 has no scorecard, so its promotion gate fails: a benchmark rollout
+                  # starts on an override, like an admin's (only the 10 % step is used)
+                  **_override("unscored benchmark versions"))
 
 
 def run_scenario(name: str, tmp: Path, args: argparse.Namespace, receiver: OtlpHttpReceiver) -> dict:

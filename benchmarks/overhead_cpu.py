@@ -48,7 +48,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.overhead import LISTING, _free_port, _override, _wait_http  # noqa: E402
+from benchmarks.overhead import LISTING, _free_port, _wait_http, start_bench_rollout  # noqa: E402
 
 
 def _config(name: str, data: Path, stub_port: int, endpoint: str) -> tuple[Any, Any, str]:
@@ -59,7 +59,6 @@ def _config(name: str, data: Path, stub_port: int, endpoint: str) -> tuple[Any, 
     from gateway.stores import open_store
     from prompt_registry.keys import generate_key
     from prompt_registry.loader import seed_store
-    from prompt_registry.rollouts import GateConfig, ShadowSpec
 
     raw = yaml.safe_load((ROOT / "configs" / "modgate.yaml").read_text())
     raw["data_dir"] = str(data)
@@ -76,15 +75,7 @@ def _config(name: str, data: Path, stub_port: int, endpoint: str) -> tuple[Any, 
     key, record = generate_key("bench", ["moderate"], created_by="bench")
     store.put_key(record)
     if name == "rollout":
-        from gateway.rollouts.ops import start_rollout
-
-        spec = store.resolve("listing-moderation", "production").spec
-        v2 = store.publish(spec.model_copy(update={"description": "v2"}), actor="bench").version.version
-        v3 = store.publish(spec.model_copy(update={"description": "v3"}), actor="bench").version.version
-        start_rollout(store, "listing-moderation", canary_version=v2, steps=[10, 100],
-                      shadows=[ShadowSpec(version=v3, sample_rate=0.05)], step_hold_s=1e9,
-                      gates=GateConfig(), auto=False, subject_key="seller_id", actor="bench",
-                      **_override("unscored benchmark versions"))
+        start_bench_rollout(store)
     return cfg, store, key
 
 
