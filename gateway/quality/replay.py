@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from gateway.quality.evaluation.dataset import DatasetRow
 from gateway.quality.evaluation.runner import ItemResult, run_eval
+from gateway.quality.reporting import MISSING
 from gateway.samples import Sample
 from prompt_registry import PromptVersion
 from prompt_registry.rollout_stats import cohen_kappa
@@ -287,7 +288,7 @@ def _pct(x: float | None) -> str:
 
 
 def _kappa(x: float | None) -> str:
-    return "undefined" if x is None else f"{x:.3f}"
+    return MISSING if x is None else f"{x:.3f}"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:

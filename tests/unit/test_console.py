@@ -275,7 +275,7 @@ def test_prompts_version_diff_and_audit(client: TestClient, keys: Keys,
     assert "+    NEW RULE: be careful." in d["spec_diff"]
     lines = [e["line"] for e in client.get("/console/api/prompts/listing-moderation/audit").json()["entries"]]
     assert any("alice  published v2 — add a rule" in ln for ln in lines)
-    assert any("moved label production (unset) → v1" in ln for ln in lines)
+    assert any("label production set to v1" in ln for ln in lines)  # the CLI's and the report's words
     assert client.get("/console/api/prompts/nope/audit").status_code == 404
     assert client.get("/console/api/prompts/listing-moderation/versions/99").status_code == 404
     assert client.get("/console/api/prompts/listing-moderation/diff?from=1&to=x").status_code == 422

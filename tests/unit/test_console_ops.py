@@ -288,9 +288,10 @@ def test_rollouts_start_act_and_show_what_the_admin_api_shows(app: FastAPI, clie
     detail = client.get(f"/console/api/rollouts/{NAME}/{rollout.id}").json()
     assert [t["action"] for t in detail["transitions"]] == ["start", "step", "pause", "resume", "promote"]
     notes = [e["note"] for e in client.get(f"/console/api/prompts/{NAME}/audit").json()["entries"]
-             if e["action"] == "rollout"]  # the timeline's headline of each JSON transition note
-    assert notes[0].startswith("start: canary v2 at 10%, shadows v2@100%") and notes[-1] == "promote"
-    assert notes[1] == "step from the console"  # a note that starts with its action is not prefixed again
+             if e["action"] == "rollout"]  # each transition's why, as `prompts audit` words it
+    assert notes[0].startswith("start: canary v2 at 10%, shadows v2@100%")
+    assert notes[-1] == "promotion gate: pass"  # the promotion's why is the gate's verdict
+    assert notes[1] == "step from the console"
     assert client.get(f"/console/api/rollouts/{NAME}/no such id").status_code == 404
     assert client.get("/console/api/rollouts/nope").status_code == 404
 

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import orjson
 from fastapi import APIRouter, FastAPI, Request
 from pydantic import Field, ValidationError
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -47,11 +46,11 @@ from gateway.pipeline import Evaluation
 from gateway.problems import ApiError, Forbidden, InvalidLabel, Unauthenticated, problem_for
 from gateway.rollouts.recorder import RolloutRecorder
 from prompt_registry import PromptFileError, PromptSpec, PromptStore
+from prompt_registry.audit_text import describe, one_line
 from prompt_registry.keys import ApiKeyRecord
 from prompt_registry.loader import parse_prompt_text
 from prompt_registry.models import FAIL_CLOSED_DECISION, MAX_VERSION, PromptVersion
 from prompt_registry.ops import diff_versions, spec_as_yaml, summarize
-from prompt_registry.store import AuditEntry
 
 __all__ = ["COOKIE", "CONSOLE_WRITES", "build_console_router"]
 
@@ -139,34 +138,6 @@ def diff_by_locale(a: PromptVersion, b: PromptVersion) -> dict[str, list[dict[st
     la, lb = _locales(a), _locales(b)
     return {loc: side_by_side(_message_lines(la.get(loc, [])), _message_lines(lb.get(loc, [])))
             for loc in dict.fromkeys([*la, *lb])}
-
-
-def _first_line(note: str) -> str:
-    """An audit note's headline: rollout notes are JSON, shown by their `note` field."""
-    text = note.strip()
-    if text.startswith("{"):
-        try:
-            inner = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            inner = None
-        if isinstance(inner, dict):
-            action, said = str(inner.get("action", "")), str(inner.get("note", ""))
-            text = said if said.startswith(action) else f"{action}: {said}".strip(": ")
-    return text.splitlines()[0] if text else ""
-
-
-def audit_line(e: AuditEntry) -> str:
-    """One readable line per audit event."""
-    at = e.at.strftime("%Y-%m-%d %H:%M:%S UTC")
-    if e.action == "publish":
-        what = f"published v{e.to_version}"
-    elif e.action == "label":
-        frm = f"v{e.from_version}" if e.from_version is not None else "(unset)"
-        what = f"moved label {e.label} {frm} → v{e.to_version}"
-    else:
-        what = e.action + (f" v{e.to_version}" if e.to_version is not None else "")
-    note = _first_line(e.note)
-    return f"{at}  {e.actor}  {what}" + (f" — {note}" if note else "")
 
 
 def render_shell(page: str) -> str:
@@ -395,7 +366,7 @@ def build_console_router(app: FastAPI, store: PromptStore, auth: Authenticator,
             summarize(store, known_name(name))  # 404 for an unknown prompt
             return [{"at": e.at.isoformat(), "actor": e.actor, "action": e.action,
                      "label": e.label, "from_version": e.from_version, "to_version": e.to_version,
-                     "note": _first_line(e.note), "line": audit_line(e)} for e in store.audit(name)]
+                     "note": describe(e).why, "line": one_line(e)} for e in store.audit(name)]
         return json_response({"name": name, "entries": await asyncio.to_thread(work)})
 
     # -- playground -------------------------------------------------------------------------
