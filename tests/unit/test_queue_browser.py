@@ -74,10 +74,9 @@ def served(store: SqlitePromptStore, tmp_path: Path) -> Iterator[Served]:
         r = httpx.post(f"{base}/v1/moderate", headers={"authorization": f"Bearer {svc}"},
                        json={"item_id": f"item-{i}", "title": title, "description": f"about the {title}"})
         assert r.status_code == 200, r.text
-    while recorder.queued:  # the writer task takes them off the queue
+    while recorder.store.count() < 3:  # the writer task has written all three
         assert time.monotonic() < deadline + 10, "the sample writer did not run"
         time.sleep(0.05)
-    time.sleep(0.2)
     yield Served(base, key, tmp_path / "feedback")
     server.should_exit = True
     thread.join(timeout=10)
