@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, cast
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter
@@ -344,7 +344,8 @@ class RedisSampleStore:
                prompt: str | None = None, limit: int = 100_000) -> list[Sample]:
         lo = max(self._cutoff(), since.timestamp() if since is not None else float("-inf"))
         hi = f"({until.timestamp()}" if until is not None else "+inf"
-        ids = [m.decode() for m in self._r.zrevrangebyscore(self._ts_key, hi, lo)]
+        # decode_responses is off: members are bytes (redis-py's stubs allow any response type)
+        ids = [m.decode() for m in cast("list[bytes]", self._r.zrevrangebyscore(self._ts_key, hi, lo))]
         rows = [s for s in self._rows(ids) if prompt is None or s.prompt == prompt]
         return rows[:limit]
 
@@ -361,7 +362,7 @@ class RedisSampleStore:
 
     def purge(self, *, everything: bool = False) -> int:
         hi = "+inf" if everything else f"({self._cutoff()}"
-        ids = [m.decode() for m in self._r.zrangebyscore(self._ts_key, "-inf", hi)]
+        ids = [m.decode() for m in cast("list[bytes]", self._r.zrangebyscore(self._ts_key, "-inf", hi))]
         if not ids:
             return 0
         live = 0

@@ -24,7 +24,8 @@ STRICT_PATHS = [
     "gateway/decision_log.py", "gateway/feedback.py", "gateway/ids.py", "gateway/limits.py",
     "gateway/pipeline.py", "gateway/problems.py", "gateway/prompt_cache.py",
     "gateway/recording.py", "gateway/stores.py", "gateway/telemetry.py", "gateway/verdict.py",
-    "gateway/webhooks.py", "gateway/quality", "gateway/rollouts",
+    "gateway/webhooks.py", "gateway/webhook_settings.py", "gateway/samples.py",
+    "gateway/decision_reader.py", "gateway/quality", "gateway/rollouts",
     "gateway/api", "gateway/moderation.py", "gateway/bootstrap.py", "gateway/cli",
 ]
 
