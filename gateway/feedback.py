@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,9 +25,46 @@ import orjson
 from gateway.problems import InvalidLabel
 from prompt_registry import FAIL_CLOSED_DECISION, VerdictSchema
 
-__all__ = ["FeedbackLog", "check_label"]
+__all__ = ["FeedbackLog", "FeedbackScan", "check_label", "feedback_lines"]
 
 log = logging.getLogger("modgate.feedback")
+
+
+_FILE = re.compile(r"^feedback-(\d{8})-.+\.jsonl$")  # as FeedbackLog names them
+
+
+@dataclass
+class FeedbackScan:
+    """What `feedback_lines` went through: files of the days asked for, non-empty lines."""
+
+    files: int = 0
+    lines: int = 0
+
+
+def feedback_lines(directory: Path | None, not_before: datetime | None = None,
+                   counts: FeedbackScan | None = None) -> Iterator[bytes]:
+    """Each non-empty line of the feedback files under *directory*, oldest day first, skipping
+    files of days before *not_before* (a label comes after its decision) and unreadable files;
+    *counts* gets the files and lines seen. Every reader of the feedback log (live quality,
+    reviewer agreement, the review queue) starts here."""
+    if directory is None or not directory.is_dir():
+        return
+    first_day = not_before.astimezone(UTC).strftime("%Y%m%d") if not_before else None
+    for path in sorted(directory.iterdir()):
+        m = _FILE.match(path.name)
+        if m is None or (first_day is not None and m.group(1) < first_day):
+            continue
+        if counts is not None:
+            counts.files += 1
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            continue
+        for line in raw.splitlines():
+            if line.strip():
+                if counts is not None:
+                    counts.lines += 1
+                yield line
 
 
 def check_label(schema: VerdictSchema, decision: str, category: str | None) -> str | None:

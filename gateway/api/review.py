@@ -40,7 +40,7 @@ from starlette.responses import Response
 
 from gateway.api.edge import ERROR_RESPONSES, json_response
 from gateway.auth import Authenticator, _Anonymous
-from gateway.feedback import FeedbackLog
+from gateway.feedback import FeedbackLog, feedback_lines
 from gateway.problems import ApiError
 from gateway.prompt_cache import PromptCache
 from gateway.rollouts.recorder import flips_view
@@ -55,7 +55,6 @@ AuthHeader = Annotated[str | None, Header()]
 Principal = ApiKeyRecord | _Anonymous
 ITEM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 MAX_QUEUE = 200
-_FEEDBACK_FILE = re.compile(r"^feedback-(\d{8})-.+\.jsonl$")
 
 
 def label_key(decision: str, category: str | None) -> str:
@@ -69,24 +68,13 @@ def read_labels(directory: Path | None, since: datetime) -> dict[str, dict[str, 
     """The latest label of each reviewer for each request, from the feedback log files of the
     days since *since*: {request_id: {reviewer: label_key}}. Unreadable lines are skipped."""
     out: dict[str, dict[str, str]] = defaultdict(dict)
-    if directory is None or not directory.is_dir():
-        return {}
-    first_day = since.strftime("%Y%m%d")
-    for path in sorted(directory.iterdir()):
-        m = _FEEDBACK_FILE.match(path.name)
-        if m is None or m.group(1) < first_day:
-            continue
+    for line in feedback_lines(directory, since):
         try:
-            lines = path.read_bytes().splitlines()
-        except OSError:
+            rec = orjson.loads(line)
+            out[str(rec["request_id"])][str(rec["reviewer"])] = label_key(
+                str(rec["decision"]), rec.get("category"))
+        except (orjson.JSONDecodeError, KeyError, TypeError):
             continue
-        for line in lines:
-            try:
-                rec = orjson.loads(line)
-                out[str(rec["request_id"])][str(rec["reviewer"])] = label_key(
-                    str(rec["decision"]), rec.get("category"))
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                continue
     return dict(out)
 
 

@@ -14,7 +14,6 @@ and 1.000 would claim a reliability nobody measured.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,9 +23,11 @@ from pathlib import Path
 
 import orjson
 
+from gateway.feedback import feedback_lines
+from prompt_registry.rollout_stats import cohen_kappa as rollout_cohen_kappa
+
 __all__ = ["PairAgreement", "ReviewerLabel", "cohen_kappa", "pair_agreement", "read_reviewer_labels"]
 
-_FILE = re.compile(r"^feedback-(\d{8})-.*\.jsonl$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,51 +56,33 @@ def _label(decision: str, category: str | None) -> str:
 def read_reviewer_labels(directory: Path, not_before: datetime | None = None) -> list[ReviewerLabel]:
     """The newest label of each reviewer for each request (unreadable lines are skipped)."""
     newest: dict[tuple[str, str], ReviewerLabel] = {}
-    if not directory.is_dir():
-        return []
-    first_day = not_before.astimezone(UTC).strftime("%Y%m%d") if not_before else None
-    for path in sorted(directory.iterdir()):
-        m = _FILE.match(path.name)
-        if m is None or (first_day is not None and m.group(1) < first_day):
-            continue
+    for line in feedback_lines(directory, not_before):
         try:
-            raw = path.read_bytes()
-        except OSError:
+            d = orjson.loads(line)
+            ts = datetime.fromisoformat(d["ts"])
+            who = str(d.get("reviewer") or "")
+            shown = d.get("display_name")
+            if shown and shown != who:
+                who = f"{who} ({shown})" if who else str(shown)
+            label = ReviewerLabel(ts if ts.tzinfo else ts.replace(tzinfo=UTC),
+                                  str(d["request_id"]), who,
+                                  _label(str(d["decision"]), d.get("category")))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             continue
-        for line in raw.splitlines():
-            if not line.strip():
-                continue
-            try:
-                d = orjson.loads(line)
-                ts = datetime.fromisoformat(d["ts"])
-                who = str(d.get("reviewer") or "")
-                shown = d.get("display_name")
-                if shown and shown != who:
-                    who = f"{who} ({shown})" if who else str(shown)
-                label = ReviewerLabel(ts if ts.tzinfo else ts.replace(tzinfo=UTC),
-                                      str(d["request_id"]), who,
-                                      _label(str(d["decision"]), d.get("category")))
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                continue
-            key = (label.request_id, label.reviewer)
-            old = newest.get(key)
-            if old is None or label.ts >= old.ts:
-                newest[key] = label
+        key = (label.request_id, label.reviewer)
+        old = newest.get(key)
+        if old is None or label.ts >= old.ts:
+            newest[key] = label
     return list(newest.values())
 
 
 def cohen_kappa(pairs: Iterable[tuple[str, str]]) -> float | None:
-    """Cohen's kappa of paired labels; None when undefined (chance agreement of 1) or empty."""
-    items = list(pairs)
-    n = len(items)
-    if n == 0:
-        return None
-    observed = sum(1 for x, y in items if x == y) / n
-    left, right = Counter(x for x, _ in items), Counter(y for _, y in items)
-    expected = sum(left[c] * right.get(c, 0) for c in left) / (n * n)
-    if expected >= 1.0:
-        return None
-    return (observed - expected) / (1.0 - expected)
+    """Cohen's kappa of paired labels; None when undefined (chance agreement of 1) or empty.
+    The registry's kappa (the one shadow pairs are judged by) over the pairs' matrix."""
+    matrix: dict[str, Counter[str]] = {}
+    for x, y in pairs:
+        matrix.setdefault(x, Counter())[y] += 1
+    return rollout_cohen_kappa(matrix)
 
 
 def pair_agreement(labels: Iterable[ReviewerLabel],

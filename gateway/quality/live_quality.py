@@ -25,7 +25,6 @@ looks perfect). Every view says how many decisions of each version were reviewed
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,6 +33,7 @@ from pathlib import Path
 import orjson
 
 from gateway.decision_log import DecisionRecord
+from gateway.feedback import FeedbackScan, feedback_lines
 from gateway.quality.evaluation.dataset import ALLOW, NO_CATEGORY
 from gateway.quality.evaluation.scorecard import (
     ItemOutcome,
@@ -47,7 +47,6 @@ __all__ = ["ALL_LOCALES", "FeedbackLabel", "FeedbackRead", "HeadlineAccumulator"
            "LiveQualityAccumulator", "TrafficHeadline", "gold_of", "labelled_request",
            "live_quality", "locale_of", "outcome", "read_feedback", "verdict_text"]
 
-_FILE = re.compile(r"^feedback-(\d{8})-.*\.jsonl$")
 PRIMARY_ARMS = ("stable", "canary", "pinned")
 ALL_LOCALES = "all"          # the row of a split that holds every locale
 UNKNOWN_LOCALE = "unknown"   # a decision logged without a locale
@@ -73,10 +72,8 @@ class FeedbackLabel:
 
 
 @dataclass
-class FeedbackRead:
+class FeedbackRead(FeedbackScan):
     labels: dict[str, FeedbackLabel] = field(default_factory=dict)
-    files: int = 0
-    lines: int = 0
     bad_lines: int = 0
 
 
@@ -88,35 +85,20 @@ def read_feedback(directory: Path, not_before: datetime | None = None) -> Feedba
     unreadable line (torn by a crash, hand-edited) is skipped and counted.
     """
     out = FeedbackRead()
-    if not directory.is_dir():
-        return out
-    first_day = not_before.astimezone(UTC).strftime("%Y%m%d") if not_before else None
-    for path in sorted(directory.iterdir()):
-        m = _FILE.match(path.name)
-        if m is None or (first_day is not None and m.group(1) < first_day):
-            continue
-        out.files += 1
+    for line in feedback_lines(directory, not_before, out):
         try:
-            raw = path.read_bytes()
-        except OSError:
+            d = orjson.loads(line)
+            ts = datetime.fromisoformat(d["ts"])
+            label = FeedbackLabel(
+                ts=ts if ts.tzinfo else ts.replace(tzinfo=UTC), request_id=str(d["request_id"]),
+                decision=str(d["decision"]), category=d.get("category"),
+                reviewer=str(d.get("reviewer") or ""), note=str(d.get("note") or ""))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            out.bad_lines += 1
             continue
-        for line in raw.splitlines():
-            if not line.strip():
-                continue
-            out.lines += 1
-            try:
-                d = orjson.loads(line)
-                ts = datetime.fromisoformat(d["ts"])
-                label = FeedbackLabel(
-                    ts=ts if ts.tzinfo else ts.replace(tzinfo=UTC), request_id=str(d["request_id"]),
-                    decision=str(d["decision"]), category=d.get("category"),
-                    reviewer=str(d.get("reviewer") or ""), note=str(d.get("note") or ""))
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                out.bad_lines += 1
-                continue
-            old = out.labels.get(label.request_id)
-            if old is None or label.ts >= old.ts:
-                out.labels[label.request_id] = label
+        old = out.labels.get(label.request_id)
+        if old is None or label.ts >= old.ts:
+            out.labels[label.request_id] = label
     return out
 
 
