@@ -220,14 +220,22 @@ def test_breaker_opens_under_sustained_resets_and_closes_after_pass_through(tmp_
             assert await d.metric("modgate_backend_circuit_state") == 2
             assert await d.metric("modgate_backend_circuit_transitions_total") >= 1
 
-            # While open: answered at once, the model server is not called.
+            # While open: answered without calling the model server. Only requests sent well
+            # inside the 1 s open window count (on a loaded machine ten requests can outlast it,
+            # and the half-open probe would then rightly reach the proxy); the proof that nothing
+            # was called is the proxy's count, not a wall-clock bound.
+            opened_at = time.monotonic()
             faults = sum(d.proxy.stats.values())
-            for _ in range(10):
+            rejected = 0
+            while rejected < 10 and time.monotonic() - opened_at < 0.6:
                 r, latency = await d.send()
                 assert check_contract(r, latency) == "model_unavailable"
-                assert "circuit open" in r.json()["error"]["message"] and latency < 0.5
-            assert sum(d.proxy.stats.values()) == faults
-            assert await d.metric("modgate_backend_circuit_rejected_total") >= 10
+                assert "circuit open" in r.json()["error"]["message"], r.text
+                assert latency < DEADLINE_S  # not the deadline a called, failing server costs
+                rejected += 1
+            assert rejected >= 1
+            assert sum(d.proxy.stats.values()) == faults, d.proxy.stats
+            assert await d.metric("modgate_backend_circuit_rejected_total") >= rejected
 
             # Network back: after the open time a probe goes through and closes the circuit.
             d.proxy.set_mode("pass")
