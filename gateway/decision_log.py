@@ -203,6 +203,12 @@ class DecisionRecord(BaseModel):
         "decided from the block probability), fail_closed (no usable answer or probability)")
     model_decision: str | None = Field(None, description="the decision the model generated, when "
                                        "decided_by is not model")
+    block_probability_low: float | None = Field(
+        None, description="the mass attributed to 'block' (lower bound of block_probability); with "
+        "decision_unresolved exactly what an operating point reads, so a threshold what-if "
+        "re-decides the logged verdict as the gateway would")
+    decision_unresolved: float | None = Field(None, description="the unattributed probability "
+                                              "mass of the decision alone")
 
     @field_validator("ts")
     @classmethod

@@ -25,6 +25,7 @@ def decision_record(ev: Evaluation, *, request_id: str, item_id: str, subject: s
         category_probability=v.category_probability,
         block_probability=v.block_probability, probability_unresolved=v.probability_unresolved,
         decided_by=v.decided_by, model_decision=v.model_decision,
+        block_probability_low=v.block_probability_low, decision_unresolved=v.decision_unresolved,
         fail_reason=v.fail_reason, model=ev.result.model, latency_ms=round(latency_ms, 3),
         prompt_tokens=ev.result.prompt_tokens, completion_tokens=ev.result.completion_tokens,
         cached_prompt_tokens=ev.result.cached_prompt_tokens, locale=ev.locale, trace_id=trace_id,

@@ -47,8 +47,8 @@ from prompt_registry import FAIL_CLOSED_DECISION, VerdictSchema
 from prompt_registry.models import OperatingPoint
 from serving.protocol import TokenLogprob
 
-__all__ = ["TOP_LOGPROBS", "ChoiceScores", "DecidedBy", "Verdict", "apply_thresholds", "parse_verdict",
-           "score_field"]
+__all__ = ["TOP_LOGPROBS", "ChoiceScores", "DecidedBy", "Verdict", "apply_thresholds", "logged_block_scores",
+           "parse_verdict", "score_field"]
 
 # Alternatives asked for at each generated token: vLLM's default cap (`max_logprobs` 20) and
 # OpenAI's maximum; enough for every prefix token of a short enum under the grammar mask.
@@ -121,6 +121,18 @@ class Verdict:
     def block_probability(self) -> float | None:
         s = self.decision_scores
         return None if s is None else s.probability(BLOCK)
+
+    @property
+    def block_probability_low(self) -> float | None:
+        """The mass attributed to `block` (the lower bound operating points compare with
+        `block_at`); with `decision_unresolved` all `apply_thresholds` reads of the scores."""
+        s = self.decision_scores
+        return None if s is None or BLOCK not in s.attributed else s.attributed[BLOCK]
+
+    @property
+    def decision_unresolved(self) -> float | None:
+        s = self.decision_scores
+        return None if s is None else s.unresolved
 
     @property
     def probability_unresolved(self) -> float | None:
@@ -244,6 +256,16 @@ def score_field(tokens: Sequence[TokenLogprob], text: str, value_start: int, cho
     attributed[chosen] += weight
     return ChoiceScores(attributed={v: round(p, 9) for v, p in attributed.items()},
                         unresolved=round(unresolved, 9))
+
+
+def logged_block_scores(block_low: float | None, unresolved: float | None) -> ChoiceScores | None:
+    """The decision's scores as far as `apply_thresholds` reads them, rebuilt from the two
+    numbers the decision log keeps (`block_probability_low`, `decision_unresolved`): a verdict
+    carrying them is decided by an operating point exactly as at serve time. The threshold
+    what-if (gateway/quality/whatif.py) re-decides logged verdicts through this."""
+    if block_low is None or unresolved is None:
+        return None
+    return ChoiceScores(attributed={BLOCK: block_low}, unresolved=unresolved)
 
 
 def apply_thresholds(verdict: Verdict, thresholds: Mapping[str, OperatingPoint]) -> Verdict:

@@ -40,10 +40,12 @@ if TYPE_CHECKING:
     from gateway.cli.client import RegistryClient
     from gateway.decision_log import DecisionRecord
     from gateway.quality.agreement import PairAgreement
-    from prompt_registry import VerdictSchema
+    from gateway.quality.whatif import VersionWhatIf, WhatIfAccumulator
+    from prompt_registry import PromptSpec, VerdictSchema
+    from prompt_registry.models import OperatingPoint
 
-__all__ = ["MISSING", "TzOpt", "feedback_app", "http_client", "load_sources", "read_label_file",
-           "zone"]
+__all__ = ["MISSING", "TargetOpt", "TzOpt", "WhatIfOpt", "feedback_app", "http_client",
+           "load_sources", "read_label_file", "what_if_points", "what_if_results", "zone"]
 
 
 feedback_app = typer.Typer(
@@ -69,6 +71,16 @@ TzOpt = Annotated[str, typer.Option(
                                  "in it, days split at its midnight and times are shown in it "
                                  "(default: UTC)")]
 _ZONE = re.compile(r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+){0,3}$")
+WhatIfOpt = Annotated[list[str] | None, typer.Option(
+    "--what-if", metavar="CATEGORY=BLOCK_AT:REVIEW_AT",
+    help="an operating point to try on the logged verdicts of CATEGORY (repeatable): block at or "
+         "above BLOCK_AT, needs_review from REVIEW_AT up, allow below (as a version's "
+         "`thresholds:` would); CATEGORY=off: no point, the model's decision stands. "
+         "E.g. --what-if counterfeit=0.85:0.4")]
+TargetOpt = Annotated[float, typer.Option(
+    "--target-precision", min=0.5, max=1.0,
+    help="the what-if's proposed operating points: the 95% Wilson lower bound of precision "
+         "they must reach on the labels (as `modgate eval thresholds`)")]
 
 
 def zone(name: str) -> tzinfo:
@@ -100,6 +112,74 @@ def load_sources(config: Path | None) -> tuple[AppConfig, Path, Path]:
     return cfg, log_dir, cfg.data_path() / "feedback"
 
 
+def what_if_points(specs: list[str] | None) -> list[tuple[str, OperatingPoint | None]]:
+    """The --what-if operating points; a usage error (exit 2) naming the problem otherwise."""
+    from gateway.quality.whatif import parse_point
+
+    out = []
+    for spec in specs or []:
+        try:
+            out.append(parse_point(spec))
+        except ValueError as exc:
+            raise _fail(str(exc), 2) from None
+    return out
+
+
+def what_if_results(acc: WhatIfAccumulator, cfg: AppConfig, specs: list[str] | None,
+                    points: list[tuple[str, OperatingPoint | None]], target: float,
+                    notes: list[str]) -> list[VersionWhatIf]:
+    """The threshold what-if of the versions *acc* saw, their current operating points read
+    from the registry (read only; when it cannot be read they are unknown, and *notes* says
+    why). A --what-if category that no prompt of the window has is a usage error."""
+    from prompt_registry import RegistryError
+
+    specs_read: dict[tuple[str, int], PromptSpec | None] = {}
+    store = None
+    if cfg.registry.store == "sqlite" and not cfg.registry_path().exists():
+        notes.append(f"no registry at {cfg.registry_path()}: the current operating points of "
+                     "the what-if are unknown")
+    else:
+        from gateway.stores import open_store
+
+        try:
+            store = open_store(cfg)
+        except (ConfigError, RegistryError) as exc:
+            notes.append(f"registry not readable, the current operating points of the what-if "
+                         f"are unknown: {exc}")
+
+    def spec_of(name: str, version: int) -> PromptSpec | None:
+        if (name, version) not in specs_read:
+            try:
+                specs_read[name, version] = (store.get_version(name, version).spec
+                                             if store is not None else None)
+            except RegistryError:
+                specs_read[name, version] = None
+        return specs_read[name, version]
+
+    try:
+        versions = acc.versions()
+        if not versions and store is not None and specs:
+            try:  # nothing logged: check the categories against the registry's newest versions
+                versions = [(n, max(vs)) for n in store.list_prompts() if (vs := store.versions(n))]
+            except RegistryError:
+                versions = []
+        known: dict[str, set[str]] = {}
+        for name, version in versions:
+            spec = spec_of(name, version)
+            known.setdefault(name, set()).update(
+                [c for c in spec.verdict.categories if c != "none"] if spec is not None
+                else acc.categories(name))
+        for spec_text, (cat, _) in zip(specs or [], points, strict=True):
+            if known and not any(cat in cats for cats in known.values()):
+                every = sorted(set().union(*known.values()))
+                raise _fail(f"--what-if {spec_text!r}: {cat!r} is not a violation category of "
+                            f"{', '.join(sorted(known))} ({', '.join(every)})", 2)
+        return acc.results(spec_of, points, target)
+    finally:
+        if store is not None:
+            store.close()
+
+
 def _ci(value: float | None, ci: Any) -> str:
     if value is None:
         return MISSING
@@ -113,8 +193,9 @@ def _stats_line(s: Any) -> str:
 
 @feedback_app.command("quality")
 def quality_cmd(since: SinceOpt = None, until: UntilOpt = None, prompt: PromptOpt = None,
-                tz: TzOpt = "UTC", config: ConfigOpt = None, as_json: JsonOpt = False,
-                quiet: QuietOpt = False) -> None:
+                tz: TzOpt = "UTC", what_if: WhatIfOpt = None,
+                target_precision: TargetOpt = 0.9, config: ConfigOpt = None,
+                as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Live precision and recall per prompt version and arm, from reviewer labels.
 
     Opens with the headline: per prompt, for all locales and then each locale (en-US, zh-CN,
@@ -130,6 +211,17 @@ def quality_cmd(since: SinceOpt = None, until: UntilOpt = None, prompt: PromptOp
     decisions of each version were reviewed. A metric that cannot be computed (no
     predictions, no support) reads "undefined".
 
+    Then the threshold what-if: each logged verdict decided again, by the function the
+    gateway serves with, at other operating points of its category (block at or above
+    BLOCK_AT, needs_review from REVIEW_AT up, allow below), per version, category and locale:
+    block rate and review rate over the category's decisions, and over the labelled ones
+    precision (of what the point blocks, the share the reviewer confirmed) and recall (of what
+    the reviewer put in the category, the share the point blocks), 95% Wilson intervals. The
+    points: the version's current ones (from the registry), the one `modgate eval thresholds`
+    would propose from these labels (--target-precision), and each --what-if. Decisions
+    without a calibrated probability are counted ("no probability") and decided as the gateway
+    decides them (an allow becomes needs_review), never dropped.
+
     When two reviewers labelled the same requests, their agreement follows: Cohen's kappa per
     pair of reviewers on the requests both labelled (a reviewer is the API key, with the
     display name a `feedback import` sent for it). Kappa is "undefined" when both gave one and
@@ -139,6 +231,7 @@ def quality_cmd(since: SinceOpt = None, until: UntilOpt = None, prompt: PromptOp
     Examples:
       modgate feedback quality --since 7d
       modgate feedback quality --since 2025-03-01 --until 2025-03-08 --tz Asia/Shanghai
+      modgate feedback quality --since 7d --what-if counterfeit=0.85:0.4 --what-if adult=off
       modgate feedback quality --since 24h --json | jq '.versions[] | {version, arm, reviewed}'
     """
     from gateway.quality.decisions import ReadStats, read_segments
@@ -149,13 +242,16 @@ def quality_cmd(since: SinceOpt = None, until: UntilOpt = None, prompt: PromptOp
     )
     from gateway.quality.ops_report import headline_table
     from gateway.quality.reporting import local_time, tz_name
+    from gateway.quality.whatif import WhatIfAccumulator
 
     zone_ = zone(tz)
+    points = what_if_points(what_if)
     start, end = _range(since, until, zone_)
     previous = start - ((end or datetime.now(UTC)) - start) if start is not None else None
-    _, log_dir, fb_dir = load_sources(config)
+    cfg, log_dir, fb_dir = load_sources(config)
     fb = read_feedback(fb_dir, previous or start)
     acc = LiveQualityAccumulator(fb.labels)
+    thresholds = WhatIfAccumulator(fb.labels)
     by_locale = LiveQualityAccumulator(fb.labels, by_locale=True)
     head, head_before = HeadlineAccumulator(fb.labels), HeadlineAccumulator(fb.labels)
     stats = ReadStats()
@@ -171,6 +267,9 @@ def quality_cmd(since: SinceOpt = None, until: UntilOpt = None, prompt: PromptOp
             acc.add(rec)
             by_locale.add(rec)
             head.add(rec)
+            thresholds.add(rec)
+    notes: list[str] = []
+    what_ifs = what_if_results(thresholds, cfg, what_if, points, target_precision, notes)
     results = acc.results()
     categories = [s.category for q in results for s in q.quality.categories]
     locales = by_locale.results(list(dict.fromkeys(categories)))
@@ -204,6 +303,7 @@ def quality_cmd(since: SinceOpt = None, until: UntilOpt = None, prompt: PromptOp
             "reviewer_agreement": [{"reviewers": [x.a, x.b], "common": x.common,
                                     "agreement": x.agreement, "kappa": x.kappa}
                                    for x in pairs],
+            "what_if": [w.to_dict() for w in what_ifs], "notes": notes,
         }, indent=2, ensure_ascii=False))
         return
     zn = tz_name(zone_)
@@ -240,13 +340,33 @@ def quality_cmd(since: SinceOpt = None, until: UntilOpt = None, prompt: PromptOp
             m = x.quality.micro
             typer.echo(f"  {x.locale or '':<22}{f'{x.reviewed} of {x.decisions}':>18}  "
                        f"{_ci(m.precision, m.precision_ci):<20}{_ci(m.recall, m.recall_ci):<20}")
+    _what_if_lines(what_ifs, notes)
     _agreement_lines(pairs)
 
 
-def _text_table(header: list[str], rows: list[list[str]]) -> None:
-    """A plain-text table: the first columns left-aligned (names), the rest right-aligned."""
+def _what_if_lines(what_ifs: list[VersionWhatIf], notes: list[str]) -> None:
+    from gateway.quality import whatif
+
+    if not what_ifs:
+        return
+    typer.echo(f"\nthreshold what-if on reviewer labels (target precision lower bound "
+               f"{what_ifs[0].target:g}; block at or above BLOCK_AT, review from REVIEW_AT, "
+               "allow below; precision and recall of what the point blocks)")
+    for w in what_ifs:
+        typer.echo(f"\n{whatif.title(w)}")
+        for n in whatif.notes(w):
+            typer.echo(f"  note: {n}")
+        _text_table(whatif.HEADER, whatif.table(w), names=3)
+    for n in notes:
+        typer.echo(f"note: {n}")
+
+
+def _text_table(header: list[str], rows: list[list[str]], names: int | None = None) -> None:
+    """A plain-text table: the first columns left-aligned (names: *names* of them, default
+    those headed prompt or locale), the rest right-aligned."""
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
-    names = sum(1 for h in header if h in ("prompt", "locale"))
+    if names is None:
+        names = sum(1 for h in header if h in ("prompt", "locale"))
     for row in [header, *rows]:
         typer.echo("  " + "  ".join(str(c).ljust(w) if i < names else str(c).rjust(w)
                                     for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip())

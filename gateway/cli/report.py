@@ -22,10 +22,14 @@ from gateway.cli.feedback import (
     JsonOpt,
     PromptOpt,
     QuietOpt,
+    TargetOpt,
     TzOpt,
+    WhatIfOpt,
     _fail,
     _text_table,
     load_sources,
+    what_if_points,
+    what_if_results,
     zone,
 )
 
@@ -47,6 +51,7 @@ def ops_cmd(
     prompt: PromptOpt = None, tz: TzOpt = "UTC",
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="output directory (default: <data_dir>/reports/ops-<from>-<to>)")] = None,
+    what_if: WhatIfOpt = None, target_precision: TargetOpt = 0.9,
     config: ConfigOpt = None, as_json: JsonOpt = False, quiet: QuietOpt = False,
 ) -> None:
     """Write the operational report of a time window (HTML and Markdown, with plots).
@@ -65,10 +70,21 @@ def ops_cmd(
     per category for each shadowed version, tokens (prompt, cached prompt, completion) and
     their cost at the prices of `reporting.prices`, latency p50/p95/p99.
 
+    And the threshold what-if on reviewer labels: every verdict of the window decided again,
+    by the function the gateway serves with, at the version's current operating points, at
+    the one `modgate eval thresholds` would propose from the labels (--target-precision) and
+    at each --what-if CATEGORY=BLOCK_AT:REVIEW_AT (block at or above BLOCK_AT, needs_review
+    from REVIEW_AT up, allow below; CATEGORY=off: the model decides): per version, category
+    and locale the block and review rates, and precision and recall of what the point blocks
+    (95% Wilson intervals), with a precision-coverage plot per version marking the points.
+    Decisions without a calibrated probability are counted and decided as the gateway
+    decides them, never dropped.
+
     \b
     Examples:
       modgate report ops --since 24h
       modgate report ops --from 2025-03-01 --to 2025-03-08 --tz Asia/Shanghai -o week10/
+      modgate report ops --since 7d --what-if counterfeit=0.85:0.4 --target-precision 0.95
       modgate report ops --since 7d --json | jq '.headline'
     """
     from datetime import UTC, datetime
@@ -81,8 +97,10 @@ def ops_cmd(
         registry_events,
         write_ops_report,
     )
+    from gateway.quality.whatif import WhatIfAccumulator
 
     zone_ = zone(tz)
+    points = what_if_points(what_if)
     start, end = _range(since, until, zone_)
     assert start is not None
     end = end or datetime.now(UTC)
@@ -93,12 +111,13 @@ def ops_cmd(
     cfg, log_dir, fb_dir = load_sources(config)
     previous = start - (end - start)
     fb = read_feedback(fb_dir, previous)
+    thresholds = WhatIfAccumulator(fb.labels)
     stats = ReadStats()
     with _progress_bar(not quiet and not as_json) as progress:
         rep = build_report(read_segments(log_dir, previous, end, stats=stats, progress=progress),
                            fb.labels, start=start, end=end, prompt=prompt, tz=zone_,
                            previous_start=previous, prices=cfg.reporting.prices,
-                           currency=cfg.reporting.currency)
+                           currency=cfg.reporting.currency, whatif=thresholds)
     if stats.torn_lines or stats.bad_lines:
         rep.notes.append(f"decision log:{_skipped(stats)}")
     if fb.bad_lines:
@@ -119,6 +138,7 @@ def ops_cmd(
                 store.close()
         except (ConfigError, RegistryError) as exc:
             rep.notes.append(f"registry not readable, rollout events left out: {exc}")
+    rep.what_if = what_if_results(thresholds, cfg, what_if, points, target_precision, rep.notes)
     local_start, local_end = start.astimezone(zone_), end.astimezone(zone_)
     out_dir = out or (cfg.data_path() / "reports"
                       / f"ops-{local_start:%Y%m%dT%H%M}-{local_end:%Y%m%dT%H%M}")

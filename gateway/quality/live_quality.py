@@ -127,7 +127,12 @@ def outcome(rec: DecisionRecord, label: FeedbackLabel) -> ItemOutcome:
     return ItemOutcome(item_id=rec.item_id, locale=rec.locale or "", gold_decision=gold_decision,
                        gold_category=gold_category, gold_label=gold, decision=rec.decision,
                        category=rec.category, confidence=rec.confidence, predicted_label=pred,
-                       correct=pred == gold, fail_reason=rec.fail_reason, error_type=rec.error_type)
+                       correct=pred == gold, fail_reason=rec.fail_reason, error_type=rec.error_type,
+                       decision_probability=rec.decision_probability,
+                       category_probability=rec.category_probability,
+                       block_probability=rec.block_probability,
+                       probability_unresolved=rec.probability_unresolved,
+                       decided_by=rec.decided_by, model_decision=rec.model_decision)
 
 
 @dataclass(frozen=True, slots=True)

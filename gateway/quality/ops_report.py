@@ -67,6 +67,7 @@ from gateway.quality.reporting import (
     png_data_uri,
     tz_name,
 )
+from gateway.quality.whatif import VersionWhatIf, WhatIfAccumulator
 from prompt_registry.audit_text import describe
 from prompt_registry.rollout_stats import quantile_of
 from prompt_registry.store import AuditEntry, PromptReader, RolloutReader
@@ -130,6 +131,7 @@ class OpsReport:
     events: list[RegistryEvent] = field(default_factory=list)
     rollouts: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)   # what the reader must know (skipped lines...)
+    what_if: list[VersionWhatIf] = field(default_factory=list)   # threshold what-if (whatif.py)
     frame: Any = None                     # pandas DataFrame of the decisions (for the plots)
 
     @property
@@ -165,7 +167,8 @@ class OpsReport:
                 "feedback": {"labels": self.feedback_labels, "matched": self.feedback_matched,
                              "quality": [live(q) for q in self.live],
                              "by_locale": [live(q) for q in self.live_by_locale]},
-                "events": self.events, "rollouts": self.rollouts, "notes": self.notes}
+                "events": self.events, "rollouts": self.rollouts, "notes": self.notes,
+                "what_if": [w.to_dict() for w in self.what_if]}
 
 
 def _key(r: dict[str, Any]) -> tuple[str, int, int]:
@@ -225,12 +228,13 @@ def build_report(records: Iterable[DecisionRecord], labels: dict[str, FeedbackLa
                  now: datetime | None = None, tz: tzinfo = UTC,
                  previous_start: datetime | None = None,
                  prices: Mapping[str, ModelPrice] | None = None,
-                 currency: str = "USD") -> OpsReport:
+                 currency: str = "USD", whatif: WhatIfAccumulator | None = None) -> OpsReport:
     """Every number of the report from the decision records and reviewer labels.
 
     Records of [start, end) make the report; records of [previous_start, start), when
     *previous_start* is given, only the previous period of the headline. Days split at the
-    midnight of *tz*. *prices* (model -> price) turn tokens into cost."""
+    midnight of *tz*. *prices* (model -> price) turn tokens into cost. *whatif* is given the
+    records of the window too (its results need the registry: the caller sets `what_if`)."""
     import pandas as pd
 
     acc = LiveQualityAccumulator(labels)
@@ -252,6 +256,8 @@ def build_report(records: Iterable[DecisionRecord], labels: dict[str, FeedbackLa
         acc.add(rec)
         acc_locale.add(rec)
         head.add(rec)
+        if whatif is not None:
+            whatif.add(rec)
         day = rec.ts.astimezone(tz).strftime("%Y-%m-%d")
         days.setdefault(day, HeadlineAccumulator(labels)).add(rec)
         out = outcome_label(rec.decision, rec.category, error=rec.error_type is not None)
@@ -513,6 +519,16 @@ def _cell(text: str) -> str:
 IMAGES = {"volume": "ops-volume.png", "mix": "ops-verdict-mix.png",
           "review": "ops-review-rate.png", "feedback": "ops-feedback.png",
           "latency": "ops-latency.png"}
+MAX_WHATIF_PLOTS = 8
+
+
+def _whatif_key(w: VersionWhatIf) -> str:
+    return f"whatif-{w.prompt}-v{w.version}"
+
+
+def _image(key: str) -> str:
+    """The file name of a plot: IMAGES's, or ops-<key>.png (one per version of the what-if)."""
+    return IMAGES.get(key) or f"ops-{key}.png"
 
 
 def _title(rep: OpsReport) -> str:
@@ -599,7 +615,7 @@ def _detail(rep: OpsReport, images: Sequence[str]) -> list[str]:
     many = len(rep.prompts) > 1
 
     def img(key: str, alt: str) -> list[str]:
-        return ["", f"![{alt}]({IMAGES[key]})"] if key in images else []
+        return ["", f"![{alt}]({_image(key)})"] if key in images else []
 
     if not rep.records:
         return ["", "## Decisions", "", "No decisions in the window."]
@@ -687,6 +703,7 @@ def _detail(rep: OpsReport, images: Sequence[str]) -> list[str]:
     else:
         lines.append("No reviewer label matches a decision of the window.")
 
+    lines += _whatif_lines(rep, img)
     lines += _shadow_lines(rep, many)
     lines += _token_lines(rep, many)
 
@@ -706,6 +723,37 @@ def _detail(rep: OpsReport, images: Sequence[str]) -> list[str]:
             lines.append("")
             lines.append("Unusable model output: " + ", ".join(
                 f"`{k}` ×{v}" for k, v in sorted(rep.fail_reasons.items())))
+    return lines
+
+
+def _whatif_lines(rep: OpsReport, img: Any) -> list[str]:
+    from gateway.quality import whatif
+
+    if not rep.what_if:
+        return []
+    lines = ["", "## Threshold what-if on reviewer labels", "",
+             (f"Every verdict of the window decided again, by the function the gateway serves "
+              f"with, at other operating points of its category: `block` at or above the first "
+              f"number, `needs_review` from the second up, `allow` below. Per version, "
+              f"category and locale: block and review rate over the category's decisions; "
+              f"precision (of the labelled decisions the point blocks, the share the reviewer "
+              f"confirmed as the category) and recall (of the labelled decisions the reviewer "
+              f"put in the category, the share the point blocks), 95% Wilson intervals. "
+              f"Points: the version's current ones, the one `modgate eval thresholds` proposes "
+              f"from these labels (95% Wilson lower bound of precision at least "
+              f"{rep.what_if[0].target:g}), and those asked for (`--what-if`). Decisions without "
+              f"a calibrated probability are counted (`no probability`) and decided as the "
+              f"gateway decides them. The plot: the precision-coverage curve of the labelled "
+              f"decisions with a probability, per category (dotted: Wilson lower bound), with "
+              f"the current (circle), proposed (star) and asked-for (diamond) points.")]
+    many = len({w.prompt for w in rep.what_if}) > 1
+    for w in rep.what_if:
+        lines += ["", f"### {whatif.title(w, many)}", ""]
+        lines += [f"- **note:** {n}" for n in whatif.notes(w)]
+        lines += ["", *_table(whatif.HEADER, [[_cell(c) for c in row] for row in whatif.table(w)],
+                              "lll" + "r" * (len(whatif.HEADER) - 3))]
+        lines += img(_whatif_key(w), f"v{w.version}: precision against coverage, operating "
+                                     "points marked")
     return lines
 
 
@@ -936,12 +984,20 @@ def _draw(rep: OpsReport, out_dir: Path) -> dict[str, Path]:
         paths["feedback"] = pr_plot(series, out_dir / IMAGES["feedback"],
                                     "Precision and recall from reviewer feedback (95% Wilson "
                                     "intervals)")
+    from gateway.quality import whatif
+
+    many = len({w.prompt for w in rep.what_if}) > 1
+    for w in [w for w in rep.what_if if whatif.plottable(w)][:MAX_WHATIF_PLOTS]:
+        key = _whatif_key(w)
+        paths[key] = whatif.plot(w, out_dir / _image(key),
+                                 f"{_series_name(w.prompt, w.version, 'what-if', many)}: "
+                                 "precision against coverage")
     return paths
 
 
 def _embed(html_text: str, paths: dict[str, Path]) -> str:
     for key, path in paths.items():
-        html_text = html_text.replace(f'src="{IMAGES[key]}"',
+        html_text = html_text.replace(f'src="{_image(key)}"',
                                       f'src="{png_data_uri(path.read_bytes())}"')
     return html_text
 

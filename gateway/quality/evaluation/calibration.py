@@ -35,7 +35,7 @@ decision not `allow`, gold category C).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -230,10 +230,16 @@ def reliability_plot(data: dict[str, Reliability], path: Path, title: str) -> Pa
                    "share of decisions that were right", "upper left")
 
 
+MARKERS = {"current": "o", "proposed": "*", "what-if": "D"}
+
+
 def thresholds_plot(proposals: Sequence[CategoryProposal], path: Path, title: str,
-                    target: float | None = None) -> Path:
+                    target: float | None = None,
+                    marks: Mapping[str, Sequence[tuple[str, float, float]]] | None = None) -> Path:
     """Precision (with its Wilson lower bound) against coverage, per category; with a
-    *target*, its line and each category's proposed block point (a star)."""
+    *target*, its line and each category's proposed block point (a star on its lower bound).
+    *marks* (category -> (kind, coverage, precision), kind a key of MARKERS) are drawn on the
+    curves instead: where operating points sit (the threshold what-if)."""
     from gateway.quality.reporting import figure
 
     fig = figure(7.5, 5.5)
@@ -245,9 +251,17 @@ def thresholds_plot(proposals: Sequence[CategoryProposal], path: Path, title: st
                         label=f"{p.category} (n={p.population})")
         ax.plot([c.coverage for c in p.curve], [c.precision_low for c in p.curve], linestyle=":",
                 color=line.get_color(), linewidth=1)
-        if target is not None and p.block_point is not None:
+        if marks is not None:
+            for kind, coverage, precision in marks.get(p.category, ()):
+                ax.scatter([coverage], [precision], color=line.get_color(),
+                           marker=MARKERS.get(kind, "x"), s=90 if kind == "proposed" else 45,
+                           edgecolors="black", linewidths=0.6, zorder=3)
+        elif target is not None and p.block_point is not None:
             ax.scatter([p.block_point.coverage], [p.block_point.precision_low], color=line.get_color(),
                        marker="*", s=90, zorder=3)
+    if marks is not None:
+        for kind, marker in MARKERS.items():
+            ax.scatter([], [], color="#777777", marker=marker, label=f"{kind} point")
     if target is not None:
         ax.axhline(target, color="#c44e52", linewidth=1, linestyle="--", label=f"target {target:g}")
     return _finish(fig, ax, path, title, "coverage (share of the category's verdicts blocked at "
