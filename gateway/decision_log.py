@@ -102,7 +102,7 @@ log = logging.getLogger("modgate.decision_log")
 
 Arm = Literal["stable", "canary", "shadow", "pinned", "raw"]
 Kind = Literal["moderation", "raw_chat"]
-FrontDoor = Literal["moderate", "moderations", "chat"]
+FrontDoor = Literal["moderate", "moderations", "chat", "decisions"]
 ExportFormat = Literal["parquet", "csv"]
 Clock = Callable[[], datetime]
 Durability = Literal["buffered", "durable"]
@@ -170,7 +170,8 @@ class DecisionRecord(BaseModel):
     trace_id: str | None = None
     front_door: FrontDoor | None = Field(None, description="the API that was called: moderate "
                                          "(/v1/moderate), moderations (/v1/moderations), chat "
-                                         "(/v1/chat/completions); null for shadows and old records")
+                                         "(/v1/chat/completions), decisions (/v1/decisions); null "
+                                         "for shadows and old records")
     caller: str | None = Field(None, description="name of the API key that called")
     reasoning_tokens: int | None = Field(None, description="tokens a reasoning model spent "
                                          "before its verdict (its rationale is never stored here)")

@@ -60,7 +60,7 @@ __all__ = ["Caller", "FrontDoor", "Moderation", "ModerationCall", "ModerationSer
 
 log = logging.getLogger("modgate.gateway")
 
-FrontDoor = Literal["moderate", "moderations", "chat"]
+FrontDoor = Literal["moderate", "moderations", "chat", "decisions"]
 PROMPT_NAME = re.compile(PROMPT_NAME_PATTERN)  # the registry's name rule
 _NO_PROMPT = {"prompt": "-", "version": "-", "arm": "-"}
 PIN_SCOPE = "moderate:pin"

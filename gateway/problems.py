@@ -48,7 +48,8 @@ from serving import (
 __all__ = [
     "EDGE_PROBLEMS", "PROBLEM_TABLE", "ApiError", "CallerConcurrencyLimited", "CallerLimited", "CallerRateLimited",
     "ClientDisconnected", "Forbidden", "GatewayError", "InvalidLabel", "ModelRejectedInput", "ModelSaturated", "Problem", "ProblemSpec",
-    "QueueTimeout", "Unauthenticated", "UnknownModel", "UnknownPrompt", "error_types_markdown", "problem_for",
+    "QueueTimeout", "Unauthenticated", "UnknownModel", "UnknownPrompt", "UnsupportedQuestion", "error_types_markdown",
+    "problem_for",
 ]
 
 
@@ -139,6 +140,12 @@ class InvalidLabel(GatewayError):
     feedback route, the console's review form and `modgate feedback import` share."""
 
 
+class UnsupportedQuestion(GatewayError):
+    """A `/v1/decisions` question the moderation prompt does not answer: the verdict answers
+    its decision and its category (over exactly the values the answering version's schema
+    allows) and nothing else, whatever a question's instructions say."""
+
+
 class ClientDisconnected(GatewayError):
     """The caller went away before the answer; the work was aborted."""
 
@@ -177,6 +184,7 @@ PROBLEM_TABLE: dict[type[BaseException], ProblemSpec] = {
     GatePolicyInvalid: ProblemSpec(422, "invalid_gate_policy", False, "a gate policy fails validation"),
     ScorecardMismatch: ProblemSpec(422, "scorecard_mismatch", False, "an uploaded scorecard was computed for other content than the version it names"),
     TemplateRejected: ProblemSpec(422, "template_rejected", False, "a template uses what the sandbox forbids"),
+    UnsupportedQuestion: ProblemSpec(400, "unsupported_question", False, "a /v1/decisions question the moderation prompt does not answer (only its decision and category, over the values its verdict schema allows)"),
     InvalidLabel: ProblemSpec(422, "invalid_label", False, "a reviewer label outside the answering prompt's verdict schema, or contradicting itself"),
     RenderError: ProblemSpec(422, "render_error", False, "the prompt could not be rendered with these variables"),
     CallerRateLimited: ProblemSpec(429, "rate_limited", True, "the key's request rate is over its limit"),

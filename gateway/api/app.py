@@ -26,6 +26,7 @@ from gateway.admission import AdmissionControl
 from gateway.api.admin import build_admin_router
 from gateway.api.console import CONSOLE_WRITES, build_console_router, mount_offline_docs
 from gateway.api.console.sessions import SessionBackend
+from gateway.api.decisions import build_decisions_router
 from gateway.api.edge import error_response, http_error_headers, problem_of, request_id_of
 from gateway.api.feedback import build_feedback_router
 from gateway.api.guard import RequestGuard
@@ -56,7 +57,8 @@ __all__ = ["Gateway", "create_app"]
 
 # The front doors authenticate before reading and bound their own bodies (gateway.api.edge).
 # The console's writes authenticate (session + CSRF token) before reading and bound their bodies.
-SELF_GUARDED = frozenset({"/v1/moderate", "/v1/moderations", "/v1/chat/completions", *CONSOLE_WRITES})
+SELF_GUARDED = frozenset({"/v1/moderate", "/v1/moderations", "/v1/chat/completions", "/v1/decisions",
+                          *CONSOLE_WRITES})
 ADMIN_MAX_BODY_BYTES = 1 << 20  # publishing a prompt file
 
 log = logging.getLogger("modgate.gateway")
@@ -168,6 +170,7 @@ def create_app(
 
     add_moderate_route(app, service, tracer, metrics)  # the hot route, matched first
     app.include_router(build_openai_router(service, tracer, metrics, list(models or [])))
+    app.include_router(build_decisions_router(service, tracer, metrics))
     app.include_router(build_admin_router(store, auth, protected_labels=settings.protected_labels,
                                           production_label=settings.default_label,
                                           on_change=cache.refresh_now,

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from gateway.api.probabilities import ProbabilitySource
 from prompt_registry.locales import normalize_locale
 from prompt_registry.models import MAX_VERSION
 
@@ -93,6 +94,17 @@ class ModerationResponse(BaseModel):
         "engine reported none")
     category_probability: float | None = Field(None, description="calibrated probability of the "
                                                "category, given the decision; null as above")
+    probability_source: ProbabilitySource = Field(
+        "unavailable", description="where the probabilities come from: logprobs (the engine's "
+        "token log-probabilities); unavailable (the model answered without usable "
+        "log-probabilities: both are null); fail_closed (no usable answer: both are null)")
+    probability_unresolved: float | None = Field(
+        None, description="mass the engine's top alternatives left unattributed (0: exact); each "
+        "probability lies between its estimate's attributed mass and that plus this")
+    model_decision: str | None = Field(
+        None, description="the decision the model generated, whose probability "
+        "decision_probability is; differs from decision only when decided_by is not model; null "
+        "when the output was unusable")
     decided_by: Literal["model", "threshold", "fail_closed"] = Field(
         "model", description="model: its decision stands; threshold: the prompt version's "
         "operating point for the category decided from the calibrated block probability; "

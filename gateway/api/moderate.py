@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from gateway.api.edge import json_response, read_json_object, serve, unless_disconnected
 from gateway.api.models import ErrorBody, ModerationRequest, ModerationResponse
+from gateway.api.probabilities import verdict_fields
 from gateway.api.routing import DirectRoute
 from gateway.moderation import Caller, Moderation, ModerationCall, ModerationService
 from gateway.problems import ApiError
@@ -33,17 +34,11 @@ def validation_fields(exc: ValidationError) -> list[dict[str, str]]:
 
 
 def _body(result: Moderation) -> dict[str, Any]:
-    ev, verdict = result.evaluation, result.verdict
+    ev = result.evaluation
     return {
         "request_id": result.request_id,
         "item_id": result.item_id,
-        "decision": verdict.decision,
-        "category": verdict.category,
-        "confidence": verdict.confidence,
-        "decision_probability": verdict.decision_probability,
-        "category_probability": verdict.category_probability,
-        "decided_by": verdict.decided_by,
-        "fail_reason": verdict.fail_reason,
+        **verdict_fields(result.verdict),
         "prompt": ev.prompt_ref(),
         "arm": result.arm,
         "model": ev.result.model,

@@ -53,11 +53,12 @@ from gateway.api.edge import (
     unless_disconnected,
 )
 from gateway.api.models import Locale
+from gateway.api.probabilities import category_withheld, verdict_fields
 from gateway.ids import new_id
 from gateway.moderation import PROMPT_NAME, Caller, Moderation, ModerationCall, ModerationService
 from gateway.problems import ApiError
 from gateway.telemetry import Attr, Metrics
-from gateway.verdict import Verdict
+from prompt_registry import FAIL_CLOSED_DECISION
 from prompt_registry.locales import LocaleError, guess_locale, normalize_locale
 from serving import ChatRequest
 from serving.protocol import ChatChunk
@@ -67,6 +68,11 @@ __all__ = [
     "MAX_TOKENS_LIMIT",
     "MODERATION_CONCURRENCY",
     "build_openai_router",
+    "invalid",
+    "is_id",
+    "locale_field",
+    "prompt_of_model",
+    "reject_unknown",
 ]
 
 log = logging.getLogger("modgate.gateway.openai")
@@ -109,12 +115,43 @@ def _invalid(message: str, param: str | None, code: str = "invalid_value", statu
 
 
 
+def locale_field(payload: dict[str, Any]) -> str | None:
+    """The extension field `locale`, normalised (None when absent)."""
+    locale = payload.get("locale")
+    if locale is None:
+        return None
+    try:
+        normalized = normalize_locale(locale) if isinstance(locale, str) else None
+    except LocaleError:
+        normalized = None
+    if normalized is None:
+        raise _invalid("'locale' must be a locale like 'en-US', 'zh-CN' or 'zh-Hant-TW'", "locale")
+    return normalized
+
+
+def prompt_of_model(model: str, otherwise: str = "") -> tuple[str, int | None]:
+    """The registry prompt (and pinned version) an OpenAI `model` field names: `name` or
+    `name@vN`; anything else is the same 404 `unknown_prompt` as on every route."""
+    pinned = _PINNED.match(model)
+    if pinned:
+        return pinned["name"], int(pinned["version"])
+    if PROMPT_NAME.match(model):
+        return model, None
+    raise _invalid(f"the model {model!r} is not a registry prompt name (or name@vN){otherwise}",
+                   "model", code="unknown_prompt", status=404)
+
+
 def _reject_unknown(payload: dict[str, Any], allowed: frozenset[str]) -> None:
     for key in sorted(set(payload) - allowed):
         hint = _UNSUPPORTED_HINTS.get(key)
         message = (f"unsupported parameter {key!r}: {hint}" if hint else
                    f"unknown or unsupported parameter {key!r}")
         raise _invalid(message, key, code="unsupported_parameter")
+
+
+# The request checks `gateway.api.decisions` shares with these routes.
+invalid = _invalid
+reject_unknown = _reject_unknown
 
 
 def _number(payload: dict[str, Any], key: str) -> float | None:
@@ -259,11 +296,6 @@ def _sse(data: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
-def _verdict_dict(verdict: Verdict) -> dict[str, Any]:
-    return {"decision": verdict.decision, "category": verdict.category,
-            "confidence": verdict.confidence, "fail_reason": verdict.fail_reason}
-
-
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -279,34 +311,51 @@ def _moderation_result(result: Moderation) -> dict[str, Any]:
     - `categories` has one boolean per verdict category except `none`; the verdict's category
       is true when the result is flagged, every other category is false (an unparseable output
       has no category: flagged with all categories false).
-    - `category_scores` has the same keys: the verdict's confidence for the verdict's category
-      when the result is flagged (1.0 when the prompt does not ask for a confidence), 0.0 for
-      every other category. It is the model's confidence in its decision, not a calibrated
-      probability.
+    - `category_scores` has the same keys: the calibrated probability of each category from
+      the engine's token log-probabilities (`gateway.api.probabilities`; given the decision the
+      model generated). They are null, every one, when there is no such number to stand beside
+      the answer, and `modgate.category_scores_withheld` says why: the reasons of
+      `category_withheld`, and `needs_review` (a human decides; no score may read as `allow`
+      beside it) or `no_category` (flagged without a violation category, so every score would
+      read as clean). The model's self-reported `confidence` is not a score: it stays in
+      `modgate.confidence`.
     """
     verdict = result.verdict
+    schema = result.version.spec.verdict
     flagged = verdict.decision != "allow"
-    names = [c for c in result.version.spec.verdict.categories if c != "none"]
+    names = [c for c in schema.categories if c != "none"]
     hit = verdict.category if flagged else None
-    score = verdict.confidence if verdict.confidence is not None else 1.0
+    withheld: str | None = category_withheld(verdict, schema.decisions, schema.categories)
+    if withheld is None and verdict.decision == FAIL_CLOSED_DECISION:
+        withheld = "needs_review"
+    if withheld is None and flagged and hit not in names:
+        withheld = "no_category"
+    scores = verdict.category_scores
     return {
         "flagged": flagged,
         "categories": {c: c == hit for c in names},
-        "category_scores": {c: score if c == hit else 0.0 for c in names},
+        "category_scores": {c: None if withheld is not None or scores is None else scores.probability(c)
+                            for c in names},
         "category_applied_input_types": {c: ["text"] for c in names},
-        "modgate": {**_verdict_dict(verdict), "prompt": result.evaluation.prompt_ref(),
-                    "arm": result.arm, "request_id": result.request_id},
+        "modgate": {**verdict_fields(verdict), "category_scores_withheld": withheld,
+                    "prompt": result.evaluation.prompt_ref(), "arm": result.arm,
+                    "request_id": result.request_id},
     }
 
 
 def _modgate_extension(result: Moderation) -> dict[str, Any]:
-    return {"prompt": result.evaluation.prompt_ref(), "verdict": _verdict_dict(result.verdict),
+    return {"prompt": result.evaluation.prompt_ref(), "verdict": verdict_fields(result.verdict),
             "arm": result.arm, "request_id": result.request_id}
+
+
+def is_id(value: object) -> bool:
+    """An id as `/v1/moderate` takes them (1-128 of `[A-Za-z0-9._:-]`, a letter or digit first)."""
+    return isinstance(value, str) and _ID.match(value) is not None
 
 
 def _id_variable(variables: dict[str, Any], key: str) -> str | None:
     value = variables.get(key)
-    return value if isinstance(value, str) and _ID.match(value) else None
+    return value if isinstance(value, str) and is_id(value) else None
 
 
 # -- router ---------------------------------------------------------------------------------
@@ -520,30 +569,14 @@ def build_openai_router(service: ModerationService, tracer: trace.Tracer, metric
         _reject_unknown(payload, _MODERATION_FIELDS)
         inputs = _moderation_inputs(payload.get("input"), settings.max_description_chars,
                                     settings.max_moderation_inputs)
-        locale = payload.get("locale")
-        if locale is not None:
-            try:
-                locale = normalize_locale(locale) if isinstance(locale, str) else None
-            except LocaleError:
-                locale = None
-            if locale is None:
-                raise _invalid("'locale' must be a locale like 'en-US', 'zh-CN' or 'zh-Hant-TW'",
-                               "locale")
+        locale = locale_field(payload)
         model = payload.get("model")
         if model is not None and not isinstance(model, str):
             raise _invalid("'model' must be a string", "model")
         name: str | None = None
         version: int | None = None
         if model and not _OPENAI_MODERATION_MODELS.match(model):
-            pinned = _PINNED.match(model)
-            if pinned:
-                name, version = pinned["name"], int(pinned["version"])
-            elif PROMPT_NAME.match(model):
-                name = model
-            else:
-                raise _invalid(f"the model {model!r} is neither a registry prompt name (or "
-                               "name@vN) nor an OpenAI moderation model", "model",
-                               code="unknown_prompt", status=404)
+            name, version = prompt_of_model(model, ", nor an OpenAI moderation model")
         await service.charge(caller, len(inputs), request_id=rid)
         calls = [ModerationCall(
             front_door="moderations", request_id=f"{rid}-{i}", item_id=f"{rid}-{i}",

@@ -211,7 +211,8 @@ ACCEPTED: list[KnownBug] = [
         "registry prompt) and answer 400 invalid_request_error, in OpenAI's error shape, for "
         "bodies the document cannot rule out (no messages, unknown fields, n != 1, ...)",
         lambda case, response, f: isinstance(f, RejectedPositiveData) and response.status_code == 400
-        and case.operation.label in ("POST /v1/chat/completions", "POST /v1/moderations")),
+        and case.operation.label in ("POST /v1/chat/completions", "POST /v1/moderations",
+                                     "POST /v1/decisions")),
     KnownBug(
         "publish-semantic-validation",
         "POST /v1/prompts documents its YAML/Markdown bodies as any string and its JSON body by "

@@ -1,10 +1,12 @@
 """One moderation path (issue: every front door through one service).
 
-The same listing is sent through `/v1/moderate`, `/v1/moderations` and `/v1/chat/completions`
-with a registry prompt (plain and streamed). Each must give the same verdict, write one
+The same listing is sent through `/v1/moderate`, `/v1/moderations`, `/v1/chat/completions`
+with a registry prompt (plain and streamed) and `/v1/decisions`. Each must give the same
+verdict with the same calibrated probabilities (each read from the field that door's callers
+read: `/v1/moderations`' `category_scores`, the Decisions API's answers), write one
 decision-log record naming its front door, move the same metric series and make one trace.
-With a model answer that is a truncated `allow`, every surface must say `needs_review` and no
-response body or stream may carry an `allow` text.
+With a model answer that is a truncated `allow`, every surface must say `needs_review`, no
+response body or stream may carry an `allow` text, and no door may show a probability.
 """
 
 from __future__ import annotations
@@ -38,16 +40,25 @@ def _moderate(client: TestClient, rid: str) -> tuple[str, dict[str, Any]]:
     assert r.status_code == 200, r.text
     body = r.json()
     return r.text, {"decision": body["decision"], "category": body["category"],
-                    "fail_reason": body["fail_reason"], "version": body["prompt"]["version"]}
+                    "fail_reason": body["fail_reason"], "version": body["prompt"]["version"],
+                    "decision_probability": body["decision_probability"],
+                    "category_probability": body["category_probability"]}
 
 
 def _moderations(client: TestClient, rid: str) -> tuple[str, dict[str, Any]]:
     r = client.post("/v1/moderations", headers={"x-request-id": rid},
                     json={"input": TITLE, "locale": "en-US"})
     assert r.status_code == 200, r.text
-    ext = r.json()["results"][0]["modgate"]
+    result = r.json()["results"][0]
+    ext = result["modgate"]
+    scores = result["category_scores"]
+    # the calibrated category probability is the verdict category's score (null when withheld)
+    category_p = scores.get(ext["category"], ext["category_probability"]) \
+        if ext["category_scores_withheld"] is None else None
     return r.text, {"decision": ext["decision"], "category": ext["category"],
-                    "fail_reason": ext["fail_reason"], "version": ext["prompt"]["version"]}
+                    "fail_reason": ext["fail_reason"], "version": ext["prompt"]["version"],
+                    "decision_probability": ext["decision_probability"],
+                    "category_probability": category_p}
 
 
 def _chat_body(rid: str) -> dict[str, Any]:
@@ -66,7 +77,9 @@ def _chat(client: TestClient, rid: str) -> tuple[str, dict[str, Any]]:
     # the standard field carries the validated verdict, never something else
     assert content["decision"] == verdict["decision"] and content["category"] == verdict["category"]
     return r.text, {"decision": verdict["decision"], "category": verdict["category"],
-                    "fail_reason": verdict["fail_reason"], "version": body["modgate"]["prompt"]["version"]}
+                    "fail_reason": verdict["fail_reason"], "version": body["modgate"]["prompt"]["version"],
+                    "decision_probability": verdict["decision_probability"],
+                    "category_probability": verdict["category_probability"]}
 
 
 def _chat_stream(client: TestClient, rid: str) -> tuple[str, dict[str, Any]]:
@@ -80,7 +93,34 @@ def _chat_stream(client: TestClient, rid: str) -> tuple[str, dict[str, Any]]:
     verdict = final["modgate"]["verdict"]
     assert orjson.loads(content)["decision"] == verdict["decision"]
     return r.text, {"decision": verdict["decision"], "category": verdict["category"],
-                    "fail_reason": verdict["fail_reason"], "version": final["modgate"]["prompt"]["version"]}
+                    "fail_reason": verdict["fail_reason"], "version": final["modgate"]["prompt"]["version"],
+                    "decision_probability": verdict["decision_probability"],
+                    "category_probability": verdict["category_probability"]}
+
+
+DECISIONS = ["allow", "block", "needs_review"]
+CATEGORIES = ["none", "counterfeit", "prohibited_item", "misleading_claim", "off_platform_payment",
+              "adult", "hate_harassment"]
+
+
+def _decisions(client: TestClient, rid: str) -> tuple[str, dict[str, Any]]:
+    r = client.post("/v1/decisions", headers={"x-request-id": rid}, json={
+        "model": "listing-moderation", "input": TITLE, "locale": "en-US", "safety_identifier": SELLER,
+        "questions": [
+            {"type": "choice", "name": "decision", "instructions": "the policy decision",
+             "choices": [{"value": v} for v in DECISIONS]},
+            {"type": "choice", "name": "category", "instructions": "the policy category",
+             "choices": [{"value": v} for v in CATEGORIES]}]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    decision, category = body["answers"]
+    verdict = body["modgate"]["verdict"]
+    if decision["type"] == "choice":  # the answer is the verdict's, its confidence the probability
+        assert decision["choice"] == verdict["decision"] and category["choice"] == verdict["category"]
+    return r.text, {"decision": verdict["decision"], "category": verdict["category"],
+                    "fail_reason": verdict["fail_reason"], "version": body["modgate"]["prompt"]["version"],
+                    "decision_probability": decision.get("confidence"),
+                    "category_probability": category.get("confidence")}
 
 
 FRONT_DOORS: dict[str, tuple[str, str, Callable[[TestClient, str], tuple[str, dict[str, Any]]]]] = {
@@ -89,6 +129,7 @@ FRONT_DOORS: dict[str, tuple[str, str, Callable[[TestClient, str], tuple[str, di
     "moderations": ("moderations", "/v1/moderations", _moderations),
     "chat": ("chat", "/v1/chat/completions", _chat),
     "chat-stream": ("chat", "/v1/chat/completions", _chat_stream),
+    "decisions": ("decisions", "/v1/decisions", _decisions),
 }
 
 
@@ -136,7 +177,9 @@ def test_every_front_door_takes_the_one_path(stack: Stack, door: str) -> None:
 
     _, got = call(stack.client, f"{door}-1")
 
-    assert got == reference  # same verdict, same version (the fake model answers per listing)
+    # same verdict, same version (the fake model answers per listing), same probabilities
+    assert got == reference
+    assert reference["decision_probability"] is not None and reference["category_probability"] is not None
     records = [r for r in _records(stack) if r.request_id.startswith(f"{door}-1")]
     assert len(records) == 1, records
     rec = records[0]
@@ -170,6 +213,7 @@ def test_truncated_allow_is_needs_review_everywhere_with_no_allow_text(stack: St
     _, route, call = FRONT_DOORS[door]
     text, got = call(stack.client, f"{door}-t")
     assert got["decision"] == "needs_review" and got["fail_reason"] == "truncated_output"
+    assert got["decision_probability"] is None and got["category_probability"] is None
     assert "allow" not in text  # not in the body, not in any streamed delta
     rec = next(r for r in _records(stack) if r.request_id.startswith(f"{door}-t"))
     assert rec.decision == "needs_review" and rec.fail_reason == "truncated_output"

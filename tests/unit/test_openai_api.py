@@ -170,7 +170,9 @@ def test_unparseable_prompt_output_fails_closed(client: openai.OpenAI, backend: 
     r = client.chat.completions.create(model=MODEL, messages=[], extra_body={"prompt": PROMPT})
     assert r.model_extra["modgate"]["verdict"] == {  # type: ignore[index]
         "decision": "needs_review", "category": None, "confidence": None,
-        "fail_reason": "unparseable_output"}
+        "decision_probability": None, "category_probability": None,
+        "probability_source": "fail_closed", "probability_unresolved": None,
+        "decided_by": "fail_closed", "model_decision": None, "fail_reason": "unparseable_output"}
 
 
 @pytest.mark.parametrize(
@@ -275,12 +277,18 @@ def _check_result(result: openai.types.Moderation) -> dict:
     scores = result.category_scores.model_extra or {}
     assert set(cats) == CATEGORIES == set(scores)
     assert all(isinstance(v, bool) for v in cats.values())
-    assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in scores.values())
     ext = result.model_extra["modgate"]  # type: ignore[index]
     assert result.flagged is (ext["decision"] != "allow")
     assert sum(cats.values()) == (1 if result.flagged and ext["category"] in CATEGORIES else 0)
-    for cat, on in cats.items():
-        assert scores[cat] == (ext["confidence"] if on else 0.0)
+    # the calibrated category probabilities (tests/unit/test_decisions_api.py), or none at all
+    # with the reason; never the model's self-reported confidence
+    if ext["category_scores_withheld"] is None:
+        assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in scores.values())
+        assert ext["probability_source"] == "logprobs"
+        if ext["category"] in CATEGORIES:
+            assert scores[ext["category"]] == ext["category_probability"]
+    else:
+        assert set(scores.values()) == {None}
     return ext
 
 
@@ -330,7 +338,10 @@ def test_moderation_flags_decisions(client: openai.OpenAI, backend: FakeBackend)
     result = client.moderations.create(input="x").results[0]
     assert result.flagged is True
     assert result.categories.model_extra["counterfeit"] is True  # type: ignore[index]
-    assert result.category_scores.model_extra["counterfeit"] == 0.87  # type: ignore[index]
+    # the engine was certain of every token (the fake's answer for a responder's text): the
+    # calibrated probability is 1.0, not the 0.87 the model wrote
+    assert result.category_scores.model_extra["counterfeit"] == 1.0  # type: ignore[index]
+    assert result.model_extra["modgate"]["confidence"] == 0.87  # type: ignore[index]
     backend.responder = lambda _req: '{"decision":"allow","category":"none","confidence":0.95}'
     result = client.moderations.create(input="x").results[0]
     assert result.flagged is False and not any(result.categories.model_extra.values())  # type: ignore[union-attr]
