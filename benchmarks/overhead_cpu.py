@@ -25,6 +25,12 @@ process per tree, each with its gateway built and warmed up, and rounds handed t
 turn (A, B, C, A, B, C ...), so every tree sees the same state of the machine, round after
 round; the figure per tree is the median of its rounds, and the ratio to the first tree's
 median is printed beside it.
+
+`--scenario floor` drives the floor instead (`benchmarks/floor_gateway.py`'s app, same body,
+same stub, same driver): the least a Python moderation gateway does per request. `--ab ...
+--floor` adds it as one more arm (from this checkout), so each tree's CPU per request is also a
+ratio to the floor's measured in the same rounds: the target of issue 20 (plain ≥ 0.8 × the
+floor's throughput) is, in CPU, at most 1.25 × the floor's CPU per request.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.overhead import LISTING, _free_port, _wait_http, start_bench_rollout  # noqa: E402
+
+FLOOR = "floor"
 
 
 def _config(name: str, data: Path, stub_port: int, endpoint: str) -> tuple[Any, Any, str]:
@@ -77,6 +85,19 @@ def _config(name: str, data: Path, stub_port: int, endpoint: str) -> tuple[Any, 
     if name == "rollout":
         start_bench_rollout(store)
     return cfg, store, key
+
+
+def _build(name: str, data: Path, stub_port: int, endpoint: str) -> tuple[Any, Any, str]:
+    """The app to drive, the store to close (None for the floor) and the API key to send."""
+    if name == FLOOR:
+        from benchmarks.floor_gateway import build_app
+
+        return build_app(ROOT / "configs" / "prompts" / "listing-moderation.yaml",
+                         f"http://127.0.0.1:{stub_port}/v1"), None, "unused"
+    from gateway.bootstrap import build_gateway
+
+    cfg, store, key = _config(name, data, stub_port, endpoint)
+    return build_gateway(cfg, store), store, key
 
 
 async def _drive(app: Any, key: str, total: int, concurrency: int, start_no: int) -> int:
@@ -158,13 +179,15 @@ async def _measure(app: Any, key: str, args: argparse.Namespace) -> dict[str, An
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenario", choices=["plain", "rollout"], default="plain")
+    ap.add_argument("--scenario", choices=["plain", "rollout", FLOOR], default="plain")
     ap.add_argument("--requests", type=int, default=3000, help="requests per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--out", type=Path, help="write the result as JSON here")
     ap.add_argument("--ab", nargs="+", type=Path, metavar="TREE",
                     help="compare these checkouts in one run, rounds in turn (see above)")
+    ap.add_argument("--floor", action="store_true",
+                    help="with --ab: the floor gateway as one more arm, each tree also as a ratio to it")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ab:
@@ -181,17 +204,15 @@ def main() -> None:
     try:
         _wait_http(f"http://127.0.0.1:{stub_port}/v1/models")
         with tempfile.TemporaryDirectory() as tmp:
-            cfg, store, key = _config(args.scenario, Path(tmp), stub_port, receiver.endpoint)
-            from gateway.bootstrap import build_gateway
-
-            app = build_gateway(cfg, store)
+            app, store, key = _build(args.scenario, Path(tmp), stub_port, receiver.endpoint)
             import uvloop
 
             if args.worker:
                 uvloop.run(_serve_rounds(app, key, args))
                 return
             result = uvloop.run(_measure(app, key, args))
-            store.close()
+            if store is not None:
+                store.close()
     finally:
         stub.terminate()
         stub.wait(20)
@@ -215,21 +236,22 @@ def ab(args: argparse.Namespace) -> None:
     from benchmarks.run_locust import git_commit
 
     trees = [t.resolve() for t in args.ab]
+    arms_run = [(tree, args.scenario) for tree in trees] + ([(ROOT, FLOOR)] if args.floor else [])
     workers = []
-    for tree in trees:
+    for tree, scenario in arms_run:
         script = tree / "benchmarks" / "overhead_cpu.py"
         if not script.is_file():
             raise SystemExit(f"{script} is missing: copy this file into the tree")
         env = {**os.environ, "PYTHONPATH": str(tree)}
         workers.append(subprocess.Popen(
-            [sys.executable, str(script), "--worker", "--scenario", args.scenario, "--requests", str(args.requests),
+            [sys.executable, str(script), "--worker", "--scenario", scenario, "--requests", str(args.requests),
              "--concurrency", str(args.concurrency)], cwd=tree, env=env, text=True,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE))
     load_before = os.getloadavg()
     try:
         for w in workers:
             assert w.stdout is not None and w.stdout.readline().strip() == "ready"
-        rounds: list[list[dict[str, Any]]] = [[] for _ in trees]
+        rounds: list[list[dict[str, Any]]] = [[] for _ in arms_run]
         for _ in range(args.rounds):
             for w, got in zip(workers, rounds, strict=True):
                 assert w.stdin is not None and w.stdout is not None
@@ -243,21 +265,27 @@ def ab(args: argparse.Namespace) -> None:
         for w in workers:
             w.wait(60)
     commits, subjects = [], []
-    for tree in trees:
+    for tree, _scenario in arms_run:
         out = subprocess.run(["git", "-C", str(tree), "log", "-1", "--format=%h %s"], capture_output=True, text=True)
         commit, _, subject = out.stdout.strip().partition(" ")
         commits.append(commit or "unknown")
         subjects.append(subject)
     base = statistics.median(r["cpu_us_per_request"] for r in rounds[0])
+    floor = statistics.median(r["cpu_us_per_request"] for r in rounds[-1]) if args.floor else None
     arms = []
-    for tree, commit, subject, got in zip(trees, commits, subjects, rounds, strict=True):
+    for (tree, scenario), commit, subject, got in zip(arms_run, commits, subjects, rounds, strict=True):
         cpu = [r["cpu_us_per_request"] for r in got]
         med = statistics.median(cpu)
-        arms.append({"tree": tree.name, "commit": commit, "subject": subject, "cpu_us_per_request_median": med,
-                     "cpu_us_per_request_min": min(cpu), "vs_first": round(med / base, 3),
-                     "non_200": sum(r["non_200"] for r in got), "cpu_us_per_request_rounds": cpu})
-        print(f"{commit:>10}  {tree.name:<24} median {med:7.1f} us CPU/request  min {min(cpu):7.1f}  "
-              f"x{med / base:.3f} of the first  non-200 {arms[-1]['non_200']}")
+        arm = {"tree": tree.name if scenario != FLOOR else FLOOR, "scenario": scenario, "commit": commit,
+               "subject": subject, "cpu_us_per_request_median": med, "cpu_us_per_request_min": min(cpu),
+               "vs_first": round(med / base, 3), "non_200": sum(r["non_200"] for r in got),
+               "cpu_us_per_request_rounds": cpu}
+        if floor is not None:
+            arm["vs_floor"] = round(med / floor, 3)
+        arms.append(arm)
+        vs_floor = f"  x{med / floor:.3f} of the floor" if floor is not None else ""
+        print(f"{commit:>10}  {arm['tree']:<24} median {med:7.1f} us CPU/request  min {min(cpu):7.1f}  "
+              f"x{med / base:.3f} of the first{vs_floor}  non-200 {arm['non_200']}")
     doc = {"benchmark": "overhead_cpu_ab", "command": "python benchmarks/overhead_cpu.py " + " ".join(sys.argv[1:]),
            "when": datetime.now(UTC).isoformat(timespec="seconds"), "commit": git_commit(),
            "machine": f"{platform.machine()} python {platform.python_version()} ({os.cpu_count()} cpus)",
