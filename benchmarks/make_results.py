@@ -944,18 +944,29 @@ def render_prefix_cache(doc: dict[str, Any]) -> Rendered:
 def render_overhead_cpu_ab(doc: dict[str, Any]) -> Rendered:
     """benchmarks/overhead_cpu.py --ab: CPU time per moderation, checkouts compared round by round."""
     arms = [a for a in doc.get("arms") or [] if isinstance(a, dict)]
-    lines = ["| checkout | commit | change | CPU per request, median (µs) | min (µs) | × the first | non-200 |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    # `--floor`: the floor gateway ran as one more arm (not a change: no step), and every row
+    # is also a ratio to it.
+    floor = any(a.get("scenario") == "floor" for a in arms)
+    lines = ["| checkout | commit | change | CPU per request, median (µs) | min (µs) | × the first |"
+             + (" × the floor |" if floor else "") + " non-200 |",
+             "|---|---|---|---:|---:|---:|" + ("---:|" if floor else "") + "---:|"]
     prev: float | None = None
     steps = []
     for a in arms:
         med = num(a.get("cpu_us_per_request_median"))
-        lines.append(f"| `{cell(str(a.get('tree')))}` | {cell(str(a.get('commit')))} | {cell(str(a.get('subject') or ''))} | "
+        is_floor = a.get("scenario") == "floor"
+        change = "the floor gateway (benchmarks/floor_gateway.py)" if is_floor else str(a.get("subject") or "")
+        lines.append(f"| `{cell(str(a.get('tree')))}` | {cell(str(a.get('commit')))} | {cell(change)} | "
                      f"{fmt(med)} | {fmt(a.get('cpu_us_per_request_min'))} | {fmt(a.get('vs_first'))} | "
-                     f"{fmt(a.get('non_200'))} |")
+                     + (f"{fmt(a.get('vs_floor'))} | " if floor else "") + f"{fmt(a.get('non_200'))} |")
+        if is_floor:
+            continue
         if prev is not None and med is not None:
             steps.append(f"{a.get('tree')} {fmt(round(100 * (med / prev - 1), 1))} %")
         prev = med
+    gateway = [a for a in arms if a.get("scenario") != "floor"]
+    if floor and gateway:
+        steps.append(f"{gateway[-1].get('tree')} at {fmt(gateway[-1].get('vs_floor'))} × the floor's CPU per request")
     load = doc.get("load") if isinstance(doc.get("load"), dict) else {}
 
     def avg(v: Any) -> str:
@@ -971,7 +982,10 @@ def render_overhead_cpu_ab(doc: dict[str, Any]) -> Rendered:
               "--ab`): each checkout's gateway built as overhead.py builds it (auth, registry, decision log, "
               "metrics, tracing at 10 %, HTTP backend to the stub) and driven through its ASGI app, rounds "
               "given to the checkouts in turn so each sees the same machine. Each row's change is measured "
-              "against the row above it."),
+              "against the row above it. With `--floor`, the floor gateway (benchmarks/floor_gateway.py, "
+              "driven the same way) is one more row, and each row's CPU per request is also a ratio to the "
+              "floor's: issue 20's target (plain at 0.8 × the floor's throughput) is at most 1.25 × the "
+              "floor's CPU per request."),
         target="none (an A/B record: a change is kept when it lowers the CPU per request)",
         body=lines, checks=[],
         result=("step by step: " + ", ".join(steps)) if steps else "see the table",

@@ -517,3 +517,28 @@ def test_overhead_cpu_ab(tmp_path: Path) -> None:
     assert "| `ab-render` | 80e769e | render: one context | 760 | 690 | 0.95 | 0 |" in text
     assert "step by step: ab-render -5 %" in text
     assert "40 rounds of 300 requests per checkout" in text and "Other fields in the file" not in text
+    assert "× the floor |" not in text
+
+
+def test_overhead_cpu_ab_with_the_floor(tmp_path: Path) -> None:
+    """overhead_cpu.py --ab ... --floor: the floor is a row with its own wording, not a step,
+    and every row is also a ratio to it."""
+    res, out = tmp_path / "results", tmp_path / "RESULTS.md"
+    arm = {"cpu_us_per_request_min": 1.0, "non_200": 0, "cpu_us_per_request_rounds": [1.0]}
+    _write(res / "overhead_cpu_ab.json", {
+        "benchmark": "overhead_cpu_ab", "command": "python benchmarks/overhead_cpu.py --ab a b --floor",
+        "when": "2026-12-03T18:00:00+00:00", "commit": "abc1234", "machine": "x86_64 (2 cpus)",
+        "scenario": "plain", "concurrency": 32, "requests_per_round": 300, "rounds": 40,
+        "load": {"before": [9.0, 8.0, 7.0], "after": [10.0, 8.5, 7.2]},
+        "arms": [{**arm, "tree": "a", "scenario": "plain", "commit": "1111111", "subject": "before",
+                  "cpu_us_per_request_median": 600.0, "vs_first": 1.0, "vs_floor": 2.4},
+                 {**arm, "tree": "b", "scenario": "plain", "commit": "2222222", "subject": "a cut",
+                  "cpu_us_per_request_median": 570.0, "vs_first": 0.95, "vs_floor": 2.28},
+                 {**arm, "tree": "floor", "scenario": "floor", "commit": "2222222", "subject": "a cut",
+                  "cpu_us_per_request_median": 250.0, "vs_first": 0.417, "vs_floor": 1.0}]})
+    assert _run(res, out) == 0
+    text = out.read_text(encoding="utf-8")
+    assert "| checkout | commit | change | CPU per request, median (µs) | min (µs) | × the first | × the floor | non-200 |" in text
+    assert "| `b` | 2222222 | a cut | 570 | 1 | 0.95 | 2.28 | 0 |" in text
+    assert "| `floor` | 2222222 | the floor gateway (benchmarks/floor_gateway.py) | 250 | 1 | 0.417 | 1 | 0 |" in text
+    assert "step by step: b -5 %, b at 2.28 × the floor's CPU per request" in text
