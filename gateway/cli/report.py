@@ -160,6 +160,9 @@ def ops_cmd(
         header, rows = headline_table(rep.headline, rep.headline_before,
                                       many=len(rep.prompts) > 1)
         _text_table(header, rows)
+    if rep.what_if:
+        typer.echo(f"threshold what-if on reviewer labels: {len(rep.what_if)} version(s), "
+                   f"{sum(len(w.categories) for w in rep.what_if)} category table(s) in the report")
     for r in rep.rollouts:
         typer.echo(f"rollout {r['id']} of {r['prompt']}: {r['outcome']}")
     for n in rep.notes:
