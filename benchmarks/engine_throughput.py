@@ -20,7 +20,8 @@ Three runs, one after another, each on a freshly started engine with the same en
 3. **gateway_vllm** — the gateway (`modgate up` with `serving.mode: http`) in front of that
    server, driven with `/v1/moderate`: the gateway's own cost, without Ray;
 4. **gateway_http** / **gateway_handle** — `modgate up` with Ray Serve LLM (the default stack),
-   the gateway reaching the replica over Ray Serve's HTTP app or through deployment handles.
+   the gateway reaching the replica over Ray Serve's HTTP app (`serving.transport: http`) or
+   through deployment handles (`handle`, what the default `auto` is in `modgate up`).
 
 Each run first sends `--warmup` items (not timed), so every run starts with the policy prefix
 in the prefix cache; a server or stack is started once and then timed at each concurrency in
@@ -35,7 +36,9 @@ batches fewer prompts per step, which costs every server alike (vLLM's own inclu
 **Where the CPU went.** On this 2-core machine the gateway, Ray's processes and the engine
 share the same cores, so the ratio includes the CPU the serving stack takes from the engine (on
 a GPU node the engine does not compete for it). Each timed batch therefore also records the CPU
-seconds every process of the machine used during it, by role (`cpu_s_by_role`).
+seconds each of the benchmark's own processes (everything it started: engine, servers, gateway,
+Ray) used during it, by role (`cpu_s_by_role`), what all other processes of the machine used
+(`cpu_s_outside`: other people's work on a shared machine) and the load average before and after.
 
 Writes `<out>/engine_throughput.json`; `benchmarks/make_results.py` turns it into RESULTS.md.
 """
@@ -139,40 +142,63 @@ def load_items(n: int, tag: str) -> list[dict[str, Any]]:
     return items
 
 
+OUTSIDE = "outside the benchmark (other users of the machine)"
+
+
 def cpu_snapshot() -> dict[str, tuple[str, float]]:
-    """CPU seconds (user + system) so far of every process on the machine, by pid:start."""
+    """CPU seconds (user + system) so far of every process on the machine, by pid:start. Only
+    this process and its descendants (the engine, the servers, the stack and every Ray process
+    it starts) get a role; everything else is `OUTSIDE`: on a shared machine other people's
+    work must not be counted as the serving path's."""
     import psutil
     from soak import role_of
 
     me = os.getpid()
+    ours = {me} | {p.pid for p in psutil.Process(me).children(recursive=True)}
     snap: dict[str, tuple[str, float]] = {}
     for p in psutil.process_iter(["pid", "name", "cmdline", "create_time", "cpu_times"]):
         info = p.info
         times = info.get("cpu_times")
         if times is None:
             continue
-        role = ("this process (the benchmark client; LLM.chat's front end in the direct run)"
-                if info["pid"] == me else role_of(info.get("cmdline") or [], info.get("name") or ""))
+        if info["pid"] == me:
+            role = "this process (the benchmark client; LLM.chat's front end in the direct run)"
+        elif info["pid"] in ours:
+            cmdline = info.get("cmdline") or []
+            # `modgate up` started as `python -m gateway.cli.main up` (no installed script)
+            role = ("gateway (modgate up)" if "gateway.cli.main" in cmdline and "up" in cmdline
+                    else role_of(cmdline, info.get("name") or ""))
+        else:
+            role = OUTSIDE
         snap[f"{info['pid']}:{info['create_time']}"] = (role, times.user + times.system)
     return snap
 
 
 def cpu_delta(before: dict[str, tuple[str, float]], after: dict[str, tuple[str, float]],
-              wall_s: float) -> dict[str, Any]:
-    """CPU seconds per role between two snapshots (processes that appeared count from zero),
-    and the engine's share of the machine's CPU time over the window."""
+              wall_s: float, load_before: tuple[float, float, float] | None = None) -> dict[str, Any]:
+    """CPU seconds per role of the benchmark's own processes between two snapshots (processes
+    that appeared count from zero), the engine's share of them, what every other process of
+    the machine used meanwhile (`cpu_s_outside`) and the load averages before and after."""
     by_role: dict[str, float] = {}
+    outside = 0.0
     for key, (role, cpu) in after.items():
         used = cpu - before.get(key, (role, 0.0))[1]
-        if used > 0.005:
+        if used <= 0.005:
+            continue
+        if role == OUTSIDE:
+            outside += used
+        else:
             by_role[role] = by_role.get(role, 0.0) + used
     total = sum(by_role.values())
     engine = sum(v for k, v in by_role.items() if k.startswith("vLLM EngineCore") or k.startswith("vLLM worker"))
     ordered = dict(sorted(((k, round(v, 2)) for k, v in by_role.items()), key=lambda kv: -kv[1]))
+    load = {"loadavg_1m_before": round(load_before[0], 2)} if load_before is not None else {}
     return {"cpu_s_by_role": ordered, "cpu_s_total": round(total, 2),
             "cpu_s_engine": round(engine, 2),
+            "cpu_s_outside": round(outside, 2),
             "cpu_capacity_s": round(wall_s * (os.cpu_count() or 1), 2),
-            "engine_share_of_cpu_used": round(engine / total, 3) if total else None}
+            "engine_share_of_cpu_used": round(engine / total, 3) if total else None,
+            **load, "loadavg_1m_after": round(os.getloadavg()[0], 2)}
 
 
 def engine_kwargs(model_dir: Path) -> dict[str, Any]:
@@ -211,11 +237,11 @@ def run_direct(model_dir: Path, prompts_dir: Path, warm: list[dict[str, Any]],
     llm = LLM(model=str(model_dir), **kwargs)
     started = time.perf_counter() - t0
     llm.chat([c.messages for c in warm_chats], params, use_tqdm=False)
-    before = cpu_snapshot()
+    load, before = os.getloadavg(), cpu_snapshot()
     t0 = time.perf_counter()
     outs = llm.chat([c.messages for c in chats], params, use_tqdm=False, priority=[0] * len(chats))
     wall = time.perf_counter() - t0
-    cpu = cpu_delta(before, cpu_snapshot(), wall)
+    cpu = cpu_delta(before, cpu_snapshot(), wall, load)
     parsed = sum(1 for o in outs if o.outputs and o.outputs[0].text.startswith('{"decision"'))
     cached = [o.num_cached_tokens or 0 for o in outs]
     prompt_tokens = [len(o.prompt_token_ids or []) for o in outs]
@@ -265,11 +291,11 @@ async def drive(url: str, key: str, items: list[dict[str, Any]], concurrency: in
     timeout = aiohttp.ClientTimeout(total=600)
     connector = aiohttp.TCPConnector(limit=max(100, concurrency))
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        before = cpu_snapshot()
+        load, before = os.getloadavg(), cpu_snapshot()
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         wall = time.perf_counter() - t0
-        cpu = cpu_delta(before, cpu_snapshot(), wall)
+        cpu = cpu_delta(before, cpu_snapshot(), wall, load)
     latencies.sort()
     return {"concurrency": concurrency,
             "items": len(items), "wall_s": round(wall, 3), "items_per_s": round(len(items) / wall, 2),

@@ -614,8 +614,8 @@ ENGINE_RUNS = {
     "direct": "vLLM offline `LLM.chat`, every item queued at once",
     "vllm_server": "vLLM's OpenAI server, driven directly",
     "gateway_vllm": "gateway → vLLM's OpenAI server",
-    "gateway_http": "gateway → Ray Serve LLM over HTTP (default stack)",
-    "gateway_handle": "gateway → Ray Serve LLM through deployment handles",
+    "gateway_http": "gateway → Ray Serve LLM over HTTP (`serving.transport: http`)",
+    "gateway_handle": "gateway → Ray Serve LLM through deployment handles (the default of `modgate up`)",
 }
 
 
@@ -625,8 +625,8 @@ def render_engine_throughput(doc: dict[str, Any]) -> Rendered:
     model = doc.get("model") if isinstance(doc.get("model"), dict) else {}
     same = doc.get("same_batch_concurrency")
     lines = ["| run | what | in flight | items/s | % of direct | p50 (ms) | p99 (ms) | answers | "
-             "engine's share of the CPU used | CPU s: engine / serving path / other |",
-             "|---|---|---:|---:|---:|---:|---:|---|---:|---|"]
+             "engine's share of the CPU used | CPU s: engine / serving path / other | load average (1 min) |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|---|---:|"]
     for r in rows:
         name = str(r.get("run"))
         ratio = num(r.get("ratio_to_direct"))
@@ -643,7 +643,8 @@ def render_engine_throughput(doc: dict[str, Any]) -> Rendered:
             f"{'—' if ratio is None else fmt(round(100 * ratio, 1))} | {fmt(r.get('p50_ms'))} | "
             f"{fmt(r.get('p99_ms'))} | {cell(', '.join(f'{k}: {v}' for k, v in statuses.items()))} | "
             f"{'—' if share is None else fmt(round(100 * share, 1)) + ' %'} | "
-            f"{fmt(engine)} / {fmt(None if serving is None else round(serving, 2))} / {fmt(round(client, 2))} |")
+            f"{fmt(engine)} / {fmt(None if serving is None else round(serving, 2))} / {fmt(round(client, 2))} | "
+            f"{fmt(r.get('loadavg_1m_before'))} |")
     like_for_like = [r for r in rows if str(r.get("run")).startswith("gateway_") and r.get("concurrency") == same]
     checks = []
     for r in like_for_like:
@@ -657,10 +658,14 @@ def render_engine_throughput(doc: dict[str, Any]) -> Rendered:
              "cached ahead). The direct run gets the whole batch at once, so the like-for-like figure is the "
              f"one with {fmt(same)} in flight; lower concurrencies are shown beside it (the engine batches "
              "fewer prompts per step there, for every server alike).",
-             "", "CPU columns: seconds of CPU every process on the machine used during the timed batch. "
-             "Engine = vLLM's EngineCore and model-runner processes; serving path = everything else on "
-             "the machine (API servers, gateway, Ray's processes); other = the benchmark's own client "
-             "(and, in the direct run, LLM.chat's front end, which runs in it)."]
+             "", "CPU columns: seconds of CPU the benchmark's processes used during the timed batch "
+             "(files that predate `cpu_s_outside`: every process on the machine). Engine = vLLM's "
+             "EngineCore and model-runner processes; serving path = every other process the benchmark "
+             "started (API servers, gateway, Ray's processes); other = the benchmark's own client "
+             "(and, in the direct run, LLM.chat's front end, which runs in it). Processes of other "
+             "users of the machine are not counted; the load average at the start of the batch "
+             "shows how busy the machine was (the engine's throughput depends on it, its CPU "
+             "seconds much less)."]
     for r in rows:
         if r.get("run") == "gateway_vllm" and num(r.get("ratio_to_vllm_server")) is not None:
             notes.append("")

@@ -69,19 +69,39 @@ class RayClusterConfig(_Strict):
     # A KubeRay cluster is configured in its pod spec instead (k8s/), where GPU engines do not
     # compete with it and Ray's metrics are worth their cost.
     metrics_collection: bool = Field(
-        False, description="Ray's own metrics agent pipeline (RAY_enable_metrics_collection); the "
-        "gateway's /metrics has the per-version figures (tokens, cached tokens, latency) either way")
+        False, description="Ray's own metrics (RAY_enable_metrics_collection), and with them Ray "
+        "Serve's 100 ms metrics export loop in every replica and handle and vLLM's per-step metrics "
+        "for Ray (log_engine_metrics); off, nothing would collect them. The gateway's /metrics "
+        "has the per-version figures (tokens, cached tokens, latency) either way")
     serve_control_loop_interval_s: float = Field(
         0.5, gt=0, le=10, description="how often the Serve controller reconciles deployments and "
         "health (Ray's default 0.1 s); request routing does not wait on it, replica recovery and "
         "autoscaling react up to this much later")
     usage_stats: bool = Field(False, description="Ray's anonymous usage reporting (no internet here anyway)")
+    keep_idle_workers: bool = Field(
+        False, description="keep Ray's idle worker processes (Ray's default: up to num_cpus of "
+        "them). Serve runs every model and proxy in an actor of its own; the idle workers left over "
+        "from start-up tasks only cost CPU (each ~0.6 % of a core, measured) and memory, so they are "
+        "stopped after a second of idleness (RAY_num_workers_soft_limit=0)")
+
+    @property
+    def collects_metrics(self) -> bool:
+        """Whether Ray's metrics reach anything: a cluster joined at `address` is configured by
+        its operators (assume yes); one `modgate up` starts only with `metrics_collection`."""
+        return self.address is not None or self.metrics_collection
 
     def local_env(self) -> dict[str, str]:
         """Environment for a Ray cluster started locally (inherited by every Ray process)."""
-        return {"RAY_enable_metrics_collection": "1" if self.metrics_collection else "0",
-                "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": f"{self.serve_control_loop_interval_s:g}",
-                "RAY_USAGE_STATS_ENABLED": "1" if self.usage_stats else "0"}
+        env = {"RAY_enable_metrics_collection": "1" if self.metrics_collection else "0",
+               "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": f"{self.serve_control_loop_interval_s:g}",
+               "RAY_USAGE_STATS_ENABLED": "1" if self.usage_stats else "0"}
+        if not self.metrics_collection:
+            # Serve exports its request counters and latencies to Ray's metric API every 100 ms
+            # in every replica and handle; with collection off nobody reads them.
+            env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] = "10000"
+        if not self.keep_idle_workers:
+            env["RAY_num_workers_soft_limit"] = "0"
+        return env
 
 
 class HandleBatchConfig(_Strict):
@@ -102,10 +122,12 @@ class ServingConfig(_Strict):
     """Where the gateway finds models: a local Ray Serve app it starts, or an external server."""
 
     mode: str = Field("ray", pattern=r"^(ray|http)$")
-    transport: str = Field("http", pattern=r"^(http|handle)$", description="ray mode: reach models "
-                           "over Ray Serve's HTTP proxy, or through deployment handles from this "
-                           "process (no proxy and ingress hops, several requests per Ray call: see "
-                           "handle_batch; needs the gateway in the Ray cluster, as `modgate up` is)")
+    transport: str = Field("auto", pattern=r"^(auto|http|handle)$", description="ray mode: reach "
+                           "models over Ray Serve's HTTP proxy, or through deployment handles from "
+                           "this process (no proxy and ingress hops, several requests per Ray call: "
+                           "see handle_batch; needs the gateway in the Ray cluster, as `modgate up` "
+                           "with one gateway process is). auto: handle where the gateway is the "
+                           "process that started Ray (`modgate up`, gateway.workers 1), http elsewhere")
     # OpenAI-compatible base URL. In `ray` mode it is derived from the Ray HTTP host/port.
     base_url: str | None = None
     api_key_env: str | None = Field(None, description="env var holding the backend API key")
@@ -113,6 +135,16 @@ class ServingConfig(_Strict):
     resilience: ResilienceSettings = Field(default_factory=ResilienceSettings)
     handle_batch: HandleBatchConfig = Field(default_factory=HandleBatchConfig)
     models: list[ModelConfig] = Field(..., min_length=1)
+
+    def transport_for(self, *, ray_driver: bool) -> str:
+        """The transport a gateway process uses: `auto` becomes `handle` in the one process that
+        started (or joined) Ray to serve the models (*ray_driver*), and `http` anywhere else (a
+        `modgate gateway` beside `modgate serving`, the worker processes of `gateway.workers`),
+        which cannot hold deployment handles. Measured on the CPU stack, the handle path spends
+        about half the CPU of Ray Serve's proxy and ingress (benchmarks/engine_throughput.py)."""
+        if self.transport != "auto":
+            return self.transport
+        return "handle" if ray_driver and self.mode == "ray" else "http"
 
     def resolved_base_url(self) -> str:
         if self.base_url:

@@ -72,13 +72,14 @@ def ensure_model_sources(config: ServingConfig, base_dir: Path) -> dict[str, str
 
 def build_llm_configs(config: ServingConfig, sources: dict[str, str], *,
                       server_cls: type | None = None) -> list[Any]:
-    """Turn our model configs into Ray Serve LLM `LLMConfig`s."""
+    """Turn our model configs into Ray Serve LLM `LLMConfig`s. On a Ray cluster started here
+    without metrics collection, vLLM's per-step metrics for Ray are not recorded either."""
     from ray.serve.llm import LLMConfig
 
     out = []
     tcmalloc = _system_tcmalloc()
     for model in config.models:
-        kwargs = llm_config_kwargs(model, sources[model.name])
+        kwargs = llm_config_kwargs(model, sources[model.name], engine_metrics=config.ray.collects_metrics)
         if server_cls is not None:
             kwargs["server_cls"] = server_cls
         if tcmalloc and model.deployment.replica_gpus == 0 and "LD_PRELOAD" not in model.env:
@@ -103,11 +104,14 @@ def _system_tcmalloc() -> str | None:
     return None
 
 
-def llm_config_kwargs(model: ModelConfig, source: str) -> dict[str, Any]:
+def llm_config_kwargs(model: ModelConfig, source: str, *, engine_metrics: bool = True) -> dict[str, Any]:
     """Keyword arguments of Ray Serve LLM's `LLMConfig` for one model (pure; no ray import).
 
     Also the shape of one entry of `llm_configs` in a RayService `serveConfigV2` that uses
-    `import_path: ray.serve.llm:build_openai_app`.
+    `import_path: ray.serve.llm:build_openai_app`. A fixed replica count (min = max) is a fixed
+    `num_replicas`, so neither the replica nor its callers' handles keep autoscaling metrics for
+    the controller. *engine_metrics*: vLLM's per-step metrics exported through Ray's metric API
+    (`log_engine_metrics`), worth their cost only where Ray collects metrics.
     """
     dep = model.deployment
     engine = dict(_ENGINE_DEFAULTS)
@@ -122,13 +126,11 @@ def llm_config_kwargs(model: ModelConfig, source: str) -> dict[str, Any]:
         "engine_kwargs": engine,
         "placement_group_config": {"bundles": [bundle]},
         "deployment_config": {
-            "autoscaling_config": {
-                "min_replicas": dep.min_replicas,
-                "max_replicas": dep.max_replicas,
-            },
+            **({"num_replicas": dep.min_replicas} if dep.min_replicas == dep.max_replicas else
+               {"autoscaling_config": {"min_replicas": dep.min_replicas, "max_replicas": dep.max_replicas}}),
             "max_ongoing_requests": dep.max_ongoing_requests,
         },
-        "log_engine_metrics": True,
+        "log_engine_metrics": engine_metrics,
         **({"runtime_env": {"env_vars": dict(model.env)}} if model.env else {}),
     }
 
@@ -182,18 +184,21 @@ def start_serving(config: ServingConfig, base_dir: Path) -> None:
     Returns once the application is deployed; call `wait_until_serving` to wait for models.
     Must run under an `if __name__ == "__main__":` guard (vLLM spawns engine processes).
     """
+    rc = config.ray
+    if not rc.address:
+        # Before Ray is imported: Serve reads its settings at import, in this process too (the
+        # gateway's handles run here). An operator's own setting wins.
+        for key, value in rc.local_env().items():
+            os.environ.setdefault(key, value)
     import ray
     from ray import serve
     from ray.serve.llm import build_openai_app
 
     sources = ensure_model_sources(config, base_dir)
-    rc = config.ray
     if not ray.is_initialized():
         if rc.address:
             ray.init(address=rc.address, log_to_driver=False)
         else:
-            for key, value in rc.local_env().items():  # an operator's own setting wins
-                os.environ.setdefault(key, value)
             ray.init(num_cpus=rc.num_cpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": rc.http_host, "port": rc.http_port})
     server_cls = handle_server_cls() if config.transport == "handle" else None

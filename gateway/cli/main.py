@@ -185,7 +185,9 @@ def _start_serving(cfg: AppConfig) -> float:
     wait_until_serving(cfg.serving.resolved_base_url(), names, cfg.serving.ray.start_timeout_s,
                        progress=progress)
     elapsed = time.monotonic() - t0
-    typer.echo(f"serving: ready at {cfg.serving.resolved_base_url()} after {elapsed:.1f}s")
+    reach = " (the gateway calls the models through Ray Serve deployment handles)" if (
+        cfg.serving.transport == "handle") else ""
+    typer.echo(f"serving: ready at {cfg.serving.resolved_base_url()} after {elapsed:.1f}s{reach}")
     return elapsed
 
 
@@ -260,6 +262,11 @@ def up(config: ConfigOpt = None, host: HostOpt = None, port: PortOpt = None,
     and prints a curl command to try.
     """
     cfg = _load(config, host, port, serving_port)
+    if cfg.serving.mode == "ray":
+        # This process starts Ray and, with one gateway process, is the gateway too: `auto`
+        # reaches the models through deployment handles here.
+        transport = cfg.serving.transport_for(ray_driver=cfg.gateway.workers == 1)
+        cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"transport": transport})})
     store = _open_store(cfg)
     started = cfg.serving.mode == "ray"
     try:

@@ -32,6 +32,7 @@ class Stack:
     process: subprocess.Popen[bytes]
     log_path: Path
     data_dir: Path
+    transport: str = "http"  # as configured: http, or auto (the default)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -73,7 +74,9 @@ def otlp() -> Iterator[OtlpHttpReceiver]:
     receiver.close()
 
 
-TRANSPORTS = ["http", "handle"]
+# "auto" is the shipped default (no serving.transport in the config): `modgate up` with one
+# gateway process resolves it to deployment handles.
+TRANSPORTS = ["http", "auto"]
 SECOND_MODEL = "tiny-llama-b"
 
 
@@ -81,7 +84,7 @@ SECOND_MODEL = "tiny-llama-b"
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
           otlp: OtlpHttpReceiver) -> Iterator[Stack]:
     """The same tests run against both ways the gateway reaches the model: Ray Serve's HTTP
-    proxy (OpenAI-compatible) and Ray Serve deployment handles."""
+    proxy (OpenAI-compatible) and Ray Serve deployment handles (the default, `auto`)."""
     tmp = tmp_path_factory.mktemp(f"stack-{request.param}")
     gateway_port, serving_port = _free_port(), _free_port()
     config = yaml.safe_load((ROOT / "configs" / "modgate.yaml").read_text())
@@ -90,7 +93,8 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     config["gateway"]["port"] = gateway_port
     config["gateway"]["readiness_cache_s"] = 0  # the destructive test reads readiness right after a kill
     config["serving"]["ray"]["http_port"] = serving_port
-    config["serving"]["transport"] = request.param
+    if request.param != "auto":
+        config["serving"]["transport"] = request.param
     # Tracing end to end: the gateway and the engine export to the same receiver.
     config["tracing"] = {"exporter": "otlp_http", "endpoint": otlp.endpoint, "sample_ratio": 1.0}
     model = config["serving"]["models"][0]
@@ -108,7 +112,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             stdout=log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True,
         )
     stack = Stack(f"http://127.0.0.1:{gateway_port}", f"http://127.0.0.1:{serving_port}/v1", proc, log_path,
-                  tmp / "data")
+                  tmp / "data", request.param)
     deadline = time.monotonic() + START_TIMEOUT_S
     try:
         while True:

@@ -310,6 +310,17 @@ def test_the_local_ray_cluster_runs_lean(stack: Stack) -> None:
     env = controllers[0].environ()
     assert env.get("RAY_SERVE_CONTROL_LOOP_INTERVAL_S") == "0.5"
     assert env.get("RAY_enable_metrics_collection") == "0"
+    assert env.get("RAY_SERVE_METRICS_EXPORT_INTERVAL_MS") == "10000"
+    assert env.get("RAY_num_workers_soft_limit") == "0"
+
+
+def test_the_default_transport_is_deployment_handles(stack: Stack) -> None:
+    """`serving.transport: auto` (the shipped config): `modgate up` with one gateway process
+    calls the models through Ray Serve deployment handles; `http` goes through the proxy."""
+    r = httpx.get(f"{stack.gateway_url}/readyz", headers=stack.headers, timeout=30)
+    assert r.status_code == 200, r.text
+    backend = r.json()["checks"]["backend"]
+    assert backend.get("transport") == ("handle" if stack.transport == "auto" else None), backend
 
 
 def test_cpu_engines_run_on_tcmalloc(stack: Stack) -> None:
