@@ -441,13 +441,16 @@ class SampleRecorder:
     def __init__(self, store: SampleStore, settings: SampleSettings, *,
                  registry: CollectorRegistry | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 close_timeout_s: float = 10.0) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
         self.monotonic = monotonic
+        self.close_timeout_s = close_timeout_s
         self._queue: deque[Sample] = deque()
         self._wake = asyncio.Event()
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._last_purge = float("-inf")
         self.recorded_count = 0
@@ -488,24 +491,41 @@ class SampleRecorder:
 
     def start(self) -> None:
         if self._task is None:
+            self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self._run(), name="sample-writer")
 
     async def aclose(self) -> None:
+        """Stop the writer, write what is still queued, close the store.
+
+        The writer is asked to stop (a flag and its wake-up event) rather than cancelled: on
+        Python 3.11 `asyncio.wait_for` swallows a cancel that lands just as the awaited event
+        fires (a row was just offered), and the writer then slept on for `purge_interval_s`
+        while the gateway's shutdown waited for it. A write in flight finishes and is counted.
+        A writer that does not stop within `close_timeout_s` is cancelled and logged: shutdown
+        is bounded whatever the store does."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            self._stopping = True
+            self._wake.set()
+            done, _ = await asyncio.wait({task}, timeout=self.close_timeout_s)
+            if not done:
+                log.error("sample store: the writer did not stop within %.0f s; cancelled",
+                          self.close_timeout_s)
+                task.cancel()
+                await asyncio.wait({task}, timeout=self.close_timeout_s)
+            elif not task.cancelled() and (exc := task.exception()) is not None:
+                log.error("sample store: the writer failed: %s", type(exc).__name__)
         await self.flush()
         await asyncio.to_thread(self.store.close)
 
     async def flush(self) -> None:
-        """Write everything queued so far."""
+        """Write everything queued so far. A batch the store refuses (SQLite, disk, Redis
+        errors alike) is dropped, counted and logged; the writer goes on."""
         while self._queue:
             batch = [self._queue.popleft() for _ in range(min(len(self._queue), 500))]
             try:
                 await asyncio.to_thread(self.store.put_many, batch)
-            except (sqlite3.Error, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - any store failure; never the writer's end
                 self.dropped_count += len(batch)
                 self._dropped.inc(len(batch))
                 log.error("sample store: %d rows not written: %s", len(batch), type(exc).__name__)
@@ -521,11 +541,11 @@ class SampleRecorder:
         return n
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             if self.monotonic() - self._last_purge >= self.settings.purge_interval_s:
                 try:
                     await self.purge()
-                except (sqlite3.Error, OSError) as exc:
+                except Exception as exc:  # noqa: BLE001 - retried at the next interval
                     log.error("sample store: purge failed: %s", type(exc).__name__)
                     self._last_purge = self.monotonic()
             with contextlib.suppress(TimeoutError):

@@ -311,3 +311,92 @@ def test_a_redis_store_uses_the_registrys_redis(tmp_path: Path, redis_server: ob
     assert again is not None and again.count() == 1 and again.delete_item("item-1") == 1
     again.close()
     assert not (tmp_path / "data" / "samples.db").exists()
+
+
+# -- the writer's lifecycle ------------------------------------------------------------------------
+
+async def _finishes(coro: object, within_s: float = 10.0) -> bool:
+    """Whether *coro* finishes within *within_s*: a bounded check, so a hang fails the test
+    instead of hanging the suite (on a loaded machine 10 s is far above a normal close)."""
+    task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    done, _ = await asyncio.wait({task}, timeout=within_s)
+    if not done:
+        task.cancel()
+        await asyncio.wait({task}, timeout=within_s)
+        return False
+    task.result()
+    return True
+
+
+@pytest.mark.parametrize("steps", range(6))
+def test_a_close_while_the_writer_wakes_up_ends_and_writes_every_row(tmp_path: Path, steps: int) -> None:
+    """A close that lands while the writer is waking up (a row was just offered) must stop it.
+    Python 3.11's `asyncio.wait_for` swallows a cancel that arrives once the awaited event has
+    fired, so a writer stopped by `cancel()` alone slept on for `purge_interval_s` and the
+    gateway's shutdown hung (seen in tests/unit/test_replay.py's fixture). *steps* event-loop
+    steps between the offer and the close walk the close across that window."""
+    settings = SampleSettings(enabled=True, share=1.0, purge_interval_s=3600)
+    recorder = SampleRecorder(SqliteSampleStore(tmp_path / "s.db"), settings)
+    ev = _evaluation()
+
+    async def main() -> None:
+        recorder.start()
+        assert recorder.offer(request_id="r0", item_id="i0", variables={"title": "t"}, ev=ev, arm="stable")
+        deadline = asyncio.get_running_loop().time() + 30
+        while recorder.recorded_count < 1:  # the writer purged, wrote r0 and waits again
+            assert asyncio.get_running_loop().time() < deadline, "the sample writer did not write"
+            await asyncio.sleep(0.01)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert recorder.offer(request_id="r1", item_id="i1", variables={"title": "t"}, ev=ev, arm="stable")
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        assert await _finishes(recorder.aclose()), f"aclose hung ({steps} steps after an offer)"
+
+    asyncio.run(main())
+    assert recorder.recorded_count == 2 and recorder.dropped_count == 0
+    store = SqliteSampleStore(tmp_path / "s.db")
+    assert set(store.by_request(["r0", "r1"])) == {"r0", "r1"}
+    store.close()
+
+
+def test_the_writer_outlives_a_redis_outage(tmp_path: Path) -> None:
+    """A write that fails on Redis (restart, outage) drops its batch and counts it; the writer
+    goes on and writes what comes after. It used to catch only SQLite and OS errors: the first
+    Redis error ended the writer for good (every later row was queued until the queue was full,
+    then dropped), and the gateway's shutdown raised it."""
+    import redis
+
+    from testsupport.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()  # AOF on: rows survive the restart
+    settings = SampleSettings(enabled=True, share=1.0, purge_interval_s=3600)
+    client = redis.Redis.from_url(server.url, socket_timeout=10, socket_connect_timeout=10)
+    recorder = SampleRecorder(RedisSampleStore(client, prefix="w"), settings)
+    ev = _evaluation()
+
+    async def wait_until(what: str, predicate: Callable[[], bool]) -> None:
+        deadline = asyncio.get_running_loop().time() + 30  # a guard against a hang only
+        while not predicate():
+            assert asyncio.get_running_loop().time() < deadline, what
+            await asyncio.sleep(0.01)
+
+    async def main() -> None:
+        recorder.start()
+        recorder.offer(request_id="before", item_id="i", variables={"title": "t"}, ev=ev, arm="stable")
+        await wait_until("the writer did not write", lambda: recorder.recorded_count == 1)
+        await asyncio.to_thread(server.stop)
+        recorder.offer(request_id="r0", item_id="i0", variables={"title": "t"}, ev=ev, arm="stable")
+        await wait_until("the failed write was not counted", lambda: recorder.dropped_count == 1)
+        await asyncio.to_thread(server.start)
+        recorder.offer(request_id="r1", item_id="i1", variables={"title": "t"}, ev=ev, arm="stable")
+        await wait_until("the writer did not write after the outage", lambda: recorder.recorded_count == 2)
+        assert await _finishes(recorder.aclose())
+
+    try:
+        asyncio.run(main())
+        check = RedisSampleStore(redis.Redis.from_url(server.url), prefix="w")
+        assert set(check.by_request(["before", "r0", "r1"])) == {"before", "r1"}
+        check.close()
+    finally:
+        server.stop()
