@@ -11,6 +11,7 @@ import pytest
 
 from prompt_registry.loader import load_prompt_file
 from prompt_registry.models import PromptSpec
+from prompt_registry.redis_store import RedisPromptStore
 from testsupport.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +35,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return (1, transport, 1 if item.get_closest_marker("destructive") is not None else 0)
 
     items.sort(key=rank)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def patient_registry_redis() -> Iterator[None]:
+    """The registry's Redis client gives up after `timeout_s` (1 s by default: a gateway serves
+    from its cache rather than wait). On a loaded 2-core CI machine the tests' local redis-server
+    can take longer than that to answer, and contract tests failed at random on it. In tests
+    the default is only a guard against a hang, so it is 10 s here; the outage and kill tests
+    that are about timeouts pass `timeout_s` themselves."""
+    defaults = RedisPromptStore.__init__.__kwdefaults__
+    assert defaults is not None and "timeout_s" in defaults
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(defaults, "timeout_s", 10.0)
+        yield
 
 
 @pytest.fixture(scope="session")
