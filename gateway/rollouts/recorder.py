@@ -80,6 +80,7 @@ class RolloutRecorder:
         self._flips: dict[str, list[str]] = {}
         self._memos: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
+        self._flushing = asyncio.Lock()
 
     def _c(self, rollout_id: str) -> Counter[str]:
         return self._counters.setdefault(rollout_id, Counter())
@@ -163,6 +164,14 @@ class RolloutRecorder:
             await self.flush()
 
     async def flush(self) -> None:
+        """Store what was recorded so far; returns once it is stored. Flushes take turns: the
+        once-a-second flush and an explicit one (a tick, an admin call) overlap, and the later
+        one would otherwise find the counters already taken and return before they are
+        stored, leaving its caller to read stale evidence."""
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         counters, flips, memos = self._counters, self._flips, self._memos
         self._counters, self._flips, self._memos = {}, {}, {}
         if memos:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import threading
 from collections.abc import Callable
 
 import orjson
@@ -388,6 +389,49 @@ def test_recorder_keeps_counts_when_the_store_is_down() -> None:
     asyncio.run(rec.flush())
     assert store.counters == {"r1": {k: 2 * v for k, v in EXPECTED_KEYS.items()}}
     assert len(store.flips["r1"]) == 2
+
+
+class BlockingStore(FakeStore):
+    """Its first rollout-stats write waits (in the flush's worker thread) until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def add_rollout_stats(self, rollout_id: str, counters: dict[str, int], flips: list[str] | None = None,
+                          *, keep_flips: int = 500) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(30), "never released"
+        super().add_rollout_stats(rollout_id, counters, flips, keep_flips=keep_flips)
+
+
+def test_a_flush_returns_only_once_what_was_recorded_before_it_is_stored() -> None:
+    """The recorder's own flush (every second) and an explicit one (the controller's tick, an
+    admin call, a test's settle) overlap. The second found the counters already taken by the
+    first and returned at once, before they were stored, and its caller read stale evidence
+    (tests/unit/test_feedback_integrity.py failed that way under load)."""
+    store = BlockingStore()
+    rec = RolloutRecorder(store)  # type: ignore[arg-type]
+    _record(rec)
+
+    async def main() -> None:
+        background = asyncio.ensure_future(rec.flush())
+        assert await asyncio.to_thread(store.entered.wait, 30)  # it holds the counters, writing
+        explicit = asyncio.ensure_future(rec.flush())
+        for _ in range(20):  # event-loop steps, not wall-clock time
+            await asyncio.sleep(0)
+        assert not explicit.done(), "flush returned while an earlier one was still writing"
+        store.release.set()
+        await explicit
+        assert store.counters == {"r1": EXPECTED_KEYS}
+        await background
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.release.set()
 
 
 def test_flip_records_round_trip_and_damaged_ones_are_skipped() -> None:
