@@ -4,11 +4,18 @@ waiter, callers that gave up are not sent."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
 from serving.hop_batcher import HopBatcher
+
+
+async def settle(steps: int = 20) -> None:
+    """Let the event loop run *steps* iterations: enough for every callback and task these
+    tests start to take its next step, counted in loop iterations rather than wall-clock time
+    (a `sleep(0.01)` can end before a step on a loaded machine)."""
+    for _ in range(steps):
+        await asyncio.sleep(0)
 
 
 def sync(fn):  # type: ignore[no-untyped-def]
@@ -24,6 +31,7 @@ class Upstream:
 
     def __init__(self, gate: bool = False) -> None:
         self.batches: list[list[int]] = []
+        self.sent_at: list[float] = []  # the event loop's clock at each call
         self.release = asyncio.Event()
         if not gate:
             self.release.set()
@@ -32,6 +40,7 @@ class Upstream:
 
     async def send(self, items: list[int]) -> list[int]:
         self.batches.append(list(items))
+        self.sent_at.append(asyncio.get_running_loop().time())
         await self.release.wait()
         if self.fail is not None:
             raise self.fail
@@ -42,10 +51,10 @@ class Upstream:
 @sync
 async def test_a_request_on_an_idle_batcher_goes_at_once_alone() -> None:
     up = Upstream()
-    b = HopBatcher(up.send, max_size=8, max_wait_s=5.0, max_hops=2)
-    t0 = time.perf_counter()
-    assert await b.submit(3) == 30
-    assert time.perf_counter() - t0 < 1.0  # not the 5 s max wait
+    b = HopBatcher(up.send, max_size=8, max_wait_s=3600.0, max_hops=2)
+    sent = asyncio.ensure_future(b.submit(3))
+    await settle()  # a few loop steps, no timer: not the max wait
+    assert sent.done() and sent.result() == 30
     assert up.batches == [[3]]
 
 
@@ -56,7 +65,7 @@ async def test_requests_queue_while_hops_are_busy_and_leave_together() -> None:
     first = asyncio.ensure_future(b.submit(1))
     await asyncio.sleep(0)
     rest = [asyncio.ensure_future(b.submit(i)) for i in range(2, 6)]
-    await asyncio.sleep(0.01)
+    await settle()
     assert up.batches == [[1]]  # the others wait for the one hop
     up.release.set()
     assert await first == 10
@@ -70,7 +79,7 @@ async def test_a_full_batch_is_sent_even_when_every_hop_is_busy() -> None:
     up = Upstream(gate=True)
     b = HopBatcher(up.send, max_size=3, max_wait_s=5.0, max_hops=1)
     futs = [asyncio.ensure_future(b.submit(i)) for i in range(7)]
-    await asyncio.sleep(0.01)
+    await settle()
     assert up.batches == [[0], [1, 2, 3], [4, 5, 6]]
     up.release.set()
     assert await asyncio.gather(*futs) == [i * 10 for i in range(7)]
@@ -79,14 +88,21 @@ async def test_a_full_batch_is_sent_even_when_every_hop_is_busy() -> None:
 @sync
 async def test_queued_requests_wait_at_most_max_wait() -> None:
     up = Upstream(gate=True)
-    b = HopBatcher(up.send, max_size=100, max_wait_s=0.05, max_hops=1)
+    max_wait_s = 0.05
+    b = HopBatcher(up.send, max_size=100, max_wait_s=max_wait_s, max_hops=1)
+    loop = asyncio.get_running_loop()
     asyncio.ensure_future(b.submit(0))
     await asyncio.sleep(0)
+    queued_at = loop.time()
     waiting = asyncio.ensure_future(b.submit(1))
-    await asyncio.sleep(0.02)
-    assert up.batches == [[0]]
-    await asyncio.sleep(0.1)
-    assert up.batches == [[0], [1]]  # sent by the timer although the first hop is still busy
+    deadline = queued_at + 30  # only a guard against a hang
+    while len(up.batches) < 2:
+        assert loop.time() < deadline, "the queued request was never sent"
+        await asyncio.sleep(0.005)
+    # Sent by the timer although the first hop is still busy, and not before max_wait (timers
+    # never fire early; on a loaded machine they may fire late, so no upper bound here).
+    assert up.batches == [[0], [1]] and not up.release.is_set()
+    assert up.sent_at[1] - queued_at >= max_wait_s - 1e-3
     up.release.set()
     assert await waiting == 10
     await b.aclose()
@@ -173,11 +189,11 @@ async def test_a_call_is_cancelled_only_when_every_caller_in_it_gave_up() -> Non
     a, c = asyncio.ensure_future(b.submit(2)), asyncio.ensure_future(b.submit(3))
     await asyncio.sleep(0)
     busy.cancel()  # frees the hop: 2 and 3 leave together
-    await asyncio.sleep(0.01)
+    await settle()
     assert up.batches == [[1], [2, 3]] and up.cancelled == [[1]]
     a.cancel()
-    await asyncio.sleep(0.01)
+    await settle()
     assert up.cancelled == [[1]]  # 3 still waits: its call goes on
     c.cancel()
-    await asyncio.sleep(0.01)
+    await settle()
     assert up.cancelled == [[1], [2, 3]] and b.stats()["abandoned_calls"] == 2
