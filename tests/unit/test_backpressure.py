@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -55,14 +56,18 @@ def test_admission_queue_then_shed() -> None:
                 await gate.wait()
 
         holders = [asyncio.ensure_future(hold()) for _ in range(3)]  # 2 in flight, 1 queued
-        await asyncio.sleep(0.01)
+        await settle()
         assert (adm.models["m"].inflight, adm.models["m"].queued) == (2, 1)
-        start = time.perf_counter()
-        with pytest.raises(GatewayError) as info:
+
+        async def one_more() -> None:
             async with adm.slot("m", timeout_s=5):
                 pass
+        refused = asyncio.ensure_future(one_more())
+        await settle()  # refused at once: within a few loop steps, no timer, nothing freed
+        assert refused.done() and not gate.is_set()
+        with pytest.raises(GatewayError) as info:
+            refused.result()
         assert problem_for(info.value).status == 429 and info.value.retry_after_s == 1.0
-        assert time.perf_counter() - start < 0.05  # refused at once, not after a wait
         with pytest.raises(GatewayError) as info:  # shadow traffic never queues
             async with adm.slot("m", timeout_s=5, wait=False):
                 pass
@@ -76,6 +81,20 @@ def test_admission_queue_then_shed() -> None:
                     pass
         assert problem_for(info.value).status == 504
     asyncio.run(run())
+
+
+async def settle(steps: int = 20) -> None:
+    """Let the event loop run *steps* iterations (loop steps, not wall-clock time)."""
+    for _ in range(steps):
+        await asyncio.sleep(0)
+
+
+async def until(what: str, predicate: Callable[[], bool], within_s: float = 30.0) -> None:
+    """Wait for *predicate*; *within_s* is only a guard against a hang (a loaded CI is slow)."""
+    deadline = time.monotonic() + within_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}: not within {within_s} s"
+        await asyncio.sleep(0.01)
 
 
 def _free_port() -> int:
@@ -103,26 +122,25 @@ def test_overload_gives_fast_429_and_disconnect_cancels_engine_work(tmp_path: Pa
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=30) as client:
             # 2 in flight + 2 queued fill the model; the 5th request is shed at once.
             busy = [asyncio.ensure_future(client.post("/v1/moderate", json=LISTING)) for _ in range(4)]
-            while backend.started < 2:
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.05)
-            start = time.perf_counter()
+            slots = app.state.gateway.admission.models
+            await until("2 in flight, 2 queued", lambda: backend.started == 2 and "tiny-llama" in slots
+                        and slots["tiny-llama"].queued == 2)
             shed = await client.post("/v1/moderate", json=LISTING)
             assert shed.status_code == 429 and shed.headers["retry-after"] == "1"
             assert shed.json()["error"]["type"] == "overloaded"
-            assert time.perf_counter() - start < 0.5
+            # at once: answered while nothing was released and the four still wait (a wait
+            # for a slot would have lasted until release, or ended in a 504)
+            assert not any(b.done() for b in busy) and not backend.release.is_set()
+            assert (slots["tiny-llama"].inflight, slots["tiny-llama"].queued) == (2, 2)
             backend.release.set()
             assert [r.status_code for r in await asyncio.gather(*busy)] == [200] * 4
 
             # A caller that gives up: its engine call is cancelled, not left running.
             backend.release.clear()
             cancelled_before = backend.cancelled
-            with pytest.raises(httpx.ReadTimeout):
+            with pytest.raises(httpx.ReadTimeout):  # the backend holds it: it can only time out
                 await client.post("/v1/moderate", json=LISTING, timeout=0.3)
-            for _ in range(100):
-                if backend.cancelled > cancelled_before:
-                    break
-                await asyncio.sleep(0.02)
+            await until("engine call cancelled", lambda: backend.cancelled > cancelled_before)
             assert backend.cancelled == cancelled_before + 1
             assert app.state.gateway.admission.models["tiny-llama"].inflight == 0
             metrics = (await client.get("/metrics")).text
@@ -135,29 +153,33 @@ def test_overload_gives_fast_429_and_disconnect_cancels_engine_work(tmp_path: Pa
 
 
 def test_queue_stays_bounded_under_churn() -> None:
-    """Hundreds of callers against 16 slots and a queue of 32: admitted requests never wait
-    much longer than (queue / slots + 1) service times."""
+    """Hundreds of callers against 16 slots and a queue of 32: an admitted request waited for
+    at most (queue + slots) services to finish, counted, not timed (time depends on the machine's
+    load; an unbounded queue makes the last admitted callers wait for hundreds)."""
     async def run() -> None:
         adm = AdmissionControl(max_inflight=16, max_queued=32)
-        waits: list[float] = []
+        finished = 0  # services completed so far
+        waited: list[int] = []  # per admitted request: services completed while it waited
         refused = 0
+        most_queued = 0
         stop = time.monotonic() + 1.5
 
         async def worker() -> None:
-            nonlocal refused
+            nonlocal refused, finished, most_queued
             while time.monotonic() < stop:
-                t = time.perf_counter()
+                before = finished
                 try:
                     async with adm.slot("m", timeout_s=30):
-                        waits.append(time.perf_counter() - t)
+                        waited.append(finished - before)
+                        most_queued = max(most_queued, adm.models["m"].queued)
                         await asyncio.sleep(0.05)
+                    finished += 1
                 except GatewayError:
                     refused += 1
                     await asyncio.sleep(0.002)
 
         await asyncio.gather(*[worker() for _ in range(200)])
-        # Bounded: (queue / slots + 1) service times, with room for a slow CI machine (an
-        # unbounded queue makes the last admitted callers wait for most of the 1.5 s).
-        assert refused > 0 and max(waits) < (32 / 16 + 1) * 0.05 * 4
+        assert refused > 0 and finished > 0 and most_queued <= 32
+        assert max(waited) <= 32 + 16, max(waited)
         assert adm.models["m"].queued == 0 and adm.models["m"].inflight == 0
     asyncio.run(run())
