@@ -9,7 +9,10 @@ on `/v1/moderations`) can only come from a broken path. Under every fault each a
 - or `needs_review` with a `fail_reason`;
 - or an explicit, retryable `503 model_unavailable` / `504 model_timeout` JSON error,
 
-and a failed request never takes longer than the request deadline plus `MARGIN_S`.
+and a failed request never takes longer than the request deadline plus `MARGIN_S`. (The
+deadline and back-off arithmetic itself is proved with injected clocks in
+tests/unit/test_resilience.py; here, where everything shares a loaded machine's wall clock,
+each claim that can be is proved by counts: the proxy's, the stub's, the backend's.)
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny-llama"  # the model of configs/prompts/listing-moderation.yaml
 DEADLINE_S = 1.0  # gateway.request_timeout_s in these drills
 # Scheduling slack: client, gateway, proxy and stub share one event loop, on a 2-core machine
-# that may be busy. A request past its deadline by more than this is a broken deadline.
-MARGIN_S = 1.0
+# that may be busy (CI; 1 s was within reach of a load of 20). A request past its deadline by
+# more than this is a broken deadline.
+MARGIN_S = 2.0
 VERDICT = {"decision": "block", "category": "counterfeit", "confidence": 0.91}
 LISTING = {"item_id": "item-1", "seller_id": "seller-1", "title": "Designer bag AAA replica"}
 
@@ -91,6 +95,7 @@ class Drill:
     proxy: FaultProxy
     stub: StubUpstream
     backend: ResilientBackend
+    deadline_s: float
 
     async def metric(self, name: str) -> float:
         return await metric(self.client, name, model=MODEL)
@@ -110,7 +115,7 @@ class Drill:
 
 
 @asynccontextmanager
-async def drill(tmp_path: Path) -> AsyncIterator[Drill]:
+async def drill(tmp_path: Path, deadline_s: float = DEADLINE_S) -> AsyncIterator[Drill]:
     store = SqlitePromptStore(tmp_path / "registry.db")
     seed_store(store, ROOT / "configs" / "prompts")
     key, record = generate_key("drill", ["moderate"], created_by="drill")
@@ -122,19 +127,20 @@ async def drill(tmp_path: Path) -> AsyncIterator[Drill]:
     # registry=metrics.registry), the default settings.
     backend = ResilientBackend(OpenAIHttpBackend(f"{proxy.url}/v1"), ResilienceSettings(),
                                registry=metrics.registry)
-    app = create_app(GatewaySettings(request_timeout_s=DEADLINE_S), store, backend,
+    app = create_app(GatewaySettings(request_timeout_s=deadline_s), store, backend,
                      metrics=metrics, models=[MODEL])
     try:
         async with serve_asgi(app) as url, httpx.AsyncClient(
-                base_url=url, timeout=DEADLINE_S + 4, headers={"authorization": f"Bearer {key}"}) as client:
-            yield Drill(client, proxy, stub, backend)
+                base_url=url, timeout=deadline_s + MARGIN_S + 3,
+                headers={"authorization": f"Bearer {key}"}) as client:
+            yield Drill(client, proxy, stub, backend, deadline_s)
     finally:
         await proxy.aclose()
         await stub.aclose()
         store.close()
 
 
-def check_contract(response: httpx.Response, latency_s: float) -> str:
+def check_contract(response: httpx.Response, latency_s: float, deadline_s: float = DEADLINE_S) -> str:
     """Assert the fail-closed contract on one answer; returns 'ok' or the error type."""
     route = response.request.url.path
     body = response.json()
@@ -151,7 +157,7 @@ def check_contract(response: httpx.Response, latency_s: float) -> str:
             assert got == VERDICT and body["fail_reason"] is None, body
         return "ok"
     assert response.status_code in (503, 504), (response.status_code, body)
-    assert latency_s <= DEADLINE_S + MARGIN_S, f"{route} failed after {latency_s:.2f}s"
+    assert latency_s <= deadline_s + MARGIN_S, f"{route} failed after {latency_s:.2f}s"
     err = body["error"]
     kind = err["code"] if route == "/v1/moderations" else err["type"]
     expected = "model_unavailable" if response.status_code == 503 else "model_timeout"
@@ -168,7 +174,7 @@ async def wait_until_serving(d: Drill, within_s: float) -> int:
     while True:
         r, latency = await d.send()
         sent += 1
-        if check_contract(r, latency) == "ok":
+        if check_contract(r, latency, d.deadline_s) == "ok":
             return sent
         assert time.monotonic() < deadline, f"still {r.status_code} after {within_s}s: {r.text}"
         await asyncio.sleep(0.1)
@@ -187,7 +193,9 @@ def test_resets_are_retried_at_most_twice_within_the_deadline(tmp_path: Path) ->
             r, latency = await d.send()
             assert check_contract(r, latency) == "model_unavailable"
             assert d.proxy.stats["reset"] == 3, d.proxy.stats
-            assert latency < DEADLINE_S  # back-off ~25-50 ms then ~50-100 ms, not the deadline
+            # ended by the retry limit, not by the deadline (the back-off, ~25-50 ms then
+            # ~50-100 ms, is proved with an injected clock in tests/unit/test_resilience.py)
+            assert d.backend.stats.deadline_exhausted == 0
             assert await d.metric("modgate_backend_retries_total") == 2
             assert await d.metric("modgate_backend_attempts_total") == 1 + 3
 
@@ -231,7 +239,6 @@ def test_breaker_opens_under_sustained_resets_and_closes_after_pass_through(tmp_
                 r, latency = await d.send()
                 assert check_contract(r, latency) == "model_unavailable"
                 assert "circuit open" in r.json()["error"]["message"], r.text
-                assert latency < DEADLINE_S  # not the deadline a called, failing server costs
                 rejected += 1
             assert rejected >= 1
             assert sum(d.proxy.stats.values()) == faults, d.proxy.stats
@@ -239,7 +246,7 @@ def test_breaker_opens_under_sustained_resets_and_closes_after_pass_through(tmp_
 
             # Network back: after the open time a probe goes through and closes the circuit.
             d.proxy.set_mode("pass")
-            await wait_until_serving(d, within_s=3.0)
+            await wait_until_serving(d, within_s=15.0)  # a guard: the probe comes after ~1 s
             assert await d.metric("modgate_backend_circuit_state") == 0
             text = (await d.client.get("/metrics")).text
             assert f'modgate_backend_circuit_transitions_total{{model="{MODEL}",state="closed"}}' in text
@@ -269,27 +276,28 @@ EXPECTED = {  # error types seen under each fault ("ok" = the stub's verdict)
 
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_every_answer_under_a_fault_is_a_verdict_or_an_explicit_error(fault: str, tmp_path: Path) -> None:
+    # Half-open: a longer deadline, so that "answered while the engine calls still hang" has
+    # seconds of room on a loaded machine (it was a 0.5 s bound on /healthz's latency).
+    deadline_s = 4.0 if fault == "half-open" else DEADLINE_S
+
     async def run() -> None:
-        async with drill(tmp_path) as d:
+        async with drill(tmp_path, deadline_s) as d:
             assert (await d.send())[0].status_code == 200
             d.proxy.set_mode(**FAULTS[fault])
             outcomes: list[str] = []
-            hung = None
             for _ in range(2):
                 burst = asyncio.ensure_future(d.burst(8))
                 if fault == "half-open":
-                    # The gateway itself stays responsive while its engine calls hang.
+                    # The gateway itself stays responsive while its engine calls hang: /healthz
+                    # answers before the burst does (its requests end only at their deadline).
                     await asyncio.sleep(0.3)
-                    start = time.perf_counter()
                     assert (await d.client.get("/healthz")).status_code == 200
-                    hung = time.perf_counter() - start
+                    assert not burst.done(), "/healthz answered only once the engine calls ended"
                 for r, latency in await burst:
-                    outcomes.append(check_contract(r, latency))
+                    outcomes.append(check_contract(r, latency, deadline_s))
                     if fault == "latency-within-deadline":
                         assert latency >= 0.3
             assert set(outcomes) == EXPECTED[fault], outcomes
-            if hung is not None:
-                assert hung < 0.5, f"/healthz took {hung:.2f}s while engine calls hung"
             if "model_timeout" in outcomes:
                 # A timeout is never retried: the deadline is spent.
                 assert await d.metric("modgate_backend_retries_total") == 0
@@ -297,6 +305,6 @@ def test_every_answer_under_a_fault_is_a_verdict_or_an_explicit_error(fault: str
                 assert d.proxy.stats["cut"] >= 1
 
             d.proxy.set_mode("pass")
-            await wait_until_serving(d, within_s=3.0)
+            await wait_until_serving(d, within_s=15.0)  # a guard: the probe comes after ~1 s
 
     asyncio.run(run())
