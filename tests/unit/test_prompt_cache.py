@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -51,9 +52,22 @@ def reader(tmp_path: Path, example_spec: PromptSpec) -> FlakyReader:
     return FlakyReader(store)
 
 
-async def _settle() -> None:
-    for _ in range(50):
+async def _until(what: str, check: Callable[[], Awaitable[bool]], within_s: float = 30.0) -> None:
+    """Wait until *check* holds: background reads run in a worker thread and take what a loaded
+    machine gives them (half a second of sleeping was not always enough). *within_s* only
+    guards against a hang."""
+    deadline = time.monotonic() + within_s
+    while not await check():
+        assert time.monotonic() < deadline, f"{what}: not within {within_s} s"
         await asyncio.sleep(0.01)
+
+
+async def _serves(cache: PromptCache, version: int) -> bool:
+    try:
+        got = await cache.resolve("listing-moderation", "production")
+    except StoreUnavailable:
+        return False
+    return got.version.version == version and not got.stale
 
 
 def test_hits_do_not_touch_the_store(reader: FlakyReader) -> None:
@@ -75,8 +89,7 @@ def test_change_event_refreshes_in_background(reader: FlakyReader) -> None:
         try:
             assert (await cache.resolve("listing-moderation", "production")).version.version == 1
             reader.store.set_label("listing-moderation", "production", 2, actor="t")
-            await _settle()
-            assert (await cache.resolve("listing-moderation", "production")).version.version == 2
+            await _until("the change event's refresh", lambda: _serves(cache, 2))
         finally:
             await cache.aclose()
     asyncio.run(run())
@@ -92,8 +105,8 @@ def test_stale_while_revalidate_after_refresh_interval(reader: FlakyReader) -> N
         clock.now += 31
         first = await cache.resolve("listing-moderation", "production")
         assert first.version.version == 1  # served at once, refresh started
-        await _settle()
-        assert (await cache.resolve("listing-moderation", "production")).version.version == 2
+        await _until("the background refresh", lambda: _serves(cache, 2))
+        assert reader.calls == 2  # that one refresh, no read per request
     asyncio.run(run())
 
 
@@ -105,7 +118,10 @@ def test_last_known_good_then_max_staleness(reader: FlakyReader) -> None:
         reader.down = True
         clock.now += 31
         assert (await cache.resolve("listing-moderation", "production")).stale is False
-        await _settle()  # the background refresh fails
+
+        async def failed() -> bool:  # the background refresh fails
+            return cache.stats.refresh_failures >= 1
+        await _until("the failed refresh", failed)
         got = await cache.resolve("listing-moderation", "production")
         assert got.stale is True and got.version.version == 1
         assert cache.stats.stale_served >= 1
@@ -118,9 +134,7 @@ def test_last_known_good_then_max_staleness(reader: FlakyReader) -> None:
         clock.now += 2  # the retry interval passes; the next request triggers a refresh
         with pytest.raises(StoreUnavailable):
             await cache.resolve("listing-moderation", "production")
-        await _settle()
-        got = await cache.resolve("listing-moderation", "production")
-        assert got.stale is False
+        await _until("the refresh after the outage", lambda: _serves(cache, 1))
     asyncio.run(run())
 
 
@@ -144,10 +158,12 @@ class SlowReader(FlakyReader):
 
         self.gate = threading.Event()
         self.gate.set()
+        self.read = threading.Event()  # set once a read has its (old) value
 
     def resolve(self, name: str, label: str):  # type: ignore[no-untyped-def]
         version = super().resolve(name, label)
-        self.gate.wait(5)
+        self.read.set()
+        self.gate.wait(30)
         return version
 
 
@@ -160,8 +176,9 @@ def test_refresh_now_rereads_when_a_read_in_flight_predates_the_write(reader: Fl
         cache = PromptCache(slow, refresh_s=3600)
         assert (await cache.resolve("listing-moderation", "production")).version.version == 1
         slow.gate.clear()
+        slow.read.clear()
         cache.on_change("listing-moderation")  # e.g. an unrelated write's event: a read starts
-        await asyncio.sleep(0.05)  # ... and has read v1 before the move below
+        assert await asyncio.to_thread(slow.read.wait, 30)  # ... and has read v1 before the move below
         slow.store.set_label("listing-moderation", "production", 2, actor="t")
         asyncio.get_running_loop().call_later(0.1, slow.gate.set)
         await cache.refresh_now("listing-moderation")
