@@ -68,7 +68,9 @@ def _served_version(client: TestClient) -> int:
     return int(r.json()["prompt"]["version"])
 
 
-def _wait_for_version(client: TestClient, version: int, within_s: float = 1.0) -> float:
+def _wait_for_version(client: TestClient, version: int, within_s: float = 15.0) -> float:
+    """Wait until the gateway serves *version*. With prompt_refresh_s at 3600 only a change event
+    can bring it; *within_s* only guards against a hang (1 s was within reach of a loaded CI)."""
     start = time.monotonic()
     while time.monotonic() - start < within_s:
         if _served_version(client) == version:

@@ -282,7 +282,8 @@ def test_ray_handle_backend_cancels_the_serve_request_its_caller_gave_up(batched
         with pytest.raises(BackendTimeout):
             await backend.chat(ChatRequest(model="m", messages=[{"role": "user", "content": "x"}],
                                            max_tokens=4), timeout_s=0.05)
-        await asyncio.sleep(0.01)
+        for _ in range(20):  # loop steps for the give-up to reach the call (not wall-clock time)
+            await asyncio.sleep(0)
         await backend.aclose()
         return handle
 
