@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -399,7 +400,9 @@ def test_interrupted_run_computes_only_the_rest(example_spec: PromptSpec, tmp_pa
         task = asyncio.create_task(run_eval([version], rows, Stalls(), concurrency=1, cache_dir=cache,
                                             timeout_s=60.0, progress=False))
         path = cache_path(cache, version)
+        deadline = time.monotonic() + 60  # a guard against a hang only
         while not path.exists() or len(path.read_text().splitlines()) < 5:
+            assert time.monotonic() < deadline, "the evaluation cached fewer than 5 rows in 60 s"
             await asyncio.sleep(0.01)
         task.cancel()  # what Ctrl-C does to the running evaluation
         with pytest.raises(asyncio.CancelledError):

@@ -192,7 +192,12 @@ def log_lines(data_dir: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
 
 
-async def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+# Waits in this file (wait_for, drain) are guards against a hang only, so they are generous:
+# 5 s was within reach of a loaded 2-core CI machine.
+GUARD_S = 30.0
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float = GUARD_S) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
@@ -347,7 +352,7 @@ def test_each_event_is_delivered_once_signed_by_the_background_loop(
                 # no drain(): the loop notices the store's change announcement by itself
                 await wait_for(lambda: len(rx.got) == 2)
                 await asyncio.sleep(0.3)  # several more scans: nothing is sent twice
-                await d.drain(5)
+                await d.drain(GUARD_S)
             finally:
                 await d.aclose()
         assert rx.types == ["prompt.published", "label.moved"], "not the seed's history"
@@ -368,10 +373,10 @@ def test_filters_send_each_subscriber_only_what_it_asked_for(
             d = dispatcher(cfg, store, tmp_path / "data")
             d.start()
             try:
-                await d.drain(5)
+                await d.drain(GUARD_S)
                 v2 = publish(store, tmp_path, "v2")
                 ops.set_label(store, PROMPT, "canary", v2, actor="alice")
-                await d.drain(5)
+                await d.drain(GUARD_S)
             finally:
                 await d.aclose()
         assert all_rx.types == ["prompt.published", "label.moved"]
@@ -391,9 +396,9 @@ def test_retries_after_a_500_with_exponential_jittered_backoff(
                            store, tmp_path / "data", retry_sleep=sleeps)
             d.start()
             try:
-                await d.drain(5)
+                await d.drain(GUARD_S)
                 v2 = publish(store, tmp_path, "v2")
-                await d.drain(5)
+                await d.drain(GUARD_S)
             finally:
                 await d.aclose()
         assert rx.types == ["prompt.published"] and rx.got[0].attempt == 4
@@ -421,10 +426,10 @@ def test_a_final_answer_is_not_retried_and_attempts_run_out(
                            retry_sleep=sleeps)
             d.start()
             try:
-                await d.drain(5)
+                await d.drain(GUARD_S)
                 publish(store, tmp_path, "v2")   # answered 410: final
                 publish(store, tmp_path, "v3")   # 500 three times: given up
-                await d.drain(5)
+                await d.drain(GUARD_S)
             finally:
                 await d.aclose()
         assert rx.got == [] and rx.requests == 4
@@ -443,7 +448,7 @@ def test_connection_errors_are_retried_then_given_up(store: SqlitePromptStore, t
         d = dispatcher(settings(subscriber(url), max_attempts=2, timeout_s=2.0), store, tmp_path / "data")
         d.start()
         try:
-            await d.drain(5)
+            await d.drain(GUARD_S)
             publish(store, tmp_path, "v2")
             await d.drain(10)
         finally:
@@ -465,9 +470,9 @@ def test_restart_resumes_at_the_cursor_without_loss_or_duplicates(
             cfg = settings(subscriber(rx.url))
             first = dispatcher(cfg, store, data)
             first.start()
-            await first.drain(5)
+            await first.drain(GUARD_S)
             v2 = publish(store, tmp_path, "v2")
-            await first.drain(5)
+            await first.drain(GUARD_S)
             await first.aclose()
             assert rx.types == ["prompt.published"]
 
@@ -477,7 +482,7 @@ def test_restart_resumes_at_the_cursor_without_loss_or_duplicates(
 
             second = dispatcher(cfg, store, data)
             second.start()
-            await second.drain(5)
+            await second.drain(GUARD_S)
             await second.aclose()
             assert rx.types == ["prompt.published", "label.moved", "prompt.published"]
             assert rx.got[2].body["data"]["version"] == v3
@@ -489,12 +494,12 @@ def test_restart_resumes_at_the_cursor_without_loss_or_duplicates(
             third = dispatcher(cfg, store, data)
             third.start()
             ops.set_label(store, PROMPT, "canary", v3, actor="alice", expected=v2)
-            await third.drain(5)
+            await third.drain(GUARD_S)
             await third.aclose()
             cursor.write_bytes(saved)
             fourth = dispatcher(cfg, store, data)
             fourth.start()
-            await fourth.drain(5)
+            await fourth.drain(GUARD_S)
             await fourth.aclose()
         assert rx.types[3:] == ["label.moved", "label.moved"]
         assert rx.ids[3] == rx.ids[4], "redelivered under the same id"
@@ -508,7 +513,7 @@ def test_first_start_sends_history_only_when_asked(store: SqlitePromptStore, tmp
         async with receiving(Receiver()) as rx:
             d = dispatcher(settings(subscriber(rx.url), replay_history=replay), store, data)
             d.start()
-            await d.drain(5)
+            await d.drain(GUARD_S)
             await d.aclose()
         return rx.types
 
@@ -535,7 +540,7 @@ def test_a_full_queue_drops_and_counts_and_logs(store: SqlitePromptStore, tmp_pa
             assert registry.get_sample_value("modgate_webhook_queue_depth",
                                              {"subscriber": "ops-hook"}) == 1
             d.start()
-            await d.drain(5)
+            await d.drain(GUARD_S)
             await d.aclose()
         assert rx.types == ["prompt.published"]
 
@@ -555,9 +560,9 @@ def test_the_delivery_log_and_cursor_never_hold_the_secret(store: SqlitePromptSt
         async with receiving(Receiver(statuses=[500])) as rx:
             d = dispatcher(settings(subscriber(rx.url)), store, data)
             d.start()
-            await d.drain(5)
+            await d.drain(GUARD_S)
             publish(store, tmp_path, "v2")
-            await d.drain(5)
+            await d.drain(GUARD_S)
             assert SECRET not in repr(d._subs)  # noqa: SLF001
             await d.aclose()
             return rx.url
@@ -584,7 +589,7 @@ def test_the_delivery_log_rotates(store: SqlitePromptStore, tmp_path: Path) -> N
             d = dispatcher(settings(subscriber(rx.url), max_attempts=40, delivery_log_max_bytes=4096),
                            store, tmp_path / "data")
             d.start()
-            await d.drain(5)
+            await d.drain(GUARD_S)
             publish(store, tmp_path, "v2")
             await d.drain(10)
             await d.aclose()
@@ -604,9 +609,9 @@ def test_a_replaced_registry_resets_the_cursor_instead_of_replaying(
             cfg = settings(subscriber(rx.url))
             d = dispatcher(cfg, store, tmp_path / "data")
             d.start()
-            await d.drain(5)
+            await d.drain(GUARD_S)
             publish(store, tmp_path, "v2")
-            await d.drain(5)
+            await d.drain(GUARD_S)
             await d.aclose()
             other = SqlitePromptStore(tmp_path / "other.db")   # a new registry, same data_dir
             try:
@@ -615,9 +620,9 @@ def test_a_replaced_registry_resets_the_cursor_instead_of_replaying(
                 seed_store(other, ROOT / "configs" / "prompts")
                 d2 = dispatcher(cfg, other, tmp_path / "data", registry=registry)
                 d2.start()
-                await d2.drain(5)
+                await d2.drain(GUARD_S)
                 publish(other, tmp_path, "v2 elsewhere")
-                await d2.drain(5)
+                await d2.drain(GUARD_S)
                 await d2.aclose()
             finally:
                 other.close()
@@ -639,7 +644,7 @@ def test_aclose_leaves_unfinished_deliveries_for_the_next_start(
             cfg = settings(subscriber(rx.url), drain_timeout_s=0.2)
             d = dispatcher(cfg, store, tmp_path / "data", retry_sleep=stuck)
             d.start()
-            await d.drain(5)
+            await d.drain(GUARD_S)
             publish(store, tmp_path, "v2")
             await d.tick(full=True)
             await wait_for(lambda: rx.requests == 1)
@@ -647,7 +652,7 @@ def test_aclose_leaves_unfinished_deliveries_for_the_next_start(
             assert rx.got == []
             d2 = dispatcher(cfg, store, tmp_path / "data")
             d2.start()
-            await d2.drain(5)
+            await d2.drain(GUARD_S)
             await d2.aclose()
         assert rx.types == ["prompt.published"] and rx.got[0].attempt == 3
 
