@@ -19,7 +19,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from serving.fake_backend import FakeBackend
 from tests.scorecards import store_scorecard
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (dev extra)")
-from selenium.common.exceptions import TimeoutException  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
@@ -119,7 +119,9 @@ class Walk:
 
     def __init__(self, browser: Any, base: str, shots: Path) -> None:
         self.b, self.base, self.shots = browser, base, shots
-        self.wait = WebDriverWait(browser, 20)
+        # The pages redraw parts of themselves after they load (a fetch, then new rows): an
+        # element found a moment ago can be gone. Waits retry on that; reads go through `read`.
+        self.wait = WebDriverWait(browser, 20, ignored_exceptions=(StaleElementReferenceException,))
         self.taken: list[Path] = []
         browser.get("about:blank")  # what a blank page weighs as PNG, to tell a real page from one
         self.blank = len(browser.get_screenshot_as_png())
@@ -131,12 +133,28 @@ class Walk:
             raise AssertionError(f"{css} did not appear on {self.b.current_url}; the page says:\n"
                                  f"{self.text()[:2000]}\nbrowser log: {self.b.get_log('browser')}") from None
 
+    def read(self, css: str, until: Callable[[str], bool] = bool) -> str:
+        """The text of *css* once *until* holds for it: wait for the condition, then read, in
+        one step (reading an element found earlier can meet a stale element)."""
+        def ready(d: Any) -> str | bool:
+            text = str(d.find_element(By.CSS_SELECTOR, css).text)
+            return text if until(text) else False
+        try:
+            return str(self.wait.until(ready))
+        except TimeoutException:
+            raise AssertionError(f"{css} did not show what was expected on {self.b.current_url}; the "
+                                 f"page says:\n{self.text()[:2000]}") from None
+
+    def count(self, css: str, n: int) -> None:
+        """Wait until exactly *n* elements match *css*."""
+        self.wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, css)) == n)
+
     def open(self, path: str, ready: str) -> Any:
         self.b.get(f"{self.base}{path}")
         return self.find(ready)
 
     def text(self) -> str:
-        return str(self.b.find_element(By.TAG_NAME, "body").text)
+        return str(self.wait.until(lambda d: d.find_element(By.TAG_NAME, "body").text or " "))
 
     def labelled(self) -> None:
         """Every visible form field on the page has a label (label[for] or aria-label)."""
@@ -185,8 +203,8 @@ def test_the_prompt_change_loop_in_a_browser_in_two_languages(
     w.wait.until(ec.url_contains("/console/signin"))  # not signed in: sent to sign-in
     w.shot("signin-en", "API key")
     w.find("#api-key").send_keys(key + Keys.ENTER)
-    table = w.find("table#prompts tbody tr")
-    assert "listing-moderation" in table.text and "production → v1" in table.text and "tiny-llama" in table.text
+    table = w.read("table#prompts tbody tr", lambda t: "listing-moderation" in t)
+    assert "production → v1" in table and "tiny-llama" in table
     cookie = browser.get_cookie("modgate_console")
     assert cookie is not None and cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     assert browser.execute_script("return document.cookie") == ""  # not readable by scripts
@@ -201,29 +219,27 @@ def test_the_prompt_change_loop_in_a_browser_in_two_languages(
     w.find("#title-1").send_keys(TRAFFIC[0][0])
     w.find("#desc-1").send_keys(TRAFFIC[0][1])
     w.find("#run").click()
-    result = w.find("#results td.verdict-draft")
-    assert result.find_element(By.CSS_SELECTOR, "[class^=decision-]").text in {"allow", "block", "needs_review"}
-    production = browser.find_element(By.CSS_SELECTOR, "#results td.verdict-production")
-    assert production.find_element(By.CSS_SELECTOR, "[class^=decision-]").text in {"allow", "block", "needs_review"}
+    for side in ("draft", "production"):
+        assert w.read(f"#results td.verdict-{side} [class^=decision-]") in {"allow", "block", "needs_review"}
     w.shot("playground-en", "tokens")
 
     # publish: a separate, explicit step (Enter in the note field submits it)
     w.find("#publish-note").send_keys("treat 1:1 replicas as counterfeit" + Keys.ENTER)
-    assert "Published listing-moderation v2" in w.find("#published").text
+    assert "Published listing-moderation v2" in w.read("#published", lambda t: "Published" in t)
     assert store.versions(NAME) == [1, 2] and store.get_version(NAME, 2).created_by == "prompt-ops"
     w.find("#published-link").click()
 
     # the version and its diff against v1
     w.find("#version-meta")
-    assert "listing-moderation v2" in browser.find_element(By.TAG_NAME, "h1").text
-    changed = w.find("#diff table.diff tr.op-replace td.l")  # this version (v2) on the left
-    assert "1:1 replica as counterfeit" in changed.text
+    assert "listing-moderation v2" in w.read("h1")
+    w.read("#diff table.diff tr.op-replace td.l",  # this version (v2) on the left
+           lambda t: "1:1 replica as counterfeit" in t)
     # moving production to v2 before it has a scorecard: refused by the gate, reasons shown
     label = w.find("#move-label")
     assert label.get_property("value") == "production"
     w.find("#move-note").send_keys("ship it" + Keys.ENTER)
-    refusal = w.find("#move-out .error")
-    assert "promotion_gate_failed" in refusal.text and "no stored scorecard of v2" in refusal.text
+    refusal = w.read("#move-out .error", lambda t: "promotion_gate_failed" in t)
+    assert "promotion_gate_failed" in refusal and "no stored scorecard of v2" in refusal
     assert store.labels(NAME)["production"] == 1
     w.shot("version-en", "1:1 replica as counterfeit")
 
@@ -231,9 +247,9 @@ def test_the_prompt_change_loop_in_a_browser_in_two_languages(
     store_scorecard(store, NAME, 1)
     store_scorecard(store, NAME, 2)
     w.open(f"/console/evaluation?name={NAME}", "#scorecards")
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#scorecards tbody tr")) == 2
-    assert "production v1's evaluation block" in w.find("#policy").text
-    assert "pass" in w.find('section.gate[data-version="2"] h3').text
+    w.count("#scorecards tbody tr", 2)
+    w.read("#policy", lambda t: "production v1's evaluation block" in t)
+    w.read('section.gate[data-version="2"] h3', lambda t: "pass" in t)
     assert w.find("#compare tbody tr[data-category=counterfeit]")
     w.shot("evaluation-en", "Promotion gate per version")
 
@@ -247,26 +263,26 @@ def test_the_prompt_change_loop_in_a_browser_in_two_languages(
     w.find("#start-auto").click()  # manual: the test decides when to step
     w.find("#start-note").send_keys("canary from the console")
     w.find("#start-submit").click()
-    outcome = w.find("#outcome")
-    assert "canary v2 serves 10% of traffic" in outcome.text
+    assert "canary v2 serves 10% of traffic" in w.read("#outcome", lambda t: "serves" in t)
     assert store.get_rollout(NAME) is not None and store.get_rollout(NAME).started_by == "prompt-ops"
 
     # traffic; watch the gates and the shadow's agreement fill in
     _moderate(base, caller, 30)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60  # a guard only: the evidence is flushed once a second
     while True:
         browser.refresh()
-        compared = w.find('#shadows tr[data-shadow="2"] td:nth-child(3)').text
-        if compared not in ("", "0") or time.monotonic() > deadline:
+        compared = w.read('#shadows tr[data-shadow="2"] td:nth-child(3)', lambda t: t != "")
+        if compared != "0":
             break
+        assert time.monotonic() < deadline, "no shadow comparison reached the rollout's evidence"
         time.sleep(0.5)
-    assert int(compared) > 0, "no shadow comparison reached the rollout's evidence"
-    gates = {r.get_attribute("data-gate") for r in browser.find_elements(By.CSS_SELECTOR, "#gates tbody tr")}
-    assert {"error_rate", "disagreement_rate"} <= gates
-    assert "more samples" in w.find("#gates").text or "enough samples" in w.find("#gates").text
+    assert int(compared) > 0
+    w.wait.until(lambda d: {"error_rate", "disagreement_rate"} <= {
+        r.get_attribute("data-gate") for r in d.find_elements(By.CSS_SELECTOR, "#gates tbody tr")})
+    w.read("#gates", lambda t: "more samples" in t or "enough samples" in t)
     # the flipped items with their listing content (the sample store keeps every item here)
     w.wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#flips .flip-content") or d.refresh())
-    assert any(t[0] in w.find("#flips").text for t in TRAFFIC)
+    w.read("#flips", lambda t: any(item[0] in t for item in TRAFFIC))
     w.shot("rollouts-en", "Agreement")
 
     w.find("#action-step").click()
@@ -275,32 +291,39 @@ def test_the_prompt_change_loop_in_a_browser_in_two_languages(
     w.find("#action-promote").click()
     w.wait.until(ec.text_to_be_present_in_element((By.ID, "outcome"), "promoted v2"))
     assert store.labels(NAME)["production"] == 2
-    history = w.find("#history tbody tr[data-rollout]")
-    assert "promoted" in history.text
-    history.find_element(By.CSS_SELECTOR, "button").click()
+    w.read("#history tbody tr[data-rollout]", lambda t: "promoted" in t)
+    w.wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#history tbody tr[data-rollout] button").click()
+                 or True)  # retried if the row was redrawn under the click
     w.wait.until(lambda d: "promote" in d.find_element(By.CSS_SELECTOR, "#history .detail").text)
     w.shot("rollouts-history-en", "promoted v2")
 
     # the audit timeline of v2
     w.open(f"/console/version?name={NAME}&v=2", "#audit li")
-    audit = w.find("#audit").text
+    audit = w.read("#audit")
     assert "published v2" in audit and "moved label production v1 → v2" in audit
     assert "rollout (promoted)" in audit and " UTC " in audit
     w.shot("audit-en", "Audit timeline")
 
     # decisions: the traffic above, counted
     w.open("/console/decisions", "#decision-filter")
-    def logged(arm: str) -> int:
-        return sum(int(r.find_elements(By.TAG_NAME, "td")[4].text)
-                   for r in browser.find_elements(By.CSS_SELECTOR, "#decision-groups tbody tr")
-                   if r.find_elements(By.TAG_NAME, "td")[2].text == arm)
 
-    deadline = time.monotonic() + 15
-    while logged("stable") + logged("canary") < 30 and time.monotonic() < deadline:
+    def logged() -> dict[str, int]:
+        """Decisions per arm in the groups table, read in one go (a redraw meanwhile: again)."""
+        def read(d: Any) -> dict[str, int]:
+            out: dict[str, int] = {}
+            for r in d.find_elements(By.CSS_SELECTOR, "#decision-groups tbody tr"):
+                cells = [c.text for c in r.find_elements(By.TAG_NAME, "td")]
+                out[cells[2]] = out.get(cells[2], 0) + int(cells[4])
+            return out
+        return dict(w.wait.until(lambda d: read(d) or {"": 0}))
+
+    deadline = time.monotonic() + 60  # a guard only: the decision log is written in the background
+    while (n := logged()).get("stable", 0) + n.get("canary", 0) < 30:
+        assert time.monotonic() < deadline, f"the decisions page shows {n}, not 30 answers"
         w.find("#f-apply").click()
         time.sleep(0.5)
         w.find("#decision-total")
-    assert logged("stable") + logged("canary") == 30 and logged("shadow") > 0  # shadows are logged too
+    assert n.get("stable", 0) + n.get("canary", 0) == 30 and n.get("shadow", 0) > 0  # shadows are logged too
     assert "/console/api/decisions.csv?" in w.find("#csv-link").get_attribute("href")
     w.shot("decisions-en", "Newest decisions")
 
@@ -319,11 +342,11 @@ def test_the_prompt_change_loop_in_a_browser_in_two_languages(
                               ("decisions", "/console/decisions", "#decision-total"),
                               ("review", "/console/review", "#review-input")):
         w.open(path, ready)
-        assert HEADINGS["zh-CN"][page] in browser.find_element(By.TAG_NAME, "h1").text
-        assert HEADINGS["zh-CN"][page] in browser.find_element(By.ID, f"nav-{page}").text
+        assert HEADINGS["zh-CN"][page] in w.read("h1")
+        assert HEADINGS["zh-CN"][page] in w.read(f"#nav-{page}")
         w.shot(f"{page}-zh-CN", HEADINGS["zh-CN"][page])
     w.open(f"/console/version?name={NAME}&v=2", "#audit li")
-    audit = w.find("#audit").text
+    audit = w.read("#audit")
     assert "发布了 v2" in audit and "Asia/Shanghai" in audit and " UTC " not in audit
     w.shot("version-zh-CN", "审计时间线")
     w.find("#signout").click()

@@ -91,15 +91,21 @@ def test_label_two_items_from_the_keyboard(served: Served, browser: Any, tmp_pat
     browser.find_element(By.ID, "signin-submit").click()
     wait.until(ec.url_contains("/console/prompts"))
     # sign-in lands on Prompts, which a reviewer without prompts:read may not read (a 403 the
-    # console page shows); only errors on the queue page count here
-    time.sleep(0.5)
+    # console page shows); only errors on the queue page count here, so the log is emptied
+    # once that page has shown its error (waited for, not slept on)
+    wait.until(lambda d: "forbidden" in d.find_element(By.CSS_SELECTOR, "#main .error").text)
     browser.get_log("browser")
     browser.get(f"{served.base}/console/queue")
     wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "section.queue-item.current")))
-    items = browser.find_elements(By.CSS_SELECTOR, "section.queue-item")
-    assert len(items) == 3
-    titles = [i.find_element(By.TAG_NAME, "h3").text for i in items]
-    ids = [i.get_attribute("data-request-id") for i in items]
+
+    def listed(d: Any) -> list[tuple[str, str, str]] | bool:
+        """(title, request id, text) of each item, read in one go: retried if redrawn meanwhile."""
+        items = d.find_elements(By.CSS_SELECTOR, "section.queue-item")
+        return [(i.find_element(By.TAG_NAME, "h3").text, i.get_attribute("data-request-id"), i.text)
+                for i in items] if len(items) == 3 else False
+    shown = wait.until(listed)
+    titles = [title for title, _, _ in shown]
+    ids = [rid for _, rid, _ in shown]
 
     def item(n: int) -> Any:
         return browser.find_element(By.CSS_SELECTOR, f'section[data-request-id="{ids[n]}"]')
@@ -107,7 +113,7 @@ def test_label_two_items_from_the_keyboard(served: Served, browser: Any, tmp_pat
     def current() -> str:
         return str(wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "section.queue-item.current")
                               .get_attribute("data-request-id")))
-    assert all("about the" in i.text for i in items)  # the listing content is shown
+    assert all("about the" in text for _, _, text in shown)  # the listing content is shown
     body = browser.find_element(By.TAG_NAME, "body")
 
     # item 1: allow, with the keyboard only
@@ -139,7 +145,7 @@ def test_label_two_items_from_the_keyboard(served: Served, browser: Any, tmp_pat
     browser.refresh()
     wait.until(lambda d: d.find_element(By.TAG_NAME, "h1").text == "审核队列")
     wait.until(lambda d: "与模型的一致率" in d.find_element(By.ID, "agreement").text)
-    assert "本批还剩 1 / 1 条" in browser.find_element(By.ID, "queue-count").text  # two labelled, gone
+    wait.until(lambda d: "本批还剩 1 / 1 条" in d.find_element(By.ID, "queue-count").text)  # two labelled, gone
     browser.save_screenshot(str(tmp_path / "queue-zh.png"))
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, f"the browser reported errors: {errors}"
