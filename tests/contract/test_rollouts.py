@@ -154,14 +154,21 @@ def test_canary_with_shadow_promotes_itself(config_path: Path, gateway: Gateway,
     assert (f'modgate_shadow_comparisons_total{{agree="true",candidate_version="{v2}",prompt="listing-moderation",'
             f'stable_version="1"}} {float(pair["n"])}') in metrics
 
-    for i in range(300, 900):
-        gateway.moderate(i)
-    taken = gateway.tick()
+    # The canary needs 30 samples: ~600 requests at 5 %, more with an unlucky salt (the salt is
+    # random per rollout; 600 fixed requests gave it 29 in one CI-like run, a binomial tail of ~1 %).
+    i, taken = 300, []
+    while not taken:
+        assert i < 3000, run(config_path, "rollouts", "status", "listing-moderation")
+        for _ in range(150):
+            gateway.moderate(i)
+            i += 1
+        taken = gateway.tick()
     assert taken == [("listing-moderation", "step")], run(config_path, "rollouts", "status", "listing-moderation")
-    for i in range(900, 1000):
+    for _ in range(100):
         gateway.moderate(i)
+        i += 1
     assert gateway.tick() == [("listing-moderation", "step")]  # 50 % -> 100 %
-    gateway.moderate(1000)
+    gateway.moderate(i)
     assert gateway.tick() == [("listing-moderation", "promote")]
     assert gateway.store.labels("listing-moderation")["production"] == v2
 
