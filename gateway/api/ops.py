@@ -5,7 +5,9 @@ With several worker processes (`gateway.workers`), prometheus-client runs in mul
 per-run directory, and whichever worker answers `/metrics` sums every worker's counters and
 histograms (gauges as their `multiprocess_mode` says) with `MultiProcessCollector`. Collectors
 that compute their samples at scrape time (the rollout gauges, read from the registry store,
-the same in every worker) are not in those files: the answering worker adds its own.
+the same in every worker) are not in those files: the answering worker adds its own. The
+workers write their values to the files in the background (`gateway.metric_files`): the
+answering worker's own are current, the others' at most `metric_files.FLUSH_S` old.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from starlette.applications import Starlette
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway import metric_files
 from gateway.api.edge import ERROR_RESPONSES, json_response
 from gateway.ids import new_id
 from gateway.moderation import ModerationService
@@ -109,6 +112,7 @@ def _scrape_registry(metrics: Metrics) -> CollectorRegistry:
     path = multiprocess_dir()
     if path is None:
         return metrics.registry
+    metric_files.flush()  # this worker's own figures as of now; the others' are at most FLUSH_S old
     agg = _AGGREGATED.get(metrics.registry)
     if agg is None:
         agg = CollectorRegistry()

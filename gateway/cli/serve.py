@@ -155,9 +155,13 @@ def _worker_main(cfg: AppConfig, ctx: WorkerContext, started: Event) -> None:
     """One worker process (spawned): open the store, build the app, listen with SO_REUSEPORT."""
     os.setpgrp()  # Ctrl-C reaches the supervisor only; it sends SIGTERM once
     logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s w{ctx.index} %(name)s: %(message)s")
+    from gateway import metric_files
     from gateway.bootstrap import build_gateway
     from gateway.stores import open_store
 
+    # Before the app makes its metrics: their values are written to the run's files in the
+    # background, not on every change (gateway.metric_files: CPU per request as with one worker).
+    metric_writer = metric_files.install(str(ctx.metrics_dir))
     store = open_store(cfg)
     try:
         app = build_gateway(cfg, store, worker=ctx)
@@ -167,6 +171,7 @@ def _worker_main(cfg: AppConfig, ctx: WorkerContext, started: Event) -> None:
         ok = serve_app(cfg, app, on_started=started.set, sockets=sockets, metrics_sockets=metrics)
     finally:
         store.close()
+        metric_writer.close()
     sys.exit(0 if ok else 1)
 
 

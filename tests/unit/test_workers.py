@@ -2,7 +2,8 @@
 of the stub upstream (`benchmarks/stub_upstream.py`, no model).
 
 One label move made through one request is served by both workers within the bound; /metrics
-answered by either worker counts the requests of both; the decision log has one stream per
+answered by either worker counts the requests of both (once each has written its figures, at most
+`metric_files.FLUSH_S` later); the decision log has one stream per
 worker and the export merges them in time order; a caller's burst holds for the gateway, not
 per worker; a killed worker is replaced. Plus the configuration rules of the field.
 """
@@ -27,6 +28,7 @@ from typer.testing import CliRunner
 
 from gateway.config import ConfigError, load_config
 from gateway.decision_log import list_segments
+from gateway.metric_files import FLUSH_S
 from prompt_registry.keys import generate_key
 from prompt_registry.loader import seed_store
 from prompt_registry.sqlite_store import SqlitePromptStore
@@ -156,10 +158,26 @@ def test_metrics_from_either_worker_count_both(stack: dict[str, Any]) -> None:
                    if line.startswith("modgate_requests_total{") and 'route="/v1/moderate"' in line
                    and 'code="200"' in line)
 
-    base = count(_fresh("GET", f"{url}/metrics").text)
+    def settled(want: float | None = None) -> float:
+        """The count once every worker has written its figures (gateway.metric_files: each
+        writes its values at most FLUSH_S after they change): *want*, or the same over a span
+        of several flush intervals."""
+        last, since = None, time.monotonic()
+        deadline = since + 60
+        while time.monotonic() < deadline:
+            got = count(_fresh("GET", f"{url}/metrics").text)
+            if got == want or (want is None and got == last and time.monotonic() - since > 3 * FLUSH_S):
+                return got
+            if got != last:
+                last, since = got, time.monotonic()
+            time.sleep(0.1)
+        raise AssertionError(f"/metrics counted {last}, wanted {want}")
+
+    base = settled()
     for i in range(12):
         assert _fresh("POST", f"{url}/v1/moderate", headers={"x-api-key": keys["caller"]},
                       json={**LISTING, "item_id": f"m-{i}"}).status_code == 200
+    settled(base + 12)
     scrapes = [_fresh("GET", f"{url}/metrics").text for _ in range(10)]
     assert {count(t) for t in scrapes} == {base + 12}  # every scrape, whichever worker answers
     assert "modgate_rollout_metrics_refresh_errors_total" in scrapes[0]  # scrape-time collectors too
