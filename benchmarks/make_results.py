@@ -625,7 +625,7 @@ def render_engine_throughput(doc: dict[str, Any]) -> Rendered:
     model = doc.get("model") if isinstance(doc.get("model"), dict) else {}
     same = doc.get("same_batch_concurrency")
     lines = ["| run | what | in flight | items/s | % of direct | p50 (ms) | p99 (ms) | answers | "
-             "engine's share of the CPU used | CPU s: engine / serving path / other | load average (1 min) |",
+             "engine's share of the CPU used | CPU s: engine / serving path / other | machine: load average (1 min) / other users' CPU s |",
              "|---|---|---:|---:|---:|---:|---:|---|---:|---|---:|"]
     for r in rows:
         name = str(r.get("run"))
@@ -635,7 +635,7 @@ def render_engine_throughput(doc: dict[str, Any]) -> Rendered:
         engine = num(r.get("cpu_s_engine"))
         total = num(r.get("cpu_s_total"))
         client = sum(num(v) or 0.0 for k, v in by_role.items() if str(k).startswith("this process"))
-        serving = None if total is None or engine is None else total - engine - client
+        serving = None if total is None or engine is None else max(0.0, total - engine - client)  # no -0
         share = num(r.get("engine_share_of_cpu_used"))
         in_flight = "all" if name == "direct" else fmt(r.get("concurrency"))
         lines.append(
@@ -644,7 +644,7 @@ def render_engine_throughput(doc: dict[str, Any]) -> Rendered:
             f"{fmt(r.get('p99_ms'))} | {cell(', '.join(f'{k}: {v}' for k, v in statuses.items()))} | "
             f"{'—' if share is None else fmt(round(100 * share, 1)) + ' %'} | "
             f"{fmt(engine)} / {fmt(None if serving is None else round(serving, 2))} / {fmt(round(client, 2))} | "
-            f"{fmt(r.get('loadavg_1m_before'))} |")
+            f"{fmt(r.get('loadavg_1m_before'))} / {fmt(r.get('cpu_s_outside'))} |")
     like_for_like = [r for r in rows if str(r.get("run")).startswith("gateway_") and r.get("concurrency") == same]
     checks = []
     for r in like_for_like:
@@ -663,9 +663,10 @@ def render_engine_throughput(doc: dict[str, Any]) -> Rendered:
              "EngineCore and model-runner processes; serving path = every other process the benchmark "
              "started (API servers, gateway, Ray's processes); other = the benchmark's own client "
              "(and, in the direct run, LLM.chat's front end, which runs in it). Processes of other "
-             "users of the machine are not counted; the load average at the start of the batch "
-             "shows how busy the machine was (the engine's throughput depends on it, its CPU "
-             "seconds much less)."]
+             "users of the machine are not counted as the benchmark's: the machine column gives the load "
+             "average at the start of the batch and the CPU seconds all other processes used during "
+             "it (the capacity is 2 × the wall time here), so on a shared machine the throughput "
+             "ratios show how much CPU the engine got; its CPU seconds by role depend much less on it."]
     for r in rows:
         if r.get("run") == "gateway_vllm" and num(r.get("ratio_to_vllm_server")) is not None:
             notes.append("")
