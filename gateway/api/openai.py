@@ -15,7 +15,9 @@ to a modgate key with the `moderate` scope):
   unless the caller sends `max_tokens`/`temperature`/`top_p`/`seed` (clamped like any caller's).
 - `/v1/moderations` answers the OpenAI moderation shape from a registry prompt's verdict, so a
   caller using a moderation client switches by changing the base URL; each input is one
-  moderation through the same service.
+  moderation through the same service. `category_scores` are the calibrated category
+  probabilities, or null with the reason (`_moderation_result`).
+- `POST /v1/decisions`, OpenAI's Decisions API, is the adapter in `gateway.api.decisions`.
 - Raw chat (the caller's own messages) also goes through admission, the caller's limits,
   spans and metrics, and is logged as `kind: raw_chat` without content.
 

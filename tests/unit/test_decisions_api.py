@@ -268,6 +268,8 @@ def test_questions_the_verdict_cannot_answer_are_clear_errors(doors: Doors, scri
     # rollout picks it); everything else is refused before any model call.
     checked_after = param.endswith(".choices") or "is_counterfeit" in str(kwargs)
     assert len(scripted.requests) == (1 if checked_after else 0)
+    doors.http.portal.call(doors.http.app.state.gateway.service.decision_log.flush)  # type: ignore[attr-defined]
+    assert len(list(read_segments(doors.log_dir))) == (1 if checked_after else 0)  # as the README says
 
 
 def test_pinning_a_version_and_the_end_user_as_stickiness_key(doors: Doors) -> None:
