@@ -194,7 +194,12 @@ def main() -> None:
         return ab(args)
     cpus = sorted(os.sched_getaffinity(0))
     stub_port = _free_port()
-    stub = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "stub_upstream.py"), "--port", str(stub_port)],
+    # Keep-alive for an hour: with --ab a worker sits idle while the other trees run their rounds,
+    # and on a loaded machine that idles longer than uvicorn's 5 s. The stub then closed the pooled
+    # connections under the gateway as it sent on them (the floor crashed, modgate retried and
+    # sometimes opened its circuit inside a measured round), an artefact of the rounds, not a cost.
+    stub = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "stub_upstream.py"), "--port", str(stub_port),
+                             "--keep-alive", "3600"],
                             preexec_fn=(lambda: os.sched_setaffinity(0, set(cpus[1:]))) if len(cpus) > 1 else None)
     if len(cpus) > 1:
         os.sched_setaffinity(0, {cpus[0]})

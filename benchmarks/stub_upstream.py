@@ -57,9 +57,11 @@ def main() -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--hang-shadows", action="store_true")
     ap.add_argument("--delay", type=float, default=0.0, help="seconds before each answer (a slow engine)")
+    ap.add_argument("--keep-alive", type=int, default=5,
+                    help="seconds an idle keep-alive connection stays open (uvicorn's default: 5)")
     args = ap.parse_args()
     uvicorn.run(build_app(args.hang_shadows, args.delay), host="127.0.0.1", port=args.port, log_level="warning",
-                access_log=False, http="httptools", loop="uvloop")
+                access_log=False, http="httptools", loop="uvloop", timeout_keep_alive=args.keep_alive)
 
 
 if __name__ == "__main__":
