@@ -33,7 +33,7 @@ from gateway.moderation import ModerationService
 from gateway.problems import GatewayError
 from gateway.telemetry import Metrics
 from gateway.workers import multiprocess_dir
-from prompt_registry import RegistryError
+from prompt_registry import PromptVersion, RegistryError
 from serving import BackendError, ChatRequest, InferenceBackend
 
 __all__ = ["build_ops_router"]
@@ -64,16 +64,22 @@ class _HealthCache:
         ok = True
         version = None
         prompts: dict[str, Any] = {}
+        resolved_versions: list[tuple[str, PromptVersion]] = []
         for name, label in self._keys:
             try:
                 resolved = await cache.resolve(name, label)
                 prompts[f"{name}:{label}"] = {"ok": True, "version": resolved.version.version,
                                               "stale": resolved.stale}
                 version = version or resolved.version
+                resolved_versions.append((f"{name}:{label}", resolved.version))
             except RegistryError as exc:
                 ok = False
                 prompts[f"{name}:{label}"] = {"ok": False, "error": str(exc)}
         checks["prompts"] = prompts
+        models = self._models(resolved_versions)
+        if models:
+            checks["models"] = models
+            ok = ok and all(m["ok"] for m in models.values())
         try:
             health = await asyncio.wait_for(backend.check_health(), settings.readiness_probe_timeout_s)
             checks["backend"] = {"ok": True, **health}
@@ -92,6 +98,29 @@ class _HealthCache:
                     ok = False
                     checks["model"] = {"ok": False, "name": model, "error": str(exc)}
         return ok, checks
+
+    def _models(self, versions: list[tuple[str, PromptVersion]]) -> dict[str, dict[str, Any]]:
+        """Every model the preloaded labels' versions call, their own and their cascade's, and
+        whether the serving layer serves it (`served_models`, from the configuration; empty:
+        not known, nothing reported). A version stored before its cascade's model left the
+        configuration would escalate every unsure verdict into `escalation_failed`: not ready,
+        like an unserved own model. Only the default prompt's own model is probed (a 1-token
+        generation): a cascade's model that is served but down is answered per request, fail
+        closed (`escalation_failed`, `modgate_escalations_total{outcome="failed"}`), and must
+        not take every replica out of service."""
+        served = self._service.served_models
+        if not served:
+            return {}
+        models: dict[str, dict[str, Any]] = {}
+        for where, version in versions:
+            for model in version.spec.models():
+                role = "" if model == version.spec.model else " (cascade)"
+                entry = models.setdefault(model, {"ok": model in served, "used_by": []})
+                entry["used_by"].append(f"{where}{role}")
+                if not entry["ok"]:
+                    entry["error"] = (f"model {model!r} is not served by this gateway (served: "
+                                      f"{', '.join(served)})")
+        return models
 
 
 def exposition(service: ModerationService) -> Response:

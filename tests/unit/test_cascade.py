@@ -277,3 +277,69 @@ def test_a_record_names_its_first_model_exactly_when_it_escalated() -> None:
         DecisionRecord(**base, escalation="needs_review")
     with pytest.raises(ValidationError, match="escalation_error needs escalation"):
         DecisionRecord(**base, escalation_error="model_unavailable")
+
+
+# -- readiness and the cascade's model --------------------------------------------------------
+
+
+def _gateway(tmp_path: Path, served: list[str]) -> Iterator[TestClient]:
+    """A gateway serving *served* over a store whose production version cascades to BIG,
+    stored before the serving configuration dropped BIG (seeded without the served check, as
+    a registry shared with an older deployment holds it). The client's key sees the checks."""
+    store = SqlitePromptStore(tmp_path / "r.db")
+    seed_store(store, _write(tmp_path / "prompts", _spec_data(model=BIG)).parent)
+    key, record = generate_key("ops", ["moderate"], created_by="test")
+    store.put_key(record)
+    app = create_app(GatewaySettings(default_prompt="listing-cascade"), store,
+                     FakeBackend(responder=Models()), metrics=Metrics(), models=served)
+    try:
+        with TestClient(app, headers={"authorization": f"Bearer {key}"}) as client:
+            yield client
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def small_only(tmp_path: Path) -> Iterator[TestClient]:
+    yield from _gateway(tmp_path, [SMALL])
+
+
+@pytest.fixture
+def both_served(tmp_path: Path) -> Iterator[TestClient]:
+    yield from _gateway(tmp_path, [SMALL, BIG])
+
+
+def test_readyz_reports_a_cascade_model_the_serving_layer_does_not_serve(small_only: TestClient) -> None:
+    r = small_only.get("/readyz")
+    assert r.status_code == 503, r.text
+    models = r.json()["checks"]["models"]
+    assert models[BIG]["ok"] is False and models[BIG]["used_by"] == ["listing-cascade:production (cascade)"]
+    assert "not served" in models[BIG]["error"] and SMALL in models[BIG]["error"]
+    assert models[SMALL] == {"ok": True, "used_by": ["listing-cascade:production"]}
+
+
+def test_readyz_is_ready_when_both_models_are_served(both_served: TestClient) -> None:
+    r = both_served.get("/readyz")
+    assert r.status_code == 200, r.text
+    assert {m: c["ok"] for m, c in r.json()["checks"]["models"].items()} == {SMALL: True, BIG: True}
+
+
+def test_a_production_move_to_a_version_whose_cascade_model_is_not_served_is_refused(tmp_path: Path) -> None:
+    """Through the admin API (the console and the remote CLI call the same `set_label`), before
+    the promotion gate is asked."""
+    store = SqlitePromptStore(tmp_path / "r.db")
+    seed_store(store, _write(tmp_path / "plain", _spec_data()).parent)
+    v2 = store.publish(PromptSpec.model_validate(_spec_data(model=BIG)), actor="t").version.version
+    key, record = generate_key("ops", ["admin"], created_by="test")
+    store.put_key(record)
+    app = create_app(GatewaySettings(default_prompt="listing-cascade"), store,
+                     FakeBackend(responder=Models()), metrics=Metrics(), models=[SMALL])
+    try:
+        with TestClient(app, headers={"authorization": f"Bearer {key}"}) as client:
+            r = client.put("/v1/prompts/listing-cascade/labels/production", json={"version": v2})
+            assert r.status_code == 422, r.text
+            error = r.json()["error"]
+            assert error["type"] == "unknown_model" and "'big-llama'" in error["message"]
+            assert store.labels("listing-cascade")["production"] == 1
+    finally:
+        store.close()
