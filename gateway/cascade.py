@@ -2,8 +2,24 @@
 
 A prompt version may name a second model (`cascade:` in its spec, `prompt_registry.models.
 CascadeSpec`). After the first model's verdict is validated, `escalation_trigger` decides
-whether it stands: a `needs_review` verdict (the fail-closed ones included) and, when the
-version asks for it, a self-reported confidence below `min_confidence` escalate. The second
+whether it stands. The triggers, in the order they are tried (the first that fires is
+recorded, as the decision log's `escalation` and the metric's `trigger`):
+
+- `needs_review`: the verdict is `needs_review`, the fail-closed ones included;
+- `low_margin` (with `min_margin`): the verdict's calibrated decision margin
+  (`Verdict.decision_margin`: probability of the generated decision minus the next most likely
+  one, from the token log-probabilities; its worst case when they are inexact) is below
+  `min_margin`. A verdict without a calibrated probability (the engine sent no
+  log-probabilities, the gateway asks for none (`gateway.verdict_top_logprobs: 0`), a
+  fail-closed verdict, tokens that do not spell the answer) cannot show it is sure, so it
+  escalates too, recorded as `margin_unavailable`: fail closed, and countable apart;
+- `low_confidence` (with `min_confidence`): the confidence the model wrote is below
+  `min_confidence`. Versions already stored use it and keep working; prefer `low_margin` for
+  new ones: the written confidence is a number the model generates, not a probability, while
+  the margin is measured from the model's own token distribution and its calibration is
+  reported per version by `modgate eval run` (reliability diagram, ECE).
+
+The second
 call is an ordinary `ModerationPipeline.evaluate` of the same version with the cascade's model,
 sampling and reasoning (`PromptSpec.second_spec`): the same render, admission slot (per model),
 resilient backend, deadline and fail-closed validation as the first. Its verdict is the answer;
@@ -14,9 +30,6 @@ When the second call fails (the model is down, saturated, out of time, not serve
 is `needs_review` with `fail_reason: escalation_failed`: the first verdict was the one judged
 not good enough to stand, so it never becomes the answer, and a dead second model does not turn
 unsure answers into errors either. The error type is kept (`escalation_error`).
-
-Calibrated probabilities (issue 19, item 1) are not in this tree yet: when they land, a
-low-margin trigger belongs in `escalation_trigger`, beside `low_confidence`.
 
 Metrics: `modgate_verdicts_total` counts each model's answer (an escalated request counts
 twice); `modgate_escalations_total` counts escalations by trigger and outcome.
@@ -35,26 +48,43 @@ from gateway.problems import ModelSaturated, QueueTimeout, problem_for
 from gateway.prompt_cache import Resolved
 from gateway.verdict import Verdict
 from prompt_registry import FAIL_CLOSED_DECISION, PromptSpec, PromptVersion
+from prompt_registry.models import CascadeSpec
 from serving import BackendError
 
-__all__ = ["ESCALATION_FAILED", "escalate", "escalation_trigger", "evaluate"]
+__all__ = ["ESCALATION_FAILED", "MARGIN_UNAVAILABLE", "escalate", "escalation_trigger", "evaluate",
+           "trigger_for"]
 
 log = logging.getLogger("modgate.gateway")
 
 ESCALATION_FAILED = "escalation_failed"
+MARGIN_UNAVAILABLE = "margin_unavailable"  # low_margin asked for, no calibrated probability
 _ESCALATION_ERRORS = (BackendError, ModelSaturated, QueueTimeout)
 
 
 def escalation_trigger(spec: PromptSpec, verdict: Verdict) -> str | None:
-    """Why *verdict* goes to the cascade's model (`needs_review`, `low_confidence`), or None
-    when it stands (no cascade, or a verdict the version trusts)."""
-    c = spec.cascade
+    """Why *verdict* goes to the cascade's model (`needs_review`, `low_margin`,
+    `margin_unavailable`, `low_confidence`), or None when it stands (no cascade, or a verdict
+    the version trusts)."""
+    return trigger_for(spec.cascade, verdict.decision, confidence=verdict.confidence,
+                       margin=verdict.decision_margin)
+
+
+def trigger_for(cascade: CascadeSpec | None, decision: str, *, confidence: float | None,
+                margin: float | None) -> str | None:
+    """`escalation_trigger` on a verdict's recorded fields (the evaluation applies it to its
+    item results): the first trigger of the module doc's list that fires."""
+    c = cascade
     if c is None:
         return None
-    if "needs_review" in c.escalate_on and verdict.decision == FAIL_CLOSED_DECISION:
+    if "needs_review" in c.escalate_on and decision == FAIL_CLOSED_DECISION:
         return "needs_review"
+    if "low_margin" in c.escalate_on and c.min_margin is not None:
+        if margin is None:
+            return MARGIN_UNAVAILABLE
+        if margin < c.min_margin:
+            return "low_margin"
     if ("low_confidence" in c.escalate_on and c.min_confidence is not None
-            and verdict.confidence is not None and verdict.confidence < c.min_confidence):
+            and confidence is not None and confidence < c.min_confidence):
         return "low_confidence"
     return None
 

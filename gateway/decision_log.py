@@ -177,8 +177,10 @@ class DecisionRecord(BaseModel):
                                          "before its verdict (its rationale is never stored here)")
     escalation: str | None = Field(None, description="cascade: why the first model's verdict "
                                    "went to the version's second model (needs_review, "
-                                   "low_confidence); null when it stood. decision, model and the "
-                                   "token counts are then the second model's")
+                                   "low_margin, margin_unavailable: low_margin asked for but the "
+                                   "verdict had no calibrated probability, low_confidence); null "
+                                   "when it stood. decision, model and the token counts are then "
+                                   "the second model's")
     escalation_error: str | None = Field(None, description="cascade: the second call failed "
                                          "(its error type); the answer was needs_review")
     first_model: str | None = Field(None, description="cascade: the first model (set with escalation)")
@@ -210,6 +212,10 @@ class DecisionRecord(BaseModel):
         "re-decides the logged verdict as the gateway would")
     decision_unresolved: float | None = Field(None, description="the unattributed probability "
                                               "mass of the decision alone")
+    first_decision_margin: float | None = Field(
+        None, description="cascade: the first verdict's calibrated decision margin (probability "
+        "of its decision minus the next most likely one; what low_margin compares with "
+        "min_margin); null when it had no calibrated probability")
 
     @field_validator("ts")
     @classmethod

@@ -41,6 +41,7 @@ def _first_answer(ev: Evaluation, first: Evaluation) -> dict[str, Any]:
             "first_model": first.result.model, "first_decision": first.verdict.decision,
             "first_category": first.verdict.category, "first_confidence": first.verdict.confidence,
             "first_fail_reason": first.verdict.fail_reason,
+            "first_decision_margin": first.verdict.decision_margin,
             "first_prompt_tokens": first.result.prompt_tokens,
             "first_completion_tokens": first.result.completion_tokens}
 

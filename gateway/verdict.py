@@ -135,6 +135,25 @@ class Verdict:
         return None if s is None else s.unresolved
 
     @property
+    def decision_margin(self) -> float | None:
+        """How far the generated decision is ahead of the next most likely allowed decision:
+        its calibrated probability minus the largest other one (top-1 minus top-2 of the
+        renormalised decision distribution when the model generated its most likely decision;
+        negative when it did not). When the probabilities are inexact (unresolved mass above
+        `EXACT_TOLERANCE`) it is the worst case within their bounds, the generated decision's
+        lower bound minus the others' upper bound, so an inexact probability never makes a
+        verdict look surer than it is. None without decision scores (a cascade's `low_margin`
+        trigger then escalates: gateway/cascade.py)."""
+        s = self.decision_scores
+        chosen = self.generated_decision
+        if s is None or chosen not in s.attributed:
+            return None
+        runner_up = max((p for v, p in s.attributed.items() if v != chosen), default=0.0)
+        ahead = s.attributed[chosen] - runner_up
+        margin = ahead / (1.0 - s.unresolved) if s.exact else ahead - s.unresolved
+        return round(margin, 6)
+
+    @property
     def probability_unresolved(self) -> float | None:
         """The larger unresolved mass of the two fields (0 when both are exact)."""
         masses = [s.unresolved for s in (self.decision_scores, self.category_scores) if s is not None]

@@ -82,24 +82,34 @@ class ReasoningSpec(_Strict):
                             "request's max_tokens is this plus sampling.max_tokens")
 
 
-EscalationTrigger = Literal["needs_review", "low_confidence"]
+EscalationTrigger = Literal["needs_review", "low_confidence", "low_margin"]
 
 
 class CascadeSpec(_Strict):
     """A second, larger model that answers again when the first one is unsure: a
-    `needs_review` verdict (including every fail-closed one) and, with `min_confidence`, a
-    verdict whose self-reported confidence is below it. The second answer replaces the first;
-    both are recorded in the decision log. Part of the version (and its content hash), so a
-    cascade ships, canaries and rolls back with the prompt it belongs to."""
+    `needs_review` verdict (including every fail-closed one); with `low_margin`, a verdict
+    whose calibrated decision margin (gateway/verdict.py, `Verdict.decision_margin`) is below
+    `min_margin`, or that has no calibrated probability at all (escalated as
+    `margin_unavailable`: fail closed); with `low_confidence`, a verdict whose self-reported
+    confidence is below `min_confidence` (kept for the versions stored with it; prefer
+    `low_margin`, which is measured from the model's token probabilities rather than a number
+    it writes). The second answer replaces the first; both are recorded in the decision log.
+    Part of the version (and its content hash), so a cascade ships, canaries and rolls back
+    with the prompt it belongs to."""
 
     model: str = Field(..., min_length=1, description="the model the escalated call goes to "
                        "(must be served, like the version's own model)")
     escalate_on: list[EscalationTrigger] = Field(
         default_factory=lambda: list[EscalationTrigger](["needs_review"]), min_length=1,
         description="needs_review: the first verdict is needs_review (fail-closed ones "
-        "included); low_confidence: its self-reported confidence is below min_confidence")
+        "included); low_margin: its calibrated decision margin (probability of the generated "
+        "decision minus the next most likely one) is below min_margin, or it has no calibrated "
+        "probability (escalated as margin_unavailable); low_confidence: its self-reported "
+        "confidence is below min_confidence (prefer low_margin)")
     min_confidence: float | None = Field(None, gt=0, le=1, description="with low_confidence: "
                                          "escalate verdicts whose confidence is below this")
+    min_margin: float | None = Field(None, gt=0, le=1, description="with low_margin: escalate "
+                                     "verdicts whose calibrated decision margin is below this")
     sampling: SamplingParams | None = Field(None, description="the second model's sampling "
                                             "(default: the version's)")
     reasoning: ReasoningSpec | None = Field(None, description="the second model reasons first "
@@ -111,6 +121,9 @@ class CascadeSpec(_Strict):
             raise ValueError("escalate_on: values must be unique")
         if ("low_confidence" in self.escalate_on) != (self.min_confidence is not None):
             raise ValueError("escalate_on: low_confidence and min_confidence go together "
+                             "(give both or neither)")
+        if ("low_margin" in self.escalate_on) != (self.min_margin is not None):
+            raise ValueError("escalate_on: low_margin and min_margin go together "
                              "(give both or neither)")
         return self
 
@@ -399,7 +412,8 @@ class PromptSpec(_Strict):
         """Hash of what changes behaviour, or how a version is judged; the change note and
         author do not count. A spec without an evaluation block hashes as it did before the
         block existed, so registries seeded earlier keep their versions (the same holds for the
-        optional `reasoning`, `cascade` and `thresholds` blocks)."""
+        optional `reasoning`, `cascade` and `thresholds` blocks, and for the cascade's optional
+        fields: a cascade without `min_margin` hashes as it did before the field existed)."""
         data = self.model_dump(mode="json")
         data["policy"].pop("change_note", None)
         data["policy"].pop("author", None)
@@ -407,7 +421,7 @@ class PromptSpec(_Strict):
             if data.get(optional) is None:
                 data.pop(optional, None)
         if data.get("cascade") is not None:
-            for key in ("sampling", "reasoning", "min_confidence"):
+            for key in ("sampling", "reasoning", "min_confidence", "min_margin"):
                 if data["cascade"].get(key) is None:
                     data["cascade"].pop(key)
         return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()

@@ -198,7 +198,8 @@ def build_ops_router(service: ModerationService, backend: InferenceBackend,
 
     @router.get("/readyz")
     async def readyz(request: Request) -> Response:
-        """Ready when the default prompt resolves and its model answers a 1-token probe. The
+        """Ready when the default prompt resolves, its model answers a 1-token probe and every
+        model the preloaded versions call (their cascades' too) is served. The
         check runs at most once per `readiness_cache_s` (probes never turn into model load);
         anonymous callers get only ready or not (no backend URL, no error texts), any valid
         key the checks."""

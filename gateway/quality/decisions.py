@@ -43,7 +43,8 @@ def arrow_schema() -> Any:
                  first_completion_tokens=pa.int64(), cached_prompt_tokens=pa.int64(),
                  decision_probability=pa.float64(), category_probability=pa.float64(),
                  block_probability=pa.float64(), probability_unresolved=pa.float64(),
-                 block_probability_low=pa.float64(), decision_unresolved=pa.float64())
+                 block_probability_low=pa.float64(), decision_unresolved=pa.float64(),
+                 first_decision_margin=pa.float64())
     return pa.schema([pa.field(name, types[name], nullable=name != "ts") for name in FIELDS])
 
 

@@ -10,7 +10,9 @@ second call fails or answers garbage.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +23,21 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from gateway.api.app import create_app
+from gateway.cascade import trigger_for
 from gateway.config import GatewaySettings
 from gateway.decision_log import DecisionLog, DecisionRecord
 from gateway.quality.decisions import arrow_schema, read_segments
 from gateway.telemetry import Metrics
+from gateway.verdict import parse_verdict
 from prompt_registry import PromptSpec, UnservedModel
 from prompt_registry.keys import generate_key
 from prompt_registry.loader import load_prompt_file, seed_store
 from prompt_registry.ops import publish_file
 from prompt_registry.sqlite_store import SqlitePromptStore
-from serving import ChatRequest
+from serving import ChatRequest, ChatResult
 from serving.errors import BackendUnavailable
 from serving.fake_backend import FakeBackend
+from serving.protocol import TokenLogprob
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "configs" / "prompts" / "listing-moderation.yaml"
@@ -71,8 +76,22 @@ def test_a_cascade_is_validated() -> None:
     for message, cascade in cases.items():
         with pytest.raises(ValidationError, match=message):
             PromptSpec.model_validate(_spec_data(**cascade))
-    with pytest.raises(ValidationError, match="escalate_on"):
+    with pytest.raises(ValidationError, match="low_margin and min_margin go together"):
         PromptSpec.model_validate(_spec_data(model=BIG, escalate_on=["low_margin"]))
+    with pytest.raises(ValidationError, match="low_margin and min_margin go together"):
+        PromptSpec.model_validate(_spec_data(model=BIG, min_margin=0.3))
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(ValidationError, match="min_margin"):
+            PromptSpec.model_validate(_spec_data(model=BIG, escalate_on=["low_margin"], min_margin=bad))
+    with pytest.raises(ValidationError, match="escalate_on"):
+        PromptSpec.model_validate(_spec_data(model=BIG, escalate_on=["low_prob"]))
+    margin = PromptSpec.model_validate(_spec_data(model=BIG, escalate_on=["needs_review", "low_margin"],
+                                                  min_margin=0.4))
+    assert margin.cascade is not None and margin.cascade.min_margin == 0.4
+    # low_margin needs no self-reported confidence: it reads the token probabilities
+    no_confidence_margin = _spec_data(model=BIG, escalate_on=["low_margin"], min_margin=0.4)
+    no_confidence_margin["verdict"]["confidence"] = False
+    PromptSpec.model_validate(no_confidence_margin)
     no_confidence = _spec_data(model=BIG, escalate_on=["low_confidence"], min_confidence=0.5)
     no_confidence["verdict"]["confidence"] = False
     with pytest.raises(ValidationError, match="needs verdict.confidence"):
@@ -93,7 +112,23 @@ def test_the_cascade_is_part_of_the_content_hash_and_absent_blocks_hash_as_befor
     other = PromptSpec.model_validate(_spec_data(model="bigger-llama"))
     low = PromptSpec.model_validate(_spec_data(model=BIG, escalate_on=["needs_review", "low_confidence"],
                                                min_confidence=0.7))
-    assert len({plain.content_hash(), one.content_hash(), other.content_hash(), low.content_hash()}) == 4
+    margin = PromptSpec.model_validate(_spec_data(model=BIG, escalate_on=["needs_review", "low_margin"],
+                                                  min_margin=0.7))
+    assert len({plain.content_hash(), one.content_hash(), other.content_hash(), low.content_hash(),
+                margin.content_hash()}) == 5
+    # versions stored before min_margin existed keep their hash: the rule as it was then
+    for spec in (one, low):
+        data = spec.model_dump(mode="json")
+        data["cascade"].pop("min_margin")
+        for key in ("sampling", "reasoning", "min_confidence"):
+            if data["cascade"][key] is None:
+                data["cascade"].pop(key)
+        for key in ("evaluation", "reasoning", "thresholds"):
+            assert data.pop(key) is None
+        data["policy"].pop("change_note")
+        data["policy"].pop("author")
+        assert spec.content_hash() == hashlib.sha256(
+            orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
     assert one.answer_hash() != plain.answer_hash()  # evaluation answers are cached per cascade
 
 
@@ -129,16 +164,46 @@ def _verdict(decision: str, category: str, confidence: float) -> str:
 
 
 class Models:
-    """What each model answers (a function of the request), on one fake backend."""
+    """What each model answers (a function of the request), on one fake backend; and, per
+    model, the engine's distribution over the decisions at the decision token (`scored`), or
+    None for an engine that sends no log-probabilities (absent: every token certain)."""
 
     def __init__(self) -> None:
         self.answers: dict[str, Callable[[ChatRequest], str]] = {
             SMALL: lambda r: _verdict("needs_review", "none", 0.5),
             BIG: lambda r: _verdict("block", "counterfeit", 0.93),
         }
+        self.scored: dict[str, dict[str, float] | None] = {}
 
     def __call__(self, request: ChatRequest) -> str:
         return self.answers[request.model](request)
+
+
+def _scored_tokens(text: str, distribution: dict[str, float]) -> tuple[TokenLogprob, ...]:
+    """*text* (a verdict) as an engine reports it: every token certain but the decision's, whose
+    top alternatives are *distribution* (decision -> probability; what it leaves out of 1 is
+    mass the top-k did not list)."""
+    head = '{"decision":"'
+    decision = text[len(head):text.index('"', len(head))]
+    top = tuple(sorted(((d, math.log(p)) for d, p in distribution.items()), key=lambda a: -a[1]))
+    return (TokenLogprob(head, 0.0, ((head, 0.0),)), TokenLogprob(decision, math.log(distribution[decision]), top),
+            TokenLogprob(text[len(head) + len(decision):], 0.0, ((text[len(head) + len(decision):], 0.0),)))
+
+
+class ScoredBackend(FakeBackend):
+    """The fake backend with the log-probabilities `Models.scored` says."""
+
+    def __init__(self, models: Models) -> None:
+        super().__init__(responder=models)
+        self.models = models
+
+    async def chat(self, request: ChatRequest, *, timeout_s: float) -> ChatResult:
+        result = await super().chat(request, timeout_s=timeout_s)
+        if request.model not in self.models.scored or request.top_logprobs is None:
+            return result
+        distribution = self.models.scored[request.model]
+        return replace(result, logprobs=None if distribution is None
+                       else _scored_tokens(result.text, distribution))
 
 
 class Stack:
@@ -168,7 +233,7 @@ def _stack(tmp_path: Path, **cascade: Any) -> Iterator[Stack]:
     key, record = generate_key("svc", ["moderate"], created_by="test")
     store.put_key(record)
     models = Models()
-    backend = FakeBackend(responder=models)
+    backend = ScoredBackend(models)
     metrics = Metrics()
     log = DecisionLog(tmp_path / "decisions", replica="gw-0")
     app = create_app(GatewaySettings(default_prompt="listing-cascade"), store, backend,
@@ -228,6 +293,77 @@ def test_low_confidence_escalates_below_the_threshold_only(low_stack: Stack) -> 
     by_id = {r.request_id: r for r in low_stack.records()}
     assert by_id["r-low"].escalation == "low_confidence" and by_id["r-low"].first_decision == "allow"
     assert by_id["r-sure"].escalation is None
+
+
+@pytest.fixture
+def margin_stack(tmp_path: Path) -> Iterator[Stack]:
+    yield from _stack(tmp_path, model=BIG, escalate_on=["needs_review", "low_margin"], min_margin=0.5)
+
+
+def _margin(distribution: dict[str, float] | None, decision: str = "allow") -> float | None:
+    text = _verdict(decision, "none", 0.9)
+    tokens = None if distribution is None else _scored_tokens(text, distribution)
+    return parse_verdict(text, "stop", load_prompt_file(BASE).verdict, logprobs=tokens).decision_margin
+
+
+def test_the_decision_margin_is_top_one_minus_top_two_and_its_worst_case_when_inexact() -> None:
+    assert _margin({"allow": 0.6, "block": 0.35, "needs_review": 0.05}) == pytest.approx(0.25)
+    # renormalised over the allowed decisions: a forbidden alternative carries no mass
+    assert _margin({"allow": 0.48, "block": 0.28, "needs_review": 0.04, "maybe": 0.2}) == pytest.approx(0.25)
+    # a sampled answer that was not the most likely one is behind: negative
+    assert _margin({"allow": 0.6, "block": 0.35, "needs_review": 0.05}, "block") == pytest.approx(-0.25)
+    # 0.1 of the mass unlisted by the top-k: it could all be block's, so allow is surely ahead by
+    # 0.6 - (0.3 + 0.1) only (the point estimate, (0.6 - 0.3) / 0.9, would say 0.333)
+    assert _margin({"allow": 0.6, "block": 0.3}) == pytest.approx(0.2)
+    assert _margin({"allow": 1.0}) == 1.0
+    assert _margin(None) is None
+
+
+def test_a_low_margin_escalates_and_the_log_records_it(margin_stack: Stack) -> None:
+    margin_stack.models.answers[SMALL] = lambda r: _verdict("allow", "none", 0.99)  # sure, it says
+    margin_stack.models.scored[SMALL] = {"allow": 0.6, "block": 0.35, "needs_review": 0.05}
+    assert margin_stack.moderate("r-close")["decision"] == "block"
+    margin_stack.models.scored[SMALL] = {"allow": 0.8, "block": 0.15, "needs_review": 0.05}
+    body = margin_stack.moderate("r-clear")
+    assert (body["decision"], body["model"]) == ("allow", SMALL)
+    assert [r.model for r in margin_stack.backend.requests] == [SMALL, BIG, SMALL]
+    by_id = {r.request_id: r for r in margin_stack.records()}
+    close = by_id["r-close"]
+    assert (close.escalation, close.first_decision, close.first_model) == ("low_margin", "allow", SMALL)
+    assert close.first_decision_margin == pytest.approx(0.25)
+    assert by_id["r-clear"].escalation is None and by_id["r-clear"].first_decision_margin is None
+    assert margin_stack.sample("modgate_escalations_total", prompt="listing-cascade", version="1",
+                               arm="stable", trigger="low_margin", outcome="answered") == 1.0
+
+
+def test_a_verdict_without_a_calibrated_probability_escalates_as_margin_unavailable(margin_stack: Stack) -> None:
+    """Fail closed: low_margin asked for, the engine sent no log-probabilities, so nothing shows
+    the answer is sure; the log says why it escalated."""
+    margin_stack.models.answers[SMALL] = lambda r: _verdict("allow", "none", 0.99)
+    margin_stack.models.scored[SMALL] = None
+    assert margin_stack.moderate("r-blind")["decision"] == "block"
+    (rec,) = margin_stack.records()
+    assert (rec.escalation, rec.first_decision, rec.first_decision_margin) == (
+        "margin_unavailable", "allow", None)
+    assert margin_stack.sample("modgate_escalations_total", prompt="listing-cascade", version="1",
+                               arm="stable", trigger="margin_unavailable", outcome="answered") == 1.0
+
+
+def test_needs_review_is_tried_before_the_margin_and_the_margin_before_the_confidence() -> None:
+    cascade = PromptSpec.model_validate(_spec_data(
+        model=BIG, escalate_on=["needs_review", "low_margin", "low_confidence"], min_margin=0.5,
+        min_confidence=0.7)).cascade
+    assert trigger_for(cascade, "needs_review", confidence=None, margin=None) == "needs_review"
+    assert trigger_for(cascade, "allow", confidence=0.1, margin=None) == "margin_unavailable"
+    assert trigger_for(cascade, "allow", confidence=0.1, margin=0.2) == "low_margin"
+    assert trigger_for(cascade, "allow", confidence=0.1, margin=0.5) == "low_confidence"
+    assert trigger_for(cascade, "allow", confidence=0.7, margin=0.5) is None
+    only_margin = PromptSpec.model_validate(_spec_data(model=BIG, escalate_on=["low_margin"],
+                                                       min_margin=0.5)).cascade
+    # without needs_review in escalate_on, a fail-closed verdict (no probability) still escalates
+    assert trigger_for(only_margin, "needs_review", confidence=None, margin=None) == "margin_unavailable"
+    assert trigger_for(only_margin, "needs_review", confidence=None, margin=0.9) is None
+    assert trigger_for(None, "needs_review", confidence=None, margin=None) is None
 
 
 def test_a_failed_second_call_answers_needs_review_never_the_first_verdict(low_stack: Stack) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,12 +20,13 @@ import yaml
 from typer.testing import CliRunner
 
 import gateway.cli.eval as eval_cli
-from gateway.quality.evaluation.cascade import cascade_summary, run_cascades
+from gateway.quality.evaluation.cascade import cascade_summary, run_cascades, summary_markdown
 from gateway.quality.evaluation.dataset import load_dataset
 from gateway.quality.evaluation.scorecard import build_scorecard
 from prompt_registry import PromptSpec, PromptVersion
 from serving import ChatRequest
 from serving.fake_backend import FakeBackend
+from tests.unit.test_cascade import _scored_tokens
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "datasets" / "listings-sample.jsonl"
@@ -159,3 +162,77 @@ def test_cli_run_writes_the_cascade_report(tmp_path: Path, example_spec: PromptS
     assert text.exit_code == 0, text.output
     assert backends[1].by_model == {}  # all cached
     assert "v2 cascade: escalated" in text.output and "second alone" in text.output
+
+
+class MarginCalls(Calls):
+    """The small model answers the gold verdict on every item, but on a stable ~30 % its
+    decision is a close call (probability 0.55 against 0.45 for the next, margin 0.1) and on
+    ~10 % its engine sends no log-probabilities; otherwise it is sure (0.95). The big model is
+    the oracle's. What the cascade should escalate is known per item from the same rule."""
+
+    CLOSE, BLIND = 0.3, 0.1
+
+    @staticmethod
+    def kind(item_id: str) -> str:
+        x = random.Random(f"margin:{item_id}").random()
+        return "close" if x < MarginCalls.CLOSE else "blind" if x < MarginCalls.CLOSE + MarginCalls.BLIND else "sure"
+
+    async def chat(self, request: ChatRequest, *, timeout_s: float) -> Any:
+        result = await super().chat(request, timeout_s=timeout_s)
+        if request.model != SMALL:
+            return result
+        row = next(r for r in load_dataset(SAMPLE).rows
+                   if json.dumps({"title": r.title, "description": r.description}, ensure_ascii=False)
+                   in request.messages[-1]["content"])
+        text = _verdict(row.gold_decision, row.gold_category, 0.99)
+        kind = self.kind(row.item_id)
+        if kind == "blind":
+            return replace(result, text=text, logprobs=None)
+        p = 0.55 if kind == "close" else 0.95
+        other = next(d for d in ("allow", "block", "needs_review") if d != row.gold_decision)
+        return replace(result, text=text, logprobs=_scored_tokens(
+            text, {row.gold_decision: p, other: 1.0 - p}))
+
+
+def test_the_comparison_covers_the_low_margin_trigger(example_spec: PromptSpec, tmp_path: Path) -> None:
+    data = example_spec.model_dump(mode="json", exclude_none=True)
+    data["cascade"] = {"model": BIG, "escalate_on": ["low_margin"], "min_margin": 0.5}
+    spec = PromptSpec.model_validate(data)
+    version = PromptVersion(spec=spec, version=4, content_hash=spec.content_hash(),
+                            created_at=datetime(2026, 1, 1, tzinfo=UTC))
+    dataset = load_dataset(SAMPLE)
+    backend = MarginCalls()
+
+    def run() -> Any:
+        (r,) = asyncio.run(run_cascades([version], list(dataset.rows), backend, concurrency=4,
+                                        cache_dir=tmp_path / "cache", priority=5, timeout_s=5.0,
+                                        progress=False))
+        return r
+    r = run()
+    expected = {row.item_id: {"close": "low_margin", "blind": "margin_unavailable"}[k]
+                for row in dataset.rows if (k := MarginCalls.kind(row.item_id)) != "sure"}
+    assert r.triggers == expected
+    assert set(expected.values()) == {"low_margin", "margin_unavailable"}
+    for a, b, c in zip(r.first, r.second, r.cascade, strict=True):
+        assert a.decision_margin == {"close": pytest.approx(0.1), "blind": None,
+                                     "sure": pytest.approx(0.9)}[MarginCalls.kind(a.item_id)]
+        assert (c.decision, c.category) == (
+            (b.decision, b.category) if a.item_id in expected else (a.decision, a.category))
+
+    summary = cascade_summary(r, dataset)
+    assert summary["escalate_on"] == ["low_margin"] and summary["min_margin"] == 0.5
+    assert summary["by_trigger"] == dict(Counter(expected.values()))
+    assert summary["escalated"] == len(expected)
+    # the first model answers gold everywhere: escalating its close calls to a worse model costs
+    assert arms_accuracy(summary, "first") > arms_accuracy(summary, "cascade") > arms_accuracy(summary, "second")
+    md = summary_markdown(summary)
+    assert "min_margin 0.5" in md and "low_margin" in md and "margin_unavailable" in md
+
+    # the margins come back from the answer cache (log-probabilities are cached with the answers)
+    backend.by_model.clear()
+    again = run()
+    assert backend.by_model == {} and again.triggers == r.triggers
+
+
+def arms_accuracy(summary: dict[str, Any], arm: str) -> float:
+    return float(summary["arms"][arm]["accuracy"])

@@ -7,8 +7,9 @@ cost, `modgate eval run` evaluates three things on the same rows:
 - **first alone**: the version's model on every row (the version without its cascade);
 - **second alone**: the cascade's model on every row (`PromptSpec.second_spec`);
 - **cascade**: per row the first answer, or the second where the first escalates
-  (`gateway.cascade.escalation_trigger`, the serve-time rule), costing the sum of both calls'
-  tokens and latency (they run one after the other).
+  (`gateway.cascade.trigger_for` on the first answer's decision, confidence and calibrated
+  decision margin: the serve-time rule, `low_margin` and `margin_unavailable` included),
+  costing the sum of both calls' tokens and latency (they run one after the other).
 
 The cascade's results are the version's results (its scorecard, promotion gates): that is what
 production answers. The model is called once per row and model; answers are cached like any
@@ -25,10 +26,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.cascade import escalation_trigger, second_version
+from gateway.cascade import second_version, trigger_for
 from gateway.quality.evaluation.runner import ItemResult, run_eval
 from gateway.quality.evaluation.scorecard import Scorecard, build_scorecard
-from gateway.verdict import Verdict
 from prompt_registry import PromptVersion
 from serving import InferenceBackend
 
@@ -65,8 +65,8 @@ def combine(version: PromptVersion, first: ItemResult, second: ItemResult) -> tu
     """The cascade's result for one row, and the trigger when it escalated."""
     if first.error_type is not None or first.decision is None:
         return first, None  # no first verdict: the request fails before any escalation
-    trigger = escalation_trigger(version.spec, Verdict(first.decision, first.category,
-                                                       first.confidence, first.fail_reason))
+    trigger = trigger_for(version.spec.cascade, first.decision, confidence=first.confidence,
+                          margin=first.decision_margin)
     if trigger is None:
         return first, None
     both = replace(second, latency_ms=first.latency_ms + second.latency_ms,
@@ -123,6 +123,7 @@ def cascade_summary(run: CascadeRun, dataset: Dataset) -> dict[str, Any]:
         "prompt": version.name, "version": version.version, "version_hash": version.content_hash,
         "dataset_sha256": dataset.sha256, "items": n,
         "escalate_on": list(cascade.escalate_on), "min_confidence": cascade.min_confidence,
+        "min_margin": cascade.min_margin,
         "escalated": len(run.triggers), "escalation_rate": len(run.triggers) / n if n else None,
         "by_trigger": dict(Counter(run.triggers.values())),
         "arms": {arm: _arm_summary(scorecards[arm], models[arm]) for arm in ARMS},
@@ -140,6 +141,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
              f"escalated {summary['escalated']} ({_f(summary['escalation_rate'])}) on "
              f"{', '.join(summary['escalate_on'])}"
              + (f" (min_confidence {summary['min_confidence']})" if summary["min_confidence"] else "")
+             + (f" (min_margin {summary['min_margin']})" if summary.get("min_margin") else "")
              + "; by trigger: " + (", ".join(f"{k} {v}" for k, v in sorted(summary["by_trigger"].items()))
                                    or "none"), "",
              "| | model | macro F1 | accuracy | flagged precision | flagged recall | needs_review | "

@@ -70,6 +70,7 @@ class ItemResult:
     probability_unresolved: float | None = None
     decided_by: str | None = None        # model | threshold | fail_closed (None: no verdict)
     model_decision: str | None = None    # the model's decision when not the model decided
+    decision_margin: float | None = None  # Verdict.decision_margin: what a cascade's low_margin reads
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -198,7 +199,8 @@ def _result(version: PromptVersion, row: DatasetRow, prompt_locale: str, answer:
                       block_probability=verdict.block_probability if verdict else None,
                       probability_unresolved=verdict.probability_unresolved if verdict else None,
                       decided_by=verdict.decided_by if verdict else None,
-                      model_decision=verdict.model_decision if verdict else None)
+                      model_decision=verdict.model_decision if verdict else None,
+                      decision_margin=verdict.decision_margin if verdict else None)
 
 
 def _progress_enabled(progress: bool) -> bool:
