@@ -33,7 +33,7 @@ from serving.errors import (
     report_upstream,
 )
 from serving.protocol import ChatChunk, ChatRequest, ChatResult, Timings, TokenLogprob
-from serving.reasoning import HARMONY_MARKER, split_harmony
+from serving.reasoning import HARMONY_MARKER, answer_tokens, split_harmony
 
 __all__ = ["OpenAIHttpBackend", "build_chat_body", "error_status", "parse_completion", "parse_logprobs",
            "upstream_error"]
@@ -252,9 +252,13 @@ def parse_completion(data: Any, model: str, total_ms: float, source: str) -> Cha
         message = choice["message"]
         text = message["content"] or ""
         reasoning = message.get("reasoning") or message.get("reasoning_content")
-        if reasoning is None and HARMONY_MARKER in text:  # no reasoning parser on the server
+        logprobs = parse_logprobs(choice.get("logprobs"))
+        harmony = reasoning is None and HARMONY_MARKER in text  # no reasoning parser on the server
+        if harmony:
             answer = split_harmony(text, stopped=choice.get("finish_reason") == "stop")
             text, reasoning = answer.final or "", answer.analysis
+        if logprobs is not None and (harmony or reasoning is not None):  # the answer's tokens only
+            logprobs = answer_tokens(logprobs, text)
         usage = data.get("usage") or {}
         details = usage.get("prompt_tokens_details") or {}
         reasoning_tokens = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens")
@@ -268,7 +272,7 @@ def parse_completion(data: Any, model: str, total_ms: float, source: str) -> Cha
             cached_prompt_tokens=details.get("cached_tokens"),
             reasoning=str(reasoning) if reasoning is not None else None,
             reasoning_tokens=int(reasoning_tokens) if reasoning_tokens is not None else None,
-            logprobs=parse_logprobs(choice.get("logprobs")),
+            logprobs=logprobs,
         )
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
         body = _dumps(data)

@@ -75,7 +75,9 @@ class ChatResult:
     reasoning: str | None = field(default=None, repr=False)
     reasoning_tokens: int | None = None  # usage.completion_tokens_details.reasoning_tokens
     # The generated tokens with their log-probabilities, when the request asked for them and
-    # the server sent them; None otherwise (never an empty stand-in).
+    # the server sent them; None otherwise (never an empty stand-in). For a model that reasoned
+    # first, the tokens of `text` only (the final answer's, serving/reasoning.py), or None when
+    # they cannot be found.
     logprobs: tuple[TokenLogprob, ...] | None = None
 
 

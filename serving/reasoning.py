@@ -22,16 +22,44 @@ the reasoning.
 
 The reasoning is listing-derived text: callers keep it in `ChatResult.reasoning` (not in its
 repr) and must never log it or put it on a span.
+
+Log-probabilities of the final answer
+-------------------------------------
+vLLM reports a log-probability for every generated token, the reasoning's included (its
+`logprobs.content` covers the whole completion, decoded token by token with the special
+tokens as their text, while `message.content` is only the final channel). The calibrated
+probability (gateway/verdict.py) is read at the verdict's token positions, so `answer_tokens`
+cuts the tokens of the last final message's body out of the completion: the tokens after a
+`<|channel|>` token, a header naming the `final` channel (`final`, `final <|constrain|>json`)
+and a `<|message|>` token, up to the message's end. The markers must be whole tokens (the
+special tokens): the same characters written by the model inside its reasoning are ordinary
+pieces (`<|`, `channel`, `|>`) and are never taken for a marker. The slice counts only when its
+tokens spell the final text the server returned; otherwise (special tokens reported as empty
+strings, a final message the server read differently, no final message) there are none and
+the probabilities stay null, as for an engine that sends no log-probabilities.
+
+What the number then means: the model's probability of each allowed value *given the
+prompt and the reasoning it wrote*, not averaged over the reasoning it might have written.
+vLLM applies the verdict grammar inside the final channel only, so at those positions the
+reported distribution is masked to the allowed values exactly as for a model that does not
+reason. Whether it is calibrated is measured, as for any version, by `modgate eval run`
+(reliability diagram, ECE) before operating points or a cascade's `low_margin` rely on it.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["HARMONY_MARKER", "HarmonyAnswer", "split_harmony"]
+from serving.protocol import TokenLogprob
+
+__all__ = ["HARMONY_MARKER", "HarmonyAnswer", "answer_tokens", "split_harmony"]
 
 HARMONY_MARKER = "<|channel|>"
+_MESSAGE_TOKEN = "<|message|>"
+_MESSAGE_ENDS = frozenset({"<|end|>", "<|return|>", "<|call|>", "<|start|>"})
+_CHANNEL_NAME = re.compile(r"\s*([a-z]+)(?=\s|<\|constrain\|>|$)")
 _MESSAGE = re.compile(
     r"(?:<\|start\|>assistant)?<\|channel\|>(?P<channel>[a-z]+)(?P<header>[^<]*(?:<\|constrain\|>[^<]*)?)"
     r"<\|message\|>(?P<body>.*?)(?P<end><\|end\|>|<\|return\|>|<\|call\|>|(?=<\|start\|>)|$)",
@@ -68,3 +96,29 @@ def split_harmony(text: str, *, stopped: bool) -> HarmonyAnswer:
     return HarmonyAnswer(final=finals[-1] if finals else None,
                          analysis="\n".join(analysis) if analysis else None,
                          channels=tuple(channels))
+
+
+def answer_tokens(tokens: Sequence[TokenLogprob], text: str) -> tuple[TokenLogprob, ...] | None:
+    """The tokens that spell *text*, the final answer of a completion that may have reasoned
+    first (module doc): all of *tokens* when they already begin with it, else the body of the
+    last final-channel message when that begins with it; None when neither does (no
+    calibrated probability rather than one read at the wrong positions)."""
+    if not text:
+        return None
+    if "".join(t.token for t in tokens).startswith(text):
+        return tuple(tokens)
+    start: int | None = None
+    channel_at: int | None = None
+    for i, t in enumerate(tokens):
+        if t.token == HARMONY_MARKER:
+            channel_at = i
+        elif t.token == _MESSAGE_TOKEN and channel_at is not None:
+            header = _CHANNEL_NAME.match("".join(x.token for x in tokens[channel_at + 1:i]))
+            if header is not None and header.group(1) == "final":
+                start = i + 1
+            channel_at = None
+    if start is None:
+        return None
+    end = next((j for j in range(start, len(tokens)) if tokens[j].token in _MESSAGE_ENDS), len(tokens))
+    body = tuple(tokens[start:end])
+    return body if "".join(t.token for t in body).startswith(text) else None

@@ -12,6 +12,7 @@ import asyncio
 import copy
 import json
 import logging
+import math
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,7 +42,8 @@ from prompt_registry.sqlite_store import SqlitePromptStore
 from serving import ChatRequest, ChatResult
 from serving.fake_backend import FakeBackend
 from serving.http_backend import OpenAIHttpBackend, build_chat_body, parse_completion
-from serving.reasoning import split_harmony
+from serving.protocol import TokenLogprob
+from serving.reasoning import answer_tokens, split_harmony
 from tests.handler_server import HandlerServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -169,6 +171,86 @@ def test_split_harmony_reads_channels_and_only_ended_finals() -> None:
     assert split_harmony('<|channel|>final<|message|>{"a":1}', stopped=True).final == '{"a":1}'
     assert split_harmony('<|channel|>final<|message|>{"a":1}', stopped=False).final is None
     assert split_harmony("<|channel|>analysis<|message|>thinking", stopped=True).final is None
+
+
+# -- calibrated probabilities of a reasoned answer -------------------------------------------
+
+LOGPROB_FIXTURES = ("separated-logprobs", "raw-harmony-logprobs")
+
+
+def _top(fixture: dict[str, Any], token: str) -> dict[str, float]:
+    """The alternatives the engine reported at the one position where *token* was generated."""
+    (entry,) = [e for e in fixture["response"]["choices"][0]["logprobs"]["content"] if e["token"] == token]
+    return {a["token"]: a["logprob"] for a in entry["top_logprobs"]}
+
+
+def _renormalised(top: dict[str, float], chosen: str, allowed: tuple[str, ...]) -> float:
+    mass = {t: math.exp(lp) for t, lp in top.items() if t in allowed}
+    return mass[chosen] / sum(mass.values())
+
+
+@pytest.mark.parametrize("name", LOGPROB_FIXTURES)
+def test_a_reasoned_answer_is_scored_at_its_final_channels_tokens(name: str) -> None:
+    """The engine's tokens cover the reasoning too; the probability is read where the final
+    message spells the verdict (not at the decoy verdict the model wrote in its reasoning)."""
+    fixture = _fixtures()[name]
+    schema = load_prompt_file(SAFEGUARD_PROMPT).verdict
+    result = _through_http(fixture["response"])
+    assert result.logprobs is not None and "".join(t.token for t in result.logprobs) == result.text
+    verdict = parse_verdict(result.text, result.finish_reason, schema, logprobs=result.logprobs)
+    assert (verdict.decision, verdict.category) == ("block", "counterfeit")
+    decision = _top(fixture, "block")  # the decoy's position has "allow" generated, not "block"
+    expected = _renormalised(decision, "block", ("block", "allow", "needs"))
+    assert verdict.decision_probability == pytest.approx(expected, abs=1e-6)
+    assert verdict.decision_margin == pytest.approx(
+        expected - _renormalised(decision, "allow", ("block", "allow", "needs")), abs=1e-6)
+    category = _top(fixture, "counter")
+    assert verdict.category_probability == pytest.approx(
+        _renormalised(category, "counter", ("counter", "off", "prohibited", "none")), abs=1e-6)
+    assert verdict.probability_unresolved == pytest.approx(0.0, abs=1e-3)
+
+
+def test_a_reasoned_answer_whose_markers_cannot_be_found_keeps_null_probabilities() -> None:
+    """Special tokens reported as empty strings (a server that skips them when decoding
+    log-probabilities): the final message cannot be located, so no probability rather than one
+    read at guessed positions."""
+    fixture = copy.deepcopy(_fixtures()["separated-logprobs"])
+    for entry in fixture["response"]["choices"][0]["logprobs"]["content"]:
+        if entry["token"].startswith("<|") and entry["token"].endswith("|>"):
+            entry["token"] = ""
+    result = _through_http(fixture["response"])
+    assert result.logprobs is None
+    verdict = parse_verdict(result.text, result.finish_reason, load_prompt_file(SAFEGUARD_PROMPT).verdict,
+                            logprobs=result.logprobs)
+    assert (verdict.decision, verdict.decision_probability, verdict.decision_margin) == ("block", None, None)
+
+
+def _tokens(*pieces: str) -> list[TokenLogprob]:
+    return [TokenLogprob(p, 0.0) for p in pieces]
+
+
+def test_answer_tokens_takes_the_last_final_message_by_its_special_tokens_only() -> None:
+    final = ['{"a":', "1}"]
+    reasoned = _tokens("<|channel|>", "analysis", "<|message|>", "think", "<|end|>", "<|start|>",
+                       "assistant", "<|channel|>", "final", "<|message|>", *final, "<|return|>")
+    assert [t.token for t in answer_tokens(reasoned, '{"a":1}') or ()] == final
+    # a model that does not reason: its tokens are the answer's (the stop token may follow)
+    plain = _tokens('{"a":', "1}", "<|end|>")
+    assert answer_tokens(plain, '{"a":1}') == tuple(plain)
+    # the markers written as ordinary pieces inside the reasoning are not markers
+    decoy = _tokens("<|channel|>", "analysis", "<|message|>", "<|", "channel", "|>", "final", "<|",
+                    "message", "|>", *final, "<|end|>")
+    assert answer_tokens(decoy, '{"a":1}') is None
+    # only the final channel: commentary, a look-alike name, a message without a channel
+    for header in (("commentary",), ("finals",), ("final", " to=x")):
+        tokens = _tokens("<|channel|>", *header, "<|message|>", *final)
+        assert (answer_tokens(tokens, '{"a":1}') is not None) == (header == ("final", " to=x"))
+    assert answer_tokens(_tokens("<|message|>", *final), '{"a":1}') is None
+    # the header may constrain the final message's format
+    constrained = _tokens("<|channel|>", "final", " ", "<|constrain|>", "json", "<|message|>", *final)
+    assert answer_tokens(constrained, '{"a":1}') == tuple(constrained[6:])
+    # tokens that do not spell the server's final text, or no text: nothing
+    assert answer_tokens(reasoned, '{"a":2}') is None and answer_tokens(reasoned, "") is None
 
 
 # -- the GPU example ------------------------------------------------------------------------
