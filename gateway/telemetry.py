@@ -146,7 +146,7 @@ class Metrics:
             ["prompt", "version", "arm", "reason"], registry=r)
         self.escalations = Counter(
             "modgate_escalations", "Cascade escalations to a version's second model, by trigger "
-            "(needs_review, low_confidence) and outcome (answered, failed)",
+            "(needs_review, low_margin, margin_unavailable, low_confidence) and outcome (answered, failed)",
             ["prompt", "version", "arm", "trigger", "outcome"], registry=r)
         self.errors = Counter("modgate_moderation_errors", "Moderations answered with an error",
                               ["prompt", "arm", "type"], registry=r)
