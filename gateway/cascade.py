@@ -64,9 +64,13 @@ _ESCALATION_ERRORS = (BackendError, ModelSaturated, QueueTimeout)
 def escalation_trigger(spec: PromptSpec, verdict: Verdict) -> str | None:
     """Why *verdict* goes to the cascade's model (`needs_review`, `low_margin`,
     `margin_unavailable`, `low_confidence`), or None when it stands (no cascade, or a verdict
-    the version trusts)."""
-    return trigger_for(spec.cascade, verdict.decision, confidence=verdict.confidence,
-                       margin=verdict.decision_margin)
+    the version trusts). The margin is computed only for a cascade that reads it (this runs on
+    every moderation)."""
+    c = spec.cascade
+    if c is None:
+        return None
+    margin = verdict.decision_margin if c.min_margin is not None else None
+    return trigger_for(c, verdict.decision, confidence=verdict.confidence, margin=margin)
 
 
 def trigger_for(cascade: CascadeSpec | None, decision: str, *, confidence: float | None,
