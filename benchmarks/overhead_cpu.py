@@ -31,6 +31,10 @@ same stub, same driver): the least a Python moderation gateway does per request.
 --floor` adds it as one more arm (from this checkout), so each tree's CPU per request is also a
 ratio to the floor's measured in the same rounds: the target of issue 20 (plain ≥ 0.8 × the
 floor's throughput) is, in CPU, at most 1.25 × the floor's CPU per request.
+
+`--sample-ratios 0.1,0` runs each tree once per tracing sample ratio (0: tracing off, as
+overhead.py's `plain-trace-off`) and prints each tree's CPU cost of tracing from the same
+rounds. The OTLP receiver runs in a process of its own, like the collector it stands for.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ from benchmarks.overhead import LISTING, _free_port, _wait_http, start_bench_rol
 FLOOR = "floor"
 
 
-def _config(name: str, data: Path, stub_port: int, endpoint: str) -> tuple[Any, Any, str]:
+def _config(name: str, data: Path, stub_port: int, endpoint: str, ratio: float = 0.1) -> tuple[Any, Any, str]:
     """The scenario's config, store and API key, as overhead.py builds them."""
     import yaml
 
@@ -73,7 +77,8 @@ def _config(name: str, data: Path, stub_port: int, endpoint: str) -> tuple[Any, 
     raw["registry"]["seed_dir"] = None
     raw["gateway"].update(max_inflight_per_model=512, max_queued_per_model=4096)
     raw["serving"].update(mode="http", base_url=f"http://127.0.0.1:{stub_port}/v1")
-    raw["tracing"] = {"exporter": "otlp_http", "endpoint": endpoint, "sample_ratio": 0.1}
+    raw["tracing"] = ({"exporter": "none", "sample_ratio": 0.0} if ratio == 0 else
+                      {"exporter": "otlp_http", "endpoint": endpoint, "sample_ratio": ratio})
     path = data / "modgate.yaml"
     data.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(raw))
@@ -87,7 +92,7 @@ def _config(name: str, data: Path, stub_port: int, endpoint: str) -> tuple[Any, 
     return cfg, store, key
 
 
-def _build(name: str, data: Path, stub_port: int, endpoint: str) -> tuple[Any, Any, str]:
+def _build(name: str, data: Path, stub_port: int, endpoint: str, ratio: float = 0.1) -> tuple[Any, Any, str]:
     """The app to drive, the store to close (None for the floor) and the API key to send."""
     if name == FLOOR:
         from benchmarks.floor_gateway import build_app
@@ -96,7 +101,7 @@ def _build(name: str, data: Path, stub_port: int, endpoint: str) -> tuple[Any, A
                          f"http://127.0.0.1:{stub_port}/v1"), None, "unused"
     from gateway.bootstrap import build_gateway
 
-    cfg, store, key = _config(name, data, stub_port, endpoint)
+    cfg, store, key = _config(name, data, stub_port, endpoint, ratio)
     return build_gateway(cfg, store), store, key
 
 
@@ -188,6 +193,9 @@ def main() -> None:
                     help="compare these checkouts in one run, rounds in turn (see above)")
     ap.add_argument("--floor", action="store_true",
                     help="with --ab: the floor gateway as one more arm, each tree also as a ratio to it")
+    ap.add_argument("--sample-ratio", type=float, default=0.1, help="tracing sample ratio (0: tracing off)")
+    ap.add_argument("--sample-ratios", type=lambda s: [float(x) for x in s.split(",")], metavar="R1,R2",
+                    help="with --ab: each tree once per ratio, e.g. 0.1,0 for the CPU cost of tracing")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ab:
@@ -203,13 +211,16 @@ def main() -> None:
                             preexec_fn=(lambda: os.sched_setaffinity(0, set(cpus[1:]))) if len(cpus) > 1 else None)
     if len(cpus) > 1:
         os.sched_setaffinity(0, {cpus[0]})
-    from testsupport.otlp_receiver import OtlpHttpReceiver
-
-    receiver = OtlpHttpReceiver()
+    # Its protobuf decoding is the collector's CPU, not the gateway's.
+    receiver = subprocess.Popen([sys.executable, "-m", "testsupport.otlp_receiver"], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                preexec_fn=(lambda: os.sched_setaffinity(0, set(cpus[1:]))) if len(cpus) > 1 else None)
     try:
+        assert receiver.stdout is not None
+        endpoint = receiver.stdout.readline().strip()
         _wait_http(f"http://127.0.0.1:{stub_port}/v1/models")
         with tempfile.TemporaryDirectory() as tmp:
-            app, store, key = _build(args.scenario, Path(tmp), stub_port, receiver.endpoint)
+            app, store, key = _build(args.scenario, Path(tmp), stub_port, endpoint, args.sample_ratio)
             import uvloop
 
             if args.worker:
@@ -221,7 +232,8 @@ def main() -> None:
     finally:
         stub.terminate()
         stub.wait(20)
-        receiver.close()
+        receiver.terminate()
+        receiver.wait(20)
     from benchmarks.run_locust import git_commit
 
     doc = {"benchmark": "overhead_cpu", "command": "python benchmarks/overhead_cpu.py " + " ".join(sys.argv[1:]),
@@ -241,16 +253,17 @@ def ab(args: argparse.Namespace) -> None:
     from benchmarks.run_locust import git_commit
 
     trees = [t.resolve() for t in args.ab]
-    arms_run = [(tree, args.scenario) for tree in trees] + ([(ROOT, FLOOR)] if args.floor else [])
+    ratios = args.sample_ratios or [args.sample_ratio]
+    arms_run = [(tree, args.scenario, r) for tree in trees for r in ratios] + ([(ROOT, FLOOR, 0.0)] if args.floor else [])
     workers = []
-    for tree, scenario in arms_run:
+    for tree, scenario, ratio in arms_run:
         script = tree / "benchmarks" / "overhead_cpu.py"
         if not script.is_file():
             raise SystemExit(f"{script} is missing: copy this file into the tree")
         env = {**os.environ, "PYTHONPATH": str(tree)}
         workers.append(subprocess.Popen(
             [sys.executable, str(script), "--worker", "--scenario", scenario, "--requests", str(args.requests),
-             "--concurrency", str(args.concurrency)], cwd=tree, env=env, text=True,
+             "--concurrency", str(args.concurrency), "--sample-ratio", str(ratio)], cwd=tree, env=env, text=True,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE))
     load_before = os.getloadavg()
     try:
@@ -270,7 +283,7 @@ def ab(args: argparse.Namespace) -> None:
         for w in workers:
             w.wait(60)
     commits, subjects = [], []
-    for tree, _scenario in arms_run:
+    for tree, _scenario, _ratio in arms_run:
         out = subprocess.run(["git", "-C", str(tree), "log", "-1", "--format=%h %s"], capture_output=True, text=True)
         commit, _, subject = out.stdout.strip().partition(" ")
         commits.append(commit or "unknown")
@@ -278,19 +291,27 @@ def ab(args: argparse.Namespace) -> None:
     base = statistics.median(r["cpu_us_per_request"] for r in rounds[0])
     floor = statistics.median(r["cpu_us_per_request"] for r in rounds[-1]) if args.floor else None
     arms = []
-    for (tree, scenario), commit, subject, got in zip(arms_run, commits, subjects, rounds, strict=True):
+    for (tree, scenario, ratio), commit, subject, got in zip(arms_run, commits, subjects, rounds, strict=True):
         cpu = [r["cpu_us_per_request"] for r in got]
         med = statistics.median(cpu)
         arm = {"tree": tree.name if scenario != FLOOR else FLOOR, "scenario": scenario, "commit": commit,
                "subject": subject, "cpu_us_per_request_median": med, "cpu_us_per_request_min": min(cpu),
                "vs_first": round(med / base, 3), "non_200": sum(r["non_200"] for r in got),
-               "cpu_us_per_request_rounds": cpu}
+               "cpu_us_per_request_rounds": cpu, "sample_ratio": ratio}
         if floor is not None:
             arm["vs_floor"] = round(med / floor, 3)
         arms.append(arm)
         vs_floor = f"  x{med / floor:.3f} of the floor" if floor is not None else ""
         print(f"{commit:>10}  {arm['tree']:<24} median {med:7.1f} us CPU/request  min {min(cpu):7.1f}  "
-              f"x{med / base:.3f} of the first{vs_floor}  non-200 {arm['non_200']}")
+              f"x{med / base:.3f} of the first{vs_floor}  non-200 {arm['non_200']}"
+              + (f"  tracing {ratio:g}" if len(ratios) > 1 else ""))
+    off = {tree: a["cpu_us_per_request_median"] for (tree, sc, r), a in zip(arms_run, arms, strict=True)
+           if r == 0 and sc != FLOOR}
+    for (tree, sc, r), a in zip(arms_run, arms, strict=True):
+        if r and sc != FLOOR and tree in off:
+            a["tracing_cpu_cost"] = round(a["cpu_us_per_request_median"] / off[tree] - 1, 3)
+            print(f"{a['tree']}: tracing at {r:g} costs {100 * a['tracing_cpu_cost']:+.1f} % CPU per request "
+                  "vs tracing off (same rounds)")
     doc = {"benchmark": "overhead_cpu_ab", "command": "python benchmarks/overhead_cpu.py " + " ".join(sys.argv[1:]),
            "when": datetime.now(UTC).isoformat(timespec="seconds"), "commit": git_commit(),
            "machine": f"{platform.machine()} python {platform.python_version()} ({os.cpu_count()} cpus)",

@@ -51,3 +51,20 @@ class OtlpHttpReceiver:
 
     def close(self) -> None:
         self._server.shutdown()
+
+
+def main() -> None:
+    """`python -m testsupport.otlp_receiver`: a receiver in a process of its own (benchmarks run
+    it there so that its decoding is not counted as the gateway's CPU). Prints its endpoint on
+    the first line; keeps only the latest second's requests."""
+    import time
+
+    receiver = OtlpHttpReceiver()
+    print(receiver.endpoint, flush=True)
+    while True:
+        time.sleep(1)
+        receiver.requests.clear()
+
+
+if __name__ == "__main__":
+    main()
