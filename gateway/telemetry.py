@@ -18,6 +18,7 @@ vLLM is started with `otlp_traces_endpoint`, because the HTTP backend sends `tra
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Literal
 
@@ -99,6 +100,10 @@ def build_tracer_provider(settings: TracingSettings, exporter: SpanExporter | No
         )
 
         provider.add_span_processor(_batch(GrpcExporter(endpoint=settings.endpoint, insecure=True), settings))
+    elif settings.exporter == "otlp_http" and settings.endpoint and not _stock_otlp_options():
+        from gateway.span_export import OtlpHttpSpanExporter
+
+        provider.add_span_processor(_batch(OtlpHttpSpanExporter(settings.endpoint), settings))
     elif settings.exporter == "otlp_http":
         import requests
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
@@ -113,6 +118,17 @@ def build_tracer_provider(settings: TracingSettings, exporter: SpanExporter | No
         provider.add_span_processor(_batch(HttpExporter(endpoint=settings.endpoint, session=session),
                                            settings))
     return provider
+
+
+# Options of OpenTelemetry's own OTLP/HTTP exporter that gateway.span_export does not implement:
+# when one is set in the environment, the stock exporter runs, so that it applies.
+_STOCK_OTLP_ENV = tuple(f"OTEL_EXPORTER_OTLP_{signal}{option}" for signal in ("", "TRACES_")
+                        for option in ("HEADERS", "COMPRESSION", "CERTIFICATE", "CLIENT_KEY",
+                                       "CLIENT_CERTIFICATE", "TIMEOUT"))
+
+
+def _stock_otlp_options() -> list[str]:
+    return [name for name in _STOCK_OTLP_ENV if os.environ.get(name)]
 
 
 def _batch(exporter: SpanExporter, settings: TracingSettings) -> BatchSpanProcessor:
