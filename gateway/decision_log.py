@@ -96,7 +96,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["END_SUFFIX", "FIELDS", "DecisionLog", "DecisionLogSettings", "DecisionLogUnavailable",
-           "DecisionRecord", "Segment", "SegmentEnd", "list_segments", "read_segment_end"]
+           "DecisionRecord", "Segment", "SegmentEnd", "encode_record", "list_segments", "read_segment_end"]
 
 log = logging.getLogger("modgate.decision_log")
 
@@ -247,6 +247,16 @@ class DecisionRecord(BaseModel):
 
 
 FIELDS: tuple[str, ...] = tuple(DecisionRecord.model_fields)
+
+
+def encode_record(record: DecisionRecord) -> bytes:
+    """One log line: the record as a JSON object and a newline. From the validated model's
+    `__dict__`, which holds exactly its fields in declaration order (`extra="forbid"`), each a
+    str, number, bool, None or datetime: orjson gives the bytes `model_dump()` would, without
+    first copying every field into a new dict (a quarter of the encoding's CPU, in the writer
+    thread, per record). `tests/unit/test_decision_log.py` holds the two equal and the field
+    types to that list."""
+    return orjson.dumps(record.__dict__, option=orjson.OPT_APPEND_NEWLINE)
 
 
 class DecisionLogSettings(BaseModel):
@@ -872,8 +882,7 @@ class DecisionLog:
             if not self._pending:
                 return 0
             batch = self._pending
-            lines = [orjson.dumps(r.model_dump(), option=orjson.OPT_APPEND_NEWLINE)
-                     for r, _ in batch]
+            lines = [encode_record(r) for r, _ in batch]
             try:
                 self._writer.write(lines, self.clock())
             except _WriteFailed as failed:

@@ -905,3 +905,32 @@ def test_cli_export_takes_from_and_to_like_feedback_and_report(cli_config: Path,
         assert [row["request_id"] for row in csv.DictReader(fh)] == [f"req-{i}" for i in range(10, 20)]
     r = _cli("stats", "--config", str(cli_config), "--json", "--from", "2025-03-01T12:00:30Z")
     assert json.loads(r.output)["records"] == 10
+
+
+def test_a_line_is_the_model_dump_of_its_record() -> None:
+    """The writer encodes the record's `__dict__` (gateway.decision_log.encode_record): the
+    same bytes as orjson over `model_dump()`, for every shape of record, as long as every field
+    is a plain JSON value or a datetime (a nested model or an enum would need model_dump)."""
+    import types
+    import typing
+
+    plain = {str, int, float, bool, type(None), datetime}
+    for name, field in DecisionRecord.model_fields.items():
+        union = typing.get_origin(field.annotation) in (typing.Union, types.UnionType)
+        args = typing.get_args(field.annotation) if union else (field.annotation,)
+        for a in args:
+            assert a in plain or typing.get_origin(a) is typing.Literal, (name, a)
+    records = [rec(i) for i in range(8)]
+    records += [
+        rec(9, arm="stable", decision=None, category=None, confidence=None, fail_reason=None,
+            error_type="model_timeout", caller="bench", front_door="moderate"),
+        rec(10, arm="stable", escalation="low_confidence", first_model="small", first_decision="allow",
+            first_confidence=0.2, decision_probability=0.93, block_probability=1e-7,
+            probability_unresolved=0.0, decided_by="threshold", model_decision="allow",
+            reasoning_tokens=12, cached_prompt_tokens=1024, trace_id="ab" * 16, locale="zh-CN",
+            ts=datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)),
+        DecisionRecord(ts=T0, kind="raw_chat", request_id="r", item_id="i", subject="s", prompt_name=None,
+                       prompt_version=None, arm="raw", model="m", latency_ms=1.5),
+    ]
+    for r in records:
+        assert dl.encode_record(r) == orjson.dumps(r.model_dump(), option=orjson.OPT_APPEND_NEWLINE)
