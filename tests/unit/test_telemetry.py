@@ -154,3 +154,35 @@ def test_otlp_grpc_export_to_a_real_receiver(store: SqlitePromptStore, key: str)
                                              for ss in rs.scope_spans for span in ss.spans})
     finally:
         server.stop(0)
+
+
+def test_a_failing_stage_records_like_start_as_current_span() -> None:
+    """`stage` starts and activates its span by hand: a stage that raises must leave the same
+    span as `start_as_current_span` would (the exception event, the ERROR status, ended, the
+    parent current again), and a stage outside any sampled trace makes no span."""
+    from opentelemetry import trace
+
+    from gateway.telemetry import Metrics, stage
+
+    exporter = InMemorySpanExporter()
+    tracer = build_tracer_provider(TracingSettings(sample_ratio=1.0), exporter=exporter).get_tracer("t")
+    metrics = Metrics()
+    labels = {"prompt": "p", "version": "1", "arm": "stable"}
+    with tracer.start_as_current_span("root") as root:
+        with pytest.raises(ValueError), stage(tracer, metrics, "verdict.validate", labels, {"a": 1}):
+            raise ValueError("bad verdict")
+        assert trace.get_current_span() is root
+        with pytest.raises(ValueError), tracer.start_as_current_span("reference", attributes={"a": 1}):
+            raise ValueError("bad verdict")
+    got = {s.name: s for s in exporter.get_finished_spans()}
+    ours, ref = got["verdict.validate"], got["reference"]
+    assert ours.parent is not None and ours.parent.span_id == root.get_span_context().span_id
+    assert (ours.status.status_code, ours.status.description) == (ref.status.status_code, ref.status.description)
+    assert [(e.name, e.attributes["exception.type"], e.attributes["exception.message"]) for e in ours.events] == \
+        [(e.name, e.attributes["exception.type"], e.attributes["exception.message"]) for e in ref.events]
+    assert ours.status.status_code.name == "ERROR" and ours.end_time is not None and dict(ours.attributes or {}) == {"a": 1}
+    before = len(exporter.get_finished_spans())
+    with stage(tracer, metrics, "auth", labels) as span:  # no current span: no child span
+        assert not span.is_recording()
+    assert len(exporter.get_finished_spans()) == before
+    assert metrics.registry.get_sample_value("modgate_stage_seconds_count", {"stage": "verdict.validate", **labels}) == 1
