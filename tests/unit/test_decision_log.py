@@ -98,20 +98,26 @@ def test_records_arriving_together_are_written_in_one_batch(tmp_path: Path) -> N
     """Group commit: the writer lingers after a batch's first record, so a burst costs one
     write and one fsync (and one thread hand-off), not one per record."""
     clock = Clock()
-    lingering = make_log(tmp_path / "linger", clock, linger_s=0.2)
+    lingering = make_log(tmp_path / "linger", clock, linger_s=1.0)
     eager = make_log(tmp_path / "eager", clock, linger_s=0.0)
 
-    async def burst(log: DecisionLog) -> None:
+    async def burst(log: DecisionLog, gap_s: float) -> float:
         await log.start()
+        started = time.monotonic()
         for i in range(20):
             log.append(rec(i))
-            await asyncio.sleep(0.002)  # the writer gets the loop between records
+            await asyncio.sleep(gap_s)  # the writer gets the loop between records
         while log.written < 20:
             await asyncio.sleep(0.01)
+        written_after = time.monotonic() - started
         await log.aclose()
+        return written_after
 
-    asyncio.run(burst(lingering))
-    asyncio.run(burst(eager))
+    # The lingering burst yields to the loop between records without waiting on the clock, so
+    # it fits in the linger window however loaded the machine is (2 ms sleeps took over 0.2 s
+    # in all on a loaded CI machine); the eager one waits, so its writer runs in between.
+    assert asyncio.run(burst(lingering, 0.0)) >= 1.0  # it did wait for more records
+    asyncio.run(burst(eager, 0.002))
     assert lingering.written == eager.written == 20
     assert lingering.batches == 1
     assert eager.batches > 1  # without lingering the first record went alone
