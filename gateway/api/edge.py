@@ -73,17 +73,39 @@ async def read_body(request: Request, limit: int, timeout_s: float | None = None
     declared = header(request, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "body_too_large", f"request body is {declared} bytes; the limit is {limit}")
+    if timeout_s is None:
+        return await _stream(request, limit)
+    # The deadline as one timer that cancels this task (what `asyncio.timeout` does, without
+    # its context-manager object and state machine on every request).
+    task = asyncio.current_task()
+    assert task is not None
+    cancelling = task.cancelling()
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = asyncio.get_running_loop().call_later(timeout_s, expire)
+    try:
+        return await _stream(request, limit)
+    except asyncio.CancelledError:
+        if expired and task.uncancel() <= cancelling:
+            raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g}s") from None
+        raise
+    finally:
+        timer.cancel()
+
+
+async def _stream(request: Request, limit: int) -> bytes:
     size = 0
     chunks = []
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise ApiError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise ApiError(408, "body_timeout", f"the request body did not arrive within {timeout_s:g}s") from None
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
     return b"".join(chunks)
 
 
@@ -243,7 +265,7 @@ async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) ->
                 me.cancel()
                 return
 
-    watcher = asyncio.ensure_future(watch())
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
         return await work
     except asyncio.CancelledError:
