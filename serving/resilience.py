@@ -164,11 +164,13 @@ class ResilienceStats:
 class _Metrics:
     def __init__(self) -> None:
         self.registry: CollectorRegistry | None = None
+        self._children: dict[tuple[str, ...], Any] = {}
 
     def bind(self, registry: CollectorRegistry) -> None:
         from prometheus_client import Counter, Gauge
 
         self.registry = registry
+        self._children.clear()
         self.attempts = Counter("modgate_backend_attempts", "Calls of the model server, retries "
                                 "included", ["model"], registry=registry)
         self.retries = Counter("modgate_backend_retries", "Retries after BackendUnavailable",
@@ -184,7 +186,13 @@ class _Metrics:
 
     def inc(self, name: str, **labels: str) -> None:
         if self.registry is not None:
-            getattr(self, name).labels(**labels).inc()
+            # The labelled child memoised: `labels()` takes a lock and builds its key on every
+            # call, and `attempts` is counted on every backend call.
+            key = (name, *labels.values())
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = getattr(self, name).labels(**labels)
+            child.inc()
 
     def set_state(self, model: str, state: State) -> None:
         if self.registry is not None:
