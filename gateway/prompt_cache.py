@@ -20,7 +20,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypedDict
 
 from prompt_registry import PromptNotFound, PromptVersion, StoreUnavailable
@@ -54,6 +54,12 @@ class _Entry:
     checked_at: float  # last read attempt
     dirty: bool = False
     failing: bool = False
+    # What a hit answers, made once per read rather than once per request (it is immutable).
+    fresh: Resolved = field(init=False)
+    stale: Resolved = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.fresh, self.stale = Resolved(self.version, stale=False), Resolved(self.version, stale=True)
 
 
 @dataclass(slots=True)
@@ -150,8 +156,8 @@ class PromptCache:
                     f"prompt store unreachable and the cached {name}:{label} is older than "
                     f"{self._max_staleness_s:.0f}s")
             self.stats.stale_served += 1
-            return Resolved(entry.version, stale=True)
-        return Resolved(entry.version, stale=False)
+            return entry.stale
+        return entry.fresh
 
     async def get_version(self, name: str, version: int) -> Resolved:
         """A pinned version. Versions are immutable, so once read they are kept for good; their
