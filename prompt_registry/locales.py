@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from functools import lru_cache
 
 __all__ = ["LocaleError", "guess_locale", "match_locale", "normalize_locale"]
 
@@ -38,6 +39,7 @@ class LocaleError(ValueError):
     """A tag that is not a locale."""
 
 
+@lru_cache(maxsize=1024)  # on every moderation's path; a refusal (an exception) is not cached
 def normalize_locale(tag: str) -> str:
     """`zh_cn` → `zh-CN`, `ZH-hans-cn` → `zh-Hans-CN`, `es-419` stays; raises LocaleError."""
     m = _TAG.match(tag.strip()) if len(tag) <= 16 else None
@@ -66,6 +68,11 @@ def match_locale(requested: str | None, available: Iterable[str], default: str) 
     """The variant (one of *available*, or *default*) that serves *requested*."""
     if not requested:
         return default
+    return _match_locale(requested, tuple(available), default)
+
+
+@lru_cache(maxsize=1024)  # every moderation asks it, with a handful of distinct arguments
+def _match_locale(requested: str, available: tuple[str, ...], default: str) -> str:
     try:
         want = normalize_locale(requested)
     except LocaleError:
