@@ -31,11 +31,14 @@ def bucket(salt: str, key: str) -> int:
     return int.from_bytes(digest, "big") % BUCKETS
 
 
+_NO_ROLLOUT = Assignment(None, "stable")  # immutable: the one answer for every request without a rollout
+
+
 def assign(rollout: Rollout | None, subject: str, *, item_id: str, pin: int | None = None) -> Assignment:
     if pin is not None:
         return Assignment(pin, "pinned")
     if rollout is None or not rollout.active:
-        return Assignment(None, "stable")
+        return _NO_ROLLOUT
     canary = rollout.canary_version is not None and bucket(rollout.salt, subject) < rollout.weight * (BUCKETS // 100)
     version = rollout.canary_version if canary else rollout.stable_version
     assert version is not None
