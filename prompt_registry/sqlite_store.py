@@ -30,6 +30,7 @@ from prompt_registry.errors import (
     PromptNotFound,
     StoreUnavailable,
 )
+from prompt_registry.file_watch import DirectoryWatch
 from prompt_registry.gates import (
     FourEyesRecord,
     GatePolicy,
@@ -494,15 +495,20 @@ class SqlitePromptStore:
         self.list_prompts()
 
     def subscribe(self, callback: Callable[[str | None], None], *,
-                  poll_s: float = 0.02) -> Subscription:
+                  poll_s: float = 0.02, idle_poll_s: float = 1.0) -> Subscription:
         """Changes made in this process are announced at once; changes by other processes
-        sharing the file are noticed by polling SQLite's `data_version` every `poll_s`.
+        sharing the file are noticed by reading SQLite's `data_version` (one `PRAGMA`, no disk
+        I/O: the shared-memory WAL index).
 
-        20 ms: the worker processes of one gateway (`gateway.workers`) must see a publish made
-        through any of them within 50 ms (p95; `benchmarks/publish_visibility.py --sqlite`),
-        and detection (up to one interval) plus the cache's re-read must fit. A poll is one
-        `PRAGMA data_version` (no disk I/O: the shared-memory WAL index), ~50 per second."""
-        sub = _SqliteSubscription(self._path, callback, poll_s)
+        When: on Linux the thread sleeps on an inotify watch of the database's directory and
+        reads `data_version` when the database or its WAL is written, then again after 1, 2,
+        4 ... ms up to every `poll_s` for `_SETTLE_S` (the WAL is written before the commit
+        completes), and otherwise every `idle_poll_s` only (a safety net: ~1 wake-up a second
+        instead of ~50). Without inotify it reads every `poll_s`. 20 ms: the worker processes of one gateway
+        (`gateway.workers`) must see a publish made through any of them within 50 ms (p95;
+        `benchmarks/publish_visibility.py --sqlite`), and detection plus the cache's re-read
+        must fit."""
+        sub = _SqliteSubscription(self._path, callback, poll_s, idle_poll_s)
         self._subscribers.append(sub)
         return sub
 
@@ -520,12 +526,27 @@ class SqlitePromptStore:
             self._local.con = None
 
 
+# After a write to the database's files, read data_version again and again for this long (the
+# commit that follows a WAL write, an fsync on a loaded disk included, completes within it):
+# first after _FIRST_RECHECK_S, each wait twice the last, at most poll_s.
+_SETTLE_S = 1.0
+_FIRST_RECHECK_S = 0.001
+
+
 class _SqliteSubscription:
-    def __init__(self, path: str, callback: Callable[[str | None], None], poll_s: float) -> None:
+    def __init__(self, path: str, callback: Callable[[str | None], None], poll_s: float,
+                 idle_poll_s: float) -> None:
         self._path = path
         self._callback = callback
         self._poll_s = poll_s
+        self._idle_poll_s = max(idle_poll_s, poll_s)
+        self._settle_until = 0.0
+        self._recheck_s = _FIRST_RECHECK_S
         self._stop = threading.Event()
+        self.checks = 0  # data_version reads so far (tests count them)
+        db = Path(path)  # watched before the starting point is read: no write falls in between
+        self._watch = DirectoryWatch.open(
+            db.parent, {db.name, f"{db.name}-wal", f"{db.name}-journal"}) if path != ":memory:" else None
         # Read the starting point before returning, so every commit after subscribe() is seen.
         self._con: sqlite3.Connection | None = None
         self._last: int | None = None
@@ -540,9 +561,29 @@ class _SqliteSubscription:
     def notify(self, name: str) -> None:
         self._callback(name)
 
+    def _wait(self) -> None:
+        """Sleep until the next read is due: on the watch, `_FIRST_RECHECK_S` after a write to
+        the files, then twice as long each time up to `poll_s` until `_SETTLE_S` has passed
+        (the commit completes after its WAL write and the fsync that follows), then
+        `idle_poll_s`. Without a watch, `poll_s`."""
+        watch = self._watch
+        if watch is None:
+            self._stop.wait(self._poll_s)
+            return
+        settling = time.monotonic() < self._settle_until
+        if watch.wait(self._recheck_s if settling else self._idle_poll_s):
+            self._settle_until = time.monotonic() + _SETTLE_S
+            self._recheck_s = _FIRST_RECHECK_S
+        elif settling:
+            self._recheck_s = min(2 * self._recheck_s, self._poll_s)
+
     def _run(self) -> None:
         con, last = self._con, self._last
-        while not self._stop.wait(self._poll_s):
+        while True:
+            self._wait()
+            if self._stop.is_set():
+                break
+            self.checks += 1
             try:
                 if con is None:
                     con = sqlite3.connect(self._path, timeout=1.0, check_same_thread=False)
@@ -559,4 +600,8 @@ class _SqliteSubscription:
 
     def close(self) -> None:
         self._stop.set()
+        if self._watch is not None:
+            self._watch.interrupt()
         self._thread.join(timeout=5)
+        if self._watch is not None and not self._thread.is_alive():
+            self._watch.close()
