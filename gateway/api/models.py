@@ -104,7 +104,9 @@ class ModerationResponse(BaseModel):
     model_decision: str | None = Field(
         None, description="the decision the model generated, whose probability "
         "decision_probability is; differs from decision only when decided_by is not model; null "
-        "when the output was unusable")
+        "when the output was unusable, and null (with both probabilities) when an operating point "
+        "overruled a model allow: an answer never shows allow beside needs_review or block; the "
+        "decision log keeps it")
     decided_by: Literal["model", "threshold", "fail_closed"] = Field(
         "model", description="model: its decision stands; threshold: the prompt version's "
         "operating point for the category decided from the calibrated block probability; "

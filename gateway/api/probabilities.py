@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from gateway.verdict import ChoiceScores, Verdict
+from gateway.verdict import ALLOW, ChoiceScores, Verdict
 
 __all__ = ["ProbabilitySource", "Withheld", "category_withheld", "decision_withheld",
            "probability_source", "value_probabilities", "verdict_fields"]
@@ -43,17 +43,25 @@ def verdict_fields(verdict: Verdict) -> dict[str, Any]:
     """The verdict as the front doors render it (`/v1/moderate`'s body, the `modgate.verdict`
     extension): `decision_probability` is the probability of `model_decision`, the decision
     the model generated, which differs from `decision` only when an operating point or fail
-    closed decided (`decided_by`)."""
+    closed decided (`decided_by`).
+
+    One exception, the fail-closed rule: when an operating point (or a missing probability)
+    overruled a model `allow`, the answer does not show that `allow` nor its probability
+    beside the `needs_review` or `block` it serves (`model_decision` and both probabilities
+    null, `decided_by` says why). A caller reading either would read an allow; the decision
+    log keeps both for the specialist (`decisions export`, the threshold what-if)."""
+    overruled_allow = verdict.generated_decision == ALLOW and verdict.decision != ALLOW
     return {
         "decision": verdict.decision,
         "category": verdict.category,
         "confidence": verdict.confidence,
-        "decision_probability": verdict.decision_probability,
-        "category_probability": verdict.category_probability,
+        "decision_probability": None if overruled_allow else verdict.decision_probability,
+        "category_probability": None if overruled_allow else verdict.category_probability,
         "probability_source": probability_source(verdict),
         "probability_unresolved": verdict.probability_unresolved,
         "decided_by": verdict.decided_by,
-        "model_decision": None if verdict.fail_reason is not None else verdict.generated_decision,
+        "model_decision": (None if verdict.fail_reason is not None or overruled_allow
+                           else verdict.generated_decision),
         "fail_reason": verdict.fail_reason,
     }
 

@@ -206,12 +206,24 @@ def test_an_overruling_operating_point_withholds_the_models_numbers(tmp_path: Pa
     # sends a block probability in [.1, .9) to review: needs_review, decided_by threshold.
     backend = ScriptedBackend("allow", {"allow": .7, "block": .2, "needs_review": .1}, "counterfeit")
     for doors in _doors(tmp_path, backend, thresholds={"counterfeit": {"block_at": .9, "review_at": .1}}):
-        r = _decide(doors.client)
+        raw = doors.client.decisions.with_raw_response.create(
+            model=PROMPT, input=TEXT, questions=[DECISION_Q, CATEGORY_Q, BLOCK_Q])
+        r = raw.parse()
         assert all(a.type == "refusal" for a in r.answers)
         ext = r.model_extra["modgate"]  # type: ignore[index]
         assert {x["reason"] for x in ext["refusals"]} == {"threshold"}
+        # The model's allow and its probability stay in the decision log; an answer never shows
+        # an allow beside its needs_review (the fail-closed rule), on any door.
         assert (ext["verdict"]["decision"], ext["verdict"]["decided_by"], ext["verdict"]["model_decision"],
-                ext["verdict"]["decision_probability"]) == ("needs_review", "threshold", "allow", pytest.approx(.7))
+                ext["verdict"]["decision_probability"]) == ("needs_review", "threshold", None, None)
+        assert "allow" not in raw.http_response.text, raw.http_response.text
+        body = doors.http.post("/v1/moderate", json={"item_id": "i-1", "seller_id": "s-1", "title": TEXT},
+                               headers={"authorization": f"Bearer {doors.key}"})
+        assert body.json()["decision"] == "needs_review" and "allow" not in body.text, body.text
+        chat = doors.client.chat.completions.with_raw_response.create(
+            model="tiny-llama", messages=[],
+            extra_body={"prompt": {"name": PROMPT, "variables": {"title": TEXT, "description": ""}}})
+        assert "allow" not in chat.http_response.text, chat.http_response.text
         result = doors.client.moderations.create(input=TEXT, model=PROMPT).results[0]
         assert result.flagged is True
         assert set(result.category_scores.model_extra.values()) == {None}  # type: ignore[union-attr]
