@@ -155,7 +155,12 @@ class RayHandleBackend:
         from ray import serve
 
         try:
-            app = serve.status().applications[self.app_name]
+            # serve.status() blocks on the Serve controller, which can take many seconds while
+            # it recovers a killed replica: in a thread, so the readiness probe's timeout can end
+            # the wait and the event loop goes on serving (on the loop it froze /readyz and
+            # every request with it).
+            status = await asyncio.to_thread(serve.status)
+            app = status.applications[self.app_name]
         except Exception as exc:  # noqa: BLE001 - any failure to read status means not healthy
             raise BackendUnavailable("the model server's Ray Serve application is not running",
                                      kind="deployment_missing", cause=exc) from None

@@ -216,3 +216,52 @@ def test_malformed_deployment_answers_are_protocol_errors(answer: Any, caplog: p
     raised = _ray_chat(answer, caplog)
     assert isinstance(raised, BackendProtocolError)
     _assert_clean(raised, caplog)
+
+
+def test_the_handle_health_check_leaves_the_event_loop_free_while_serve_is_slow(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve.status()` blocks while the Serve controller recovers a killed replica (seen in the
+    engine-kill drill: /readyz hung past its client's 30 s). The readiness probe's timeout must
+    end the wait, and the loop must go on serving meanwhile."""
+    import threading
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from serving.http_backend import OpenAIHttpBackend
+    from serving.ray_handle_backend import RayHandleBackend
+
+    release = threading.Event()
+
+    def slow_status() -> Any:
+        release.wait(10)  # a guard: without the fix this blocks the loop until released or 10 s
+        return SimpleNamespace(applications={})
+
+    monkeypatch.setattr(serve, "status", slow_status)
+
+    async def run() -> tuple[bool, int]:
+        backend = RayHandleBackend("llm", stream_fallback=OpenAIHttpBackend("http://127.0.0.1:9/v1"))
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not release.is_set():
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        tick_task = asyncio.create_task(ticker())
+        try:
+            await asyncio.wait_for(backend.check_health(), 0.3)
+            timed_out = False
+        except asyncio.TimeoutError:
+            timed_out = True
+        finally:
+            seen = ticks
+            release.set()
+            await tick_task
+            await backend.aclose()
+        return timed_out, seen
+
+    timed_out, ticks = asyncio.run(run())
+    assert timed_out, "the probe's timeout could not end a blocked serve.status()"
+    assert ticks >= 2, ticks  # the loop ran other work while the status call waited
