@@ -48,7 +48,7 @@ from fastapi import APIRouter, Header, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.responses import Response
 
-from gateway.api.edge import ERROR_RESPONSES, json_response
+from gateway.api.edge import ERROR_RESPONSES, json_response, read_body
 from gateway.auth import Authenticator
 from gateway.problems import ApiError, Forbidden
 from gateway.rollouts.ops import complete_approved_promotion
@@ -240,9 +240,7 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
         """Publish a version (JSON spec, YAML or Markdown-with-front-matter). Identical content
         returns the existing version with 200 instead of 201."""
         p = await principal(authorization, x_api_key, "prompts:publish")
-        raw = await request.body()
-        if len(raw) > max_body_bytes:
-            raise ApiError(413, "body_too_large", f"prompt body exceeds {max_body_bytes} bytes")
+        raw = await read_body(request, max_body_bytes)  # refused past the limit, never buffered
         ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         try:
             text = raw.decode("utf-8")

@@ -285,3 +285,37 @@ def test_the_hot_route_is_served_from_the_guard_with_its_headers_and_error_edge(
     assert r.json() == {"error": {"type": "internal_error", "message": "internal error; see gateway logs",
                                   "retryable": False}, "request_id": "req-bug"}
     assert client.get("/v1/moderate").status_code == 405
+
+
+@pytest.mark.parametrize("path", ["/v1/moderations", "/v1/chat/completions", "/v1/decisions", "/v1/prompts"])
+def test_a_caller_leaving_mid_body_is_a_499_not_an_unhandled_500(client: TestClient, store: SqlitePromptStore,
+                                                                  path: str) -> None:
+    """The front doors that read their body through the edge (not the /v1/moderate guard's
+    reader), and the publish route, met Starlette's own ClientDisconnect, which no row of the
+    table names: a 500 logged as our bug. It is the same event as the guard's 499."""
+    key, record = generate_key("svc-both", ["moderate", "prompts:publish"], created_by="test")
+    store.put_key(record)
+    sent: list[dict] = []
+    chunks = [{"type": "http.request", "body": b'{"input": "half a bo', "more_body": True},
+              {"type": "http.disconnect"}]
+
+    async def receive() -> dict:
+        return chunks.pop(0) if chunks else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 1), "server": ("testserver", 80),
+             "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
+                         (b"content-length", b"100"),
+                         (b"authorization", f"Bearer {key}".encode())]}
+
+    async def call() -> None:
+        await client.app(scope, receive, send)
+
+    client.portal.call(call)  # type: ignore[union-attr]
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 499, sent
+
