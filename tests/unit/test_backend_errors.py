@@ -253,7 +253,7 @@ def test_the_handle_health_check_leaves_the_event_loop_free_while_serve_is_slow(
         try:
             await asyncio.wait_for(backend.check_health(), 0.3)
             timed_out = False
-        except asyncio.TimeoutError:
+        except TimeoutError:
             timed_out = True
         finally:
             seen = ticks
