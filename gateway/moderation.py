@@ -29,7 +29,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 from opentelemetry import trace
@@ -37,7 +37,7 @@ from opentelemetry import trace
 from gateway import cascade
 from gateway.auth import Authenticator, _Anonymous
 from gateway.config import GatewaySettings
-from gateway.decision_log import DecisionLog, DecisionRecord
+from gateway.decision_log import DecisionLog, DecisionRecord, FrontDoor
 from gateway.limits import CallerLimiter, Lease
 from gateway.pipeline import Evaluation, ModerationPipeline
 from gateway.problems import Forbidden, ModelRejectedInput, UnknownModel, UnknownPrompt, problem_for
@@ -60,7 +60,6 @@ __all__ = ["Caller", "FrontDoor", "Moderation", "ModerationCall", "ModerationSer
 
 log = logging.getLogger("modgate.gateway")
 
-FrontDoor = Literal["moderate", "moderations", "chat", "decisions"]
 PROMPT_NAME = re.compile(PROMPT_NAME_PATTERN)  # the registry's name rule
 _NO_PROMPT = {"prompt": "-", "version": "-", "arm": "-"}
 PIN_SCOPE = "moderate:pin"

@@ -37,6 +37,7 @@ from gateway.api.console.queue import build_queue_router
 from gateway.api.console.sessions import Session, SessionBackend, SessionStore
 from gateway.api.edge import json_response, read_json_object
 from gateway.api.feedback import FeedbackDesk, FeedbackRequest
+from gateway.api.probabilities import verdict_fields
 from gateway.auth import ANONYMOUS, Authenticator
 from gateway.config import GatewaySettings
 from gateway.feedback import FeedbackLog
@@ -163,8 +164,7 @@ def _version_view(v: PromptVersion, labels: dict[str, int], versions: list[int])
 
 def _evaluation_view(ev: Evaluation, messages: list[dict[str, str]] | None) -> dict[str, Any]:
     v, r = ev.verdict, ev.result
-    return {"decision": v.decision, "category": v.category, "confidence": v.confidence,
-            "fail_reason": v.fail_reason, "locale": ev.locale, "model": r.model,
+    return {**verdict_fields(v), "locale": ev.locale, "model": r.model,
             "latency_ms": round(r.timings.total_ms, 1), "prompt_tokens": r.prompt_tokens,
             "completion_tokens": r.completion_tokens, "messages": messages}
 
