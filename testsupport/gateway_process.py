@@ -11,22 +11,17 @@ or, by hand: `python -m testsupport.gateway_process CONFIG PORT`.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from types import TracebackType
 
+from testsupport.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 
 __all__ = ["GatewayProcess"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class GatewayProcess:
@@ -34,7 +29,7 @@ class GatewayProcess:
 
     def __init__(self, config: Path, *, start_timeout_s: float = 60.0) -> None:
         self.config, self.start_timeout_s = config, start_timeout_s
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = config.parent / f"gateway-{self.port}.log"

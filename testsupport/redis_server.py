@@ -7,12 +7,13 @@ AOF rewrite or RDB save), for crash drills."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
+
+from testsupport.ports import free_port
 
 
 class RedisServer:
@@ -24,9 +25,7 @@ class RedisServer:
         self.binary = binary
         self.appendonly = appendonly
         self.appendfsync = appendfsync
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
+        self.port = free_port()  # kept across restarts: outside the range port-0 binds draw from
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -32,6 +32,7 @@ from gateway.cli.samples import samples_app
 from gateway.config import AppConfig, ConfigError, load_config
 
 if TYPE_CHECKING:  # the store modules load on first use, not at every CLI start
+    from gateway.cli.serve import Listeners
     from prompt_registry import KeyStore, PromptStore
 
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
@@ -213,9 +214,32 @@ def _curl_example(cfg: AppConfig, key: str | None, port: int | None = None) -> s
             f"-H 'content-type: application/json' -d '{json.dumps(body, ensure_ascii=False)}'")
 
 
-def _run_gateway(cfg: AppConfig, store: PromptStore, *, announce: bool, local_keys: bool = False) -> None:
+def _bind_listeners(cfg: AppConfig) -> Listeners:
+    """The gateway's ports, bound now (`gateway.cli.serve.Listeners`); exit 1 naming the port
+    when it is taken."""
+    from gateway.cli.serve import CannotListen, bind_listeners
+
+    try:
+        return bind_listeners(cfg)
+    except CannotListen as exc:
+        _err(str(exc))
+        raise typer.Exit(1) from None
+
+
+def _run_gateway(cfg: AppConfig, store: PromptStore, *, announce: bool, local_keys: bool = False,
+                 listeners: Listeners | None = None) -> None:
     """Serve the gateway in this process, or in `gateway.workers` worker processes on one port
-    (`gateway.cli.serve`). Either way the banner comes once the port answers."""
+    (`gateway.cli.serve`), on *listeners* (bound here when not given). Either way the banner
+    comes once the port answers."""
+    held = listeners if listeners is not None else _bind_listeners(cfg)
+    try:
+        _serve_gateway(cfg, store, held, announce=announce, local_keys=local_keys)
+    finally:
+        held.close()
+
+
+def _serve_gateway(cfg: AppConfig, store: PromptStore, listeners: Listeners, *, announce: bool,
+                   local_keys: bool) -> None:
     # Only `modgate up` (one machine) mints local keys; deployed gateways use `modgate keys`.
     keys = _local_keys(cfg, store) if local_keys else {}
     from gateway.cli.serve import CannotListen, serve_app, serve_workers
@@ -236,7 +260,7 @@ def _run_gateway(cfg: AppConfig, store: PromptStore, *, announce: bool, local_ke
 
     if cfg.gateway.workers > 1:
         try:
-            ok = serve_workers(cfg, on_started=banner, echo=typer.echo)
+            ok = serve_workers(cfg, on_started=banner, echo=typer.echo, listeners=listeners)
         except CannotListen as exc:
             _err(str(exc))
             raise typer.Exit(1) from None
@@ -247,7 +271,9 @@ def _run_gateway(cfg: AppConfig, store: PromptStore, *, announce: bool, local_ke
 
     from gateway.bootstrap import build_gateway
 
-    if not serve_app(cfg, build_gateway(cfg, store), on_started=lambda: banner(cfg.gateway.port)):
+    if not serve_app(cfg, build_gateway(cfg, store), on_started=lambda: banner(listeners.port),
+                     sockets=[listeners.api],
+                     metrics_sockets=[listeners.metrics] if listeners.metrics is not None else None):
         _err(f"gateway could not listen on {cfg.gateway.host}:{cfg.gateway.port}")
         raise typer.Exit(1)
 
@@ -267,13 +293,17 @@ def up(config: ConfigOpt = None, host: HostOpt = None, port: PortOpt = None,
         # reaches the models through deployment handles here.
         transport = cfg.serving.transport_for(ray_driver=cfg.gateway.workers == 1)
         cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"transport": transport})})
+    # The gateway's port first: taken, it fails now rather than after the models load, and
+    # nothing Ray starts meanwhile can take it (gateway.cli.serve.Listeners).
+    listeners = _bind_listeners(cfg)
     store = _open_store(cfg)
     started = cfg.serving.mode == "ray"
     try:
         if started:
             _start_serving(cfg)
-        _run_gateway(cfg, store, announce=True, local_keys=True)
+        _run_gateway(cfg, store, announce=True, local_keys=True, listeners=listeners)
     finally:
+        listeners.close()
         store.close()
         if started:
             typer.echo("stopping Ray Serve...")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
     from gateway.config import AppConfig
     from gateway.workers import WorkerContext
 
-__all__ = ["CannotListen", "serve_app", "serve_workers"]
+__all__ = ["CannotListen", "Listeners", "bind_listeners", "serve_app", "serve_workers"]
 
 log = logging.getLogger("modgate.workers")
 
@@ -95,6 +96,68 @@ def _check_port(host: str, port: int) -> int:
         except OSError as exc:
             raise CannotListen(f"gateway could not listen on {host}:{port}: {exc.strerror}") from None
         return int(sock.getsockname()[1])
+
+
+@dataclasses.dataclass
+class Listeners:
+    """The gateway's ports, bound before anything slow starts.
+
+    `modgate up` binds them before it starts Ray Serve (a minute or more): a taken port fails at
+    once instead of after the models load, and nothing Ray starts meanwhile (its GCS, raylets,
+    workers and proxies bind ports the kernel picks, from the same range a port-0 check hands
+    out) can take the gateway's port in between. With one process the sockets are the ones
+    uvicorn serves on; with workers, `api` is a bound, never listening member of the port's
+    SO_REUSEPORT group that holds the port until the workers (each with its own socket) stop.
+    """
+
+    api: socket.socket
+    metrics: socket.socket | None
+    shared: bool
+
+    @property
+    def port(self) -> int:
+        return int(self.api.getsockname()[1])
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self.metrics is None else int(self.metrics.getsockname()[1])
+
+    def close(self) -> None:
+        for sock in (self.api, self.metrics):
+            if sock is not None:
+                sock.close()
+
+
+def _bind(host: str, port: int, *, shared: bool) -> socket.socket:
+    """A plain bound socket, or (*shared*) one in the port's SO_REUSEPORT group after checking
+    nothing else listens there (`_check_port`: a second gateway fails instead of sharing)."""
+    try:
+        if shared:
+            return reuseport_socket(host, _check_port(host, port))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    except OSError as exc:
+        raise CannotListen(f"gateway could not listen on {host}:{port}: {exc.strerror}") from None
+
+
+def bind_listeners(cfg: AppConfig) -> Listeners:
+    """Bind the API port (and the metrics port when set) now. Raises `CannotListen`."""
+    g = cfg.gateway
+    shared = g.workers > 1
+    api = _bind(g.host, g.port, shared=shared)
+    try:
+        metrics = _bind(g.host, g.metrics_port, shared=shared) if g.metrics_port is not None else None
+    except CannotListen:
+        api.close()
+        raise
+    return Listeners(api, metrics, shared)
 
 
 def serve_app(cfg: AppConfig, fastapi_app: FastAPI, *, on_started: Callable[[], None] | None = None,
@@ -225,16 +288,20 @@ class _Supervisor:
 
 
 def serve_workers(cfg: AppConfig, *, on_started: Callable[[int], None] | None = None,
-                  echo: Callable[[str], None] = print) -> bool:
+                  echo: Callable[[str], None] = print, listeners: Listeners | None = None) -> bool:
     """Run `cfg.gateway.workers` worker processes on one port until SIGINT/SIGTERM (module
-    docstring). Returns False when they could not all start. Raises `CannotListen`."""
+    docstring). Returns False when they could not all start. Raises `CannotListen`.
+
+    *listeners*: the ports already bound by `bind_listeners` (held until the workers stop);
+    bound here when not given."""
     from gateway.workers import MULTIPROC_ENV
 
     g = cfg.gateway
-    port = _check_port(g.host, g.port)
+    held = listeners if listeners is not None else bind_listeners(cfg)
+    port = held.port
     overrides: dict[str, Any] = {"port": port}
-    if g.metrics_port is not None:
-        overrides["metrics_port"] = _check_port(g.host, g.metrics_port)
+    if held.metrics_port is not None:
+        overrides["metrics_port"] = held.metrics_port
     cfg = cfg.model_copy(update={"gateway": g.model_copy(update=overrides)})
     run_dir = _run_dir()
     (run_dir / "metrics").mkdir()
@@ -292,4 +359,6 @@ def serve_workers(cfg: AppConfig, *, on_started: Callable[[int], None] | None = 
         else:
             os.environ[MULTIPROC_ENV] = previous
         shutil.rmtree(run_dir, ignore_errors=True)
+        if listeners is None:
+            held.close()
     return ok

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 import yaml
 
 from testsupport.otlp_receiver import OtlpHttpReceiver
+from testsupport.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = float(os.environ.get("MODGATE_TEST_START_TIMEOUT", "600"))
@@ -60,12 +60,6 @@ class Stack:
         return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def otlp() -> Iterator[OtlpHttpReceiver]:
     """Where the gateway and the vLLM engine both send their spans during the session."""
@@ -86,7 +80,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     """The same tests run against both ways the gateway reaches the model: Ray Serve's HTTP
     proxy (OpenAI-compatible) and Ray Serve deployment handles (the default, `auto`)."""
     tmp = tmp_path_factory.mktemp(f"stack-{request.param}")
-    gateway_port, serving_port = _free_port(), _free_port()
+    gateway_port, serving_port = free_port(), free_port()
     config = yaml.safe_load((ROOT / "configs" / "modgate.yaml").read_text())
     config["data_dir"] = str(tmp / "data")
     config["registry"]["seed_dir"] = str(ROOT / "configs" / "prompts")

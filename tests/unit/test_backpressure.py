@@ -4,7 +4,6 @@ and engine work cancelled when the caller disconnects."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from prompt_registry.loader import seed_store
 from prompt_registry.sqlite_store import SqlitePromptStore
 from serving import ChatRequest, ChatResult
 from serving.fake_backend import FakeBackend
+from testsupport.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LISTING = {"item_id": "item-1", "seller_id": "seller-1", "title": "Wireless earbuds"}
@@ -97,12 +97,6 @@ async def until(what: str, predicate: Callable[[], bool], within_s: float = 30.0
         await asyncio.sleep(0.01)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_overload_gives_fast_429_and_disconnect_cancels_engine_work(tmp_path: Path) -> None:
     store = SqlitePromptStore(tmp_path / "r.db")
     seed_store(store, ROOT / "configs" / "prompts")
@@ -111,7 +105,7 @@ def test_overload_gives_fast_429_and_disconnect_cancels_engine_work(tmp_path: Pa
     backend = SlowBackend()
     settings = GatewaySettings(max_inflight_per_model=2, max_queued_per_model=2, request_timeout_s=30)
     app = create_app(settings, store, backend)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
 
     async def run() -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,18 +43,14 @@ from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.select import Select  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from testsupport.ports import free_port  # noqa: E402
+
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None or CHROMEDRIVER is None,
     reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; "
            "scripts/bootstrap installs them)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -71,7 +66,7 @@ def gateway_url(store: SqlitePromptStore, tmp_path: Path) -> Iterator[tuple[str,
     samples = SampleRecorder(SqliteSampleStore(tmp_path / "samples.db"), SampleSettings(enabled=True, share=1.0))
     app = create_app(GatewaySettings(readiness_cache_s=0), store, FakeBackend(), models=["tiny-llama"],
                      decision_log=log, samples=samples)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -6,7 +6,6 @@ the sample store on and the FakeBackend as the model."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -36,12 +35,7 @@ from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from tests.unit.test_console_browser import pytestmark  # noqa: E402,F401 - skip without chromium
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from testsupport.ports import free_port  # noqa: E402
 
 
 class Served:
@@ -59,7 +53,7 @@ def served(store: SqlitePromptStore, tmp_path: Path) -> Iterator[Served]:
     app = create_app(GatewaySettings(readiness_cache_s=0, rollout_controller=False), store,
                      FakeBackend(responder=responder), models=["tiny-llama"],
                      feedback_log=FeedbackLog(tmp_path / "feedback"), samples=recorder)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

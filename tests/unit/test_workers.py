@@ -10,6 +10,7 @@ per worker; a killed worker is replaced. Plus the configuration rules of the fie
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import signal
@@ -32,16 +33,21 @@ from gateway.metric_files import FLUSH_S
 from prompt_registry.keys import generate_key
 from prompt_registry.loader import seed_store
 from prompt_registry.sqlite_store import SqlitePromptStore
+from testsupport.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LISTING = {"item_id": "item-1", "seller_id": "seller-1", "title": "Wireless earbuds, sealed box",
            "description": "Genuine product.", "locale": "en-US"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@contextlib.contextmanager
+def _listening() -> Iterator[int]:
+    """A port something else listens on, for as long as the block runs."""
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        yield int(busy.getsockname()[1])
 
 
 def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
@@ -88,7 +94,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         keys[name], record = generate_key(name, scopes, created_by="test")
         store.put_key(record)
     store.close()
-    stub_port, port = _free_port(), _free_port()
+    stub_port, port = free_port(), free_port()
     stub = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "stub_upstream.py"),
                              "--port", str(stub_port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     cfg = _write_config(tmp, port=port, stub_port=stub_port, workers=2, caller_limits={
@@ -248,18 +254,34 @@ def test_workers_config_rules(tmp_path: Path) -> None:
     assert load_config(path, {"gateway.workers": 4}).gateway.workers == 4
 
 
-def test_a_taken_port_fails_cleanly(tmp_path: Path) -> None:
-    with socket.socket() as busy:
-        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        cfg = _write_config(tmp_path, port=port, stub_port=9, workers=2)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_taken_port_fails_cleanly(tmp_path: Path, workers: int) -> None:
+    with _listening() as port:
+        cfg = _write_config(tmp_path, port=port, stub_port=9, workers=workers)
         r = subprocess.run([sys.executable, "-m", "gateway.cli.main", "gateway", "--config", str(cfg)],
                            capture_output=True, text=True, timeout=120,
                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 1
     assert f"could not listen on 127.0.0.1:{port}" in r.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_up_with_a_taken_port_fails_before_it_starts_ray(tmp_path: Path, workers: int) -> None:
+    """`modgate up` binds the gateway's port before Ray Serve starts (a minute or more): taken,
+    it fails at once, and no Ray process it starts meanwhile can take the port (CI once lost a
+    whole run to `address already in use` after the models had loaded)."""
+    with _listening() as port:
+        cfg = _write_config(tmp_path, port=port, stub_port=9, workers=workers)
+        config = yaml.safe_load(cfg.read_text())
+        config["serving"].update(mode="ray", transport="http", base_url=None)
+        cfg.write_text(yaml.safe_dump(config))
+        r = subprocess.run([sys.executable, "-m", "gateway.cli.main", "up", "--config", str(cfg)],
+                           capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"could not listen on 127.0.0.1:{port}" in r.stderr
+    assert "serving: starting" not in r.stdout
+    assert not (tmp_path / "data" / "local-keys.json").exists()
 
 
 def test_a_worker_builds_its_own_streams_shared_limits_and_only_worker_0_delivers_webhooks(
