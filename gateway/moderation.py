@@ -32,7 +32,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from opentelemetry import trace
 
 from gateway import cascade
 from gateway.auth import Authenticator, _Anonymous
@@ -47,7 +46,7 @@ from gateway.rollouts.recorder import RolloutRecorder
 from gateway.rollouts.shadow import ShadowDispatcher
 from gateway.rollouts.traffic import assign
 from gateway.samples import SampleRecorder
-from gateway.telemetry import Metrics, stage
+from gateway.telemetry import Metrics, current_span, stage
 from gateway.verdict import Verdict
 from prompt_registry import PromptNotFound, PromptSpec, PromptVersion
 from prompt_registry.keys import ApiKeyRecord
@@ -147,7 +146,7 @@ class _Progress:
 
 
 def _trace_id() -> str | None:
-    ctx = trace.get_current_span().get_span_context()
+    ctx = current_span().get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid and ctx.trace_flags.sampled else None
 
 

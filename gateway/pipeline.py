@@ -19,7 +19,7 @@ from opentelemetry.util.types import AnyValue
 from gateway.admission import AdmissionControl
 from gateway.problems import ModelSaturated
 from gateway.prompt_cache import PromptCache, Resolved
-from gateway.telemetry import Attr, Metrics, stage
+from gateway.telemetry import Attr, Metrics, current_span, stage
 from gateway.verdict import TOP_LOGPROBS, Verdict, parse_verdict
 from prompt_registry import PromptVersion, render_messages
 from serving import BackendError, ChatRequest, ChatResult, InferenceBackend
@@ -165,7 +165,7 @@ class ModerationPipeline:
                           Attr.GEN_AI_REQUEST_MAX_TOKENS: chat.max_tokens,
                           Attr.TRAFFIC_ARM: labels["arm"]}
         self.metrics.child(self.metrics.inflight, model=chat.model).inc()
-        parent = trace.get_current_span()
+        parent = current_span()
         with (self.tracer.start_as_current_span(f"chat {chat.model}", kind=SpanKind.CLIENT, attributes=span_attrs)
               if parent.is_recording() else nullcontext(parent)) as span:
             try:

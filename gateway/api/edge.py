@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Status, StatusCode
 from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
@@ -26,7 +26,7 @@ from starlette.routing import Match
 
 from gateway.ids import new_id
 from gateway.problems import ApiError, ClientDisconnected, Problem, problem_for
-from gateway.telemetry import Attr, Metrics
+from gateway.telemetry import Attr, Metrics, request_span
 
 if TYPE_CHECKING:
     from gateway.moderation import Caller, ModerationService
@@ -296,8 +296,8 @@ async def serve(request: Request, *, route: str, service: ModerationService, tra
     rid = request_id_of(request)
     caller: Caller | None = None
     handed_off = False
-    with tracer.start_as_current_span(f"{request.method} {route}", context=incoming_trace_context(request),
-                                      kind=SpanKind.SERVER, attributes={Attr.REQUEST_ID: rid}) as root:
+    with request_span(tracer, f"{request.method} {route}", incoming_trace_context(request),
+                      {Attr.REQUEST_ID: rid}) as root:
         try:
             caller = await service.admit(header(request, b"authorization"),
                                          header(request, b"x-api-key"), request_id=rid)

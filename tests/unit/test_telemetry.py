@@ -186,3 +186,67 @@ def test_a_failing_stage_records_like_start_as_current_span() -> None:
         assert not span.is_recording()
     assert len(exporter.get_finished_spans()) == before
     assert metrics.registry.get_sample_value("modgate_stage_seconds_count", {"stage": "verdict.validate", **labels}) == 1
+
+
+class _TraceRecordingBackend(FakeBackend):
+    """Records the W3C headers the HTTP backends would send with each model call (they send
+    `serving.http_backend.trace_headers()` of the current context)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[dict[str, str]] = []
+        self.results: list = []  # type: ignore[type-arg]
+
+    async def chat(self, request, *, timeout_s):  # type: ignore[no-untyped-def]
+        from serving.http_backend import trace_headers
+
+        self.sent.append(trace_headers())
+        self.results.append(await super().chat(request, timeout_s=timeout_s))
+        return self.results[-1]
+
+
+def _traceparent(headers: dict[str, str]) -> tuple[str, str, int]:
+    version, trace_id, span_id, flags = headers["traceparent"].split("-")
+    assert version == "00" and len(trace_id) == 32 and len(span_id) == 16 and int(trace_id, 16) and int(span_id, 16)
+    return trace_id, span_id, int(flags, 16)
+
+
+def test_the_model_call_carries_the_requests_trace_sampled_or_not(store: SqlitePromptStore, key: str) -> None:
+    """The engine joins the gateway's trace: a sampled request sends its trace id and the chat
+    span as parent with the sampled flag; an unsampled one (the ratio's, or a caller's unsampled
+    traceparent) still sends a valid traceparent of its own trace with the flag clear, as the
+    SDK makes it (random-trace-id flag 0x02 on a trace the gateway started)."""
+    backend = _TraceRecordingBackend()
+    exporter = InMemorySpanExporter()
+    with _client(store, key, exporter, ratio=0.0, backend=backend) as client:
+        assert client.post("/v1/moderate", json=LISTING).json()["trace_id"] is None
+        client.post("/v1/moderate", json=LISTING)
+        client.post("/v1/moderate", json=LISTING, headers={"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-00"})
+    assert exporter.get_finished_spans() == ()
+    (t1, s1, f1), (t2, _, f2), (t3, s3, f3) = (_traceparent(h) for h in backend.sent)
+    assert f1 == f2 == 0x02 and t1 != t2  # a new trace per request, not sampled
+    assert (t3, f3 & 1) == (CALLER_TRACE, 0) and s3 != CALLER_SPAN  # the caller's trace, our span
+
+    backend, exporter = _TraceRecordingBackend(), InMemorySpanExporter()  # the first was shut down
+    with _client(store, key, exporter, ratio=1.0, backend=backend) as client:
+        body = client.post("/v1/moderate", json=LISTING).json()
+    trace_id, span_id, flags = _traceparent(backend.sent[0])
+    chat = next(s for s in exporter.get_finished_spans() if s.name.startswith("chat "))
+    assert trace_id == body["trace_id"] == format(chat.context.trace_id, "032x")
+    assert span_id == format(chat.context.span_id, "016x") and flags & 1
+
+
+def test_the_sample_ratio_is_applied_once_per_trace(store: SqlitePromptStore, key: str) -> None:
+    """At ratio 0.5 about half the requests are traced (whole traces of 6 spans): deciding
+    at the root and again in the SDK would trace a quarter."""
+    import random
+
+    random.seed(20)
+    exporter = InMemorySpanExporter()
+    n = 120
+    with _client(store, key, exporter, ratio=0.5) as client:
+        traced = sum(client.post("/v1/moderate", json=LISTING).json()["trace_id"] is not None for _ in range(n))
+    roots = [s for s in exporter.get_finished_spans() if s.name == "POST /v1/moderate"]
+    assert len(roots) == traced and len(exporter.get_finished_spans()) == 6 * traced
+    assert 0.35 * n <= traced <= 0.65 * n, traced
+
