@@ -315,9 +315,8 @@ class ModerationService:
             for version in assignment.shadows:
                 self.shadows.submit(rollout, version, ev, variables, call.locale,
                                     request_id=call.request_id, item_id=call.item_id, subject=subject)
-        self.metrics.child(self.metrics.stage_seconds, stage="total", prompt=ev.version.name,
-                           version=str(ev.version.version), arm=arm).observe(
-            latency_ms / 1000.0)
+        self.metrics.observe_stage(latency_ms / 1000.0, "total", {"prompt": ev.version.name,
+                                   "version": str(ev.version.version), "arm": arm})
         return Moderation(request_id=call.request_id, item_id=call.item_id, evaluation=ev,
                           arm=arm, latency_ms=latency_ms, trace_id=trace_id)
 

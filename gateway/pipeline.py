@@ -139,7 +139,7 @@ class ModerationPipeline:
         queued = time.perf_counter()
         try:
             async with self.admission.slot(chat.model, timeout_s=deadline - queued, wait=queue):
-                self.metrics.child(self.metrics.stage_seconds, stage="queue", **labels).observe(time.perf_counter() - queued)
+                self.metrics.observe_stage(time.perf_counter() - queued, "queue", labels)
                 result = await self.call_backend(chat, labels, deadline, span_attrs)
         except ModelSaturated:
             self.metrics.child(self.metrics.shed, model=chat.model).inc()
@@ -164,7 +164,7 @@ class ModerationPipeline:
                           Attr.GEN_AI_REQUEST_MODEL: chat.model,
                           Attr.GEN_AI_REQUEST_MAX_TOKENS: chat.max_tokens,
                           Attr.TRAFFIC_ARM: labels["arm"]}
-        self.metrics.child(self.metrics.inflight, model=chat.model).inc()
+        self.metrics.gauge_add(self.metrics.inflight, 1.0, chat.model)
         parent = current_span()
         with (self.tracer.start_as_current_span(f"chat {chat.model}", kind=SpanKind.CLIENT, attributes=span_attrs)
               if parent.is_recording() else nullcontext(parent)) as span:
@@ -175,9 +175,8 @@ class ModerationPipeline:
                 span.set_attribute(Attr.ERROR_TYPE, type(exc).__name__)
                 raise
             finally:
-                self.metrics.child(self.metrics.inflight, model=chat.model).dec()
-                self.metrics.child(self.metrics.stage_seconds, stage="backend", **labels).observe(
-                    time.perf_counter() - called)
+                self.metrics.gauge_add(self.metrics.inflight, -1.0, chat.model)
+                self.metrics.observe_stage(time.perf_counter() - called, "backend", labels)
             span.set_attribute(Attr.GEN_AI_RESPONSE_MODEL, result.model)
             span.set_attribute(Attr.GEN_AI_RESPONSE_FINISH_REASONS, [result.finish_reason or ""])
             span.set_attribute(Attr.GEN_AI_USAGE_INPUT_TOKENS, result.prompt_tokens)
@@ -189,12 +188,13 @@ class ModerationPipeline:
     def _finish(self, version: PromptVersion, label: str | None, arm: str, used_locale: str, stale: bool,
                 verdict: Verdict, result: ChatResult, labels: dict[str, str]) -> Evaluation:
         m = self.metrics
-        m.child(m.verdicts, decision=verdict.decision, category=verdict.category or "-", **labels).inc()
+        m.count(m.verdicts, 1.0, labels["prompt"], labels["version"], labels["arm"], verdict.decision,
+                verdict.category or "-")
         if verdict.fail_reason:
             m.child(m.verdict_failures, reason=verdict.fail_reason, **labels).inc()
-        m.child(m.tokens, prompt=version.name, version=str(version.version), kind="input").inc(result.prompt_tokens)
-        m.child(m.tokens, prompt=version.name, version=str(version.version), kind="output").inc(result.completion_tokens)
+        m.count(m.tokens, result.prompt_tokens, version.name, labels["version"], "input")
+        m.count(m.tokens, result.completion_tokens, version.name, labels["version"], "output")
         if result.cached_prompt_tokens is not None:
-            m.child(m.tokens, prompt=version.name, version=str(version.version), kind="cached_input").inc(result.cached_prompt_tokens)
+            m.count(m.tokens, result.cached_prompt_tokens, version.name, labels["version"], "cached_input")
         return Evaluation(version=version, label=label, arm=arm, locale=used_locale, stale=stale,
                           verdict=verdict, result=result)

@@ -320,5 +320,5 @@ async def serve(request: Request, *, route: str, service: ModerationService, tra
         finally:
             if caller is not None and not handed_off:
                 await caller.release()
-    metrics.child(metrics.requests, route=route, code=str(response.status_code)).inc()
+    metrics.count(metrics.requests, 1.0, route, str(response.status_code))
     return response

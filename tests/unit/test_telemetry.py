@@ -250,3 +250,62 @@ def test_the_sample_ratio_is_applied_once_per_trace(store: SqlitePromptStore, ke
     assert len(roots) == traced and len(exporter.get_finished_spans()) == 6 * traced
     assert 0.35 * n <= traced <= 0.65 * n, traced
 
+
+def test_every_hot_path_metric_counts_each_moderation(store: SqlitePromptStore, key: str) -> None:
+    """Each moderation moves each of its metrics, with the prompt version and arm as labels:
+    a metric that stops being counted (or changes its labels) fails here."""
+    backend = _TraceRecordingBackend()
+    n = 3
+    with _client(store, key, InMemorySpanExporter(), ratio=0.0, backend=backend) as client:
+        answers = [client.post("/v1/moderate", json=LISTING).json() for _ in range(n)]
+        registry = client.app.state.gateway.metrics.registry  # type: ignore[attr-defined]
+    version = {"prompt": "listing-moderation", "version": "1", "arm": "stable"}
+    get = registry.get_sample_value
+    assert get("modgate_requests_total", {"route": "/v1/moderate", "code": "200"}) == n
+    assert len({(a["decision"], a["category"]) for a in answers}) == 1
+    assert get("modgate_verdicts_total", {**version, "decision": answers[0]["decision"],
+                                          "category": answers[0]["category"] or "-"}) == n
+    for kind, total in (("input", sum(r.prompt_tokens for r in backend.results)),
+                        ("output", sum(r.completion_tokens for r in backend.results))):
+        assert total > 0 and get("modgate_tokens_total", {"prompt": "listing-moderation", "version": "1",
+                                                         "kind": kind}) == total, kind
+    assert get("modgate_stage_seconds_count", {"stage": "auth", "prompt": "-", "version": "-", "arm": "-"}) == n
+    assert get("modgate_stage_seconds_count", {"stage": "prompt.resolve", "prompt": "listing-moderation",
+                                               "version": "-", "arm": "stable"}) == n
+    for stage in ("prompt.render", "queue", "backend", "verdict.validate", "total"):
+        assert get("modgate_stage_seconds_count", {"stage": stage, **version}) == n, stage
+        assert get("modgate_stage_seconds_sum", {"stage": stage, **version}) > 0, stage
+    assert get("modgate_inflight_requests", {"model": "tiny-llama"}) == 0
+
+
+def test_the_hot_path_metric_calls_equal_prometheus_own() -> None:
+    """`Metrics.count`, `gauge_add` and `observe_stage` change prometheus-client's values
+    directly: the exposition must be exactly what `labels(...).inc()` / `.observe()` give,
+    bucket boundaries included (a value equal to an upper bound is in that bucket)."""
+    from prometheus_client import generate_latest
+
+    from gateway.telemetry import Metrics
+
+    fast, ref = Metrics(), Metrics()
+    labels = {"prompt": "p", "version": "2", "arm": "canary"}
+    for seconds in (0.0, 0.0004, 0.0005, 0.00051, 0.001, 0.3, 30.0, 31.0, 1e9):
+        fast.observe_stage(seconds, "backend", labels)
+        ref.stage_seconds.labels(stage="backend", **labels).observe(seconds)
+    fast.count(fast.verdicts, 1.0, "p", "2", "canary", "block", "scam")
+    ref.verdicts.labels(prompt="p", version="2", arm="canary", decision="block", category="scam").inc()
+    fast.count(fast.tokens, 17, "p", "2", "input")
+    ref.tokens.labels(prompt="p", version="2", kind="input").inc(17)
+    fast.count(fast.requests, 1.0, "/v1/moderate", "200")
+    ref.requests.labels(route="/v1/moderate", code="200").inc()
+    fast.gauge_add(fast.inflight, 1.0, "m")
+    fast.gauge_add(fast.inflight, 1.0, "m")
+    fast.gauge_add(fast.inflight, -1.0, "m")
+    ref.inflight.labels(model="m").inc()
+    with pytest.raises(ValueError):
+        fast.count(fast.tokens, -1, "p", "2", "input")
+
+    def exposition(m: Metrics) -> list[str]:
+        return [line for line in generate_latest(m.registry).decode().splitlines() if "_created" not in line]
+    assert exposition(fast) == exposition(ref)
+    assert 'modgate_stage_seconds_bucket{arm="canary",le="0.0005",prompt="p",stage="backend",version="2"} 3.0' \
+        in exposition(fast)
