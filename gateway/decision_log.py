@@ -96,7 +96,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["END_SUFFIX", "FIELDS", "DecisionLog", "DecisionLogSettings", "DecisionLogUnavailable",
-           "DecisionRecord", "Segment", "SegmentEnd", "encode_record", "list_segments", "read_segment_end"]
+           "DecisionRecord", "LogRow", "Segment", "SegmentEnd", "encode_record", "list_segments",
+           "read_segment_end"]
 
 log = logging.getLogger("modgate.decision_log")
 
@@ -248,15 +249,23 @@ class DecisionRecord(BaseModel):
 
 FIELDS: tuple[str, ...] = tuple(DecisionRecord.model_fields)
 
+# A record as the request path hands it to the log: `DecisionRecord`'s fields in declaration
+# order, every one present, with the values validation would leave (what `record.__dict__`
+# holds). Built only by `gateway.recording.decision_row`, from parts that are already checked,
+# so that a moderation does not pay for validating its record (tests/unit/test_recording.py
+# holds its line equal to the validated record's).
+LogRow = dict[str, Any]
 
-def encode_record(record: DecisionRecord) -> bytes:
+
+def encode_record(record: DecisionRecord | LogRow) -> bytes:
     """One log line: the record as a JSON object and a newline. From the validated model's
     `__dict__`, which holds exactly its fields in declaration order (`extra="forbid"`), each a
-    str, number, bool, None or datetime: orjson gives the bytes `model_dump()` would, without
-    first copying every field into a new dict (a quarter of the encoding's CPU, in the writer
-    thread, per record). `tests/unit/test_decision_log.py` holds the two equal and the field
-    types to that list."""
-    return orjson.dumps(record.__dict__, option=orjson.OPT_APPEND_NEWLINE)
+    str, number, bool, None or datetime, or from a `LogRow`, which is the same dict built
+    without the model: orjson gives the bytes `model_dump()` would, without first copying every
+    field into a new dict (a quarter of the encoding's CPU, in the writer thread, per record).
+    `tests/unit/test_decision_log.py` holds the two equal and the field types to that list."""
+    return orjson.dumps(record if type(record) is dict else record.__dict__,
+                        option=orjson.OPT_APPEND_NEWLINE)
 
 
 class DecisionLogSettings(BaseModel):
@@ -541,7 +550,7 @@ class _SegmentWriter:
 
 
 _Waiter = asyncio.Future[None]
-_Entry = tuple[DecisionRecord, _Waiter | None]
+_Entry = tuple[DecisionRecord | LogRow, _Waiter | None]
 
 
 def _settle(waiters: list[_Waiter], error: str | None, cause: BaseException | None) -> None:
@@ -646,8 +655,8 @@ class DecisionLog:
 
     # -- request path ------------------------------------------------------------------------
 
-    def append(self, record: DecisionRecord) -> bool:
-        """Queue `record` for writing. Never blocks, never raises; False when it was dropped
+    def append(self, record: DecisionRecord | LogRow) -> bool:
+        """Queue `record` (the model, or a `LogRow` from `gateway.recording`) for writing. Never blocks, never raises; False when it was dropped
         (queue full or log closed)."""
         try:
             if self._closed or len(self._queue) >= self.queue_max:
@@ -665,7 +674,7 @@ class DecisionLog:
             log.exception("decision log: append failed")
             return False
 
-    async def append_durable(self, record: DecisionRecord) -> None:
+    async def append_durable(self, record: DecisionRecord | LogRow) -> None:
         """Queue `record` and return once the batch holding it has been written and fsynced
         (group commit: concurrent callers share one write and one fsync).
 

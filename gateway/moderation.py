@@ -41,7 +41,7 @@ from gateway.limits import CallerLimiter, Lease
 from gateway.pipeline import Evaluation, ModerationPipeline
 from gateway.problems import Forbidden, ModelRejectedInput, UnknownModel, UnknownPrompt, problem_for
 from gateway.prompt_cache import PromptCache, Resolved
-from gateway.recording import decision_record, failure_record
+from gateway.recording import decision_row, failure_record
 from gateway.rollouts.recorder import RolloutRecorder
 from gateway.rollouts.shadow import ShadowDispatcher
 from gateway.rollouts.traffic import assign
@@ -296,7 +296,7 @@ class ModerationService:
         latency_ms = (self.clock() - started) * 1000.0
         trace_id = _trace_id()
         if self.decision_log is not None:
-            record = decision_record(
+            record = decision_row(
                 ev, request_id=call.request_id, item_id=call.item_id, subject=subject,
                 arm=arm, latency_ms=latency_ms, trace_id=trace_id,
                 front_door=call.front_door, caller=call.caller)

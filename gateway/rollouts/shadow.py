@@ -22,7 +22,7 @@ from opentelemetry.trace import Link
 from gateway import cascade
 from gateway.decision_log import DecisionLog
 from gateway.pipeline import Evaluation, ModerationPipeline
-from gateway.recording import decision_record
+from gateway.recording import decision_row
 from gateway.rollouts.recorder import RolloutRecorder
 from gateway.telemetry import Attr
 from prompt_registry.rollouts import Rollout
@@ -87,7 +87,7 @@ class ShadowDispatcher:
                     candidate = ev.verdict
                     self.completed += 1
                     if self._log is not None:
-                        self._log.append(decision_record(
+                        self._log.append(decision_row(
                             ev, request_id=f"{request_id}-shadow-v{version}", item_id=item_id,
                             subject=subject, arm="shadow", shadow_of=request_id,
                             latency_ms=(time.perf_counter() - started) * 1000.0, trace_id=None))
