@@ -619,10 +619,16 @@ class TestMemos:
         store.remember_verdicts({"r1": '{"arm":"canary"}', "r2": '{"arm":"stable"}'}, ttl_s=60)
         assert store.recall_verdict("r1") == '{"arm":"canary"}'
         assert store.recall_verdict("nope") is None
-        store.remember_verdicts({"r3": "{}"}, ttl_s=1)
+        # A real expiry, on both stores (Redis keeps the time itself, so no injected clock).
+        # Read back at once, then waited for: 3 s leaves a loaded machine room for the first
+        # read (at 1 s it could come after the expiry), and the wait ends on the expiry itself.
+        store.remember_verdicts({"r3": "{}"}, ttl_s=3)
         assert store.recall_verdict("r3") == "{}"
-        time.sleep(2.1)  # a real expiry, on both stores
-        assert store.recall_verdict("r3") is None
+        deadline = time.monotonic() + 30
+        while store.recall_verdict("r3") is not None:
+            assert time.monotonic() < deadline, "a 3 s memo still there after 30 s"
+            time.sleep(0.1)
+        assert store.recall_verdict("r1") == '{"arm":"canary"}'  # only the expired one went
 
     def test_sqlite_deletes_expired_memos_through_an_index(self, tmp_path: Path) -> None:
         """Every flush of verdict memos also deletes the expired ones; that DELETE must not scan a

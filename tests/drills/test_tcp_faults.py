@@ -89,6 +89,27 @@ class StubUpstream:
             await self._runner.cleanup()
 
 
+class HeldClock:
+    """The backend's clock: `time.monotonic`, except that a drill can hold it still and let it
+    run on from there. A held clock lets a drill say "while the circuit is open" by the breaker's
+    own time instead of by a wall-clock window a loaded machine can outlast."""
+
+    def __init__(self) -> None:
+        self._held: float | None = None
+        self._behind = 0.0
+
+    def __call__(self) -> float:
+        return self._held if self._held is not None else time.monotonic() - self._behind
+
+    def hold(self) -> None:
+        self._held = self()
+
+    def release(self) -> None:
+        assert self._held is not None
+        self._behind = time.monotonic() - self._held
+        self._held = None
+
+
 @dataclass
 class Drill:
     client: httpx.AsyncClient
@@ -96,6 +117,7 @@ class Drill:
     stub: StubUpstream
     backend: ResilientBackend
     deadline_s: float
+    clock: HeldClock
 
     async def metric(self, name: str) -> float:
         return await metric(self.client, name, model=MODEL)
@@ -123,17 +145,19 @@ async def drill(tmp_path: Path, deadline_s: float = DEADLINE_S) -> AsyncIterator
     stub = await StubUpstream().start()
     proxy = await FaultProxy("127.0.0.1", stub.port).start()
     metrics = Metrics()
+    clock = HeldClock()
     # As gateway/cli/main.py wires it: ResilientBackend(OpenAIHttpBackend(...), serving.resilience,
-    # registry=metrics.registry), the default settings.
+    # registry=metrics.registry), the default settings; the clock runs as time.monotonic does
+    # unless a drill holds it.
     backend = ResilientBackend(OpenAIHttpBackend(f"{proxy.url}/v1"), ResilienceSettings(),
-                               registry=metrics.registry)
+                               registry=metrics.registry, clock=clock)
     app = create_app(GatewaySettings(request_timeout_s=deadline_s), store, backend,
                      metrics=metrics, models=[MODEL])
     try:
         async with serve_asgi(app) as url, httpx.AsyncClient(
                 base_url=url, timeout=deadline_s + MARGIN_S + 3,
                 headers={"authorization": f"Bearer {key}"}) as client:
-            yield Drill(client, proxy, stub, backend, deadline_s)
+            yield Drill(client, proxy, stub, backend, deadline_s, clock)
     finally:
         await proxy.aclose()
         await stub.aclose()
@@ -216,6 +240,9 @@ def test_breaker_opens_under_sustained_resets_and_closes_after_pass_through(tmp_
         async with drill(tmp_path) as d:
             assert (await d.send())[0].status_code == 200
             d.proxy.set_mode("reset")
+            # The breaker's time stands still until the network is back: the circuit opens for
+            # 1 s of it, and stays open however long the requests below take on a busy machine.
+            d.clock.hold()
             opened_after = None
             for i in range(1, 6):  # 5 consecutive failures open it: within the 2nd request
                 r, latency = await d.send()
@@ -228,24 +255,20 @@ def test_breaker_opens_under_sustained_resets_and_closes_after_pass_through(tmp_
             assert await d.metric("modgate_backend_circuit_state") == 2
             assert await d.metric("modgate_backend_circuit_transitions_total") >= 1
 
-            # While open: answered without calling the model server. Only requests sent well
-            # inside the 1 s open window count (on a loaded machine ten requests can outlast it,
-            # and the half-open probe would then rightly reach the proxy); the proof that nothing
-            # was called is the proxy's count, not a wall-clock bound.
-            opened_at = time.monotonic()
+            # While open (the breaker's clock held inside its open time): answered without
+            # calling the model server; the proof is the proxy's count.
             faults = sum(d.proxy.stats.values())
-            rejected = 0
-            while rejected < 10 and time.monotonic() - opened_at < 0.6:
+            for _ in range(10):
                 r, latency = await d.send()
                 assert check_contract(r, latency) == "model_unavailable"
                 assert "circuit open" in r.json()["error"]["message"], r.text
-                rejected += 1
-            assert rejected >= 1
             assert sum(d.proxy.stats.values()) == faults, d.proxy.stats
-            assert await d.metric("modgate_backend_circuit_rejected_total") >= rejected
+            assert await d.metric("modgate_backend_circuit_rejected_total") >= 10
 
-            # Network back: after the open time a probe goes through and closes the circuit.
+            # Network back: after the open time (1 s, the clock running again) a probe goes
+            # through and closes the circuit.
             d.proxy.set_mode("pass")
+            d.clock.release()
             await wait_until_serving(d, within_s=15.0)  # a guard: the probe comes after ~1 s
             assert await d.metric("modgate_backend_circuit_state") == 0
             text = (await d.client.get("/metrics")).text

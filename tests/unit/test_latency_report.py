@@ -41,7 +41,9 @@ def test_window_subtracts_the_first_scrape(tmp_path: Path) -> None:
         after = client.get("/metrics").text
     rows = {r["stage"]: r for r in stage_percentiles(before, after)}
     assert rows["backend"]["count"] == 5 and rows["total"]["count"] == 5
-    assert 25 <= rows["backend"]["p50_ms"] <= 50  # the fake backend sleeps 30 ms
+    # The fake backend sleeps 30 ms: its p50 is at least the 25 ms bucket's bound, and below
+    # 250 ms (the next bounds, 50 and 100 ms, are within reach of a loaded machine's scheduling).
+    assert 25 <= rows["backend"]["p50_ms"] < 250
     assert rows["prompt.render"]["p99_ms"] < rows["backend"]["p50_ms"]
     assert list(rows)[-1] == "total"
     store.close()
