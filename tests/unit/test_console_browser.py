@@ -89,7 +89,7 @@ def browser(tmp_path: Path) -> Iterator[Any]:
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(str(CHROMEDRIVER)))
-    driver.set_page_load_timeout(30)
+    driver.set_page_load_timeout(60)
     try:
         yield driver
     finally:
@@ -116,7 +116,9 @@ class Walk:
         self.b, self.base, self.shots = browser, base, shots
         # The pages redraw parts of themselves after they load (a fetch, then new rows): an
         # element found a moment ago can be gone. Waits retry on that; reads go through `read`.
-        self.wait = WebDriverWait(browser, 20, ignored_exceptions=(StaleElementReferenceException,))
+        # 60 s: a guard only (every wait ends as soon as its condition holds), with room for a
+        # loaded 2-core machine.
+        self.wait = WebDriverWait(browser, 60, ignored_exceptions=(StaleElementReferenceException,))
         self.taken: list[Path] = []
         browser.get("about:blank")  # what a blank page weighs as PNG, to tell a real page from one
         self.blank = len(browser.get_screenshot_as_png())
@@ -275,8 +277,17 @@ def test_the_prompt_change_loop_in_a_browser_in_two_languages(
     w.wait.until(lambda d: {"error_rate", "disagreement_rate"} <= {
         r.get_attribute("data-gate") for r in d.find_elements(By.CSS_SELECTOR, "#gates tbody tr")})
     w.read("#gates", lambda t: "more samples" in t or "enough samples" in t)
-    # the flipped items with their listing content (the sample store keeps every item here)
-    w.wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#flips .flip-content") or d.refresh())
+    # the flipped items with their listing content (the sample store keeps every item here):
+    # after each reload, the rollout drawn (its shadows table), then the flips looked for. A
+    # reload inside a wait's 0.5 s poll reloaded again before a slow page had drawn anything.
+    deadline = time.monotonic() + 60  # a guard only: the evidence is flushed once a second
+    while True:
+        w.find('#shadows tr[data-shadow="2"]')
+        if browser.find_elements(By.CSS_SELECTOR, "#flips .flip-content"):
+            break
+        assert time.monotonic() < deadline, "no flipped item reached the rollout's evidence"
+        time.sleep(0.5)
+        browser.refresh()
     w.read("#flips", lambda t: any(item[0] in t for item in TRAFFIC))
     w.shot("rollouts-en", "Agreement")
 
