@@ -199,7 +199,11 @@ def start_serving(config: ServingConfig, base_dir: Path) -> None:
         if rc.address:
             ray.init(address=rc.address, log_to_driver=False)
         else:
-            ray.init(num_cpus=rc.num_cpus, include_dashboard=False, log_to_driver=False)
+            # "local": always a new cluster, as `address: None` promises. Without it ray.init
+            # joins the cluster named in <RAY_TMPDIR>/ray/ray_current_cluster (left by any
+            # `ray start`, live or long dead) and refuses num_cpus for it, and stop_serving would
+            # shut down Serve on a cluster this process did not start.
+            ray.init(address="local", num_cpus=rc.num_cpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": rc.http_host, "port": rc.http_port})
     server_cls = handle_server_cls() if config.transport == "handle" else None
     app = build_openai_app({"llm_configs": build_llm_configs(config, sources, server_cls=server_cls)})

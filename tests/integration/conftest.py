@@ -1,13 +1,17 @@
 """The real stack — Ray Serve + vLLM CPU engine + gateway on real sockets — started once per
-test session as a `modgate up` subprocess with its own ports, data directory and registry."""
+test session as a `modgate up` subprocess with its own ports, data directory, registry and Ray
+temp directory (RAY_TMPDIR), so nothing of another stack on the machine, running or orphaned,
+is shared with it; its teardown leaves no process behind."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +37,7 @@ class Stack:
     log_path: Path
     data_dir: Path
     transport: str = "http"  # as configured: http, or auto (the default)
+    ray_tmpdir: Path | None = None  # the stack's RAY_TMPDIR: Ray keeps its sessions in <it>/ray
 
     @property
     def headers(self) -> dict[str, str]:
@@ -47,6 +52,13 @@ class Stack:
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def ray_processes(self) -> list[psutil.Process]:
+        """Every live process of this stack's Ray cluster, wherever it was reparented: all
+        inherit the RAY_TMPDIR `modgate up` was started with (another stack's, even one
+        orphaned by an earlier run, never matches)."""
+        assert self.ray_tmpdir is not None
+        return _processes_with_env("RAY_TMPDIR", str(self.ray_tmpdir))
 
     def engine_processes(self) -> list[psutil.Process]:
         procs = psutil.Process(self.process.pid).children(recursive=True)
@@ -100,13 +112,22 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     config_path = tmp / "modgate.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log_path = tmp / "stack.log"
+    # Ray's own directory for this stack (short: Ray's unix sockets live under it, at most 107
+    # bytes a path). In it, what a `ray start` cluster killed earlier leaves behind: its address
+    # file. `modgate up` starts its own cluster (no `serving.ray.address`) and must ignore it;
+    # ray.init() without address="local" tried to join it and failed.
+    ray_tmpdir = Path(tempfile.mkdtemp(prefix="mgray-"))
+    (ray_tmpdir / "ray").mkdir()
+    (ray_tmpdir / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(ray_tmpdir)
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli.main", "up", "--config", str(config_path)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True, env=env,
         )
     stack = Stack(f"http://127.0.0.1:{gateway_port}", f"http://127.0.0.1:{serving_port}/v1", proc, log_path,
-                  tmp / "data", request.param)
+                  tmp / "data", request.param, ray_tmpdir)
     deadline = time.monotonic() + START_TIMEOUT_S
     try:
         while True:
@@ -122,10 +143,27 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             time.sleep(1.0)
         yield stack
     finally:
-        _stop(proc)
+        try:
+            _stop(proc, ray_tmpdir)
+        finally:
+            shutil.rmtree(ray_tmpdir, ignore_errors=True)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def _processes_with_env(name: str, value: str) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if _live(p) and p.environ().get(name) == value:
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def _stop(proc: subprocess.Popen[bytes], ray_tmpdir: Path) -> None:
+    """SIGINT (`modgate up` shuts Serve and Ray down), then SIGKILL for whatever is left of
+    the stack: its descendants as they were, and every process carrying its RAY_TMPDIR, which
+    also finds Ray processes started during shutdown or reparented when their parent died."""
     try:
         descendants = psutil.Process(proc.pid).children(recursive=True)
     except psutil.Error:
@@ -137,9 +175,19 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-    # Whatever Ray left behind (raylet, workers, engine) goes too.
-    for p in descendants:
+    leftovers = {p.pid: p for p in descendants if p.is_running()}
+    leftovers.update((p.pid, p) for p in _processes_with_env("RAY_TMPDIR", str(ray_tmpdir)))
+    for p in leftovers.values():
         try:
             p.kill()
         except psutil.Error:
             pass
+    _, alive = psutil.wait_procs(list(leftovers.values()), timeout=30)
+    assert not [p for p in alive if _live(p)], f"stack processes survived SIGKILL: {alive}"
+
+
+def _live(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

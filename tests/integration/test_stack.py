@@ -300,18 +300,27 @@ def test_the_local_ray_cluster_runs_lean(stack: Stack) -> None:
     """`modgate up` starts Ray with less background work (serving/config.py RayClusterConfig:
     no Ray metrics pipeline, a 0.5 s Serve control loop), so on a CPU machine the engine keeps
     the cores: every process of the cluster, the Serve controller included, inherits it."""
-    import psutil
-
-    controllers = []
-    for p in psutil.process_iter(["cmdline"]):
-        if (p.info["cmdline"] or [""])[0].startswith("ray::ServeController"):
-            controllers.append(p)
+    # This stack's controller: another cluster's on the machine (an orphan of an earlier run,
+    # say) runs with other settings and says nothing about this one.
+    controllers = [p for p in stack.ray_processes() if (p.cmdline() or [""])[0].startswith("ray::ServeController")]
     assert controllers, "no Serve controller process found"
     env = controllers[0].environ()
     assert env.get("RAY_SERVE_CONTROL_LOOP_INTERVAL_S") == "0.5"
     assert env.get("RAY_enable_metrics_collection") == "0"
     assert env.get("RAY_SERVE_METRICS_EXPORT_INTERVAL_MS") == "10000"
     assert env.get("RAY_num_workers_soft_limit") == "0"
+
+
+def test_the_stack_runs_its_own_ray_cluster(stack: Stack) -> None:
+    """`modgate up` without `serving.ray.address` starts a cluster of its own under its
+    RAY_TMPDIR: one GCS, a child of `modgate up`, though the directory names another cluster in
+    ray_current_cluster (the conftest's stale address file, which ray.init() used to join)."""
+    import psutil
+
+    gcs = [p for p in stack.ray_processes() if p.name() == "gcs_server"]
+    assert len(gcs) == 1, gcs
+    assert gcs[0].pid in {p.pid for p in psutil.Process(stack.process.pid).children(recursive=True)}
+    assert f"--log_dir={stack.ray_tmpdir}/ray/session_" in " ".join(gcs[0].cmdline())
 
 
 def test_the_default_transport_is_deployment_handles(stack: Stack) -> None:
