@@ -105,8 +105,10 @@ class PromptSummary:
 def check_model_served(version: PromptVersion | PromptSpec, served: Collection[str] | None) -> None:
     """Raise UnservedModel (naming the model and the served ones) when a model *version* calls
     (its `model:` or its cascade's) is not one the serving layer serves. *served* None: nothing
-    known, no check (tests, tools without a serving configuration). For publishing, production
-    moves and rollout starts."""
+    known, no check (tests, tools without a serving configuration). For publishing, rollout
+    starts and every label move (rollbacks and approved requests included): callers holding
+    `moderate:pin` reach any label, so no label may point at a version the serving layer
+    cannot run."""
     if served is None:
         return
     spec = version.spec if isinstance(version, PromptVersion) else version
@@ -142,24 +144,26 @@ def set_label(store: PromptStore, name: str, label: str, version: int, *, actor:
               production_label: str = "production",
               served_models: Collection[str] | None = None,
               holder: str | None = None) -> tuple[int | None, GateReport | None]:
-    """Move a label by hand; the production label goes through the promotion gate, and may
-    not point at a version whose model is not served (when *served_models* is given). Under
-    four eyes a production move raises ApprovalRequired (*holder*: the requesting key
-    holder, default *actor*)."""
-    if label == production_label:
-        check_model_served(store.get_version(name, version), served_models)
+    """Move a label by hand; the production label goes through the promotion gate. No label
+    may point at a version whose model is not served (when *served_models* is given): a caller
+    pinning the label would get errors, not verdicts. Under four eyes a production move raises
+    ApprovalRequired (*holder*: the requesting key holder, default *actor*)."""
+    check_model_served(store.get_version(name, version), served_models)
     return move_label(store, name, label, version, expected=expected, actor=actor, note=note,
                       override=override, production_label=production_label, holder=holder)
 
 
-def rollback(store: PromptStore, name: str, label: str, *, actor: str, note: str = "") -> tuple[int, int]:
+def rollback(store: PromptStore, name: str, label: str, *, actor: str, note: str = "",
+             served_models: Collection[str] | None = None) -> tuple[int, int]:
     """Point *label* back at the version it pointed at before its latest move.
 
     Returns (from_version, to_version). Compare-and-set against the current version, so a
     concurrent move makes this fail with LabelConflict instead of undoing someone else's work.
     Not judged by the promotion gate: the target held the label before, and in an incident
     nothing should stand between an operator and the previous version; so a deprecated target
-    is allowed too (only a blocked one is refused).
+    is allowed too (only a blocked one is refused). A target whose model the serving layer no
+    longer serves (*served_models*) is refused like any label move: it would answer nobody,
+    and the refusal names the model where the rollback would have failed every request.
     """
     current = store.labels(name).get(label)
     if current is None:
@@ -171,6 +175,7 @@ def rollback(store: PromptStore, name: str, label: str, *, actor: str, note: str
     if state_in(store.get_lifecycle(name), target) == "blocked":  # deprecated: allowed, an incident path
         raise VersionBlocked(f"label {label!r} of {name!r} cannot roll back to v{target}: it is blocked",
                              prompt=name, version=target, state="blocked")
+    check_model_served(store.get_version(name, target), served_models)
     store.set_label(name, label, target, expected=current, actor=actor,
                     note=note or f"rollback from v{current}")
     return current, target
@@ -461,8 +466,7 @@ def approve_request(store: PromptStore, name: str, request_id: str, *, actor: st
                         note=f"approval {request.id} of {request.requested_by}'s request approved by "
                              f"{holder}" + (f" | {note}" if note else ""))
     try:
-        if request.label == production_label:
-            check_model_served(store.get_version(name, request.version), served_models)
+        check_model_served(store.get_version(name, request.version), served_models)
         previous, report = move_label(
             store, name, request.label, request.version, expected=request.expected or 0,
             actor=actor, note=request.note, override=request.override,

@@ -25,9 +25,9 @@ label, rollout or approval may target it; what points at it keeps working) needs
 `labels:write`; `blocked` (refused everywhere; refused while a label or an active rollout
 points at it) and undoing a block need `admin`. `latest` skips both.
 
-With `served_models`, publishing a version (and moving production to one) whose `model:` the
-serving layer does not serve is refused (`UnservedModel`, 422), naming the model and the
-served ones.
+With `served_models`, publishing a version whose `model:` the serving layer does not serve, or
+pointing any label at one (a move, a rollback, an approved request), is refused (`UnservedModel`,
+422), naming the model and the served ones.
 
 `POST /v1/prompts/{name}/scorecards` (scope `prompts:publish`) stores a scorecard `modgate eval
 run` computed elsewhere (the remote CLI), audited under the key's name; one computed for other
@@ -190,7 +190,7 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
                        production_label: str = "production", max_body_bytes: int = 1 << 20,
                        on_change: Callable[[str], Awaitable[None]] | None = None,
                        served_models: list[str] | None = None) -> APIRouter:
-    """*served_models*: the models the serving layer serves; publishing (or moving production
+    """*served_models*: the models the serving layer serves; publishing (or moving a label
     to) a version naming another is refused. None: no check (tests, back-compat)."""
     async def changed(name: str) -> None:
         if on_change is not None:
@@ -293,7 +293,8 @@ def build_admin_router(store: PromptStore, auth: Authenticator, *, protected_lab
         """Move a label back to the version it pointed at before its latest move."""
         p = await label_principal(authorization, x_api_key, label)
         note = body.note if body else ""
-        frm, to = await asyncio.to_thread(rollback, store, name, label, actor=p.name, note=note)
+        frm, to = await asyncio.to_thread(rollback, store, name, label, actor=p.name, note=note,
+                                          served_models=served_models)
         await changed(name)
         return json_response({"name": name, "label": label, "from_version": frm, "to_version": to})
 

@@ -251,7 +251,7 @@ class LocalClient:
     def rollback(self, name: str, label: str, *, actor: str, note: str) -> dict[str, Any]:
         from prompt_registry.ops import rollback
 
-        frm, to = rollback(self.store, name, label, actor=actor, note=note)
+        frm, to = rollback(self.store, name, label, actor=actor, note=note, served_models=self.served)
         return {"name": name, "label": label, "from_version": frm, "to_version": to}
 
     def diff(self, name: str, from_version: int, to_version: int) -> dict[str, Any]:

@@ -336,6 +336,35 @@ def test_publishing_a_model_the_serving_layer_does_not_serve(tmp_path: Path) -> 
     store.close()
 
 
+def test_no_label_move_points_at_a_version_whose_model_is_not_served(tmp_path: Path) -> None:
+    """Any label is reachable by callers (a `moderate:pin` key pins it), so every move that
+    points one at a version, not only production's, checks that its model is served: a move
+    and a rollback to a version stored before its model left the configuration are refused
+    (422 `unknown_model`, naming the model) and change nothing."""
+    store = SqlitePromptStore(tmp_path / "r.db")
+    seed_store(store, ROOT / "configs" / "prompts")
+    key, record = generate_key("author", ["prompts:read", "labels:write"], created_by="test")
+    store.put_key(record)
+    headers = {"authorization": f"Bearer {key}"}
+    spec = store.resolve("listing-moderation", "production").spec
+    store.publish(spec.model_copy(update={"model": "qwen-gone"}), actor="test")  # when it was served
+    store.set_label("listing-moderation", "staging", 2, actor="test")
+    store.set_label("listing-moderation", "staging", 1, expected=2, actor="test")
+    unserved = ("listing-moderation v2 names model 'qwen-gone', which the serving layer does not "
+                "serve (served: tiny-llama)")
+    with TestClient(create_app(GatewaySettings(), store, FakeBackend(), models=["tiny-llama"])) as client:
+        url = "/v1/prompts/listing-moderation/labels"
+        for r in (client.put(f"{url}/canary", json={"version": 2}, headers=headers),
+                  client.post(f"{url}/staging/rollback", json={"note": "incident"}, headers=headers)):
+            assert r.status_code == 422, r.text
+            assert r.json()["error"]["type"] == "unknown_model"
+            assert r.json()["error"]["message"] == unserved
+        assert store.labels("listing-moderation") == {"production": 1, "staging": 1}
+        r = client.put(f"{url}/canary", json={"version": 1}, headers=headers)  # a served one moves
+        assert r.status_code == 200, r.text
+    store.close()
+
+
 def test_scorecard_upload_is_checked_stored_and_audited_under_the_key(
         env: tuple[TestClient, dict, SqlitePromptStore]) -> None:
     """What `modgate eval run --url` posts: stored (the gate reads it), `created_by` the key,
