@@ -2,22 +2,29 @@
 
 A prompt version may name a second model (`cascade:` in its spec, `prompt_registry.models.
 CascadeSpec`). After the first model's verdict is validated, `escalation_trigger` decides
-whether it stands. The triggers, in the order they are tried (the first that fires is
-recorded, as the decision log's `escalation` and the metric's `trigger`):
+whether it stands. The version lists the triggers it uses in `cascade.escalate_on` (default
+`[needs_review]`); only those are tried, in this order, and the first that fires is recorded
+(the decision log's `escalation`, the metric's `trigger`):
 
 - `needs_review`: the verdict is `needs_review`, the fail-closed ones included;
-- `low_margin` (with `min_margin`): the verdict's calibrated decision margin
+- `low_margin` (listed together with `min_margin`): the verdict's calibrated decision margin
   (`Verdict.decision_margin`: probability of the generated decision minus the next most likely
-  one, from the token log-probabilities; its worst case when they are inexact) is below
-  `min_margin`. A verdict without a calibrated probability (the engine sent no
+  one, from the token log-probabilities; its worst case within their bounds when they are
+  inexact) is below `min_margin`. A verdict without a calibrated margin (the engine sent no
   log-probabilities, the gateway asks for none (`gateway.verdict_top_logprobs: 0`), a
-  fail-closed verdict, tokens that do not spell the answer) cannot show it is sure, so it
-  escalates too, recorded as `margin_unavailable`: fail closed, and countable apart;
-- `low_confidence` (with `min_confidence`): the confidence the model wrote is below
-  `min_confidence`. Versions already stored use it and keep working; prefer `low_margin` for
-  new ones: the written confidence is a number the model generates, not a probability, while
-  the margin is measured from the model's own token distribution and its calibration is
-  reported per version by `modgate eval run` (reliability diagram, ECE).
+  fail-closed verdict when `needs_review` is not listed, tokens that do not spell the answer)
+  cannot show it is sure, so it escalates too, recorded as `margin_unavailable`: fail closed,
+  and countable apart. The margin is computed only for a cascade with `min_margin` (this runs
+  on every moderation);
+- `low_confidence` (listed together with `min_confidence`): the confidence the model wrote is
+  below `min_confidence` (a verdict without one stands). Versions already stored use it and
+  keep working; prefer `low_margin` for new ones: the written confidence is a number the model
+  generates, not a probability, while the margin is measured from the model's own token
+  distribution and its calibration is reported per version by `modgate eval run`
+  (reliability diagram, ECE).
+
+A trigger that is not listed never fires: with `escalate_on: [low_margin]` a model-written
+`needs_review` with a wide margin stands.
 
 The second
 call is an ordinary `ModerationPipeline.evaluate` of the same version with the cascade's model,
@@ -31,8 +38,9 @@ is `needs_review` with `fail_reason: escalation_failed`: the first verdict was t
 not good enough to stand, so it never becomes the answer, and a dead second model does not turn
 unsure answers into errors either. The error type is kept (`escalation_error`).
 
-Metrics: `modgate_verdicts_total` counts each model's answer (an escalated request counts
-twice); `modgate_escalations_total` counts escalations by trigger and outcome.
+Metrics: `modgate_verdicts_total` counts each model's answer (a request whose escalation the
+second model answered counts twice; one whose second call failed, once);
+`modgate_escalations_total` counts escalations by trigger and outcome (answered, failed).
 """
 
 from __future__ import annotations
