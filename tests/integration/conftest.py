@@ -116,7 +116,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     # bytes a path). In it, what a `ray start` cluster killed earlier leaves behind: its address
     # file. `modgate up` starts its own cluster (no `serving.ray.address`) and must ignore it;
     # ray.init() without address="local" tried to join it and failed.
-    ray_tmpdir = Path(tempfile.mkdtemp(prefix="mgray-"))
+    ray_tmpdir = Path(tempfile.mkdtemp(prefix="mgray-", dir="/tmp"))  # not $TMPDIR: it may be long
     (ray_tmpdir / "ray").mkdir()
     (ray_tmpdir / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
