@@ -28,7 +28,7 @@ from tests.unit.test_console_browser import browser  # noqa: F401 - the fixture 
 from tests.unit.test_review_queue import responder
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (dev extra)")
-from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
@@ -78,11 +78,13 @@ def served(store: SqlitePromptStore, tmp_path: Path) -> Iterator[Served]:
 
 def test_label_two_items_from_the_keyboard(served: Served, browser: Any, tmp_path: Path) -> None:  # noqa: F811
     # the page redraws the list after every change: an element found a moment ago may be gone
-    wait = WebDriverWait(browser, 20, ignored_exceptions=(StaleElementReferenceException,))
+    # (60 s: a guard only; every wait ends as soon as its condition holds)
+    wait = WebDriverWait(browser, 60, ignored_exceptions=(StaleElementReferenceException,))
     browser.get(f"{served.base}/console/queue")
     wait.until(ec.url_contains("/console/signin"))
-    browser.find_element(By.ID, "api-key").send_keys(served.key)
-    browser.find_element(By.ID, "signin-submit").click()
+    # the sign-in form is drawn once the page's strings have loaded (a fetch): waited for
+    wait.until(ec.presence_of_element_located((By.ID, "api-key"))).send_keys(served.key)
+    wait.until(ec.element_to_be_clickable((By.ID, "signin-submit"))).click()
     wait.until(ec.url_contains("/console/prompts"))
     # sign-in lands on Prompts, which a reviewer without prompts:read may not read (a 403 the
     # console page shows); only errors on the queue page count here, so the log is emptied
@@ -105,8 +107,16 @@ def test_label_two_items_from_the_keyboard(served: Served, browser: Any, tmp_pat
         return browser.find_element(By.CSS_SELECTOR, f'section[data-request-id="{ids[n]}"]')
 
     def current() -> str:
+        """The focused item's request id, once the focus has settled on an item."""
         return str(wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "section.queue-item.current")
                               .get_attribute("data-request-id")))
+
+    def focus_on(n: int) -> None:
+        """Wait until item *n* has the focus (a key press redraws the list; not slept on)."""
+        try:
+            wait.until(lambda d: current() == ids[n])
+        except TimeoutException:
+            raise AssertionError(f"item {n} never got the focus (the focus is on {current()})") from None
     assert all("about the" in text for _, _, text in shown)  # the listing content is shown
     body = browser.find_element(By.TAG_NAME, "body")
 
@@ -115,11 +125,11 @@ def test_label_two_items_from_the_keyboard(served: Served, browser: Any, tmp_pat
     body.send_keys(Keys.ENTER)
     wait.until(lambda d: "recorded" in item(0).text)
     # the focus moved to the next unlabelled item; k (or the up arrow) goes back, j forward
-    assert current() == ids[1]
+    focus_on(1)
     body.send_keys("k")
-    assert current() == ids[0]
+    focus_on(0)
     body.send_keys(Keys.ARROW_DOWN)
-    assert current() == ids[1]
+    focus_on(1)
     # item 2: block + category 1 (the schema's first category), then Enter
     browser.find_element(By.TAG_NAME, "body").send_keys("b")
     browser.switch_to.active_element.send_keys("1")  # the category select has the focus now
