@@ -37,7 +37,8 @@ def build_backend(cfg: AppConfig, metrics: Metrics) -> InferenceBackend:
     from serving.resilience import ResilientBackend
 
     api_key = os.environ.get(cfg.serving.api_key_env) if cfg.serving.api_key_env else None
-    http = OpenAIHttpBackend(cfg.serving.resolved_base_url(), api_key=api_key)
+    http = OpenAIHttpBackend(cfg.serving.resolved_base_url(), api_key=api_key,
+                             keepalive_s=cfg.serving.keepalive_s)
     inner: InferenceBackend = http
     if cfg.serving.mode == "ray" and cfg.serving.transport == "handle":
         from serving.ray_handle_backend import RayHandleBackend

@@ -131,6 +131,10 @@ class ServingConfig(_Strict):
     # OpenAI-compatible base URL. In `ray` mode it is derived from the Ray HTTP host/port.
     base_url: str | None = None
     api_key_env: str | None = Field(None, description="env var holding the backend API key")
+    keepalive_s: float = Field(4.0, gt=0, le=300, description="how long an idle pooled connection "
+                               "to the model server is kept: less than the server keeps it open (uvicorn-"
+                               "based servers, vLLM's and Ray Serve's proxy: 5 s), so the client drops it "
+                               "first (serving/http_backend.py)")
     ray: RayClusterConfig = Field(default_factory=RayClusterConfig)
     resilience: ResilienceSettings = Field(default_factory=ResilienceSettings)
     handle_batch: HandleBatchConfig = Field(default_factory=HandleBatchConfig)

@@ -13,6 +13,7 @@ kept as the error's `cause`.
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -81,21 +82,38 @@ class OpenAIHttpBackend:
     every connection on each request) and aiohttp near 12,000 — see
     `benchmarks/http_clients.py` and its recorded result. The session is created lazily inside the
     running event loop.
+
+    Pooled connections and the server's keep-alive: an idle connection is kept `keepalive_s`
+    (4 s), less than uvicorn-based servers keep theirs open (`timeout_keep_alive`, 5 s: vLLM's
+    own server, Ray Serve's proxy), so the client drops it before the server closes it. A
+    request that still meets a connection the server closed (its close crossed our request on
+    the wire; a server with a shorter keep-alive) fails before any byte of an answer arrived:
+    `chat` sends it again at once, once, on a new connection (`closed_retries` counts them).
+    That is safe for the same reason `serving/resilience.py` retries `BackendUnavailable` at
+    all (a chat completion has no side effects), and it is not a failure of the server: it is
+    not counted against the circuit breaker or the retry budget, and it happens under
+    `no_retries()` too. Anything after the first byte of an answer, a connection that cannot
+    be opened, or a second close is `BackendUnavailable`, for the resilience layer to judge
+    (back-off, budget, breaker). `stream_chat` does not retry this way (resilience retries a
+    stream before its first chunk).
     """
 
-    def __init__(self, base_url: str, *, api_key: str | None = None, max_connections: int = 256) -> None:
+    def __init__(self, base_url: str, *, api_key: str | None = None, max_connections: int = 256,
+                 keepalive_s: float = 4.0) -> None:
         self.base_url = base_url.rstrip("/")
         self._headers = {"content-type": "application/json"}
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
         self._max_connections = max_connections
+        self.keepalive_s = keepalive_s
+        self.closed_retries = 0  # requests sent again after the server closed their connection unanswered
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300,
-                                               keepalive_timeout=30),
+                                               keepalive_timeout=self.keepalive_s),
                 headers=self._headers, read_bufsize=1 << 20, auto_decompress=False)
         return self._session
 
@@ -106,17 +124,27 @@ class OpenAIHttpBackend:
     async def chat(self, request: ChatRequest, *, timeout_s: float) -> ChatResult:
         body = orjson.dumps(build_chat_body(request))
         start = time.perf_counter()
-        try:
-            async with self._client().post(f"{self.base_url}/chat/completions", data=body,
-                                           headers=trace_headers(), timeout=self._timeout(timeout_s)) as resp:
-                raw = await resp.read()
-                status, headers = resp.status, resp.headers
-        except TimeoutError:
-            raise self._report(BackendTimeout(f"no answer from the model server within {timeout_s:.1f}s",
-                                              cause="TimeoutError")) from None
-        except aiohttp.ClientError as exc:
-            raise self._report(BackendUnavailable("cannot reach the model server", kind="connection_failed",
-                                                  cause=exc), str(exc)) from None
+        left, retried = timeout_s, False
+        while True:
+            answered = False
+            try:
+                async with self._client().post(f"{self.base_url}/chat/completions", data=body,
+                                               headers=trace_headers(), timeout=self._timeout(left)) as resp:
+                    answered = True
+                    raw = await resp.read()
+                    status, headers = resp.status, resp.headers
+                break
+            except TimeoutError:
+                raise self._report(BackendTimeout(f"no answer from the model server within {timeout_s:.1f}s",
+                                                  cause="TimeoutError")) from None
+            except aiohttp.ClientError as exc:
+                left = timeout_s - (time.perf_counter() - start)
+                if not retried and not answered and left > 0 and closed_unanswered(exc):
+                    retried = True  # the class docstring: once, at once, on a new connection
+                    self.closed_retries += 1
+                    continue
+                raise self._report(BackendUnavailable("cannot reach the model server", kind="connection_failed",
+                                                      cause=exc), str(exc)) from None
         total_ms = (time.perf_counter() - start) * 1000.0
         if status != 200:
             raise self._report(_status_error(status, headers, raw, request.model), raw)
@@ -327,6 +355,20 @@ async def _sse_data(content: aiohttp.StreamReader) -> AsyncIterator[str]:
             lines.append(value.removeprefix(" "))
     if lines:
         yield "\n".join(lines)
+
+
+_RESET = frozenset({errno.ECONNRESET, errno.EPIPE})
+
+
+def closed_unanswered(exc: aiohttp.ClientError) -> bool:
+    """The server closed the connection before any byte of an answer to our request: aiohttp's
+    `ServerDisconnectedError` without a partly read status line or headers, or a reset of a
+    connection that was open (not one that could not be opened: `ClientConnectorError`). The
+    cases aiohttp itself retries once for idempotent methods."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return isinstance(exc.message, str)  # else: the partial answer aiohttp had parsed
+    return (isinstance(exc, aiohttp.ClientOSError) and not isinstance(exc, aiohttp.ClientConnectorError)
+            and exc.errno in _RESET)
 
 
 def trace_headers() -> dict[str, str]:

@@ -10,6 +10,10 @@
   `BackendProtocolError` (the server answered; it would answer the same). At most
   `max_retries` (2) retries, with exponential back-off and "equal jitter" (half the back-off
   fixed, half random) so replicas do not retry in lock-step.
+  Below this layer the HTTP backend sends a request once more at once, by itself, when the
+  server closed its pooled keep-alive connection before any byte of an answer (a close that
+  crossed the request on the wire: serving/http_backend.py); that is neither a retry here nor
+  a failure for the breaker. Only when that second send fails too does it arrive here.
 - **One deadline**: `timeout_s` covers every attempt and every back-off. Each attempt gets what
   is left; no retry starts with less than `min_attempt_s` left (counted as
   `deadline_exhausted`), so a retry never turns a 503 into a later 504.

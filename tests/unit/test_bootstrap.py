@@ -30,3 +30,16 @@ def test_the_configured_backend_is_resilient() -> None:
     cfg = load_config(None, {})
     backend = build_backend(cfg, Metrics())
     assert isinstance(backend, ResilientBackend)
+
+
+
+def test_the_http_backend_keeps_idle_connections_as_configured() -> None:
+    """`serving.keepalive_s` reaches the HTTP backend's pool (default 4 s: under the 5 s of
+    uvicorn-based model servers)."""
+    from serving.http_backend import OpenAIHttpBackend
+
+    http = {"serving.mode": "http", "serving.base_url": "http://127.0.0.1:9/v1"}
+    for overrides, expected in (({}, 4.0), ({"serving.keepalive_s": 1.5}, 1.5)):
+        backend = build_backend(load_config(None, {**http, **overrides}), Metrics())
+        assert isinstance(backend, ResilientBackend) and isinstance(backend.inner, OpenAIHttpBackend)
+        assert backend.inner.keepalive_s == expected

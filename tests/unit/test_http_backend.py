@@ -506,3 +506,126 @@ def test_resilience_logs_retries_without_upstream_text(caplog: pytest.LogCapture
     retries = [r.getMessage() for r in caplog.records if r.name == "modgate.serving.resilience"]
     assert len(retries) == 2 and all("kind=server_error" in m and "ref-" in m and "status=500" in m
                                      for m in retries)
+
+
+# -- pooled connections the server closed ---------------------------------------------------
+
+class _KeepAliveUpstream:
+    """A raw HTTP/1.1 keep-alive server on a real socket that answers the first *answered*
+    requests of each connection with a chat completion, then closes that connection on reading
+    the next request without sending a byte: what a uvicorn-based server (vLLM's, the stub)
+    does when its idle keep-alive timer (5 s) fires as a request on the pooled connection
+    arrives. `head` bytes (a partial status line) are sent before closing when given."""
+
+    def __init__(self, answered: int = 1, head: bytes = b"") -> None:
+        self.answered, self.head = answered, head
+        self.connections = 0
+        self.requests = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> _KeepAliveUpstream:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    @property
+    def base_url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/v1"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        served = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                await reader.readexactly(length)
+                self.requests += 1
+                if served >= self.answered:
+                    writer.write(self.head)
+                    break
+                served += 1
+                body = orjson.dumps(_completion())
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+
+def test_a_pooled_connection_the_server_closed_is_retried_once_on_a_new_one() -> None:
+    """The second request goes out on the pooled connection, which the server closes without
+    answering: the backend sends it again at once on a new connection (before any byte of an
+    answer nothing was done that a second send could repeat wrongly), instead of failing a
+    caller with 'cannot reach the model server' and counting a failure against the circuit."""
+    async def go() -> tuple[int, int, str]:
+        async with _KeepAliveUpstream(answered=1) as upstream:
+            backend = OpenAIHttpBackend(upstream.base_url)
+            try:
+                await backend.chat(REQ, timeout_s=5)
+                result = await backend.chat(REQ, timeout_s=5)
+            finally:
+                await backend.aclose()
+            return upstream.connections, upstream.requests, result.text
+
+    assert asyncio.run(go()) == (2, 3, '{"a":1}')
+
+
+async def _chats_until_unavailable(upstream: _KeepAliveUpstream, calls: int) -> tuple[int, BaseException | None]:
+    """Up to *calls* chats through a new backend: the requests the upstream read, and the
+    `BackendUnavailable` that ended them (None if none did)."""
+    async with upstream:
+        backend = OpenAIHttpBackend(upstream.base_url)
+        try:
+            for _ in range(calls):
+                await backend.chat(REQ, timeout_s=5)
+        except BackendUnavailable as exc:
+            return upstream.requests, exc
+        finally:
+            await backend.aclose()
+        return upstream.requests, None
+
+
+def test_the_retry_on_a_closed_connection_happens_once_only() -> None:
+    """A server that closes every connection unanswered is unavailable: two sends (the first
+    and the one retry), then `BackendUnavailable` for the resilience layer to judge."""
+    requests, exc = asyncio.run(_chats_until_unavailable(_KeepAliveUpstream(answered=0), 1))
+    assert requests == 2 and isinstance(exc, BackendUnavailable) and exc.kind == "connection_failed"
+
+
+def test_no_retry_once_the_server_started_answering() -> None:
+    """Bytes of an answer arrived before the connection closed: the server was working on the
+    request, so the backend does not send it again itself (the resilience layer decides)."""
+    upstream = _KeepAliveUpstream(answered=1, head=b"HTTP/1.1 200 OK\r\ncontent-le")
+    requests, exc = asyncio.run(_chats_until_unavailable(upstream, 2))
+    assert requests == 2 and isinstance(exc, BackendUnavailable)
+
+
+def test_pooled_connections_are_dropped_before_the_servers_keep_alive_ends() -> None:
+    """The pool keeps an idle connection for less time than uvicorn-based servers (vLLM's own
+    server, Ray Serve's proxy, the benchmark stub) keep it open (`timeout_keep_alive`, 5 s),
+    so the client drops it first rather than racing the server's close; and past its
+    keep-alive the next request opens a new connection."""
+    import uvicorn
+
+    assert OpenAIHttpBackend("http://x/v1").keepalive_s < uvicorn.Config(app=None).timeout_keep_alive
+
+    async def go() -> int:
+        async with _KeepAliveUpstream(answered=10) as upstream:
+            backend = OpenAIHttpBackend(upstream.base_url, keepalive_s=0.05)
+            try:
+                await backend.chat(REQ, timeout_s=5)
+                await backend.chat(REQ, timeout_s=5)  # reuses the connection
+                await asyncio.sleep(0.3)
+                await backend.chat(REQ, timeout_s=5)  # idle past keepalive_s: a new one
+            finally:
+                await backend.aclose()
+            return upstream.connections
+
+    assert asyncio.run(go()) == 2
