@@ -21,7 +21,8 @@ from gateway.problems import ModelSaturated
 from gateway.prompt_cache import PromptCache, Resolved
 from gateway.telemetry import Attr, Metrics, current_span, stage
 from gateway.verdict import TOP_LOGPROBS, Verdict, parse_verdict
-from prompt_registry import PromptVersion, render_messages
+from prompt_registry import PromptSpec, PromptVersion, render_messages
+from prompt_registry.models import Message
 from serving import BackendError, ChatRequest, ChatResult, InferenceBackend
 
 __all__ = ["Evaluation", "ModerationPipeline"]
@@ -59,6 +60,43 @@ class Evaluation:
         if self.deprecated:
             ref["deprecated"] = True
         return ref
+
+
+@dataclass(frozen=True, slots=True)
+class _ChatPlan:
+    """What `build_chat` derives from a spec and a requested locale, the same for every
+    request: made once per (spec, locale) rather than once per request."""
+
+    spec: PromptSpec  # held: the id it is cached under cannot be reused while it lives
+    used_locale: str
+    templates: list[Message]
+    model: str
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    regex: str
+    reasoning_effort: str | None
+
+
+_plans: dict[tuple[int, str | None], _ChatPlan] = {}
+_PLANS_MAX = 1024  # distinct (spec, requested locale) pairs; a caller's made-up locales only churn it
+
+
+def _plan(spec: PromptSpec, locale: str | None) -> _ChatPlan:
+    key = (id(spec), locale)
+    plan = _plans.get(key)
+    if plan is not None and plan.spec is spec:
+        return plan
+    used_locale, templates = spec.select_locale(locale)
+    plan = _ChatPlan(spec=spec, used_locale=used_locale, templates=templates, model=spec.model,
+                     max_tokens=spec.max_output_tokens(), temperature=spec.sampling.temperature,
+                     top_p=spec.sampling.top_p, seed=spec.sampling.seed, regex=spec.verdict.regex(),
+                     reasoning_effort=spec.reasoning.effort if spec.reasoning else None)
+    if len(_plans) >= _PLANS_MAX:
+        _plans.clear()
+    _plans[key] = plan
+    return plan
 
 
 class ModerationPipeline:
@@ -102,14 +140,12 @@ class ModerationPipeline:
     def build_chat(version: PromptVersion, variables: Mapping[str, object], locale: str | None, *,
                    request_id: str, priority: int = 0,
                    top_logprobs: int | None = TOP_LOGPROBS) -> tuple[str, ChatRequest]:
-        spec = version.spec
-        used_locale, templates = spec.select_locale(locale)
-        messages = render_messages(templates, spec.variables, variables)
-        return used_locale, ChatRequest(
-            model=spec.model, messages=messages, max_tokens=spec.max_output_tokens(),
-            temperature=spec.sampling.temperature, top_p=spec.sampling.top_p,
-            seed=spec.sampling.seed, regex=spec.verdict.regex(), request_id=request_id,
-            priority=priority, reasoning_effort=spec.reasoning.effort if spec.reasoning else None,
+        plan = _plan(version.spec, locale)
+        messages = render_messages(plan.templates, plan.spec.variables, variables)
+        return plan.used_locale, ChatRequest(
+            model=plan.model, messages=messages, max_tokens=plan.max_tokens,
+            temperature=plan.temperature, top_p=plan.top_p, seed=plan.seed, regex=plan.regex,
+            request_id=request_id, priority=priority, reasoning_effort=plan.reasoning_effort,
             top_logprobs=top_logprobs)
 
     async def evaluate(self, resolved: Resolved, variables: Mapping[str, object], locale: str | None, *,
@@ -130,44 +166,50 @@ class ModerationPipeline:
                                                 priority=priority, top_logprobs=self.top_logprobs)
             if sampling:
                 chat = replace(chat, **sampling)
-        span_attrs: dict[str, AnyValue] = {
-            Attr.GEN_AI_OPERATION: "chat", Attr.GEN_AI_PROVIDER: "vllm",
-            Attr.GEN_AI_REQUEST_MODEL: chat.model, Attr.GEN_AI_REQUEST_MAX_TOKENS: chat.max_tokens,
-            Attr.GEN_AI_REQUEST_TEMPERATURE: chat.temperature, Attr.PROMPT_NAME: version.name,
-            Attr.PROMPT_VERSION: version.version, Attr.PROMPT_LOCALE: used_locale, Attr.TRAFFIC_ARM: arm,
-        }
         queued = time.perf_counter()
         try:
             async with self.admission.slot(chat.model, timeout_s=deadline - queued, wait=queue):
                 self.metrics.observe_stage(time.perf_counter() - queued, "queue", labels)
-                result = await self.call_backend(chat, labels, deadline, span_attrs)
+                result = await self.call_backend(chat, labels, deadline, version=version, locale=used_locale)
         except ModelSaturated:
             self.metrics.child(self.metrics.shed, model=chat.model).inc()
             raise
         with stage(self.tracer, self.metrics, "verdict.validate", labels) as span:
             verdict = parse_verdict(result.text, result.finish_reason, spec.verdict,
                                     logprobs=result.logprobs, thresholds=spec.thresholds)
-            span.set_attribute(Attr.DECISION, verdict.decision)
-            span.set_attribute(Attr.CATEGORY, verdict.category or "")
-            if verdict.fail_reason:
-                span.set_attribute(Attr.FAIL_REASON, verdict.fail_reason)
+            if span.is_recording():
+                span.set_attribute(Attr.DECISION, verdict.decision)
+                span.set_attribute(Attr.CATEGORY, verdict.category or "")
+                if verdict.fail_reason:
+                    span.set_attribute(Attr.FAIL_REASON, verdict.fail_reason)
         evaluation = self._finish(version, label, arm, used_locale, resolved.stale, verdict, result, labels)
         return replace(evaluation, deprecated=True) if resolved.deprecated else evaluation
 
     async def call_backend(self, chat: ChatRequest, labels: dict[str, str], deadline: float,
-                           span_attrs: Mapping[str, AnyValue] | None = None) -> ChatResult:
+                           span_attrs: Mapping[str, AnyValue] | None = None, *,
+                           version: PromptVersion | None = None, locale: str | None = None) -> ChatResult:
         """One backend call as a client span, with the in-flight gauge and the `backend` stage
-        histogram; the caller holds the admission slot."""
+        histogram; the caller holds the admission slot. The span's attributes are built only
+        when the trace is sampled: *span_attrs*, else from *chat* and, for a prompt's
+        evaluation, its *version* and *locale*."""
         called = time.perf_counter()
-        if span_attrs is None:
-            span_attrs = {Attr.GEN_AI_OPERATION: "chat", Attr.GEN_AI_PROVIDER: "vllm",
-                          Attr.GEN_AI_REQUEST_MODEL: chat.model,
-                          Attr.GEN_AI_REQUEST_MAX_TOKENS: chat.max_tokens,
-                          Attr.TRAFFIC_ARM: labels["arm"]}
         self.metrics.gauge_add(self.metrics.inflight, 1.0, chat.model)
         parent = current_span()
-        with (self.tracer.start_as_current_span(f"chat {chat.model}", kind=SpanKind.CLIENT, attributes=span_attrs)
-              if parent.is_recording() else nullcontext(parent)) as span:
+        if parent.is_recording():
+            if span_attrs is None:
+                span_attrs = {Attr.GEN_AI_OPERATION: "chat", Attr.GEN_AI_PROVIDER: "vllm",
+                              Attr.GEN_AI_REQUEST_MODEL: chat.model,
+                              Attr.GEN_AI_REQUEST_MAX_TOKENS: chat.max_tokens,
+                              Attr.TRAFFIC_ARM: labels["arm"]}
+                if version is not None:
+                    span_attrs = {**span_attrs, Attr.GEN_AI_REQUEST_TEMPERATURE: chat.temperature,
+                                  Attr.PROMPT_NAME: version.name, Attr.PROMPT_VERSION: version.version,
+                                  Attr.PROMPT_LOCALE: locale or ""}
+            cm: Any = self.tracer.start_as_current_span(f"chat {chat.model}", kind=SpanKind.CLIENT,
+                                                        attributes=span_attrs)
+        else:
+            cm = nullcontext(parent)
+        with cm as span:
             try:
                 result = await self.backend.chat(chat, timeout_s=max(0.001, deadline - called))
             except BackendError as exc:
@@ -177,12 +219,13 @@ class ModerationPipeline:
             finally:
                 self.metrics.gauge_add(self.metrics.inflight, -1.0, chat.model)
                 self.metrics.observe_stage(time.perf_counter() - called, "backend", labels)
-            span.set_attribute(Attr.GEN_AI_RESPONSE_MODEL, result.model)
-            span.set_attribute(Attr.GEN_AI_RESPONSE_FINISH_REASONS, [result.finish_reason or ""])
-            span.set_attribute(Attr.GEN_AI_USAGE_INPUT_TOKENS, result.prompt_tokens)
-            span.set_attribute(Attr.GEN_AI_USAGE_OUTPUT_TOKENS, result.completion_tokens)
-            if result.cached_prompt_tokens is not None:
-                span.set_attribute(Attr.CACHED_TOKENS, result.cached_prompt_tokens)
+            if span.is_recording():
+                span.set_attribute(Attr.GEN_AI_RESPONSE_MODEL, result.model)
+                span.set_attribute(Attr.GEN_AI_RESPONSE_FINISH_REASONS, [result.finish_reason or ""])
+                span.set_attribute(Attr.GEN_AI_USAGE_INPUT_TOKENS, result.prompt_tokens)
+                span.set_attribute(Attr.GEN_AI_USAGE_OUTPUT_TOKENS, result.completion_tokens)
+                if result.cached_prompt_tokens is not None:
+                    span.set_attribute(Attr.CACHED_TOKENS, result.cached_prompt_tokens)
         return result
 
     def _finish(self, version: PromptVersion, label: str | None, arm: str, used_locale: str, stale: bool,

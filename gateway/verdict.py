@@ -160,6 +160,10 @@ class Verdict:
         return round(max(masses), 6) if masses else None
 
 
+_WITHOUT_CONFIDENCE = frozenset({"decision", "category"})  # a verdict's exact keys
+_WITH_CONFIDENCE = _WITHOUT_CONFIDENCE | {"confidence"}
+
+
 def _fail(reason: str) -> Verdict:
     return Verdict(decision=FAIL_CLOSED_DECISION, category=None, confidence=None, fail_reason=reason,
                    decided_by="fail_closed")
@@ -178,8 +182,7 @@ def parse_verdict(text: str, finish_reason: str | None, schema: VerdictSchema, *
         return _fail("unparseable_output")
     if not isinstance(data, dict):
         return _fail("invalid_verdict")
-    expected = {"decision", "category"} | ({"confidence"} if schema.confidence else set())
-    if set(data) != expected:
+    if data.keys() != (_WITH_CONFIDENCE if schema.confidence else _WITHOUT_CONFIDENCE):
         return _fail("invalid_verdict")
     decision, category = data["decision"], data["category"]
     if decision not in schema.decisions or category not in schema.categories:

@@ -11,9 +11,9 @@ evaluate, and only user messages may reference variables: system messages are fi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
+from json.encoder import encode_basestring
 from typing import TYPE_CHECKING
 
 from jinja2 import StrictUndefined, TemplateSyntaxError, nodes
@@ -56,8 +56,11 @@ def _json_string(value: object) -> str:
     """`{{ title|json }}`: the value as one JSON string literal, quotes, backslashes and
     newlines escaped, so seller text placed in a JSON object can never end its string or the
     object (a delimiter a seller could type, like `LISTING>>>`, can be forged; this cannot).
-    Unlike `tojson` it keeps non-ASCII text readable (a Chinese title stays Chinese)."""
-    return json.dumps(value if isinstance(value, str) else str(value), ensure_ascii=False)
+    Unlike `tojson` it keeps non-ASCII text readable (a Chinese title stays Chinese).
+    `json.dumps(s, ensure_ascii=False)` for a string is exactly this call (the C encoder's
+    `encode_basestring`), minus the encoder object `dumps` builds per call."""
+    text: str = encode_basestring(value if isinstance(value, str) else str(value))
+    return text
 
 
 _env.filters["json"] = _json_string
@@ -140,6 +143,41 @@ def _compile(source: str) -> Template:
     return _env.from_string(source)
 
 
+def _constant(source: str) -> str | None:
+    """The text of a template that reads no variable (a system message: fixed policy text),
+    rendered once; None when it reads one, or fails to render (it fails at each render then,
+    as before)."""
+    try:
+        if any(True for _ in _env.parse(source).find_all(nodes.Name)):
+            return None
+        template = _compile(source)
+        if template.blocks:
+            return None
+        text: str = _env.concat(template.root_render_func(template.new_context({})))
+    except Exception:  # noqa: BLE001 - not folded: the render reports it with the message's name
+        return None
+    return text
+
+
+# Per message list (a prompt version's locale variant: built once, never changed): each
+# message's role with its constant text or its compiled template. Keyed by the list's id; the
+# entry holds the list, so the id cannot be reused while the entry lives.
+_Parts = tuple[tuple[str, "str | Template"], ...]
+_compiled: dict[int, tuple[Sequence[Message], _Parts]] = {}
+_COMPILED_MAX = 1024
+
+
+def _parts(messages: Sequence[Message]) -> _Parts:
+    entry = _compiled.get(id(messages))
+    if entry is not None and entry[0] is messages:
+        return entry[1]
+    parts = tuple((m.role, _constant(m.content) or _compile(m.content)) for m in messages)
+    if len(_compiled) >= _COMPILED_MAX:
+        _compiled.clear()
+    _compiled[id(messages)] = (messages, parts)
+    return parts
+
+
 def render_messages(
     messages: Sequence[Message], declared: Sequence[str], values: Mapping[str, object], *,
     max_chars: int = MAX_RENDERED_CHARS,
@@ -147,7 +185,8 @@ def render_messages(
     """Render templates into chat messages using only the declared variables. Any failure of
     a template on these values (a filter given the wrong type, a comparison of a string with a
     number) is a `RenderError` naming the message, never an internal error; so is a rendered
-    prompt longer than *max_chars*. The error never quotes the values."""
+    prompt longer than *max_chars*. The error never quotes the values. A message that reads no
+    variable was rendered once, when its list was first rendered."""
     missing = [v for v in declared if v not in values or values[v] is None]
     if missing:
         raise RenderError(f"prompt needs variable(s) {missing} that the request did not provide")
@@ -157,25 +196,31 @@ def render_messages(
     # new context per message, which was most of the render's cost on the gateway's hot path.
     # Sharing it is safe because the allow-list admits no `set`, block or global: a message
     # can only read it. Templates are compiled from strings, so they all have no name.
-    context = _env.context_class(_env, ctx, None, {})
+    context = None
     out = []
     total = 0
-    for i, msg in enumerate(messages):
-        try:
-            template = _compile(msg.content)
-            text = _env.concat(template.root_render_func(
-                context if not template.blocks else template.new_context(ctx, shared=True)))
-        except UndefinedError as exc:  # pragma: no cover - guarded by the declared check above
-            raise RenderError(str(exc)) from None
-        except RecursionError:
-            raise RenderError(f"messages[{i}] ({msg.role}) nests too deeply to render") from None
-        except Exception as exc:  # noqa: BLE001 - a template failing on a value is the caller's 4xx
-            raise RenderError(f"messages[{i}] ({msg.role}) cannot be rendered with these variables "
-                              f"({type(exc).__name__})") from None
+    for i, (role, part) in enumerate(_parts(messages)):
+        if isinstance(part, str):
+            text = part
+        else:
+            try:
+                if part.blocks:
+                    text = _env.concat(part.root_render_func(part.new_context(ctx, shared=True)))
+                else:
+                    if context is None:
+                        context = _env.context_class(_env, ctx, None, {})
+                    text = _env.concat(part.root_render_func(context))
+            except UndefinedError as exc:  # pragma: no cover - guarded by the declared check above
+                raise RenderError(str(exc)) from None
+            except RecursionError:
+                raise RenderError(f"messages[{i}] ({role}) nests too deeply to render") from None
+            except Exception as exc:  # noqa: BLE001 - a template failing on a value is the caller's 4xx
+                raise RenderError(f"messages[{i}] ({role}) cannot be rendered with these variables "
+                                  f"({type(exc).__name__})") from None
         total += len(text)
         if total > max_chars:
             raise RenderError(f"the rendered prompt exceeds the cap of {max_chars} characters")
-        out.append({"role": msg.role, "content": text})
+        out.append({"role": role, "content": text})
     return out
 
 

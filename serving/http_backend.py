@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import orjson
 from opentelemetry import propagate
+from yarl import URL
 
 from serving.errors import (
     BackendBadRequest,
@@ -101,6 +102,7 @@ class OpenAIHttpBackend:
     def __init__(self, base_url: str, *, api_key: str | None = None, max_connections: int = 256,
                  keepalive_s: float = 4.0) -> None:
         self.base_url = base_url.rstrip("/")
+        self._chat_url = URL(f"{self.base_url}/chat/completions")  # parsed once, not per request
         self._headers = {"content-type": "application/json"}
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
@@ -114,7 +116,8 @@ class OpenAIHttpBackend:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._max_connections, ttl_dns_cache=300,
                                                keepalive_timeout=self.keepalive_s),
-                headers=self._headers, read_bufsize=1 << 20, auto_decompress=False)
+                headers=self._headers, read_bufsize=1 << 20, auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar())  # a model server's cookies are not kept or sent
         return self._session
 
     @staticmethod
@@ -128,8 +131,8 @@ class OpenAIHttpBackend:
         while True:
             answered = False
             try:
-                async with self._client().post(f"{self.base_url}/chat/completions", data=body,
-                                               headers=trace_headers(), timeout=self._timeout(left)) as resp:
+                async with self._client().post(self._chat_url, data=body, headers=trace_headers(),
+                                               timeout=self._timeout(left)) as resp:
                     answered = True
                     raw = await resp.read()
                     status, headers = resp.status, resp.headers
@@ -172,7 +175,7 @@ class OpenAIHttpBackend:
         deadline = time.perf_counter() + timeout_s
         started = False
         try:
-            async with self._client().post(f"{self.base_url}/chat/completions", data=orjson.dumps(body),
+            async with self._client().post(self._chat_url, data=orjson.dumps(body),
                                            headers=trace_headers(), timeout=self._timeout(timeout_s)) as resp:
                 if resp.status != 200:
                     raw = await resp.read()

@@ -169,12 +169,14 @@ class _Metrics:
     def __init__(self) -> None:
         self.registry: CollectorRegistry | None = None
         self._children: dict[tuple[str, ...], Any] = {}
+        self._attempts: dict[str, Any] = {}
 
     def bind(self, registry: CollectorRegistry) -> None:
         from prometheus_client import Counter, Gauge
 
         self.registry = registry
         self._children.clear()
+        self._attempts.clear()
         self.attempts = Counter("modgate_backend_attempts", "Calls of the model server, retries "
                                 "included", ["model"], registry=registry)
         self.retries = Counter("modgate_backend_retries", "Retries after BackendUnavailable",
@@ -187,6 +189,14 @@ class _Metrics:
                                 "circuit was open", ["model"], registry=registry)
         self.state = Gauge("modgate_backend_circuit_state", "Circuit state: 0 closed, 1 half "
                            "open, 2 open", ["model"], registry=registry)
+
+    def attempt(self, model: str) -> None:
+        """`inc("attempts", model=model)`, which every backend call makes, by the model alone."""
+        if self.registry is not None:
+            child = self._attempts.get(model)
+            if child is None:
+                child = self._attempts[model] = self.attempts.labels(model=model)
+            child.inc()
 
     def inc(self, name: str, **labels: str) -> None:
         if self.registry is not None:
@@ -219,11 +229,14 @@ class _Window:
         return now
 
     def add(self, n: int = 1) -> None:
-        now = self._trim()
-        if self._slices and self._slices[-1][0] == now:
-            self._slices[-1][1] += n
-        else:
-            self._slices.append([now, n])
+        now = int(self._clock() // self._width)
+        slices = self._slices
+        if slices and slices[-1][0] == now:  # the common case: nothing has aged out since
+            slices[-1][1] += n
+            return
+        while slices and slices[0][0] <= now - self._buckets:
+            slices.popleft()
+        slices.append([now, n])
 
     def total(self) -> int:
         self._trim()
@@ -411,7 +424,7 @@ class ResilientBackend:
             self._metrics.inc("rejected", model=model)
             raise
         self.stats.attempts += 1
-        self._metrics.inc("attempts", model=model)
+        self._metrics.attempt(model)
         return probe
 
     def _record(self, breaker: CircuitBreaker, probe: bool, exc: BaseException | None) -> None:
@@ -454,19 +467,20 @@ class ResilientBackend:
         deadline = self._clock() + timeout_s
         self.stats.requests += 1
         self.budget.note_request()
-        breaker = self.breaker(request.model)
+        model = request.model
+        breaker = self.breakers.get(model) or self.breaker(model)
         attempt = 0
         while True:
             attempt += 1
-            probe = self._admit(breaker, request.model)
+            probe = self._admit(breaker, model)
             try:
                 result = await self.inner.chat(request, timeout_s=max(0.001, deadline - self._clock()))
             except BaseException as exc:
                 self._record(breaker, probe, exc)
-                if await self._retry(exc, attempt, deadline, breaker, request.model):
+                if await self._retry(exc, attempt, deadline, breaker, model):
                     continue
                 raise
-            self._record(breaker, probe, None)
+            breaker.success(probe)  # `_record` without an error: the server answered
             if attempt > 1:
                 self.stats.retry_successes += 1
             return result

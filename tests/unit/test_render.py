@@ -64,8 +64,9 @@ def test_only_declared_variables_reach_the_template() -> None:
 
 def test_one_context_per_render_and_the_same_text_as_jinja_render(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every message of a render reads one jinja context built once (building one per message
-    was most of the render's cost), and the text is what `Template.render` gives, for every
-    message of every locale of the shipped prompts."""
+    was most of the render's cost), a message that reads no variable (the system message) is
+    not rendered again at all, and the text is what `Template.render` gives, for every message
+    of every locale of the shipped prompts."""
     from pathlib import Path
 
     from prompt_registry import render as render_mod
@@ -86,6 +87,7 @@ def test_one_context_per_render_and_the_same_text_as_jinja_render(monkeypatch: p
         spec = load_prompt_file(path)
         for locale in [spec.default_locale, *spec.locales]:
             _, templates = spec.select_locale(locale)
+            render_messages(templates, spec.variables, values)  # compiles the list, once
             monkeypatch.setattr(render_mod._env, "context_class", Counting)
             built.clear()
             out = render_messages(templates, spec.variables, values)
@@ -94,3 +96,19 @@ def test_one_context_per_render_and_the_same_text_as_jinja_render(monkeypatch: p
             ctx = {v: values[v] for v in spec.variables}
             assert out == [{"role": m.role, "content": render_mod._compile(m.content).render(ctx)}
                            for m in templates]
+            assert [isinstance(text, str) for _, text in render_mod._parts(templates)] == [
+                m.role == "system" for m in templates]
+
+
+def test_the_json_filter_is_json_dumps_without_ascii_escapes() -> None:
+    """`|json` gives exactly `json.dumps(value, ensure_ascii=False)`: quotes, backslashes and
+    control characters escaped, other text (any script, U+2028) as it is."""
+    import json
+
+    from prompt_registry.render import _json_string
+
+    samples = ['a "b" \\ c', "line\nbreak\ttab\x00\x1f\x7f", "耳机 — Ünïcode \u2028\u2029 😀",
+               "".join(map(chr, range(0, 0x250))), "LISTING>>> }]}", 12345, None]
+    for value in samples:
+        assert _json_string(value) == json.dumps(value if isinstance(value, str) else str(value),
+                                                 ensure_ascii=False)
