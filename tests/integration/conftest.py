@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +59,18 @@ class Stack:
         orphaned by an earlier run, never matches)."""
         assert self.ray_tmpdir is not None
         return _processes_with_env("RAY_TMPDIR", str(self.ray_tmpdir))
+
+    def ray_processes_where(self, test: Callable[[psutil.Process], bool]) -> list[psutil.Process]:
+        """This stack's Ray processes *test* holds for; one that ends meanwhile (Ray ends idle
+        workers all the time) is left out instead of failing the caller."""
+        out = []
+        for p in self.ray_processes():
+            try:
+                if test(p):
+                    out.append(p)
+            except (psutil.Error, IndexError):
+                continue
+        return out
 
     def engine_processes(self) -> list[psutil.Process]:
         procs = psutil.Process(self.process.pid).children(recursive=True)

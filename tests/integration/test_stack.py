@@ -302,7 +302,7 @@ def test_the_local_ray_cluster_runs_lean(stack: Stack) -> None:
     the cores: every process of the cluster, the Serve controller included, inherits it."""
     # This stack's controller: another cluster's on the machine (an orphan of an earlier run,
     # say) runs with other settings and says nothing about this one.
-    controllers = [p for p in stack.ray_processes() if (p.cmdline() or [""])[0].startswith("ray::ServeController")]
+    controllers = stack.ray_processes_where(lambda p: p.cmdline()[0].startswith("ray::ServeController"))
     assert controllers, "no Serve controller process found"
     env = controllers[0].environ()
     assert env.get("RAY_SERVE_CONTROL_LOOP_INTERVAL_S") == "0.5"
@@ -317,7 +317,7 @@ def test_the_stack_runs_its_own_ray_cluster(stack: Stack) -> None:
     ray_current_cluster (the conftest's stale address file, which ray.init() used to join)."""
     import psutil
 
-    gcs = [p for p in stack.ray_processes() if p.name() == "gcs_server"]
+    gcs = stack.ray_processes_where(lambda p: p.name() == "gcs_server")
     assert len(gcs) == 1, gcs
     assert gcs[0].pid in {p.pid for p in psutil.Process(stack.process.pid).children(recursive=True)}
     assert f"--log_dir={stack.ray_tmpdir}/ray/session_" in " ".join(gcs[0].cmdline())
