@@ -179,7 +179,8 @@ def create_app(
                                              default_prompt=settings.default_prompt,
                                              default_label=settings.default_label))
     app.include_router(build_rollout_router(store, auth, production_label=settings.default_label,
-                                            on_change=cache.refresh_now))
+                                            on_change=cache.refresh_now,
+                                            served_models=list(models) if models else None))
     app.include_router(build_ops_router(service, backend, preload_keys,
                                         serve_metrics=settings.metrics_port is None))
     review_queue = ReviewQueue(samples.store if samples is not None else None, feedback_log, cache)

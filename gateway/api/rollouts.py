@@ -76,7 +76,10 @@ class RolloutAction(BaseModel):
 
 
 def build_rollout_router(store: PromptStore, auth: Authenticator, *, production_label: str,
-                         on_change: Callable[[str], Awaitable[None]] | None = None) -> APIRouter:
+                         on_change: Callable[[str], Awaitable[None]] | None = None,
+                         served_models: list[str] | None = None) -> APIRouter:
+    """*served_models*: a rollout whose canary or shadow names another model is refused
+    (422 `unknown_model`). None: no check."""
     async def changed(name: str) -> None:
         if on_change is not None:
             await on_change(name)
@@ -109,7 +112,7 @@ def build_rollout_router(store: PromptStore, auth: Authenticator, *, production_
             shadows=body.shadows, step_hold_s=body.step_hold_s, gates=body.gates, auto=body.auto,
             subject_key=body.subject_key, actor=p.name, production_label=production_label, note=body.note,
             override=override, unproven_max_weight=body.max_unproven_weight,
-            on_promotion_refused=body.on_promotion_refused)
+            on_promotion_refused=body.on_promotion_refused, served_models=served_models)
         await changed(name)
         return json_response(await asyncio.to_thread(status_of, name), 201)
 

@@ -387,7 +387,7 @@ class LocalClient:
                           auto=body["auto"], subject_key=body["subject_key"], actor=actor,
                           note=body["note"], production_label=self.production_label,
                           override=gate_override, unproven_max_weight=body["max_unproven_weight"],
-                          on_promotion_refused=body["on_promotion_refused"])
+                          on_promotion_refused=body["on_promotion_refused"], served_models=self.served)
         return rollout_status(self.store, name, production_label=self.production_label)
 
     def rollout_status(self, name: str) -> dict[str, Any]:

@@ -27,6 +27,7 @@ finished ones included, can be listed and shown with its transitions and evidenc
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -45,7 +46,7 @@ from prompt_registry import (
 )
 from prompt_registry.gates import gate_report, move_label
 from prompt_registry.lifecycle import assignable_or_raise
-from prompt_registry.ops import summarize
+from prompt_registry.ops import check_model_served, summarize
 from prompt_registry.rollout_stats import build_rollout_stats
 from prompt_registry.rollouts import (
     UNPROVEN_MAX_WEIGHT,
@@ -69,19 +70,23 @@ def start_rollout(store: PromptStore, prompt: str, *, canary_version: int | None
                   shadows: list[ShadowSpec], step_hold_s: float, gates: GateConfig, auto: bool,
                   subject_key: str, actor: str, production_label: str = "production", note: str = "",
                   override: GateOverride | None = None, unproven_max_weight: int = UNPROVEN_MAX_WEIGHT,
-                  on_promotion_refused: str = "last_safe") -> Rollout:
+                  on_promotion_refused: str = "last_safe",
+                  served_models: Collection[str] | None = None) -> Rollout:
     """Start a rollout. A canary version whose promotion gate fails is refused (GateRefused)
     unless an admin *override* is given (recorded in the audit entry); one that has not passed
     its gate (failed and overridden, or no gate declared) may only take steps within
-    *unproven_max_weight* (RolloutError otherwise): its last step is the promotion itself."""
+    *unproven_max_weight* (RolloutError otherwise): its last step is the promotion itself.
+    A canary or shadow version whose model is not served (*served_models*, when given) is
+    refused (UnservedModel): the canary's callers would get errors, the shadow's calls fail."""
     stable = store.labels(prompt).get(production_label)
     if stable is None:
         raise PromptNotFound(f"prompt {prompt!r} has no {production_label!r} label to roll out from")
     lifecycle = store.get_lifecycle(prompt)
     for v in [canary_version, *(s.version for s in shadows)]:
         if v is not None:
-            store.get_version(prompt, v)  # raises PromptNotFound naming the version
+            version = store.get_version(prompt, v)  # raises PromptNotFound naming the version
             assignable_or_raise(lifecycle, prompt, v, what="rollout")
+            check_model_served(version, served_models)
     try:
         rollout = new_rollout(prompt, stable_version=stable, canary_version=canary_version, steps=steps,
                               shadows=shadows, step_hold_s=step_hold_s, gates=gates, auto=auto,

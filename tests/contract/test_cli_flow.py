@@ -285,20 +285,24 @@ def test_no_label_moves_to_a_version_whose_model_is_not_served(config_path: Path
                                                               gateway: tuple[TestClient, str]) -> None:
     """Any label is reachable by callers (a `moderate:pin` key pins it): `modgate prompts label`
     and `prompts rollback` refuse a version stored before its model left the configuration,
-    whatever the label, and leave the labels as they were."""
+    whatever the label, and leave the labels as they were; `rollouts start` refuses it as
+    canary or shadow."""
     store = open_store(load_config(config_path))
     spec = store.resolve("listing-moderation", "production").spec
     store.publish(spec.model_copy(update={"model": "qwen-gone"}), actor="test")  # when it was served
     store.set_label("listing-moderation", "staging", 2, actor="test")
     store.set_label("listing-moderation", "staging", 1, expected=2, actor="test")
     for args in (("prompts", "label", "listing-moderation", "canary", "2"),
-                 ("prompts", "rollback", "listing-moderation", "staging")):
+                 ("prompts", "rollback", "listing-moderation", "staging"),
+                 ("rollouts", "start", "listing-moderation", "--canary", "2", "--manual"),
+                 ("rollouts", "start", "listing-moderation", "--shadow", "2:1.0")):
         result = CliRunner().invoke(cli, [*args[:2], "--config", str(config_path), *args[2:]],
                                     env={"MODGATE_ACTOR": "maria"})
         assert result.exit_code == 1, result.output
         assert ("listing-moderation v2 names model 'qwen-gone', which the serving layer does not "
                 "serve (served: tiny-llama)") in result.output
     assert store.labels("listing-moderation") == {"production": 1, "staging": 1}
+    assert store.get_rollout("listing-moderation") is None
     store.close()
 
 

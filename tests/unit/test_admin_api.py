@@ -340,10 +340,12 @@ def test_no_label_move_points_at_a_version_whose_model_is_not_served(tmp_path: P
     """Any label is reachable by callers (a `moderate:pin` key pins it), so every move that
     points one at a version, not only production's, checks that its model is served: a move
     and a rollback to a version stored before its model left the configuration are refused
-    (422 `unknown_model`, naming the model) and change nothing."""
+    (422 `unknown_model`, naming the model) and change nothing; so is a rollout with it as
+    canary (its callers) or shadow."""
     store = SqlitePromptStore(tmp_path / "r.db")
     seed_store(store, ROOT / "configs" / "prompts")
-    key, record = generate_key("author", ["prompts:read", "labels:write"], created_by="test")
+    key, record = generate_key("author", ["prompts:read", "labels:write", "labels:protected"],
+                               created_by="test")
     store.put_key(record)
     headers = {"authorization": f"Bearer {key}"}
     spec = store.resolve("listing-moderation", "production").spec
@@ -354,12 +356,16 @@ def test_no_label_move_points_at_a_version_whose_model_is_not_served(tmp_path: P
                 "serve (served: tiny-llama)")
     with TestClient(create_app(GatewaySettings(), store, FakeBackend(), models=["tiny-llama"])) as client:
         url = "/v1/prompts/listing-moderation/labels"
+        rollout = "/v1/prompts/listing-moderation/rollout"
         for r in (client.put(f"{url}/canary", json={"version": 2}, headers=headers),
-                  client.post(f"{url}/staging/rollback", json={"note": "incident"}, headers=headers)):
+                  client.post(f"{url}/staging/rollback", json={"note": "incident"}, headers=headers),
+                  client.post(rollout, json={"canary_version": 2, "auto": False}, headers=headers),
+                  client.post(rollout, json={"shadows": [{"version": 2, "sample_rate": 1.0}]}, headers=headers)):
             assert r.status_code == 422, r.text
             assert r.json()["error"]["type"] == "unknown_model"
             assert r.json()["error"]["message"] == unserved
         assert store.labels("listing-moderation") == {"production": 1, "staging": 1}
+        assert store.get_rollout("listing-moderation") is None
         r = client.put(f"{url}/canary", json={"version": 1}, headers=headers)  # a served one moves
         assert r.status_code == 200, r.text
     store.close()

@@ -258,7 +258,7 @@ def add_operation_routes(router: APIRouter, signed_in: SignedIn, store: PromptSt
             shadows=body.shadows, step_hold_s=body.step_hold_s, gates=body.gates, auto=body.auto,
             subject_key=body.subject_key, actor=p.name, production_label=production, note=body.note,
             override=override, unproven_max_weight=body.max_unproven_weight,
-            on_promotion_refused=body.on_promotion_refused)
+            on_promotion_refused=body.on_promotion_refused, served_models=served)
         await changed(body.prompt)
         return json_response(await asyncio.to_thread(rollout_status, store, body.prompt,
                                                      production_label=production), 201)
