@@ -115,25 +115,29 @@ async def _drive(app: Any, key: str, total: int, concurrency: int, start_no: int
 
     async def worker() -> None:
         nonlocal failed
-        never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         for n in counter:
             body = orjson.dumps({**LISTING, "seller_id": f"seller-{n}"})
             sent = False
+            # As uvicorn's receive: after the body, a read waits until the response is complete
+            # (the caller never goes away), then says `http.disconnect`.
+            complete = asyncio.Event()
 
-            async def receive(body: bytes = body) -> dict[str, Any]:
+            async def receive(body: bytes = body, complete: asyncio.Event = complete) -> dict[str, Any]:
                 nonlocal sent
                 if not sent:
                     sent = True
                     return {"type": "http.request", "body": body, "more_body": False}
-                await never  # the caller never goes away
-                raise AssertionError
+                await complete.wait()
+                return {"type": "http.disconnect"}
 
             status = 0
 
-            async def send(message: dict[str, Any]) -> None:
+            async def send(message: dict[str, Any], complete: asyncio.Event = complete) -> None:
                 nonlocal status
                 if message["type"] == "http.response.start":
                     status = message["status"]
+                elif not message.get("more_body", False):
+                    complete.set()
 
             scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
                      "scheme": "http", "path": "/v1/moderate", "raw_path": b"/v1/moderate",
