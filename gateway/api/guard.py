@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import MutableMapping, Sequence
+from itertools import chain
 from typing import Any
 
 from starlette.requests import Request
@@ -44,6 +45,15 @@ _CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'
 _CONSOLE_CSP = (b"content-security-policy",
                 b"default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 _DOCS = ("/docs", "/redoc", "/openapi.json")
+_API, _CONSOLE, _DOCS_HEADERS = [*_SECURITY_HEADERS, _CSP], [*_SECURITY_HEADERS, _CONSOLE_CSP], _SECURITY_HEADERS
+
+
+def security_headers(path: str) -> list[tuple[bytes, bytes]]:
+    """The security headers every response to *path* carries: a CSP that forbids everything on
+    the API, the console's own, none on the API docs (they load their own assets)."""
+    if path.startswith(_DOCS):
+        return _DOCS_HEADERS
+    return _CONSOLE if path == "/console" or path.startswith("/console/") else _API
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # Headers a request may carry (the HTTP parser in front accepts far more: a 1 MB header and
 # 2,000 headers got through). Refused with 431 before any route runs.
@@ -62,15 +72,20 @@ class RequestGuard:
         self.app, self.auth, self.self_guarded, self.routes = app, auth, self_guarded, routes
         self.max_body_bytes, self.body_timeout_s = max_body_bytes, body_timeout_s
         self.body_limits = body_limits or {}
-        self._direct: dict[tuple[str, str], DirectRoute] | None = None
+        self._direct: dict[tuple[str, str], tuple[DirectRoute, list[tuple[bytes, bytes]]]] | None = None
 
     def direct_routes(self) -> dict[tuple[str, str], DirectRoute]:
-        """(method, path) -> the `DirectRoute` serving it, for routes without path parameters
-        (looked up once: the app's routes are all added before its first request)."""
+        """(method, path) -> the `DirectRoute` serving it from here: routes without path
+        parameters that guard themselves (`self_guarded`)."""
+        return {key: route for key, (route, _) in self._direct_table().items()}
+
+    def _direct_table(self) -> dict[tuple[str, str], tuple[DirectRoute, list[tuple[bytes, bytes]]]]:
+        """(method, path) -> the direct route and the security headers of its path (made once:
+        the app's routes are all added before its first request)."""
         if self._direct is None:
-            self._direct = {(method, route.path): route for route in self.routes
+            self._direct = {(method, route.path): (route, security_headers(route.path)) for route in self.routes
                             if isinstance(route, DirectRoute) and not route.param_convertors
-                            for method in route.methods or ()}
+                            and route.path in self.self_guarded for method in route.methods or ()}
         return self._direct
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -78,19 +93,18 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        console = path == "/console" or path.startswith("/console/")
-        send = self._with_headers(send, csp=None if path.startswith(_DOCS) else
-                                  _CONSOLE_CSP if console else _CSP)
         raw_headers = scope["headers"]
-        if len(raw_headers) > MAX_HEADERS or sum(len(k) + len(v) for k, v in raw_headers) > MAX_HEADER_BYTES:
-            await self._refuse(scope, send, ApiError(
+        # every name and value's length summed in C (no generator frame per header)
+        if len(raw_headers) > MAX_HEADERS or sum(map(len, chain.from_iterable(raw_headers))) > MAX_HEADER_BYTES:
+            await self._refuse(scope, self._with_headers(send, security_headers(path)), ApiError(
                 431, "headers_too_large", f"at most {MAX_HEADERS} headers and {MAX_HEADER_BYTES} "
                 "bytes of headers per request"))
             return
-        direct = self.direct_routes().get((scope["method"], path))
-        if direct is not None and path in self.self_guarded:
-            await self._direct_route(direct, scope, receive, send)
+        direct = (self._direct if self._direct is not None else self._direct_table()).get((scope["method"], path))
+        if direct is not None:
+            await self._direct_route(direct[0], direct[1], scope, receive, send)
             return
+        send = self._with_headers(send, security_headers(path))
         if (scope["method"] not in _BODY_METHODS or path in self.self_guarded
                 or not any(route.matches(scope)[0] is Match.FULL for route in self.routes)):
             await self.app(scope, receive, send)
@@ -115,15 +129,19 @@ class RequestGuard:
         await self.app(scope, _replay(body, receive), send)
 
     @staticmethod
-    async def _direct_route(route: DirectRoute, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _direct_route(route: DirectRoute, security: list[tuple[bytes, bytes]], scope: Scope,
+                            receive: Receive, send: Send) -> None:
         """What the route's own app does (build the `Request`, await the endpoint, send its
-        response), with the scope keys the router would have set."""
+        response), with the scope keys the router would have set. The endpoint's `Request` has
+        no `send`: its one response is sent from here, with the security headers added to it
+        (no wrapper around `send` per request)."""
         scope["endpoint"], scope["route"], scope["path_params"] = route.endpoint, route, {}
         try:
-            response = await route.endpoint(Request(scope, receive, send))
+            response = await route.endpoint(Request(scope, receive))
         except Exception as exc:  # noqa: BLE001 - nothing sent yet: answered through the one table
             rid = request_id_of(Request(scope))
             response = error_response(problem_of(exc, rid, scope["path"]), rid)
+        response.raw_headers = response.raw_headers + security  # a new list: a Response may be reused
         await response(scope, receive, send)
 
     async def _read(self, receive: Receive, limit: int) -> bytes:
@@ -151,14 +169,10 @@ class RequestGuard:
                            f"{self.body_timeout_s:g}s") from None
 
     @staticmethod
-    def _with_headers(send: Send, *, csp: tuple[bytes, bytes] | None) -> Send:
+    def _with_headers(send: Send, security: list[tuple[bytes, bytes]]) -> Send:
         async def sending(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers += _SECURITY_HEADERS
-                if csp is not None:
-                    headers.append(csp)
-                message["headers"] = headers
+                message["headers"] = [*message.get("headers", ()), *security]
             await send(message)
 
         return sending

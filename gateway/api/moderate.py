@@ -11,7 +11,7 @@ from opentelemetry import trace
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from gateway.api.edge import json_response, read_json_object, serve, unless_disconnected
+from gateway.api.edge import json_answer, read_json_object, serve, unless_disconnected
 from gateway.api.models import ErrorBody, ModerationRequest, ModerationResponse
 from gateway.api.probabilities import verdict_fields
 from gateway.api.routing import DirectRoute
@@ -79,7 +79,7 @@ def add_moderate_route(app: FastAPI, service: ModerationService, tracer: trace.T
         root.set_attribute(Attr.PROMPT_VERSION, result.version.version)
         root.set_attribute(Attr.TRAFFIC_ARM, result.arm)
         root.set_attribute(Attr.DECISION, result.verdict.decision)
-        return json_response(_body(result), headers={"x-request-id": rid})
+        return json_answer(_body(result), rid)
 
     async def moderate(request: Request) -> Response:
         """Moderate one listing with the prompt's `production` version (or its rollout's
