@@ -44,6 +44,10 @@ class Authenticator:
         self._cache_s = cache_s
         self._clock = clock
         self._cache: dict[str, tuple[ApiKeyRecord | None, float]] = {}
+        # presented key -> its record and when that record was read: a key that passed the
+        # check is not parsed and hashed again on each request. Only keys that passed are kept
+        # (a flood of wrong keys adds nothing), each only while its record is fresh.
+        self._verified: dict[str, tuple[ApiKeyRecord, float]] = {}
 
     async def authenticate(self, authorization: str | None, x_api_key: str | None) -> ApiKeyRecord | _Anonymous:
         if not self.required:
@@ -64,17 +68,23 @@ class Authenticator:
         if not presented:
             raise Unauthenticated(
                 "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key'")
+        verified = self._verified.get(presented)
+        if verified is not None and self._clock() - verified[1] < self._cache_s:
+            return verified[0]
         parsed = parse_key(presented)
         if parsed is None:
             await self._slow_down()
             raise Unauthenticated("malformed API key")
         key_id, secret = parsed
-        record = await self._record(key_id)
+        record, read_at = await self._read(key_id)
         if record is None or not verify_secret(record, secret):
             await self._slow_down()
             raise Unauthenticated("invalid API key")
         if record.revoked:
             raise Unauthenticated("API key revoked")
+        if len(self._verified) > 10_000:
+            self._verified.clear()
+        self._verified[presented] = (record, read_at)
         return record
 
     async def _slow_down(self) -> None:
@@ -89,20 +99,25 @@ class Authenticator:
         return await self._record(key_id)
 
     async def _record(self, key_id: str) -> ApiKeyRecord | None:
+        return (await self._read(key_id))[0]
+
+    async def _read(self, key_id: str) -> tuple[ApiKeyRecord | None, float]:
+        """The key record and when it was read from the store (a stale one while the store is
+        unreachable)."""
         now = self._clock()
         cached = self._cache.get(key_id)
         if cached is not None and now - cached[1] < self._cache_s:
-            return cached[0]
+            return cached
         try:
             record = await asyncio.to_thread(self._keys.get_key, key_id)
         except StoreUnavailable:
             if cached is not None:
-                return cached[0]
+                return cached
             raise
         if len(self._cache) > 10_000:
             self._cache.clear()
-        self._cache[key_id] = (record, now)
-        return record
+        entry = self._cache[key_id] = (record, now)
+        return entry
 
     @staticmethod
     def require(principal: ApiKeyRecord | _Anonymous, scope: str, purpose: str = "") -> None:
