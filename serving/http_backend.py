@@ -100,7 +100,7 @@ class OpenAIHttpBackend:
     """
 
     def __init__(self, base_url: str, *, api_key: str | None = None, max_connections: int = 256,
-                 keepalive_s: float = 4.0) -> None:
+                 keepalive_s: float = 4.0, connect_timeout_s: float = 5.0) -> None:
         self.base_url = base_url.rstrip("/")
         self._chat_url = URL(f"{self.base_url}/chat/completions")  # parsed once, not per request
         self._headers = {"content-type": "application/json"}
@@ -108,6 +108,7 @@ class OpenAIHttpBackend:
             self._headers["authorization"] = f"Bearer {api_key}"
         self._max_connections = max_connections
         self.keepalive_s = keepalive_s
+        self.connect_timeout_s = connect_timeout_s  # a connection not opened by then: unavailable
         self.closed_retries = 0  # requests sent again after the server closed their connection unanswered
         self._session: aiohttp.ClientSession | None = None
 
@@ -120,9 +121,15 @@ class OpenAIHttpBackend:
                 cookie_jar=aiohttp.DummyCookieJar())  # a model server's cookies are not kept or sent
         return self._session
 
-    @staticmethod
-    def _timeout(timeout_s: float) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=timeout_s, connect=min(5.0, timeout_s))
+    def _timeout(self, timeout_s: float) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=timeout_s, connect=min(self.connect_timeout_s, timeout_s))
+
+    def _not_connected(self, exc: aiohttp.ConnectionTimeoutError) -> BackendError:
+        """aiohttp's connect timeout is a TimeoutError too, but no request was sent: the server
+        cannot be reached (503, retryable, counted by the breaker), not late (504)."""
+        return self._report(BackendUnavailable(
+            f"cannot reach the model server (no connection within {self.connect_timeout_s:.1f}s)",
+            kind="connection_failed", cause=exc))
 
     async def chat(self, request: ChatRequest, *, timeout_s: float) -> ChatResult:
         body = orjson.dumps(build_chat_body(request))
@@ -137,6 +144,8 @@ class OpenAIHttpBackend:
                     raw = await resp.read()
                     status, headers = resp.status, resp.headers
                 break
+            except aiohttp.ConnectionTimeoutError as exc:
+                raise self._not_connected(exc) from None
             except TimeoutError:
                 raise self._report(BackendTimeout(f"no answer from the model server within {timeout_s:.1f}s",
                                                   cause="TimeoutError")) from None
@@ -196,6 +205,8 @@ class OpenAIHttpBackend:
                     raise self._report(BackendUnavailable(
                         "the model server's stream ended before the completion finished",
                         kind="stream_incomplete"))
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise self._not_connected(exc) from None
         except TimeoutError:
             raise self._report(BackendTimeout(f"no answer from the model server within {timeout_s:.1f}s",
                                               cause="TimeoutError")) from None

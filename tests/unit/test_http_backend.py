@@ -629,3 +629,47 @@ def test_pooled_connections_are_dropped_before_the_servers_keep_alive_ends() -> 
             return upstream.connections
 
     assert asyncio.run(go()) == 2
+
+
+class _FullBacklog:
+    """A listening socket that accepts nothing, its accept queue filled by one connection: the
+    kernel leaves a further connection attempt unanswered (as a server too busy to accept)."""
+
+    def __enter__(self) -> str:
+        import socket
+
+        self._server = socket.socket()
+        self._server.bind(("127.0.0.1", 0))
+        self._server.listen(0)
+        self._filler = socket.create_connection(self._server.getsockname())
+        return f"http://127.0.0.1:{self._server.getsockname()[1]}/v1"
+
+    def __exit__(self, *exc: object) -> None:
+        self._filler.close()
+        self._server.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_connection_that_cannot_be_opened_in_time_is_unavailable_not_a_late_answer(stream: bool) -> None:
+    """aiohttp's connect timeout is a TimeoutError too; it used to be reported as 'no answer
+    from the model server within <the whole deadline>' (504, never retried, not seen by the
+    breaker) although no request was sent: it is 'cannot reach the model server' (503), which
+    the resilience layer may retry and the breaker counts."""
+    async def go(base_url: str) -> BaseException:
+        backend = OpenAIHttpBackend(base_url, connect_timeout_s=0.2)
+        try:
+            if stream:
+                async for _ in backend.stream_chat(REQ, timeout_s=20):
+                    pass
+            else:
+                await backend.chat(REQ, timeout_s=20)
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            return exc
+        finally:
+            await backend.aclose()
+        raise AssertionError("no error")
+
+    with _FullBacklog() as base_url:
+        raised = asyncio.run(go(base_url))
+    assert isinstance(raised, BackendUnavailable) and raised.kind == "connection_failed", repr(raised)
+    assert "cannot reach the model server" in str(raised)
