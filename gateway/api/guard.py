@@ -102,7 +102,19 @@ class RequestGuard:
             return
         direct = (self._direct if self._direct is not None else self._direct_table()).get((scope["method"], path))
         if direct is not None:
-            await self._direct_route(direct[0], direct[1], scope, receive, send)
+            # What the route's own app does (build the `Request`, await the endpoint, send its
+            # response), with the scope keys the router would have set. The endpoint's `Request`
+            # has no `send`: its one response is sent from here, with the security headers added
+            # to it (no wrapper around `send` per request).
+            route = direct[0]
+            scope["endpoint"], scope["route"], scope["path_params"] = route.endpoint, route, {}
+            try:
+                response = await route.endpoint(Request(scope, receive))
+            except Exception as exc:  # noqa: BLE001 - nothing sent yet: answered through the one table
+                rid = request_id_of(Request(scope))
+                response = error_response(problem_of(exc, rid, path), rid)
+            response.raw_headers = response.raw_headers + direct[1]  # a new list: a Response may be reused
+            await response(scope, receive, send)
             return
         send = self._with_headers(send, security_headers(path))
         if (scope["method"] not in _BODY_METHODS or path in self.self_guarded
@@ -127,22 +139,6 @@ class RequestGuard:
             await self._refuse(scope, send, exc)
             return
         await self.app(scope, _replay(body, receive), send)
-
-    @staticmethod
-    async def _direct_route(route: DirectRoute, security: list[tuple[bytes, bytes]], scope: Scope,
-                            receive: Receive, send: Send) -> None:
-        """What the route's own app does (build the `Request`, await the endpoint, send its
-        response), with the scope keys the router would have set. The endpoint's `Request` has
-        no `send`: its one response is sent from here, with the security headers added to it
-        (no wrapper around `send` per request)."""
-        scope["endpoint"], scope["route"], scope["path_params"] = route.endpoint, route, {}
-        try:
-            response = await route.endpoint(Request(scope, receive))
-        except Exception as exc:  # noqa: BLE001 - nothing sent yet: answered through the one table
-            rid = request_id_of(Request(scope))
-            response = error_response(problem_of(exc, rid, scope["path"]), rid)
-        response.raw_headers = response.raw_headers + security  # a new list: a Response may be reused
-        await response(scope, receive, send)
 
     async def _read(self, receive: Receive, limit: int) -> bytes:
         """The whole body, at most *limit* bytes and within `body_timeout_s`. These routes are

@@ -291,3 +291,22 @@ def test_the_hot_route_refuses_oversized_headers_before_any_read(store: SqlitePr
     sent, caller = asyncio.run(run())
     assert sent[0]["status"] == 431 and caller.reads == 0
     assert dict(sent[0]["headers"])[b"cache-control"] == b"no-store"
+
+
+@pytest.mark.parametrize(("ctype", "accepted"), [
+    (None, True), (b"application/json", True), (b"Application/JSON; charset=utf-8", True),
+    (b"application/problem+json", True), (b"", True), (b"text/plain", False),
+    (b"application/x-www-form-urlencoded", False), (b"application/jsonx", False)])
+def test_read_json_object_takes_json_content_types_only(ctype: bytes | None, accepted: bool) -> None:
+    from gateway.api.edge import read_json_object
+
+    async def run() -> None:
+        headers = [] if ctype is None else [(b"content-type", ctype)]
+        request = _request({"type": "http.request", "body": b'{"a": 1}', "more_body": False}, headers=headers)
+        if accepted:
+            assert await read_json_object(request, 100, 5.0) == {"a": 1}
+        else:
+            with pytest.raises(ApiError) as info:
+                await read_json_object(request, 100, 5.0)
+            assert info.value.status == 415
+    asyncio.run(run())

@@ -62,6 +62,7 @@ def _error(r: object) -> dict:
         ({"json": {**LISTING, "item_id": ""}}, 422, "invalid_request", "item_id"),
         ({"json": {**LISTING, "locale": "english"}}, 422, "invalid_request", "locale"),
         ({"json": {**LISTING, "title": "x" * 101}}, 422, "content_too_long", "title"),
+        ({"json": {**LISTING, "description": "x" * 1001}}, 422, "content_too_long", "description"),
         ({"json": {**LISTING, "description": "x" * 5000}}, 413, "body_too_large", None),
         ({"json": {**LISTING, "prompt": "no-such-prompt"}}, 404, "unknown_prompt", None),
         ({"content": b"title=x", "headers": {"content-type": "application/x-www-form-urlencoded"}}, 415,
