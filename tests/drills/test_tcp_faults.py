@@ -212,23 +212,41 @@ def test_resets_are_retried_at_most_twice_within_the_deadline(tmp_path: Path) ->
             r, _ = await d.send()
             assert r.status_code == 200  # warm: a pooled keep-alive connection to the proxy
 
-            # Every attempt reset: the first try and two retries, then an explicit 503.
+            http = d.backend.inner
+            assert isinstance(http, OpenAIHttpBackend)
+
+            # Every attempt reset: the first try and two retries, then an explicit 503. The
+            # HTTP backend sends each attempt once more at once when the server resets the
+            # connection before any byte of an answer (a keep-alive connection the server
+            # closed: serving/http_backend.py); that resend is not a retry of the resilience
+            # layer and is not counted by its budget. So 3 attempts, 6 sends, 2 retries.
             d.proxy.set_mode("reset")
             r, latency = await d.send()
             assert check_contract(r, latency) == "model_unavailable"
-            assert d.proxy.stats["reset"] == 3, d.proxy.stats
+            assert d.proxy.stats["reset"] == 6 and http.closed_retries == 3, d.proxy.stats
             # ended by the retry limit, not by the deadline (the back-off, ~25-50 ms then
             # ~50-100 ms, is proved with an injected clock in tests/unit/test_resilience.py)
             assert d.backend.stats.deadline_exhausted == 0
             assert await d.metric("modgate_backend_retries_total") == 2
             assert await d.metric("modgate_backend_attempts_total") == 1 + 3
 
-            # One reset, then the network is fine again: the retry saves the request.
+            # One reset, then the network is fine again: the backend's resend saves the
+            # request, without a retry.
             d.proxy.set_mode("reset", count=1)
             completions = d.stub.completions
             r, latency = await d.send()
             assert check_contract(r, latency) == "ok" and r.status_code == 200
-            assert d.proxy.stats["reset"] == 4 and d.stub.completions == completions + 1
+            assert d.proxy.stats["reset"] == 7 and http.closed_retries == 4, d.proxy.stats
+            assert d.stub.completions == completions + 1
+            assert await d.metric("modgate_backend_retries_total") == 2
+            assert d.backend.stats.retry_successes == 0
+
+            # Two resets (the attempt and its resend), then fine: the retry saves the request.
+            d.proxy.set_mode("reset", count=2)
+            r, latency = await d.send()
+            assert check_contract(r, latency) == "ok" and r.status_code == 200
+            assert d.proxy.stats["reset"] == 9 and http.closed_retries == 5, d.proxy.stats
+            assert d.stub.completions == completions + 2
             assert await d.metric("modgate_backend_retries_total") == 3
             assert d.backend.stats.retry_successes == 1
 
